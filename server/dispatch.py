@@ -1,0 +1,61 @@
+"""The one seam between the server and the scripting engine.
+
+The Session and the login core raise every event through a :class:`Dispatcher`;
+they never know whether scripts exist, how they are bound or where they run.
+``scriptsftp.scripting.engine`` provides the real implementation; the
+:class:`NullDispatcher` is what a server with no bindings uses, and costs one
+method call per operation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from .events import Event
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the pre-event scripts decided. ``reason`` is sent to the client on a veto."""
+
+    allowed: bool
+    reason: str = ""
+
+
+ALLOW = Decision(True)
+
+# Opens a fresh read-only OS file descriptor on the file an event is about (the
+# staged upload for pre-publish, the file itself for pre-download/post-upload).
+# The caller owns and closes the returned fd. Scripts read through it in their
+# worker, so file bytes never pass through the server process.
+FileOpener = Callable[[], int]
+
+
+class Dispatcher(Protocol):
+    def wants(self, event_name: str) -> bool:
+        """True when at least one binding listens to this event name.
+
+        Lets the Session skip building events nobody listens to."""
+        ...
+
+    def pre(self, event: Event, file: FileOpener | None = None) -> Decision:
+        """Run the vetoable handlers in order; the first veto wins. Blocks the caller."""
+        ...
+
+    def post(self, event: Event, file: FileOpener | None = None) -> None:
+        """Run (sync) or queue (async) the non-vetoable handlers; never raises."""
+        ...
+
+
+class NullDispatcher:
+    """No scripts bound: every pre-event is allowed, post-events go nowhere."""
+
+    def wants(self, event_name: str) -> bool:
+        return False
+
+    def pre(self, event: Event, file: FileOpener | None = None) -> Decision:
+        return ALLOW
+
+    def post(self, event: Event, file: FileOpener | None = None) -> None:
+        return None
