@@ -1,0 +1,134 @@
+"""The ``scriptsftp`` command. Bad configs exit 2 with ``FILE:LINE: KEY: problem`` lines, never a traceback."""
+
+from __future__ import annotations
+
+import getpass
+import importlib.resources
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import ConfigError, LoadedConfig, default_config_path, load_config
+from .events import EVENT_TYPES, describe_fields
+
+CONFIG_HELP = "config file (default: $SCRIPTSFTP_CONFIG, else ./conf/scriptsftp.toml)"
+
+
+def _load(path: str | None) -> LoadedConfig:
+    try:
+        return load_config(Path(path) if path else default_config_path())
+    except ConfigError as exc:
+        for line in exc.problems:
+            click.echo(line, err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="scriptsftp")
+def main() -> None:
+    """scriptsftp: a scriptable SFTP/SCP file transfer server."""
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", help=CONFIG_HELP)
+@click.option("--allow-root", is_flag=True, help="run even as root (same as [server] allow_root = true)")
+def run(config_path: str | None, allow_root: bool) -> None:
+    """Run the daemon in the foreground, logging to stderr."""
+    from . import logs
+    from .daemon import Daemon, refuse_root
+
+    cfg = _load(config_path)
+    logs.setup(cfg.model.server.log_format, cfg.model.server.log_level)
+    refusal = refuse_root(cfg)
+    if refusal and not allow_root:
+        click.echo(f"scriptsftp: {refusal}", err=True)
+        sys.exit(2)
+    try:
+        daemon = Daemon(cfg)
+    except OSError as exc:  # e.g. address in use, unreadable host key
+        click.echo(f"scriptsftp: cannot start: {exc}", err=True)
+        sys.exit(1)
+    except ValueError as exc:
+        click.echo(f"scriptsftp: cannot start: {exc}", err=True)
+        sys.exit(2)
+    daemon.serve_forever()
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", help=CONFIG_HELP)
+def check(config_path: str | None) -> None:
+    """Validate the config (and compile every bound script); exit 0 or 2."""
+    cfg = _load(config_path)
+    problems: list[str] = []
+    if cfg.model.bindings:
+        try:
+            from scriptsftp.scripting.engine import check_scripts
+        except ImportError:
+            check_scripts = None
+        if check_scripts is not None:
+            problems = check_scripts(cfg)
+    for line in problems:
+        click.echo(line, err=True)
+    if problems:
+        sys.exit(2)
+    m = cfg.model
+    click.echo(f"{cfg.path}: OK ({len(m.users)} users, {len(m.groups)} groups, {len(m.bindings)} bindings)")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def init(directory: Path) -> None:
+    """Write a commented starter config dir (config, scripts/, data/)."""
+    target = directory / "scriptsftp.toml"
+    if target.exists():
+        click.echo(f"scriptsftp: {target} already exists; not overwriting", err=True)
+        sys.exit(2)
+    directory.mkdir(parents=True, exist_ok=True)
+    starter = importlib.resources.files("scriptsftp.server").joinpath("starter.toml").read_text()
+    target.write_text(starter)
+    (directory / "scripts").mkdir(exist_ok=True)
+    (directory / "data").mkdir(exist_ok=True)
+    click.echo(f"wrote {target}; start with: scriptsftp run -c {target}")
+
+
+@main.command("hash-password")
+@click.option("--stdin", "from_stdin", is_flag=True, help="read the password from standard input")
+def hash_password_cmd(from_stdin: bool) -> None:
+    """Print an argon2id hash for a [[users]] password_hash."""
+    from .login import hash_password
+
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            click.echo("scriptsftp: passwords differ", err=True)
+            sys.exit(2)
+    if not password:
+        click.echo("scriptsftp: empty password refused", err=True)
+        sys.exit(2)
+    click.echo(hash_password(password))
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="print as Markdown (for docs/events.md)")
+def events(markdown: bool) -> None:
+    """List event names and their fields."""
+    for name, cls in EVENT_TYPES.items():
+        fields = describe_fields(cls)
+        veto = "can veto" if cls.can_veto else "cannot veto"
+        if markdown:
+            click.echo(f"### `{name}` ({veto})\n\n{cls.summary}\n")
+            click.echo("| field | type |\n|---|---|")
+            for f, t in fields:
+                click.echo(f"| `{f}` | `{t}` |")
+            click.echo()
+        else:
+            click.echo(f"{name} ({veto}): {cls.summary}")
+            click.echo("    " + ", ".join(f"{f}: {t}" for f, t in fields))
+
+
+__all__ = ["main", "shutil"]

@@ -1,0 +1,431 @@
+"""Load and validate the one TOML config file.
+
+The whole file is validated at once (pydantic, strict, unknown keys rejected)
+and every problem is reported as ``FILE:LINE: KEY: what is wrong`` so a
+sysadmin fixes them in one pass. ``scriptsftp check`` and ``scriptsftp run``
+both go through :func:`load_config`; nothing else reads the file.
+
+Relative paths inside the file are relative to the file's own directory, so a
+config dir can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .events import EVENT_TYPES, VETOABLE
+from .tomlpos import KeyLines, format_loc
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+PERMISSIONS = (
+    "list", "download", "upload", "overwrite", "delete", "rename",
+    "mkdir", "rmdir", "setstat", "symlink",
+)
+PROTOCOLS = ("sftp", "scp", "ftp", "http")
+CAPABILITIES = ("read", "fs", "store", "notify", "run")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` are ready-to-print lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def _check_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (port 0 picks a free port)")
+    return value
+
+
+def _listen_list(value: str | list[str]) -> list[str]:
+    values = [value] if isinstance(value, str) else value
+    return [_check_listen(v) for v in values]
+
+
+class ServerSection(_Model):
+    state_dir: str = "../var"
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    grace_period: Annotated[float, Field(ge=0)] = 10.0
+    """Seconds running transfers get to finish after SIGTERM before sessions are closed."""
+    allow_root: bool = False
+    """`run` refuses to start as root unless this is true."""
+    login_failure_delay: Annotated[float, Field(ge=0, le=30)] = 1.0
+    """Seconds a failed login waits before its answer (on a timer: costs the server nothing)."""
+
+
+class SftpSection(_Model):
+    enabled: bool = True
+    listen: str | list[str] = "127.0.0.1:2222"
+    host_keys: list[str] = []
+    max_handles: Annotated[int, Field(ge=1, le=65536)] = 256
+    max_packet: Annotated[int, Field(ge=32768, le=262144)] = 262144
+    """Largest SFTP READ/WRITE accepted and advertised via limits@openssh.com."""
+    window_size: Annotated[int, Field(ge=2**20, le=2**30)] = 64 * 2**20
+    idle_timeout: Annotated[float, Field(ge=0)] = 900.0
+    login_grace: PositiveFloat = 30.0
+    banner: str = ""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | list[str]) -> str | list[str]:
+        _listen_list(v)
+        return v
+
+
+class FtpSection(_Model):
+    enabled: bool = False
+    listen: str | list[str] = "127.0.0.1:2121"
+    passive_ports: str = "60000-60099"
+    masquerade_address: str = ""
+    active_mode: bool = False
+    tls: Literal["off", "explicit", "implicit"] = "off"
+    certificate: str = ""
+    private_key: str = ""
+
+
+class HttpSection(_Model):
+    enabled: bool = False
+    listen: str | list[str] = "127.0.0.1:8080"
+    certificate: str = ""
+    private_key: str = ""
+
+
+class AdminSection(_Model):
+    enabled: bool = False
+    listen: str = "127.0.0.1:8081"
+    token_hash: str = ""
+
+
+class UploadsSection(_Model):
+    atomic: bool = True
+    quarantine: str = ""
+    on_restart: Literal["recheck", "discard"] = "recheck"
+
+
+class ScriptsSection(_Model):
+    dir: str = "../scripts"
+    workers: Annotated[int, Field(ge=1, le=64)] = 2
+    timeout: PositiveFloat = 5.0
+    cpu_time: PositiveFloat = 2.0
+    memory_mb: Annotated[int, Field(ge=32, le=65536)] = 256
+    reload: bool = True
+    async_queue: Annotated[int, Field(ge=1)] = 10000
+
+
+class SmtpSection(_Model):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 25
+    starttls: bool = False
+    username: str = ""
+    password: str = ""
+    sender: str = "scriptsftp@localhost"
+
+
+class WebhookSection(_Model):
+    url: str
+    timeout: PositiveFloat = 10.0
+    headers: dict[str, str] = {}
+
+
+class NotifySection(_Model):
+    smtp: SmtpSection = SmtpSection()
+    webhooks: dict[str, WebhookSection] = {}
+
+
+class CommandSection(_Model):
+    argv: Annotated[list[str], Field(min_length=1)]
+    timeout: PositiveFloat = 60.0
+    max_output: PositiveInt = 65536
+
+
+class Filter(_Model):
+    path: str = "/"
+    denied: list[str] = []
+    allowed: list[str] = []
+    policy: Literal["deny", "hide"] = "deny"
+
+    @field_validator("path")
+    @classmethod
+    def _vpath(cls, v: str) -> str:
+        return _check_vpath(v)
+
+
+def _check_vpath(v: str) -> str:
+    if not v.startswith("/") or "\x00" in v:
+        raise ValueError(f"{v!r} must be a virtual path starting with '/'")
+    return v
+
+
+def _check_permissions(perms: dict[str, list[str]]) -> dict[str, list[str]]:
+    for vpath, names in perms.items():
+        _check_vpath(vpath)
+        for name in names:
+            if name != "*" and name not in PERMISSIONS:
+                raise ValueError(
+                    f"unknown permission {name!r} for {vpath!r} (known: {', '.join(PERMISSIONS)}, or '*')"
+                )
+    return perms
+
+
+def _check_networks(nets: list[str]) -> list[str]:
+    for net in nets:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ValueError(f"{net!r} is not an IP address or CIDR network") from None
+    return nets
+
+
+class _Access(_Model):
+    """What users and groups share: where they may go and from where."""
+
+    permissions: dict[str, list[str]] = {}
+    protocols: list[Literal["sftp", "scp", "ftp", "http"]] | None = None
+    allowed_ips: list[str] | None = None
+    filters: list[Filter] = []
+
+    @field_validator("permissions")
+    @classmethod
+    def _perm(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        return _check_permissions(v)
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _nets(cls, v: list[str] | None) -> list[str] | None:
+        return v if v is None else _check_networks(v)
+
+
+class Group(_Access):
+    name: Annotated[str, Field(min_length=1)]
+
+
+USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
+
+
+class User(_Access):
+    name: str
+    password_hash: str = ""
+    password_hash_file: str = ""
+    """A file holding the hash (one line); useful with secret stores."""
+    generate_password: bool = False
+    """With password_hash_file: on first start, create a random password, store
+    only its hash in that file and print the password once."""
+    public_keys: list[str] = []
+    home: str
+    groups: list[str] = []
+    max_sessions: Annotated[int, Field(ge=0)] = 0
+    """0 = unlimited."""
+    disabled: bool = False
+    require_tls: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not USER_NAME.match(v):
+            raise ValueError(f"{v!r} is not a valid user name (letters, digits, _ . @ -; at most 64)")
+        return v
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        if v and not v.startswith("$argon2id$"):
+            raise ValueError("must be an argon2id hash from `scriptsftp hash-password` (starts with $argon2id$)")
+        return v
+
+    @field_validator("public_keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        from .keys import parse_public_key  # late: pulls in paramiko
+
+        for i, line in enumerate(v):
+            try:
+                parse_public_key(line)
+            except ValueError as exc:
+                raise ValueError(f"key {i}: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _secrets(self) -> "User":
+        if self.password_hash and self.password_hash_file:
+            raise ValueError("set password_hash or password_hash_file, not both")
+        if self.generate_password and not self.password_hash_file:
+            raise ValueError("generate_password needs password_hash_file (where the hash is kept)")
+        return self
+
+
+class Binding(_Model):
+    event: str
+    script: Annotated[str, Field(min_length=1)]
+    function: str = ""
+    users: list[str] = ["*"]
+    groups: list[str] = []
+    paths: list[str] = []
+    protocols: list[Literal["sftp", "scp", "ftp", "http"]] = []
+    min_size: Annotated[int, Field(ge=0)] = 0
+    max_size: Annotated[int, Field(ge=0)] = 0
+    """0 = no upper bound."""
+    order: int = 100
+    mode: Literal["sync", "async"] = "sync"
+    timeout: PositiveFloat | None = None
+    cpu_time: PositiveFloat | None = None
+    on_error: Literal["deny", "allow"] | None = None
+    allow: list[Literal["read", "fs", "store", "notify", "run"]] = []
+    cron: str = ""
+
+    @field_validator("event")
+    @classmethod
+    def _event(cls, v: str) -> str:
+        if v not in EVENT_TYPES:
+            raise ValueError(f"unknown event {v!r} (see `scriptsftp events`)")
+        return v
+
+    @field_validator("script")
+    @classmethod
+    def _script(cls, v: str) -> str:
+        if v.startswith("/") or ".." in Path(v).parts:
+            raise ValueError("must be a path relative to [scripts] dir, without '..'")
+        return v
+
+    @model_validator(mode="after")
+    def _rules(self) -> "Binding":
+        if self.mode == "async" and self.event in VETOABLE:
+            raise ValueError(f"mode = 'async' is only for post-events; {self.event!r} can veto, so it runs sync")
+        if self.event == "schedule" and not self.cron:
+            raise ValueError("a schedule binding needs cron = '...'")
+        if self.cron and self.event != "schedule":
+            raise ValueError("cron is only for event = 'schedule'")
+        if self.max_size and self.max_size < self.min_size:
+            raise ValueError("max_size is below min_size")
+        return self
+
+    @property
+    def handler(self) -> str:
+        return self.function or "on_" + self.event.replace("-", "_")
+
+    @property
+    def error_policy(self) -> str:
+        return self.on_error or ("deny" if self.event in VETOABLE else "allow")
+
+
+class Config(_Model):
+    server: ServerSection = ServerSection()
+    sftp: SftpSection = SftpSection()
+    ftp: FtpSection = FtpSection()
+    http: HttpSection = HttpSection()
+    admin: AdminSection = AdminSection()
+    uploads: UploadsSection = UploadsSection()
+    scripts: ScriptsSection = ScriptsSection()
+    notify: NotifySection = NotifySection()
+    commands: dict[str, CommandSection] = {}
+    groups: list[Group] = []
+    users: list[User] = []
+    bindings: list[Binding] = []
+
+
+
+class LoadedConfig:
+    """A validated config plus where it came from (to resolve relative paths)."""
+
+    def __init__(self, path: Path, model: Config, key_lines: KeyLines) -> None:
+        self.path = path
+        self.model = model
+        self.key_lines = key_lines
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, value: str) -> Path:
+        """A path from the config, made absolute against the config's directory."""
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self.base / p).resolve()
+
+    def where(self, loc: tuple[Any, ...]) -> str:
+        line = self.key_lines.line_of(loc)
+        return f"{self.path}:{line or 1}: {format_loc(loc)}"
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get("SCRIPTSFTP_CONFIG") or "conf/scriptsftp.toml")
+
+
+def load_config(path: Path | str) -> LoadedConfig:
+    """Parse and validate; raise :class:`ConfigError` with every problem found."""
+    path = Path(path).absolute()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}:1: (file): cannot read: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}:1: (file): larger than {MAX_CONFIG_BYTES} bytes"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}:1: (file): not UTF-8 ({exc.reason} at byte {exc.start})"]) from None
+    try:
+        data = tomli.loads(text)
+    except tomli.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None) or 1
+        msg = getattr(exc, "msg", None) or str(exc)
+        raise ConfigError([f"{path}:{line}: (syntax): {msg}"]) from None
+    key_lines = KeyLines(text)
+    try:
+        model = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            line = key_lines.line_of(loc) or 1
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{path}:{line}: {format_loc(loc)}: {msg}")
+        raise ConfigError(problems) from None
+    problems = [
+        f"{path}:{key_lines.line_of(loc) or 1}: {format_loc(loc)}: {msg}" for loc, msg in _cross_check(model)
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return LoadedConfig(path, model, key_lines)
+
+
+def _cross_check(model: Config) -> list[tuple[tuple[Any, ...], str]]:
+    """Rules that span sections: names defined once, references that resolve."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    seen: set[str] = set()
+    for i, group in enumerate(model.groups):
+        if group.name in seen:
+            problems.append((("groups", i, "name"), f"group {group.name!r} is defined twice"))
+        seen.add(group.name)
+    users: set[str] = set()
+    for i, user in enumerate(model.users):
+        if user.name in users:
+            problems.append((("users", i, "name"), f"user {user.name!r} is defined twice"))
+        users.add(user.name)
+        for g in user.groups:
+            if g not in seen:
+                problems.append((("users", i, "groups"), f"unknown group {g!r}"))
+    for i, binding in enumerate(model.bindings):
+        for g in binding.groups:
+            if g not in seen:
+                problems.append((("bindings", i, "groups"), f"unknown group {g!r}"))
+    return problems

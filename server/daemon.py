@@ -1,0 +1,181 @@
+"""Wiring: build the server from a validated config, run it, reload it, stop it.
+
+Signals: SIGTERM/SIGINT stop accepting, give running transfers
+``[server] grace_period`` seconds, then close what is left; SIGHUP reloads
+users and permissions (and script bindings) without dropping sessions. A
+config that fails validation on reload is reported and the running one stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, LoadedConfig, load_config
+from .dispatch import Dispatcher, NullDispatcher
+from .keys import ensure_host_keys, fingerprint, load_host_key
+from .login import LoginCore, build_users, ensure_generated_passwords
+from .session import UploadPolicy
+from .ssh import SSHLimits, SSHListener
+from .staging import StagingRecords, discard_leftovers
+
+log = logging.getLogger("scriptsftp.daemon")
+
+
+def _addresses(listen: str | list[str]) -> list[tuple[str, int]]:
+    values = [listen] if isinstance(listen, str) else listen
+    out = []
+    for v in values:
+        host, _, port = v.rpartition(":")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
+def _announce_password(user: str, password: str, path: Path) -> None:
+    # Printed once, to the terminal that started the daemon; only the hash is kept.
+    bar = "=" * 64
+    print(f"\n{bar}\n  First start: generated a password for user '{user}':\n\n      {password}\n\n"
+          f"  It is shown only this once; its argon2id hash is in {path}.\n"
+          f"  Delete that file and restart to generate a new one.\n{bar}\n", file=sys.stderr, flush=True)
+
+
+class Daemon:
+    def __init__(self, cfg: LoadedConfig, dispatcher: Dispatcher | None = None) -> None:
+        self.cfg = cfg
+        m = cfg.model
+        self.state_dir = cfg.resolve(m.server.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.started = time.time()
+        self.stopping = threading.Event()
+        self._reload_requested = threading.Event()
+
+        ensure_generated_passwords(cfg, _announce_password)
+        self.staging = StagingRecords(self.state_dir / "staging.db")
+        removed = discard_leftovers(self.staging)
+        if removed:
+            log.warning("removed %d partial upload(s) left by an interrupted run", removed)
+        self.engine = dispatcher if dispatcher is not None else self._make_engine()
+        self.core = LoginCore(
+            build_users(cfg),
+            self.engine,
+            staging=self.staging,
+            uploads=self._upload_policy(cfg),
+            max_handles=m.sftp.max_handles,
+            failure_delay=m.server.login_failure_delay,
+        )
+        self.listeners: list[SSHListener] = []
+        if m.sftp.enabled:
+            self.listeners.append(self._ssh_listener())
+        for name in ("ftp", "http", "admin"):
+            if getattr(m, name).enabled:
+                log.warning("[%s] is enabled but this version has no %s front end yet; ignored", name, name)
+
+    def _make_engine(self) -> Dispatcher:
+        if not self.cfg.model.bindings:
+            return NullDispatcher()
+        try:
+            from scriptsftp.scripting.engine import ScriptEngine
+        except ImportError as exc:  # the engine lands with the scripting issue
+            log.error("bindings configured but the scripting engine is unavailable (%s)", exc)
+            return NullDispatcher()
+        return ScriptEngine(self.cfg, self.state_dir)
+
+    def _upload_policy(self, cfg: LoadedConfig) -> UploadPolicy:
+        q = cfg.model.uploads.quarantine
+        return UploadPolicy(atomic=cfg.model.uploads.atomic, quarantine=cfg.resolve(q) if q else None)
+
+    def _ssh_listener(self) -> SSHListener:
+        m = self.cfg.model
+        paths = [self.cfg.resolve(p) for p in m.sftp.host_keys] or ensure_host_keys(self.state_dir / "host_keys")
+        keys = [load_host_key(p) for p in paths]
+        for k in keys:
+            log.info("host key %s %s", k.get_name(), fingerprint(k))
+        limits = SSHLimits(
+            max_read=m.sftp.max_packet - 1024, max_handles=m.sftp.max_handles,
+            idle_timeout=m.sftp.idle_timeout, login_grace=m.sftp.login_grace,
+            window_size=m.sftp.window_size, max_packet=min(m.sftp.max_packet, 262144),
+        )
+        from .scp import run_scp
+
+        return SSHListener(_addresses(m.sftp.listen), keys, self.core, limits, scp_runner=run_scp)
+
+    # --- running ------------------------------------------------------------
+
+    def start(self) -> None:
+        if hasattr(self.engine, "start"):
+            self.engine.start()
+        for listener in self.listeners:
+            listener.start()
+            for addr in listener.bound:
+                log.info("listening sftp on %s", addr)
+        log.info("scriptsftp %s ready", __version__)
+
+    def serve_forever(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
+        self.start()
+        while not self.stopping.is_set():
+            if self._reload_requested.wait(0.5):
+                self._reload_requested.clear()
+                self.reload()
+        self.shutdown()
+
+    def reload(self) -> bool:
+        """Re-read the config; swap users/permissions (and bindings) only if it is valid."""
+        try:
+            cfg = load_config(self.cfg.path)
+        except ConfigError as exc:
+            for line in exc.problems:
+                log.error("reload refused: %s", line)
+            return False
+        ensure_generated_passwords(cfg, _announce_password)
+        gone = self.core.replace_users(build_users(cfg))
+        for conn in gone:
+            log.info("closing session of removed or disabled user %s", conn.user, extra={"sid": conn.id})
+            if conn.on_kick:
+                conn.on_kick("your account was removed or disabled")
+        if hasattr(self.engine, "reload"):
+            self.engine.reload(cfg)
+        self.cfg = cfg
+        log.info("configuration reloaded (%d users)", len(cfg.model.users))
+        return True
+
+    def shutdown(self) -> None:
+        grace = self.cfg.model.server.grace_period
+        log.info("stopping: no new connections; %d open, waiting up to %.0fs", self._active(), grace)
+        for listener in self.listeners:
+            listener.stop_accepting()
+        deadline = time.monotonic() + grace
+        while self._busy() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for listener in self.listeners:
+            listener.close_all("server shutting down")
+        # give transports a moment to run their cleanup (aborting unfinished uploads)
+        deadline = time.monotonic() + 5
+        while self._active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if hasattr(self.engine, "close"):
+            self.engine.close()
+        self.staging.close()
+        log.info("stopped")
+
+    def _active(self) -> int:
+        return sum(listener.active() for listener in self.listeners)
+
+    def _busy(self) -> bool:
+        """True while any session has a file open (a transfer is running)."""
+        return any(s._handles for c in self.core.connections() for s in c.sessions)
+
+
+def refuse_root(cfg: LoadedConfig) -> str | None:
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and not cfg.model.server.allow_root:
+        return ("refusing to run as root: run as a dedicated user (see docs/deploy.md), "
+                "or set [server] allow_root = true")
+    return None

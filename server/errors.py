@@ -1,0 +1,84 @@
+"""Protocol-neutral errors raised by the Session; each front end maps them to its replies.
+
+Every error carries a message fit for the client: it names the virtual path,
+never a host path.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class FsError(Exception):
+    """Base of every error the Session raises to a front end."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(FsError):
+    pass
+
+
+class PermissionDenied(FsError):
+    pass
+
+
+class Vetoed(PermissionDenied):
+    """A script said no; ``message`` is its reason, for the client."""
+
+
+class AlreadyExists(FsError):
+    pass
+
+
+class NotADirectory(FsError):
+    pass
+
+
+class IsADirectory(FsError):
+    pass
+
+
+class DirectoryNotEmpty(FsError):
+    pass
+
+
+class InvalidPath(FsError):
+    pass
+
+
+class NoSpace(FsError):
+    pass
+
+
+class LimitExceeded(FsError):
+    pass
+
+
+class Failure(FsError):
+    pass
+
+
+_ERRNO = {
+    errno.ENOENT: (NotFound, "no such file or directory"),
+    errno.EACCES: (PermissionDenied, "permission denied"),
+    errno.EPERM: (PermissionDenied, "operation not permitted"),
+    errno.EEXIST: (AlreadyExists, "already exists"),
+    errno.ENOTDIR: (NotADirectory, "not a directory"),
+    errno.EISDIR: (IsADirectory, "is a directory"),
+    errno.ENOTEMPTY: (DirectoryNotEmpty, "directory not empty"),
+    errno.ENOSPC: (NoSpace, "no space left on device"),
+    errno.EDQUOT: (NoSpace, "disk quota exceeded"),
+    errno.ENAMETOOLONG: (InvalidPath, "name too long"),
+    errno.ELOOP: (InvalidPath, "too many levels of symbolic links"),
+    errno.EXDEV: (Failure, "cannot move across filesystems"),
+    errno.EROFS: (PermissionDenied, "read-only filesystem"),
+}
+
+
+def from_oserror(exc: OSError, vpath: str) -> FsError:
+    """Translate an OSError on a host path into a client-safe error about ``vpath``."""
+    cls, text = _ERRNO.get(exc.errno or 0, (Failure, "operation failed"))
+    return cls(f"{vpath}: {text}")

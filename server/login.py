@@ -1,0 +1,347 @@
+"""Users, credentials and the login sequence, shared by every protocol.
+
+Like Twisted's cred, one core answers "who is this and may they come in" for
+every front end, and raises the connection events (``connect``, ``pre-login``,
+``post-login``, ``login-failed``, ``disconnect``). A front end only says which
+protocol it speaks and hands over what the client sent.
+
+Password checks cost ~150 ms of CPU and 64 MiB each (argon2id), so at most a
+few run at once; an attacker's failed attempt then waits on a timer, which
+costs the server nothing. Passwords are never logged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import paramiko
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from . import events as ev
+from .config import LoadedConfig, User
+from .dispatch import ALLOW, Decision, Dispatcher
+from .keys import parse_public_key
+from .session import Account, Session, UploadPolicy
+from .staging import StagingRecords
+from .vfs import Access, FilterRule, split
+
+log = logging.getLogger("scriptsftp.login")
+
+_hasher = PasswordHasher()  # argon2id, RFC 9106 low-memory profile
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+@dataclass
+class UserRecord:
+    account: Account
+    password_hash: str | None
+    keys: list[paramiko.PKey]
+    disabled: bool
+
+
+def _read_hash_file(path: Path) -> str | None:
+    try:
+        value = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return value or None
+
+
+def ensure_generated_passwords(cfg: LoadedConfig, announce: Callable[[str, str, Path], None]) -> None:
+    """For users with ``generate_password``: create the password on first start.
+
+    Only the hash is stored (0600); the password itself is handed to
+    ``announce`` once and never written anywhere."""
+    for user in cfg.model.users:
+        if not user.generate_password:
+            continue
+        path = cfg.resolve(user.password_hash_file)
+        if path.exists():
+            continue
+        password = secrets.token_urlsafe(15)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(hash_password(password) + "\n")
+        announce(user.name, password, path)
+
+
+def build_users(cfg: LoadedConfig) -> dict[str, UserRecord]:
+    groups = {g.name: g for g in cfg.model.groups}
+    out: dict[str, UserRecord] = {}
+    for user in cfg.model.users:
+        mine = [groups[g] for g in user.groups]
+        filters = [
+            FilterRule(split(f.path), tuple(f.denied), tuple(f.allowed), f.policy == "hide")
+            for f in [*(f for g in mine for f in g.filters), *user.filters]
+        ]
+        access = Access.build(user.permissions, [g.permissions for g in mine], filters)
+        protocols = _first_set(user.protocols, [g.protocols for g in mine], ["sftp", "scp", "ftp", "http"])
+        nets = _first_set(user.allowed_ips, [g.allowed_ips for g in mine], [])
+        account = Account(
+            name=user.name,
+            home=cfg.resolve(user.home),
+            access=access,
+            groups=tuple(user.groups),
+            protocols=frozenset(protocols),
+            allowed_ips=tuple(ipaddress.ip_network(n, strict=False) for n in nets),
+            max_sessions=user.max_sessions,
+            require_tls=user.require_tls,
+        )
+        out[user.name] = UserRecord(
+            account=account,
+            password_hash=_password_hash(cfg, user),
+            keys=[parse_public_key(k) for k in user.public_keys],
+            disabled=user.disabled,
+        )
+    return out
+
+
+def _first_set(own: list[str] | None, from_groups: list[list[str] | None], default: list[str]) -> list[str]:
+    """The user's own list if set, else the union of their groups' lists, else the default."""
+    if own is not None:
+        return own
+    merged = [x for g in from_groups if g is not None for x in g]
+    return merged if any(g is not None for g in from_groups) else default
+
+
+def _password_hash(cfg: LoadedConfig, user: User) -> str | None:
+    if user.password_hash:
+        return user.password_hash
+    if user.password_hash_file:
+        return _read_hash_file(cfg.resolve(user.password_hash_file))
+    return None
+
+
+@dataclass
+class Connection:
+    """One client connection, before and after login."""
+
+    id: str
+    protocol: str
+    remote_ip: str
+    local_port: int = 0
+    started: float = field(default_factory=time.monotonic)
+    user: str = ""
+    account: Account | None = None
+    sessions: list[Session] = field(default_factory=list)
+    on_kick: Callable[[str], None] | None = None
+    login_counted: bool = False
+
+
+class LoginCore:
+    def __init__(
+        self,
+        users: dict[str, UserRecord],
+        dispatcher: Dispatcher,
+        *,
+        staging: StagingRecords | None,
+        uploads: UploadPolicy,
+        max_handles: int = 256,
+        failure_delay: float = 1.0,
+        max_parallel_hashes: int | None = None,
+    ) -> None:
+        self.users = users
+        self.dispatcher = dispatcher
+        self.staging = staging
+        self.uploads = uploads
+        self.max_handles = max_handles
+        self.failure_delay = failure_delay
+        self._hash_slots = threading.BoundedSemaphore(max_parallel_hashes or max(2, os.cpu_count() or 2))
+        self._lock = threading.Lock()
+        self._connections: dict[str, Connection] = {}
+        self._per_user: dict[str, int] = {}
+
+    # --- connections -------------------------------------------------------
+
+    def connect(self, protocol: str, remote_ip: str, local_port: int = 0) -> tuple[Connection, Decision]:
+        conn = Connection(secrets.token_hex(6), protocol, remote_ip, local_port)
+        with self._lock:
+            self._connections[conn.id] = conn
+        log.info("connect %s", remote_ip, extra={"sid": conn.id, "proto": protocol, "ip": remote_ip})
+        decision = ALLOW
+        if self.dispatcher.wants("connect"):
+            decision = self.dispatcher.pre(
+                ev.Connect(session_id=conn.id, protocol=protocol, remote_ip=remote_ip, local_port=local_port)
+            )
+            if not decision.allowed:
+                log.info("connect refused: %s", decision.reason, extra={"sid": conn.id, "ip": remote_ip})
+        return conn, decision
+
+    def disconnect(self, conn: Connection) -> None:
+        for s in list(conn.sessions):
+            s.close()
+        with self._lock:
+            if self._connections.pop(conn.id, None) is None:
+                return
+            if conn.login_counted:
+                self._per_user[conn.user] = self._per_user.get(conn.user, 1) - 1
+        bytes_in = sum(s.bytes_in for s in conn.sessions)
+        bytes_out = sum(s.bytes_out for s in conn.sessions)
+        duration = time.monotonic() - conn.started
+        log.info(
+            "disconnect after %.1fs (in %d bytes, out %d bytes)", duration, bytes_in, bytes_out,
+            extra={"sid": conn.id, "user": conn.user, "proto": conn.protocol, "ip": conn.remote_ip},
+        )
+        if self.dispatcher.wants("disconnect"):
+            self.dispatcher.post(ev.Disconnect(
+                session_id=conn.id, protocol=conn.protocol, remote_ip=conn.remote_ip, user=conn.user,
+                duration=duration, bytes_in=bytes_in, bytes_out=bytes_out,
+            ))
+
+    def connections(self) -> list[Connection]:
+        with self._lock:
+            return list(self._connections.values())
+
+    # --- credentials ----------------------------------------------------------
+
+    def auth_methods(self, name: str) -> list[str]:
+        rec = self.users.get(name)
+        if rec is None:
+            return ["publickey", "password"]  # do not reveal which users exist
+        methods = []
+        if rec.keys:
+            methods.append("publickey")
+        if rec.password_hash:
+            methods.append("password")
+        return methods or ["publickey"]
+
+    def check_password(self, conn: Connection, name: str, password: str) -> bool:
+        """True if the password is right. A failure is logged, raised as an event and delayed."""
+        rec = self.users.get(name)
+        ok = False
+        if rec is not None and rec.password_hash:
+            with self._hash_slots:
+                try:
+                    ok = _hasher.verify(rec.password_hash, password)
+                except VerifyMismatchError:
+                    ok = False
+                except (VerificationError, InvalidHashError):
+                    log.error("user %s: stored password hash is invalid", name)
+                    ok = False
+        else:
+            time.sleep(0.15)  # what a verify would have cost, so timing does not reveal users
+        if not ok:
+            reason = "unknown user" if rec is None else "wrong password"
+            self.login_failed(conn, name, "password", reason)
+        return ok
+
+    def key_allowed(self, name: str, key: paramiko.PKey) -> bool:
+        rec = self.users.get(name)
+        if rec is None:
+            return False
+        # paramiko >= 2.8.1 compares keys field by field (not by hash()).
+        return any(k == key for k in rec.keys)
+
+    def login_failed(self, conn: Connection, name: str, method: str, reason: str) -> None:
+        log.warning(
+            "login failed for %r (%s): %s", name, method, reason,
+            extra={"sid": conn.id, "proto": conn.protocol, "ip": conn.remote_ip, "user": name},
+        )
+        if self.dispatcher.wants("login-failed"):
+            self.dispatcher.post(ev.LoginFailed(
+                session_id=conn.id, protocol=conn.protocol, remote_ip=conn.remote_ip, user=name,
+                login_method=method, reason=reason,
+            ))
+        if self.failure_delay:
+            time.sleep(self.failure_delay)
+
+    # --- the login decision ---------------------------------------------------
+
+    def policy_refusal(self, conn: Connection, name: str) -> str | None:
+        """Why this user may not log in here and now, or None."""
+        rec = self.users.get(name)
+        if rec is None:
+            return "unknown user"
+        if rec.disabled:
+            return "account disabled"
+        acct = rec.account
+        if conn.protocol not in acct.protocols:
+            return f"protocol {conn.protocol} not allowed for this user"
+        if acct.allowed_ips:
+            try:
+                ip = ipaddress.ip_address(conn.remote_ip)
+            except ValueError:
+                return "unparsable client address"
+            if not any(ip in net for net in acct.allowed_ips):
+                return f"address {conn.remote_ip} not allowed for this user"
+        return None
+
+    def finish_login(self, conn: Connection, name: str, method: str) -> Decision:
+        """Credentials are proven: apply policy, run pre-login, count the session."""
+        refusal = self.policy_refusal(conn, name)
+        if refusal is None and self.dispatcher.wants("pre-login"):
+            decision = self.dispatcher.pre(ev.PreLogin(
+                session_id=conn.id, protocol=conn.protocol, remote_ip=conn.remote_ip, user=name,
+                login_method=method,
+            ))
+            if not decision.allowed:
+                refusal = decision.reason or "login refused by a server script"
+        if refusal is None:
+            account = self.users[name].account
+            with self._lock:
+                current = self._per_user.get(name, 0)
+                if account.max_sessions and current >= account.max_sessions:
+                    refusal = f"too many sessions for this user (limit {account.max_sessions})"
+                else:
+                    self._per_user[name] = current + 1
+                    conn.login_counted = True
+        if refusal is not None:
+            self.login_failed(conn, name, method, refusal)
+            return Decision(False, refusal)
+        conn.user = name
+        conn.account = self.users[name].account
+        log.info("login ok (%s)", method, extra={"sid": conn.id, "user": name, "proto": conn.protocol,
+                                                  "ip": conn.remote_ip})
+        if self.dispatcher.wants("post-login"):
+            self.dispatcher.post(ev.PostLogin(
+                session_id=conn.id, protocol=conn.protocol, remote_ip=conn.remote_ip, user=name,
+                login_method=method,
+            ))
+        return ALLOW
+
+    def open_session(self, conn: Connection, protocol: str | None = None) -> Session:
+        """A Session for a logged-in connection (SFTP and SCP channels each get one)."""
+        assert conn.account is not None, "open_session before login"
+        protocol = protocol or conn.protocol
+        if protocol not in conn.account.protocols:
+            from .errors import PermissionDenied
+
+            raise PermissionDenied(f"protocol {protocol} not allowed for this user")
+        session = Session(
+            session_id=conn.id, account=conn.account, protocol=protocol, remote_ip=conn.remote_ip,
+            dispatcher=self.dispatcher, staging=self.staging, uploads=self.uploads, max_handles=self.max_handles,
+        )
+        conn.sessions.append(session)
+        return session
+
+    # --- reload -------------------------------------------------------------------
+
+    def replace_users(self, users: dict[str, UserRecord]) -> list[Connection]:
+        """New users and permissions (SIGHUP). Live sessions get the new permissions
+        at once; connections of users removed or disabled are returned for closing."""
+        self.users = users
+        gone = []
+        for conn in self.connections():
+            if not conn.user:
+                continue
+            rec = users.get(conn.user)
+            if rec is None or rec.disabled:
+                gone.append(conn)
+                continue
+            conn.account = rec.account
+            for s in conn.sessions:
+                s.account = rec.account
+        return gone

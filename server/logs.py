@@ -1,0 +1,63 @@
+"""Log setup: one line per event worth knowing, as text or JSON, to stderr.
+
+Context (session id, user, protocol, client address, operation fields) travels
+in ``extra=`` so the JSON form carries it as fields and the text form as
+``key=value`` pairs. Nothing here ever sees a password: the login core does not
+pass secrets to the logger.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+def _context(record: logging.LogRecord) -> dict[str, object]:
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        ctx = _context(record)
+        head = " ".join(f"{k}={ctx.pop(k)}" for k in ("sid", "user", "proto", "ip") if ctx.get(k))
+        for k in ("op", "path", "result"):  # already in the message
+            ctx.pop(k, None)
+        tail = " ".join(f"{k}={_quote(v)}" for k, v in ctx.items())
+        line = f"{ts} {record.levelname:<7} {record.name.removeprefix('scriptsftp.')}: "
+        line += (f"[{head}] " if head else "") + record.getMessage() + (f" {tail}" if tail else "")
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update(_context(record))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def _quote(v: object) -> str:
+    s = str(v)
+    return json.dumps(s) if (not s or any(c in s for c in " \"=\n")) else s
+
+
+def setup(fmt: str = "text", level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("paramiko").setLevel(logging.WARNING if level != "debug" else logging.INFO)

@@ -1,0 +1,692 @@
+"""The Session: the one door to files, for every protocol (DESIGN.md rule 2).
+
+Every file operation of every front end is a method here, and each method runs
+the same steps in the same order (SFTPGo's ``BaseConnection`` is the model):
+
+1. resolve the virtual path (normalised, confined, no staging names),
+2. apply the filters and check the permission,
+3. raise the ``pre-*`` event (a script may veto: :class:`~.errors.Vetoed`),
+4. do the operation through :class:`~.storage.Storage`,
+5. raise the ``post-*`` event,
+6. log one line.
+
+Front ends translate their protocol into these calls and the errors back into
+their protocol's replies; they hold no policy of their own. Events are raised
+only here (and in :mod:`.login` for connection and login events).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as statmod
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import events as ev
+from .dispatch import Dispatcher, FileOpener
+from .errors import (
+    AlreadyExists, Failure, FsError, InvalidPath, IsADirectory, LimitExceeded, NotADirectory,
+    NotFound, PermissionDenied, Vetoed, from_oserror,
+)
+from .storage import Entry, Resolved, Storage, copy_fd
+from .vfs import Access, join, split
+
+if TYPE_CHECKING:
+    from .staging import StagingRecords
+
+log = logging.getLogger("scriptsftp.session")
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user as the core sees it after merging their groups."""
+
+    name: str
+    home: Path
+    access: Access
+    groups: tuple[str, ...] = ()
+    protocols: frozenset[str] = frozenset({"sftp", "scp", "ftp", "http"})
+    allowed_ips: tuple = ()  # ip_network objects; empty = anywhere
+    max_sessions: int = 0
+    require_tls: bool = False
+
+
+@dataclass
+class UploadPolicy:
+    atomic: bool = True
+    quarantine: Path | None = None
+
+
+class Session:
+    """One logged-in user on one connection. Thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        account: Account,
+        protocol: str,
+        remote_ip: str,
+        dispatcher: Dispatcher,
+        staging: "StagingRecords | None" = None,
+        uploads: UploadPolicy | None = None,
+        max_handles: int = 256,
+    ) -> None:
+        self.id = session_id
+        self.account = account
+        self.user = account.name
+        self.protocol = protocol
+        self.remote_ip = remote_ip
+        self.dispatcher = dispatcher
+        self.storage = Storage(account.home)
+        self.staging = staging
+        self.uploads = uploads or UploadPolicy()
+        self.max_handles = max_handles
+        self.started = time.monotonic()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._handles: set[FileHandle] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # --- events -------------------------------------------------------------
+
+    def _event(self, cls: type[ev.Event], **fields: object) -> ev.Event:
+        return cls(
+            session_id=self.id, protocol=self.protocol, remote_ip=self.remote_ip, user=self.user, **fields
+        )
+
+    def _pre(self, cls: type[ev.Event], file: FileOpener | None = None, **fields: object) -> None:
+        """Raise a vetoable event; a veto becomes :class:`Vetoed` with the script's reason."""
+        if not self.dispatcher.wants(cls.name):
+            return
+        decision = self.dispatcher.pre(self._event(cls, **fields), file)
+        if not decision.allowed:
+            reason = decision.reason or "denied by a server script"
+            self._log(cls.name.removeprefix("pre-"), str(fields.get("path", "")), "vetoed", reason=reason)
+            raise Vetoed(reason)
+
+    def _post(self, cls: type[ev.Event], file: FileOpener | None = None, **fields: object) -> None:
+        if self.dispatcher.wants(cls.name):
+            self.dispatcher.post(self._event(cls, **fields), file)
+
+    def _log(self, op: str, path: str, result: str, **extra: object) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s %s %s", op, path, result,
+                extra={"sid": self.id, "user": self.user, "proto": self.protocol, "ip": self.remote_ip,
+                       "op": op, "path": path, "result": result, **extra},
+            )
+
+    # --- resolution helpers ----------------------------------------------------
+
+    def _parts(self, vpath: str) -> tuple[str, ...]:
+        parts = split(vpath)
+        self.account.access.check_filters(parts, join(parts))
+        return parts
+
+    def _require(self, permission: str, parts: tuple[str, ...], vpath: str, *, on_self: bool = False) -> None:
+        directory = parts if on_self else parts[:-1]
+        self.account.access.require(permission, directory, vpath)
+
+    def _opener(self, parts: tuple[str, ...]) -> FileOpener:
+        """A FileOpener for scripts: reopens the file read-only, through the same confinement."""
+
+        def open_ro() -> int:
+            with self.storage.resolve(parts) as r:
+                return self.storage.open_file(r, os.O_RDONLY)
+
+        return open_ro
+
+    # --- read-only operations --------------------------------------------------
+
+    def realpath(self, vpath: str) -> str:
+        """Canonical virtual path (lexical; ``..`` stops at ``/``)."""
+        return join(split(vpath))
+
+    def stat(self, vpath: str, follow: bool = True) -> Entry:
+        parts = self._parts(vpath)
+        path = join(parts)
+        if parts:
+            self._require("list", parts, path)
+        try:
+            with self.storage.resolve(parts, follow=follow) as r:
+                st = self.storage.stat(r)
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        return Entry(parts[-1] if parts else "/", st)
+
+    def listdir(self, vpath: str) -> list[Entry]:
+        parts = self._parts(vpath)
+        path = join(parts)
+        self._require("list", parts, path, on_self=True)
+        try:
+            with self.storage.resolve(parts) as r:
+                entries = self.storage.scandir(r)
+                real = r.parts
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        access = self.account.access
+        visible = [e for e in entries if not access.hidden(real, e.name)]
+        self._log("list", path, "ok", entries=len(visible))
+        return visible
+
+    def readlink(self, vpath: str) -> str:
+        parts = self._parts(vpath)
+        path = join(parts)
+        self._require("list", parts, path)
+        try:
+            with self.storage.resolve(parts, follow=False) as r:
+                raw = self.storage.readlink(r)
+                target = self.storage.host_to_virtual(raw, r.parts[:-1])
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        if target is None:
+            raise NotFound(f"{path}: symbolic link points outside the home")
+        return join(target)
+
+    def statvfs(self, vpath: str = "/") -> os.statvfs_result:
+        self._parts(vpath)
+        return self.storage.statvfs()
+
+    # --- reading --------------------------------------------------------------
+
+    def open_read(self, vpath: str) -> "ReadHandle":
+        parts = self._parts(vpath)
+        path = join(parts)
+        if not parts:
+            raise IsADirectory("/: is a directory")
+        self._require("download", parts, path)
+        self._check_handle_limit()
+        try:
+            with self.storage.resolve(parts) as r:
+                st = self.storage.stat(r)
+                if statmod.S_ISDIR(st.st_mode):
+                    raise IsADirectory(f"{path}: is a directory")
+                real = r.parts
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        self._pre(ev.PreDownload, self._opener(real), path=path, size=st.st_size)
+        try:
+            with self.storage.resolve(real, follow=False) as r:
+                fd = self.storage.open_file(r, os.O_RDONLY)
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        if not statmod.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise PermissionDenied(f"{path}: not a regular file")
+        handle = ReadHandle(self, path, real, fd)
+        self._track(handle)
+        return handle
+
+    # --- writing --------------------------------------------------------------
+
+    def open_write(
+        self, vpath: str, *, truncate: bool = True, append: bool = False, exclusive: bool = False,
+        create: bool = True, readable: bool = False, mode: int = 0o644,
+    ) -> "WriteHandle":
+        """Open a file for upload.
+
+        With atomic uploads the bytes go to a hidden staging file beside the
+        target; the target changes only when :meth:`WriteHandle.close` publishes.
+        Opening an existing file without ``truncate`` (resume, append, random
+        writes) starts the staging file as a copy of it, so the old version stays
+        intact and readable until publish."""
+        parts = self._parts(vpath)
+        path = join(parts)
+        if not parts:
+            raise IsADirectory("/: is a directory")
+        self._require("upload", parts, path)
+        self._check_handle_limit()
+        try:
+            with self.storage.resolve(parts) as r:
+                try:
+                    st: os.stat_result | None = self.storage.stat(r)
+                except FileNotFoundError:
+                    st = None
+                real = r.parts
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        exists = st is not None
+        if not exists and not create:
+            raise NotFound(f"{path}: no such file")
+        if exists:
+            assert st is not None
+            if statmod.S_ISDIR(st.st_mode):
+                raise IsADirectory(f"{path}: is a directory")
+            if exclusive:
+                raise AlreadyExists(f"{path}: already exists")
+            self._require("overwrite", parts, path)
+        kind = "append" if append else ("write" if truncate or not exists else "resume")
+        self._pre(ev.PreUpload, path=path, size=st.st_size if st and not truncate else 0, mode=kind, exists=exists)
+
+        flags = (os.O_RDWR if readable else os.O_WRONLY)
+        if self.uploads.atomic:
+            return self._open_staged(path, real, exists and not truncate, append, flags, mode, exists)
+        flags |= os.O_CREAT | (os.O_TRUNC if truncate else 0) | (os.O_APPEND if append else 0)
+        flags |= os.O_EXCL if exclusive else 0
+        try:
+            with self.storage.resolve(real, follow=False) as r:
+                fd = self.storage.open_file(r, flags, mode)
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        handle = WriteHandle(self, path, real, fd, staging_name=None, record_id=None, existed=exists)
+        self._track(handle)
+        return handle
+
+    def _open_staged(
+        self, path: str, real: tuple[str, ...], keep_content: bool, append: bool, flags: int, mode: int,
+        existed: bool,
+    ) -> "WriteHandle":
+        staging_name = self.storage.new_staging_name()
+        directory = real[:-1]
+        record_id = None
+        if self.staging is not None:
+            record_id = self.staging.add(self.user, str(self.storage.home), join(directory), staging_name, real[-1])
+        try:
+            with self.storage.resolve(directory + (staging_name,), follow=False) as r:
+                fd = self.storage.open_file(r, flags | os.O_CREAT | os.O_EXCL | (os.O_APPEND if append else 0), 0o600)
+            if keep_content:
+                with self.storage.resolve(real, follow=False) as r:
+                    src = self.storage.open_file(r, os.O_RDONLY)
+                try:
+                    copy_fd(src, fd)
+                finally:
+                    os.close(src)
+            os.fchmod(fd, mode & 0o777)
+        except (OSError, FsError) as exc:
+            if record_id is not None and self.staging is not None:
+                self._discard_staged(directory, staging_name, record_id)
+            if isinstance(exc, FsError):
+                raise
+            raise from_oserror(exc, path) from None
+        handle = WriteHandle(self, path, real, fd, staging_name=staging_name, record_id=record_id, existed=existed)
+        self._track(handle)
+        return handle
+
+    def _discard_staged(
+        self, directory: tuple[str, ...], staging_name: str, record_id: int | None, *, rejected: bool = False
+    ) -> None:
+        """Remove a staged upload; a rejected one goes to quarantine when configured."""
+        try:
+            with self.storage.resolve(directory + (staging_name,), follow=False) as r:
+                if rejected and self.uploads.quarantine is not None:
+                    self._quarantine(r, staging_name)
+                else:
+                    self.storage.unlink(r)
+        except (OSError, FsError):
+            log.exception("could not remove staged upload %s", staging_name)
+            return
+        if record_id is not None and self.staging is not None:
+            self.staging.remove(record_id)
+
+    def _quarantine(self, r: Resolved, staging_name: str) -> None:
+        assert self.uploads.quarantine is not None
+        qdir = self.uploads.quarantine / self.user
+        qdir.mkdir(parents=True, exist_ok=True)
+        qfd = os.open(qdir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.rename(r.name, staging_name, src_dir_fd=r.dir_fd, dst_dir_fd=qfd)
+        except OSError:  # another filesystem: copy then remove
+            src = self.storage.open_file(r, os.O_RDONLY)
+            dst = os.open(staging_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=qfd)
+            try:
+                copy_fd(src, dst)
+            finally:
+                os.close(src)
+                os.close(dst)
+            self.storage.unlink(r)
+        finally:
+            os.close(qfd)
+
+    def _publish(self, handle: "WriteHandle", size: int) -> None:
+        """Run pre-publish on the staged file, then rename it over the target."""
+        assert handle.staging_name is not None
+        directory = handle.real[:-1]
+        staged = directory + (handle.staging_name,)
+        try:
+            self._pre(ev.PrePublish, self._opener(staged), path=handle.path, size=size, exists=handle.existed)
+        except Vetoed as veto:
+            self._discard_staged(directory, handle.staging_name, handle.record_id, rejected=True)
+            self._post(ev.UploadFailed, path=handle.path, size=handle.written, reason=veto.message)
+            raise
+        try:
+            with self.storage.resolve(staged, follow=False) as src, \
+                    self.storage.resolve(handle.real, follow=False) as dst:
+                try:
+                    if statmod.S_ISDIR(self.storage.stat(dst).st_mode):
+                        raise IsADirectory(f"{handle.path}: a directory now has this name")
+                except FileNotFoundError:
+                    pass
+                self.storage.rename(src, dst)
+        except (OSError, FsError) as exc:
+            self._discard_staged(directory, handle.staging_name, handle.record_id)
+            error = exc if isinstance(exc, FsError) else from_oserror(exc, handle.path)
+            self._post(ev.UploadFailed, path=handle.path, size=handle.written, reason=error.message)
+            raise error from None
+        if handle.record_id is not None and self.staging is not None:
+            self.staging.remove(handle.record_id)
+
+    # --- namespace operations ---------------------------------------------------
+
+    def mkdir(self, vpath: str, mode: int = 0o755) -> None:
+        parts = self._parts(vpath)
+        path = join(parts)
+        if not parts:
+            raise AlreadyExists("/: already exists")
+        self._require("mkdir", parts, path)
+        self._pre(ev.PreMkdir, path=path)
+        try:
+            with self.storage.resolve(parts, follow=False) as r:
+                self.storage.mkdir(r, mode & 0o777)
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        self._log("mkdir", path, "ok")
+        self._post(ev.PostMkdir, path=path)
+
+    def rmdir(self, vpath: str) -> None:
+        parts = self._parts(vpath)
+        path = join(parts)
+        if not parts:
+            raise PermissionDenied("/: cannot remove the home directory")
+        self._require("rmdir", parts, path)
+        try:
+            with self.storage.resolve(parts, follow=False) as r:
+                if not statmod.S_ISDIR(self.storage.stat(r).st_mode):
+                    raise NotADirectory(f"{path}: not a directory")
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        self._pre(ev.PreRmdir, path=path)
+        try:
+            with self.storage.resolve(parts, follow=False) as r:
+                self.storage.rmdir(r)
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        self._log("rmdir", path, "ok")
+        self._post(ev.PostRmdir, path=path)
+
+    def remove(self, vpath: str) -> None:
+        parts = self._parts(vpath)
+        path = join(parts)
+        if not parts:
+            raise IsADirectory("/: is a directory")
+        self._require("delete", parts, path)
+        try:
+            with self.storage.resolve(parts, follow=False) as r:
+                st = self.storage.stat(r)
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        if statmod.S_ISDIR(st.st_mode):
+            raise IsADirectory(f"{path}: is a directory")
+        self._pre(ev.PreDelete, path=path, size=st.st_size)
+        try:
+            with self.storage.resolve(parts, follow=False) as r:
+                self.storage.unlink(r)
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        self._log("delete", path, "ok", size=st.st_size)
+        self._post(ev.PostDelete, path=path, size=st.st_size)
+
+    def rename(self, src_vpath: str, dst_vpath: str, *, overwrite: bool = False) -> None:
+        """Rename; ``overwrite`` replaces an existing file (POSIX semantics), which
+        also needs the ``overwrite`` permission where the target lives."""
+        src_parts, dst_parts = self._parts(src_vpath), self._parts(dst_vpath)
+        src, dst = join(src_parts), join(dst_parts)
+        if not src_parts or not dst_parts:
+            raise PermissionDenied("cannot rename the home directory")
+        if dst_parts[: len(src_parts)] == src_parts and dst_parts != src_parts:
+            raise InvalidPath(f"{dst}: cannot move a directory into itself")
+        self._require("rename", src_parts, src)
+        self._require("rename", dst_parts, dst)
+        try:
+            with self.storage.resolve(src_parts, follow=False) as r:
+                src_st = self.storage.stat(r)
+            with self.storage.resolve(dst_parts, follow=False) as r:
+                try:
+                    dst_st: os.stat_result | None = self.storage.stat(r)
+                except FileNotFoundError:
+                    dst_st = None
+        except OSError as exc:
+            raise from_oserror(exc, src) from None
+        if dst_st is not None and src_parts != dst_parts:
+            if not overwrite:
+                raise AlreadyExists(f"{dst}: already exists")
+            if statmod.S_ISDIR(dst_st.st_mode):
+                raise IsADirectory(f"{dst}: is a directory")
+            self._require("overwrite", dst_parts, dst)
+        self._pre(ev.PreRename, path=src, target=dst, size=src_st.st_size, overwrite=dst_st is not None)
+        try:
+            with self.storage.resolve(src_parts, follow=False) as a, \
+                    self.storage.resolve(dst_parts, follow=False) as b:
+                self.storage.rename(a, b)
+        except OSError as exc:
+            raise from_oserror(exc, src) from None
+        self._log("rename", src, "ok", target=dst)
+        self._post(ev.PostRename, path=src, target=dst, size=src_st.st_size)
+
+    def setstat(
+        self, vpath: str, *, mode: int | None = None, times: tuple[float, float] | None = None,
+        size: int | None = None,
+    ) -> None:
+        parts = self._parts(vpath)
+        path = join(parts)
+        self._require("setstat", parts, path, on_self=not parts)
+        try:
+            with self.storage.resolve(parts) as r:
+                if size is not None:
+                    # Truncating a published file would make a half file visible: refuse it.
+                    # (Truncating an open upload goes through its handle instead.)
+                    raise PermissionDenied(f"{path}: changing the size of a stored file is not allowed")
+                if mode is not None:
+                    self.storage.chmod(r, mode)
+                if times is not None:
+                    self.storage.utime(r, *times)
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        self._log("setstat", path, "ok")
+
+    def fsetstat(
+        self, handle: "WriteHandle", *, mode: int | None = None, times: tuple[float, float] | None = None,
+        size: int | None = None,
+    ) -> None:
+        """Attributes of a file being uploaded (e.g. ``put -p``); they travel with it at publish."""
+        if mode is not None or times is not None:
+            self._require("setstat", handle.real, handle.path)
+        try:
+            if size is not None:
+                os.ftruncate(handle.fd, size)
+            if mode is not None:
+                os.fchmod(handle.fd, mode & 0o777)
+            if times is not None:
+                os.utime(handle.fd, times)
+        except OSError as exc:
+            raise from_oserror(exc, handle.path) from None
+
+    def symlink(self, target_vpath: str, link_vpath: str) -> None:
+        """Create a symlink. The target is a virtual path (relative to the link's
+        directory or absolute in the home); it is stored on disk as a relative
+        link, so even outside the server it points inside the home."""
+        link_parts = self._parts(link_vpath)
+        link = join(link_parts)
+        if not link_parts:
+            raise AlreadyExists("/: already exists")
+        self._require("symlink", link_parts, link)
+        target_parts = split(target_vpath, join(link_parts[:-1]))
+        self.account.access.check_filters(target_parts, join(target_parts))
+        rel = os.path.relpath("/" + "/".join(target_parts), "/" + "/".join(link_parts[:-1]))
+        try:
+            with self.storage.resolve(link_parts, follow=False) as r:
+                self.storage.symlink(rel, r)
+        except OSError as exc:
+            raise from_oserror(exc, link) from None
+        self._log("symlink", link, "ok", target=join(target_parts))
+
+    # --- handles and lifetime ------------------------------------------------------
+
+    def _check_handle_limit(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise Failure("session closed")
+            if len(self._handles) >= self.max_handles:
+                raise LimitExceeded(f"too many open files (limit {self.max_handles})")
+
+    def _track(self, handle: "FileHandle") -> None:
+        with self._lock:
+            self._handles.add(handle)
+
+    def _untrack(self, handle: "FileHandle") -> None:
+        with self._lock:
+            self._handles.discard(handle)
+
+    def close(self) -> None:
+        """End the session: uploads still open are aborted (never published)."""
+        with self._lock:
+            self._closed = True
+            handles = list(self._handles)
+        for h in handles:
+            h.abort("connection closed before the transfer completed")
+        self.storage.close()
+
+
+class FileHandle:
+    def __init__(self, session: Session, path: str, real: tuple[str, ...], fd: int) -> None:
+        self.session = session
+        self.path = path
+        self.real = real
+        self.fd = fd
+        self.started = time.monotonic()
+        self.done = False
+        self._lock = threading.Lock()
+
+    def fstat(self) -> os.stat_result:
+        return os.fstat(self.fd)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def _finish(self) -> bool:
+        """Mark done once; False if it already was (close after abort and vice versa)."""
+        with self._lock:
+            if self.done:
+                return False
+            self.done = True
+        self.session._untrack(self)
+        return True
+
+    def abort(self, reason: str) -> None:
+        raise NotImplementedError
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / max(seconds, 1e-6) / 1e6:.1f}MB/s"
+
+
+class ReadHandle(FileHandle):
+    """A file open for download: positional reads, no shared offset."""
+
+    def __init__(self, session: Session, path: str, real: tuple[str, ...], fd: int) -> None:
+        super().__init__(session, path, real, fd)
+        self.sent = 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise from_oserror(exc, self.path) from None
+        self.sent += len(data)
+        return data
+
+    def close(self) -> None:
+        if not self._finish():
+            return
+        os.close(self.fd)
+        secs = time.monotonic() - self.started
+        s = self.session
+        s.bytes_out += self.sent
+        s._log("download", self.path, "ok", bytes=self.sent, secs=round(secs, 3), rate=_rate(self.sent, secs))
+        s._post(ev.PostDownload, path=self.path, size=self.sent, bytes=self.sent, duration=secs)
+
+    def abort(self, reason: str) -> None:
+        if self._finish():
+            os.close(self.fd)
+            self.session.bytes_out += self.sent
+            self.session._log("download", self.path, "aborted", bytes=self.sent, reason=reason)
+
+
+class WriteHandle(FileHandle):
+    """A file open for upload. ``close()`` publishes (and may raise a veto); ``abort()`` discards."""
+
+    def __init__(
+        self, session: Session, path: str, real: tuple[str, ...], fd: int, *,
+        staging_name: str | None, record_id: int | None, existed: bool,
+    ) -> None:
+        super().__init__(session, path, real, fd)
+        self.staging_name = staging_name
+        self.record_id = record_id
+        self.existed = existed
+        self.written = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                offset += n
+                view = view[n:]
+        except OSError as exc:
+            raise from_oserror(exc, self.path) from None
+        self.written += len(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise from_oserror(exc, self.path) from None
+
+    def truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise from_oserror(exc, self.path) from None
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        """Complete the upload: publish it (atomic mode) and raise post-upload.
+
+        Raises :class:`Vetoed` when a pre-publish script rejects the file; the
+        staged bytes are then already gone (or quarantined) and the previous
+        version of the file is untouched."""
+        if not self._finish():
+            return
+        s = self.session
+        size = self.size()
+        os.close(self.fd)
+        s.bytes_in += self.written
+        if self.staging_name is not None:
+            try:
+                s._publish(self, size)
+            except FsError as exc:
+                s._log("upload", self.path, "rejected", bytes=self.written, reason=exc.message)
+                raise
+        secs = time.monotonic() - self.started
+        s._log("upload", self.path, "ok", bytes=self.written, size=size, secs=round(secs, 3),
+               rate=_rate(self.written, secs))
+        s._post(ev.PostUpload, s._opener(self.real), path=self.path, size=size, duration=secs)
+
+    def abort(self, reason: str) -> None:
+        """The client went away mid-transfer: nothing is published."""
+        if not self._finish():
+            return
+        s = self.session
+        os.close(self.fd)
+        s.bytes_in += self.written
+        if self.staging_name is not None:
+            s._discard_staged(self.real[:-1], self.staging_name, self.record_id)
+        s._log("upload", self.path, "aborted", bytes=self.written, reason=reason)
+        s._post(ev.UploadFailed, path=self.path, size=self.written, reason=reason)

@@ -1,0 +1,441 @@
+"""SFTP v3 front end: paramiko's packet framing, our request handling.
+
+paramiko's public ``SFTPServerInterface`` cannot carry a reason text, ignores
+the outcome of CLOSE (so a rejected upload would look successful), turns every
+exception into a bare FAILURE and bounds neither READ lengths nor open handles.
+So this module replaces ``SFTPServer._process`` and ``_send_server_version``
+(private; paramiko is pinned to 5.1.* for that) and speaks to the Session
+directly. It holds no policy: every request becomes one Session call and every
+Session error one status code plus a message.
+
+Extensions advertised: ``posix-rename@openssh.com``, ``statvfs@openssh.com``,
+``fstatvfs@openssh.com``, ``fsync@openssh.com``, ``limits@openssh.com`` (so
+OpenSSH clients use ~255 KiB requests) and ``expand-path@openssh.com``.
+``hardlink@openssh.com`` is not offered: a hard link would let one name keep
+a file alive after a script vetoed or deleted the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import stat as statmod
+import struct
+from typing import TYPE_CHECKING, Any
+
+import paramiko
+from paramiko.sftp import (
+    CMD_ATTRS, CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSETSTAT, CMD_FSTAT,
+    CMD_HANDLE, CMD_INIT, CMD_LSTAT, CMD_MKDIR, CMD_NAME, CMD_OPEN, CMD_OPENDIR, CMD_READ,
+    CMD_READDIR, CMD_READLINK, CMD_REALPATH, CMD_REMOVE, CMD_RENAME, CMD_RMDIR, CMD_SETSTAT,
+    CMD_STAT, CMD_STATUS, CMD_SYMLINK, CMD_VERSION, CMD_WRITE, SFTP_BAD_MESSAGE, SFTP_EOF,
+    SFTP_FAILURE, SFTP_FLAG_APPEND, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_READ,
+    SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_NO_SUCH_FILE, SFTP_OK, SFTP_OP_UNSUPPORTED,
+    SFTP_PERMISSION_DENIED, Message, SFTPError,
+)
+from paramiko.sftp_attr import SFTPAttributes
+
+from .errors import FsError, NotFound, PermissionDenied
+from .session import ReadHandle, Session, WriteHandle
+from .storage import Entry
+
+if TYPE_CHECKING:
+    from .ssh import SSHServer
+
+log = logging.getLogger("scriptsftp.sftp")
+
+SFTP_VERSION = 3
+READDIR_BATCH = 100
+
+
+def status_of(exc: FsError) -> int:
+    if isinstance(exc, NotFound):
+        return SFTP_NO_SUCH_FILE
+    if isinstance(exc, PermissionDenied):
+        return SFTP_PERMISSION_DENIED
+    return SFTP_FAILURE
+
+
+def attrs_of(entry: Entry, name: str | None = None) -> SFTPAttributes:
+    attr = SFTPAttributes.from_stat(entry.st, name if name is not None else entry.name)
+    return attr
+
+
+class _Dir:
+    __slots__ = ("entries", "pos")
+
+    def __init__(self, entries: list[Entry]) -> None:
+        self.entries = entries
+        self.pos = 0
+
+
+class SFTPHandler(paramiko.SFTPServer):
+    """One SFTP subsystem channel = one Session."""
+
+    def __init__(self, channel: paramiko.Channel, name: str, server: "SSHServer", *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, name, server, paramiko.SFTPServerInterface)
+        self.ssh = server
+        self.limits = server.limits
+        self.session: Session | None = None
+        self._handles: dict[bytes, ReadHandle | WriteHandle | _Dir] = {}
+        self._next = 1
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def start_subsystem(self, name: str, transport: paramiko.Transport, channel: paramiko.Channel) -> None:
+        try:
+            self.session = self.ssh.open_session("sftp")
+        except FsError as exc:
+            log.info("sftp refused: %s", exc.message)
+            channel.close()
+            return
+        if self.limits.idle_timeout:
+            channel.settimeout(self.limits.idle_timeout)
+        self.sock = channel
+        try:
+            self._send_server_version()
+            while True:
+                try:
+                    t, data = self._read_packet()
+                except socket.timeout:
+                    log.info("sftp idle timeout", extra={"sid": self.session.id})
+                    return
+                except EOFError:
+                    return
+                except (OSError, SFTPError) as exc:
+                    log.info("sftp channel error: %s", exc, extra={"sid": self.session.id})
+                    return
+                if t is None:
+                    continue
+                msg = Message(data)
+                request = msg.get_int()
+                self._dispatch(t, request, msg)
+        except EOFError:
+            return
+        except OSError as exc:
+            log.info("sftp channel error: %s", exc, extra={"sid": self.session.id})
+        finally:
+            self._end()
+
+    def finish_subsystem(self) -> None:
+        self._end()
+        paramiko.SubsystemHandler.finish_subsystem(self)
+
+    def _end(self) -> None:
+        """Channel gone: uploads never closed by the client are discarded, not published."""
+        handles, self._handles = self._handles, {}
+        for h in handles.values():
+            if not isinstance(h, _Dir):
+                h.abort("connection closed before the transfer completed")
+        if self.session is not None:
+            self.session.close()
+
+    def _read_packet(self) -> tuple[int | None, bytes]:
+        """One SFTP message, refusing sizes no honest client sends (paramiko allows 16 MiB)."""
+        size = struct.unpack(">I", self._read_all(4))[0]
+        if size == 0:
+            return None, b""
+        if size > self.limits.max_read + 65536:
+            raise SFTPError(f"message of {size} bytes refused")
+        data = self._read_all(size)
+        return data[0], data[1:]
+
+    def _send_server_version(self) -> int:
+        t, data = self._read_packet()
+        if t != CMD_INIT:
+            raise SFTPError("Incompatible sftp protocol")
+        version = struct.unpack(">I", data[:4])[0]
+        msg = Message()
+        msg.add_int(SFTP_VERSION)
+        for ext, ver in (
+            ("posix-rename@openssh.com", "1"), ("statvfs@openssh.com", "2"), ("fstatvfs@openssh.com", "2"),
+            ("fsync@openssh.com", "1"), ("limits@openssh.com", "1"), ("expand-path@openssh.com", "1"),
+        ):
+            msg.add_string(ext)
+            msg.add_string(ver)
+        self._send_packet(CMD_VERSION, msg)
+        return version
+
+    # --- replies ------------------------------------------------------------
+
+    def _reply_raw(self, t: int, request: int, payload: bytes) -> None:
+        """Send one reply without building a paramiko Message (hot path for DATA)."""
+        self._write_all(struct.pack(">IBI", len(payload) + 5, t, request) + payload)
+
+    def _reply_status(self, request: int, code: int, message: str = "") -> None:
+        text = (message or _DESC.get(code, "Failure")).encode("utf-8", "replace")
+        self._reply_raw(CMD_STATUS, request, struct.pack(">II", code, len(text)) + text + b"\0\0\0\0")
+
+    def _reply_attrs(self, request: int, attr: SFTPAttributes) -> None:
+        msg = Message()
+        msg.add_int(request)
+        attr._pack(msg)
+        self._send_packet(CMD_ATTRS, msg)
+
+    def _reply_name(self, request: int, path: str) -> None:
+        msg = Message()
+        msg.add_int(request)
+        msg.add_int(1)
+        msg.add_string(path)
+        msg.add_string(path)
+        SFTPAttributes()._pack(msg)
+        self._send_packet(CMD_NAME, msg)
+
+    def _add_handle(self, obj: ReadHandle | WriteHandle | _Dir) -> bytes:
+        if len(self._handles) >= self.limits.max_handles:
+            if not isinstance(obj, _Dir):
+                obj.abort("too many open handles")
+            raise _Reply(SFTP_FAILURE, f"too many open handles (limit {self.limits.max_handles})")
+        name = b"h%d" % self._next
+        self._next += 1
+        self._handles[name] = obj
+        return name
+
+    def _lookup_handle(self, msg: Message) -> Any:
+        h = self._handles.get(msg.get_binary())
+        if h is None:
+            raise _Reply(SFTP_BAD_MESSAGE, "invalid handle")
+        return h
+
+    # --- dispatch -------------------------------------------------------------
+
+    def _dispatch(self, t: int, request: int, msg: Message) -> None:
+        fn = _TABLE.get(t)
+        if fn is None:
+            self._reply_status(request, SFTP_OP_UNSUPPORTED)
+            return
+        try:
+            fn(self, request, msg)
+        except _Reply as r:
+            self._reply_status(request, r.code, r.message)
+        except FsError as exc:
+            self._reply_status(request, status_of(exc), exc.message)
+        except UnicodeDecodeError:
+            self._reply_status(request, SFTP_FAILURE, "path is not valid UTF-8")
+        except (OSError, EOFError):
+            raise
+        except Exception:
+            log.exception("sftp request %d failed", t, extra={"sid": self.session.id if self.session else ""})
+            self._reply_status(request, SFTP_FAILURE, "internal error")
+
+    def _op_open(self, request: int, msg: Message) -> None:
+        assert self.session is not None
+        path = msg.get_text()
+        pflags = msg.get_int()
+        attr = SFTPAttributes._from_msg(msg)
+        if pflags & (SFTP_FLAG_WRITE | SFTP_FLAG_APPEND):
+            mode = attr.st_mode & 0o777 if attr._flags & attr.FLAG_PERMISSIONS else 0o644
+            handle: ReadHandle | WriteHandle = self.session.open_write(
+                path,
+                truncate=bool(pflags & SFTP_FLAG_TRUNC),
+                append=bool(pflags & SFTP_FLAG_APPEND),
+                exclusive=bool(pflags & SFTP_FLAG_EXCL),
+                create=bool(pflags & SFTP_FLAG_CREATE),
+                readable=bool(pflags & SFTP_FLAG_READ),
+                mode=mode,
+            )
+        else:
+            handle = self.session.open_read(path)
+        self._reply_raw(CMD_HANDLE, request, _string(self._add_handle(handle)))
+
+    def _op_close(self, request: int, msg: Message) -> None:
+        key = msg.get_binary()
+        h = self._handles.pop(key, None)
+        if h is None:
+            raise _Reply(SFTP_BAD_MESSAGE, "invalid handle")
+        if not isinstance(h, _Dir):
+            h.close()  # a WriteHandle publishes here; a veto raises and becomes the CLOSE status
+        self._reply_status(request, SFTP_OK)
+
+    def _op_read(self, request: int, msg: Message) -> None:
+        h = self._lookup_handle(msg)
+        offset = msg.get_int64()
+        length = min(msg.get_int(), self.limits.max_read)
+        if isinstance(h, _Dir):
+            raise _Reply(SFTP_FAILURE, "is a directory")
+        data = h.read(offset, length)
+        if not data:
+            self._reply_status(request, SFTP_EOF)
+            return
+        self._write_all(struct.pack(">IBII", len(data) + 9, CMD_DATA, request, len(data)) + data)
+
+    def _op_write(self, request: int, msg: Message) -> None:
+        h = self._lookup_handle(msg)
+        offset = msg.get_int64()
+        data = msg.get_binary()
+        if not isinstance(h, WriteHandle):
+            raise _Reply(SFTP_PERMISSION_DENIED, "handle not open for writing")
+        if len(data) > self.limits.max_read + 1024:
+            raise _Reply(SFTP_FAILURE, "write request too large")
+        h.write(offset, data)
+        self._reply_status(request, SFTP_OK)
+
+    def _op_remove(self, request: int, msg: Message) -> None:
+        assert self.session is not None
+        self.session.remove(msg.get_text())
+        self._reply_status(request, SFTP_OK)
+
+    def _op_rename(self, request: int, msg: Message) -> None:
+        assert self.session is not None
+        old, new = msg.get_text(), msg.get_text()
+        self.session.rename(old, new, overwrite=False)  # SFTPv3: fails if the target exists
+        self._reply_status(request, SFTP_OK)
+
+    def _op_mkdir(self, request: int, msg: Message) -> None:
+        assert self.session is not None
+        path = msg.get_text()
+        attr = SFTPAttributes._from_msg(msg)
+        mode = attr.st_mode & 0o777 if attr._flags & attr.FLAG_PERMISSIONS else 0o755
+        self.session.mkdir(path, mode)
+        self._reply_status(request, SFTP_OK)
+
+    def _op_rmdir(self, request: int, msg: Message) -> None:
+        assert self.session is not None
+        self.session.rmdir(msg.get_text())
+        self._reply_status(request, SFTP_OK)
+
+    def _op_opendir(self, request: int, msg: Message) -> None:
+        assert self.session is not None
+        path = msg.get_text()
+        entries = self.session.listdir(path)
+        self._reply_raw(CMD_HANDLE, request, _string(self._add_handle(_Dir(entries))))
+
+    def _op_readdir(self, request: int, msg: Message) -> None:
+        h = self._lookup_handle(msg)
+        if not isinstance(h, _Dir):
+            raise _Reply(SFTP_FAILURE, "not a directory handle")
+        batch = h.entries[h.pos: h.pos + READDIR_BATCH]
+        h.pos += len(batch)
+        if not batch:
+            self._reply_status(request, SFTP_EOF)
+            return
+        out = Message()
+        out.add_int(request)
+        out.add_int(len(batch))
+        for entry in batch:
+            attr = attrs_of(entry)
+            out.add_string(entry.name)
+            out.add_string(str(attr))
+            attr._pack(out)
+        self._send_packet(CMD_NAME, out)
+
+    def _op_stat(self, request: int, msg: Message, follow: bool = True) -> None:
+        assert self.session is not None
+        self._reply_attrs(request, attrs_of(self.session.stat(msg.get_text(), follow=follow)))
+
+    def _op_lstat(self, request: int, msg: Message) -> None:
+        self._op_stat(request, msg, follow=False)
+
+    def _op_fstat(self, request: int, msg: Message) -> None:
+        h = self._lookup_handle(msg)
+        if isinstance(h, _Dir):
+            raise _Reply(SFTP_FAILURE, "not a file handle")
+        self._reply_attrs(request, SFTPAttributes.from_stat(h.fstat()))
+
+    def _setstat_args(self, attr: SFTPAttributes) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        if attr._flags & attr.FLAG_PERMISSIONS:
+            args["mode"] = attr.st_mode
+        if attr._flags & attr.FLAG_AMTIME:
+            args["times"] = (attr.st_atime, attr.st_mtime)
+        if attr._flags & attr.FLAG_SIZE:
+            args["size"] = attr.st_size
+        if attr._flags & attr.FLAG_UIDGID:
+            raise _Reply(SFTP_PERMISSION_DENIED, "changing owner or group is not supported")
+        return args
+
+    def _op_setstat(self, request: int, msg: Message) -> None:
+        assert self.session is not None
+        path = msg.get_text()
+        self.session.setstat(path, **self._setstat_args(SFTPAttributes._from_msg(msg)))
+        self._reply_status(request, SFTP_OK)
+
+    def _op_fsetstat(self, request: int, msg: Message) -> None:
+        assert self.session is not None
+        h = self._lookup_handle(msg)
+        args = self._setstat_args(SFTPAttributes._from_msg(msg))
+        if not isinstance(h, WriteHandle):
+            raise _Reply(SFTP_PERMISSION_DENIED, "handle not open for writing")
+        self.session.fsetstat(h, **args)
+        self._reply_status(request, SFTP_OK)
+
+    def _op_readlink(self, request: int, msg: Message) -> None:
+        assert self.session is not None
+        self._reply_name(request, self.session.readlink(msg.get_text()))
+
+    def _op_symlink(self, request: int, msg: Message) -> None:
+        assert self.session is not None
+        # OpenSSH (and paramiko) send the target first, despite the draft.
+        target, link = msg.get_text(), msg.get_text()
+        self.session.symlink(target, link)
+        self._reply_status(request, SFTP_OK)
+
+    def _op_realpath(self, request: int, msg: Message) -> None:
+        assert self.session is not None
+        self._reply_name(request, self.session.realpath(msg.get_text() or "."))
+
+    def _op_extended(self, request: int, msg: Message) -> None:
+        assert self.session is not None
+        tag = msg.get_text()
+        if tag == "posix-rename@openssh.com":
+            old, new = msg.get_text(), msg.get_text()
+            self.session.rename(old, new, overwrite=True)
+            self._reply_status(request, SFTP_OK)
+        elif tag in ("statvfs@openssh.com", "fstatvfs@openssh.com"):
+            if tag == "statvfs@openssh.com":
+                st = self.session.statvfs(msg.get_text())
+            else:
+                self._lookup_handle(msg)
+                st = self.session.statvfs("/")
+            flag = (1 if st.f_flag & 1 else 0) | (2 if st.f_flag & 2 else 0)
+            payload = struct.pack(
+                ">11Q", st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail, st.f_files,
+                st.f_ffree, st.f_favail, st.f_fsid & 0xFFFFFFFFFFFFFFFF, flag, st.f_namemax,
+            )
+            self._reply_raw(CMD_EXTENDED_REPLY, request, payload)
+        elif tag == "fsync@openssh.com":
+            h = self._lookup_handle(msg)
+            if isinstance(h, WriteHandle):
+                h.fsync()
+            self._reply_status(request, SFTP_OK)
+        elif tag == "limits@openssh.com":
+            payload = struct.pack(
+                ">4Q", self.limits.max_read + 1024, self.limits.max_read, self.limits.max_read,
+                self.limits.max_handles,
+            )
+            self._reply_raw(CMD_EXTENDED_REPLY, request, payload)
+        elif tag == "expand-path@openssh.com":
+            path = msg.get_text()
+            if path == "~" or path.startswith("~/"):
+                path = "/" + path[1:].lstrip("/")
+            self._reply_name(request, self.session.realpath(path))
+        else:
+            self._reply_status(request, SFTP_OP_UNSUPPORTED, f"extension {tag} not supported")
+
+
+class _Reply(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        self.code, self.message = code, message
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+_DESC = {
+    SFTP_OK: "Success", SFTP_EOF: "End of file", SFTP_NO_SUCH_FILE: "No such file",
+    SFTP_PERMISSION_DENIED: "Permission denied", SFTP_FAILURE: "Failure", SFTP_BAD_MESSAGE: "Bad message",
+    SFTP_OP_UNSUPPORTED: "Operation unsupported",
+}
+
+_TABLE = {
+    CMD_OPEN: SFTPHandler._op_open, CMD_CLOSE: SFTPHandler._op_close, CMD_READ: SFTPHandler._op_read,
+    CMD_WRITE: SFTPHandler._op_write, CMD_REMOVE: SFTPHandler._op_remove, CMD_RENAME: SFTPHandler._op_rename,
+    CMD_MKDIR: SFTPHandler._op_mkdir, CMD_RMDIR: SFTPHandler._op_rmdir, CMD_OPENDIR: SFTPHandler._op_opendir,
+    CMD_READDIR: SFTPHandler._op_readdir, CMD_STAT: SFTPHandler._op_stat, CMD_LSTAT: SFTPHandler._op_lstat,
+    CMD_FSTAT: SFTPHandler._op_fstat, CMD_SETSTAT: SFTPHandler._op_setstat, CMD_FSETSTAT: SFTPHandler._op_fsetstat,
+    CMD_READLINK: SFTPHandler._op_readlink, CMD_SYMLINK: SFTPHandler._op_symlink,
+    CMD_REALPATH: SFTPHandler._op_realpath, CMD_EXTENDED: SFTPHandler._op_extended,
+}
+
+__all__ = ["SFTPHandler", "status_of", "statmod"]

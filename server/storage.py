@@ -1,0 +1,273 @@
+"""Bytes on local disk, confined to one home directory.
+
+Confinement does not rely on checking a resolved path and then using it (a
+symlink swapped in between would escape). Every operation walks from an fd on
+the home directory, one component at a time, with ``O_NOFOLLOW``; a symlink met
+on the way is read and, if its target stays inside the home, followed by
+walking again from the home. A link pointing outside (``/etc``), climbing above
+the home or looping is refused. The final operation is done relative to the
+parent directory's fd, so what was checked is what is used.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat as statmod
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FsError, InvalidPath, NotFound, from_oserror
+from .vfs import STAGING_PREFIX, join
+
+MAX_LINK_HOPS = 40
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What a listing or a stat returns, protocol-neutral."""
+
+    name: str
+    st: os.stat_result
+    link_target: str | None = None  # virtual, for symlinks when known
+
+    @property
+    def is_dir(self) -> bool:
+        return statmod.S_ISDIR(self.st.st_mode)
+
+    @property
+    def is_link(self) -> bool:
+        return statmod.S_ISLNK(self.st.st_mode)
+
+    @property
+    def size(self) -> int:
+        return self.st.st_size
+
+
+class Resolved:
+    """An open parent directory plus the final name: the unit every operation works on.
+
+    Use as a context manager so the directory fd is always closed.
+    """
+
+    __slots__ = ("dir_fd", "name", "parts")
+
+    def __init__(self, dir_fd: int, name: str, parts: tuple[str, ...]) -> None:
+        self.dir_fd = dir_fd
+        self.name = name  # "" means the home itself (dir_fd is the home)
+        self.parts = parts  # the real (symlink-free) virtual components
+
+    def __enter__(self) -> "Resolved":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.dir_fd)
+
+
+class Storage:
+    """One user's home directory. Thread-safe: it holds only an fd on the home."""
+
+    def __init__(self, home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.home = home.resolve()
+        self._home_fd = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self._home_fd >= 0:
+            os.close(self._home_fd)
+            self._home_fd = -1
+
+    # --- resolution -------------------------------------------------------
+
+    def resolve(self, parts: tuple[str, ...], follow: bool = True) -> Resolved:
+        """Open the parent directory of ``parts``; follow a final symlink when ``follow``.
+
+        Intermediate symlinks are always followed (inside the home only)."""
+        hops = 0
+        while True:
+            if not parts:
+                return Resolved(os.dup(self._home_fd), "", ())
+            fd = os.dup(self._home_fd)
+            try:
+                for i, name in enumerate(parts[:-1]):
+                    try:
+                        nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    except OSError as exc:
+                        target = self._link_target(fd, name, parts[:i], exc)
+                        if target is None:
+                            raise from_oserror(exc, join(parts[: i + 1])) from None
+                        hops += 1
+                        if hops > MAX_LINK_HOPS:
+                            raise InvalidPath(f"{join(parts)}: too many levels of symbolic links") from None
+                        parts = target + parts[i + 1:]
+                        break
+                    os.close(fd)
+                    fd = nfd
+                else:
+                    last = parts[-1]
+                    if follow:
+                        try:
+                            st = os.stat(last, dir_fd=fd, follow_symlinks=False)
+                        except FileNotFoundError:
+                            st = None
+                        if st is not None and statmod.S_ISLNK(st.st_mode):
+                            target = self._read_link(fd, last, parts[:-1])
+                            hops += 1
+                            if hops > MAX_LINK_HOPS:
+                                raise InvalidPath(f"{join(parts)}: too many levels of symbolic links")
+                            os.close(fd)
+                            fd = -1
+                            parts = target
+                            continue
+                    result = Resolved(fd, last, parts)
+                    fd = -1
+                    return result
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+
+    def _link_target(self, fd: int, name: str, base: tuple[str, ...], exc: OSError) -> tuple[str, ...] | None:
+        """If ``name`` failed to open because it is a symlink, its confined target."""
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return None
+        if not statmod.S_ISLNK(st.st_mode):
+            return None
+        return self._read_link(fd, name, base)
+
+    def _read_link(self, fd: int, name: str, base: tuple[str, ...]) -> tuple[str, ...]:
+        """The target of a symlink as virtual components; refuse anything leaving the home."""
+        raw = os.readlink(name, dir_fd=fd)
+        parts = self.host_to_virtual(raw, base)
+        if parts is None:
+            raise NotFound(f"{join(base + (name,))}: symbolic link points outside the home")
+        return parts
+
+    def host_to_virtual(self, target: str, base: tuple[str, ...]) -> tuple[str, ...] | None:
+        """A link target as stored on disk → virtual components, or None if it leaves the home."""
+        if target.startswith("/"):
+            home = str(self.home)
+            if target != home and not target.startswith(home.rstrip("/") + "/"):
+                return None
+            pieces = target[len(home):].split("/")
+            out: list[str] = []
+        else:
+            pieces = target.split("/")
+            out = list(base)
+        for piece in pieces:
+            if piece in ("", "."):
+                continue
+            if piece == "..":
+                if not out:
+                    return None  # climbing above the home
+                out.pop()
+                continue
+            if "\x00" in piece or piece.startswith(STAGING_PREFIX):
+                return None
+            out.append(piece)
+        return tuple(out)
+
+    # --- operations (all relative to a Resolved) --------------------------
+
+    def stat(self, r: Resolved) -> os.stat_result:
+        if not r.name:
+            return os.fstat(r.dir_fd)
+        return os.stat(r.name, dir_fd=r.dir_fd, follow_symlinks=False)
+
+    def exists(self, r: Resolved) -> bool:
+        try:
+            self.stat(r)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def open_dir_fd(self, r: Resolved) -> int:
+        if not r.name:
+            return os.dup(r.dir_fd)
+        return os.open(r.name, _DIR_FLAGS, dir_fd=r.dir_fd)
+
+    def scandir(self, r: Resolved) -> list[Entry]:
+        fd = self.open_dir_fd(r)
+        try:
+            entries = []
+            with os.scandir(fd) as it:
+                for de in it:
+                    if de.name.startswith(STAGING_PREFIX):
+                        continue
+                    try:
+                        st = de.stat(follow_symlinks=False)
+                    except OSError:
+                        continue  # vanished while listing
+                    entries.append(Entry(de.name, st))
+            return entries
+        finally:
+            os.close(fd)
+
+    def open_file(self, r: Resolved, flags: int, mode: int = 0o644) -> int:
+        if not r.name:
+            raise from_oserror(IsADirectoryError(21, "is a directory"), "/")
+        return os.open(r.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=r.dir_fd)
+
+    def new_staging_name(self) -> str:
+        return STAGING_PREFIX + secrets.token_hex(8)
+
+    def mkdir(self, r: Resolved, mode: int = 0o755) -> None:
+        os.mkdir(r.name, mode, dir_fd=r.dir_fd)
+
+    def rmdir(self, r: Resolved) -> None:
+        os.rmdir(r.name, dir_fd=r.dir_fd)
+
+    def unlink(self, r: Resolved) -> None:
+        os.unlink(r.name, dir_fd=r.dir_fd)
+
+    def rename(self, src: Resolved, dst: Resolved) -> None:
+        os.rename(src.name, dst.name, src_dir_fd=src.dir_fd, dst_dir_fd=dst.dir_fd)
+
+    def chmod(self, r: Resolved, mode: int) -> None:
+        # no lchmod on Linux: open with O_PATH|O_NOFOLLOW would refuse links; we refuse them first
+        st = self.stat(r)
+        if statmod.S_ISLNK(st.st_mode):
+            raise InvalidPath("cannot change the mode of a symbolic link")
+        os.chmod(r.name or ".", mode & 0o7777 & ~0o7000, dir_fd=r.dir_fd, follow_symlinks=True)
+
+    def utime(self, r: Resolved, atime: float, mtime: float) -> None:
+        os.utime(r.name or ".", (atime, mtime), dir_fd=r.dir_fd, follow_symlinks=False)
+
+    def truncate(self, r: Resolved, size: int) -> None:
+        fd = self.open_file(r, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    def symlink(self, host_target: str, r: Resolved) -> None:
+        os.symlink(host_target, r.name, dir_fd=r.dir_fd)
+
+    def readlink(self, r: Resolved) -> str:
+        return os.readlink(r.name, dir_fd=r.dir_fd)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.fstatvfs(self._home_fd)
+
+
+def copy_fd(src: int, dst: int) -> None:
+    """Copy a whole file between fds in the kernel (reflink where the fs can)."""
+    offset = 0
+    while True:
+        try:
+            n = os.copy_file_range(src, dst, 1 << 30, offset, offset)
+        except OSError:
+            n = -1
+        if n == -1:  # fallback: not supported across these filesystems
+            while chunk := os.pread(src, 1 << 20, offset):
+                os.pwrite(dst, chunk, offset)
+                offset += len(chunk)
+            return
+        if n == 0:
+            return
+        offset += n
+
+
+__all__ = ["Entry", "Resolved", "Storage", "copy_fd", "FsError"]
