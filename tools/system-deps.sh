@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install the system tools the test suite drives as real clients, if missing.
+# Uses apt-get when run as root (CI, fresh machines); otherwise says what is missing.
+set -euo pipefail
+need=()
+command -v ssh >/dev/null && command -v sftp >/dev/null && command -v scp >/dev/null \
+  && command -v ssh-keygen >/dev/null || need+=(openssh-client)
+if ! command -v curl >/dev/null || ! curl -V 2>/dev/null | grep -q '\bsftp\b'; then need+=(curl); fi
+command -v python3 >/dev/null || need+=(python3 python3-venv)
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  echo "installing system packages: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+else
+  echo "missing system packages: ${need[*]} (install them, e.g. sudo apt-get install ${need[*]})" >&2
+  exit 1
+fi
