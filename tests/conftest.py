@@ -1,0 +1,287 @@
+"""Shared fixtures: a real scriptsftp daemon on 127.0.0.1 and real clients.
+
+Every test that needs a server gets its own daemon (its own config, state dir
+and homes under tmp_path) started as a subprocess exactly as a sysadmin would
+start it (`scriptsftp run -c FILE`), listening on a free port that the test
+reads from the daemon's "listening sftp on" log line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).with_name("scriptsftp")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+ALICE_PASSWORD = "alice-Secret-1"
+BOB_PASSWORD = "bob-Secret-2"
+
+
+def require_tool(name: str) -> str:
+    """Path of a client tool; skip without it on a laptop, fail in CI."""
+    path = shutil.which(name)
+    if path is None:
+        msg = f"{name} is not installed (make test installs it when run as root)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@dataclass
+class Keys:
+    private: Path
+    public_line: str
+
+
+def _keygen(directory: Path, name: str, kind: str = "ed25519") -> Keys:
+    require_tool("ssh-keygen")
+    path = directory / name
+    args = ["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(path)]
+    if kind == "rsa":
+        args += ["-b", "3072"]
+    subprocess.run(args, check=True)
+    return Keys(path, (directory / f"{name}.pub").read_text().strip())
+
+
+@pytest.fixture(scope="session")
+def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("keys")
+
+
+@pytest.fixture(scope="session")
+def alice_key(keydir: Path) -> Keys:
+    return _keygen(keydir, "alice")
+
+
+@pytest.fixture(scope="session")
+def bob_key(keydir: Path) -> Keys:
+    return _keygen(keydir, "bob")
+
+
+@pytest.fixture(scope="session")
+def stranger_key(keydir: Path) -> Keys:
+    return _keygen(keydir, "stranger")
+
+
+@pytest.fixture(scope="session")
+def host_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Host keys generated once per run (RSA-3072 generation costs ~1 s per daemon otherwise)."""
+    from scriptsftp.server.keys import ensure_host_keys
+
+    directory = tmp_path_factory.mktemp("hostkeys") / "host_keys"
+    ensure_host_keys(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def password_hashes() -> dict[str, str]:
+    from scriptsftp.server.login import hash_password
+
+    return {"alice": hash_password(ALICE_PASSWORD), "bob": hash_password(BOB_PASSWORD)}
+
+
+@dataclass
+class Daemon:
+    """A running `scriptsftp run` subprocess and what it printed."""
+
+    proc: subprocess.Popen
+    root: Path
+    config: Path
+    lines: list[str] = field(default_factory=list)
+    port: int = 0
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def home(self, user: str = "alice") -> Path:
+        return self.root / "homes" / user
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    def log_text(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_log(self, pattern: str, timeout: float = 10.0, start: int = 0) -> re.Match[str]:
+        """Block until a log line matches ``pattern`` (an event, not a sleep)."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[start:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.proc.poll() is not None and not self._reader_alive:
+                    raise AssertionError(f"no log line matching {pattern!r}; log:\n" + "\n".join(self.lines[-60:]))
+                self._cond.wait(min(remaining, 0.5))
+
+    _reader_alive: bool = True
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._reader_alive = False
+            self._cond.notify_all()
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class DaemonFactory:
+    """Writes a config under tmp_path and starts daemons on it."""
+
+    def __init__(self, tmp_path: Path, alice_key: Keys, bob_key: Keys, hashes: dict[str, str],
+                 host_keys: Path | None = None) -> None:
+        self.root = tmp_path / "srv"
+        self.root.mkdir(exist_ok=True)
+        if host_keys is not None:
+            shutil.copytree(host_keys, self.root / "state" / "host_keys", dirs_exist_ok=True)
+        self.alice_key, self.bob_key, self.hashes = alice_key, bob_key, hashes
+        self.daemons: list[Daemon] = []
+
+    def default_users(self) -> str:
+        return f"""
+[[users]]
+name = "alice"
+password_hash = {toml_str(self.hashes['alice'])}
+public_keys = [{toml_str(self.alice_key.public_line)}]
+home = "homes/alice"
+permissions = {{ "/" = ["*"] }}
+
+[[users]]
+name = "bob"
+password_hash = {toml_str(self.hashes['bob'])}
+public_keys = [{toml_str(self.bob_key.public_line)}]
+home = "homes/bob"
+permissions = {{ "/" = ["list", "download"], "/inbox" = ["*"] }}
+"""
+
+    def write_config(self, extra: str = "", *, users: str | None = None, server_extra: str = "",
+                     sftp_extra: str = "") -> Path:
+        text = f"""
+[server]
+state_dir = "state"
+allow_root = true
+log_level = "info"
+login_failure_delay = 0.05
+grace_period = 5.0
+{server_extra}
+
+[sftp]
+listen = "127.0.0.1:0"
+{sftp_extra}
+
+[scripts]
+dir = "scripts"
+{extra}
+{self.default_users() if users is None else users}
+"""
+        path = self.root / "scriptsftp.toml"
+        path.write_text(text)
+        (self.root / "scripts").mkdir(exist_ok=True)
+        return path
+
+    def start(self, extra: str = "", *, config: Path | None = None, wait: bool = True, **kw: str) -> Daemon:
+        path = config or self.write_config(extra, **kw)
+        proc = subprocess.Popen(
+            [str(BIN), "run", "-c", str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, cwd=self.root,
+        )
+        d = Daemon(proc, self.root, path)
+        threading.Thread(target=d._read, daemon=True).start()
+        self.daemons.append(d)
+        if wait:
+            m = d.wait_log(r"listening sftp on [\d.]+:(\d+)", timeout=30)
+            d.port = int(m.group(1))
+            d.wait_log(r"ready", timeout=30)
+        return d
+
+    def close(self) -> None:
+        for d in self.daemons:
+            d.stop()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path, alice_key: Keys, bob_key: Keys, password_hashes: dict[str, str], host_keys: Path):
+    factory = DaemonFactory(tmp_path, alice_key, bob_key, password_hashes, host_keys)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture
+def daemon(daemons: DaemonFactory) -> Daemon:
+    """A daemon with the default users (alice: everything; bob: read-only but /inbox)."""
+    return daemons.start()
+
+
+# --- clients -------------------------------------------------------------------
+
+SSH_OPTS = [
+    "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+    "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10",
+]
+
+
+def sftp_batch(daemon: Daemon, commands: str, key: Keys, user: str = "alice", *, cwd: Path | None = None,
+               check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run OpenSSH `sftp -b -` with ``commands``; returns the completed process."""
+    require_tool("sftp")
+    proc = subprocess.run(
+        ["sftp", "-b", "-", "-i", str(key.private), "-P", str(daemon.port), *SSH_OPTS, f"{user}@127.0.0.1"],
+        input=commands, text=True, capture_output=True, cwd=cwd, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sftp failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n--- server log:\n"
+                             + daemon.log_text()[-4000:])
+    return proc
+
+
+def paramiko_client(daemon: Daemon, user: str = "alice", *, key: Keys | None = None, password: str | None = None):
+    """A connected paramiko SFTPClient (caller closes .get_channel().get_transport())."""
+    import paramiko
+
+    transport = paramiko.Transport(("127.0.0.1", daemon.port))
+    transport.start_client(timeout=10)
+    if key is not None:
+        transport.auth_publickey(user, paramiko.PKey.from_path(str(key.private)))
+    else:
+        transport.auth_password(user, password or "")
+    return paramiko.SFTPClient.from_transport(transport)
