@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import importlib.resources
-import shutil
 import sys
 from pathlib import Path
 
@@ -48,6 +47,11 @@ def run(config_path: str | None, allow_root: bool) -> None:
         sys.exit(2)
     try:
         daemon = Daemon(cfg)
+        daemon.start()
+    except ConfigError as exc:  # e.g. a bound script that does not compile
+        for line in exc.problems:
+            click.echo(line, err=True)
+        sys.exit(2)
     except OSError as exc:  # e.g. address in use, unreadable host key
         click.echo(f"scriptsftp: cannot start: {exc}", err=True)
         sys.exit(1)
@@ -131,4 +135,72 @@ def events(markdown: bool) -> None:
             click.echo("    " + ", ".join(f"{f}: {t}" for f, t in fields))
 
 
-__all__ = ["main", "shutil"]
+@main.group()
+def script() -> None:
+    """Work with scripts without a running server."""
+
+
+@script.command("test")
+@click.argument("script_path", metavar="SCRIPT", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--event", "event_name", required=True, help="event name, e.g. pre-upload (see `scriptsftp events`)")
+@click.option("--user", default="alice", show_default=True)
+@click.option("--path", "vpath", default=None, help="virtual path the event is about")
+@click.option("--target", default=None, help="rename target")
+@click.option("--size", type=int, default=None, help="size in bytes (default: size of --file)")
+@click.option("--file", "local_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="a local file to stand for the uploaded/downloaded file (api.file)")
+@click.option("--protocol", default="sftp", show_default=True, type=click.Choice(["sftp", "scp", "ftp", "http"]))
+@click.option("--remote-ip", default="127.0.0.1", show_default=True)
+@click.option("--function", default=None, help="handler name (default: on_<event>)")
+@click.option("--allow", "caps", default="read,store", show_default=True,
+              help="capabilities granted, comma-separated (read fs store notify run)")
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+@click.option("--cpu-time", type=float, default=2.0, show_default=True)
+def script_test(script_path: Path, event_name: str, user: str, vpath: str | None, target: str | None,
+                size: int | None, local_file: Path | None, protocol: str, remote_ip: str, function: str | None,
+                caps: str, timeout: float, cpu_time: float) -> None:
+    """Run SCRIPT in the sandbox against a synthetic event; print decision and log lines.
+
+    Exit status: 0 allowed, 1 vetoed, 3 the script failed, 2 bad arguments."""
+    from scriptsftp.scripting.testing import build_event, run_script
+
+    if size is None and local_file is not None:
+        size = local_file.stat().st_size
+    fields = {"user": user, "protocol": protocol, "remote_ip": remote_ip, "path": vpath, "target": target,
+              "size": size}
+    from .events import EVENT_TYPES
+    import dataclasses as _dc
+
+    cls = EVENT_TYPES.get(event_name)
+    if cls is None:
+        click.echo(f"scriptsftp: unknown event {event_name!r} (see `scriptsftp events`)", err=True)
+        sys.exit(2)
+    known = {f.name for f in _dc.fields(cls)}
+    dropped = [k for k, v in fields.items() if v is not None and k not in known and k not in ("user",)]
+    for k in dropped:
+        click.echo(f"note: event {event_name} has no field {k!r}; ignored", err=True)
+    event = build_event(event_name, **{k: v for k, v in fields.items() if k in known})
+    capabilities = frozenset(c.strip() for c in caps.split(",") if c.strip())
+    run = run_script(script_path, event, function=function, capabilities=capabilities, file=local_file,
+                     timeout=timeout, cpu_time=cpu_time)
+    click.echo(f"event:    {event_name} " + " ".join(f"{k}={v!r}" for k, v in run.event.items()
+                                                   if k not in ("name", "time") and v not in (None, "")))
+    r = run.result
+    for line in r.logs:
+        extra = " ".join(f"{k}={v}" for k, v in (line.fields or {}).items())
+        click.echo(f"log:      {line.message}" + (f" {extra}" if extra else ""))
+    if run.store:
+        for k, v in sorted(run.store.items()):
+            click.echo(f"store:    {k} = {v!r}")
+    if r.verdict == "allow":
+        click.echo(f"decision: allow ({r.duration * 1000:.1f} ms)")
+        sys.exit(0)
+    if r.verdict == "veto":
+        click.echo(f"decision: veto: {r.reason}")
+        sys.exit(1)
+    where = f"{script_path.name}:{r.error_line}: " if r.error_line else ""
+    click.echo(f"decision: error ({r.error_kind}): {where}{r.reason}")
+    sys.exit(3)
+
+
+__all__ = ["main"]

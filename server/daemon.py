@@ -117,10 +117,10 @@ class Daemon:
         log.info("scriptsftp %s ready", __version__)
 
     def serve_forever(self) -> None:
+        """Block until SIGTERM/SIGINT (call :meth:`start` first); SIGHUP reloads."""
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
-        self.start()
         while not self.stopping.is_set():
             if self._reload_requested.wait(0.5):
                 self._reload_requested.clear()

@@ -1,0 +1,294 @@
+"""The scripting engine: the :class:`~scriptsftp.server.dispatch.Dispatcher` the server calls.
+
+For each event it finds the matching bindings (in order), runs each handler in
+a sandboxed worker and turns the results into one decision: the first veto
+wins; a script that fails applies its binding's ``on_error``. Post-event
+handlers run inline (``mode = "sync"``) or from a bounded queue (``async``)
+that never delays the client; what does not fit the queue is logged.
+
+Scripts are compiled only in workers. A changed script replaces the running
+version only once it compiled and defines the bound functions; an event already
+being dispatched finishes on the registry it started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from scriptsftp.server import events as ev
+from scriptsftp.server.config import ConfigError, LoadedConfig
+from scriptsftp.server.dispatch import ALLOW, Decision, FileOpener
+
+from .registry import ActiveBinding, LoadedScript, Registry, read_script, referenced_scripts
+from .workers import CallRequest, CallResult, ScriptSource, WorkerPool
+
+log = logging.getLogger("scriptsftp.scripting")
+script_log = logging.getLogger("scriptsftp.script")
+
+ERROR_DENIAL = "server-side check failed"
+
+
+class ScriptEngine:
+    def __init__(self, cfg: LoadedConfig, state_dir: Path, *, pool: WorkerPool | None = None) -> None:
+        sc = cfg.model.scripts
+        self.cfg = cfg
+        self.scripts_dir = cfg.resolve(sc.dir)
+        self.pool = pool or WorkerPool(sc.workers, memory_mb=sc.memory_mb, state_dir=state_dir)
+        self._registry = Registry.from_config(cfg, {})
+        self._swap = threading.Lock()
+        self._queue: queue.Queue[tuple[ActiveBinding, LoadedScript, dict[str, Any], int | None] | None] = \
+            queue.Queue(sc.async_queue)
+        self._async_threads: list[threading.Thread] = []
+        self.watcher: Any = None
+        self.last_errors: dict[str, str] = {}
+        self.dropped = 0
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start workers and load every bound script; raise ConfigError listing every problem."""
+        self.pool.start()
+        scripts, problems = self._load(self.cfg, {})
+        if problems:
+            self.pool.close()
+            raise ConfigError(problems)
+        self._registry = Registry.from_config(self.cfg, scripts)
+        for i in range(max(1, self.cfg.model.scripts.workers)):
+            t = threading.Thread(target=self._async_loop, name=f"script-async-{i}", daemon=True)
+            t.start()
+            self._async_threads.append(t)
+        if self.cfg.model.scripts.reload:
+            from .reload import ScriptWatcher
+
+            self.watcher = ScriptWatcher(self.scripts_dir, self.script_changed, self._watched_names)
+            self.watcher.start()
+        log.info("scripting: %d scripts loaded, %d workers", len(scripts), self.cfg.model.scripts.workers)
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        for _ in self._async_threads:
+            try:
+                self._queue.put(None, timeout=1)
+            except queue.Full:
+                break
+        for t in self._async_threads:
+            t.join(timeout=5)
+        self.pool.close()
+
+    def _watched_names(self) -> set[str]:
+        return self._registry.script_names()
+
+    # --- loading ---------------------------------------------------------------
+
+    def _load(self, cfg: LoadedConfig, known: dict[str, LoadedScript]) -> tuple[dict[str, LoadedScript], list[str]]:
+        """Compile every script the bindings name (reusing unchanged ones); check bound functions exist."""
+        scripts_dir = cfg.resolve(cfg.model.scripts.dir)
+        scripts: dict[str, LoadedScript] = {}
+        problems: list[str] = []
+        for name in referenced_scripts(cfg.model.bindings):
+            path = scripts_dir / name
+            try:
+                source = read_script(path, name)
+            except FileNotFoundError:
+                problems.append(f"{path}:1: script not found (bound in {cfg.path.name})")
+                continue
+            except (OSError, ValueError) as exc:
+                problems.append(f"{path}:1: {exc}")
+                continue
+            old = known.get(name)
+            if old is not None and old.source.digest == source.digest:
+                scripts[name] = old
+                continue
+            loaded, errors = self._compile(source, scripts_dir)
+            if loaded is None:
+                problems.extend(errors)
+            else:
+                scripts[name] = loaded
+        for i, b in enumerate(cfg.model.bindings):
+            s = scripts.get(b.script)
+            if s is not None and b.handler not in s.functions:
+                problems.append(
+                    f"{cfg.where(('bindings', i, 'function' if b.function else 'script'))}: "
+                    f"{b.script} defines no function {b.handler}() for event {b.event!r}"
+                )
+        return scripts, problems
+
+    def _compile(self, source: ScriptSource, scripts_dir: Path) -> tuple[LoadedScript | None, list[str]]:
+        result = self.pool.compile(source)
+        if not result.ok:
+            return None, [f"{scripts_dir}/{e}" for e in result.errors]
+        return LoadedScript(source, frozenset(result.functions)), []
+
+    # --- hot reload ----------------------------------------------------------------
+
+    def script_changed(self, name: str) -> None:
+        """Called (debounced) by the watcher when a script file changed, appeared or vanished."""
+        if name not in self._registry.script_names():
+            return
+        path = self.scripts_dir / name
+        with self._swap:
+            reg = self._registry
+            try:
+                source = read_script(path, name)
+            except FileNotFoundError:
+                if name in reg.scripts:
+                    self._registry = reg.with_script(name, None)
+                    self.last_errors[name] = "script file deleted: its bindings are disabled"
+                    log.error("%s: script deleted; its bindings are disabled until it is back", path)
+                return
+            except (OSError, ValueError) as exc:
+                self.last_errors[name] = str(exc)
+                log.error("%s: not reloaded: %s (the previous version stays active)", path, exc)
+                return
+            current = reg.scripts.get(name)
+            if current is not None and current.source.digest == source.digest:
+                return
+            loaded, errors = self._compile(source, self.scripts_dir)
+            if loaded is not None:
+                for b in (b for bs in reg.by_event.values() for b in bs if b.script == name):
+                    if b.spec.handler not in loaded.functions:
+                        errors.append(f"{path}:1: defines no function {b.spec.handler}() (bound to {b.spec.event})")
+                        loaded = None
+                        break
+            if loaded is None:
+                self.last_errors[name] = "; ".join(errors)
+                for e in errors:
+                    log.error("not reloaded: %s (the previous version stays active)", e)
+                return
+            self._registry = reg.with_script(name, loaded)
+            self.last_errors.pop(name, None)
+            log.info("reloaded script %s (sha256 %s)", name, loaded.source.digest[:12])
+
+    def reload(self, cfg: LoadedConfig) -> bool:
+        """New bindings from a reloaded config, swapped only if every bound script is usable."""
+        with self._swap:
+            scripts, problems = self._load(cfg, self._registry.scripts)
+            if problems:
+                for p in problems:
+                    log.error("bindings not reloaded: %s", p)
+                return False
+            self._registry = Registry.from_config(cfg, scripts)
+            self.cfg = cfg
+        return True
+
+    # --- dispatch ---------------------------------------------------------------------
+
+    def wants(self, event_name: str) -> bool:
+        return self._registry.wants(event_name)
+
+    def pre(self, event: ev.Event, file: FileOpener | None = None) -> Decision:
+        reg = self._registry  # one registry for the whole chain, even if a reload swaps it meanwhile
+        data = event.to_dict()
+        for binding in reg.matching(data):
+            script = reg.scripts.get(binding.script)
+            if script is None:
+                continue  # deleted: binding disabled (logged when it happened)
+            result = self._call(binding, script, data, file)
+            if result.verdict == "veto":
+                return Decision(False, result.reason or f"denied by {binding.script}")
+            if result.verdict != "allow" and binding.spec.error_policy == "deny":
+                return Decision(False, ERROR_DENIAL)
+        return ALLOW
+
+    def post(self, event: ev.Event, file: FileOpener | None = None) -> None:
+        reg = self._registry
+        data = event.to_dict()
+        for binding in reg.matching(data):
+            script = reg.scripts.get(binding.script)
+            if script is None:
+                continue
+            if binding.spec.mode == "sync":
+                self._call(binding, script, data, file)
+                continue
+            # Async: pin the file as it is now, so the script sees what was published even if
+            # it is moved or replaced before the handler runs.
+            fd = None
+            if file is not None and "read" in binding.spec.allow:
+                try:
+                    fd = file()
+                except Exception as exc:
+                    log.warning("%s: cannot open %s for an async handler: %s", binding.script, data.get("path"), exc)
+            try:
+                self._queue.put_nowait((binding, script, data, fd))
+            except queue.Full:
+                if fd is not None:
+                    os.close(fd)
+                self.dropped += 1
+                log.error("async queue full (%d): %s for %s not run on %s", self._queue.maxsize,
+                          binding.script, data["name"], data.get("path", ""),
+                          extra=_ctx(data))
+
+    def _async_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            binding, script, data, fd = item
+            try:
+                opener = (lambda fd=fd: os.dup(fd)) if fd is not None else None
+                self._call(binding, script, data, opener)
+            except Exception:
+                log.exception("async handler %s failed", binding.script)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+    def _call(self, binding: ActiveBinding, script: LoadedScript, data: dict[str, Any],
+              file: FileOpener | None) -> CallResult:
+        spec = binding.spec
+        sc = self.cfg.model.scripts
+        req = CallRequest(
+            script=script.source,
+            function=spec.handler,
+            event=data,
+            capabilities=frozenset(spec.allow),
+            timeout=spec.timeout or sc.timeout,
+            cpu_time=spec.cpu_time or sc.cpu_time,
+            file=file if "read" in spec.allow else None,
+        )
+        result = self.pool.call(req)
+        ctx = _ctx(data)
+        for line in result.logs:
+            fields = " ".join(f"{k}={v}" for k, v in (line.fields or {}).items())
+            script_log.info("%s: %s%s", script.source.name, line.message, f" {fields}" if fields else "",
+                            extra=ctx)
+        if result.verdict == "veto":
+            log.info("%s vetoed %s %s: %s", script.source.name, data["name"], data.get("path", ""), result.reason,
+                     extra=ctx)
+        elif result.verdict != "allow":
+            where = f"{script.source.name}:{result.error_line}" if result.error_line else script.source.name
+            log.error("%s: %s (%s, on_error=%s)", where, result.reason, result.error_kind, spec.error_policy,
+                      extra=ctx)
+            self.last_errors[script.source.name] = f"{where}: {result.reason}"
+            if data["name"] != "script-error" and self.wants("script-error"):
+                self.post(ev.ScriptError(
+                    session_id=data.get("session_id", ""), protocol=data.get("protocol", ""),
+                    remote_ip=data.get("remote_ip", ""), user=data.get("user", ""),
+                    script=script.source.name, event=data["name"], error=result.reason, line=result.error_line,
+                ))
+        return result
+
+
+def _ctx(data: dict[str, Any]) -> dict[str, Any]:
+    return {"sid": data.get("session_id", ""), "user": data.get("user", ""), "proto": data.get("protocol", ""),
+            "ip": data.get("remote_ip", "")}
+
+
+def check_scripts(cfg: LoadedConfig) -> list[str]:
+    """For `scriptsftp check`: compile every bound script in a throwaway worker; list every problem."""
+    with tempfile.TemporaryDirectory(prefix="scriptsftp-check-") as tmp:
+        pool = WorkerPool(1, memory_mb=cfg.model.scripts.memory_mb, state_dir=Path(tmp))
+        pool.start()
+        try:
+            engine = ScriptEngine(cfg, Path(tmp), pool=pool)
+            _, problems = engine._load(cfg, {})
+        finally:
+            pool.close()
+    return problems
