@@ -154,6 +154,70 @@ def tail(text: str, n: int = 3) -> str:
     return " | ".join(lines[-n:]) if lines else "(no output)"
 
 
+# --------------------------------------------------------------------------- CPU accounting
+
+
+class CpuGroup:
+    """CPU time of a server and everything it forks, via a temporary cgroup.
+
+    /proc utime+cutime is not enough for OpenSSH: the per-connection monitor does
+    not wait for its post-auth child, so that child's CPU (crypto, sftp-server's
+    parent) never reaches the listener's cutime. A cgroup counts every process
+    started inside it. Tries cgroup v2 (cpu.stat usage_usec), then v1 cpuacct;
+    if neither is writable (not root, read-only /sys/fs/cgroup), `path` stays
+    None and callers fall back to /proc (and say so).
+    """
+
+    CANDIDATES = (("/sys/fs/cgroup/unified", "v2"), ("/sys/fs/cgroup", "v2"),
+                  ("/sys/fs/cgroup/cpuacct", "v1"), ("/sys/fs/cgroup/cpu,cpuacct", "v1"))
+
+    def __init__(self, name: str):
+        self.path: Path | None = None
+        self.kind = ""
+        for root, kind in self.CANDIDATES:
+            r = Path(root)
+            probe = r / ("cgroup.controllers" if kind == "v2" else "cpuacct.usage")
+            if not probe.exists():
+                continue
+            p = r / f"scriptsftp-bench-{os.getpid()}-{name}"
+            try:
+                p.mkdir()
+            except OSError:
+                continue
+            if (p / ("cpu.stat" if kind == "v2" else "cpuacct.usage")).exists():
+                self.path, self.kind = p, kind
+                break
+            p.rmdir()
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """argv that joins the cgroup, then execs argv (so nothing escapes it)."""
+        if self.path is None:
+            return argv
+        procs = self.path / "cgroup.procs"
+        return ["/bin/sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *argv]
+
+    def seconds(self) -> float:
+        if self.kind == "v2":
+            for line in (self.path / "cpu.stat").read_text().splitlines():
+                if line.startswith("usage_usec"):
+                    return int(line.split()[1]) / 1e6
+        return int((self.path / "cpuacct.usage").read_text()) / 1e9
+
+    def remove(self) -> None:
+        if self.path is None:
+            return
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                self.path.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        self.path = None
+
+
 # --------------------------------------------------------------------------- keys
 
 
@@ -221,6 +285,7 @@ class Sshd:
     workdir: Path                # private temp dir (config, host key, authorized_keys, log)
     client_pubkey: str           # the one key allowed to log in
     sftp_server: str = SFTP_SERVER
+    wrap: object = None          # argv -> argv (e.g. CpuGroup.wrap)
     port: int = 0
     proc: subprocess.Popen | None = None
     log: Path = field(init=False)
@@ -275,8 +340,9 @@ class Sshd:
             raise RuntimeError(f"sshd -t failed: {chk.stderr.strip()}")
         logf = open(self.log, "wb")
         try:
+            argv = [SSHD, "-D", "-e", "-f", str(cfg)]
             self.proc = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(cfg)],
+                self.wrap(argv) if self.wrap else argv,
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )

@@ -202,6 +202,7 @@ class Target:
     remote_prefix: str = "/"                # the same directory as the client names it
     proc: subprocess.Popen | None = None
     stop: object = None
+    cpu: object = None                      # openssh.CpuGroup
     error: str = ""                         # set when not available
     info: dict = field(default_factory=dict)
 
@@ -230,11 +231,13 @@ def start_openssh(base: Path, pubkey: str, subsystem: str) -> Target:
         t.user = user.name
     else:                                 # sshd as ourselves: only we can log in
         t.user = pwd.getpwuid(os.geteuid()).pw_name
-    sshd = openssh.Sshd(base / "openssh" / "etc", pubkey,
+    t.cpu = openssh.CpuGroup("openssh")
+    sshd = openssh.Sshd(base / "openssh" / "etc", pubkey, wrap=t.cpu.wrap,
                         sftp_server=openssh.SFTP_SERVER if subsystem == "sftp-server" else "internal-sftp")
 
     def stop():
         sshd.stop()
+        t.cpu.remove()
         if user:
             user.remove()
     t.stop = stop
@@ -260,12 +263,21 @@ def start_daemon(name: str, argv: list[str], base: Path, pubkey: str, timeout: f
     cfg = root / "config.toml"
     cfg.write_text(scriptsftp_config(root / "state", t.data_dir, root / "scripts", pubkey, t.user))
     log = root / "daemon.log"
-    with open(log, "wb") as logf:
-        t.proc = subprocess.Popen([*argv, "-c", str(cfg)], stdin=subprocess.DEVNULL,
-                                  stdout=logf, stderr=subprocess.STDOUT, cwd=root,
-                                  start_new_session=True)
-    proc = t.proc
-    t.stop = lambda: openssh.kill_tree(proc)
+    t.cpu = openssh.CpuGroup(name)
+    try:
+        with open(log, "wb") as logf:
+            t.proc = subprocess.Popen(t.cpu.wrap([*argv, "-c", str(cfg)]), stdin=subprocess.DEVNULL,
+                                      stdout=logf, stderr=subprocess.STDOUT, cwd=root,
+                                      start_new_session=True)
+    except BaseException:
+        t.cpu.remove()
+        raise
+    proc, cpu = t.proc, t.cpu
+
+    def stop():
+        openssh.kill_tree(proc)
+        cpu.remove()
+    t.stop = stop
     try:
         m = openssh.wait_for_line(t.proc, log, READY_RX, timeout)
     except BaseException:
@@ -533,9 +545,9 @@ def latency_paramiko(t: Target, cl: Clients, n: int) -> list[float]:
 def memory_sessions(t: Target, cl: Clients, n: int, settle: float) -> dict:
     time.sleep(settle)   # let sessions of earlier tests wind down (sshd children exit)
     res = {"idle": memory(t.pid)}
-    cpu0, w0 = tree_cpu(t.pid), time.perf_counter()
+    cpu0, w0 = server_cpu(t), time.perf_counter()
     time.sleep(settle)
-    res["idle_cpu_pct"] = 100 * (tree_cpu(t.pid) - cpu0) / (time.perf_counter() - w0)
+    res["idle_cpu_pct"] = 100 * (server_cpu(t) - cpu0) / (time.perf_counter() - w0)
     sessions = []
     t0 = time.perf_counter()
     try:
@@ -545,9 +557,9 @@ def memory_sessions(t: Target, cl: Clients, n: int, settle: float) -> dict:
             sftp.listdir(t.remote("small"))
         res["open_s"] = time.perf_counter() - t0
         time.sleep(settle)
-        cpu0, w0 = tree_cpu(t.pid), time.perf_counter()
+        cpu0, w0 = server_cpu(t), time.perf_counter()
         time.sleep(settle)
-        res["busy_idle_cpu_pct"] = 100 * (tree_cpu(t.pid) - cpu0) / (time.perf_counter() - w0)
+        res["busy_idle_cpu_pct"] = 100 * (server_cpu(t) - cpu0) / (time.perf_counter() - w0)
         res["with_sessions"] = memory(t.pid)
     finally:
         for tr, sftp in sessions:
@@ -585,12 +597,19 @@ def mbps(nbytes: int, secs: float) -> float:
     return nbytes / secs / 1e6
 
 
+def server_cpu(t: Target) -> float:
+    """CPU seconds used so far by the server and all it forked (cgroup; else /proc, see CpuGroup)."""
+    if t.cpu is not None and t.cpu.path is not None:
+        return t.cpu.seconds()
+    return tree_cpu(t.pid)
+
+
 def measure_cpu(t: Target, fn):
-    """Run fn(); return (its result, server CPU seconds). Waits briefly so sshd reaps children."""
-    c0 = tree_cpu(t.pid)
+    """Run fn(); return (its result, server CPU seconds). Waits briefly for server-side teardown."""
+    c0 = server_cpu(t)
     r = fn()
     time.sleep(0.15)
-    return r, tree_cpu(t.pid) - c0
+    return r, server_cpu(t) - c0
 
 
 TRANSFER_TESTS = [
@@ -677,6 +696,7 @@ def main(argv=None) -> int:
 
 def _run(args, wanted, tests, base: Path, tmp_root: str, started: list[Target]) -> int:
     date = dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+    args.load_start = load()
     args.data_on = f"tmpfs ({tmp_root})" if tmp_root == "/dev/shm" else tmp_root
     print(f"[bench] data under {base} ({args.data_on})")
     key = base / "client_ed25519"
@@ -709,6 +729,7 @@ def _run(args, wanted, tests, base: Path, tmp_root: str, started: list[Target]) 
                                  args.start_timeout)
                 t.info["server"] = f"scriptsftp @ {git_rev()}"
             started.append(t)
+            t.info["cpu_acct"] = f"cgroup {t.cpu.kind}" if t.cpu and t.cpu.path else "/proc (approx.)"
             t.info["fresh"] = memory(t.pid)
             prepare_target(t, fx)
             t.info["negotiated"] = negotiated(t, cl, base)
@@ -796,6 +817,10 @@ def _run(args, wanted, tests, base: Path, tmp_root: str, started: list[Target]) 
 # --------------------------------------------------------------------------- reporting
 
 
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def git_rev() -> str:
     r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return r.stdout.strip() or "?"
@@ -870,9 +895,11 @@ def print_table(args, targets, unavailable, results) -> None:
     print()
     print(f"SFTP benchmark: median of {args.runs} runs (transfers), {args.latency_n} sessions (latency); "
           "MB = 10^6 B; 127.0.0.1; data on " + args.data_on)
+    print(f"  load average at start {args.load_start}, at end {load()} (other work on the machine skews figures)")
     for n in names:
         t = targets[n]
-        print(f"  {t.label}: {t.info.get('server', '')}; {cipher_summary(t.info.get('negotiated', {}))}")
+        print(f"  {t.label}: {t.info.get('server', '')}; CPU via {t.info.get('cpu_acct')}")
+        print(f"    negotiated: {cipher_summary(t.info.get('negotiated', {}))}")
     for n, why in unavailable.items():
         print(f"  {LABEL[n]}: not available ({why})")
     if not rows:
@@ -907,14 +934,16 @@ def write_json(args, date, base, targets, unavailable, results) -> None:
     path = OUT_DIR / f"sftp-{stamp}.jsonl"
     host = {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
             "cpu": _cpu_model(), "paramiko": paramiko.__version__, "openssh": openssh.openssh_version(),
-            "curl": _curl_version(), "tmp": str(base.parent)}
+            "curl": _curl_version(), "tmp": str(base.parent),
+            "load_start": args.load_start, "load_end": load()}
     common = {"date": date, "bench": "sftp", "git": git_rev(), "runs": args.runs, "size_mb": args.size_mb,
               "par_n": args.par_n, "par_mb": args.par_mb, "host": host}
     with open(path, "w") as f:
         for (n, test), r in results.items():
             t = targets[n]
             client = "curl" if "curl" in test else "paramiko" if "paramiko" in test or test.startswith(("mem", "idle")) else "sftp"
-            rec = {**common, "server": n, "server_desc": t.info.get("server"), "test": test, "unit": r.unit,
+            rec = {**common, "server": n, "server_desc": t.info.get("server"),
+                   "cpu_acct": t.info.get("cpu_acct"), "test": test, "unit": r.unit,
                    "value": r.value, "samples": r.samples, "client": client,
                    "negotiated": t.info.get("negotiated", {}).get(client)}
             if r.cpu:
