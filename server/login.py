@@ -268,7 +268,10 @@ class LoginCore:
         if rec.disabled:
             return "account disabled"
         acct = rec.account
-        if conn.protocol not in acct.protocols:
+        # One SSH listener serves SFTP and SCP: a login there needs either one; which
+        # channel the user may then open is checked in open_session.
+        served = {"sftp", "scp"} if conn.protocol in ("sftp", "scp") else {conn.protocol}
+        if not served & acct.protocols:
             return f"protocol {conn.protocol} not allowed for this user"
         if acct.allowed_ips:
             try:
