@@ -285,3 +285,78 @@ def paramiko_client(daemon: Daemon, user: str = "alice", *, key: Keys | None = N
     else:
         transport.auth_password(user, password or "")
     return paramiko.SFTPClient.from_transport(transport)
+
+
+# --- shared helpers for the core end-to-end suites -------------------------------
+
+
+@pytest.fixture(scope="module")
+def module_daemons(tmp_path_factory: pytest.TempPathFactory, alice_key: Keys, bob_key: Keys,
+                   password_hashes: dict[str, str], host_keys: Path):
+    """A DaemonFactory shared by one test module (for daemons that read-only tests can share)."""
+    factory = DaemonFactory(tmp_path_factory.mktemp("mod"), alice_key, bob_key, password_hashes, host_keys)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="session")
+def rsa_key(keydir: Path) -> Keys:
+    return _keygen(keydir, "rsa3072", "rsa")
+
+
+@pytest.fixture(scope="session")
+def ecdsa_key(keydir: Path) -> Keys:
+    return _keygen(keydir, "ecdsa", "ecdsa")
+
+
+def user_toml(name: str, *, home: str | None = None, keys: list[Keys] = (), password_hash: str = "",
+              permissions: str = '{ "/" = ["*"] }', **extra: str) -> str:
+    """One [[users]] entry; ``extra`` values are TOML literals (``protocols='["sftp"]'``)."""
+    lines = ["[[users]]", f"name = {toml_str(name)}", f"home = {toml_str(home or 'homes/' + name)}",
+             f"permissions = {permissions}"]
+    if keys:
+        lines.append("public_keys = [" + ", ".join(toml_str(k.public_line) for k in keys) + "]")
+    if password_hash:
+        lines.append(f"password_hash = {toml_str(password_hash)}")
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def askpass_env(tmp_path: Path, password: str) -> dict[str, str]:
+    """Environment making OpenSSH read ``password`` from an SSH_ASKPASS script (no tty needed)."""
+    secret = tmp_path / "askpass.secret"
+    secret.write_text(password)
+    script = tmp_path / "askpass.sh"
+    script.write_text(f"#!/bin/sh\ncat {secret}\n")
+    script.chmod(0o700)
+    env = dict(os.environ)
+    env.update(SSH_ASKPASS=str(script), SSH_ASKPASS_REQUIRE="force", DISPLAY=env.get("DISPLAY", ":0"))
+    return env
+
+
+PASSWORD_OPTS = [
+    "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+    "-o", "BatchMode=no", "-o", "PreferredAuthentications=password", "-o", "PubkeyAuthentication=no",
+    "-o", "NumberOfPasswordPrompts=1", "-o", "ConnectTimeout=10",
+]
+
+
+def sftp_batch_password(daemon: Daemon, commands: str, password: str, tmp_path: Path, user: str = "alice",
+                        *, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """OpenSSH `sftp -b -` logging in with a password given through SSH_ASKPASS."""
+    require_tool("sftp")
+    return subprocess.run(
+        # the -o options go before -b: `sftp -b` adds BatchMode=yes and ssh keeps the first value given
+        ["sftp", *PASSWORD_OPTS, "-b", "-", "-P", str(daemon.port), f"{user}@127.0.0.1"],
+        input=commands, text=True, capture_output=True, timeout=timeout, env=askpass_env(tmp_path, password),
+        start_new_session=True,  # no controlling tty: askpass is the only way to ask
+    )
+
+
+def close_client(client) -> None:
+    """Close a paramiko SFTPClient and its transport."""
+    transport = client.get_channel().get_transport()
+    try:
+        client.close()
+    finally:
+        transport.close()
