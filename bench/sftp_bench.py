@@ -77,13 +77,19 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def scriptsftp_config(state_dir: Path, home: Path, scripts_dir: Path, pubkey: str,
                       user: str = "bench") -> str:
-    """The TOML the bench gives `scriptsftp run` (and bare_paramiko_server.py). One place to fix."""
+    """The TOML the bench gives `scriptsftp run` (and bare_paramiko_server.py). One place to fix.
+
+    log_level is "info" because the readiness line `listening sftp on ...` is an
+    info record (daemon.py); at "warning" it would never appear. scriptsftp
+    refuses to run as root unless allow_root = true.
+    """
     q = json.dumps  # JSON strings are valid TOML basic strings
+    allow_root = "allow_root = true\n" if os.geteuid() == 0 else ""
     return f"""\
 [server]
 state_dir = {q(str(state_dir))}
-log_level = "warning"
-
+log_level = "info"
+{allow_root}
 [sftp]
 listen = "127.0.0.1:0"
 
