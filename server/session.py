@@ -149,8 +149,9 @@ class Session:
         return join(split(vpath))
 
     def stat(self, vpath: str, follow: bool = True) -> Entry:
-        parts = self._parts(vpath)
+        parts = split(vpath)
         path = join(parts)
+        self.account.access.check_filters(parts, path, metadata=True)
         if parts:
             self._require("list", parts, path)
         try:

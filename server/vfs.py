@@ -119,15 +119,19 @@ class Access:
         """True when a hide filter makes this entry invisible."""
         return any(f.hide and f.applies(parent) and f.rejects(name) for f in self._filters)
 
-    def check_filters(self, parts: tuple[str, ...], vpath: str) -> None:
-        """Refuse an entry excluded by filters: hidden ones look absent, denied ones are refused."""
+    def check_filters(self, parts: tuple[str, ...], vpath: str, *, metadata: bool = False) -> None:
+        """Refuse an entry excluded by filters: hidden ones look absent, denied ones are refused.
+
+        ``metadata``: only the entry's attributes are wanted (STAT). A denied entry
+        is listed with them anyway, so they are not refused; clients that stat
+        before acting (OpenSSH ``get``) then report "permission denied", not "not found"."""
         for i in range(len(parts)):
             parent, name = parts[:i], parts[i]
             for f in self._filters:
                 if f.applies(parent) and f.rejects(name):
                     if f.hide:
                         raise NotFound(f"{vpath}: no such file or directory")
-                    if i == len(parts) - 1:
+                    if i == len(parts) - 1 and not metadata:
                         raise PermissionDenied(f"{vpath}: name not allowed by the server's filters")
 
 
