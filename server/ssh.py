@@ -37,6 +37,7 @@ from paramiko.common import (
 )
 from paramiko.message import Message
 
+from . import paramiko_speed
 from .dispatch import Decision
 from .errors import FsError
 from .login import Connection, LoginCore
@@ -47,6 +48,7 @@ log = logging.getLogger("scriptsftp.ssh")
 # paramiko compares MACs with a pure-Python loop on every packet; the stdlib's
 # constant-time compare does the same job in C.
 paramiko.util.constant_time_bytes_eq = hmac.compare_digest
+paramiko_speed.install()
 
 DISCONNECT_BY_APPLICATION = 11
 

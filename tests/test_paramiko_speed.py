@@ -1,0 +1,45 @@
+"""The copy-avoiding channel buffer behaves exactly like paramiko's own BufferedPipe."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paramiko.buffered_pipe import BufferedPipe
+
+from scriptsftp.server.paramiko_speed import ChunkPipe
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("feed"), st.binary(min_size=0, max_size=300)),
+        st.tuples(st.just("read"), st.integers(min_value=1, max_value=700)),
+        st.tuples(st.just("empty"), st.none()),
+        st.tuples(st.just("len"), st.none()),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops)
+def test_chunk_pipe_matches_buffered_pipe(sequence):
+    original, ours = BufferedPipe(), ChunkPipe()
+    for op, arg in sequence:
+        if op == "feed":
+            original.feed(arg)
+            ours.feed(arg)
+        elif op == "read":
+            if len(original) == 0:
+                continue  # would block in both
+            assert ours.read(arg, timeout=0) == original.read(arg, timeout=0)
+        elif op == "empty":
+            assert ours.empty() == original.empty()
+        assert len(ours) == len(original)
+        assert ours.read_ready() == original.read_ready()
+    ours.close()
+    original.close()
+    assert ours.read(10) == original.read(10)
+
+
+def test_reads_whole_chunks_without_copy():
+    pipe = ChunkPipe()
+    chunk = b"x" * 65536
+    pipe.feed(chunk)
+    assert pipe.read(65536) is chunk
