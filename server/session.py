@@ -129,9 +129,26 @@ class Session:
         self.account.access.check_filters(parts, join(parts))
         return parts
 
-    def _require(self, permission: str, parts: tuple[str, ...], vpath: str, *, on_self: bool = False) -> None:
+    def _require(
+        self, permission: str, parts: tuple[str, ...], vpath: str, *, on_self: bool = False, follow: bool = False
+    ) -> None:
+        """Check ``permission`` where the entry is named and where it really is.
+
+        Symlinks inside the home are followed (``follow``: the final one too), so
+        the directory an operation really touches may differ from the one the
+        client named. Its permissions and filters apply as well: otherwise a link
+        made where the user may write (``/inbox/top -> ..``) would lend those
+        rights to a read-only directory, or reveal a hidden one."""
         directory = parts if on_self else parts[:-1]
         self.account.access.require(permission, directory, vpath)
+        try:
+            with self.storage.resolve(parts, follow=follow or on_self) as r:
+                real = r.parts
+        except OSError as exc:
+            raise from_oserror(exc, vpath) from None
+        if real != parts:
+            self.account.access.check_filters(real, vpath, metadata=permission == "list" and not on_self)
+            self.account.access.require(permission, real if on_self else real[:-1], vpath)
 
     def _opener(self, parts: tuple[str, ...]) -> FileOpener:
         """A FileOpener for scripts: reopens the file read-only, through the same confinement."""
@@ -153,7 +170,7 @@ class Session:
         path = join(parts)
         self.account.access.check_filters(parts, path, metadata=True)
         if parts:
-            self._require("list", parts, path)
+            self._require("list", parts, path, follow=follow)
         try:
             with self.storage.resolve(parts, follow=follow) as r:
                 st = self.storage.stat(r)
@@ -201,7 +218,7 @@ class Session:
         path = join(parts)
         if not parts:
             raise IsADirectory("/: is a directory")
-        self._require("download", parts, path)
+        self._require("download", parts, path, follow=True)
         self._check_handle_limit()
         try:
             with self.storage.resolve(parts) as r:
@@ -241,7 +258,7 @@ class Session:
         path = join(parts)
         if not parts:
             raise IsADirectory("/: is a directory")
-        self._require("upload", parts, path)
+        self._require("upload", parts, path, follow=True)
         self._check_handle_limit()
         try:
             with self.storage.resolve(parts) as r:
@@ -261,7 +278,7 @@ class Session:
                 raise IsADirectory(f"{path}: is a directory")
             if exclusive:
                 raise AlreadyExists(f"{path}: already exists")
-            self._require("overwrite", parts, path)
+            self._require("overwrite", parts, path, follow=True)
         kind = "append" if append else ("write" if truncate or not exists else "resume")
         self._pre(ev.PreUpload, path=path, size=st.st_size if st and not truncate else 0, mode=kind, exists=exists)
 
@@ -475,7 +492,7 @@ class Session:
     ) -> None:
         parts = self._parts(vpath)
         path = join(parts)
-        self._require("setstat", parts, path, on_self=not parts)
+        self._require("setstat", parts, path, on_self=not parts, follow=True)
         try:
             with self.storage.resolve(parts) as r:
                 if size is not None:
