@@ -1,0 +1,417 @@
+"""The SFTP front end seen from paramiko, and from raw SFTP packets where a test needs the wire.
+
+Covers what OpenSSH's sftp does not let a test control: handle limits, READ
+length capping, the extensions (limits, statvfs, posix-rename, fsync,
+expand-path) and their exact replies, and hostile packets.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+
+import paramiko
+import pytest
+from paramiko.sftp import (
+    CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_HANDLE, CMD_INIT, CMD_OPEN, CMD_READ, CMD_STATUS,
+    CMD_VERSION, CMD_WRITE, SFTP_FLAG_CREATE, SFTP_FLAG_READ, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_OK,
+    SFTP_OP_UNSUPPORTED, int64,
+)
+
+from conftest import ALICE_PASSWORD, close_client, paramiko_client, user_toml
+
+DEFAULT_MAX_PACKET = 262144
+DEFAULT_MAX_READ = DEFAULT_MAX_PACKET - 1024
+
+
+@pytest.fixture(scope="module")
+def d(module_daemons, alice_key, password_hashes):
+    daemon = module_daemons.start(users=user_toml("alice", keys=[alice_key], password_hash=password_hashes["alice"]))
+    daemon.home("alice").mkdir(parents=True, exist_ok=True)
+    return daemon
+
+
+@pytest.fixture
+def sftp(d, alice_key):
+    c = paramiko_client(d, "alice", key=alice_key)
+    yield c
+    close_client(c)
+
+
+class RawSFTP:
+    """Just enough of the SFTP wire protocol to send what paramiko's client would not."""
+
+    def __init__(self, transport: paramiko.Transport) -> None:
+        self.chan = transport.open_session(timeout=10)
+        self.chan.settimeout(10)
+        self.chan.invoke_subsystem("sftp")
+        self.next_id = 1
+
+    def send(self, t: int, payload: bytes) -> None:
+        self.chan.sendall(struct.pack(">IB", len(payload) + 1, t) + payload)
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.chan.recv(n - len(buf))
+            if not chunk:
+                raise EOFError("channel closed")
+            buf += chunk
+        return buf
+
+    def recv(self) -> tuple[int, bytes]:
+        (size,) = struct.unpack(">I", self._recv_exact(4))
+        data = self._recv_exact(size)
+        return data[0], data[1:]
+
+    def init(self) -> tuple[int, dict[str, str]]:
+        self.send(CMD_INIT, struct.pack(">I", 3))
+        t, data = self.recv()
+        assert t == CMD_VERSION
+        version, rest = struct.unpack(">I", data[:4])[0], data[4:]
+        ext = {}
+        while rest:
+            name, rest = _take_string(rest)
+            value, rest = _take_string(rest)
+            ext[name.decode()] = value.decode()
+        return version, ext
+
+    def request(self, t: int, *fields: object) -> tuple[int, bytes]:
+        rid = self.next_id
+        self.next_id += 1
+        payload = struct.pack(">I", rid)
+        for f in fields:
+            if isinstance(f, int64):
+                payload += struct.pack(">Q", f)
+            elif isinstance(f, int):
+                payload += struct.pack(">I", f)
+            else:
+                b = f.encode() if isinstance(f, str) else f
+                payload += struct.pack(">I", len(b)) + b
+        self.send(t, payload)
+        rt, data = self.recv()
+        assert struct.unpack(">I", data[:4])[0] == rid
+        return rt, data[4:]
+
+
+def _take_string(data: bytes) -> tuple[bytes, bytes]:
+    (n,) = struct.unpack(">I", data[:4])
+    return data[4:4 + n], data[4 + n:]
+
+
+def _status(t: int, data: bytes) -> tuple[int, str]:
+    assert t == CMD_STATUS, t
+    code = struct.unpack(">I", data[:4])[0]
+    text, _ = _take_string(data[4:])
+    return code, text.decode()
+
+
+@pytest.fixture
+def raw(d, alice_key):
+    t = paramiko.Transport(("127.0.0.1", d.port))
+    t.start_client(timeout=10)
+    t.auth_publickey("alice", paramiko.PKey.from_path(str(alice_key.private)))
+    r = RawSFTP(t)
+    yield r
+    t.close()
+
+
+# --- handshake and extensions -------------------------------------------------------
+
+
+def test_version_and_extensions(raw):
+    version, ext = raw.init()
+    assert version == 3
+    assert ext == {
+        "posix-rename@openssh.com": "1", "statvfs@openssh.com": "2", "fstatvfs@openssh.com": "2",
+        "fsync@openssh.com": "1", "limits@openssh.com": "1", "expand-path@openssh.com": "1",
+    }
+    assert "hardlink@openssh.com" not in ext
+
+
+def test_limits_reply_defaults(raw):
+    raw.init()
+    t, data = raw.request(CMD_EXTENDED, "limits@openssh.com")
+    assert t == CMD_EXTENDED_REPLY
+    max_packet, max_read, max_write, max_handles = struct.unpack(">4Q", data)
+    assert (max_packet, max_read, max_write, max_handles) == (DEFAULT_MAX_PACKET, DEFAULT_MAX_READ,
+                                                              DEFAULT_MAX_READ, 256)
+
+
+def test_limits_reply_follows_config(daemons, alice_key):
+    d = daemons.start(users=user_toml("alice", keys=[alice_key]), sftp_extra="max_packet = 65536\nmax_handles = 8")
+    t = paramiko.Transport(("127.0.0.1", d.port))
+    t.start_client(timeout=10)
+    try:
+        t.auth_publickey("alice", paramiko.PKey.from_path(str(alice_key.private)))
+        raw = RawSFTP(t)
+        raw.init()
+        rt, data = raw.request(CMD_EXTENDED, "limits@openssh.com")
+        assert rt == CMD_EXTENDED_REPLY
+        assert struct.unpack(">4Q", data) == (65536, 65536 - 1024, 65536 - 1024, 8)
+        # and the READ cap follows too
+        (d.home("alice") / "f.bin").write_bytes(os.urandom(200_000))
+        rt, data = raw.request(CMD_OPEN, "/f.bin", SFTP_FLAG_READ, 0)
+        assert rt == CMD_HANDLE
+        handle, _ = _take_string(data)
+        rt, data = raw.request(CMD_READ, handle, int64(0), 10_000_000)
+        assert rt == CMD_DATA
+        chunk, _ = _take_string(data)
+        assert len(chunk) == 65536 - 1024
+    finally:
+        t.close()
+
+
+def test_statvfs_reply(raw, d):
+    raw.init()
+    t, data = raw.request(CMD_EXTENDED, "statvfs@openssh.com", "/")
+    assert t == CMD_EXTENDED_REPLY
+    bsize, frsize, blocks, bfree, bavail, files, ffree, favail, fsid, flag, namemax = struct.unpack(">11Q", data)
+    st = os.statvfs(d.home("alice"))
+    assert (bsize, frsize, blocks, files, namemax) == (st.f_bsize, st.f_frsize, st.f_blocks, st.f_files, st.f_namemax)
+    assert bavail <= bfree <= blocks
+    assert flag & 1 == st.f_flag & os.ST_RDONLY
+
+
+def test_unknown_extension_and_hardlink_unsupported(raw, d):
+    raw.init()
+    (d.home("alice") / "hl-src").write_text("x")
+    code, text = _status(*raw.request(CMD_EXTENDED, "hardlink@openssh.com", "/hl-src", "/hl-dst"))
+    assert code == SFTP_OP_UNSUPPORTED
+    assert "hardlink@openssh.com" in text
+    assert not (d.home("alice") / "hl-dst").exists()
+    code, _ = _status(*raw.request(CMD_EXTENDED, "no-such@example.com"))
+    assert code == SFTP_OP_UNSUPPORTED
+    code, _ = _status(*raw.request(99))  # an unknown packet type
+    assert code == SFTP_OP_UNSUPPORTED
+
+
+def test_expand_path(raw):
+    raw.init()
+    for asked, expected in (("~", "/"), ("~/docs/../x", "/x"), ("a/./b", "/a/b"), ("/../..", "/")):
+        t, data = raw.request(CMD_EXTENDED, "expand-path@openssh.com", asked)
+        assert t == 104  # SSH_FXP_NAME
+        count = struct.unpack(">I", data[:4])[0]
+        name, _ = _take_string(data[4:])
+        assert (count, name.decode()) == (1, expected)
+
+
+# --- reads ---------------------------------------------------------------------------
+
+
+def test_read_length_is_capped(raw, d):
+    raw.init()
+    content = os.urandom(1_000_000)
+    (d.home("alice") / "big.bin").write_bytes(content)
+    t, data = raw.request(CMD_OPEN, "/big.bin", SFTP_FLAG_READ, 0)
+    assert t == CMD_HANDLE
+    handle, _ = _take_string(data)
+    for offset in (0, 500_000):
+        t, data = raw.request(CMD_READ, handle, int64(offset), 0xFFFFFFFF)
+        assert t == CMD_DATA
+        chunk, _ = _take_string(data)
+        assert len(chunk) == DEFAULT_MAX_READ
+        assert chunk == content[offset:offset + DEFAULT_MAX_READ]
+    t, data = raw.request(CMD_READ, handle, int64(len(content) - 10), 0xFFFFFFFF)
+    assert _take_string(data)[0] == content[-10:]
+    t, data = raw.request(CMD_READ, handle, int64(len(content) + 5), 100)
+    assert _status(t, data)[0] == 1  # SSH_FX_EOF
+    assert _status(*raw.request(CMD_CLOSE, handle))[0] == SFTP_OK
+
+
+def test_oversized_write_packet_closes_the_channel_and_aborts(raw, d):
+    raw.init()
+    home = d.home("alice")
+    (home / "victim.bin").write_bytes(b"old version")
+    t, data = raw.request(CMD_OPEN, "/victim.bin", SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC, 0)
+    assert t == CMD_HANDLE
+    handle, _ = _take_string(data)
+    mark = len(d.lines)
+    big = b"\0" * (2 * 1024 * 1024)
+    payload = struct.pack(">I", 99) + struct.pack(">I", len(handle)) + handle + struct.pack(">Q", 0)
+    payload += struct.pack(">I", len(big)) + big
+    raw.send(CMD_WRITE, payload)
+    with pytest.raises((EOFError, OSError)):
+        raw.recv()
+    d.wait_log(r"message of \d+ bytes refused", start=mark)
+    d.wait_log(r"upload /victim\.bin aborted", start=mark)
+    assert (home / "victim.bin").read_bytes() == b"old version"
+    assert not [n for n in os.listdir(home) if n.startswith(".scriptsftp-part-")]
+
+
+def test_garbage_handle_and_write_to_read_handle(sftp, raw, d):
+    raw.init()
+    code, text = _status(*raw.request(CMD_READ, b"nonsense", int64(0), 10))
+    assert code == 5 and "invalid handle" in text  # SSH_FX_BAD_MESSAGE
+    (d.home("alice") / "ro.txt").write_text("read only")
+    t, data = raw.request(CMD_OPEN, "/ro.txt", SFTP_FLAG_READ, 0)
+    handle, _ = _take_string(data)
+    code, _ = _status(*raw.request(CMD_WRITE, handle, int64(0), b"overwrite"))
+    assert code == 3  # SSH_FX_PERMISSION_DENIED
+    assert (d.home("alice") / "ro.txt").read_text() == "read only"
+
+
+# --- handles ------------------------------------------------------------------------
+
+
+def test_max_open_handles(sftp, d):
+    home = d.home("alice")
+    (home / "many").mkdir()
+    for i in range(4):
+        (home / "many" / f"f{i}").write_bytes(b"%d" % i)
+    files = []
+    try:
+        for i in range(256):
+            files.append(sftp.open(f"many/f{i % 4}"))
+        with pytest.raises(IOError) as info:
+            sftp.open("many/f0")
+        assert "too many open" in str(info.value)
+        with pytest.raises(IOError):
+            sftp.open("many/new", "w")  # a write handle counts the same
+        with pytest.raises(IOError):
+            sftp.listdir("many")  # and so does a directory handle
+        assert not (home / "many" / "new").exists()
+        files.pop().close()
+        assert sftp.open("many/f1").read() == b"1"  # one freed: opening works again
+    finally:
+        for f in files:
+            f.close()
+    assert sorted(sftp.listdir("many")) == ["f0", "f1", "f2", "f3"]
+
+
+def test_handles_are_per_connection(d, alice_key):
+    (d.home("alice") / "h.txt").write_text("h")
+    a = paramiko_client(d, "alice", key=alice_key)
+    b = paramiko_client(d, "alice", key=alice_key)
+    try:
+        held = [a.open("h.txt") for _ in range(256)]
+        assert b.open("h.txt").read() == b"h"
+        for f in held:
+            f.close()
+    finally:
+        close_client(a)
+        close_client(b)
+
+
+# --- namespace ----------------------------------------------------------------------
+
+
+def test_posix_rename_replaces_plain_rename_refuses(sftp, d):
+    home = d.home("alice")
+    (home / "pr-src").write_text("new")
+    (home / "pr-dst").write_text("old")
+    with pytest.raises(IOError):
+        sftp.rename("pr-src", "pr-dst")  # SFTPv3 RENAME: never over an existing file
+    assert (home / "pr-dst").read_text() == "old" and (home / "pr-src").exists()
+    sftp.posix_rename("pr-src", "pr-dst")
+    assert (home / "pr-dst").read_text() == "new" and not (home / "pr-src").exists()
+    sftp.rename("pr-dst", "pr-fresh")  # plain rename to a free name works
+    assert (home / "pr-fresh").read_text() == "new"
+    (home / "pr-dir").mkdir()
+    (home / "pr-file").write_text("f")
+    with pytest.raises(IOError):
+        sftp.posix_rename("pr-file", "pr-dir")  # never replaces a directory
+    assert (home / "pr-dir").is_dir()
+    with pytest.raises(IOError):
+        sftp.rename("pr-dir", "pr-dir/inside")
+
+
+def test_symlink_readlink_round_trip(sftp, d):
+    home = d.home("alice")
+    (home / "rl" / "deep").mkdir(parents=True)
+    (home / "rl" / "deep" / "t.txt").write_text("target")
+    sftp.symlink("deep/t.txt", "rl/rel")
+    sftp.symlink("/rl/deep/t.txt", "rl/abs")
+    sftp.symlink("../rl/deep", "rl/dirlink")
+    assert sftp.readlink("rl/rel") == "/rl/deep/t.txt"
+    assert sftp.readlink("rl/abs") == "/rl/deep/t.txt"
+    assert sftp.readlink("rl/dirlink") == "/rl/deep"
+    assert sftp.open("rl/abs").read() == b"target"
+    assert sftp.listdir("rl/dirlink") == ["t.txt"]
+    assert stat.S_ISLNK(sftp.lstat("rl/rel").st_mode)
+    assert stat.S_ISREG(sftp.stat("rl/rel").st_mode)
+    # stored as relative links on disk, so the home can move
+    assert os.readlink(home / "rl" / "abs") == "deep/t.txt"
+    assert os.readlink(home / "rl" / "dirlink") == "deep"
+    with pytest.raises(IOError):
+        sftp.symlink("deep/t.txt", "rl/rel")  # the link name exists
+    with pytest.raises(IOError):
+        sftp.readlink("rl/deep/t.txt")  # not a link
+
+
+def test_readdir_in_batches(sftp, d):
+    home = d.home("alice")
+    (home / "lots").mkdir()
+    names = {f"n{i:04d}" for i in range(350)}
+    for n in names:
+        (home / "lots" / n).write_bytes(b"")
+    assert set(sftp.listdir("lots")) == names
+
+
+def test_setstat_rules(sftp, d):
+    home = d.home("alice")
+    (home / "ss.txt").write_text("0123456789")
+    sftp.utime("ss.txt", (1_000_000_000, 1_200_000_000))
+    assert int((home / "ss.txt").stat().st_mtime) == 1_200_000_000
+    with pytest.raises(IOError) as info:
+        sftp.truncate("ss.txt", 3)  # would make a half file visible
+    assert info.value.errno == errno.EACCES
+    with pytest.raises(IOError):
+        sftp.chown("ss.txt", 1234, 1234)
+    assert (home / "ss.txt").read_text() == "0123456789"
+    assert (home / "ss.txt").stat().st_uid == os.getuid()
+
+
+def test_open_modes(sftp, d):
+    home = d.home("alice")
+    with sftp.open("modes.txt", "wx") as f:
+        f.write(b"first")
+    with pytest.raises(IOError):
+        sftp.open("modes.txt", "wx")
+    with sftp.open("modes.txt", "a") as f:
+        f.write(b"+more")
+    assert (home / "modes.txt").read_bytes() == b"first+more"
+    with sftp.open("modes.txt", "r+") as f:  # no truncate: random write into a copy of the file
+        f.seek(1)
+        f.write(b"I")
+        assert (home / "modes.txt").read_bytes() == b"first+more"  # not yet published
+    assert (home / "modes.txt").read_bytes() == b"fIrst+more"
+    with sftp.open("modes.txt", "w") as f:
+        f.write(b"w")
+        f.flush()
+        f.truncate(0)  # through the handle: fine, the upload is not visible yet
+        f.seek(0)
+        f.write(b"replaced")
+    assert (home / "modes.txt").read_bytes() == b"replaced"
+
+
+def test_fsync_and_fstat_on_upload(sftp, d):
+    with sftp.open("sync.bin", "w") as f:
+        f.write(b"x" * 1000)
+        f.flush()
+        t, _ = sftp._request(CMD_EXTENDED, "fsync@openssh.com", f.handle)
+        assert t == CMD_STATUS  # OK, else _request raised
+        assert f.stat().st_size == 1000
+    assert (d.home("alice") / "sync.bin").stat().st_size == 1000
+
+
+def test_password_session_works_like_key_session(d):
+    c = paramiko_client(d, "alice", password=ALICE_PASSWORD)
+    try:
+        with c.open("pw.txt", "w") as f:
+            f.write(b"via password")
+        assert c.open("pw.txt").read() == b"via password"
+    finally:
+        close_client(c)
+
+
+def test_large_transfer_round_trip(sftp, d, tmp_path):
+    content = os.urandom(8 * 1024 * 1024 + 17)
+    src = tmp_path / "big"
+    src.write_bytes(content)
+    sftp.put(str(src), "round.bin")
+    assert (d.home("alice") / "round.bin").read_bytes() == content
+    sftp.get("round.bin", str(tmp_path / "back"))
+    assert (tmp_path / "back").read_bytes() == content
