@@ -147,7 +147,7 @@ def test_conditions_order_and_first_veto_wins(daemons: DaemonFactory, alice_key,
         binding("pre-upload", "chain.py", function="third", order=30, paths=["/inbox/**"])
         + binding("pre-upload", "chain.py", function="second", order=20, paths=["/inbox/**"])
         + binding("pre-upload", "chain.py", function="first", order=10, paths=["/inbox/**"])
-        + binding("pre-upload", "chain.py", function="only_bob", users=["bob"], paths=["/open/**"])
+        + binding("pre-upload", "chain.py", function="only_bob", users=["bob"], paths=["/inbox/**"], order=5)
     )
     d = daemons.start(extra)
     for user in ("alice", "bob"):
@@ -166,8 +166,8 @@ def test_conditions_order_and_first_veto_wins(daemons: DaemonFactory, alice_key,
         sftp.get_channel().get_transport().close()
     sftp = paramiko_client(d, "bob", key=bob_key)
     try:
-        with pytest.raises(PermissionError, match="bob-only rule"):
-            with sftp.open("/open/b.txt", "w") as f:
+        with pytest.raises(PermissionError, match="bob-only rule"):  # order 5 runs before "second"
+            with sftp.open("/inbox/b.txt", "w") as f:
                 f.write(b"b")
     finally:
         sftp.get_channel().get_transport().close()
