@@ -703,6 +703,7 @@ def main(argv=None) -> int:
 def _run(args, wanted, tests, base: Path, tmp_root: str, started: list[Target]) -> int:
     date = dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
     args.load_start = load()
+    args.rev = git_rev()
     args.data_on = f"tmpfs ({tmp_root})" if tmp_root == "/dev/shm" else tmp_root
     print(f"[bench] data under {base} ({args.data_on})")
     key = base / "client_ed25519"
@@ -731,9 +732,9 @@ def _run(args, wanted, tests, base: Path, tmp_root: str, started: list[Target]) 
                                  base, pubkey, args.start_timeout)
                 t.info["server"] = f"bare_paramiko_server.py (paramiko {paramiko.__version__})"
             else:
-                t = start_daemon("scriptsftp", scriptsftp_argv(args.scriptsftp_cmd), base, pubkey,
-                                 args.start_timeout)
-                t.info["server"] = f"scriptsftp @ {git_rev()}"
+                argv = scriptsftp_argv(args.scriptsftp_cmd)
+                t = start_daemon("scriptsftp", argv, base, pubkey, args.start_timeout)
+                t.info["server"] = f"{' '.join(argv)} (installed copy; repo HEAD {args.rev})"
             started.append(t)
             t.info["cpu_acct"] = f"cgroup {t.cpu.kind}" if t.cpu and t.cpu.path else "/proc (approx.)"
             t.info["fresh"] = memory(t.pid)
@@ -916,6 +917,8 @@ def print_table(args, targets, unavailable, results) -> None:
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print(line(r))
+    if ratios:
+        print("(ratio > 1: the Python server's figure is higher; better for MB/s, worse for ms, MiB, %)")
     if cpu_rows:
         print()
         print("server CPU per GiB moved (all server processes; lower is better):")
@@ -942,7 +945,7 @@ def write_json(args, date, base, targets, unavailable, results) -> None:
             "cpu": _cpu_model(), "paramiko": paramiko.__version__, "openssh": openssh.openssh_version(),
             "curl": _curl_version(), "tmp": str(base.parent),
             "load_start": args.load_start, "load_end": load()}
-    common = {"date": date, "bench": "sftp", "git": git_rev(), "runs": args.runs, "size_mb": args.size_mb,
+    common = {"date": date, "bench": "sftp", "git": args.rev, "runs": args.runs, "size_mb": args.size_mb,
               "par_n": args.par_n, "par_mb": args.par_mb, "host": host}
     with open(path, "w") as f:
         for (n, test), r in results.items():
