@@ -602,7 +602,10 @@ class WorkerPool:
                         raise TypeError(f"the file opener returned {fd!r}, not a file descriptor")
                 except Exception as e:  # noqa: BLE001 - reported to the script on use
                     fd = None
-                    msg["file_error"] = f"{type(e).__name__}: {e}"[:500]
+                    # No filename: the server's real paths are none of the script's business.
+                    detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    msg["file_error"] = f"{type(e).__name__}: {detail}"[:300]
+                    log.warning("script %s: opening the event's file failed: %s", name, e)
             msg["fd"] = fd is not None
             if (name, req.script.digest) not in w.known:
                 msg["source"] = req.script.text
@@ -621,6 +624,7 @@ class WorkerPool:
         name = req.script.name
         ccall: CapabilityCall | None = None
         rpcs = 0
+        sent_source = "source" in msg
         try:
             w.send(msg, deadline, fd)
             while True:
@@ -645,7 +649,8 @@ class WorkerPool:
                                                granted=frozenset(req.capabilities),
                                                context=req.context)
                     w.send(self.capabilities.serve(ccall, reply), deadline)
-                elif kind == "need-source":
+                elif kind == "need-source" and not sent_source:
+                    sent_source = True
                     w.send({"t": "source", "text": req.script.text}, deadline)
                 else:
                     raise proto.ProtocolError(f"unexpected message type {str(kind)[:40]!r}")

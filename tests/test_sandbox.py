@@ -41,7 +41,7 @@ EVENT = PreUpload(path="/inbox/report.csv", size=10, user="alice", protocol="sft
 
 
 def run(pool: WorkerPool, text: str, *, caps: frozenset[str] = frozenset({"store"}),
-        cpu_time: float = 2.0, timeout: float = 8.0) -> CompileResult | CallResult:
+        cpu_time: float = 2.0, timeout: float = 30.0) -> CompileResult | CallResult:
     script = make_source(text)
     compiled = pool.compile(script)
     if not compiled.ok:
