@@ -67,6 +67,11 @@ class CallFinished(RuntimeError):
     pass
 
 
+class VetoStop(BaseException):
+    """Raised by api.veto() to end the handler. Scripts cannot name it; if one
+    swallows it (bare ``except:``), the veto recorded before still stands."""
+
+
 def _safe_str(value: Any, limit: int) -> str:
     try:
         if type(value) is str:
@@ -244,8 +249,8 @@ class ScriptApi:
         return "<scriptsftp api>"
 
     def veto(self, reason: Any) -> None:
-        """Deny the operation; the client sees *reason*. The handler keeps
-        running; the first veto of a call wins."""
+        """Deny the operation; the client sees *reason*. The handler stops
+        here; the first veto of a call wins."""
         ctx = self._ctx
         ctx.check_open()
         if type(reason) is not str:
@@ -255,6 +260,7 @@ class ScriptApi:
             raise ValueError("api.veto(reason): the reason must not be empty")
         if ctx.veto_reason is None:
             ctx.veto_reason = reason
+        raise VetoStop()
 
     def log(self, message: Any, **fields: Any) -> None:
         """One line for the server log, with the event's context."""

@@ -331,6 +331,9 @@ class _Worker:
                 if returned is not None:
                     ctx.add_log("handler returned a value; return values are ignored "
                                 "(use api.veto(reason) to deny)", {})
+        except api.VetoStop as e:   # api.veto() ends the handler
+            e.__traceback__ = None
+            del e
         except BaseException as e:  # noqa: BLE001 - SystemExit/KeyboardInterrupt too
             kind = "memory" if isinstance(e, MemoryError) else "exception"
             line = _script_line(e.__traceback__, filename)

@@ -112,8 +112,9 @@ def test_allow_and_veto(pool: WorkerPool) -> None:
     text = """
 def on_pre_upload(event, api):
     if event.path.lower().endswith('.exe'):
+        api.log('vetoing', path=event.path)
         api.veto('executables are not accepted: ' + event.path)
-        api.log('vetoed', path=event.path)
+        api.log('not reached')
 """
     allowed = pool.call(request(text))
     assert (allowed.verdict, allowed.reason, allowed.error_kind, allowed.logs) == ("allow", "", None, [])
@@ -121,14 +122,14 @@ def on_pre_upload(event, api):
     assert vetoed.verdict == "veto"
     assert vetoed.reason == "executables are not accepted: /inbox/X.EXE"
     assert vetoed.error_kind is None and vetoed.error_line is None
-    assert [(l.message, l.fields) for l in vetoed.logs] == [("vetoed", {"path": "/inbox/X.EXE"})]
+    assert [(l.message, l.fields) for l in vetoed.logs] == [("vetoing", {"path": "/inbox/X.EXE"})]
     assert vetoed.duration > 0
 
 
 def test_veto_reason_rules(pool: WorkerPool) -> None:
     long = pool.call(request("def on_pre_upload(event, api):\n"
                              "    api.veto('bad\\r\\n550 injected ' + 'x' * 5000)\n"
-                             "    api.veto('second veto is ignored')\n"))
+                             "    api.log('not reached: veto ends the handler')\n"))
     assert long.verdict == "veto"
     assert len(long.reason) == 1000 and long.reason.endswith("…")
     assert "\r" not in long.reason and "\n" not in long.reason
@@ -138,10 +139,24 @@ def test_veto_reason_rules(pool: WorkerPool) -> None:
     assert not_str.reason == "test.py:2: TypeError: api.veto(reason): reason must be a str"
     empty = pool.call(request("def on_pre_upload(event, api):\n    api.veto('  ')\n"))
     assert empty.verdict == "error" and "must not be empty" in empty.reason
-    # a veto stands even if the handler fails afterwards
-    after = pool.call(request("def on_pre_upload(event, api):\n    api.veto('no')\n    1 / 0\n"))
+    assert long.logs == []
+    # a veto stands even if the script swallows the stop and fails afterwards
+    after = pool.call(request("""
+def on_pre_upload(event, api):
+    try:
+        api.veto('no')
+    except:
+        api.log('caught the stop')
+    try:
+        api.veto('second veto is ignored')
+    except BaseException:
+        pass
+    1 / 0
+"""))
     assert (after.verdict, after.reason, after.error_kind) == ("veto", "no", None)
-    assert "handler failed after its veto: test.py:3: ZeroDivisionError" in after.logs[-1].message
+    assert after.logs[0].message == "caught the stop"
+    assert after.logs[-1].message == ("handler failed after its veto: test.py:11: "
+                                      "ZeroDivisionError: division by zero")
 
 
 def test_return_values_are_ignored(pool: WorkerPool) -> None:
@@ -316,6 +331,11 @@ def test_worker_killed_mid_call_is_a_crash(solo: WorkerPool) -> None:
         solo.call(request(SPIN, caps={"store"}, timeout=30, cpu_time=30))))
     t.start()
     assert started.wait(10)
+    # while the handler runs, RLIMIT_CPU's soft limit is CPU-used + cpu_time (whole seconds)
+    with open(f"/proc/{pid}/limits") as f:
+        cpu_line = next(line for line in f if line.startswith("Max cpu time"))
+    soft = cpu_line.split()[3]
+    assert soft.isdigit() and 30 <= int(soft) <= 40, cpu_line
     os.kill(pid, signal.SIGKILL)
     t.join(10)
     assert results[0].verdict == "error" and results[0].error_kind == "crash"
