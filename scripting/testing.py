@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,13 +58,13 @@ def run_script(
                     verdict="error", reason="; ".join(compiled.errors), logs=[], error_kind="compile",
                     error_line=None, duration=0.0), {})
             opener = (lambda: os.open(file, os.O_RDONLY)) if file is not None else None
-            started = time.monotonic()
             result = pool.call(CallRequest(
                 script=source, function=handler, event=event.to_dict(), capabilities=capabilities,
                 timeout=timeout, cpu_time=cpu_time, file=opener,
             ))
-            del started
-            store = pool.store_snapshot(source.name) if hasattr(pool, "store_snapshot") else {}
+            store = {}
+            if pool.store is not None:
+                store = {k: pool.store.get(source.name, k)[1] for k in pool.store.keys(source.name)}
         finally:
             pool.close()
     return TestRun(event.to_dict(), result, store)

@@ -168,18 +168,11 @@ def script_test(script_path: Path, event_name: str, user: str, vpath: str | None
         size = local_file.stat().st_size
     fields = {"user": user, "protocol": protocol, "remote_ip": remote_ip, "path": vpath, "target": target,
               "size": size}
-    from .events import EVENT_TYPES
-    import dataclasses as _dc
-
-    cls = EVENT_TYPES.get(event_name)
-    if cls is None:
-        click.echo(f"scriptsftp: unknown event {event_name!r} (see `scriptsftp events`)", err=True)
+    try:
+        event = build_event(event_name, **fields)
+    except ValueError as exc:
+        click.echo(f"scriptsftp: {exc}", err=True)
         sys.exit(2)
-    known = {f.name for f in _dc.fields(cls)}
-    dropped = [k for k, v in fields.items() if v is not None and k not in known and k not in ("user",)]
-    for k in dropped:
-        click.echo(f"note: event {event_name} has no field {k!r}; ignored", err=True)
-    event = build_event(event_name, **{k: v for k, v in fields.items() if k in known})
     capabilities = frozenset(c.strip() for c in caps.split(",") if c.strip())
     run = run_script(script_path, event, function=function, capabilities=capabilities, file=local_file,
                      timeout=timeout, cpu_time=cpu_time)
