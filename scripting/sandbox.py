@@ -324,6 +324,10 @@ _PLAIN_ITER_TYPES = frozenset({
     type({}.keys()), type({}.values()), type({}.items()),
     collections.OrderedDict, collections.Counter, collections.defaultdict,
     collections.deque, MappingProxyType,
+    # iterators over the above, and the lazy builtins (their inputs came
+    # through this guard already)
+    type(iter([])), type(iter(())), type(iter("")), type(iter(b"")), type(iter(range(0))),
+    type(iter(set())), type(iter({})), enumerate, zip, map, filter, reversed,
 })
 
 
