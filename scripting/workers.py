@@ -137,6 +137,10 @@ class _Gone(Exception):
     pass
 
 
+class _BadRequest(Exception):
+    pass
+
+
 class _Worker:
     __slots__ = ("proc", "sock", "pid", "buf", "calls", "known", "killed", "info")
 
@@ -581,7 +585,6 @@ class WorkerPool:
             "t": "call", "name": name, "digest": req.script.digest, "function": req.function,
             "event": req.event, "caps": caps, "cpu": req.cpu_time, "fd": False,
         }
-        proto.encode_frame(msg)  # a non-JSON event is the caller's bug: raise now
 
         w = self._acquire(deadline)
         if w is None:
@@ -609,7 +612,11 @@ class WorkerPool:
             msg["fd"] = fd is not None
             if (name, req.script.digest) not in w.known:
                 msg["source"] = req.script.text
-            result, disposition = self._exchange(w, req, msg, fd, deadline, t0)
+            try:
+                result, disposition = self._exchange(w, req, msg, fd, deadline, t0)
+            except _BadRequest as e:
+                disposition = "keep"
+                raise TypeError(f"CallRequest.event is not JSON data ({e})") from None
             return result
         finally:
             if fd is not None:
@@ -626,7 +633,10 @@ class WorkerPool:
         rpcs = 0
         sent_source = "source" in msg
         try:
-            w.send(msg, deadline, fd)
+            try:
+                w.send(msg, deadline, fd)
+            except (TypeError, ValueError) as e:   # not encodable: nothing was sent
+                raise _BadRequest(str(e)) from None
             while True:
                 reply = w.recv(deadline)
                 kind = reply.get("t")
@@ -648,7 +658,13 @@ class WorkerPool:
                                                event=req.event,
                                                granted=frozenset(req.capabilities),
                                                context=req.context)
-                    w.send(self.capabilities.serve(ccall, reply), deadline)
+                    answer = self.capabilities.serve(ccall, reply)
+                    try:
+                        w.send(answer, deadline)
+                    except (TypeError, ValueError):   # a handler returned non-JSON data
+                        log.error("capability %r returned non-JSON data", reply.get("cap"))
+                        w.send({"t": "rpc-reply", "ok": False, "etype": "RuntimeError",
+                                "error": "internal error in a capability"}, deadline)
                 elif kind == "need-source" and not sent_source:
                     sent_source = True
                     w.send({"t": "source", "text": req.script.text}, deadline)

@@ -798,8 +798,27 @@ def test_bad_requests_raise(pool: WorkerPool) -> None:
         pool.call(request("def f(e, a):\n    pass\n", caps={"admin"}))
     with pytest.raises(ValueError, match="digest"):
         pool.call(CallRequest(ScriptSource("x.py", "", "abc"), "f", {}, frozenset(), 1, 1))
-    with pytest.raises(TypeError):
+    restarts = pool.health()["restarts"]
+    with pytest.raises(TypeError, match="CallRequest.event is not JSON data"):
         pool.call(request("def on_pre_upload(e, a):\n    pass\n", event={"x": object()}))
+    assert pool.health()["restarts"] == restarts   # the worker was not harmed
+
+
+def test_capability_handler_bugs_do_not_leak(tmp_path: Path) -> None:
+    registry = CapabilityRegistry()
+    registry.register("notify", lambda call, op, args: object() if op == "email" else 1 / 0)
+    with WorkerPool(1, memory_mb=128, state_dir=tmp_path, capabilities=registry) as p:
+        text = """
+def on_pre_upload(event, api):
+    for fn in (lambda: api.notify.email('a', 'b', 'c'), lambda: api.notify.webhook('x', {})):
+        try:
+            fn()
+        except RuntimeError as e:
+            api.log(str(e))
+"""
+        result = p.call(request(text, caps={"notify"}))
+    assert [l.message for l in result.logs] == ["internal error in a capability",
+                                                "internal error while serving api.notify.webhook()"]
 
 
 def _nobody_can_run_python() -> bool:
