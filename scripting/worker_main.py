@@ -36,8 +36,10 @@ HEADER = struct.Struct(">I")
 MAX_TO_WORKER = 16 * 1024 * 1024
 #: Largest frame a worker may send; the parent treats anything bigger as garbage.
 MAX_FROM_WORKER = 1024 * 1024
-#: Compiled scripts cached per worker.
+#: Compiled scripts cached per worker, at most this many...
 CODE_CACHE_SIZE = 256
+#: ...and at most this much source text in total (code objects are a few times bigger).
+CODE_CACHE_BYTES = 8 * 1024 * 1024
 #: CPU seconds a worker may spend between calls (stray finalizers, compile
 #: bookkeeping) before the kernel kills it.
 IDLE_CPU_ALLOWANCE = 2.0
@@ -228,7 +230,9 @@ class _Worker:
         self.sandbox = sandbox
         self.gc = gc
         self.FunctionType = types.FunctionType
-        self.cache: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
+        self.cache: collections.OrderedDict[tuple[str, str], tuple[Any, int]] = \
+            collections.OrderedDict()
+        self.cache_bytes = 0
         self.limits = _Limits()
         self.limits.arm(IDLE_CPU_ALLOWANCE)
 
@@ -264,9 +268,14 @@ class _Worker:
             return None, [f"{name}:1: script digest does not match its text"]
         compiled, errors = self.sandbox.compile_script(name, source)
         if compiled is not None:
-            self.cache[(name, digest)] = compiled
-            if len(self.cache) > CODE_CACHE_SIZE:
-                self.cache.popitem(last=False)
+            key = (name, digest)
+            if key not in self.cache:
+                self.cache_bytes += len(source)
+            self.cache[key] = (compiled, len(source))
+            while len(self.cache) > CODE_CACHE_SIZE or (
+                    self.cache_bytes > CODE_CACHE_BYTES and len(self.cache) > 1):
+                _, (_, size) = self.cache.popitem(last=False)
+                self.cache_bytes -= size
         return compiled, errors
 
     def compile(self, msg: dict[str, Any]) -> None:
@@ -291,8 +300,9 @@ class _Worker:
         function = str(msg.get("function"))
         self.limits.arm(_cpu(msg.get("cpu"), 2.0))
 
-        compiled = self.cache.get((name, digest))
-        if compiled is not None:
+        cached = self.cache.get((name, digest))
+        if cached is not None:
+            compiled = cached[0]
             self.cache.move_to_end((name, digest))
         else:
             source = msg.get("source")

@@ -267,6 +267,19 @@ def on_pre_upload(event, api):
     assert len(set(solo.worker_pids())) == 1
 
 
+def test_code_cache_eviction_refetches_source(solo: WorkerPool) -> None:
+    def big(i: int) -> str:
+        return (f"DATA = '{'x' * 250_000}'\n"
+                f"def on_pre_upload(event, api):\n    api.log('script', i={i}, n=len(DATA))\n")
+
+    for i in range(40):   # 10 MB of source: more than the worker's cache keeps
+        assert solo.compile(make_source(big(i), f"big{i}.py")).ok
+    first = solo.call(request(big(0), name="big0.py"))   # sent without its source
+    assert first.logs[0].fields == {"i": 0, "n": 250_000}
+    last = solo.call(request(big(39), name="big39.py"))
+    assert last.logs[0].fields == {"i": 39, "n": 250_000}
+
+
 def test_event_is_read_only(pool: WorkerPool) -> None:
     result = pool.call(request("""
 def on_pre_upload(event, api):
