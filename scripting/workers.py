@@ -404,14 +404,18 @@ class WorkerPool:
             if hello.get("t") != "hello":
                 raise WorkerStartError("worker sent an unexpected greeting")
             w.info = {k: v for k, v in hello.items() if k in ("baseline_kb", "limit_bytes")}
-        except (_Deadline, _Gone, proto.ProtocolError, WorkerStartError) as e:
+        except BaseException as e:
             w.kill()
             w.close_socket()
             proc.wait()
-            if isinstance(e, WorkerStartError):
+            if isinstance(e, _Deadline):
+                detail = f"no greeting within {self.start_timeout:g} s"
+            elif isinstance(e, _Gone):
+                detail = f"exited with status {proc.returncode}"
+            elif isinstance(e, proto.ProtocolError):
+                detail = str(e)
+            else:
                 raise
-            detail = {"_Deadline": f"no greeting within {self.start_timeout:g} s",
-                      "_Gone": f"exited with status {proc.returncode}"}.get(type(e).__name__, str(e))
             raise WorkerStartError(f"worker failed to start: {detail}") from None
         finally:
             with self._cond:
@@ -433,7 +437,7 @@ class WorkerPool:
             t = threading.Thread(target=self._replace, args=(w, replace),
                                  name=f"scriptsftp-worker-replace-{w.pid}", daemon=True)
             self._threads.add(t)
-        t.start()
+            t.start()   # under the lock: close() never sees an unstarted thread
 
     def _replace(self, old: _Worker, replace: bool) -> None:
         try:
