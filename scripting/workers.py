@@ -734,7 +734,7 @@ def _parse_logs(raw: list[Any]) -> list[LogLine]:
                 or type(item[1]) is not dict:
             raise proto.ProtocolError("malformed log line")
         message = _clean(item[0], MAX_LOG_LINE_CHARS)
-        fields = item[1]
+        fields = _clean_fields(item[1], 0)
         size = len(message) + (len(json.dumps(fields)) if fields else 0)
         if len(out) >= MAX_LOG_LINES + 1 or total + size > MAX_LOG_BYTES + 1024:
             dropped += 1
@@ -744,6 +744,21 @@ def _parse_logs(raw: list[Any]) -> list[LogLine]:
     if dropped:
         out.append(LogLine(f"log truncated by the server: {dropped} line(s) dropped", {}))
     return out
+
+
+def _clean_fields(value: Any, depth: int) -> Any:
+    """Log fields with control characters removed from every string (they end
+    up in text log lines), and a bounded depth. Raises ProtocolError if deeper."""
+    if depth > 16:
+        raise proto.ProtocolError("log fields nested too deeply")
+    t = type(value)
+    if t is str:
+        return value.translate(_CONTROL)
+    if t is dict:
+        return {k.translate(_CONTROL): _clean_fields(v, depth + 1) for k, v in value.items()}
+    if t is list:
+        return [_clean_fields(v, depth + 1) for v in value]
+    return value
 
 
 def _parse_compiled(reply: dict[str, Any]) -> tuple[bool, list[str], list[str]]:

@@ -168,7 +168,8 @@ def test_return_values_are_ignored(pool: WorkerPool) -> None:
 def test_log_capture_and_caps(pool: WorkerPool) -> None:
     result = pool.call(request("""
 def on_pre_upload(event, api):
-    api.log('one', n=1, items=[1, 'a', None], nested={'k': (1, 2)}, obj=api, big=10**30)
+    api.log('one', n=1, items=[1, 'a', None], nested={'k': (1, 2)}, obj=api, big=10**30,
+            forged='x\\n2024-01-01 INFO admin logged in')
     print('two', 2, sep='-')
     for i in range(500):
         api.log('line %d' % i)
@@ -177,7 +178,8 @@ def on_pre_upload(event, api):
     first = result.logs[0]
     assert first.message == "one"
     assert first.fields == {"n": 1, "items": [1, "a", None], "nested": {"k": [1, 2]},
-                            "obj": "<scriptsftp api>", "big": str(10**30)}
+                            "obj": "<scriptsftp api>", "big": str(10**30),
+                            "forged": "x 2024-01-01 INFO admin logged in"}
     assert (result.logs[1].message, result.logs[1].fields) == ("two-2", {"source": "print"})
     assert len(result.logs) == 101
     assert result.logs[-1].message == ("log truncated: 402 more line(s) dropped "
