@@ -60,6 +60,12 @@ def _listen_list(value: str | list[str]) -> list[str]:
     return [_check_listen(v) for v in values]
 
 
+def _listen_validator(cls: type, value: str | list[str]) -> str | list[str]:
+    """``listen`` of [ftp], [http], [admin]: the same HOST:PORT rule as [sftp]."""
+    _listen_list(value)
+    return value
+
+
 class ServerSection(_Model):
     state_dir: str = "../var"
     log_format: Literal["text", "json"] = "text"
@@ -101,6 +107,8 @@ class FtpSection(_Model):
     certificate: str = ""
     private_key: str = ""
 
+    _listen = field_validator("listen")(_listen_validator)
+
 
 class HttpSection(_Model):
     enabled: bool = False
@@ -108,11 +116,15 @@ class HttpSection(_Model):
     certificate: str = ""
     private_key: str = ""
 
+    _listen = field_validator("listen")(_listen_validator)
+
 
 class AdminSection(_Model):
     enabled: bool = False
     listen: str = "127.0.0.1:8081"
     token_hash: str = ""
+
+    _listen = field_validator("listen")(_listen_validator)
 
 
 class UploadsSection(_Model):
@@ -388,44 +400,62 @@ def load_config(path: Path | str) -> LoadedConfig:
         msg = getattr(exc, "msg", None) or str(exc)
         raise ConfigError([f"{path}:{line}: (syntax): {msg}"]) from None
     key_lines = KeyLines(text)
+    # Validation errors and cross-section problems are reported together, in file
+    # order, so one pass over the file fixes everything.
+    found: list[tuple[tuple[Any, ...], str]] = []
+    model: Config | None = None
     try:
         model = Config.model_validate(data)
     except ValidationError as exc:
-        problems = []
         for err in exc.errors():
-            loc = tuple(err["loc"])
-            line = key_lines.line_of(loc) or 1
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
-            problems.append(f"{path}:{line}: {format_loc(loc)}: {msg}")
-        raise ConfigError(problems) from None
-    problems = [
-        f"{path}:{key_lines.line_of(loc) or 1}: {format_loc(loc)}: {msg}" for loc, msg in _cross_check(model)
-    ]
-    if problems:
-        raise ConfigError(problems)
+            found.append((tuple(err["loc"]), msg))
+    found += _cross_check(data)
+    if found:
+        lines = [(key_lines.line_of(loc) or 1, format_loc(loc), msg) for loc, msg in found]
+        lines.sort(key=lambda p: p[0])  # stable: same line keeps the validator's order
+        raise ConfigError([f"{path}:{line}: {key}: {msg}" for line, key, msg in lines]) from None
+    assert model is not None
     return LoadedConfig(path, model, key_lines)
 
 
-def _cross_check(model: Config) -> list[tuple[tuple[Any, ...], str]]:
-    """Rules that span sections: names defined once, references that resolve."""
+def _cross_check(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """Rules that span sections: names defined once, references that resolve.
+
+    Runs on the raw TOML (which strict validation never coerces), so it also
+    works when validation failed; entries too malformed to read are left to
+    the validation errors."""
+
+    def entries(section: str) -> list[tuple[int, dict[str, Any]]]:
+        items = data.get(section)
+        return [(i, e) for i, e in enumerate(items) if isinstance(e, dict)] if isinstance(items, list) else []
+
+    def names(value: Any) -> list[str]:
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
     problems: list[tuple[tuple[Any, ...], str]] = []
     seen: set[str] = set()
-    for i, group in enumerate(model.groups):
-        if group.name in seen:
-            problems.append((("groups", i, "name"), f"group {group.name!r} is defined twice"))
-        seen.add(group.name)
+    for i, group in entries("groups"):
+        name = group.get("name")
+        if not isinstance(name, str):
+            continue
+        if name in seen:
+            problems.append((("groups", i, "name"), f"group {name!r} is defined twice"))
+        seen.add(name)
     users: set[str] = set()
-    for i, user in enumerate(model.users):
-        if user.name in users:
-            problems.append((("users", i, "name"), f"user {user.name!r} is defined twice"))
-        users.add(user.name)
-        for g in user.groups:
+    for i, user in entries("users"):
+        name = user.get("name")
+        if isinstance(name, str):
+            if name in users:
+                problems.append((("users", i, "name"), f"user {name!r} is defined twice"))
+            users.add(name)
+        for g in names(user.get("groups")):
             if g not in seen:
                 problems.append((("users", i, "groups"), f"unknown group {g!r}"))
-    for i, binding in enumerate(model.bindings):
-        for g in binding.groups:
+    for i, binding in entries("bindings"):
+        for g in names(binding.get("groups")):
             if g not in seen:
                 problems.append((("bindings", i, "groups"), f"unknown group {g!r}"))
     return problems
