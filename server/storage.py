@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 import secrets
 import stat as statmod
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FsError, InvalidPath, NotFound, from_oserror
+from .errors import Failure, FsError, InvalidPath, NotFound, from_oserror
 from .vfs import STAGING_PREFIX, join
 
 MAX_LINK_HOPS = 40
@@ -72,11 +73,20 @@ class Storage:
         home.mkdir(parents=True, exist_ok=True)
         self.home = home.resolve()
         self._home_fd = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # close() may run in another thread than an operation: never dup a closed (or reused) fd
+        self._fd_lock = threading.Lock()
 
     def close(self) -> None:
-        if self._home_fd >= 0:
-            os.close(self._home_fd)
-            self._home_fd = -1
+        with self._fd_lock:
+            if self._home_fd >= 0:
+                os.close(self._home_fd)
+                self._home_fd = -1
+
+    def _dup_home(self) -> int:
+        with self._fd_lock:
+            if self._home_fd < 0:
+                raise Failure("session closed")
+            return os.dup(self._home_fd)
 
     # --- resolution -------------------------------------------------------
 
@@ -87,8 +97,8 @@ class Storage:
         hops = 0
         while True:
             if not parts:
-                return Resolved(os.dup(self._home_fd), "", ())
-            fd = os.dup(self._home_fd)
+                return Resolved(self._dup_home(), "", ())
+            fd = self._dup_home()
             try:
                 for i, name in enumerate(parts[:-1]):
                     try:
@@ -249,7 +259,11 @@ class Storage:
         return os.readlink(r.name, dir_fd=r.dir_fd)
 
     def statvfs(self) -> os.statvfs_result:
-        return os.fstatvfs(self._home_fd)
+        fd = self._dup_home()
+        try:
+            return os.fstatvfs(fd)
+        finally:
+            os.close(fd)
 
 
 def copy_fd(src: int, dst: int) -> None:
