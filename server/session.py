@@ -91,6 +91,7 @@ class Session:
         self.bytes_out = 0
         self._handles: set[FileHandle] = set()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._closed = False
 
     # --- events -------------------------------------------------------------
@@ -559,6 +560,7 @@ class Session:
     def _untrack(self, handle: "FileHandle") -> None:
         with self._lock:
             self._handles.discard(handle)
+            self._idle.notify_all()
 
     def close(self) -> None:
         """End the session: uploads still open are aborted (never published)."""
@@ -567,6 +569,9 @@ class Session:
             handles = list(self._handles)
         for h in handles:
             h.abort("connection closed before the transfer completed")
+        with self._lock:
+            # a close/abort running in another thread (the front end's) still needs the storage
+            self._idle.wait_for(lambda: not self._handles, timeout=120)
         self.storage.close()
 
 
@@ -587,13 +592,18 @@ class FileHandle:
         return os.fstat(self.fd).st_size
 
     def _finish(self) -> bool:
-        """Mark done once; False if it already was (close after abort and vice versa)."""
+        """Mark done once; False if it already was (close after abort and vice versa).
+
+        The handle stays tracked until :meth:`_release`, at the end of the close or
+        abort, so that Session.close waits for it instead of closing the storage under it."""
         with self._lock:
             if self.done:
                 return False
             self.done = True
-        self.session._untrack(self)
         return True
+
+    def _release(self) -> None:
+        self.session._untrack(self)
 
     def abort(self, reason: str) -> None:
         raise NotImplementedError
@@ -621,18 +631,24 @@ class ReadHandle(FileHandle):
     def close(self) -> None:
         if not self._finish():
             return
-        os.close(self.fd)
-        secs = time.monotonic() - self.started
-        s = self.session
-        s.bytes_out += self.sent
-        s._log("download", self.path, "ok", bytes=self.sent, secs=round(secs, 3), rate=_rate(self.sent, secs))
-        s._post(ev.PostDownload, path=self.path, size=self.sent, bytes=self.sent, duration=secs)
+        try:
+            os.close(self.fd)
+            secs = time.monotonic() - self.started
+            s = self.session
+            s.bytes_out += self.sent
+            s._log("download", self.path, "ok", bytes=self.sent, secs=round(secs, 3), rate=_rate(self.sent, secs))
+            s._post(ev.PostDownload, path=self.path, size=self.sent, bytes=self.sent, duration=secs)
+        finally:
+            self._release()
 
     def abort(self, reason: str) -> None:
         if self._finish():
-            os.close(self.fd)
-            self.session.bytes_out += self.sent
-            self.session._log("download", self.path, "aborted", bytes=self.sent, reason=reason)
+            try:
+                os.close(self.fd)
+                self.session.bytes_out += self.sent
+                self.session._log("download", self.path, "aborted", bytes=self.sent, reason=reason)
+            finally:
+                self._release()
 
 
 class WriteHandle(FileHandle):
@@ -682,29 +698,35 @@ class WriteHandle(FileHandle):
         version of the file is untouched."""
         if not self._finish():
             return
-        s = self.session
-        size = self.size()
-        os.close(self.fd)
-        s.bytes_in += self.written
-        if self.staging_name is not None:
-            try:
-                s._publish(self, size)
-            except FsError as exc:
-                s._log("upload", self.path, "rejected", bytes=self.written, reason=exc.message)
-                raise
-        secs = time.monotonic() - self.started
-        s._log("upload", self.path, "ok", bytes=self.written, size=size, secs=round(secs, 3),
-               rate=_rate(self.written, secs))
-        s._post(ev.PostUpload, s._opener(self.real), path=self.path, size=size, duration=secs)
+        try:
+            s = self.session
+            size = self.size()
+            os.close(self.fd)
+            s.bytes_in += self.written
+            if self.staging_name is not None:
+                try:
+                    s._publish(self, size)
+                except FsError as exc:
+                    s._log("upload", self.path, "rejected", bytes=self.written, reason=exc.message)
+                    raise
+            secs = time.monotonic() - self.started
+            s._log("upload", self.path, "ok", bytes=self.written, size=size, secs=round(secs, 3),
+                   rate=_rate(self.written, secs))
+            s._post(ev.PostUpload, s._opener(self.real), path=self.path, size=size, duration=secs)
+        finally:
+            self._release()
 
     def abort(self, reason: str) -> None:
         """The client went away mid-transfer: nothing is published."""
         if not self._finish():
             return
-        s = self.session
-        os.close(self.fd)
-        s.bytes_in += self.written
-        if self.staging_name is not None:
-            s._discard_staged(self.real[:-1], self.staging_name, self.record_id)
-        s._log("upload", self.path, "aborted", bytes=self.written, reason=reason)
-        s._post(ev.UploadFailed, path=self.path, size=self.written, reason=reason)
+        try:
+            s = self.session
+            os.close(self.fd)
+            s.bytes_in += self.written
+            if self.staging_name is not None:
+                s._discard_staged(self.real[:-1], self.staging_name, self.record_id)
+            s._log("upload", self.path, "aborted", bytes=self.written, reason=reason)
+            s._post(ev.UploadFailed, path=self.path, size=self.written, reason=reason)
+        finally:
+            self._release()
