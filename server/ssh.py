@@ -32,7 +32,7 @@ import paramiko
 import paramiko.util
 from paramiko.auth_handler import AuthHandler
 from paramiko.common import (
-    AUTH_FAILED, AUTH_SUCCESSFUL, DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, OPEN_SUCCEEDED,
+    AUTH_FAILED, AUTH_SUCCESSFUL, DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, MSG_CHANNEL_REQUEST, OPEN_SUCCEEDED,
     OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED, cMSG_DISCONNECT,
 )
 from paramiko.message import Message
@@ -63,7 +63,19 @@ class SSHLimits:
     max_packet: int = 262144
 
 
+def _handle_request_then_start(chan: paramiko.Channel, m: Message) -> None:
+    """paramiko answers a channel request after the check_* callback returns; a worker
+    started inside the callback could finish (and send CHANNEL_CLOSE) before that answer.
+    Workers stashed on the channel start only once the answer is out."""
+    paramiko.Channel._handle_request(chan, m)
+    start = chan.__dict__.pop("_start_after_reply", None)
+    if start is not None:
+        start()
+
+
 class ServerTransport(paramiko.Transport):
+    _channel_handler_table = {**paramiko.Transport._channel_handler_table,
+                              MSG_CHANNEL_REQUEST: _handle_request_then_start}
     _preferred_ciphers = (
         "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr", "aes192-ctr",
     )
@@ -170,8 +182,8 @@ class SSHServer(paramiko.ServerInterface):
             log.info("scp refused: %s", exc.message, extra={"sid": self.conn.id})
             return False
         runner = self.scp_runner
-        threading.Thread(target=runner, args=(channel, session, argv[1:]), name=f"scp-{self.conn.id}",
-                         daemon=True).start()
+        channel._start_after_reply = threading.Thread(  # type: ignore[attr-defined]
+            target=runner, args=(channel, session, argv[1:]), name=f"scp-{self.conn.id}", daemon=True).start
         return True
 
     def check_channel_pty_request(self, *args: object) -> bool:
@@ -275,16 +287,21 @@ class SSHListener:
             transport.join()
         finally:
             if transport is not None:
-                transport.close()
+                transport.close()  # does nothing for a transport never started...
                 with self._lock:
                     self._transports.discard(transport)
-            else:
-                client.close()
+            client.close()  # ...so close the socket ourselves, or the client hangs until we exit
             self.core.disconnect(conn)
 
     def stop_accepting(self) -> None:
         self._stopping.set()
         for s in self.sockets:
+            try:
+                # close() alone neither wakes a thread blocked in accept() nor stops the
+                # kernel from completing handshakes; shutdown() does both (Linux).
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 s.close()
             except OSError:
