@@ -116,6 +116,11 @@ class SFTPHandler(paramiko.SFTPServer):
             log.info("sftp channel error: %s", exc, extra={"sid": self.session.id})
         finally:
             self._end()
+            try:
+                # sshd reports sftp-server's exit; without it OpenSSH scp (SFTP mode) exits 1
+                channel.send_exit_status(0)
+            except Exception:
+                pass
 
     def finish_subsystem(self) -> None:
         self._end()
