@@ -24,7 +24,8 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
         ctx = _context(record)
-        head = " ".join(f"{k}={ctx.pop(k)}" for k in ("sid", "user", "proto", "ip") if ctx.get(k))
+        head_items = [(k, ctx.pop(k, None)) for k in ("sid", "user", "proto", "ip")]
+        head = " ".join(f"{k}={v}" for k, v in head_items if v)  # empty ones (no user yet) are left out
         for k in ("op", "path", "result"):  # already in the message
             ctx.pop(k, None)
         tail = " ".join(f"{k}={_quote(v)}" for k, v in ctx.items())
