@@ -282,3 +282,20 @@ def test_protocol_scp_only_gets_scp_but_not_sftp(daemons, alice_key):
         chan.exec_command("scp -t /x.txt")  # accepted (raises if refused)
     finally:
         t.close()
+
+
+def test_failed_login_log_lines(keyed_daemon):
+    """One clear line per failure; the connection's end names no user it never had."""
+    mark = len(keyed_daemon.lines)
+    t = _transport(keyed_daemon)
+    try:
+        with pytest.raises(paramiko.AuthenticationException):
+            t.auth_password("alice", "bad guess")
+    finally:
+        t.close()
+    m = keyed_daemon.wait_log(r"WARNING +login: \[sid=(\w+) user=alice proto=sftp ip=127\.0\.0\.1\] "
+                              r"login failed for 'alice' \(password\): wrong password$", start=mark)
+    line = keyed_daemon.wait_log(rf"\[sid={m.group(1)} proto=sftp ip=127\.0\.0\.1\] disconnect after .*",
+                                 start=mark).group(0)
+    assert "user=" not in line, line
+    assert "bad guess" not in keyed_daemon.log_text()
