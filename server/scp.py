@@ -128,10 +128,13 @@ def _vpath(arg: str) -> str:
     return arg or "."
 
 
+def _printable(text: str) -> str:
+    """One line, no control characters, bounded: fit for a terminal or a log line."""
+    return "".join(c if c.isprintable() else "?" for c in text[:MAX_MESSAGE])
+
+
 def _clean(text: str) -> bytes:
-    """One line, no control characters, bounded: fit for the client's terminal."""
-    text = "".join(c if c >= " " and c != "\x7f" else "?" for c in text)
-    return text[:MAX_MESSAGE].encode("utf-8", "replace")
+    return _printable(text).encode("utf-8", "replace")
 
 
 class _Peer:
@@ -277,7 +280,7 @@ class _Transfer:
     def fail(self, message: str) -> None:
         """A per-file error: counted, logged, sent as ``\\x01`` (the transfer goes on)."""
         self.errors += 1
-        log.info("scp error: %s", message, extra={"sid": self.session.id})
+        log.info("scp error: %s", _printable(message), extra={"sid": self.session.id})
         self.peer.error(message)
 
 
@@ -315,7 +318,7 @@ class _Sink(_Transfer):
             if kind in (b"\x01", b"\x02"):
                 # the client could not read one of its files: it says so and goes on (\x01) or stops
                 self.errors += 1
-                log.info("scp client error: %s", line[1:].decode("utf-8", "replace")[:MAX_MESSAGE],
+                log.info("scp client error: %s", _printable(line[1:].decode("utf-8", "replace")),
                          extra={"sid": self.session.id})
                 if kind == b"\x02":
                     return
@@ -334,15 +337,20 @@ class _Sink(_Transfer):
             if kind not in (b"C", b"D"):
                 raise _Fatal("protocol error: expected a C, D, E or T record")
             mode, size, name = _parse_cd(line)
-            if stack:
-                path = join(split(name, stack[-1].path))
-            elif target_is_dir:
-                path = join(split(name, target))
-            else:
-                path = target
+            if kind == b"D" and not self.options.recursive:
+                raise _Fatal("protocol error: received a directory without -r")
+            try:
+                if stack:
+                    path = join(split(name, stack[-1].path))
+                elif target_is_dir:
+                    path = join(split(name, target))
+                else:
+                    path = target
+            except FsError as exc:  # a name the Session refuses (control characters, too long...)
+                self.fail(exc.message)  # the client skips that file or directory
+                times = None
+                continue
             if kind == b"D":
-                if not self.options.recursive:
-                    raise _Fatal("protocol error: received a directory without -r")
                 if len(stack) >= MAX_DEPTH:
                     raise _Fatal(f"{path}: directories nested too deep (limit {MAX_DEPTH})")
                 if self._enter(path, mode):
@@ -369,10 +377,10 @@ class _Sink(_Transfer):
             return False
 
     def _leave(self, d: _Dir) -> None:
-        if not self.options.preserve:
+        if not self.options.preserve and d.times is None:
             return
         try:
-            self.session.setstat(d.path, mode=d.mode & 0o777, times=d.times)
+            self.session.setstat(d.path, mode=d.mode & 0o777 if self.options.preserve else None, times=d.times)
         except FsError as exc:
             # the directory and its files are there; only the attributes failed (OpenSSH: a warning)
             self.errors += 1
@@ -426,7 +434,7 @@ class _Sink(_Transfer):
             self.fail(write_error.message)
             return
         attr_error: FsError | None = None
-        if self.options.preserve and times is not None:
+        if times is not None:  # a T record (scp -p); OpenSSH applies it whenever one came
             try:
                 self.session.fsetstat(handle, mode=None, times=times)
             except FsError as exc:
@@ -517,7 +525,7 @@ class _Source(_Transfer):
         if code is None:
             raise _Gone("client closed the channel")
         self.errors += 1
-        log.info("scp client error: %s", text[:MAX_MESSAGE], extra={"sid": self.session.id})
+        log.info("scp client error: %s", _printable(text), extra={"sid": self.session.id})
         if code == 2:
             raise _Gone("the client stopped")
         return False
@@ -617,13 +625,13 @@ def run_scp(channel: paramiko.Channel, session: Session, argv: list[str]) -> Non
         channel.settimeout(timeout or None)
         try:
             options = _parse_argv(argv)
-            log.info("scp %s %s", "upload to" if options.sink else "download of", " ".join(options.paths)[:500],
-                     extra={"sid": session.id})
+            log.info("scp %s %s", "upload to" if options.sink else "download of",
+                     _printable(" ".join(options.paths)), extra={"sid": session.id})
             transfer = (_Sink if options.sink else _Source)(peer, session, options)
             transfer.run()
             status = 1 if transfer.errors else 0
-        except _Fatal as exc:
-            log.info("scp stopped: %s", exc.message, extra={"sid": session.id})
+        except (_Fatal, FsError) as exc:
+            log.info("scp stopped: %s", _printable(exc.message), extra={"sid": session.id})
             try:
                 peer.error(exc.message, fatal=True)
             except _Gone:

@@ -290,8 +290,27 @@ def test_malicious_records_are_refused(srv, alice_key, work):
     assert list((srv.home("alice") / work).iterdir()) == []
 
 
+def test_names_the_session_refuses_are_per_file_errors(srv, alice_key, work):
+    """Control characters or a staging name: that file fails (\\x01), the stream goes on."""
+    t, ch = raw_exec(srv, alice_key, f"scp -r -t /{work}")
+    try:
+        assert recv_reply(ch) == b"\0"
+        for record in (b"C0644 3 bad\x1bname\n", b"C0644 3 .scriptsftp-part-0123\n", b"D0755 0 dir\x07\n"):
+            ch.sendall(record)
+            assert recv_reply(ch).startswith(b"\x01scp: "), record
+        ch.sendall(b"C0644 3 good\n")
+        assert recv_reply(ch) == b"\0"
+        ch.sendall(b"abc\0")
+        assert recv_reply(ch) == b"\0"
+        ch.shutdown_write()
+        assert ch.recv_exit_status() == 1
+    finally:
+        t.close()
+    assert sorted(p.name for p in (srv.home("alice") / work).iterdir()) == ["good"]
+
+
 def test_unknown_options_and_commands(srv, alice_key):
-    for command in ("scp -x -t /", "scp /", "scp -t -f /", "scp -t a b"):
+    for command in ("scp -x -t /", "scp /", "scp -t -f /", "scp -t a b", "scp -f", "scp -t 'a\x01b'"):
         t, ch = raw_exec(srv, alice_key, command)
         try:
             reply = recv_reply(ch)
@@ -363,3 +382,73 @@ def test_curl_scp_upload_and_download(srv, alice_key, work, tmp_path):
     got = subprocess.run([curl, *base, "-o", str(down), url], capture_output=True, text=True, timeout=60)
     ok(got, srv)
     assert down.read_bytes() == src.read_bytes()
+
+
+# --- script vetoes reach the scp user ------------------------------------------------------
+
+VETO = '''
+def on_pre_upload(event, api):
+    if event.path.endswith(".exe"):
+        api.veto("executables are not accepted: " + event.path)
+
+def on_pre_publish(event, api):
+    if api.file.read(2) == b"MZ":
+        api.veto("Windows executable inside " + event.path)
+
+def on_pre_download(event, api):
+    if "/secret" in event.path:
+        api.veto("secret stays here")
+'''
+
+
+def test_script_vetoes_are_printed_by_scp(daemons, alice_key, tmp_path):
+    (daemons.root / "scripts").mkdir(parents=True, exist_ok=True)
+    (daemons.root / "scripts" / "veto.py").write_text(VETO)
+    extra = "".join(
+        f'[[bindings]]\nevent = "{e}"\nscript = "veto.py"\nprotocols = ["scp"]\n'
+        + ('allow = ["read"]\n' if e == "pre-publish" else "")
+        for e in ("pre-upload", "pre-publish", "pre-download")
+    )
+    d = daemons.start(extra)
+    home = d.home("alice")
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "in").mkdir()
+    (home / "in" / "data.bin").write_bytes(b"old version")
+
+    # pre-upload: refused before any byte flows
+    exe = tmp_path / "tool.exe"
+    exe.write_bytes(b"MZ" + b"\0" * 5000)
+    proc = scp(d, alice_key, str(exe), remote("alice", "/in/"))
+    assert proc.returncode == 1
+    assert "executables are not accepted: /in/tool.exe" in proc.stderr
+    assert not (home / "in" / "tool.exe").exists()
+
+    # pre-publish: the bytes arrived, the script read them and said no; the old version stays
+    disguised = tmp_path / "data.bin"
+    disguised.write_bytes(b"MZ" + b"\0" * 300_000)
+    proc = scp(d, alice_key, str(disguised), remote("alice", "/in/data.bin"))
+    assert proc.returncode == 1
+    assert "Windows executable inside /in/data.bin" in proc.stderr
+    assert (home / "in" / "data.bin").read_bytes() == b"old version"
+
+    # -r: a vetoed file fails, the others of the same copy still go through
+    tree_dir = tmp_path / "mixed"
+    tree_dir.mkdir()
+    (tree_dir / "a.txt").write_text("a")
+    (tree_dir / "b.exe").write_text("b")
+    (tree_dir / "c.txt").write_text("c")
+    proc = scp(d, alice_key, "-r", str(tree_dir), remote("alice", "/in/"))
+    assert proc.returncode == 1
+    assert "executables are not accepted: /in/mixed/b.exe" in proc.stderr
+    assert sorted(p.name for p in (home / "in" / "mixed").iterdir()) == ["a.txt", "c.txt"]
+
+    # pre-download
+    (home / "secret.txt").write_text("s3cret")
+    (home / "open.txt").write_text("open")
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    proc = scp(d, alice_key, remote("alice", "/secret.txt"), remote("alice", "/open.txt"), str(dest))
+    assert proc.returncode == 1
+    assert "secret stays here" in proc.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["open.txt"]
+    assert [p.name for p in home.rglob(".scriptsftp-part-*")] == []
