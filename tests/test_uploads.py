@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -19,7 +20,7 @@ import paramiko
 import pytest
 from paramiko.sftp import CMD_CLOSE
 
-from conftest import SSH_OPTS, close_client, paramiko_client, require_tool
+from conftest import SSH_OPTS, close_client, paramiko_client, require_tool, sftp_batch, user_toml
 
 STAGING = ".scriptsftp-part-"
 
@@ -40,19 +41,32 @@ def _wait_for(condition, timeout: float = 20.0, what: str = "condition"):
         time.sleep(0.01)
 
 
-@pytest.fixture
-def d(daemons):
-    daemon = daemons.start()
-    daemon.home("alice").mkdir(parents=True, exist_ok=True)
+# One daemon for the module; each test has its own user (all with alice's key) so that
+# each sees a home of its own and can assert on the exact contents of its directory.
+USERS = ("vis", "old", "conc", "clash", "killed", "closed", "reset", "resume", "big")
+
+
+@pytest.fixture(scope="module")
+def d(module_daemons, alice_key):
+    daemon = module_daemons.start(users="".join(user_toml(u, keys=[alice_key]) for u in USERS))
     return daemon
 
 
+def fresh_home(d, user: str):
+    """The user's home, emptied (a parametrized test runs more than once)."""
+    path = d.home(user)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
 def test_staging_file_never_visible_during_upload(d, alice_key):
-    home = d.home("alice")
+    home = fresh_home(d, "vis")
     (home / "vis").mkdir()
     (home / "vis" / "other.txt").write_text("other")
-    writer = paramiko_client(d, key=alice_key)
-    reader = paramiko_client(d, key=alice_key)
+    writer = paramiko_client(d, "vis", key=alice_key)
+    reader = paramiko_client(d, "vis", key=alice_key)
     try:
         f = writer.open("vis/new.bin", "w")
         f.write(b"a" * 100_000)
@@ -80,10 +94,10 @@ def test_staging_file_never_visible_during_upload(d, alice_key):
 
 
 def test_old_version_served_until_the_new_one_is_complete(d, alice_key):
-    home = d.home("alice")
+    home = fresh_home(d, "old")
     (home / "doc.txt").write_bytes(b"version 1\n")
-    writer = paramiko_client(d, key=alice_key)
-    reader = paramiko_client(d, key=alice_key)
+    writer = paramiko_client(d, "old", key=alice_key)
+    reader = paramiko_client(d, "old", key=alice_key)
     try:
         with writer.open("doc.txt", "w") as f:
             f.write(b"version 2, longer\n" * 1000)
@@ -98,9 +112,9 @@ def test_old_version_served_until_the_new_one_is_complete(d, alice_key):
 
 def test_concurrent_uploads_to_one_name_never_mix(d, alice_key):
     """Two clients upload the same name at once: the result is one of them, whole."""
-    home = d.home("alice")
-    a = paramiko_client(d, key=alice_key)
-    b = paramiko_client(d, key=alice_key)
+    home = fresh_home(d, "conc")
+    a = paramiko_client(d, "conc", key=alice_key)
+    b = paramiko_client(d, "conc", key=alice_key)
     try:
         fa, fb = a.open("same.bin", "w"), b.open("same.bin", "w")
         for _ in range(20):
@@ -120,9 +134,9 @@ def test_concurrent_uploads_to_one_name_never_mix(d, alice_key):
 
 
 def test_directory_created_under_the_name_before_publish(d, alice_key):
-    home = d.home("alice")
-    a = paramiko_client(d, key=alice_key)
-    b = paramiko_client(d, key=alice_key)
+    home = fresh_home(d, "clash")
+    a = paramiko_client(d, "clash", key=alice_key)
+    b = paramiko_client(d, "clash", key=alice_key)
     try:
         f = a.open("clash", "w")
         f.write(b"data")
@@ -146,7 +160,7 @@ def test_directory_created_under_the_name_before_publish(d, alice_key):
 
 def test_openssh_client_killed_mid_put(d, alice_key, tmp_path):
     require_tool("sftp")
-    home = d.home("alice")
+    home = fresh_home(d, "killed")
     (home / "big.bin").write_bytes(b"the old version\n")
     src = tmp_path / "big.bin"
     src.write_bytes(os.urandom(32 * 1024 * 1024))
@@ -154,7 +168,7 @@ def test_openssh_client_killed_mid_put(d, alice_key, tmp_path):
     # -l caps the rate (Kbit/s) so the kill surely lands mid-transfer
     proc = subprocess.Popen(
         ["sftp", "-l", "40000", "-b", "-", "-i", str(alice_key.private), "-P", str(d.port), *SSH_OPTS,
-         "alice@127.0.0.1"],
+         "killed@127.0.0.1"],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -179,10 +193,10 @@ def test_openssh_client_killed_mid_put(d, alice_key, tmp_path):
 
 @pytest.mark.parametrize("existing", [True, False], ids=["overwrite", "new-file"])
 def test_paramiko_transport_closed_mid_write(d, alice_key, existing):
-    home = d.home("alice")
+    home = fresh_home(d, "closed")
     if existing:
         (home / "p.bin").write_bytes(b"previous\n")
-    client = paramiko_client(d, key=alice_key)
+    client = paramiko_client(d, "closed", key=alice_key)
     mark = len(d.lines)
     f = client.open("p.bin", "w")
     for _ in range(8):
@@ -200,12 +214,12 @@ def test_paramiko_transport_closed_mid_write(d, alice_key, existing):
 
 def test_tcp_reset_mid_write(d, alice_key):
     """The socket dies without an SSH goodbye (client crash, network cut)."""
-    home = d.home("alice")
+    home = fresh_home(d, "reset")
     (home / "r.bin").write_bytes(b"previous\n")
     sock = __import__("socket").create_connection(("127.0.0.1", d.port))
     t = paramiko.Transport(sock)
     t.start_client(timeout=10)
-    t.auth_publickey("alice", paramiko.PKey.from_path(str(alice_key.private)))
+    t.auth_publickey("reset", paramiko.PKey.from_path(str(alice_key.private)))
     client = paramiko.SFTPClient.from_transport(t)
     mark = len(d.lines)
     f = client.open("r.bin", "w")
@@ -222,9 +236,9 @@ def test_tcp_reset_mid_write(d, alice_key):
 
 def test_resume_after_an_aborted_upload_starts_from_the_old_version(d, alice_key):
     """An aborted resume (append) does not grow the published file either."""
-    home = d.home("alice")
+    home = fresh_home(d, "resume")
     (home / "log.txt").write_bytes(b"line 1\n")
-    client = paramiko_client(d, key=alice_key)
+    client = paramiko_client(d, "resume", key=alice_key)
     mark = len(d.lines)
     f = client.open("log.txt", "a")
     f.write(b"line 2\n" * 1000)
@@ -232,7 +246,7 @@ def test_resume_after_an_aborted_upload_starts_from_the_old_version(d, alice_key
     client.get_channel().get_transport().close()
     d.wait_log(r"upload /log\.txt aborted", start=mark)
     assert (home / "log.txt").read_bytes() == b"line 1\n"
-    client = paramiko_client(d, key=alice_key)
+    client = paramiko_client(d, "resume", key=alice_key)
     try:
         with client.open("log.txt", "a") as f:
             f.write(b"line 2\n")
@@ -241,7 +255,7 @@ def test_resume_after_an_aborted_upload_starts_from_the_old_version(d, alice_key
     assert (home / "log.txt").read_bytes() == b"line 1\nline 2\n"
 
 
-def test_daemon_killed_mid_upload_cleans_up_on_restart(daemons, alice_key):
+def test_daemon_killed_mid_upload_cleans_up_on_restart(daemons, alice_key):  # its own daemon: it kills it
     d = daemons.start()
     home = d.home("alice")
     home.mkdir(parents=True, exist_ok=True)
@@ -263,12 +277,11 @@ def test_daemon_killed_mid_upload_cleans_up_on_restart(daemons, alice_key):
 
 def test_big_upload_integrity(d, alice_key, tmp_path):
     require_tool("sftp")
-    from conftest import sftp_batch
-
+    fresh_home(d, "big")
     src = tmp_path / "big"
     src.write_bytes(os.urandom(24 * 1024 * 1024 + 3))
-    sftp_batch(d, f"put {src} big\n", alice_key, check=True)
-    got = d.home("alice") / "big"
+    sftp_batch(d, f"put {src} big\n", alice_key, "big", check=True)
+    got = d.home("big") / "big"
     assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
     assert stat_mode(got) == 0o644
 
