@@ -326,9 +326,12 @@ class _Sink(_Transfer):
             if kind == b"E":
                 if line != b"E" or not stack:
                     raise _Fatal("protocol error: unexpected E record")
-                self._leave(stack.pop())
+                problem = self._leave(stack.pop())
                 times = None
-                self.peer.ok()
+                if problem:
+                    self.fail(problem)
+                else:
+                    self.peer.ok()
                 continue
             if kind == b"T":
                 times = _parse_t(line)
@@ -376,15 +379,16 @@ class _Sink(_Transfer):
             self.fail(exc.message)
             return False
 
-    def _leave(self, d: _Dir) -> None:
+    def _leave(self, d: _Dir) -> str | None:
+        """Apply -p attributes to a finished directory; a message if that failed."""
         if not self.options.preserve and d.times is None:
-            return
+            return None
         try:
             self.session.setstat(d.path, mode=d.mode & 0o777 if self.options.preserve else None, times=d.times)
         except FsError as exc:
-            # the directory and its files are there; only the attributes failed (OpenSSH: a warning)
-            self.errors += 1
-            log.info("scp setstat failed: %s", exc.message, extra={"sid": self.session.id})
+            # the directory and its files are there; only the attributes failed (OpenSSH: an error line)
+            return f"{d.path}: set times: {exc.message}"
+        return None
 
     def _mode_for(self, path: str, mode: int) -> int:
         if self.options.preserve:
@@ -489,9 +493,13 @@ class _Source(_Transfer):
             e.name for e in entries
             if fnmatch.fnmatchcase(e.name, pattern) and (pattern.startswith(".") or not e.name.startswith("."))
         )
-        if not names:
-            return [path]  # like a shell: an unmatched pattern stays literal
-        return [join(split(n, parent)) for n in names]
+        out = []
+        for n in names:
+            try:
+                out.append(join(split(n, parent)))
+            except FsError:
+                continue  # a name no client may use (control characters): never matched
+        return out or [path]  # like a shell: an unmatched pattern stays literal
 
     def _name(self, path: str) -> str:
         return path.rsplit("/", 1)[-1] or self.session.user
