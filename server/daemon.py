@@ -108,6 +108,12 @@ class Daemon:
     # --- running ------------------------------------------------------------
 
     def start(self) -> None:
+        # Handlers first: a SIGHUP or SIGTERM sent as soon as we say "ready" must find
+        # them (the default action of both kills the process, a reload included).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+            signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+            signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
         if hasattr(self.engine, "start"):
             self.engine.start()
         for listener in self.listeners:
@@ -117,10 +123,7 @@ class Daemon:
         log.info("scriptsftp %s ready", __version__)
 
     def serve_forever(self) -> None:
-        """Block until SIGTERM/SIGINT (call :meth:`start` first); SIGHUP reloads."""
-        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
+        """Block until SIGTERM/SIGINT (call :meth:`start` first, which installs the handlers); SIGHUP reloads."""
         while not self.stopping.is_set():
             if self._reload_requested.wait(0.5):
                 self._reload_requested.clear()
