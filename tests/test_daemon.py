@@ -183,6 +183,17 @@ def test_sigterm_grace_period_expires_and_aborts(daemons):
     assert os.listdir(home) == ["stuck.bin"]
 
 
+def test_signals_right_after_ready_are_handled(daemons):
+    """'ready' promises the handlers are in place: a SIGHUP at once reloads, never kills."""
+    for _ in range(3):
+        d = daemons.start()
+        d.signal(signal.SIGHUP)
+        d.wait_log(r"configuration reloaded")
+        assert d.proc.poll() is None
+        d.signal(signal.SIGTERM)
+        assert d.proc.wait(20) == 0
+
+
 def test_sigint_stops_an_idle_daemon(daemons):
     d = daemons.start()
     d.signal(signal.SIGINT)
