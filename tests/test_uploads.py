@@ -13,6 +13,8 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import time
 
@@ -216,7 +218,7 @@ def test_tcp_reset_mid_write(d, alice_key):
     """The socket dies without an SSH goodbye (client crash, network cut)."""
     home = fresh_home(d, "reset")
     (home / "r.bin").write_bytes(b"previous\n")
-    sock = __import__("socket").create_connection(("127.0.0.1", d.port))
+    sock = socket.create_connection(("127.0.0.1", d.port))
     t = paramiko.Transport(sock)
     t.start_client(timeout=10)
     t.auth_publickey("reset", paramiko.PKey.from_path(str(alice_key.private)))
@@ -225,8 +227,7 @@ def test_tcp_reset_mid_write(d, alice_key):
     f = client.open("r.bin", "w")
     f.write(os.urandom(300_000))
     f.flush()
-    import socket as _s, struct as _st
-    sock.setsockopt(_s.SOL_SOCKET, _s.SO_LINGER, _st.pack("ii", 1, 0))  # close sends RST
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
     sock.close()
     d.wait_log(r"upload /r\.bin aborted", start=mark)
     t.close()
@@ -283,8 +284,4 @@ def test_big_upload_integrity(d, alice_key, tmp_path):
     sftp_batch(d, f"put {src} big\n", alice_key, "big", check=True)
     got = d.home("big") / "big"
     assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
-    assert stat_mode(got) == 0o644
-
-
-def stat_mode(path) -> int:
-    return os.stat(path).st_mode & 0o777
+    assert os.stat(got).st_mode & 0o777 == 0o644
