@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import stat as statmod
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -443,4 +442,4 @@ _TABLE = {
     CMD_REALPATH: SFTPHandler._op_realpath, CMD_EXTENDED: SFTPHandler._op_extended,
 }
 
-__all__ = ["SFTPHandler", "status_of", "statmod"]
+__all__ = ["SFTPHandler", "status_of"]

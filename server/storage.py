@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import Failure, FsError, InvalidPath, NotFound, from_oserror
+from .errors import Failure, InvalidPath, NotFound, from_oserror
 from .vfs import STAGING_PREFIX, join
 
 MAX_LINK_HOPS = 40
@@ -284,4 +284,4 @@ def copy_fd(src: int, dst: int) -> None:
         offset += n
 
 
-__all__ = ["Entry", "Resolved", "Storage", "copy_fd", "FsError"]
+__all__ = ["Entry", "Resolved", "Storage", "copy_fd"]
