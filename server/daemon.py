@@ -22,6 +22,7 @@ from .dispatch import Dispatcher, NullDispatcher
 from .keys import ensure_host_keys, fingerprint, load_host_key
 from .login import LoginCore, build_users, ensure_generated_passwords
 from .session import UploadPolicy
+from .listener import Listener
 from .ssh import SSHLimits, SSHListener
 from .staging import StagingRecords, discard_leftovers
 
@@ -35,6 +36,18 @@ def _addresses(listen: str | list[str]) -> list[tuple[str, int]]:
         host, _, port = v.rpartition(":")
         out.append((host.strip("[]"), int(port)))
     return out
+
+
+# Front ends beside SSH: each module ``scriptsftp.server.<name>`` has
+# ``make_listener(daemon) -> Listener``, imported only when its section is enabled
+# (so pyftpdlib/aiohttp are not loaded by an SFTP-only server).
+FRONT_ENDS = ("ftp", "http", "admin")
+
+
+def _front_end(name: str):  # -> module with make_listener
+    import importlib
+
+    return importlib.import_module(f"scriptsftp.server.{name}")
 
 
 def _announce_password(user: str, password: str, path: Path) -> None:
@@ -69,12 +82,12 @@ class Daemon:
             max_handles=m.sftp.max_handles,
             failure_delay=m.server.login_failure_delay,
         )
-        self.listeners: list[SSHListener] = []
+        self.listeners: list[Listener] = []
         if m.sftp.enabled:
             self.listeners.append(self._ssh_listener())
-        for name in ("ftp", "http", "admin"):
+        for name in FRONT_ENDS:
             if getattr(m, name).enabled:
-                log.warning("[%s] is enabled but this version has no %s front end yet; ignored", name, name)
+                self.listeners.append(_front_end(name).make_listener(self))
 
     def _make_engine(self) -> Dispatcher:
         if not self.cfg.model.bindings:
@@ -119,7 +132,7 @@ class Daemon:
         for listener in self.listeners:
             listener.start()
             for addr in listener.bound:
-                log.info("listening sftp on %s", addr)
+                log.info("listening %s on %s", listener.name, addr)
         log.info("scriptsftp %s ready", __version__)
 
     def serve_forever(self) -> None:

@@ -202,6 +202,8 @@ class SSHServer(paramiko.ServerInterface):
 class SSHListener:
     """Accepts SSH connections on one or more addresses; one thread per connection."""
 
+    name = "sftp"
+
     def __init__(
         self,
         addresses: list[tuple[str, int]],

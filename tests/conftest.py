@@ -101,6 +101,8 @@ class Daemon:
     config: Path
     lines: list[str] = field(default_factory=list)
     port: int = 0
+    #: port of each front end by protocol name ("sftp", "ftp", "http", "admin")
+    ports: dict[str, int] = field(default_factory=dict)
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def home(self, user: str = "alice") -> Path:
@@ -229,9 +231,11 @@ dir = "scripts"
         threading.Thread(target=d._read, daemon=True).start()
         self.daemons.append(d)
         if wait:
-            m = d.wait_log(r"listening sftp on [\d.]+:(\d+)", timeout=30)
-            d.port = int(m.group(1))
-            d.wait_log(r"ready", timeout=30)
+            d.wait_log(r"scriptsftp \S+ ready", timeout=30)
+            # every front end logs "listening <proto> on host:port" before "ready"
+            for proto, port in re.findall(r"listening (\w+) on \S+:(\d+)", d.log_text()):
+                d.ports.setdefault(proto, int(port))
+            d.port = d.ports.get("sftp", 0)
         return d
 
     def close(self) -> None:

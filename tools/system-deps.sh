@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the system tools the test suite drives as real clients, if missing.
+# Install the system tools the test suite drives as real clients (and the real
+# peers it tests against: clamd, Chromium), if missing.
 # Uses apt-get when run as root (CI, fresh machines); otherwise says what is missing.
 set -euo pipefail
 need=()
@@ -7,12 +8,21 @@ command -v ssh >/dev/null && command -v sftp >/dev/null && command -v scp >/dev/
   && command -v ssh-keygen >/dev/null || need+=(openssh-client)
 if ! command -v curl >/dev/null || ! curl -V 2>/dev/null | grep -q '\bsftp\b'; then need+=(curl); fi
 command -v python3 >/dev/null || need+=(python3 python3-venv)
+command -v lftp >/dev/null || need+=(lftp)
+command -v rclone >/dev/null || need+=(rclone)
+command -v openssl >/dev/null || need+=(openssl)
+command -v clamd >/dev/null || need+=(clamav-daemon)
+command -v clamdscan >/dev/null || need+=(clamdscan)
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   echo "installing system packages: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # clamav-daemon's package starts a system clamd wanting a signature download
+  # this machine cannot do; tests run their own clamd on a test database.
+  if command -v systemctl >/dev/null; then systemctl disable --now clamav-daemon clamav-freshclam >/dev/null 2>&1 || true; fi
 else
   echo "missing system packages: ${need[*]} (install them, e.g. sudo apt-get install ${need[*]})" >&2
   exit 1
