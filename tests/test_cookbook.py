@@ -10,12 +10,15 @@ api.run.
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import time
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -80,12 +83,16 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(out) + "\n"
 
 
-def example_toml(name: str, patch: Callable[[dict[str, Any]], None] | None = None, **binding_overrides: Any) -> str:
-    """The example's header snippet as config text, with ``binding_overrides``
-    applied to each of its bindings and ``patch`` to the whole document."""
+def example_toml(name: str, patch: Callable[[dict[str, Any]], None] | None = None, *, inbox: str | None = None,
+                 **binding_overrides: Any) -> str:
+    """The example's header snippet as config text: ``inbox`` replaces the
+    leading "/inbox" of its path globs, ``binding_overrides`` are applied to
+    each of its bindings and ``patch`` to the whole document."""
     data = header_snippet(name)
     for b in data.get("bindings", []):
         assert b["script"] == name, f"{name}: its snippet binds {b['script']}"
+        if inbox is not None and "paths" in b:
+            b["paths"] = [inbox + p[len("/inbox"):] if p.startswith("/inbox") else p for p in b["paths"]]
         b.update(binding_overrides)
     if patch is not None:
         patch(data)
@@ -143,13 +150,15 @@ def mkdirs(d: Daemon, user: str, *dirs: str) -> None:
 FILE_EXAMPLES = {
     # example -> directory its binding is given in this module's daemon
     "reject_executables.py": "/exe",
+    "csv_schema.py": "/csv",
+    "zip_guard.py": "/zip",
 }
 
 
 @pytest.fixture(scope="module")
 def files_daemon(module_daemons: DaemonFactory) -> Daemon:
     install(module_daemons, *FILE_EXAMPLES)
-    extra = "".join(example_toml(name, paths=[f"{directory}/**"]) for name, directory in FILE_EXAMPLES.items())
+    extra = "".join(example_toml(name, inbox=directory) for name, directory in FILE_EXAMPLES.items())
     d = module_daemons.start(extra)
     mkdirs(d, "alice", *FILE_EXAMPLES.values())
     return d
@@ -185,3 +194,106 @@ def test_reject_executables_with_openssh_sftp(files_daemon: Daemon, alice_key, t
     proc = sftp_batch(files_daemon, f"put {bad} /exe/tool.dat\n", alice_key)
     assert proc.returncode != 0  # OpenSSH's sftp prints only "Permission denied"
     assert_absent(files_daemon, "alice", "/exe/tool.dat")
+
+
+# 3. csv_schema.py --------------------------------------------------------------------------
+
+GOOD_CSV = (b"\xef\xbb\xbforder_id,date,customer,amount,currency\r\n"
+            b"1001,2024-01-31,ACME Corp,12.50,EUR\r\n"
+            b'1002,2024-02-29,"Smith, Jones & Co",7,USD\r\n')
+
+
+def test_csv_schema_accepts_good_rows_and_names_the_first_bad_line(files_daemon: Daemon, alice):
+    d = files_daemon
+    put(alice, "/csv/orders.csv", GOOD_CSV)
+    assert (d.home() / "csv/orders.csv").read_bytes() == GOOD_CSV
+    d.wait_log(r"csv_schema\.py: csv accepted path=/csv/orders\.csv rows=2")
+
+    bad = GOOD_CSV + b"1003,2024-03-01,ACME Corp,9.99,EUR\r\n1004,2024-03-02,ACME Corp,12,50,EUR\r\n"
+    put_refused(alice, "/csv/march.csv", bad, r"march\.csv line 5: 6 fields, expected 5")
+    assert_absent(d, "alice", "/csv/march.csv", alice)
+    put_refused(alice, "/csv/april.csv", GOOD_CSV + b"1005,2024-04-31,ACME Corp,1.00,EUR\r\n",
+                r"april\.csv line 4, column date: '2024-04-31' is not a date \(YYYY-MM-DD\)")
+    put_refused(alice, "/csv/may.csv", b"id,date\n1,2024-05-01\n",
+                r"may\.csv line 1: the header must be order_id,date,customer,amount,currency \(found id,date\)")
+    put_refused(alice, "/csv/empty.csv", b"", r"empty\.csv is empty")
+    # replacing a good file with a bad one keeps the good one
+    put_refused(alice, "/csv/orders.csv", GOOD_CSV + b"x,2024-01-01,A,1,EUR\n",
+                r"orders\.csv line 4, column order_id: 'x' is not a whole number")
+    assert (d.home() / "csv/orders.csv").read_bytes() == GOOD_CSV
+    for name in ("april", "may", "empty"):
+        assert_absent(d, "alice", f"/csv/{name}.csv")
+    # the binding's glob: other files in the folder are not checked
+    put(alice, "/csv/readme.txt", b"not a csv")
+
+
+# 4. zip_guard.py ---------------------------------------------------------------------------
+
+
+def make_zip(entries: list[tuple[str, bytes]], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as z:
+        for name, data in entries:
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def _eocd(data: bytes) -> int:
+    return data.rfind(b"PK\x05\x06")
+
+
+def as_zip64(data: bytes) -> bytes:
+    """The same archive with a ZIP64 end-of-archive record (as big archives have)."""
+    at = _eocd(data)
+    count, cd_size, cd_offset = struct.unpack_from("<HII", data, at + 10)
+    rec = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, cd_size, cd_offset)
+    loc = struct.pack("<4sIQI", b"PK\x06\x07", 0, at, 1)
+    eocd = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    return data[:at] + rec + loc + eocd
+
+
+def encrypted(data: bytes) -> bytes:
+    """Set the 'encrypted' flag on the (first) entry, in both headers."""
+    b = bytearray(data)
+    b[6] |= 1                                   # local header flags
+    b[b.find(b"PK\x01\x02") + 8] |= 1           # central directory flags
+    return bytes(b)
+
+
+def overlapping(data: bytes) -> bytes:
+    """Two index entries pointing at one local entry (Fifield's overlapping bomb)."""
+    at = _eocd(data)
+    count, cd_size, cd_offset = struct.unpack_from("<HII", data, at + 10)
+    cd = data[cd_offset:cd_offset + cd_size]
+    eocd = bytearray(data[at:])
+    struct.pack_into("<HHII", eocd, 8, count * 2, count * 2, cd_size * 2, cd_offset)
+    return data[:cd_offset] + cd + cd + bytes(eocd)
+
+
+def test_zip_guard(files_daemon: Daemon, alice):
+    d = files_daemon
+    good = make_zip([("reports/jan.csv", b"a,b\n1,2\n" * 50), ("readme.txt", b"hello")])
+    put(alice, "/zip/reports.zip", good)
+    put(alice, "/zip/big-index.zip", as_zip64(good))
+    put(alice, "/zip/stored.zip", make_zip([("x.bin", os.urandom(4000))], zipfile.ZIP_STORED))
+    assert (d.home() / "zip/reports.zip").read_bytes() == good
+    d.wait_log(r"zip_guard\.py: zip checked path=/zip/big-index\.zip entries=2")
+
+    cases = [
+        ("truncated.zip", good[:-40], r"truncated\.zip refused: it is not a ZIP archive or it is truncated"),
+        ("renamed.zip", b"%PDF-1.4 not a zip at all" * 10, r"renamed\.zip refused: it is not a ZIP archive"),
+        ("secret.zip", encrypted(make_zip([("pay.csv", b"1,2\n")], zipfile.ZIP_STORED)),
+         r"secret\.zip refused: 'pay\.csv' is encrypted \(password-protected archives are not accepted\)"),
+        ("slip.zip", make_zip([("ok.txt", b"ok"), ("../../.ssh/authorized_keys", b"ssh-ed25519 AAAA")]),
+         r"slip\.zip refused: entry '\.\./\.\./\.ssh/authorized_keys' has a '\.\.' component"),
+        ("abs.zip", make_zip([("/etc/cron.d/x", b"* * * * * root id")]),
+         r"abs\.zip refused: entry '/etc/cron\.d/x' has an absolute path"),
+        ("bomb.zip", make_zip([("zeros.bin", b"\0" * 5_000_000)]),
+         r"bomb\.zip refused: it would expand to 5000000 bytes from \d+ \(more than 100 times its size"),
+        ("overlap.zip", overlapping(make_zip([("a.txt", b"a" * 100)])),
+         r"overlap\.zip refused: entries share their data at offset 0"),
+    ]
+    for name, data, reason in cases:
+        put_refused(alice, f"/zip/{name}", data, reason)
+        assert_absent(d, "alice", f"/zip/{name}")
+    assert sorted(alice.listdir("/zip")) == ["big-index.zip", "reports.zip", "stored.zip"]
