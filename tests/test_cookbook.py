@@ -86,13 +86,15 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
 def example_toml(name: str, patch: Callable[[dict[str, Any]], None] | None = None, *, inbox: str | None = None,
                  **binding_overrides: Any) -> str:
     """The example's header snippet as config text: ``inbox`` replaces the
-    leading "/inbox" of its path globs, ``binding_overrides`` are applied to
-    each of its bindings and ``patch`` to the whole document."""
+    first directory of its path globs ("/inbox/**/*.csv" -> "/csv/**/*.csv"),
+    or gives it paths = [inbox/**] if it has none; ``binding_overrides`` are
+    applied to each of its bindings and ``patch`` to the whole document."""
     data = header_snippet(name)
     for b in data.get("bindings", []):
         assert b["script"] == name, f"{name}: its snippet binds {b['script']}"
-        if inbox is not None and "paths" in b:
-            b["paths"] = [inbox + p[len("/inbox"):] if p.startswith("/inbox") else p for p in b["paths"]]
+        if inbox is not None:
+            b["paths"] = [inbox + "/" + p.split("/", 2)[2] for p in b["paths"]] if "paths" in b \
+                else [inbox + "/**"]
         b.update(binding_overrides)
     if patch is not None:
         patch(data)
@@ -152,6 +154,8 @@ FILE_EXAMPLES = {
     "reject_executables.py": "/exe",
     "csv_schema.py": "/csv",
     "zip_guard.py": "/zip",
+    "download_once.py": "/dl",
+    "daily_quota.py": "/quota",
 }
 
 
@@ -297,3 +301,61 @@ def test_zip_guard(files_daemon: Daemon, alice):
         put_refused(alice, f"/zip/{name}", data, reason)
         assert_absent(d, "alice", f"/zip/{name}")
     assert sorted(alice.listdir("/zip")) == ["big-index.zip", "reports.zip", "stored.zip"]
+
+
+# 7. download_once.py -----------------------------------------------------------------------
+
+
+def test_download_once(files_daemon: Daemon, alice, alice_key, tmp_path: Path):
+    d = files_daemon
+    (d.home() / "dl/key.txt").write_bytes(b"one-time secret")
+    put(alice, "/dl/other.txt", b"another file")
+    assert alice.open("/dl/key.txt").read() == b"one-time secret"
+    d.wait_log(r"download_once\.py: downloaded once path=/dl/key\.txt bytes=15")
+    with pytest.raises(PermissionError, match=r"/dl/key\.txt may be downloaded only once; you downloaded it on "
+                                              r"\d{4}-\d\d-\d\d at \d\d:\d\d UTC\. Ask the sender to send it again\."):
+        alice.open("/dl/key.txt").read()
+    # with OpenSSH's sftp too (it shows only "Permission denied"), nothing is written locally
+    target = tmp_path / "key.txt"
+    proc = sftp_batch(d, f"get /dl/key.txt {target}\n", alice_key)
+    assert proc.returncode != 0 and not target.exists()
+    # other files are not affected
+    assert alice.open("/dl/other.txt").read() == b"another file"
+    # a new version may be downloaded once more
+    put(alice, "/dl/key.txt", b"second secret")
+    assert alice.open("/dl/key.txt").read() == b"second secret"
+    with pytest.raises(PermissionError, match="may be downloaded only once"):
+        alice.open("/dl/key.txt").read()
+
+
+# 8. daily_quota.py -------------------------------------------------------------------------
+
+
+def seed_store(d: Daemon, script: str, key: str, value: Any) -> None:
+    """Set a key in a script's store (as earlier uploads today would have)."""
+    from scriptsftp.scripting.store import ScriptStore
+
+    store = ScriptStore(d.state_dir / "script-store.sqlite3")
+    try:
+        store.set(script, key, value)
+    finally:
+        store.close()
+
+
+def test_daily_quota(files_daemon: Daemon, alice):
+    d = files_daemon
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    seed_store(d, "daily_quota.py", f"alice:{today}", 999_000_000)     # alice ("*"): 1 GB a day
+    put(alice, "/quota/a.bin", b"a" * 600_000)
+    d.wait_log(r"daily_quota\.py: quota used=999600000 limit=1000000000")
+    put_refused(alice, "/quota/b.bin", b"b" * 600_000,
+                r"daily upload quota exceeded: 999\.60 MB of 1\.00 GB used today, 400\.00 kB left, "
+                r"this file is 600\.00 kB; the quota resets at 00:00 UTC")
+    assert_absent(d, "alice", "/quota/b.bin", alice)
+    put(alice, "/quota/c.bin", b"c" * 400_000)                        # exactly what was left
+    # quota used up: refused at open, before any byte is sent
+    with pytest.raises(PermissionError, match=r"daily upload quota exceeded: 1\.00 GB of 1\.00 GB used today, "
+                                              r"0 bytes left; the quota resets"):
+        alice.open("/quota/d.bin", "w")
+    assert_absent(d, "alice", "/quota/d.bin")
+    assert sorted(alice.listdir("/quota")) == ["a.bin", "c.bin"]
