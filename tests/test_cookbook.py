@@ -359,3 +359,91 @@ def test_daily_quota(files_daemon: Daemon, alice):
         alice.open("/quota/d.bin", "w")
     assert_absent(d, "alice", "/quota/d.bin")
     assert sorted(alice.listdir("/quota")) == ["a.bin", "c.bin"]
+
+
+# 11. access_rules.py -----------------------------------------------------------------------
+
+
+def raw_connect(d: Daemon, source_ip: str) -> bytes:
+    """Open a TCP connection from ``source_ip`` and return what the server sends
+    first (its version line; followed by a DISCONNECT with the reason when refused)."""
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=20, source_address=(source_ip, 0))
+    try:
+        data = b""
+        while b"\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+    finally:
+        s.close()
+
+
+def refusal_text(d: Daemon, source_ip: str) -> bytes:
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=20, source_address=(source_ip, 0))
+    try:
+        s.sendall(b"SSH-2.0-cookbook-test\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        return data
+    finally:
+        s.close()
+
+
+def test_access_rules_users_hours_and_connection_rate(daemons: DaemonFactory, alice_key, bob_key, password_hashes,
+                                                       monkeypatch, tmp_path):
+    # a time zone in which it is now 02:xx: outside business hours on any day
+    utc = datetime.datetime.now(datetime.timezone.utc)
+    monkeypatch.setenv("TZ", f"XXX+{(utc.hour - 2) % 24}")
+    install(daemons, "access_rules.py")
+    users = (daemons.default_users()
+             + user_toml("partner-acme", password_hash=password_hashes["alice"])
+             + user_toml("ops-anna", keys=[bob_key]))
+    d = daemons.start(example_toml("access_rules.py"), users=users)
+
+    # pre-login: partners only in business hours, whatever their password
+    transport = paramiko.Transport(("127.0.0.1", d.port))
+    try:
+        transport.start_client(timeout=20)
+        with pytest.raises(paramiko.AuthenticationException):
+            transport.auth_password("partner-acme", ALICE_PASSWORD)
+    finally:
+        transport.close()
+    d.wait_log(r"login failed for 'partner-acme' \(password\): partner-acme may log in Monday to Friday "
+               r"from 08:00 to 18:00 \(server time is now \w+day 0[12]:\d\d\)")
+    # ops-* only from their networks (OpenSSH prints the reason)
+    proc = sftp_batch(d, "ls /\n", bob_key, user="ops-anna")
+    assert proc.returncode != 0
+    assert "ops-anna may log in only from 10.0.0.0/8, 192.168.0.0/16 (not from 127.0.0.1)" in proc.stderr
+    # users without a rule: as usual
+    assert sftp_batch(d, "ls /\n", alice_key).returncode == 0
+
+    # connect: at most 30 connections a minute from one address
+    for _ in range(30):
+        assert raw_connect(d, "127.0.0.2").startswith(b"SSH-2.0-")
+    refused = refusal_text(d, "127.0.0.2")
+    assert b"too many connections from 127.0.0.2: at most 30 a minute, try again later" in refused
+    # other addresses are not affected
+    assert sftp_batch(d, "ls /\n", alice_key).returncode == 0
+
+
+def test_access_rules_with_script_test_command():
+    """`scriptsftp script test` runs the shipped example in the sandbox, no server needed."""
+    script = str(EXAMPLES / "access_rules.py")
+
+    def script_test(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN), "script", "test", script, *args], capture_output=True, text=True,
+                              timeout=60)
+
+    blocked = script_test("--event", "connect", "--remote-ip", "203.0.113.9")
+    assert blocked.returncode == 1, blocked.stdout + blocked.stderr
+    assert "decision: veto: connections from 203.0.113.9 are not accepted" in blocked.stdout
+    allowed = script_test("--event", "connect", "--remote-ip", "192.0.2.1")
+    assert allowed.returncode == 0 and "decision: allow" in allowed.stdout
+    assert "store:    connections:192.0.2.1 = [" in allowed.stdout
+    ops = script_test("--event", "pre-login", "--user", "ops-anna", "--remote-ip", "10.1.2.3")
+    assert ops.returncode == 0, ops.stdout
+    ops = script_test("--event", "pre-login", "--user", "ops-anna", "--remote-ip", "172.16.0.5")
+    assert ops.returncode == 1 and "not from 172.16.0.5" in ops.stdout
