@@ -1,0 +1,586 @@
+"""The admin API, Prometheus metrics and the dashboard, on the ``[admin] listen`` address.
+
+An aiohttp application on its own event loop in its own thread: nothing it
+does (a slow scrape, an audit query, a reload) runs on a transfer's thread,
+and the front ends never import it (DESIGN.md rule 1).
+
+Authentication is one bearer token whose argon2id hash is ``[admin]
+token_hash`` (``scriptsftp hash-password`` makes it). Verifying costs ~150 ms
+of CPU, so the result is cached per token digest (a SHA-256 of the hash and
+the token, compared in constant time) and verifications run one at a time
+off the event loop. Without a token the API only listens on loopback; config
+validation and :func:`make_listener` both refuse anything else.
+
+Endpoints: see docs/admin.md. ``/healthz`` needs no token; the dashboard at
+``/`` accepts the token in the Authorization header or a cookie set by the
+login form or by a one-time link from ``POST /api/login-link``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import logging
+import re
+import secrets
+import socket
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from . import __version__, metrics
+from .config import ConfigError, is_loopback
+
+log = logging.getLogger("scriptsftp.admin")
+
+COOKIE = "scriptsftp_admin"
+WEB_SESSION_TTL = 8 * 3600.0
+LINK_TTL = 120.0
+MAX_WEB_SESSIONS = 256
+_hasher = PasswordHasher()
+
+
+# --- the token ----------------------------------------------------------------------------
+
+
+class TokenChecker:
+    """Is this bearer token the one whose hash is configured? Cached, constant-time, one verify at a time."""
+
+    def __init__(self, get_hash: Callable[[], str], loopback: bool) -> None:
+        self._get_hash = get_hash
+        self._loopback = loopback
+        self._good: dict[str, bytes] = {}          # token_hash -> digest of the token that verified
+        self._bad: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="scriptsftp-admin-verify")
+
+    @property
+    def required(self) -> bool:
+        return bool(self._get_hash())
+
+    async def check(self, token: str | None) -> bool:
+        stored = self._get_hash()
+        if not stored:
+            return self._loopback  # no token configured: only ever reachable from this host
+        if not token:
+            return False
+        digest = hashlib.sha256(stored.encode() + b"\0" + token.encode("utf-8", "replace")).digest()
+        with self._lock:
+            good = self._good.get(stored)
+            if good is not None and hmac.compare_digest(good, digest):
+                return True
+            if digest in self._bad:
+                return False
+        ok = await asyncio.get_running_loop().run_in_executor(self._verifier, _verify, stored, token)
+        with self._lock:
+            if ok:
+                self._good = {stored: digest}
+            else:
+                self._bad[digest] = None
+                while len(self._bad) > 1024:
+                    self._bad.popitem(last=False)
+        return ok
+
+    def close(self) -> None:
+        self._verifier.shutdown(wait=False, cancel_futures=True)
+
+
+def _verify(stored: str, token: str) -> bool:
+    try:
+        return _hasher.verify(stored, token)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def _bearer(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def parse_since(value: str | None, now: float | None = None) -> float | None:
+    """``since``: Unix seconds, ISO 8601 (``2026-11-17T09:00:00``, local time unless it has an offset),
+    or an age: ``90s``, ``30m``, ``12h``, ``7d``. ValueError with a clear message otherwise."""
+    if value is None or value == "":
+        return None
+    now = time.time() if now is None else now
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value.strip())
+    if m:
+        return now - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(value.strip()).timestamp()
+    except ValueError:
+        raise ValueError(f"since={value!r}: use Unix seconds, an ISO 8601 time or an age like 30m, 12h, 7d") \
+            from None
+
+
+def connection_info(conn: Any) -> dict[str, Any]:
+    """What /api/sessions shows about one connection (bytes include transfers still running)."""
+    now_m, now = time.monotonic(), time.time()
+    transfers = []
+    bytes_in = bytes_out = 0
+    for s in list(conn.sessions):
+        bytes_in += s.bytes_in
+        bytes_out += s.bytes_out
+        for h in list(getattr(s, "_handles", ())):
+            upload = hasattr(h, "written")
+            n = int(getattr(h, "written", getattr(h, "sent", 0)))
+            transfers.append({"path": h.path, "direction": "upload" if upload else "download", "bytes": n,
+                              "seconds": round(now_m - h.started, 1)})
+            if upload:
+                bytes_in += n
+            else:
+                bytes_out += n
+    return {
+        "id": conn.id, "protocol": conn.protocol, "remote_ip": conn.remote_ip, "user": conn.user,
+        "started": round(now - (now_m - conn.started), 3), "seconds": round(now_m - conn.started, 1),
+        "channels": [s.protocol for s in list(conn.sessions)], "bytes_in": bytes_in, "bytes_out": bytes_out,
+        "transfers": transfers,
+    }
+
+
+_LINE = re.compile(r":(\d+):")
+
+
+def scripts_info(engine: Any) -> list[dict[str, Any]]:
+    """Each bound script: sha256 of the running version, when it was loaded, its bindings, its last error."""
+    reg = getattr(engine, "_registry", None)
+    if reg is None:
+        return []
+    last_errors: dict[str, str] = dict(getattr(engine, "last_errors", {}) or {})
+    details: dict[str, dict[str, Any]] = dict(getattr(engine, "last_error_details", {}) or {})
+    bindings: dict[str, list[dict[str, Any]]] = {}
+    for bs in reg.by_event.values():
+        for b in bs:
+            spec = b.spec
+            bindings.setdefault(b.script, []).append({
+                "event": spec.event, "function": spec.handler, "order": spec.order, "mode": spec.mode,
+                "paths": list(spec.paths), "users": list(spec.users)})
+    out = []
+    for name in sorted(set(bindings) | set(reg.scripts)):
+        loaded = reg.scripts.get(name)
+        err = last_errors.get(name)
+        last_error = None
+        if err:
+            d = details.get(name, {})
+            line = d.get("line")
+            if line is None:
+                m = _LINE.search(err)
+                line = int(m.group(1)) if m else None
+            last_error = {"message": err, "line": line, "time": d.get("time"), "kind": d.get("kind"),
+                          "event": d.get("event")}
+        out.append({
+            "name": name,
+            "status": "missing" if loaded is None else ("error" if err else "ok"),
+            "sha256": loaded.source.digest if loaded else None,
+            "loaded_at": loaded.loaded_at if loaded else None,
+            "functions": sorted(loaded.functions) if loaded else [],
+            "bindings": bindings.get(name, []),
+            "last_error": last_error,
+        })
+    return out
+
+
+class _LogCollector(logging.Handler):
+    """Collects error lines logged while a reload runs, to return them to the API caller."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+# --- the listener ---------------------------------------------------------------------------------
+
+
+class AdminListener:
+    """aiohttp on its own loop and thread; implements server/listener.Listener."""
+
+    name = "admin"
+
+    def __init__(self, daemon: Any, host: str, port: int) -> None:
+        self.daemon = daemon
+        self.host, self.port = host, port
+        self.tokens = TokenChecker(lambda: self.daemon.cfg.model.admin.token_hash, is_loopback(f"{host}:{port}"))
+        self._bound: list[str] = []
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self._inflight = 0
+        self._web_sessions: dict[str, float] = {}   # cookie value -> expiry (dashboard logins)
+        self._links: dict[str, float] = {}          # one-time login codes -> expiry
+        self._reload_lock = threading.Lock()
+        metrics.install(daemon)
+
+    # --- Listener protocol ---
+
+    @property
+    def bound(self) -> list[str]:
+        return list(self._bound)
+
+    def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.create_server((self.host, self.port), family=family, reuse_port=False)
+        self._sock = sock
+        h, p = sock.getsockname()[:2]
+        self._bound = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}"]
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+                loop.run_until_complete(self._runner.setup())
+                loop.run_until_complete(web.SockSite(self._runner, sock).start())
+            except BaseException as exc:  # noqa: BLE001 - reported to start()'s caller
+                errors.append(exc)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="scriptsftp-admin", daemon=True)
+        self._thread.start()
+        ready.wait(30)
+        if errors:
+            raise errors[0]
+        if not self.tokens.required:
+            log.warning("admin API on %s has no token_hash: anyone on this host can use it", self._bound[0])
+
+    def stop_accepting(self) -> None:
+        pass  # the API stays up during the grace period: operators may want to watch or kick
+
+    def active(self) -> int:
+        return self._inflight
+
+    def close_all(self, reason: str) -> None:
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return
+        if self._runner is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop)
+            try:
+                fut.result(timeout=5)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("admin API did not stop cleanly: %s", exc)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.tokens.close()
+        self._inflight = 0
+
+    # --- app ---
+
+    def _app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
+        r = app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/api/status", self.status)
+        r.add_get("/api/sessions", self.sessions)
+        r.add_delete("/api/sessions/{id}", self.kick)
+        r.add_get("/api/scripts", self.scripts)
+        r.add_post("/api/reload", self.reload)
+        r.add_get("/api/events", self.events)
+        r.add_get("/api/bans", self.bans)
+        r.add_delete("/api/bans/{ip}", self.unban)
+        r.add_post("/api/login-link", self.login_link)
+        r.add_get("/", self.dashboard)
+        r.add_post("/login", self.login_form)
+        r.add_get("/login/{code}", self.login_code)
+        r.add_post("/logout", self.logout)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        self._inflight += 1
+        try:
+            path = request.path
+            if path.startswith("/api/") or path == "/metrics":
+                token = _bearer(request)
+                if self.tokens.required and token is None:
+                    return self._unauthorized("missing bearer token (Authorization: Bearer TOKEN)")
+                if not await self.tokens.check(token):
+                    log.warning("admin API: wrong token from %s for %s %s", request.remote, request.method, path)
+                    return self._unauthorized("wrong token")
+            try:
+                resp = await handler(request)
+            except web.HTTPException:
+                raise
+            except Exception:
+                log.exception("admin API: %s %s failed", request.method, path)
+                return _error(500, "internal error (see the server log)")
+            resp.headers.setdefault("Cache-Control", "no-store")
+            resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+            return resp
+        finally:
+            self._inflight -= 1
+
+    @staticmethod
+    def _unauthorized(message: str) -> web.Response:
+        resp = _error(401, message)
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="scriptsftp"'
+        return resp
+
+    async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # --- endpoints ---
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        pool = getattr(self.daemon.engine, "pool", None)
+        health = pool.health() if pool is not None and hasattr(pool, "health") else None
+        if health is not None and (health.get("closed") or health.get("alive", 0) == 0):
+            return web.json_response({"status": "degraded", "reason": "no script workers alive"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body, ctype = await self._blocking(metrics.exposition)
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = ctype
+        return resp
+
+    def _status(self) -> dict[str, Any]:
+        d = self.daemon
+        pool = getattr(d.engine, "pool", None)
+        audit = getattr(d, "audit", None)
+        return {
+            "version": __version__,
+            "started": d.started,
+            "uptime": round(time.time() - d.started, 1),
+            "config": str(d.cfg.path),
+            "listeners": [{"name": lst.name, "bound": lst.bound, "active": lst.active()} for lst in d.listeners],
+            "sessions": len(d.core.connections()),
+            "workers": pool.health() if pool is not None and hasattr(pool, "health") else None,
+            "scripts": len(getattr(getattr(d.engine, "_registry", None), "scripts", {}) or {}),
+            "audit": audit.stats() if audit is not None else None,
+        }
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._blocking(self._status))
+
+    async def sessions(self, request: web.Request) -> web.Response:
+        conns = sorted(self.daemon.core.connections(), key=lambda c: c.started)
+        return web.json_response([connection_info(c) for c in conns])
+
+    async def kick(self, request: web.Request) -> web.Response:
+        sid = request.match_info["id"]
+        conn = next((c for c in self.daemon.core.connections() if c.id == sid), None)
+        if conn is None:
+            return _error(404, f"no session {sid!r}")
+        if conn.on_kick is None:
+            return _error(409, f"session {sid} cannot be closed by this front end")
+        log.info("session closed by an administrator", extra={"sid": conn.id, "user": conn.user,
+                                                               "proto": conn.protocol, "ip": conn.remote_ip})
+        await self._blocking(conn.on_kick, "closed by an administrator")
+        return web.json_response({"kicked": sid, "user": conn.user})
+
+    async def scripts(self, request: web.Request) -> web.Response:
+        return web.json_response(scripts_info(self.daemon.engine))
+
+    def _reload(self) -> dict[str, Any]:
+        collector = _LogCollector()
+        root = logging.getLogger()
+        with self._reload_lock:
+            root.addHandler(collector)
+            try:
+                ok = self.daemon.reload()
+            finally:
+                root.removeHandler(collector)
+        return {"ok": bool(ok) and not collector.lines, "errors": collector.lines}
+
+    async def reload(self, request: web.Request) -> web.Response:
+        log.info("reload requested through the admin API")
+        result = await self._blocking(self._reload)
+        return web.json_response(result, status=200 if result["ok"] else 422)
+
+    def _query_events(self, q: dict[str, Any]) -> list[dict[str, Any]]:
+        audit = getattr(self.daemon, "audit", None)
+        if audit is None:
+            return []
+        audit.flush(1.0)  # what was decided before this request is in the answer
+        return audit.query(**q)
+
+    @staticmethod
+    def event_filters(params: Any) -> dict[str, Any]:
+        """Query parameters of /api/events (and the dashboard) -> AuditTrail.query arguments; ValueError if bad."""
+        from .audit import DECISIONS
+
+        q: dict[str, Any] = {"since": parse_since(params.get("since")), "user": params.get("user") or None,
+                             "path": params.get("path") or None, "name": params.get("event") or None,
+                             "event_id": params.get("id") or None}
+        decision = params.get("decision") or None
+        if decision is not None and decision not in DECISIONS:
+            raise ValueError(f"decision={decision!r}: one of {', '.join(DECISIONS)}")
+        q["decision"] = decision
+        limit = params.get("limit") or "100"
+        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+            raise ValueError(f"limit={limit!r}: a number from 1 to 1000")
+        q["limit"] = int(limit)
+        return q
+
+    async def events(self, request: web.Request) -> web.Response:
+        try:
+            q = self.event_filters(request.query)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return web.json_response(await self._blocking(self._query_events, q))
+
+    def _defender(self) -> Any:
+        return getattr(self.daemon, "defender", None)
+
+    async def bans(self, request: web.Request) -> web.Response:
+        defender = self._defender()
+        if defender is None or not hasattr(defender, "bans"):
+            return web.json_response([])
+        return web.json_response(await self._blocking(lambda: list(defender.bans())))
+
+    async def unban(self, request: web.Request) -> web.Response:
+        raw = request.match_info["ip"]
+        try:
+            ip = str(ipaddress.ip_address(raw))
+        except ValueError:
+            return _error(400, f"{raw!r} is not an IP address")
+        defender = self._defender()
+        if defender is None or not hasattr(defender, "unban"):
+            return _error(404, f"{ip} is not banned")
+        if not await self._blocking(defender.unban, ip):
+            return _error(404, f"{ip} is not banned")
+        log.info("ban lifted by an administrator", extra={"ip": ip})
+        return web.json_response({"unbanned": ip})
+
+    # --- dashboard logins ---
+
+    def _prune(self) -> None:
+        now = time.time()
+        for table in (self._web_sessions, self._links):
+            for k in [k for k, exp in table.items() if exp < now]:
+                del table[k]
+
+    def _new_web_session(self, resp: web.StreamResponse, request: web.Request) -> None:
+        self._prune()
+        while len(self._web_sessions) >= MAX_WEB_SESSIONS:
+            del self._web_sessions[next(iter(self._web_sessions))]
+        value = secrets.token_urlsafe(32)
+        self._web_sessions[value] = time.time() + WEB_SESSION_TTL
+        resp.set_cookie(COOKIE, value, max_age=int(WEB_SESSION_TTL), httponly=True, samesite="Strict", path="/",
+                        secure=request.secure)
+
+    def _cookie_ok(self, request: web.Request) -> bool:
+        value = request.cookies.get(COOKIE)
+        if not value:
+            return False
+        exp = self._web_sessions.get(value)
+        return exp is not None and exp > time.time()
+
+    async def login_link(self, request: web.Request) -> web.Response:
+        """A one-time dashboard URL (for a browser, or headless Chromium in tests), valid LINK_TTL seconds."""
+        self._prune()
+        code = secrets.token_urlsafe(24)
+        self._links[code] = time.time() + LINK_TTL
+        return web.json_response({"path": f"/login/{code}", "url": f"http://{self._bound[0]}/login/{code}",
+                                  "expires_in": LINK_TTL})
+
+    async def login_code(self, request: web.Request) -> web.StreamResponse:
+        code = request.match_info["code"]
+        exp = self._links.pop(code, None)
+        if exp is None or exp < time.time():
+            return self._page(render_login("this login link is unknown, used or expired"), 401)
+        resp = web.HTTPSeeOther("/")
+        self._new_web_session(resp, request)
+        return resp
+
+    async def login_form(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        token = str(form.get("token", ""))
+        if not token or not await self.tokens.check(token):
+            log.warning("dashboard: wrong token from %s", request.remote)
+            return self._page(render_login("wrong token"), 401)
+        resp = web.HTTPSeeOther("/")
+        self._new_web_session(resp, request)
+        return resp
+
+    async def logout(self, request: web.Request) -> web.StreamResponse:
+        self._web_sessions.pop(request.cookies.get(COOKIE, ""), None)
+        resp = web.HTTPSeeOther("/")
+        resp.del_cookie(COOKIE, path="/")
+        return resp
+
+    @staticmethod
+    def _page(body: str, status: int = 200) -> web.Response:
+        resp = web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
+        resp.headers["Content-Security-Policy"] = ("default-src 'none'; style-src 'unsafe-inline'; "
+                                                   "form-action 'self'; frame-ancestors 'none'")
+        resp.headers["X-Frame-Options"] = "DENY"
+        resp.headers["Referrer-Policy"] = "no-referrer"
+        return resp
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        allowed = self._cookie_ok(request)
+        if not allowed:
+            token = _bearer(request)
+            allowed = (token is not None or not self.tokens.required) and await self.tokens.check(token)
+        if not allowed:
+            return self._page(render_login(), 401)
+        error = ""
+        try:
+            q = self.event_filters(request.query)
+        except ValueError as exc:
+            error, q = str(exc), {"limit": 100}
+        q["limit"] = min(q.get("limit", 100), 200)
+        events = await self._blocking(self._query_events, q)
+        conns = sorted(self.daemon.core.connections(), key=lambda c: c.started)
+        page = render_dashboard(
+            status=await self._blocking(self._status),
+            sessions=[connection_info(c) for c in conns],
+            scripts=scripts_info(self.daemon.engine),
+            events=events,
+            filters={k: request.query.get(k, "") for k in ("user", "path", "decision", "since")},
+            error=error,
+        )
+        return self._page(page)
+
+
+from .dashboard import render_dashboard, render_login  # noqa: E402  (dashboard imports nothing from here)
+
+
+def make_listener(daemon: Any) -> AdminListener:
+    """The daemon's entry point; refuses a non-loopback address without a token (a clear startup error)."""
+    a = daemon.cfg.model.admin
+    if not a.token_hash and not is_loopback(a.listen):
+        raise ConfigError([f"{daemon.cfg.where(('admin', 'listen'))}: {a.listen!r} is not a loopback address "
+                           "and [admin] token_hash is empty: set a token (`scriptsftp hash-password`)"])
+    host, _, port = a.listen.rpartition(":")
+    return AdminListener(daemon, host.strip("[]"), int(port))
+
+
+__all__ = ["make_listener", "AdminListener", "TokenChecker", "parse_since"]
