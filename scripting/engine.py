@@ -183,10 +183,15 @@ class ScriptEngine:
     def wants(self, event_name: str) -> bool:
         return self._registry.wants(event_name)
 
-    def pre(self, event: ev.Event, file: FileOpener | None = None) -> Decision:
+    def has_async(self, event: ev.Event) -> bool:
+        return any(b.spec.mode == "async" for b in self._registry.matching(event.to_dict()))
+
+    def pre(self, event: ev.Event, file: FileOpener | None = None, mode: str | None = None) -> Decision:
         reg = self._registry  # one registry for the whole chain, even if a reload swaps it meanwhile
         data = event.to_dict()
         for binding in reg.matching(data):
+            if mode is not None and binding.spec.mode != mode:
+                continue  # pre-publish: sync bindings before the reply, async ones after it
             script = reg.scripts.get(binding.script)
             if script is None:
                 continue  # deleted: binding disabled (logged when it happened)

@@ -319,8 +319,9 @@ class Binding(_Model):
 
     @model_validator(mode="after")
     def _rules(self) -> "Binding":
-        if self.mode == "async" and self.event in VETOABLE:
-            raise ValueError(f"mode = 'async' is only for post-events; {self.event!r} can veto, so it runs sync")
+        if self.mode == "async" and self.event in VETOABLE and self.event != "pre-publish":
+            raise ValueError(f"mode = 'async' is only for post-events and pre-publish; {self.event!r} "
+                             "must decide before the operation, so it runs sync")
         if self.event == "schedule" and not self.cron:
             raise ValueError("a schedule binding needs cron = '...'")
         if self.cron and self.event != "schedule":

@@ -24,7 +24,8 @@ from .login import LoginCore, build_users, ensure_generated_passwords
 from .session import UploadPolicy
 from .listener import Listener
 from .ssh import SSHLimits, SSHListener
-from .staging import StagingRecords, discard_leftovers
+from .publish import Publisher
+from .staging import CHECKING, StagingRecords, discard_leftovers
 
 log = logging.getLogger("scriptsftp.daemon")
 
@@ -70,14 +71,17 @@ class Daemon:
 
         ensure_generated_passwords(cfg, _announce_password)
         self.staging = StagingRecords(self.state_dir / "staging.db")
-        removed = discard_leftovers(self.staging)
+        # uploads caught mid-check are checked again once the engine runs (start()), unless told otherwise
+        removed = discard_leftovers(self.staging, keep_checking=m.uploads.on_restart == "recheck")
         if removed:
             log.warning("removed %d partial upload(s) left by an interrupted run", removed)
         self.engine = dispatcher if dispatcher is not None else self._make_engine()
+        self.publisher = Publisher(self.engine, self.staging, self._upload_policy(cfg), workers=m.scripts.workers)
         self.core = LoginCore(
             build_users(cfg),
             self.engine,
             staging=self.staging,
+            publisher=self.publisher,
             uploads=self._upload_policy(cfg),
             max_handles=m.sftp.max_handles,
             failure_delay=m.server.login_failure_delay,
@@ -129,6 +133,9 @@ class Daemon:
             signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
         if hasattr(self.engine, "start"):
             self.engine.start()
+        rechecking = self.publisher.recheck([r for r in self.staging.leftovers() if r.state == CHECKING])
+        if rechecking:
+            log.warning("checking again %d upload(s) an interrupted run left unchecked", rechecking)
         for listener in self.listeners:
             listener.start()
             for addr in listener.bound:
@@ -177,6 +184,8 @@ class Daemon:
         deadline = time.monotonic() + 5
         while self._active() and time.monotonic() < deadline:
             time.sleep(0.05)
+        # background (async) upload checks: what does not finish in time is rechecked at the next start
+        self.publisher.close(1.0)
         if hasattr(self.engine, "close"):
             self.engine.close()
         self.staging.close()
@@ -187,7 +196,7 @@ class Daemon:
 
     def _busy(self) -> bool:
         """True while any session has a file open (a transfer is running)."""
-        return any(s._handles for c in self.core.connections() for s in c.sessions)
+        return self.publisher.busy() or any(s._handles for c in self.core.connections() for s in c.sessions)
 
 
 def refuse_root(cfg: LoadedConfig) -> str | None:

@@ -39,8 +39,15 @@ class Dispatcher(Protocol):
         Lets the Session skip building events nobody listens to."""
         ...
 
-    def pre(self, event: Event, file: FileOpener | None = None) -> Decision:
-        """Run the vetoable handlers in order; the first veto wins. Blocks the caller."""
+    def pre(self, event: Event, file: FileOpener | None = None, mode: str | None = None) -> Decision:
+        """Run the vetoable handlers in order; the first veto wins. Blocks the caller.
+
+        ``mode`` ("sync" or "async") runs only the bindings of that mode; None runs all
+        (only ``pre-publish`` bindings can be async: they decide after the client was answered)."""
+        ...
+
+    def has_async(self, event: Event) -> bool:
+        """True when an async binding matches this (pre-publish) event."""
         ...
 
     def post(self, event: Event, file: FileOpener | None = None) -> None:
@@ -54,8 +61,11 @@ class NullDispatcher:
     def wants(self, event_name: str) -> bool:
         return False
 
-    def pre(self, event: Event, file: FileOpener | None = None) -> Decision:
+    def pre(self, event: Event, file: FileOpener | None = None, mode: str | None = None) -> Decision:
         return ALLOW
+
+    def has_async(self, event: Event) -> bool:
+        return False
 
     def post(self, event: Event, file: FileOpener | None = None) -> None:
         return None

@@ -31,6 +31,7 @@ from .config import LoadedConfig, User
 from .dispatch import ALLOW, Decision, Dispatcher
 from .keys import parse_public_key
 from .session import Account, Session, UploadPolicy
+from .publish import Publisher
 from .staging import StagingRecords
 from .vfs import Access, FilterRule, split
 
@@ -152,7 +153,9 @@ class LoginCore:
         max_handles: int = 256,
         failure_delay: float = 1.0,
         max_parallel_hashes: int | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
+        self.publisher = publisher
         self.users = users
         self.dispatcher = dispatcher
         self.staging = staging
@@ -326,6 +329,7 @@ class LoginCore:
         session = Session(
             session_id=conn.id, account=conn.account, protocol=protocol, remote_ip=conn.remote_ip,
             dispatcher=self.dispatcher, staging=self.staging, uploads=self.uploads, max_handles=self.max_handles,
+            publisher=self.publisher,
         )
         conn.sessions.append(session)
         return session

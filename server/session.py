@@ -32,7 +32,8 @@ from .errors import (
     AlreadyExists, Failure, FsError, InvalidPath, IsADirectory, LimitExceeded, NotADirectory,
     NotFound, PermissionDenied, Vetoed, from_oserror,
 )
-from .storage import Entry, Resolved, Storage, copy_fd
+from .publish import Publisher, pending_stat
+from .storage import Entry, Storage, copy_fd
 from .vfs import Access, join, split
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class Session:
         staging: "StagingRecords | None" = None,
         uploads: UploadPolicy | None = None,
         max_handles: int = 256,
+        publisher: Publisher | None = None,
     ) -> None:
         self.id = session_id
         self.account = account
@@ -85,6 +87,9 @@ class Session:
         self.storage = Storage(account.home)
         self.staging = staging
         self.uploads = uploads or UploadPolicy()
+        # shared by every session of the daemon: it knows which paths wait for an async check
+        self.publisher = publisher or Publisher(dispatcher, staging, self.uploads)
+        self.pending = self.publisher.pending
         self.max_handles = max_handles
         self.started = time.monotonic()
         self.bytes_in = 0
@@ -174,7 +179,8 @@ class Session:
             self._require("list", parts, path, follow=follow)
         try:
             with self.storage.resolve(parts, follow=follow) as r:
-                st = self.storage.stat(r)
+                pending = self.pending.get(self.storage.home, r.parts) if parts else None
+                st = pending_stat(pending) if pending is not None else self.storage.stat(r)
         except OSError as exc:
             raise from_oserror(exc, path) from None
         return Entry(parts[-1] if parts else "/", st)
@@ -189,6 +195,10 @@ class Session:
                 real = r.parts
         except OSError as exc:
             raise from_oserror(exc, path) from None
+        pending = self.pending.in_directory(self.storage.home, real)
+        if pending:  # uploads waiting for an async check show with their uploaded size
+            entries = [e for e in entries if e.name not in pending]
+            entries += [Entry(name, pending_stat(u)) for name, u in pending.items()]
         access = self.account.access
         visible = [e for e in entries if not access.hidden(real, e.name)]
         self._log("list", path, "ok", entries=len(visible))
@@ -223,6 +233,7 @@ class Session:
         self._check_handle_limit()
         try:
             with self.storage.resolve(parts) as r:
+                self._not_pending(r.parts, path)
                 st = self.storage.stat(r)
                 if statmod.S_ISDIR(st.st_mode):
                     raise IsADirectory(f"{path}: is a directory")
@@ -270,6 +281,9 @@ class Session:
                 real = r.parts
         except OSError as exc:
             raise from_oserror(exc, path) from None
+        if self.pending.get(self.storage.home, real) is not None:
+            raise PermissionDenied(f"{path}: the previous upload of this file is still being checked; "
+                                   "try again shortly")
         exists = st is not None
         if not exists and not create:
             raise NotFound(f"{path}: no such file")
@@ -327,68 +341,13 @@ class Session:
         self._track(handle)
         return handle
 
-    def _discard_staged(
-        self, directory: tuple[str, ...], staging_name: str, record_id: int | None, *, rejected: bool = False
-    ) -> None:
-        """Remove a staged upload; a rejected one goes to quarantine when configured."""
-        try:
-            with self.storage.resolve(directory + (staging_name,), follow=False) as r:
-                if rejected and self.uploads.quarantine is not None:
-                    self._quarantine(r, staging_name)
-                else:
-                    self.storage.unlink(r)
-        except (OSError, FsError):
-            log.exception("could not remove staged upload %s", staging_name)
-            return
-        if record_id is not None and self.staging is not None:
-            self.staging.remove(record_id)
+    def _discard_staged(self, directory: tuple[str, ...], staging_name: str, record_id: int | None) -> None:
+        self.publisher.discard(self.storage, self.user, directory, staging_name, record_id)
 
-    def _quarantine(self, r: Resolved, staging_name: str) -> None:
-        assert self.uploads.quarantine is not None
-        qdir = self.uploads.quarantine / self.user
-        qdir.mkdir(parents=True, exist_ok=True)
-        qfd = os.open(qdir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.rename(r.name, staging_name, src_dir_fd=r.dir_fd, dst_dir_fd=qfd)
-        except OSError:  # another filesystem: copy then remove
-            src = self.storage.open_file(r, os.O_RDONLY)
-            dst = os.open(staging_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=qfd)
-            try:
-                copy_fd(src, dst)
-            finally:
-                os.close(src)
-                os.close(dst)
-            self.storage.unlink(r)
-        finally:
-            os.close(qfd)
-
-    def _publish(self, handle: "WriteHandle", size: int) -> None:
-        """Run pre-publish on the staged file, then rename it over the target."""
-        assert handle.staging_name is not None
-        directory = handle.real[:-1]
-        staged = directory + (handle.staging_name,)
-        try:
-            self._pre(ev.PrePublish, self._opener(staged), path=handle.path, size=size, exists=handle.existed)
-        except Vetoed as veto:
-            self._discard_staged(directory, handle.staging_name, handle.record_id, rejected=True)
-            self._post(ev.UploadFailed, path=handle.path, size=handle.written, reason=veto.message)
-            raise
-        try:
-            with self.storage.resolve(staged, follow=False) as src, \
-                    self.storage.resolve(handle.real, follow=False) as dst:
-                try:
-                    if statmod.S_ISDIR(self.storage.stat(dst).st_mode):
-                        raise IsADirectory(f"{handle.path}: a directory now has this name")
-                except FileNotFoundError:
-                    pass
-                self.storage.rename(src, dst)
-        except (OSError, FsError) as exc:
-            self._discard_staged(directory, handle.staging_name, handle.record_id)
-            error = exc if isinstance(exc, FsError) else from_oserror(exc, handle.path)
-            self._post(ev.UploadFailed, path=handle.path, size=handle.written, reason=error.message)
-            raise error from None
-        if handle.record_id is not None and self.staging is not None:
-            self.staging.remove(handle.record_id)
+    def _not_pending(self, real: tuple[str, ...], path: str) -> None:
+        """An upload waiting for its async check is not there yet for download, rename or delete."""
+        if self.pending.get(self.storage.home, real) is not None:
+            raise NotFound(f"{path}: no such file")
 
     # --- namespace operations ---------------------------------------------------
 
@@ -436,6 +395,7 @@ class Session:
         self._require("delete", parts, path)
         try:
             with self.storage.resolve(parts, follow=False) as r:
+                self._not_pending(r.parts, path)
                 st = self.storage.stat(r)
         except OSError as exc:
             raise from_oserror(exc, path) from None
@@ -463,8 +423,11 @@ class Session:
         self._require("rename", dst_parts, dst)
         try:
             with self.storage.resolve(src_parts, follow=False) as r:
+                self._not_pending(r.parts, src)
                 src_st = self.storage.stat(r)
             with self.storage.resolve(dst_parts, follow=False) as r:
+                if self.pending.get(self.storage.home, r.parts) is not None:
+                    raise PermissionDenied(f"{dst}: an upload to this name is still being checked")
                 try:
                     dst_st: os.stat_result | None = self.storage.stat(r)
                 except FileNotFoundError:
@@ -705,10 +668,13 @@ class WriteHandle(FileHandle):
             s.bytes_in += self.written
             if self.staging_name is not None:
                 try:
-                    s._publish(self, size)
+                    published = s.publisher.publish(s, self, size)
                 except FsError as exc:
                     s._log("upload", self.path, "rejected", bytes=self.written, reason=exc.message)
                     raise
+                if not published:  # async check: the publisher raises post-upload after the verdict
+                    s._log("upload", self.path, "accepted", bytes=self.written, size=size)
+                    return
             secs = time.monotonic() - self.started
             s._log("upload", self.path, "ok", bytes=self.written, size=size, secs=round(secs, 3),
                    rate=_rate(self.written, secs))

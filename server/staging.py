@@ -2,18 +2,32 @@
 
 Each staged upload (a hidden ``.scriptsftp-part-*`` file beside its target) is
 recorded in SQLite under ``state_dir`` before the first byte is written and
-forgotten once it is published or discarded. On start the daemon reads what is
-left: those uploads were interrupted by a crash. Records live in SQLite, not in
-memory, so several server processes can later share them (DESIGN.md rule 10).
+forgotten once it is published or discarded. A record is in one of two states:
+
+- ``upload``: bytes are still arriving. After a crash the client never finished,
+  so the staged file is deleted on the next start.
+- ``check``: every byte arrived and the pre-publish checks are running (in sync
+  mode while the client waits, in async mode in the background). The record then
+  also holds the ``pre-publish`` event, so that after a crash the file can be
+  checked again (``[uploads] on_restart = "recheck"``) or deleted (``"discard"``);
+  it is never published unchecked.
+
+Records live in SQLite, not in memory, so several server processes can later
+share them (DESIGN.md rule 10).
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+UPLOADING = "upload"
+CHECKING = "check"
 
 
 @dataclass(frozen=True)
@@ -25,6 +39,8 @@ class StagedRecord:
     staging_name: str
     final_name: str
     created: float
+    state: str = UPLOADING
+    event: dict[str, Any] | None = None  # the pre-publish event, once state is CHECKING
 
 
 class StagingRecords:
@@ -39,6 +55,10 @@ class StagingRecords:
                 "CREATE TABLE IF NOT EXISTS staged (id INTEGER PRIMARY KEY, user TEXT, home TEXT,"
                 " directory TEXT, staging_name TEXT, final_name TEXT, created REAL)"
             )
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(staged)")}
+            if "state" not in columns:  # state dirs written by 0.1 before async publish
+                self._db.execute(f"ALTER TABLE staged ADD COLUMN state TEXT NOT NULL DEFAULT '{UPLOADING}'")
+                self._db.execute("ALTER TABLE staged ADD COLUMN event TEXT")
 
     def add(self, user: str, home: str, directory: str, staging_name: str, final_name: str) -> int:
         with self._lock:
@@ -49,6 +69,12 @@ class StagingRecords:
             )
             return int(cur.lastrowid or 0)
 
+    def checking(self, record_id: int, event: dict[str, Any]) -> None:
+        """All bytes arrived: from now on a crash means "check again", not "discard"."""
+        with self._lock:
+            self._db.execute("UPDATE staged SET state = ?, event = ? WHERE id = ?",
+                             (CHECKING, json.dumps(event), record_id))
+
     def remove(self, record_id: int) -> None:
         with self._lock:
             self._db.execute("DELETE FROM staged WHERE id = ?", (record_id,))
@@ -56,26 +82,30 @@ class StagingRecords:
     def leftovers(self) -> list[StagedRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, user, home, directory, staging_name, final_name, created FROM staged"
+                "SELECT id, user, home, directory, staging_name, final_name, created, state, event FROM staged"
             ).fetchall()
-        return [StagedRecord(*row) for row in rows]
+        return [StagedRecord(*row[:8], event=json.loads(row[8]) if row[8] else None) for row in rows]
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
-def discard_leftovers(records: StagingRecords) -> int:
-    """Delete every staged file a crash left behind; return how many were removed.
+def discard_leftovers(records: StagingRecords, *, keep_checking: bool = False) -> int:
+    """Delete the staged files a crash left behind; return how many were removed.
 
-    The staging name is looked up relative to the recorded home; a home or
-    directory that vanished since simply has nothing to clean."""
-    from .storage import Storage  # the same confined walk as client operations
+    With ``keep_checking``, uploads that had fully arrived and were being checked
+    are kept for :func:`scriptsftp.server.publish.recheck_leftovers`. The staging
+    name is looked up relative to the recorded home; a home or directory that
+    vanished since simply has nothing to clean."""
     from .errors import NotFound
+    from .storage import Storage  # the same confined walk as client operations
     from .vfs import split
 
     removed = 0
     for rec in records.leftovers():
+        if keep_checking and rec.state == CHECKING and rec.event is not None:
+            continue
         try:
             storage = Storage(Path(rec.home))
         except OSError:

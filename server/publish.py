@@ -1,0 +1,375 @@
+"""Publishing a staged upload: pre-publish checks, then an atomic rename (or rejection).
+
+Every upload is written under a hidden staging name beside its target
+(:mod:`.session`). When the client finishes, :meth:`Publisher.publish` raises
+``pre-publish`` for the staged file and only then renames it over the target.
+Nothing is ever visible under the final name unless it passed.
+
+Two modes, per binding (``mode`` in ``[[bindings]]``):
+
+- **sync** (default): the client's completion reply waits for the verdict and
+  carries it (SFTP status on CLOSE, FTP reply, HTTP status, SCP error line).
+- **async**: once the sync bindings passed, the client is told "done" at once and
+  the async bindings run in the background. Meanwhile the final path is
+  *pending*: STAT and listings show it with the uploaded size (clients that
+  verify an upload by its size keep working), while download, rename and delete
+  answer "no such file", and a new upload to it is refused until the verdict.
+  The staged file itself stays hidden and untouchable. A previous version of
+  the file stays on disk, unchanged, until the publish replaces it (or the
+  veto leaves it in place).
+
+Crash safety: the staging record says "checking" (with the event) from the
+moment all bytes arrived, so after a crash the upload is checked again on start
+(``[uploads] on_restart = "recheck"``) or deleted (``"discard"``); it is never
+published unchecked and never left behind.
+
+The pending index is per process (in memory, rebuilt from the staging records
+on start); when several acceptor processes share a state_dir it will have to
+move into the staging database (DESIGN.md rule 10).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as statmod
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import events as ev
+from .dispatch import Dispatcher, FileOpener
+from .errors import FsError, IsADirectory, NotFound, Vetoed, from_oserror
+from .storage import Resolved, Storage, copy_fd
+from .vfs import join, split
+
+if TYPE_CHECKING:
+    from .session import Session, UploadPolicy, WriteHandle
+    from .staging import StagedRecord, StagingRecords
+
+log = logging.getLogger("scriptsftp.session")
+
+VETO_FALLBACK = "denied by a server script"
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """A complete upload whose async checks have not decided yet."""
+
+    size: int
+    mtime: float
+    mode: int
+    record_id: int | None
+
+
+class PendingIndex:
+    """Final paths (per home, as real path parts) that wait for an async verdict."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_path: dict[tuple[str, tuple[str, ...]], PendingUpload] = {}
+
+    def add(self, home: Path, parts: tuple[str, ...], upload: PendingUpload) -> None:
+        with self._lock:
+            self._by_path[(str(home), parts)] = upload
+
+    def remove(self, home: Path, parts: tuple[str, ...]) -> None:
+        with self._lock:
+            self._by_path.pop((str(home), parts), None)
+
+    def get(self, home: Path, parts: tuple[str, ...]) -> PendingUpload | None:
+        if not self._by_path:  # the common case costs no lock
+            return None
+        with self._lock:
+            return self._by_path.get((str(home), parts))
+
+    def in_directory(self, home: Path, directory: tuple[str, ...]) -> dict[str, PendingUpload]:
+        if not self._by_path:
+            return {}
+        key, n = str(home), len(directory) + 1
+        with self._lock:
+            return {p[-1]: u for (h, p), u in self._by_path.items()
+                    if h == key and len(p) == n and p[:-1] == directory}
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+
+def pending_stat(upload: PendingUpload) -> os.stat_result:
+    """What STAT answers for a pending path: a regular file of the uploaded size."""
+    m = int(upload.mtime)
+    return os.stat_result((statmod.S_IFREG | (upload.mode & 0o777), 0, 0, 1, os.getuid(), os.getgid(),
+                           upload.size, m, m, m))
+
+
+@dataclass
+class StagedUpload:
+    """Where a complete staged upload lives and what it is for."""
+
+    storage: Storage
+    user: str
+    path: str  # virtual final path, as the client named it
+    final: tuple[str, ...]  # real final path parts (symlinks inside the home resolved)
+    staging_name: str
+    record_id: int | None
+    existed: bool
+    size: int
+
+    @property
+    def staged(self) -> tuple[str, ...]:
+        return self.final[:-1] + (self.staging_name,)
+
+
+class Publisher:
+    """Runs pre-publish and publishes or rejects; one per daemon, shared by all sessions."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, staging: "StagingRecords | None", uploads: "UploadPolicy",
+        *, workers: int = 2,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.staging = staging
+        self.uploads = uploads
+        self.pending = PendingIndex()
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="publish-check")
+        self._running = 0
+        self._idle = threading.Condition()
+
+    # --- the client's side -------------------------------------------------------
+
+    def publish(self, session: "Session", handle: "WriteHandle", size: int) -> bool:
+        """Check and publish a finished upload; True if published now, False if an
+        async check decides later. Raises :class:`Vetoed` (or another FsError) if
+        the upload was rejected; the staged bytes are then already gone."""
+        assert handle.staging_name is not None
+        up = StagedUpload(session.storage, session.user, handle.path, handle.real, handle.staging_name,
+                          handle.record_id, handle.existed, size)
+        event = session._event(ev.PrePublish, path=handle.path, size=size, exists=handle.existed)
+        if self.staging is not None and up.record_id is not None:
+            self.staging.checking(up.record_id, event.to_dict())
+        if self.dispatcher.wants("pre-publish"):
+            decision = self.dispatcher.pre(event, _opener(up.storage, up.staged), mode="sync")
+            if not decision.allowed:
+                reason = decision.reason or VETO_FALLBACK
+                session._log("publish", handle.path, "vetoed", reason=reason)
+                self.reject(up, event.to_dict(), reason)
+                raise Vetoed(reason)
+            if self.dispatcher.has_async(event):
+                self._start_async(up, event, session)
+                return False
+        self.finish(up, event.to_dict())
+        return True
+
+    def _start_async(self, up: StagedUpload, event: ev.Event, session: "Session") -> None:
+        try:
+            with up.storage.resolve(up.staged, follow=False) as r:
+                st = up.storage.stat(r)
+        except OSError as exc:
+            raise from_oserror(exc, up.path) from None
+        self.pending.add(up.storage.home, up.final,
+                         PendingUpload(up.size, st.st_mtime, st.st_mode, up.record_id))
+        # The session (and its storage) may close before the verdict: the check owns a storage of its own.
+        own = StagedUpload(Storage(up.storage.home), up.user, up.path, up.final, up.staging_name,
+                           up.record_id, up.existed, up.size)
+        session._log("publish", up.path, "checking", size=up.size)
+        self._submit(self._check_async, own, event.to_dict(), time.monotonic())
+
+    def _submit(self, fn: Any, *args: Any) -> None:
+        with self._idle:
+            self._running += 1
+        self._pool.submit(self._run, fn, *args)
+
+    def _run(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("background pre-publish check failed")
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
+
+    def _check_async(self, up: StagedUpload, data: dict[str, Any], started: float) -> None:
+        try:
+            event = _rebuild(data)
+            decision = self.dispatcher.pre(event, _opener(up.storage, up.staged), mode="async")
+            if decision.allowed:
+                try:
+                    self.finish(up, data, duration=time.monotonic() - started)
+                except FsError:
+                    pass  # logged and upload-failed raised by finish()
+            else:
+                reason = decision.reason or VETO_FALLBACK
+                log.info("publish %s vetoed (async): %s", up.path, reason, extra=_ctx(data, up.path))
+                self.reject(up, data, reason)
+        finally:
+            self.pending.remove(up.storage.home, up.final)
+            up.storage.close()
+
+    # --- outcomes ---------------------------------------------------------------------
+
+    def finish(self, up: StagedUpload, data: dict[str, Any], *, duration: float | None = None) -> None:
+        """Rename the staged file over the target; post-upload when it was a background check."""
+        try:
+            with up.storage.resolve(up.staged, follow=False) as src, \
+                    up.storage.resolve(up.final, follow=False) as dst:
+                try:
+                    if statmod.S_ISDIR(up.storage.stat(dst).st_mode):
+                        raise IsADirectory(f"{up.path}: a directory now has this name")
+                except FileNotFoundError:
+                    pass
+                up.storage.rename(src, dst)
+        except (OSError, FsError) as exc:
+            error = exc if isinstance(exc, FsError) else from_oserror(exc, up.path)
+            self.discard(up.storage, up.user, up.final[:-1], up.staging_name, up.record_id)
+            self._post(ev.UploadFailed, data, path=up.path, size=up.size, reason=error.message)
+            log.warning("publish %s failed: %s", up.path, error.message, extra=_ctx(data, up.path))
+            raise error from None
+        if self.staging is not None and up.record_id is not None:
+            self.staging.remove(up.record_id)
+        if duration is not None:  # background: the front end already answered; we tell the scripts
+            log.info("publish %s ok (checked in %.3fs)", up.path, duration, extra=_ctx(data, up.path))
+            self._post(ev.PostUpload, data, path=up.path, size=up.size, duration=duration,
+                       file=_opener(up.storage, up.final))
+
+    def reject(self, up: StagedUpload, data: dict[str, Any], reason: str) -> None:
+        self.discard(up.storage, up.user, up.final[:-1], up.staging_name, up.record_id, rejected=True)
+        self._post(ev.UploadFailed, data, path=up.path, size=up.size, reason=reason)
+
+    def _post(self, cls: type[ev.Event], data: dict[str, Any], file: FileOpener | None = None,
+              **fields: Any) -> None:
+        if self.dispatcher.wants(cls.name):
+            self.dispatcher.post(cls(**_common(data), **fields), file)
+
+    def discard(self, storage: Storage, user: str, directory: tuple[str, ...], staging_name: str,
+                record_id: int | None, *, rejected: bool = False) -> None:
+        """Remove a staged upload; a rejected one goes to quarantine when configured."""
+        try:
+            with storage.resolve(directory + (staging_name,), follow=False) as r:
+                if rejected and self.uploads.quarantine is not None:
+                    self._quarantine(storage, r, user, staging_name)
+                else:
+                    storage.unlink(r)
+        except (FileNotFoundError, NotFound):
+            pass  # already gone: only the record is left to forget
+        except (OSError, FsError):
+            log.exception("could not remove staged upload %s", staging_name)
+            return
+        if record_id is not None and self.staging is not None:
+            self.staging.remove(record_id)
+
+    def _quarantine(self, storage: Storage, r: Resolved, user: str, staging_name: str) -> None:
+        assert self.uploads.quarantine is not None
+        qdir = self.uploads.quarantine / user
+        qdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        qfd = os.open(qdir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.rename(r.name, staging_name, src_dir_fd=r.dir_fd, dst_dir_fd=qfd)
+        except OSError:  # another filesystem: copy then remove
+            src = storage.open_file(r, os.O_RDONLY)
+            dst = os.open(staging_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=qfd)
+            try:
+                copy_fd(src, dst)
+            finally:
+                os.close(src)
+                os.close(dst)
+            storage.unlink(r)
+        finally:
+            os.close(qfd)
+
+    # --- after a crash ---------------------------------------------------------------------
+
+    def recheck(self, records: "list[StagedRecord]") -> int:
+        """Check again, in the background, uploads a crash caught mid-check; return how many.
+
+        Every pre-publish binding runs (sync and async alike: no client waits any
+        more); the file is published if all pass, else deleted or quarantined."""
+        started = 0
+        for rec in records:
+            if rec.event is None:
+                continue
+            try:
+                storage = Storage(Path(rec.home))
+            except OSError as exc:
+                log.error("cannot recheck %s%s: home unavailable (%s); kept for the next start",
+                          rec.directory, rec.final_name, exc)
+                continue
+            data = dict(rec.event)
+            final = split(rec.directory) + (rec.final_name,)
+            up = StagedUpload(storage, rec.user, str(data.get("path") or join(final)), final, rec.staging_name,
+                              rec.id, bool(data.get("exists")), int(data.get("size") or 0))
+            try:
+                with storage.resolve(up.staged, follow=False) as r:
+                    st = storage.stat(r)
+            except (OSError, FsError):
+                storage.close()
+                if self.staging is not None:
+                    self.staging.remove(rec.id)
+                continue
+            self.pending.add(storage.home, final, PendingUpload(st.st_size, st.st_mtime, st.st_mode, rec.id))
+            self._submit(self._recheck_one, up, data)
+            started += 1
+        return started
+
+    def _recheck_one(self, up: StagedUpload, data: dict[str, Any]) -> None:
+        try:
+            decision = self.dispatcher.pre(_rebuild(data), _opener(up.storage, up.staged)) \
+                if self.dispatcher.wants("pre-publish") else None
+            if decision is None or decision.allowed:
+                try:
+                    self.finish(up, data, duration=0.0)
+                except FsError:
+                    pass
+            else:
+                reason = decision.reason or VETO_FALLBACK
+                log.info("publish %s vetoed on recheck after restart: %s", up.path, reason,
+                         extra=_ctx(data, up.path))
+                self.reject(up, data, reason)
+        finally:
+            self.pending.remove(up.storage.home, up.final)
+            up.storage.close()
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    def busy(self) -> bool:
+        with self._idle:
+            return self._running > 0
+
+    def close(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for background checks; unfinished ones are rechecked next start."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._running == 0, timeout=timeout)
+            left = self._running
+        if left:
+            log.warning("%d upload check(s) still running at shutdown: they run again at the next start", left)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _opener(storage: Storage, parts: tuple[str, ...]) -> FileOpener:
+    """Reopens a file read-only through the confined walk, for scripts' ``api.file``."""
+
+    def open_ro() -> int:
+        with storage.resolve(parts, follow=False) as r:
+            return storage.open_file(r, os.O_RDONLY)
+
+    return open_ro
+
+
+_COMMON = ("session_id", "protocol", "remote_ip", "user")
+
+
+def _common(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: data[k] for k in _COMMON if k in data}
+
+
+def _rebuild(data: dict[str, Any]) -> ev.PrePublish:
+    fields = {k: v for k, v in data.items() if k != "name"}
+    return ev.PrePublish(**fields)
+
+
+def _ctx(data: dict[str, Any], path: str) -> dict[str, Any]:
+    return {"sid": data.get("session_id", ""), "user": data.get("user", ""), "proto": data.get("protocol", ""),
+            "ip": data.get("remote_ip", ""), "op": "publish", "path": path}
