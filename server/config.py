@@ -115,6 +115,10 @@ class HttpSection(_Model):
     listen: str | list[str] = "127.0.0.1:8080"
     certificate: str = ""
     private_key: str = ""
+    max_upload_size: Annotated[int, Field(ge=0)] = 0
+    """Largest PUT body in bytes (413 beyond it); 0: no limit."""
+    auth_cache: Annotated[float, Field(ge=0)] = 60.0
+    """Seconds a verified Basic credential is remembered (in memory, as a keyed hash); 0: verify every time."""
 
     _listen = field_validator("listen")(_listen_validator)
 

@@ -1,0 +1,597 @@
+"""HTTP file API and WebDAV front end (aiohttp), on the same Session core as SFTP.
+
+One asyncio loop in its own thread serves every connection; anything that can
+block (password checks, Session calls that may wait seconds for a script's
+verdict, disk reads and writes) runs in bounded thread pools (see
+:class:`~.httputil.Pools`), so a slow script or a slow disk never stalls other
+clients.
+
+* Login: HTTP Basic on every request, checked by the LoginCore like an SFTP
+  password. A TCP connection is one LoginCore connection (``connect`` and
+  ``disconnect`` events at its start and end); its first authenticated request
+  logs in and opens the Session that later requests on the connection reuse.
+  Since clients send the password with every request and open many
+  connections, a verified credential is remembered ``[http] auth_cache``
+  seconds as a keyed SHA-256 (never the password); policy and ``pre-login``
+  still run for every new connection.
+* ``GET``/``HEAD`` stream a ReadHandle (Range, ETag, Last-Modified,
+  conditional requests); ``PUT`` streams the body chunk by chunk into the
+  staged WriteHandle and answers only when the Session has published it, so a
+  pre-publish veto is a ``403`` carrying the script's reason. A directory GET
+  gives a JSON listing (``Accept: application/json`` or ``?format=json``) or a
+  small HTML page.
+* WebDAV methods are in :mod:`.webdav`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import html
+import json
+import logging
+import os
+import secrets
+import socket
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from . import webdav
+from .errors import FsError, IsADirectory, NotFound
+from .httputil import (
+    CHUNK, Ctx, HttpError, Pools, decode_path, etag_of, href, http_date, parse_http_date,
+)
+from .login import Connection
+from .session import Session
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+    from .login import LoginCore
+    from .session import ReadHandle, WriteHandle
+
+log = logging.getLogger("scriptsftp.http")
+
+REALM = 'Basic realm="scriptsftp", charset="UTF-8"'
+METHODS = ("OPTIONS", "GET", "HEAD", "PUT", "DELETE", "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE",
+           "LOCK", "UNLOCK")
+ALLOW = ", ".join(METHODS)
+KEEPALIVE_SECONDS = 120.0
+
+
+# --- connections -----------------------------------------------------------------
+
+
+@dataclass
+class _ConnState:
+    """One TCP connection: its LoginCore connection and, once logged in, its Session."""
+
+    handler: RequestHandler
+    connected: "asyncio.Future[tuple[Connection, Any]]"
+    session: Session | None = None
+    auth_digest: bytes = b""
+    busy: int = 0
+    lost: bool = False
+    finished: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, telling the listener when connections come and go."""
+
+    def __init__(self, listener: "HttpListener", handler: Callable[[web.BaseRequest], Awaitable[Any]],
+                 **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._listener = listener
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self._listener._opened(handler, transport)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self._listener._lost(handler)
+
+
+def _addresses(listen: str | list[str]) -> list[tuple[str, int]]:
+    values = [listen] if isinstance(listen, str) else listen
+    out = []
+    for v in values:
+        host, _, port = v.rpartition(":")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
+def tls_context(certificate: str, private_key: str) -> ssl.SSLContext:
+    """Server TLS, 1.2 or newer only."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certificate, private_key)
+    return ctx
+
+
+class HttpListener:
+    name = "http"
+
+    def __init__(self, addresses: list[tuple[str, int]], core: "LoginCore", *, tls: ssl.SSLContext | None = None,
+                 max_upload_size: int = 0, auth_cache: float = 60.0) -> None:
+        self.core = core
+        self.tls = tls
+        self.max_upload_size = max_upload_size
+        self.auth_cache_seconds = auth_cache
+        self.locks = webdav.LockManager()
+        self.pools = Pools(
+            auth=ThreadPoolExecutor(4, thread_name_prefix="http-auth"),
+            ops=ThreadPoolExecutor(32, thread_name_prefix="http-op"),
+            io=ThreadPoolExecutor(8, thread_name_prefix="http-io"),
+        )
+        self._secret = secrets.token_bytes(32)
+        self._auth_cache: dict[bytes, tuple[str, str, float]] = {}
+        self._states: dict[RequestHandler, _ConnState] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.sockets: list[socket.socket] = []
+        for host, port in addresses:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+            s.listen(128)
+            s.setblocking(False)
+            self.sockets.append(s)
+
+    # --- Listener protocol ---------------------------------------------------------
+
+    @property
+    def bound(self) -> list[str]:
+        out = []
+        for s in self.sockets:
+            host, port = s.getsockname()[:2]
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return out
+
+    def start(self) -> None:
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self.loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._serve())
+            except BaseException as exc:  # noqa: BLE001 - reported to start()
+                errors.append(exc)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="http-loop", daemon=True)
+        self._thread.start()
+        ready.wait(30)
+        if errors:
+            raise errors[0]
+
+    async def _serve(self) -> None:
+        server = _Server(self, self._handle, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS,
+                         read_bufsize=CHUNK, auto_decompress=False, lingering_time=5.0)
+        loop = asyncio.get_running_loop()
+        for s in self.sockets:
+            self._servers.append(await loop.create_server(server, sock=s, ssl=self.tls, backlog=128))
+
+    def _call(self, fn: Callable[[], Any]) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(fn)
+
+    def stop_accepting(self) -> None:
+        def stop() -> None:
+            for srv in self._servers:
+                srv.close()
+        self._call(stop)
+
+    def active(self) -> int:
+        return len(self._states)
+
+    def close_all(self, reason: str) -> None:
+        def close() -> None:
+            if self._states:
+                log.info("closing %d HTTP connection(s): %s", len(self._states), reason)
+            for state in list(self._states.values()):
+                state.handler.force_close()
+        self._call(close)
+
+    # --- connection lifetime -----------------------------------------------------------
+
+    def _opened(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self.pools.auth, self._connect, handler, peer[0], local[1])
+        self._states[handler] = _ConnState(handler, fut)
+
+    def _connect(self, handler: RequestHandler, ip: str, port: int) -> tuple[Connection, Any]:
+        """LoginCore connect (defender, ``connect`` event), in a pool thread."""
+        conn, decision = self.core.connect("http", ip, port)
+        # the core ends a connection this way (user removed on reload, address banned)
+        conn.on_kick = lambda reason: self._call(lambda: self._kick(handler, conn, reason))
+        return conn, decision
+
+    def _kick(self, handler: RequestHandler, conn: Connection, reason: str) -> None:
+        log.info("closing HTTP connection: %s", reason, extra={"sid": conn.id, "user": conn.user})
+        handler.force_close()
+
+    def _lost(self, handler: RequestHandler) -> None:
+        state = self._states.get(handler)
+        if state is None:
+            return
+        state.lost = True
+        if state.busy == 0:
+            self._finish(state)
+
+    def _finish(self, state: _ConnState) -> None:
+        if state.finished:
+            return
+        state.finished = True
+        task = asyncio.get_running_loop().create_task(self._disconnect(state))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _disconnect(self, state: _ConnState) -> None:
+        try:
+            conn, _ = await state.connected
+            await asyncio.get_running_loop().run_in_executor(self.pools.ops, self.core.disconnect, conn)
+        except Exception:  # noqa: BLE001 - a connection's end must never kill the loop
+            log.exception("HTTP disconnect failed")
+        finally:
+            self._states.pop(state.handler, None)
+
+    # --- requests ------------------------------------------------------------------
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        state = self._states.get(request.protocol)
+        if state is None:  # cannot happen: connection_made always runs first
+            return web.Response(status=503, text="connection not registered\n")
+        state.busy += 1
+        try:
+            return await self._dispatch(request, state)
+        except HttpError as exc:
+            return exc.response()
+        except FsError as exc:
+            return HttpError.from_fs(exc).response()
+        finally:
+            state.busy -= 1
+            if state.lost and state.busy == 0:
+                self._finish(state)
+
+    async def _dispatch(self, request: web.BaseRequest, state: _ConnState) -> web.StreamResponse:
+        conn, decision = await state.connected
+        if not decision.allowed:
+            raise HttpError(403, decision.reason or "connection refused by a server script", close=True)
+        method = request.method.upper()
+        if method not in METHODS:
+            raise HttpError(405, f"method {method} not supported", headers={"Allow": ALLOW})
+        vpath = decode_path(request.raw_path)
+        if method == "OPTIONS":  # discovery, before credentials (Windows and macOS probe this way)
+            return web.Response(status=200, headers={
+                "DAV": "1, 2", "MS-Author-Via": "DAV", "Allow": ALLOW, "Accept-Ranges": "bytes"})
+        session = await self._authenticate(request, state, conn)
+        ctx = Ctx(request, session, vpath, self.pools, self.locks)
+        if method in ("GET", "HEAD"):
+            return await self._get(ctx, head=method == "HEAD")
+        if method == "PUT":
+            return await self._put(ctx)
+        if method == "DELETE":
+            return await webdav.delete(ctx)
+        return await webdav.HANDLERS[method](ctx)
+
+    # --- authentication -----------------------------------------------------------------
+
+    def _credentials(self, request: web.BaseRequest) -> tuple[str, str, bytes]:
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if not header or scheme.lower() != "basic":
+            raise HttpError(401, "authentication required", headers={"WWW-Authenticate": REALM})
+        try:
+            raw = base64.b64decode(value.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise HttpError(400, "malformed Basic credentials") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        user, sep, password = text.partition(":")
+        if not sep:
+            raise HttpError(400, "malformed Basic credentials")
+        digest = hmac.new(self._secret, raw, hashlib.sha256).digest()
+        return user, password, digest
+
+    def _cached(self, digest: bytes, user: str) -> bool:
+        hit = self._auth_cache.get(digest)
+        if hit is None:
+            return False
+        name, pw_hash, expires = hit
+        rec = self.core.users.get(user)
+        if name != user or time.monotonic() > expires or rec is None or rec.password_hash != pw_hash:
+            self._auth_cache.pop(digest, None)
+            return False
+        return True
+
+    def _remember(self, digest: bytes, user: str) -> None:
+        rec = self.core.users.get(user)
+        if self.auth_cache_seconds <= 0 or rec is None or not rec.password_hash:
+            return
+        if len(self._auth_cache) > 10000:
+            now = time.monotonic()
+            for k in [k for k, v in self._auth_cache.items() if v[2] < now]:
+                del self._auth_cache[k]
+            if len(self._auth_cache) > 10000:
+                self._auth_cache.clear()
+        self._auth_cache[digest] = (user, rec.password_hash, time.monotonic() + self.auth_cache_seconds)
+
+    async def _authenticate(self, request: web.BaseRequest, state: _ConnState, conn: Connection) -> Session:
+        user, password, digest = self._credentials(request)
+        if state.session is not None and hmac.compare_digest(state.auth_digest, digest):
+            return state.session
+        loop = asyncio.get_running_loop()
+        if not self._cached(digest, user):
+            ok = await loop.run_in_executor(self.pools.auth, self.core.check_password, conn, user, password)
+            if not ok:  # logged, raised as login-failed and delayed by the core
+                raise HttpError(401, "wrong user name or password", headers={"WWW-Authenticate": REALM})
+            self._remember(digest, user)
+        if state.session is not None:
+            if state.session.user == user:  # same user, other valid password (changed meanwhile)
+                state.auth_digest = digest
+                return state.session
+            # another user on this keep-alive connection: end the first login, start afresh
+            await loop.run_in_executor(self.pools.ops, self.core.disconnect, conn)
+            state.session = None
+            state.connected = loop.run_in_executor(self.pools.auth, self._connect, state.handler, conn.remote_ip,
+                                                   conn.local_port)
+            conn, decision = await state.connected
+            if not decision.allowed:
+                raise HttpError(403, decision.reason or "connection refused by a server script", close=True)
+        decision = await loop.run_in_executor(self.pools.auth, self.core.finish_login, conn, user, "password")
+        if not decision.allowed:
+            raise HttpError(403, decision.reason or "login refused", close=True)
+        try:
+            session = await loop.run_in_executor(self.pools.ops, self.core.open_session, conn)
+        except FsError as exc:
+            raise HttpError(403, exc.message, close=True) from None
+        state.session = session
+        state.auth_digest = digest
+        return session
+
+    # --- GET / HEAD -----------------------------------------------------------------------
+
+    async def _get(self, ctx: Ctx, *, head: bool) -> web.StreamResponse:
+        entry = await ctx.op(ctx.session.stat, ctx.vpath)
+        if entry.is_dir:
+            return await self._listing(ctx, head=head)
+        st = entry.st
+        not_modified = _conditional(ctx.request, etag_of(st), st.st_mtime)
+        if not_modified is not None:
+            return not_modified
+        if head:
+            return web.Response(headers=_file_headers(st, ctx.vpath, st.st_size))
+        handle: ReadHandle = await ctx.op(ctx.session.open_read, ctx.vpath)  # pre-download may veto
+        pending: asyncio.Future[bytes] | None = None
+        try:
+            st = handle.fstat()
+            size = st.st_size
+            start, end, status = 0, size - 1, 200
+            rng = _range(ctx.request, size, etag_of(st), st.st_mtime)
+            if rng == "unsatisfiable":
+                await ctx.op(handle.abort, "requested range not satisfiable")
+                raise HttpError(416, "requested range not satisfiable", headers={"Content-Range": f"bytes */{size}"})
+            if rng is not None:
+                start, end = rng
+                status = 206
+            length = end - start + 1 if size else 0
+            headers = _file_headers(st, ctx.vpath, length)
+            if status == 206:
+                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            resp = web.StreamResponse(status=status, headers=headers)
+            resp.content_length = length
+            await resp.prepare(ctx.request)
+            pos, remaining = start, length
+            if remaining:
+                pending = ctx.io(handle.read, pos, min(CHUNK, remaining))
+            while remaining:
+                assert pending is not None
+                data = await pending
+                pending = None
+                if not data:
+                    raise ConnectionError("file shrank while being sent")
+                pos += len(data)
+                remaining -= len(data)
+                if remaining:  # read the next chunk while this one is sent
+                    pending = ctx.io(handle.read, pos, min(CHUNK, remaining))
+                await resp.write(data)
+            await resp.write_eof()
+        except HttpError:
+            raise
+        except BaseException:
+            if pending is not None:  # never close the fd under a read still running
+                await asyncio.gather(pending, return_exceptions=True)
+            await ctx.op(handle.abort, "connection closed before the download completed")
+            raise
+        await ctx.op(handle.close)
+        return resp
+
+    async def _listing(self, ctx: Ctx, *, head: bool) -> web.StreamResponse:
+        entries = await ctx.op(ctx.session.listdir, ctx.vpath)
+        vpath = ctx.session.realpath(ctx.vpath)
+        req = ctx.request
+        entries.sort(key=lambda e: e.name)
+        if req.query.get("format") == "json" or "application/json" in req.headers.get("Accept", ""):
+            items = [{
+                "name": e.name,
+                "type": "dir" if e.is_dir else "link" if e.is_link else "file",
+                "size": e.size,
+                "mtime": e.st.st_mtime,
+                "modified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.st.st_mtime)),
+                "href": href(vpath.rstrip("/") + "/" + e.name, e.is_dir),
+            } for e in entries]
+            body = json.dumps({"path": vpath, "entries": items}, ensure_ascii=False).encode()
+            ctype = "application/json"
+        else:
+            rows = "".join(
+                f'<li><a href="{html.escape(href(vpath.rstrip("/") + "/" + e.name, e.is_dir))}">'
+                f"{html.escape(e.name)}{'/' if e.is_dir else ''}</a> {'' if e.is_dir else e.size}</li>\n"
+                for e in entries)
+            title = html.escape(vpath)
+            body = (f"<!doctype html>\n<meta charset=utf-8>\n<title>{title}</title>\n<h1>{title}</h1>\n"
+                    f"<ul>\n{rows}</ul>\n").encode()
+            ctype = "text/html"
+        if head:
+            return web.Response(headers={"Content-Type": f"{ctype}; charset=utf-8",
+                                         "Content-Length": str(len(body))})
+        return web.Response(body=body, content_type=ctype, charset="utf-8")
+
+    # --- PUT -----------------------------------------------------------------------------------
+
+    async def _put(self, ctx: Ctx) -> web.StreamResponse:
+        req = ctx.request
+        if "Content-Range" in req.headers:
+            raise HttpError(400, "partial PUT (Content-Range) is not supported")
+        limit = self.max_upload_size
+        length = req.content_length
+        if limit and length is not None and length > limit:
+            raise HttpError(413, f"upload larger than the server's limit of {limit} bytes", close=True)
+        try:
+            handle: WriteHandle = await ctx.op(ctx.session.open_write, ctx.vpath)  # pre-upload may veto
+        except IsADirectory as exc:
+            raise HttpError(405, exc.message) from None
+        except NotFound as exc:
+            raise HttpError(409, f"{exc.message} (the parent directory must exist)") from None
+        if req.headers.get("Expect", "").lower() == "100-continue" and req.version >= (1, 1):
+            # only now: a refused upload is answered before the client sends its body
+            await req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        pending: asyncio.Future[None] | None = None
+        offset = 0
+        buf = bytearray()
+        try:
+            while True:
+                data = await req.content.readany()
+                if data:
+                    buf += data
+                    if limit and offset + len(buf) > limit:
+                        raise HttpError(413, f"upload larger than the server's limit of {limit} bytes", close=True)
+                if len(buf) >= CHUNK or (not data and buf):
+                    if pending is not None:
+                        await pending
+                    pending = ctx.io(handle.write, offset, buf)  # write this chunk while reading the next
+                    offset += len(buf)
+                    buf = bytearray()
+                if not data:
+                    break
+            if pending is not None:
+                await pending
+                pending = None
+        except BaseException as exc:
+            if pending is not None:
+                await asyncio.gather(pending, return_exceptions=True)
+            reason = exc.text if isinstance(exc, HttpError) else "connection closed before the upload completed"
+            await ctx.op(handle.abort, reason)
+            if isinstance(exc, FsError):
+                raise HttpError.from_fs(exc) from None
+            raise
+        await ctx.op(handle.close)  # publish: the pre-publish verdict (sync bindings) comes back here
+        return web.Response(status=204 if handle.existed else 201)
+
+
+def _file_headers(st: os.stat_result, vpath: str, length: int) -> dict[str, str]:
+    import mimetypes
+
+    return {
+        "Content-Type": mimetypes.guess_type(vpath)[0] or "application/octet-stream",
+        "Content-Length": str(length),
+        "ETag": etag_of(st),
+        "Last-Modified": http_date(st.st_mtime),
+        "Accept-Ranges": "bytes",
+    }
+
+
+def _etag_list(value: str) -> list[str]:
+    return [t.strip().removeprefix("W/") for t in value.split(",") if t.strip()]
+
+
+def _conditional(request: web.BaseRequest, etag: str, mtime: float) -> web.Response | None:
+    """RFC 9110 section 13.2.2 order: If-Match, If-Unmodified-Since, If-None-Match, If-Modified-Since."""
+    h = request.headers
+    if "If-Match" in h:
+        tags = _etag_list(h["If-Match"])
+        if "*" not in tags and etag not in tags:
+            raise HttpError(412, "the file changed (If-Match)")
+    elif "If-Unmodified-Since" in h:
+        since = parse_http_date(h["If-Unmodified-Since"])
+        if since is not None and int(mtime) > since:
+            raise HttpError(412, "the file changed (If-Unmodified-Since)")
+    if "If-None-Match" in h:
+        tags = _etag_list(h["If-None-Match"])
+        if "*" in tags or etag in tags:
+            return web.Response(status=304, headers={"ETag": etag, "Last-Modified": http_date(mtime)})
+    elif "If-Modified-Since" in h:
+        since = parse_http_date(h["If-Modified-Since"])
+        if since is not None and int(mtime) <= since:
+            return web.Response(status=304, headers={"ETag": etag, "Last-Modified": http_date(mtime)})
+    return None
+
+
+def _range(request: web.BaseRequest, size: int, etag: str, mtime: float) -> tuple[int, int] | str | None:
+    """One byte range, "unsatisfiable", or None (whole file: no, several or unusable ranges)."""
+    value = request.headers.get("Range", "")
+    if not value.startswith("bytes="):
+        return None
+    if_range = request.headers.get("If-Range")
+    if if_range is not None:
+        if if_range.startswith('"') or if_range.startswith("W/"):
+            if if_range != etag:
+                return None
+        else:
+            since = parse_http_date(if_range)
+            if since is None or int(mtime) != int(since):
+                return None
+    specs = value[len("bytes="):].split(",")
+    if len(specs) != 1:
+        return None
+    first, sep, last = specs[0].strip().partition("-")
+    if not sep or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if first == "":
+        if last == "":
+            return None
+        n = int(last)
+        if n == 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - n), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None  # invalid: ignored, the whole file is sent
+    if start >= size:
+        return "unsatisfiable"
+    end = int(last) if last else size - 1
+    return start, min(end, size - 1)
+
+
+def make_listener(daemon: "Daemon") -> HttpListener:
+    m = daemon.cfg.model.http
+    tls = None
+    if bool(m.certificate) != bool(m.private_key):
+        raise ValueError("[http] certificate and private_key must be given together")
+    if m.certificate:
+        tls = tls_context(str(daemon.cfg.resolve(m.certificate)), str(daemon.cfg.resolve(m.private_key)))
+    return HttpListener(_addresses(m.listen), daemon.core, tls=tls, max_upload_size=m.max_upload_size,
+                        auth_cache=m.auth_cache)

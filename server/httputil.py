@@ -1,0 +1,230 @@
+"""Pieces shared by the HTTP file API (:mod:`.http`) and WebDAV (:mod:`.webdav`).
+
+Nothing here decides who may do what: paths are only *decoded* here (once,
+strictly), then handed to the Session, which normalises, confines and checks
+them exactly as for SFTP (DESIGN.md rules 1 and 2). Session errors become HTTP
+statuses in one table, so every method answers the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import functools
+import stat as statmod
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from urllib.parse import quote, unquote_to_bytes, urlsplit
+
+from aiohttp import web
+
+from .errors import (
+    AlreadyExists, DirectoryNotEmpty, Failure, FsError, InvalidPath, IsADirectory, LimitExceeded, NoSpace,
+    NotADirectory, NotFound, PermissionDenied, Vetoed,
+)
+
+if TYPE_CHECKING:
+    from .session import Session
+
+T = TypeVar("T")
+
+#: bytes per read/write call handed to the thread pool (large enough that the
+#: round trip to the pool costs nothing next to the copy)
+CHUNK = 1 << 20
+
+#: Session error -> HTTP status. Order matters: subclasses first (Vetoed is a PermissionDenied).
+_STATUS: list[tuple[type[FsError], int]] = [
+    (Vetoed, 403),
+    (NotFound, 404),
+    (PermissionDenied, 403),
+    (AlreadyExists, 409),
+    (NotADirectory, 409),
+    (IsADirectory, 409),
+    (DirectoryNotEmpty, 409),
+    (InvalidPath, 400),
+    (NoSpace, 507),
+    (LimitExceeded, 503),
+    (Failure, 500),
+]
+
+REASONS = {
+    200: "OK", 201: "Created", 204: "No Content", 207: "Multi-Status", 400: "Bad Request", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 412: "Precondition Failed",
+    413: "Payload Too Large", 415: "Unsupported Media Type", 423: "Locked", 424: "Failed Dependency",
+    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 507: "Insufficient Storage",
+}
+
+
+def status_of(exc: FsError) -> int:
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def status_line(status: int) -> str:
+    return f"HTTP/1.1 {status} {REASONS.get(status, '')}".rstrip()
+
+
+class HttpError(Exception):
+    """An answer other than success; ``text`` is the plain-text body the client sees."""
+
+    def __init__(self, status: int, text: str, *, headers: dict[str, str] | None = None,
+                 close: bool = False, body: bytes | None = None, content_type: str | None = None) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.headers = headers or {}
+        self.close = close
+        self.body = body
+        self.content_type = content_type
+
+    @classmethod
+    def from_fs(cls, exc: FsError, *, status: int | None = None) -> "HttpError":
+        return cls(status or status_of(exc), exc.message)
+
+    def response(self) -> web.Response:
+        if self.body is not None:
+            resp = web.Response(status=self.status, body=self.body, headers=self.headers,
+                                content_type=self.content_type or "application/xml", charset="utf-8")
+        else:
+            resp = web.Response(status=self.status, text=self.text + "\n", headers=self.headers,
+                                content_type="text/plain", charset="utf-8")
+        if self.close:
+            resp.force_close()
+        return resp
+
+
+def decode_path(target: str) -> str:
+    """The request target's path, percent-decoded exactly once.
+
+    ``..``, ``.`` and empty segments are left for the Session (``..`` stops at
+    the user's home, as over SFTP); what no Session path may hold is refused
+    here with a clear 400: NUL, invalid UTF-8, backslashes (Windows clients would
+    mean a separator; a name holding one is only reachable over SFTP), and
+    anything but an absolute path."""
+    path = target.split("#", 1)[0].split("?", 1)[0]
+    if path.startswith(("http://", "https://")):  # absolute-form request target
+        path = urlsplit(path).path or "/"
+    if not path.startswith("/"):
+        raise HttpError(400, "the request path must be absolute")
+    raw = unquote_to_bytes(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HttpError(400, "the request path is not valid UTF-8") from None
+    if "\x00" in text:
+        raise HttpError(400, "the request path contains a NUL byte")
+    if "\\" in text:
+        raise HttpError(400, "the request path contains a backslash")
+    return text
+
+
+_SAFE = "-._~!$&'()*+,;=:@"
+
+
+def href(vpath: str, is_dir: bool = False) -> str:
+    """The URL path of a virtual path, each segment percent-encoded."""
+    out = "/".join(quote(p, safe=_SAFE) for p in vpath.split("/"))
+    if is_dir and not out.endswith("/"):
+        out += "/"
+    return out or "/"
+
+
+def child(vpath: str, name: str) -> str:
+    return vpath.rstrip("/") + "/" + name
+
+
+def http_date(ts: float) -> str:
+    return email.utils.formatdate(ts, usegmt=True)
+
+
+def parse_http_date(value: str) -> float | None:
+    try:
+        dt = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if dt is None:
+        return None
+    return dt.timestamp()
+
+
+def etag_of(st: Any) -> str:
+    """Strong ETag: a published upload is a new inode (atomic rename), so any change shows."""
+    return f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+
+
+def is_dir(st: Any) -> bool:
+    return statmod.S_ISDIR(st.st_mode)
+
+
+@dataclass
+class Pools:
+    """Where blocking calls run, so the event loop never waits on a disk or a script.
+
+    ``auth``: password checks (argon2, and the failure delay), so a flood of bad
+    logins cannot hold the threads logged-in users need. ``ops``: Session calls
+    that may wait on a script verdict (open, close/publish, namespace changes).
+    ``io``: chunk reads and writes of open handles, never behind a script."""
+
+    auth: Executor
+    ops: Executor
+    io: Executor
+
+
+@dataclass
+class Ctx:
+    """One authenticated request: the Session it acts through and the decoded path."""
+
+    request: web.BaseRequest
+    session: "Session"
+    vpath: str
+    pools: Pools
+    locks: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    async def op(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pools.ops, functools.partial(fn, *args, **kw))
+
+    def io(self, fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self.pools.io, functools.partial(fn, *args))
+
+
+async def read_small_body(request: web.BaseRequest, limit: int) -> bytes:
+    """A request body that is meant to be small (XML); more than ``limit`` bytes is a 413."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise HttpError(413, f"request body larger than {limit} bytes", close=True)
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        data = await request.content.readany()
+        if not data:
+            break
+        total += len(data)
+        if total > limit:
+            raise HttpError(413, f"request body larger than {limit} bytes", close=True)
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def destination_path(request: web.BaseRequest) -> str:
+    """The ``Destination`` of COPY/MOVE, decoded like a request path and kept on this server."""
+    value = request.headers.get("Destination")
+    if not value:
+        raise HttpError(400, "Destination header missing")
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        if parts.scheme not in ("http", "https") or parts.netloc.lower() != (request.host or "").lower():
+            raise HttpError(502, "Destination is on another server")
+    return decode_path(parts.path or "/")
+
+
+def overwrite_flag(request: web.BaseRequest) -> bool:
+    value = request.headers.get("Overwrite", "T").strip().upper()
+    if value not in ("T", "F"):
+        raise HttpError(400, "Overwrite header must be T or F")
+    return value == "T"
