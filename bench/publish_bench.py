@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Cost of a pre-publish check: 256 MiB SFTP upload with a sha256-hashing script vs none.
+
+    python bench/publish_bench.py [--size-mb 256] [--runs 3]
+
+Starts two scriptsftp daemons on 127.0.0.1 side by side (same build, same
+config) that differ only in one binding:
+
+  plain    no scripts
+  hashed   pre-publish binding (sync) whose script does api.file.hash("sha256")
+
+and uploads the same random file to each with OpenSSH `sftp -b` (put), --runs
+times, alternating. Upload time is client wall time, which includes the check
+(in sync mode the CLOSE reply waits for it). The bar (issue 4): hashed/plain
+throughput >= 0.8. MB = 10^6 bytes. Also prints the daemons' peak RSS.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+try:
+    import paramiko  # noqa: F401  (the venv has everything the daemon needs)
+except ImportError:
+    _venv_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".venv", "bin", "python")
+    if os.path.exists(_venv_py) and os.path.realpath(sys.executable) != os.path.realpath(_venv_py):
+        os.execv(_venv_py, [_venv_py, *sys.argv])
+    raise
+
+import argparse
+import hashlib
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import openssh  # noqa: E402
+from sftp_bench import scriptsftp_argv, scriptsftp_config  # noqa: E402
+
+HASH_SCRIPT = '''
+def on_pre_publish(event, api):
+    api.log("sha256", digest=api.file.hash("sha256"))
+'''
+BINDING = '''
+[[bindings]]
+event = "pre-publish"
+script = "hash.py"
+allow = ["read"]
+timeout = 300
+cpu_time = 120
+'''
+
+
+def start(name: str, base: Path, pubkey: str, with_script: bool) -> tuple[subprocess.Popen, int, Path, Path]:
+    root = base / name
+    home, scripts, state = root / "home", root / "scripts", root / "state"
+    for p in (home, scripts, state):
+        p.mkdir(parents=True)
+    cfg = scriptsftp_config(state, home, scripts, pubkey)
+    if with_script:
+        (scripts / "hash.py").write_text(HASH_SCRIPT)
+        cfg += BINDING
+    (root / "scriptsftp.toml").write_text(cfg)
+    log = root / "daemon.log"
+    proc = subprocess.Popen([*scriptsftp_argv(None), "-c", str(root / "scriptsftp.toml")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    m = openssh.wait_for_line(proc, log, r"listening sftp on [\d.]+:(\d+)", 30)
+    openssh.wait_for_line(proc, log, r"ready", 30)
+    return proc, int(m.group(1)), home, log
+
+
+def upload(port: int, key: Path, src: Path) -> float:
+    argv = ["sftp", "-b", "-", "-i", str(key), "-P", str(port), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes",
+            "bench@127.0.0.1"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, input=f"put {src} up.bin\n", text=True, capture_output=True, timeout=600)
+    secs = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"sftp failed: {proc.stderr.strip()}")
+    return secs
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=256, help="MiB to upload")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="scriptsftp-publish-bench-"))
+    procs = []
+    try:
+        pubkey = openssh.keygen_ed25519(base / "key")
+        src = base / "src.bin"
+        with open(src, "wb") as f:
+            for _ in range(args.size_mb):
+                f.write(os.urandom(1 << 20))
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()
+        daemons = {}
+        for name, scripted in (("plain", False), ("hashed", True)):
+            proc, port, home, log = start(name, base, pubkey, scripted)
+            procs.append(proc)
+            daemons[name] = (proc, port, home, log)
+        times: dict[str, list[float]] = {"plain": [], "hashed": []}
+        for _ in range(args.runs):
+            for name, (_, port, home, _) in daemons.items():
+                times[name].append(upload(port, base / "key", src))
+                if (home / "up.bin").stat().st_size != src.stat().st_size:
+                    raise RuntimeError(f"{name}: wrong size after upload")
+        if digest not in daemons["hashed"][3].read_text():
+            raise RuntimeError("the hashing script did not log the right sha256")
+        size = args.size_mb * (1 << 20)
+        rate = {n: size / statistics.median(t) / 1e6 for n, t in times.items()}
+        print(f"SFTP upload, OpenSSH sftp put of {args.size_mb} MiB, median of {args.runs} runs")
+        for n in ("plain", "hashed"):
+            print(f"  {n:7s} {rate[n]:8.1f} MB/s   runs {', '.join(f'{t:.2f}s' for t in times[n])}"
+                  f"   daemon peak RSS {peak_rss_mb(daemons[n][0].pid):.0f} MB")
+        print(f"  ratio hashed/plain: {rate['hashed'] / rate['plain']:.2f} (bar: >= 0.80)")
+        print(f"  load average: {os.getloadavg()[0]:.2f}")
+        return 0
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
