@@ -291,7 +291,14 @@ class ScriptApi:
         self._ctx.require("run")
         if type(name) is not str:
             raise TypeError("api.run(name, *args): name must be a str")
-        return _freeze(self._ctx.rpc("run", "run", [name, *[_json_arg(a) for a in args]]))
+        for i, a in enumerate(args):
+            if type(a) is not str:
+                raise TypeError(f"api.run({name!r}, ...): argument {i} must be a str, "
+                                f"not {type(a).__name__} (convert it with str())")
+        reply = self._ctx.rpc("run", "run", [name, *args])
+        if type(reply) is not dict:
+            raise RuntimeError("api.run(): unexpected reply")
+        return _make_record(RunResult, reply)
 
 
 def _json_arg(value: Any) -> Any:
@@ -507,6 +514,54 @@ class _RemoteStub:
         return _freeze(self._ctx.rpc(self._cap, op, [_json_arg(a) for a in args]))
 
 
+class _Record:
+    """A read-only result with attributes (``api.run`` result, ``api.fs.stat``)."""
+
+    __slots__ = ("_fields",)
+    _fields_names: tuple[str, ...] = ()
+    _script_label = "result"
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        object.__setattr__(self, "_fields", {k: fields.get(k) for k in self._fields_names})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._fields[name]
+        except KeyError:
+            raise AttributeError(f"{self._script_label} has no attribute {name!r} "
+                                 f"(fields: {', '.join(self._fields_names)})") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise TypeError(f"{self._script_label} is read-only")
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self._fields.items())
+        return f"{self._script_label}({inner})"
+
+
+class RunResult(_Record):
+    """What ``api.run()`` returns: exit ``code`` (negative: killed by that signal),
+    ``stdout`` and ``stderr`` as text, ``truncated`` when output passed max_output."""
+
+    __slots__ = ()
+    _fields_names = ("code", "stdout", "stderr", "truncated", "duration")
+    _script_label = "run result"
+
+
+class FsStat(_Record):
+    """What ``api.fs.stat()`` returns."""
+
+    __slots__ = ()
+    _fields_names = ("name", "size", "mtime", "mode", "is_dir", "is_file", "is_link")
+    _script_label = "fs stat"
+
+
+def _make_record(cls: type[_Record], fields: Any) -> _Record:
+    if type(fields) is not dict:
+        raise RuntimeError(f"unexpected reply for a {cls._script_label}")
+    return cls(fields)
+
+
 class FsStub(_RemoteStub):
     """``api.fs`` (capability ``fs``): the event user's files. Served by the parent."""
 
@@ -515,7 +570,7 @@ class FsStub(_RemoteStub):
     _script_label = "api.fs"
 
     def exists(self, path): return self._call("exists", path)
-    def stat(self, path): return self._call("stat", path)
+    def stat(self, path): return _make_record(FsStat, self._ctx.rpc("fs", "stat", [_json_arg(path)]))
     def listdir(self, path="/"): return self._call("listdir", path)
     def move(self, src, dst): return self._call("move", src, dst)
     def copy(self, src, dst): return self._call("copy", src, dst)
@@ -542,3 +597,5 @@ sandbox.register_attrs(StoreStub, ("get", "set", "incr", "delete"))
 sandbox.register_attrs(FsStub, ("exists", "stat", "listdir", "move", "copy", "remove",
                                 "mkdir", "read_text", "write_text"))
 sandbox.register_attrs(NotifyStub, ("email", "webhook"))
+sandbox.register_attrs(RunResult, RunResult._fields_names)
+sandbox.register_attrs(FsStat, FsStat._fields_names)

@@ -32,9 +32,12 @@ from .store import ScriptStore, StoreError
 log = logging.getLogger("scriptsftp.scripting.capabilities")
 
 #: Every capability a binding can be granted (``allow = [...]``).
-KNOWN_CAPABILITIES: frozenset[str] = frozenset({"read", "fs", "store", "notify", "run"})
+KNOWN_CAPABILITIES: frozenset[str] = frozenset({"read", "fs", "fs_admin", "store", "notify", "run"})
 #: Capabilities served inside the worker, without RPC.
 LOCAL_CAPABILITIES: frozenset[str] = frozenset({"read"})
+#: Grants that widen another capability instead of being served themselves
+#: (``fs_admin``: ``api.fs`` may also use ``admin:`` paths; see fs_cap.py).
+MODIFIER_CAPABILITIES: frozenset[str] = frozenset({"fs_admin"})
 
 _MAX_OP_CHARS = 64
 _MAX_ARGS = 16
@@ -81,7 +84,7 @@ class CapabilityRegistry:
         self._lock = threading.Lock()
 
     def register(self, cap: str, handler: Handler) -> None:
-        if cap not in KNOWN_CAPABILITIES or cap in LOCAL_CAPABILITIES:
+        if cap not in KNOWN_CAPABILITIES or cap in LOCAL_CAPABILITIES or cap in MODIFIER_CAPABILITIES:
             raise ValueError(f"unknown or local capability {cap!r}")
         with self._lock:
             self._handlers[cap] = handler

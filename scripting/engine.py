@@ -26,6 +26,7 @@ from scriptsftp.server.config import ConfigError, LoadedConfig
 from scriptsftp.server.dispatch import ALLOW, Decision, FileOpener
 
 from .registry import ActiveBinding, LoadedScript, Registry, read_script, referenced_scripts
+from .services import EngineServices
 from .workers import CallRequest, CallResult, ScriptSource, WorkerPool
 
 log = logging.getLogger("scriptsftp.scripting")
@@ -47,6 +48,7 @@ class ScriptEngine:
         self._async_threads: list[threading.Thread] = []
         self.watcher: Any = None
         self.last_errors: dict[str, str] = {}
+        self.services = EngineServices(self, state_dir)  # api.fs/notify/run handlers, outbox, scheduler
         self.dropped = 0
 
     # --- lifecycle ------------------------------------------------------------
@@ -63,6 +65,7 @@ class ScriptEngine:
             t = threading.Thread(target=self._async_loop, name=f"script-async-{i}", daemon=True)
             t.start()
             self._async_threads.append(t)
+        self.services.start()
         if self.cfg.model.scripts.reload:
             from .reload import ScriptWatcher
 
@@ -73,6 +76,7 @@ class ScriptEngine:
     def close(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
+        self.services.close()
         for _ in self._async_threads:
             try:
                 self._queue.put(None, timeout=1)
@@ -81,6 +85,15 @@ class ScriptEngine:
         for t in self._async_threads:
             t.join(timeout=5)
         self.pool.close()
+
+    def attach_server(self, core: Any) -> None:
+        """The daemon's LoginCore, for the Sessions api.fs opens (see services.py)."""
+        self.services.attach_server(core)
+
+    @property
+    def outbox(self) -> Any:
+        """The notification outbox (``outbox.stats()`` -> pending/failed/delivered), or None."""
+        return self.services.outbox
 
     def _watched_names(self) -> set[str]:
         return self._registry.script_names()
@@ -215,7 +228,7 @@ class ScriptEngine:
             # Async: pin the file as it is now, so the script sees what was published even if
             # it is moved or replaced before the handler runs.
             fd = None
-            if file is not None and "read" in binding.spec.allow:
+            if file is not None and ("read" in binding.spec.allow or "run" in binding.spec.allow):
                 try:
                     fd = file()
                 except Exception as exc:
@@ -257,6 +270,7 @@ class ScriptEngine:
             timeout=spec.timeout or sc.timeout,
             cpu_time=spec.cpu_time or sc.cpu_time,
             file=file if "read" in spec.allow else None,
+            context=self.services.context(data, file, spec.timeout or sc.timeout),
         )
         result = self.pool.call(req)
         ctx = _ctx(data)

@@ -29,7 +29,49 @@ PERMISSIONS = (
     "mkdir", "rmdir", "setstat", "symlink",
 )
 PROTOCOLS = ("sftp", "scp", "ftp", "http")
-CAPABILITIES = ("read", "fs", "store", "notify", "run")
+CAPABILITIES = ("read", "fs", "fs_admin", "store", "notify", "run")
+#: Placeholders of a [commands] argv template (scripting/commands.py fills them).
+COMMAND_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*|[0-9]+)\}")
+COMMAND_NAMED = ("path", "vpath", "user")
+
+
+def command_template_problems(argv: list[str]) -> list[str]:
+    """Why a [commands] argv template is unusable (empty: fine)."""
+    problems = []
+    for i, item in enumerate(argv):
+        if "\x00" in item:
+            problems.append(f"argv[{i}] contains a NUL byte")
+        if item == "{args}":
+            continue
+        for m in COMMAND_PLACEHOLDER.finditer(item):
+            name = m.group(1)
+            if name is not None and not name.isdigit() and name not in COMMAND_NAMED:
+                problems.append(f"argv[{i}]: unknown placeholder {{{name}}} "
+                                "(known: {path} {vpath} {user} {0} {1}..., and {args} as a whole element)")
+        rest = COMMAND_PLACEHOLDER.sub("", item)
+        if "{" in rest or "}" in rest:
+            problems.append(f"argv[{i}]: unbalanced brace (write {{{{ or }}}} for a literal one)")
+    if argv and "{" in argv[0]:
+        problems.append("argv[0] (the program) cannot be a placeholder")
+    return problems
+
+
+def check_cron(expr: str) -> str:
+    """A 5-field cron expression (minute granularity), or ValueError saying why not."""
+    from datetime import datetime
+
+    from cronsim import CronSim, CronSimError
+
+    if len(expr.split()) != 5:
+        raise ValueError(f"{expr!r}: a cron expression has 5 fields (minute hour day month weekday)")
+    try:
+        it = CronSim(expr, datetime.now())
+        next(it)
+    except CronSimError as exc:
+        raise ValueError(f"{expr!r}: invalid cron expression ({exc})") from None
+    except StopIteration:
+        raise ValueError(f"{expr!r}: this cron expression never fires") from None
+    return expr
 
 
 class ConfigError(Exception):
@@ -145,6 +187,10 @@ class ScriptsSection(_Model):
     memory_mb: Annotated[int, Field(ge=32, le=65536)] = 256
     reload: bool = True
     async_queue: Annotated[int, Field(ge=1)] = 10000
+    fs_admin_root: str = ""
+    """Directory that bindings granted ``fs_admin`` reach as ``admin:/...`` (archive, quarantine)."""
+    schedule_tick: Annotated[float, Field(ge=0.05, le=60)] = 60.0
+    """For tests only: real seconds per scheduler minute (60 = follow the wall clock)."""
 
 
 class SmtpSection(_Model):
@@ -154,6 +200,16 @@ class SmtpSection(_Model):
     username: str = ""
     password: str = ""
     sender: str = "scriptsftp@localhost"
+    ca_file: str = ""
+    """CA bundle to verify the server's STARTTLS certificate (default: the system's)."""
+    timeout: PositiveFloat = 30.0
+
+    @model_validator(mode="after")
+    def _tls_for_auth(self) -> "SmtpSection":
+        if self.password and not self.starttls and self.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError("a password is only sent over STARTTLS (set starttls = true) "
+                             "unless the SMTP server is on localhost")
+        return self
 
 
 class WebhookSection(_Model):
@@ -161,16 +217,51 @@ class WebhookSection(_Model):
     timeout: PositiveFloat = 10.0
     headers: dict[str, str] = {}
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            u = urlsplit(v)
+            u.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not a URL ({exc})") from None
+        if u.scheme not in ("http", "https") or not u.hostname or any(c in v for c in " \r\n\x00"):
+            raise ValueError(f"{v!r} is not an http:// or https:// URL")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if any(c in value for c in "\r\n\x00"):
+                raise ValueError(f"header {name!r}: the value must be one line")
+        return v
+
 
 class NotifySection(_Model):
     smtp: SmtpSection = SmtpSection()
     webhooks: dict[str, WebhookSection] = {}
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 10
+    retry_delay: PositiveFloat = 30.0
+    """Seconds before the first retry; doubles after each failure (at most an hour)."""
 
 
 class CommandSection(_Model):
     argv: Annotated[list[str], Field(min_length=1)]
     timeout: PositiveFloat = 60.0
     max_output: PositiveInt = 65536
+
+    @field_validator("argv")
+    @classmethod
+    def _template(cls, v: list[str]) -> list[str]:
+        problems = command_template_problems(v)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
 
 
 class Filter(_Model):
@@ -304,8 +395,20 @@ class Binding(_Model):
     timeout: PositiveFloat | None = None
     cpu_time: PositiveFloat | None = None
     on_error: Literal["deny", "allow"] | None = None
-    allow: list[Literal["read", "fs", "store", "notify", "run"]] = []
+    allow: list[Literal["read", "fs", "fs_admin", "store", "notify", "run"]] = []
     cron: str = ""
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return check_cron(v) if v else v
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, v: list[str]) -> list[str]:
+        if "fs_admin" in v and "fs" not in v:
+            raise ValueError("'fs_admin' extends 'fs': grant both (allow = [\"fs\", \"fs_admin\", ...])")
+        return v
 
     @field_validator("event")
     @classmethod

@@ -86,6 +86,8 @@ class Daemon:
             max_handles=m.sftp.max_handles,
             failure_delay=m.server.login_failure_delay,
         )
+        if hasattr(self.engine, "attach_server"):
+            self.engine.attach_server(self.core)  # api.fs opens Sessions for the event's user
         self.listeners: list[Listener] = []
         if m.sftp.enabled:
             self.listeners.append(self._ssh_listener())

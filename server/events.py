@@ -202,8 +202,12 @@ class PostRmdir(PathEvent):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Schedule(Event):
     name: ClassVar[str] = "schedule"
-    summary: ClassVar[str] = "A cron binding fired (no session: user and path are empty)."
+    summary: ClassVar[str] = (
+        "A cron binding fired (no session). `user` is empty unless the binding lists users"
+        " (then one event per user); `scheduled` is the minute it fired for (epoch seconds)."
+    )
     cron: str = ""
+    scheduled: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

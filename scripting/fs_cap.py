@@ -1,0 +1,270 @@
+"""``api.fs``: a script works on the event user's files through a Session.
+
+The handler opens a :class:`~scriptsftp.server.session.Session` for the event's
+user, exactly as a login would, so every path goes through the same
+confinement (no ``..`` above the home, no symlink out, no staging names), the
+same permissions and filters: a script cannot do what the user could not.
+
+The Session is given a dispatcher that raises nothing: what a script does
+never raises events (no pre-event recursion, no script triggering itself), but
+every change is logged by the Session as usual, with ``script=NAME`` added.
+
+``fs_admin``: a binding granted ``fs_admin`` may also address the directory
+configured as ``[scripts] fs_admin_root`` (an archive or quarantine area) with
+paths written ``admin:/some/path``; there the script has every permission, but
+still no way out of that root.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat as statmod
+from pathlib import Path
+from typing import Any, Callable
+
+from scriptsftp.server import errors as fserr
+from scriptsftp.server.dispatch import NullDispatcher
+from scriptsftp.server.session import Account, Session, UploadPolicy
+from scriptsftp.server.vfs import Access, join, split
+
+from .capabilities import CapabilityCall, CapabilityError
+
+log = logging.getLogger("scriptsftp.scripting.fs")
+
+ADMIN_PREFIX = "admin:"
+MAX_TEXT_BYTES = 16 * 1024 * 1024
+MAX_LIST_ENTRIES = 100_000
+COPY_CHUNK = 1024 * 1024
+
+_ETYPES: list[tuple[type[fserr.FsError], str]] = [
+    (fserr.NotFound, "FileNotFoundError"),
+    (fserr.PermissionDenied, "PermissionError"),
+    (fserr.AlreadyExists, "FileExistsError"),
+    (fserr.NotADirectory, "NotADirectoryError"),
+    (fserr.IsADirectory, "IsADirectoryError"),
+    (fserr.InvalidPath, "ValueError"),
+]
+
+
+class ScriptSession(Session):
+    """A Session acting for a script: same checks, log lines tagged with the script."""
+
+    script_name = ""
+
+    def _log(self, op: str, path: str, result: str, **extra: object) -> None:
+        super()._log(op, path, result, script=self.script_name, **extra)
+
+
+class ServerLink:
+    """What the fs capability needs from the running server (set by the daemon).
+
+    ``account(name)`` returns the user's current Account, or None when the
+    user does not exist or is disabled."""
+
+    def __init__(self, account: Callable[[str], Account | None], staging: Any = None,
+                 uploads: UploadPolicy | None = None) -> None:
+        self.account = account
+        self.staging = staging
+        self.uploads = uploads or UploadPolicy()
+
+
+class FsCapability:
+    """Parent-side handler of ``api.fs``."""
+
+    def __init__(self, link: Callable[[], ServerLink | None], admin_root: Callable[[], Path | None]) -> None:
+        self.link = link
+        self.admin_root = admin_root
+
+    # --- sessions ---------------------------------------------------------------
+
+    def _session(self, call: CapabilityCall, admin: bool) -> Session:
+        link = self.link()
+        if link is None:
+            raise CapabilityError("api.fs is not available here (no server: e.g. `scriptsftp script test`)",
+                                  "NotImplementedError")
+        event = call.event or {}
+        if admin:
+            if "fs_admin" not in call.granted:
+                raise CapabilityError("capability 'fs_admin' is not granted to this binding "
+                                      "(add it to allow = [...] to use admin: paths)", "PermissionError")
+            root = self.admin_root()
+            if root is None:
+                raise CapabilityError("admin: paths need [scripts] fs_admin_root in the config",
+                                      "PermissionError")
+            root.mkdir(parents=True, exist_ok=True)
+            account = Account(name="fs_admin", home=root, access=Access.build({"/": ["*"]}, [], []))
+        else:
+            user = event.get("user") or ""
+            if not user:
+                raise CapabilityError(f"api.fs needs an event with a user; this {event.get('name', '')!r} "
+                                      "event has none (schedule bindings: set users = [...])",
+                                      "PermissionError")
+            account = link.account(user)
+            if account is None:
+                raise CapabilityError(f"user {user!r} does not exist or is disabled", "PermissionError")
+        s = ScriptSession(
+            session_id=str(event.get("session_id") or "script"), account=account,
+            protocol=str(event.get("protocol") or "script"), remote_ip=str(event.get("remote_ip") or ""),
+            dispatcher=NullDispatcher(), staging=link.staging, uploads=link.uploads, max_handles=8,
+        )
+        s.script_name = call.script
+        return s
+
+    def _path(self, value: Any, what: str = "path") -> tuple[bool, str]:
+        if type(value) is not str:
+            raise CapabilityError(f"api.fs: {what} must be a str", "TypeError")
+        admin = value.startswith(ADMIN_PREFIX)
+        if admin:
+            value = value[len(ADMIN_PREFIX):]
+        if not value:
+            raise CapabilityError(f"api.fs: {what} is empty", "ValueError")
+        return admin, value
+
+    # --- dispatch -------------------------------------------------------------------
+
+    def __call__(self, call: CapabilityCall, op: str, args: list) -> Any:
+        method = getattr(self, "op_" + op, None) if op.isidentifier() else None
+        if method is None:
+            raise CapabilityError(f"api.fs has no operation {op!r}", "TypeError")
+        opened: list[Session] = []
+        cache: dict[bool, Session] = {}
+
+        def session(admin: bool) -> Session:
+            if admin not in cache:
+                cache[admin] = self._session(call, admin)
+                opened.append(cache[admin])
+            return cache[admin]
+
+        try:
+            return method(session, *args)
+        except TypeError as exc:
+            if "positional argument" in str(exc):
+                raise CapabilityError(f"api.fs.{op}(): wrong number of arguments", "TypeError") from None
+            raise
+        except fserr.FsError as exc:
+            etype = next((t for cls, t in _ETYPES if isinstance(exc, cls)), "OSError")
+            raise CapabilityError(exc.message, etype) from None
+        finally:
+            for s in opened:
+                s.close()
+
+    # --- operations (``session(admin)`` gives the Session for a path's area) ----------
+
+    def op_exists(self, session: Callable[[bool], Session], path: Any) -> bool:
+        admin, p = self._path(path)
+        try:
+            session(admin).stat(p)
+        except fserr.NotFound:
+            return False
+        return True
+
+    def op_stat(self, session: Callable[[bool], Session], path: Any) -> dict[str, Any]:
+        admin, p = self._path(path)
+        e = session(admin).stat(p, follow=False)
+        mode = e.st.st_mode
+        return {"name": e.name, "size": e.st.st_size, "mtime": e.st.st_mtime, "mode": statmod.S_IMODE(mode),
+                "is_dir": statmod.S_ISDIR(mode), "is_file": statmod.S_ISREG(mode),
+                "is_link": statmod.S_ISLNK(mode)}
+
+    def op_listdir(self, session: Callable[[bool], Session], path: Any = "/") -> list[str]:
+        admin, p = self._path(path)
+        names = sorted(e.name for e in session(admin).listdir(p))
+        if len(names) > MAX_LIST_ENTRIES:
+            raise CapabilityError(f"api.fs.listdir(): more than {MAX_LIST_ENTRIES} entries", "OverflowError")
+        return names
+
+    def op_mkdir(self, session: Callable[[bool], Session], path: Any) -> None:
+        """Create the directory and missing parents; an existing directory is fine."""
+        admin, p = self._path(path)
+        s = session(admin)
+        parts = split(p)
+        for i in range(1, len(parts) + 1):
+            sub = join(parts[:i])
+            try:
+                if not s.stat(sub).is_dir:
+                    raise CapabilityError(f"{sub}: exists and is not a directory", "NotADirectoryError")
+                continue
+            except fserr.NotFound:
+                pass
+            try:
+                s.mkdir(sub)
+            except fserr.AlreadyExists:
+                if not s.stat(sub).is_dir:
+                    raise
+
+    def op_remove(self, session: Callable[[bool], Session], path: Any) -> None:
+        """Remove a file, or an empty directory."""
+        admin, p = self._path(path)
+        s = session(admin)
+        if s.stat(p, follow=False).is_dir:
+            s.rmdir(p)
+        else:
+            s.remove(p)
+
+    def op_move(self, session: Callable[[bool], Session], src: Any, dst: Any) -> None:
+        """Rename within one area; across areas (home <-> admin:) copy then remove.
+        An existing target is refused (FileExistsError)."""
+        a1, p1 = self._path(src, "src")
+        a2, p2 = self._path(dst, "dst")
+        if a1 == a2:
+            session(a1).rename(p1, p2)
+            return
+        self._copy(session(a1), p1, session(a2), p2)
+        session(a1).remove(p1)
+
+    def op_copy(self, session: Callable[[bool], Session], src: Any, dst: Any) -> None:
+        """Copy a file (published atomically); an existing target is refused."""
+        a1, p1 = self._path(src, "src")
+        a2, p2 = self._path(dst, "dst")
+        self._copy(session(a1), p1, session(a2), p2)
+
+    def op_read_text(self, session: Callable[[bool], Session], path: Any, max_bytes: Any = 1024 * 1024) -> str:
+        admin, p = self._path(path)
+        if type(max_bytes) is not int or not 0 < max_bytes <= MAX_TEXT_BYTES:
+            raise CapabilityError(f"api.fs.read_text(path, max_bytes): max_bytes must be an int from 1 to "
+                                  f"{MAX_TEXT_BYTES}", "ValueError")
+        h = session(admin).open_read(p)
+        try:
+            data = h.read(0, max_bytes + 1)
+        finally:
+            h.close()
+        if len(data) > max_bytes:
+            raise CapabilityError(f"{join(split(p))}: larger than max_bytes={max_bytes}", "ValueError")
+        return data.decode("utf-8", "replace")
+
+    def op_write_text(self, session: Callable[[bool], Session], path: Any, text: Any) -> int:
+        """Write (create or replace) a UTF-8 text file, published atomically; returns its size."""
+        admin, p = self._path(path)
+        if type(text) is not str:
+            raise CapabilityError("api.fs.write_text(path, text): text must be a str", "TypeError")
+        data = text.encode("utf-8", "surrogatepass")
+        if len(data) > MAX_TEXT_BYTES:
+            raise CapabilityError(f"api.fs.write_text(): text is larger than {MAX_TEXT_BYTES} bytes", "ValueError")
+        h = session(admin).open_write(p, truncate=True)
+        try:
+            h.write(0, data)
+        except BaseException:
+            h.abort("write failed")
+            raise
+        h.close()
+        return len(data)
+
+    @staticmethod
+    def _copy(src_s: Session, src: str, dst_s: Session, dst: str) -> None:
+        rh = src_s.open_read(src)
+        try:
+            wh = dst_s.open_write(dst, exclusive=True)
+            try:
+                offset = 0
+                while True:
+                    chunk = rh.read(offset, COPY_CHUNK)
+                    if not chunk:
+                        break
+                    wh.write(offset, chunk)
+                    offset += len(chunk)
+            except BaseException:
+                wh.abort("copy failed")
+                raise
+            wh.close()
+        finally:
+            rh.close()
