@@ -48,6 +48,7 @@ AUDIT_DROPPED = Counter("scriptsftp_audit_dropped", "Audit records dropped becau
                         registry=REGISTRY)
 
 _TIMEOUT_KINDS = frozenset({"timeout", "cpu"})
+_DEFENDER_GAUGES = frozenset({"open_connections", "active_bans"})  # the rest of defender.stats() are counters
 
 
 # --- one-line hooks -------------------------------------------------------------------
@@ -142,8 +143,8 @@ class DaemonCollector(Collector):
         failed = _number(ob.get("failed"))
         yield GaugeMetricFamily("scriptsftp_notifications_pending", "Notifications (email, webhook) waiting "
                                 "for delivery or a retry.", value=pending or 0)
-        yield CounterMetricFamily("scriptsftp_notifications_failed", "Notifications given up after their "
-                                  "last retry.", value=failed or 0)
+        yield GaugeMetricFamily("scriptsftp_notifications_failed", "Notifications in the outbox given up "
+                                "after their last retry.", value=failed or 0)
 
         defender = getattr(d, "defender", None)
         bans: list[Any] = []
@@ -155,8 +156,12 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily("scriptsftp_bans", "Source addresses banned right now.", value=len(bans))
         for key, value in _stats(defender).items() if defender is not None else ():
             v = _number(value)
-            if v is not None and key.replace("_", "").isalnum():
-                yield CounterMetricFamily(f"scriptsftp_defender_{key}", f"Defender counter {key}.", value=v)
+            if v is None or not key.replace("_", "").isalnum():
+                continue
+            if key in _DEFENDER_GAUGES:
+                yield GaugeMetricFamily(f"scriptsftp_defender_{key}", f"Defender: {key}.", value=v)
+            else:
+                yield CounterMetricFamily(f"scriptsftp_defender_{key}", f"Defender: {key} since start.", value=v)
 
         audit = getattr(d, "audit", None)
         if audit is not None:

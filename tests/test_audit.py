@@ -1,0 +1,153 @@
+"""The audit trail: "why was my file rejected?", ids shared with the JSON log, retention, no blocking."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from adminkit import admin_toml, binding, get, token_hash, write_script  # noqa: F401
+from conftest import close_client, paramiko_client
+from scriptsftp.server.audit import AuditTrail, Trace, script_ran
+from scriptsftp.server.dispatch import Decision
+
+NO_EXE = """
+def on_pre_publish(event, api):
+    head = api.file.read(2)
+    api.log("checked magic", magic=head.hex(), size=api.file.size)
+    if head == b"MZ":
+        api.veto("Windows executable inside " + event.path)
+"""
+
+
+def test_why_was_my_file_rejected(daemons, token_hash, alice_key):
+    write_script(daemons, "no_exe.py", NO_EXE)
+    d = daemons.start(admin_toml(token_hash, bindings=binding("pre-publish", "no_exe.py", allow='["read"]')),
+                      server_extra='log_format = "json"')
+    client = paramiko_client(d, key=alice_key)
+    try:
+        client.putfo(io.BytesIO(b"hello"), "/fine.txt")
+        # paramiko ignores errors on CLOSE: the user only sees the file never appear
+        client.putfo(io.BytesIO(b"MZ\x90\x00" * 100), "/report.pdf", confirm=False)
+    finally:
+        close_client(client)
+    assert not (d.home() / "report.pdf").exists()
+
+    rows = get(d, "/api/events?user=alice&decision=veto")
+    assert len(rows) == 1
+    e = rows[0]
+    assert (e["name"], e["path"], e["user"], e["protocol"]) == ("pre-publish", "/report.pdf", "alice", "sftp")
+    assert e["decision"] == "veto" and e["reason"] == "Windows executable inside /report.pdf"
+    assert e["decided_by"] == "no_exe.py" and e["session_id"]
+    (run,) = e["runs"]
+    assert (run["script"], run["function"], run["verdict"]) == ("no_exe.py", "on_pre_publish", "veto")
+    assert run["duration"] > 0
+    assert run["logs"] == [{"message": "checked magic", "fields": {"magic": "4d5a", "size": "400"}}]
+
+    # the accepted upload is there too, and the path filter (exact or glob) finds each
+    assert [x["decision"] for x in get(d, "/api/events?path=/fine.txt")] == ["allow"]
+    assert {x["path"] for x in get(d, "/api/events?path=/*.pdf")} == {"/report.pdf"}
+    assert get(d, "/api/events?user=bob") == []
+    assert len(get(d, "/api/events?since=10m")) == 2 and get(d, f"/api/events?since={time.time() + 60}") == []
+
+    # the JSON log lines about this event carry the same id
+    lines = [json.loads(line) for line in d.log_text().splitlines() if line.startswith("{")]
+    vetoed = [x for x in lines if x.get("event_id") == e["id"]]
+    assert any("vetoed" in x["msg"] for x in vetoed), vetoed
+    assert any(x["logger"] == "scriptsftp.script" and "checked magic" in x["msg"] for x in vetoed)
+
+    # and the trail survives a restart (state_dir/audit.sqlite3)
+    d.stop()
+    d2 = daemons.start(admin_toml(token_hash, bindings=binding("pre-publish", "no_exe.py", allow='["read"]')))
+    assert [x["id"] for x in get(d2, "/api/events?decision=veto")] == [e["id"]]
+
+
+# --- the store on its own ---------------------------------------------------------------
+
+
+def _result(verdict="allow", reason="", logs=(), duration=0.01, kind=None, line=None):
+    return SimpleNamespace(verdict=verdict, reason=reason, logs=list(logs), duration=duration, error_kind=kind,
+                           error_line=line)
+
+
+def _event(i: int, *, t: float | None = None, user="alice", path="/inbox/a.txt") -> dict:
+    return {"name": "pre-upload", "time": t or time.time(), "session_id": f"s{i}", "protocol": "sftp",
+            "remote_ip": "127.0.0.1", "user": user, "path": path}
+
+
+def test_store_records_queries_and_is_append_only(tmp_path: Path):
+    trail = AuditTrail(tmp_path / "audit.sqlite3")
+    try:
+        data = _event(1)
+        trace = Trace(trail, data)
+        assert data["_event_id"] == trace.id  # scripts never see "_" keys; log context does
+        script_ran(trail, data, "a.py", "on_pre_upload", "sync",
+                   _result(logs=[SimpleNamespace(message="x" * 5000, fields={"k": 1})]))
+        script_ran(trail, data, "b.py", "on_pre_upload", "sync", _result("error", "boom", kind="timeout", line=7))
+        assert trace.decided(Decision(False, "server-side check failed"), "b.py", failed=True).allowed is False
+        other = _event(2, user="bob", path="/x.bin")
+        Trace(trail, other).decided(Decision(True))
+        assert trail.flush(5)
+        rows = trail.query(user="alice")
+        assert len(rows) == 1 and rows[0]["decision"] == "error" and rows[0]["decided_by"] == "b.py"
+        runs = rows[0]["runs"]
+        assert [r["script"] for r in runs] == ["a.py", "b.py"]
+        assert len(runs[0]["logs"][0]["message"]) <= 2001  # clipped
+        assert runs[1]["error_kind"] == "timeout" and runs[1]["error_line"] == 7
+        assert [r["user"] for r in trail.query()] == ["bob", "alice"]  # newest first
+        assert trail.query(path="/inbox/*")[0]["user"] == "alice"
+        assert trail.query(decision="allow")[0]["user"] == "bob"
+        assert trail.query(limit=1)[0]["user"] == "bob"
+        assert trail.stats()["written"] == 4
+    finally:
+        trail.close()
+
+
+def test_retention_by_age_and_size(tmp_path: Path):
+    trail = AuditTrail(tmp_path / "audit.sqlite3", retention_days=1, max_mb=0.25)
+    try:
+        old = time.time() - 3 * 86400
+        for i in range(5):
+            Trace(trail, _event(i, t=old)).decided(Decision(True))
+        for i in range(3000):
+            data = _event(i, path=f"/inbox/{i:05d}-" + "p" * 150)
+            Trace(trail, data).decided(Decision(True))
+        assert trail.flush(30)
+        assert trail.apply_retention() > 0
+        rows = trail.query(limit=1000)
+        assert all(r["time"] > old + 86400 for r in rows)
+        assert trail._used_bytes() <= 0.25 * 1024 * 1024
+        newest = trail.query(limit=1)[0]
+        assert newest["path"].startswith("/inbox/02999-")  # the newest rows are kept
+    finally:
+        trail.close()
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path: Path):
+    trail = AuditTrail(tmp_path / "audit.sqlite3", queue_size=10)
+    release = threading.Event()
+    real_write = trail._write
+
+    def slow_write(batch):  # a writer stuck on a slow disk
+        release.wait(30)
+        real_write(batch)
+
+    trail._write = slow_write
+    try:
+        start = time.monotonic()
+        for i in range(200):
+            Trace(trail, _event(i)).decided(Decision(True))
+        assert time.monotonic() - start < 2.0
+        assert trail.dropped >= 150
+        assert trail.stats()["dropped"] == trail.dropped
+        release.set()
+        assert trail.flush(10)
+        assert len(trail.query(limit=1000)) == 200 - trail.dropped
+    finally:
+        release.set()
+        trail.close()
