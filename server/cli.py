@@ -135,6 +135,59 @@ def events(markdown: bool) -> None:
             click.echo("    " + ", ".join(f"{f}: {t}" for f, t in fields))
 
 
+@main.command()
+@click.option("-c", "--config", "config_path", help=CONFIG_HELP)
+def bans(config_path: str | None) -> None:
+    """List addresses the defender has banned (read from state_dir; the daemon may run)."""
+    import time as _time
+
+    from .defender import Defender
+
+    cfg = _load(config_path)
+    d = Defender(cfg.resolve(cfg.model.server.state_dir) / "defender.db", cfg.model.defender)
+    try:
+        for b in d.bans():
+            until = _time.strftime("%Y-%m-%d %H:%M:%S UTC", _time.gmtime(b["banned_until"]))
+            click.echo(f"{b['ip']}\tuntil {until}\tban #{b['ban_count']}\t{b['reason']}")
+    finally:
+        d.close()
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", help=CONFIG_HELP)
+@click.argument("ip")
+def unban(config_path: str | None, ip: str) -> None:
+    """Lift a ban at once (also in a running daemon: bans live in state_dir); exit 1 if IP was not banned."""
+    from .defender import Defender
+
+    cfg = _load(config_path)
+    d = Defender(cfg.resolve(cfg.model.server.state_dir) / "defender.db", cfg.model.defender)
+    try:
+        lifted = d.unban(ip)
+    finally:
+        d.close()
+    click.echo(f"{ip}: " + ("unbanned" if lifted else "was not banned"))
+    sys.exit(0 if lifted else 1)
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", help=CONFIG_HELP)
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+def backup(config_path: str | None, dest: Path) -> None:
+    """Copy state_dir to DEST consistently, even while the daemon runs (see docs/deploy.md)."""
+    from .backup import backup_state
+
+    cfg = _load(config_path)
+    try:
+        written = backup_state(cfg.resolve(cfg.model.server.state_dir), dest)
+    except (ValueError, OSError) as exc:
+        click.echo(f"scriptsftp: backup failed: {exc}", err=True)
+        sys.exit(1)
+    for name in written:
+        click.echo(name)
+    click.echo(f"backed up {len(written)} files to {dest}")
+
+
 @main.group()
 def script() -> None:
     """Work with scripts without a running server."""

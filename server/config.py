@@ -173,6 +173,42 @@ class AdminSection(_Model):
     _listen = field_validator("listen")(_listen_validator)
 
 
+class DefenderSection(_Model):
+    """Automatic bans per source address, connection rate limits and caps (server/defender.py)."""
+
+    enabled: bool = True
+    """Scores and bans; the connection caps and rate limit apply even when false."""
+    threshold: Annotated[int, Field(ge=1)] = 15
+    observation_window: PositiveFloat = 1800.0
+    ban_time: PositiveFloat = 1800.0
+    ban_time_multiplier: Annotated[float, Field(ge=1, le=100)] = 2.0
+    max_ban_time: PositiveFloat = 7 * 86400.0
+    score_login_failed: Annotated[int, Field(ge=0)] = 1
+    score_unknown_user: Annotated[int, Field(ge=0)] = 2
+    score_protocol_error: Annotated[int, Field(ge=0)] = 1
+    score_connect_vetoed: Annotated[int, Field(ge=0)] = 3
+    score_limit_exceeded: Annotated[int, Field(ge=0)] = 3
+    allow_list: list[str] = ["127.0.0.0/8", "::1"]
+    """Never banned, never rate limited (the global cap still applies)."""
+    max_connections: Annotated[int, Field(ge=0)] = 1000
+    """0 = unlimited."""
+    max_connections_per_ip: Annotated[int, Field(ge=0)] = 20
+    rate_per_ip: Annotated[float, Field(ge=0)] = 10.0
+    """New connections per second per address (token bucket); 0 = unlimited."""
+    burst_per_ip: Annotated[int, Field(ge=1)] = 20
+
+    @field_validator("allow_list")
+    @classmethod
+    def _nets(cls, v: list[str]) -> list[str]:
+        return _check_networks(v)
+
+    @model_validator(mode="after")
+    def _times(self) -> "DefenderSection":
+        if self.max_ban_time < self.ban_time:
+            raise ValueError("max_ban_time is below ban_time")
+        return self
+
+
 class UploadsSection(_Model):
     atomic: bool = True
     quarantine: str = ""
@@ -453,6 +489,7 @@ class Config(_Model):
     http: HttpSection = HttpSection()
     admin: AdminSection = AdminSection()
     uploads: UploadsSection = UploadsSection()
+    defender: DefenderSection = DefenderSection()
     scripts: ScriptsSection = ScriptsSection()
     notify: NotifySection = NotifySection()
     commands: dict[str, CommandSection] = {}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, LoadedConfig, load_config
+from .defender import Defender
 from .dispatch import Dispatcher, NullDispatcher
 from .keys import ensure_host_keys, fingerprint, load_host_key
 from .login import LoginCore, build_users, ensure_generated_passwords
@@ -77,6 +78,8 @@ class Daemon:
             log.warning("removed %d partial upload(s) left by an interrupted run", removed)
         self.engine = dispatcher if dispatcher is not None else self._make_engine()
         self.publisher = Publisher(self.engine, self.staging, self._upload_policy(cfg), workers=m.scripts.workers)
+        # bans, scores, connection caps: shared by every front end through the login core
+        self.defender = Defender(self.state_dir / "defender.db", m.defender)
         self.core = LoginCore(
             build_users(cfg),
             self.engine,
@@ -85,6 +88,7 @@ class Daemon:
             uploads=self._upload_policy(cfg),
             max_handles=m.sftp.max_handles,
             failure_delay=m.server.login_failure_delay,
+            defender=self.defender,
         )
         if hasattr(self.engine, "attach_server"):
             self.engine.attach_server(self.core)  # api.fs opens Sessions for the event's user
@@ -168,6 +172,7 @@ class Daemon:
                 conn.on_kick("your account was removed or disabled")
         if hasattr(self.engine, "reload"):
             self.engine.reload(cfg)
+        self.defender.configure(cfg.model.defender)
         self.cfg = cfg
         log.info("configuration reloaded (%d users)", len(cfg.model.users))
         return True
@@ -191,6 +196,7 @@ class Daemon:
         if hasattr(self.engine, "close"):
             self.engine.close()
         self.staging.close()
+        self.defender.close()
         log.info("stopped")
 
     def _active(self) -> int:

@@ -54,8 +54,14 @@ class PathEvent(Event):
 class Connect(Event):
     name: ClassVar[str] = "connect"
     can_veto: ClassVar[bool] = True
-    summary: ClassVar[str] = "A client opened a connection; nothing is known of the user yet."
+    summary: ClassVar[str] = (
+        "A client opened a connection; nothing is known of the user yet. `defender_score` is the"
+        " address's current score (failed logins etc. within [defender] observation_window);"
+        " `banned_before` is true if it was banned before. Banned addresses never reach this event."
+    )
     local_port: int = 0
+    defender_score: int = 0
+    banned_before: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

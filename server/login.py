@@ -28,6 +28,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from . import events as ev
 from .config import LoadedConfig, User
+from .defender import Defender
 from .dispatch import ALLOW, Decision, Dispatcher
 from .keys import parse_public_key
 from .session import Account, Session, UploadPolicy
@@ -140,6 +141,8 @@ class Connection:
     sessions: list[Session] = field(default_factory=list)
     on_kick: Callable[[str], None] | None = None
     login_counted: bool = False
+    #: holds a slot of the defender's connection caps, given back at disconnect
+    admitted: bool = False
 
 
 class LoginCore:
@@ -153,8 +156,10 @@ class LoginCore:
         max_handles: int = 256,
         failure_delay: float = 1.0,
         max_parallel_hashes: int | None = None,
+        defender: Defender | None = None,
         publisher: Publisher | None = None,
     ) -> None:
+        self.defender = defender
         self.publisher = publisher
         self.users = users
         self.dispatcher = dispatcher
@@ -170,22 +175,66 @@ class LoginCore:
     # --- connections -------------------------------------------------------
 
     def connect(self, protocol: str, remote_ip: str, local_port: int = 0) -> tuple[Connection, Decision]:
+        """Register a new connection and decide whether it may go on.
+
+        The defender decides first (bans, rate limit, caps) so that a refused address
+        costs no event script, no handshake and no password hash. A connection the
+        defender refused is not registered; the front end ends it (it may still call
+        :meth:`disconnect`, which then does nothing)."""
         conn = Connection(secrets.token_hex(6), protocol, remote_ip, local_port)
+        if self.defender is not None:
+            refusal = self.defender.admit(remote_ip)
+            if refusal is not None:
+                return conn, Decision(False, refusal.reason)
+            conn.admitted = True
         with self._lock:
             self._connections[conn.id] = conn
         log.info("connect %s", remote_ip, extra={"sid": conn.id, "proto": protocol, "ip": remote_ip})
         decision = ALLOW
         if self.dispatcher.wants("connect"):
-            decision = self.dispatcher.pre(
-                ev.Connect(session_id=conn.id, protocol=protocol, remote_ip=remote_ip, local_port=local_port)
-            )
+            info = self.defender.host_info(remote_ip) if self.defender is not None else None
+            decision = self.dispatcher.pre(ev.Connect(
+                session_id=conn.id, protocol=protocol, remote_ip=remote_ip, local_port=local_port,
+                defender_score=info.score if info else 0, banned_before=info.banned_before if info else False,
+            ))
             if not decision.allowed:
                 log.info("connect refused: %s", decision.reason, extra={"sid": conn.id, "ip": remote_ip})
+                if self.defender is not None:
+                    self._score(conn, "connect_vetoed", decision.reason)
         return conn, decision
+
+    def protocol_error(self, conn: Connection, detail: str) -> None:
+        """A front end saw a client break its protocol (e.g. an SSH handshake that never
+        completed: scanners, probes): the defender counts it."""
+        if self.defender is not None:
+            self._score(conn, "protocol_error", detail)
+
+    def _score(self, conn: Connection, kind: str, detail: str) -> None:
+        """Add to the address's score; when that bans it, end this connection too."""
+        assert self.defender is not None
+        if self.defender.record(conn.remote_ip, kind, detail) and conn.on_kick is not None:
+            # From another thread: on_kick may be called from inside the front end's own
+            # I/O thread here (paramiko's auth handler), which must first send its reply.
+            threading.Thread(target=conn.on_kick, args=("address banned after repeated failures",),
+                             name=f"kick-{conn.id}", daemon=True).start()
+
+    def _refused_as_banned(self, conn: Connection) -> bool:
+        """True if the address was banned since this connection was admitted (it is then
+        ended): a held-open connection must not keep trying passwords."""
+        if self.defender is None or not self.defender.is_banned(conn.remote_ip):
+            return False
+        if conn.on_kick is not None:
+            threading.Thread(target=conn.on_kick, args=("address banned after repeated failures",),
+                             name=f"kick-{conn.id}", daemon=True).start()
+        return True
 
     def disconnect(self, conn: Connection) -> None:
         for s in list(conn.sessions):
             s.close()
+        with self._lock:
+            release, conn.admitted = conn.admitted, False
+        if release and self.defender is not None:
+            self.defender.release(conn.remote_ip)
         with self._lock:
             if self._connections.pop(conn.id, None) is None:
                 return
@@ -222,7 +271,11 @@ class LoginCore:
         return methods or ["publickey"]
 
     def check_password(self, conn: Connection, name: str, password: str) -> bool:
-        """True if the password is right. A failure is logged, raised as an event and delayed."""
+        """True if the password is right. A failure is logged, raised as an event and delayed.
+
+        An address banned meanwhile gets False at once: no hash is computed for it."""
+        if self._refused_as_banned(conn):
+            return False
         rec = self.users.get(name)
         ok = False
         if rec is not None and rec.password_hash:
@@ -248,11 +301,15 @@ class LoginCore:
         # paramiko >= 2.8.1 compares keys field by field (not by hash()).
         return any(k == key for k in rec.keys)
 
-    def login_failed(self, conn: Connection, name: str, method: str, reason: str) -> None:
+    def login_failed(self, conn: Connection, name: str, method: str, reason: str, *, scored: bool = True) -> None:
+        """Log, raise ``login-failed`` and wait ``failure_delay``. ``scored``: the defender adds
+        to the address's score (not for policy refusals after proven credentials)."""
         log.warning(
             "login failed for %r (%s): %s", name, method, reason,
             extra={"sid": conn.id, "proto": conn.protocol, "ip": conn.remote_ip, "user": name},
         )
+        if scored and self.defender is not None:
+            self._score(conn, "unknown_user" if name not in self.users else "login_failed", reason)
         if self.dispatcher.wants("login-failed"):
             self.dispatcher.post(ev.LoginFailed(
                 session_id=conn.id, protocol=conn.protocol, remote_ip=conn.remote_ip, user=name,
@@ -287,7 +344,10 @@ class LoginCore:
 
     def finish_login(self, conn: Connection, name: str, method: str) -> Decision:
         """Credentials are proven: apply policy, run pre-login, count the session."""
-        refusal = self.policy_refusal(conn, name)
+        if self.defender is not None and self.defender.is_banned(conn.remote_ip):
+            refusal: str | None = "address banned after repeated failures"
+        else:
+            refusal = self.policy_refusal(conn, name)
         if refusal is None and self.dispatcher.wants("pre-login"):
             decision = self.dispatcher.pre(ev.PreLogin(
                 session_id=conn.id, protocol=conn.protocol, remote_ip=conn.remote_ip, user=name,
@@ -305,7 +365,7 @@ class LoginCore:
                     self._per_user[name] = current + 1
                     conn.login_counted = True
         if refusal is not None:
-            self.login_failed(conn, name, method, refusal)
+            self.login_failed(conn, name, method, refusal, scored=False)
             return Decision(False, refusal)
         conn.user = name
         conn.account = self.users[name].account

@@ -42,6 +42,7 @@ from .dispatch import Decision
 from .errors import FsError
 from .login import Connection, LoginCore
 from .session import Session
+from .ssh_refuse import refuse
 
 log = logging.getLogger("scriptsftp.ssh")
 
@@ -255,6 +256,14 @@ class SSHListener:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn, decision = self.core.connect("sftp", addr[0], client.getsockname()[1])
         transport = None
+        if not decision.allowed:
+            # Refused (defender or connect script): no key exchange, no transport thread.
+            try:
+                refuse(client, decision.reason or "connection refused by a server script")
+            finally:
+                client.close()
+                self.core.disconnect(conn)
+            return
         try:
             transport = ServerTransport(
                 client, default_window_size=self.limits.window_size,
@@ -277,9 +286,7 @@ class SSHListener:
                 transport.start_server(server=server)
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 log.info("ssh handshake failed: %s", exc, extra={"sid": conn.id, "ip": addr[0]})
-                return
-            if not decision.allowed:
-                send_disconnect(transport, decision.reason or "connection refused by a server script")
+                self.core.protocol_error(conn, f"ssh handshake failed: {exc}")
                 return
             transport.join(self.limits.login_grace)
             if transport.is_active() and not transport.is_authenticated():
