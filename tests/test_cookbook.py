@@ -16,7 +16,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import time
 import tomllib
 import zipfile
 from pathlib import Path
