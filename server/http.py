@@ -49,7 +49,7 @@ from aiohttp.web_protocol import RequestHandler
 from . import webdav
 from .errors import FsError, IsADirectory, NotFound
 from .httputil import (
-    CHUNK, Ctx, HttpError, Pools, decode_path, etag_of, href, http_date, parse_http_date,
+    CHUNK, Ctx, HttpError, Pools, decode_path, etag_of, href, http_date, not_found, parse_http_date,
 )
 from .login import Connection
 from .session import Session
@@ -475,7 +475,7 @@ class HttpListener:
         except IsADirectory as exc:
             raise HttpError(405, exc.message) from None
         except NotFound as exc:
-            raise HttpError(409, f"{exc.message} (the parent directory must exist)") from None
+            raise await not_found(ctx, exc) from None
         if req.headers.get("Expect", "").lower() == "100-continue" and req.version >= (1, 1):
             # only now: a refused upload is answered before the client sends its body
             await req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

@@ -211,6 +211,19 @@ async def read_small_body(request: web.BaseRequest, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def not_found(ctx: Ctx, exc: FsError) -> HttpError:
+    """A create (PUT, MKCOL, LOCK) answered NotFound: 409 when the parent is missing
+    (RFC 4918), else 404 (the name itself is hidden by a filter)."""
+    parent = ctx.session.realpath(ctx.vpath).rsplit("/", 1)[0] or "/"
+    try:
+        parent_ok = (await ctx.op(ctx.session.stat, parent)).is_dir
+    except FsError:
+        parent_ok = False
+    if parent_ok:
+        return HttpError(404, exc.message)
+    return HttpError(409, f"{exc.message} (the parent directory must exist)")
+
+
 def destination_path(request: web.BaseRequest) -> str:
     """The ``Destination`` of COPY/MOVE, decoded like a request path and kept on this server."""
     value = request.headers.get("Destination")

@@ -34,7 +34,7 @@ from aiohttp import web
 from .errors import AlreadyExists, FsError, IsADirectory, NotFound
 from .httputil import (
     CHUNK, Ctx, HttpError, child, destination_path, etag_of, href, http_date, is_dir, overwrite_flag,
-    parse_http_date, read_small_body, status_line, status_of,
+    not_found, parse_http_date, read_small_body, status_line, status_of,
 )
 
 if TYPE_CHECKING:
@@ -415,7 +415,7 @@ async def mkcol(ctx: Ctx) -> web.StreamResponse:
     except AlreadyExists as exc:
         raise HttpError(405, exc.message) from None
     except NotFound as exc:
-        raise HttpError(409, f"{exc.message} (the parent collection must exist)") from None
+        raise await not_found(ctx, exc) from None
     return web.Response(status=201)
 
 
@@ -626,7 +626,7 @@ async def lock(ctx: Ctx) -> web.StreamResponse:
             try:
                 await ctx.op(_create_empty, ctx.session, vpath)
             except NotFound as exc:
-                raise HttpError(409, f"{exc.message} (the parent collection must exist)") from None
+                raise await not_found(ctx, exc) from None
             except (AlreadyExists, IsADirectory):
                 pass
             else:
