@@ -1,0 +1,87 @@
+"""The schedule event: cron bindings fire on the minute, with their granted capabilities.
+
+``[scripts] schedule_tick`` (a test knob) makes one scheduler minute last a fraction
+of a second, so these tests do not wait for the wall clock."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import textwrap
+
+from conftest import BIN, DaemonFactory
+from test_scripting import binding, write_script
+
+TICK = 'schedule_tick = 0.25\n'
+
+
+def test_cron_bindings_fire_on_matching_minutes_with_their_capabilities(daemons: DaemonFactory):
+    write_script(daemons, "every.py", """
+        import datetime
+
+        def on_schedule(event, api):
+            minute = datetime.datetime.fromtimestamp(event.scheduled).minute
+            api.log("tick", cron=event.cron, minute=minute, user=event.user or "-")
+
+        def five(event, api):
+            minute = datetime.datetime.fromtimestamp(event.scheduled).minute
+            api.log("five", minute=minute)
+
+        def heartbeat(event, api):
+            n = api.store.incr("beats")
+            api.fs.write_text("/heartbeat.txt", "beat " + str(n))
+            api.log("beat", user=event.user, n=n)
+    """)
+    extra = (TICK + binding("schedule", "every.py", cron="* * * * *")
+             + binding("schedule", "every.py", function="five", cron="*/5 * * * *")
+             + binding("schedule", "every.py", function="heartbeat", cron="* * * * *", users=["alice"],
+                       allow=["fs", "store"]))
+    d = daemons.start(extra)
+    d.wait_log(r"every\.py: five minute=\d+", timeout=30)
+    d.wait_log(r"every\.py: beat user=alice n=3", timeout=30)
+    log = d.log_text()
+    ticks = re.findall(r"every\.py: tick cron=\* \* \* \* \* minute=(\d+) user=-", log)
+    assert len(ticks) >= 2
+    # consecutive firings of "* * * * *" are consecutive minutes
+    assert (int(ticks[1]) - int(ticks[0])) % 60 == 1
+    fives = [int(m) for m in re.findall(r"every\.py: five minute=(\d+)", log)]
+    assert fives and all(m % 5 == 0 for m in fives)
+    assert (d.home("alice") / "heartbeat.txt").read_text().startswith("beat ")
+
+
+def test_schedule_script_without_user_cannot_use_fs(daemons: DaemonFactory):
+    write_script(daemons, "nouser.py", """
+        def on_schedule(event, api):
+            try:
+                api.fs.listdir("/")
+            except PermissionError as e:
+                api.log("refused", error=str(e))
+    """)
+    d = daemons.start(TICK + binding("schedule", "nouser.py", cron="* * * * *", allow=["fs"]))
+    m = d.wait_log(r"nouser\.py: refused error=.*", timeout=30)
+    assert "api.fs needs an event with a user" in m.group(0)
+
+
+def test_bad_cron_is_a_config_error_with_file_and_line(daemons: DaemonFactory):
+    path = daemons.write_config(binding("schedule", "x.py", cron="*/5 * * *")
+                                + binding("schedule", "x.py", cron="61 * * * *"))
+    out = subprocess.run([str(BIN), "check", "-c", str(path)], capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    lines = path.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines, 1) if "*/5 * * *" in line)
+    second = next(i for i, line in enumerate(lines, 1) if "61 * * * *" in line)
+    assert re.search(rf"{re.escape(str(path))}:{first}: .*cron.*5 fields", text), text
+    assert re.search(rf"{re.escape(str(path))}:{second}: .*cron.*invalid cron expression", text), text
+
+
+def test_script_test_runs_a_schedule_handler(tmp_path):
+    script = tmp_path / "sched.py"
+    script.write_text(textwrap.dedent("""
+        def on_schedule(event, api):
+            api.log("scheduled run", user=event.user)
+    """))
+    out = subprocess.run([str(BIN), "script", "test", str(script), "--event", "schedule", "--user", "alice"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "scheduled run user=alice" in out.stdout
