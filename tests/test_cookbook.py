@@ -428,21 +428,30 @@ def test_access_rules_users_hours_and_connection_rate(daemons: DaemonFactory, al
     assert sftp_batch(d, "ls /\n", alice_key).returncode == 0
 
 
+def script_test(example: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN), "script", "test", str(EXAMPLES / example), *args], capture_output=True,
+                          text=True, timeout=60)
+
+
 def test_access_rules_with_script_test_command():
     """`scriptsftp script test` runs the shipped example in the sandbox, no server needed."""
-    script = str(EXAMPLES / "access_rules.py")
-
-    def script_test(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN), "script", "test", script, *args], capture_output=True, text=True,
-                              timeout=60)
-
-    blocked = script_test("--event", "connect", "--remote-ip", "203.0.113.9")
+    blocked = script_test("access_rules.py", "--event", "connect", "--remote-ip", "203.0.113.9")
     assert blocked.returncode == 1, blocked.stdout + blocked.stderr
     assert "decision: veto: connections from 203.0.113.9 are not accepted" in blocked.stdout
-    allowed = script_test("--event", "connect", "--remote-ip", "192.0.2.1")
-    assert allowed.returncode == 0 and "decision: allow" in allowed.stdout
-    assert "store:    connections:192.0.2.1 = [" in allowed.stdout
-    ops = script_test("--event", "pre-login", "--user", "ops-anna", "--remote-ip", "10.1.2.3")
-    assert ops.returncode == 0, ops.stdout
-    ops = script_test("--event", "pre-login", "--user", "ops-anna", "--remote-ip", "172.16.0.5")
-    assert ops.returncode == 1 and "not from 172.16.0.5" in ops.stdout
+    ops = script_test("access_rules.py", "--event", "pre-login", "--user", "ops-anna", "--remote-ip", "172.16.0.5")
+    assert ops.returncode == 1, ops.stdout + ops.stderr
+    assert ("decision: veto: ops-anna may log in only from 10.0.0.0/8, 192.168.0.0/16 (not from 172.16.0.5)"
+            in ops.stdout)
+
+
+def test_csv_schema_with_script_test_command(tmp_path: Path):
+    good, bad = tmp_path / "orders.csv", tmp_path / "bad.csv"
+    good.write_bytes(GOOD_CSV)
+    bad.write_bytes(GOOD_CSV + b"1003,2024-13-01,ACME,1.00,EUR\n")
+    allowed = script_test("csv_schema.py", "--event", "pre-publish", "--path", "/inbox/orders.csv", "--file", str(good))
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "log:      csv accepted path=/inbox/orders.csv rows=2" in allowed.stdout
+    assert "decision: allow" in allowed.stdout
+    vetoed = script_test("csv_schema.py", "--event", "pre-publish", "--path", "/inbox/bad.csv", "--file", str(bad))
+    assert vetoed.returncode == 1, vetoed.stdout + vetoed.stderr
+    assert "decision: veto: bad.csv line 4, column date: '2024-13-01' is not a date (YYYY-MM-DD)" in vetoed.stdout
