@@ -162,7 +162,7 @@ class AuditTrail:
     }
 
     def _writer(self) -> None:
-        last_retention = 0.0
+        last_retention = float("-inf")  # a first pass at start
         while True:
             try:
                 item = self._queue.get(timeout=5.0)
