@@ -1,10 +1,10 @@
 # daily_quota.py: each user may upload at most a number of bytes per day
 # (UTC); an upload that would go over is refused with how much is left.
 #
-# pre-upload refuses early when the day's quota is already used up (and when
-# the client announced a size that cannot fit: FTP and SCP do, SFTP does not).
-# pre-publish, when the upload is complete and its size is known, counts it
-# and refuses it if it goes over: nothing of it is published.
+# pre-upload refuses at once, before any byte is sent, when the day's quota
+# is already used up. pre-publish, when the upload is complete and its size
+# is known, counts it and refuses it if it goes over: nothing of it is
+# published. (A resumed or appended upload counts with its whole size.)
 # Counters live in the script's store ("USER:YYYY-MM-DD" -> bytes; the
 # previous day's counter is deleted when a new day starts).
 #
@@ -69,8 +69,8 @@ def on_pre_upload(event, api):
     if limit is None:
         return
     used = api.store.get(day_key(event), 0)
-    if used >= limit or (event.size and used + event.size > limit):
-        refuse(api, limit, used, event.size)
+    if used >= limit:
+        refuse(api, limit, used, 0)
 
 
 def on_pre_publish(event, api):

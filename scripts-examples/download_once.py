@@ -3,8 +3,8 @@
 #
 # post-download (the client closed the file after reading it) records the
 # download in the script's store; pre-download refuses the file when a
-# record exists. A transfer that was aborted is not recorded, so the user can
-# retry it. Uploading the file again (a new version) allows one more download.
+# record exists. A transfer cut off by a dropped connection is not recorded,
+# so the user can retry it. Uploading the file again (a new version) allows one more download.
 #
 # Bind it (scriptsftp.toml):
 #
