@@ -188,7 +188,7 @@ def test_reject_executables_by_content(files_daemon: Daemon, alice: paramiko.SFT
     put_refused(alice, "/exe/run.txt", b"\x7fELF\x02\x01\x01" + b"\0" * 100, r"Linux/Unix program \(ELF\)")
     put_refused(alice, "/exe/setup.txt", b"#!/bin/sh\nrm -rf /\n", r"interpreter line")
     assert_absent(d, "alice", "/exe/run.txt")
-    d.wait_log(r"reject_executables\.py vetoed pre-publish /exe/invoice\.pdf")
+    d.wait_log(r"reject_executables\.py vetoed pre-publish /exe/invoice\.pdf", timeout=30)
 
 
 def test_reject_executables_with_openssh_sftp(files_daemon: Daemon, alice_key, tmp_path: Path):
@@ -210,7 +210,7 @@ def test_csv_schema_accepts_good_rows_and_names_the_first_bad_line(files_daemon:
     d = files_daemon
     put(alice, "/csv/orders.csv", GOOD_CSV)
     assert (d.home() / "csv/orders.csv").read_bytes() == GOOD_CSV
-    d.wait_log(r"csv_schema\.py: csv accepted path=/csv/orders\.csv rows=2")
+    d.wait_log(r"csv_schema\.py: csv accepted path=/csv/orders\.csv rows=2", timeout=30)
 
     bad = GOOD_CSV + b"1003,2024-03-01,ACME Corp,9.99,EUR\r\n1004,2024-03-02,ACME Corp,12,50,EUR\r\n"
     put_refused(alice, "/csv/march.csv", bad, r"march\.csv line 5: 6 fields, expected 5")
@@ -280,7 +280,7 @@ def test_zip_guard(files_daemon: Daemon, alice):
     put(alice, "/zip/big-index.zip", as_zip64(good))
     put(alice, "/zip/stored.zip", make_zip([("x.bin", os.urandom(4000))], zipfile.ZIP_STORED))
     assert (d.home() / "zip/reports.zip").read_bytes() == good
-    d.wait_log(r"zip_guard\.py: zip checked path=/zip/big-index\.zip entries=2")
+    d.wait_log(r"zip_guard\.py: zip checked path=/zip/big-index\.zip entries=2", timeout=30)
 
     cases = [
         ("truncated.zip", good[:-40], r"truncated\.zip refused: it is not a ZIP archive or it is truncated"),
@@ -310,7 +310,7 @@ def test_download_once(files_daemon: Daemon, alice, alice_key, tmp_path: Path):
     (d.home() / "dl/key.txt").write_bytes(b"one-time secret")
     put(alice, "/dl/other.txt", b"another file")
     assert alice.open("/dl/key.txt").read() == b"one-time secret"
-    d.wait_log(r"download_once\.py: downloaded once path=/dl/key\.txt bytes=15")
+    d.wait_log(r"download_once\.py: downloaded once path=/dl/key\.txt bytes=15", timeout=30)
     with pytest.raises(PermissionError, match=r"/dl/key\.txt may be downloaded only once; you downloaded it on "
                                               r"\d{4}-\d\d-\d\d at \d\d:\d\d UTC\. Ask the sender to send it again\."):
         alice.open("/dl/key.txt").read()
@@ -346,7 +346,7 @@ def test_daily_quota(files_daemon: Daemon, alice):
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     seed_store(d, "daily_quota.py", f"alice:{today}", 999_000_000)     # alice ("*"): 1 GB a day
     put(alice, "/quota/a.bin", b"a" * 600_000)
-    d.wait_log(r"daily_quota\.py: quota used=999600000 limit=1000000000")
+    d.wait_log(r"daily_quota\.py: quota used=999600000 limit=1000000000", timeout=30)
     put_refused(alice, "/quota/b.bin", b"b" * 600_000,
                 r"daily upload quota exceeded: 999\.60 MB of 1\.00 GB used today, 400\.00 kB left, "
                 r"this file is 600\.00 kB; the quota resets at 00:00 UTC")
@@ -411,7 +411,7 @@ def test_access_rules_users_hours_and_connection_rate(daemons: DaemonFactory, al
     finally:
         transport.close()
     d.wait_log(r"login failed for 'partner-acme' \(password\): partner-acme may log in Monday to Friday "
-               r"from 08:00 to 18:00 \(server time is now \w+day 0[12]:\d\d\)")
+               r"from 08:00 to 18:00 \(server time is now \w+day 0[12]:\d\d\)", timeout=30)
     # ops-* only from their networks (OpenSSH prints the reason)
     proc = sftp_batch(d, "ls /\n", bob_key, user="ops-anna")
     assert proc.returncode != 0

@@ -274,7 +274,7 @@ def test_checksum_sidecar(cap_daemon: Daemon, alice):
     put(alice, "/sums/data.csv.sha256", f"{digest}  data.csv\n".encode())
     put(alice, "/sums/data.csv", data)
     assert (d.home() / "sums/data.csv").read_bytes() == data
-    d.wait_log(rf"checksum_sidecar\.py: checksum verified path=/sums/data\.csv sha256={digest}")
+    d.wait_log(rf"checksum_sidecar\.py: checksum verified path=/sums/data\.csv sha256={digest}", timeout=30)
     # damaged on the way: refused, and the good version stays
     put_refused(alice, "/sums/data.csv", data[:-5],
                 rf"data\.csv is damaged or incomplete: its SHA-256 is {hashlib.sha256(data[:-5]).hexdigest()}, "
@@ -308,7 +308,7 @@ def test_manifest_order(cap_daemon: Daemon, alice, alice_key, tmp_path: Path):
     put(alice, "/batches/b1/notes.txt", b"n")
     put(alice, "/batches/b1/batch.done", b"")
     assert (d.home() / "batches/b1/batch.done").exists()
-    d.wait_log(r"manifest_order\.py: batch complete folder=/batches/b1 files=3")
+    d.wait_log(r"manifest_order\.py: batch complete folder=/batches/b1 files=3", timeout=30)
     # a manifest that is not what the script expects
     put(alice, "/batches/b2/manifest.json", b"[1, 2]")
     put_refused(alice, "/batches/b2/batch.done", b"", r'manifest\.json is not valid: expected \{"files"')
@@ -323,7 +323,8 @@ def test_route_archive(cap_daemon: Daemon, alice, receivers: "Receivers"):
     d = cap_daemon
     put(alice, "/routed/invoices/INV-1.pdf", b"%PDF-1.7 invoice one")
     put(alice, "/routed/invoices/notes.txt", b"not an invoice")       # not matched by the binding
-    m = d.wait_log(r"route_archive\.py: archived path=/routed/invoices/INV-1\.pdf to=(/archive/alice/\d{4}/\d\d/INV-1\.pdf)")
+    m = d.wait_log(r"route_archive\.py: archived path=/routed/invoices/INV-1\.pdf "
+                   r"to=(/archive/alice/\d{4}/\d\d/INV-1\.pdf)", timeout=30)
     archived = d.root / "archive-root" / m.group(1).lstrip("/")
     assert archived.read_bytes() == b"%PDF-1.7 invoice one"
     assert_absent(d, "alice", "/routed/invoices/INV-1.pdf")
@@ -333,7 +334,8 @@ def test_route_archive(cap_daemon: Daemon, alice, receivers: "Receivers"):
     assert f"It is archived as {m.group(1)}." in mail.get_content()
     # the same name again does not overwrite the archived one
     put(alice, "/routed/invoices/INV-1.pdf", b"%PDF-1.7 invoice one, again")
-    m2 = d.wait_log(r"route_archive\.py: archived path=/routed/invoices/INV-1\.pdf to=(\S+/INV-1-1\.pdf)")
+    m2 = d.wait_log(r"route_archive\.py: archived path=/routed/invoices/INV-1\.pdf to=(\S+/INV-1-1\.pdf)",
+                    timeout=30)
     assert (d.root / "archive-root" / m2.group(1).lstrip("/")).read_bytes() == b"%PDF-1.7 invoice one, again"
     assert archived.read_bytes() == b"%PDF-1.7 invoice one"
     # the user cannot reach the archive: it is outside the home
@@ -369,7 +371,7 @@ def test_notify_upload_email_and_webhook(cap_daemon: Daemon, alice, receivers: "
 def test_antivirus_clamav(cap_daemon: Daemon, alice, clamd: Clamd):
     d = cap_daemon
     put(alice, "/scan/clean.pdf", b"%PDF-1.7 nothing to see " * 100)
-    d.wait_log(r"antivirus_clamav\.py: clean path=/scan/clean\.pdf")
+    d.wait_log(r"antivirus_clamav\.py: clean path=/scan/clean\.pdf", timeout=30)
     put_refused(alice, "/scan/invoice.pdf", b"%PDF-1.7 " + VIRUS_MARKER + b" trailer" * 50,
                 r"/scan/invoice\.pdf was refused: the virus scanner found Cookbook\.Test\.Marker\.UNOFFICIAL")
     assert_absent(d, "alice", "/scan/invoice.pdf", alice)
@@ -382,7 +384,7 @@ def test_antivirus_fails_closed_when_clamd_is_down(cap_daemon: Daemon, alice, cl
     put_refused(alice, "/scan/later.pdf", b"%PDF-1.7 fine",
                 r"/scan/later\.pdf could not be scanned for viruses; please try again later")
     assert_absent(d, "alice", "/scan/later.pdf")
-    d.wait_log(r"antivirus_clamav\.py: scan failed path=/scan/later\.pdf code=2")
+    d.wait_log(r"antivirus_clamav\.py: scan failed path=/scan/later\.pdf code=2", timeout=30)
 
 
 # 12. brute_force_alert.py ------------------------------------------------------------------
@@ -402,7 +404,7 @@ def test_brute_force_alert(cap_daemon: Daemon, receivers: Receivers):
     d = cap_daemon
     for i in range(1, 5):
         failed_password_login(d, "alice", f"guess-{i}")
-        d.wait_log(rf"brute_force_alert\.py: failed login counted user=alice failures={i}\b")
+        d.wait_log(rf"brute_force_alert\.py: failed login counted user=alice failures={i}\b", timeout=30)
     assert not any("failed logins" in m["Subject"] for m in receivers.got.mails)    # 4 failures: no alert yet
     failed_password_login(d, "alice", "guess-5")
     mail = receivers.got.mail("[sftp] 5 failed logins for alice in 10 minutes", log=d)
@@ -415,7 +417,7 @@ def test_brute_force_alert(cap_daemon: Daemon, receivers: Receivers):
                     "addresses": ["127.0.0.1"]}
     # the 6th failure of the same burst sends nothing more
     failed_password_login(d, "alice", "guess-6")
-    d.wait_log(r"brute_force_alert\.py: failed login counted user=alice failures=6\b")
-    d.wait_log(r"brute_force_alert\.py: brute-force alert sent user=alice failures=5")
+    d.wait_log(r"brute_force_alert\.py: failed login counted user=alice failures=6\b", timeout=30)
+    d.wait_log(r"brute_force_alert\.py: brute-force alert sent user=alice failures=5", timeout=30)
     assert "alert sent user=alice failures=6" not in d.log_text()
     assert len([m for m in receivers.got.mails if "failed logins for alice" in m["Subject"]]) == 1
