@@ -130,7 +130,8 @@ def test_run_passes_hostile_args_literally_and_enforces_limits(run_daemon, alice
     assert "runner.py: unknown refused error=no command named 'rm' in [commands]" in log
     assert "runner.py: big n=1000 truncated=True" in log
     assert re.search(r"runner\.py: env out=PATH=/usr/local/bin:/usr/bin:/bin( |$)", log, re.M)
-    assert "runner.py: sleepy timed out secs=1" in log or "runner.py: sleepy timed out secs=2" in log
+    m = re.search(r"runner\.py: sleepy timed out secs=(\d+) error=command 'sleepy' timed out after 1 s", log)
+    assert m and int(m.group(1)) <= 5, log[-2000:]
     # the timeout killed the whole process group, the background child too
     pid = int(pidfile.read_text())
     deadline = time.monotonic() + 10
