@@ -14,7 +14,7 @@
 #
 # Bind it (scriptsftp.toml):
 #
-#   [scripts]
+#   [scripts]                       # (add the key to your existing [scripts] table)
 #   fs_admin_root = "/srv/sftp-archive"
 #
 #   [[bindings]]
