@@ -66,6 +66,8 @@ METHODS = ("OPTIONS", "GET", "HEAD", "PUT", "DELETE", "PROPFIND", "PROPPATCH", "
            "LOCK", "UNLOCK")
 ALLOW = ", ".join(METHODS)
 KEEPALIVE_SECONDS = 120.0
+#: bytes of a PUT body gathered before one write call goes to the pool
+PUT_BATCH = 2 * CHUNK
 
 
 # --- connections -----------------------------------------------------------------
@@ -481,20 +483,23 @@ class HttpListener:
             await req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         pending: asyncio.Future[None] | None = None
         offset = 0
-        buf = bytearray()
+        batch: list[bytes] = []
+        batched = 0
         try:
             while True:
                 data = await req.content.readany()
                 if data:
-                    buf += data
-                    if limit and offset + len(buf) > limit:
+                    batch.append(data)
+                    batched += len(data)
+                    if limit and offset + batched > limit:
                         raise HttpError(413, f"upload larger than the server's limit of {limit} bytes", close=True)
-                if len(buf) >= CHUNK or (not data and buf):
+                if batched >= PUT_BATCH or (not data and batch):
                     if pending is not None:
                         await pending
-                    pending = ctx.io(handle.write, offset, buf)  # write this chunk while reading the next
-                    offset += len(buf)
-                    buf = bytearray()
+                    # write this batch in the pool while the next one is read
+                    pending = ctx.io(_write_all, handle, offset, batch)
+                    offset += batched
+                    batch, batched = [], 0
                 if not data:
                     break
             if pending is not None:
@@ -510,6 +515,13 @@ class HttpListener:
             raise
         await ctx.op(handle.close)  # publish: the pre-publish verdict (sync bindings) comes back here
         return web.Response(status=204 if handle.existed else 201)
+
+
+def _write_all(handle: "WriteHandle", offset: int, chunks: list[bytes]) -> None:
+    """Write received chunks as they came (no joining copy), in a pool thread."""
+    for chunk in chunks:
+        handle.write(offset, chunk)
+        offset += len(chunk)
 
 
 def _file_headers(st: os.stat_result, vpath: str, length: int) -> dict[str, str]:
