@@ -383,6 +383,8 @@ class AdminListener:
             "workers": pool.health() if pool is not None and hasattr(pool, "health") else None,
             "scripts": len(getattr(getattr(d.engine, "_registry", None), "scripts", {}) or {}),
             "audit": audit.stats() if audit is not None else None,
+            # api.notify's durable outbox: pending / failed / delivered (scripting/outbox.py)
+            "outbox": outbox.stats() if (outbox := getattr(d.engine, "outbox", None)) is not None else None,
         }
 
     async def status(self, request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from adminkit import admin_toml, get, token_hash  # noqa: F401 (token_hash is a fixture)
 from conftest import DaemonFactory, close_client, paramiko_client, toml_str
 from test_scripting import binding, write_script
 
@@ -175,7 +176,7 @@ headers = {{ "Authorization" = "Bearer hook-token" }}
 """
 
 
-def test_email_and_webhook_are_delivered_and_ssrf_is_refused(daemons: DaemonFactory, smtp, alice_key):
+def test_email_and_webhook_are_delivered_and_ssrf_is_refused(daemons: DaemonFactory, smtp, alice_key, token_hash):
     hook = WebhookReceiver(free_port()).start()
     try:
         write_script(daemons, "notify.py", NOTIFY_SCRIPT)
@@ -189,7 +190,7 @@ def test_email_and_webhook_are_delivered_and_ssrf_is_refused(daemons: DaemonFact
         extra = (binding("post-upload", "notify.py", allow=["notify"], paths=["/inbox/*"])
                  + binding("post-upload", "nonotify.py", paths=["/other/*"])
                  + notify_config(smtp.port, hook.port))
-        d = daemons.start(extra)
+        d = daemons.start(admin_toml(token_hash, bindings=extra))
         (d.home("alice") / "inbox").mkdir(parents=True)
         (d.home("alice") / "other").mkdir(parents=True)
         upload(d, "/inbox/r.csv", b"a,b\n1,2\n", alice_key)
@@ -208,6 +209,9 @@ def test_email_and_webhook_are_delivered_and_ssrf_is_refused(daemons: DaemonFact
         d.wait_log(r"notify\.py: header injection refused")
         d.wait_log(r"notify\.py: bad address refused")
         d.wait_log(r"notify: webhook \d+ to ops delivered")
+        d.wait_log(r"notify: email \d+ to admin@example.com delivered")
+        # the admin API shows the outbox
+        assert get(d, "/api/status")["outbox"] == {"pending": 0, "failed": 0, "delivered": 2}
         upload(d, "/other/x", b"x", alice_key)
         m = d.wait_log(r"nonotify\.py: not granted error=.*")
         assert "capability 'notify' is not granted" in m.group(0)
