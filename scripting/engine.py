@@ -18,9 +18,11 @@ import os
 import queue
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+from scriptsftp.server import audit
 from scriptsftp.server import events as ev
 from scriptsftp.server.config import ConfigError, LoadedConfig
 from scriptsftp.server.dispatch import ALLOW, Decision, FileOpener
@@ -49,6 +51,8 @@ class ScriptEngine:
         self.watcher: Any = None
         self.last_errors: dict[str, str] = {}
         self.services = EngineServices(self, state_dir)  # api.fs/notify/run handlers, outbox, scheduler
+        self.last_error_details: dict[str, dict[str, Any]] = {}  # runtime errors: time, line, kind, event
+        self.audit: audit.AuditTrail | None = None  # set by the daemon: every decision goes to the trail
         self.dropped = 0
 
     # --- lifecycle ------------------------------------------------------------
@@ -202,6 +206,7 @@ class ScriptEngine:
     def pre(self, event: ev.Event, file: FileOpener | None = None, mode: str | None = None) -> Decision:
         reg = self._registry  # one registry for the whole chain, even if a reload swaps it meanwhile
         data = event.to_dict()
+        trace = audit.Trace(self.audit, data)  # the event's id (in its log lines), audit trail, metrics
         for binding in reg.matching(data):
             if mode is not None and binding.spec.mode != mode:
                 continue  # pre-publish: sync bindings before the reply, async ones after it
@@ -210,14 +215,15 @@ class ScriptEngine:
                 continue  # deleted: binding disabled (logged when it happened)
             result = self._call(binding, script, data, file)
             if result.verdict == "veto":
-                return Decision(False, result.reason or f"denied by {binding.script}")
+                return trace.decided(Decision(False, result.reason or f"denied by {binding.script}"), binding.script)
             if result.verdict != "allow" and binding.spec.error_policy == "deny":
-                return Decision(False, ERROR_DENIAL)
-        return ALLOW
+                return trace.decided(Decision(False, ERROR_DENIAL), binding.script, failed=True)
+        return trace.decided(ALLOW)
 
     def post(self, event: ev.Event, file: FileOpener | None = None) -> None:
         reg = self._registry
         data = event.to_dict()
+        trace = audit.Trace(self.audit, data)
         for binding in reg.matching(data):
             script = reg.scripts.get(binding.script)
             if script is None:
@@ -242,6 +248,7 @@ class ScriptEngine:
                 log.error("async queue full (%d): %s for %s not run on %s", self._queue.maxsize,
                           binding.script, data["name"], data.get("path", ""),
                           extra=_ctx(data))
+        trace.decided(None)
 
     def _async_loop(self) -> None:
         while True:
@@ -273,6 +280,7 @@ class ScriptEngine:
             context=self.services.context(data, file, spec.timeout or sc.timeout),
         )
         result = self.pool.call(req)
+        audit.script_ran(self.audit, data, script.source.name, spec.handler, spec.mode, result)
         ctx = _ctx(data)
         for line in result.logs:
             fields = " ".join(f"{k}={v}" for k, v in (line.fields or {}).items())
@@ -286,6 +294,8 @@ class ScriptEngine:
             log.error("%s: %s (%s, on_error=%s)", where, result.reason, result.error_kind, spec.error_policy,
                       extra=ctx)
             self.last_errors[script.source.name] = f"{where}: {result.reason}"
+            self.last_error_details[script.source.name] = {"time": time.time(), "line": result.error_line,
+                                                           "kind": result.error_kind, "event": data["name"]}
             if data["name"] != "script-error" and self.wants("script-error"):
                 self.post(ev.ScriptError(
                     session_id=data.get("session_id", ""), protocol=data.get("protocol", ""),
@@ -297,7 +307,7 @@ class ScriptEngine:
 
 def _ctx(data: dict[str, Any]) -> dict[str, Any]:
     return {"sid": data.get("session_id", ""), "user": data.get("user", ""), "proto": data.get("protocol", ""),
-            "ip": data.get("remote_ip", "")}
+            "ip": data.get("remote_ip", ""), "event_id": data.get("_event_id", "")}
 
 
 def check_scripts(cfg: LoadedConfig) -> list[str]:

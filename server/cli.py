@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import importlib.resources
+import json
 import sys
 from pathlib import Path
 
@@ -117,10 +118,59 @@ def hash_password_cmd(from_stdin: bool) -> None:
     click.echo(hash_password(password))
 
 
+def _admin_options(fn):  # noqa: ANN001, ANN202 - click decorator
+    fn = click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                      help="file holding the admin token (default: $SCRIPTSFTP_ADMIN_TOKEN)")(fn)
+    return click.option("-c", "--config", "config_path", help=CONFIG_HELP + "; [admin] listen is used")(fn)
+
+
+def _admin(config_path: str | None, token_file: Path | None, method: str, path: str, params: dict | None = None):
+    """Call the running daemon's admin API; exit 1 with a clear message on failure."""
+    from .admin_client import AdminClient, AdminError, base_url, read_token
+
+    cfg = _load(config_path)
+    if not cfg.model.admin.enabled:
+        click.echo(f"scriptsftp: [admin] is not enabled in {cfg.path}", err=True)
+        sys.exit(2)
+    try:
+        return AdminClient(base_url(cfg.model.admin.listen), read_token(token_file)).call(method, path, params)
+    except AdminError as exc:
+        click.echo(f"scriptsftp: {exc}", err=True)
+        sys.exit(1)
+
+
 @main.command()
-@click.option("--markdown", is_flag=True, help="print as Markdown (for docs/events.md)")
-def events(markdown: bool) -> None:
-    """List event names and their fields."""
+@click.option("--markdown", is_flag=True, help="print the catalogue as Markdown (for docs/events.md)")
+@click.option("--list", "as_list", is_flag=True, help="print the catalogue (also what no filter option does)")
+@click.option("--user", default=None, help="filter: recent events of this user (from the daemon's audit trail)")
+@click.option("--path", "vpath", default=None, help="filter: virtual path, or a glob like '/inbox/*'")
+@click.option("--since", default=None, help="filter: Unix time, ISO 8601 time or an age: 30m, 12h, 7d")
+@click.option("--decision", type=click.Choice(["allow", "veto", "error", "done"]), default=None, help="filter")
+@click.option("--event", "event_name", default=None, help="filter: event name, e.g. pre-upload")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON")
+@_admin_options
+def events(markdown: bool, as_list: bool, user: str | None, vpath: str | None, since: str | None,
+           decision: str | None, event_name: str | None, limit: int, as_json: bool, config_path: str | None,
+           token_file: Path | None) -> None:
+    """List event names and their fields; with a filter option, recent events from the audit trail.
+
+    Without --user, --path, --since, --decision or --event this prints the
+    event catalogue (as --list does). With any of them it asks the running
+    daemon's admin API: each event, its decision and reason, and the
+    scripts that ran with their verdicts, durations and log lines."""
+    if not (as_list or markdown) and any(v is not None for v in (user, vpath, since, decision, event_name)):
+        from .admin_client import format_events
+
+        rows = _admin(config_path, token_file, "GET", "/api/events", {
+            "user": user, "path": vpath, "since": since, "decision": decision, "event": event_name,
+            "limit": limit})
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+        else:
+            for line in format_events(rows) or ["no matching events"]:
+                click.echo(line)
+        return
     for name, cls in EVENT_TYPES.items():
         fields = describe_fields(cls)
         veto = "can veto" if cls.can_veto else "cannot veto"
@@ -133,6 +183,38 @@ def events(markdown: bool) -> None:
         else:
             click.echo(f"{name} ({veto}): {cls.summary}")
             click.echo("    " + ", ".join(f"{f}: {t}" for f, t in fields))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON")
+@_admin_options
+def sessions(as_json: bool, config_path: str | None, token_file: Path | None) -> None:
+    """List open sessions of the running daemon (admin API)."""
+    from .admin_client import format_sessions
+
+    rows = _admin(config_path, token_file, "GET", "/api/sessions")
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for line in format_sessions(rows):
+        click.echo(line)
+
+
+@main.command()
+@click.argument("session_id")
+@_admin_options
+def kick(session_id: str, config_path: str | None, token_file: Path | None) -> None:
+    """Close one session of the running daemon (its id from `scriptsftp sessions`)."""
+    result = _admin(config_path, token_file, "DELETE", f"/api/sessions/{session_id}")
+    click.echo(f"closed session {result['kicked']} of {result.get('user') or '-'}")
+
+
+@main.command()
+@_admin_options
+def reload(config_path: str | None, token_file: Path | None) -> None:
+    """Make the running daemon reload its config and scripts (as SIGHUP does); exit 1 with the problems."""
+    _admin(config_path, token_file, "POST", "/api/reload")
+    click.echo("reloaded")
 
 
 @main.command()

@@ -118,6 +118,10 @@ class ServerSection(_Model):
     """`run` refuses to start as root unless this is true."""
     login_failure_delay: Annotated[float, Field(ge=0, le=30)] = 1.0
     """Seconds a failed login waits before its answer (on a timer: costs the server nothing)."""
+    audit_retention_days: Annotated[float, Field(ge=0)] = 90.0
+    """Audit trail (state_dir/audit.sqlite3): rows older than this are deleted; 0 = keep by size only."""
+    audit_max_mb: Annotated[float, Field(gt=0)] = 256.0
+    """Audit trail: past this size the oldest rows are deleted."""
 
 
 class SftpSection(_Model):
@@ -207,6 +211,27 @@ class DefenderSection(_Model):
         if self.max_ban_time < self.ban_time:
             raise ValueError("max_ban_time is below ban_time")
         return self
+
+    @model_validator(mode="after")
+    def _token_needed(self) -> "AdminSection":
+        # server/admin.py: the API can kick sessions and reload; off loopback it needs a token.
+        if self.token_hash and not self.token_hash.startswith("$argon2id$"):
+            raise ValueError("token_hash: not an argon2id hash (make one with `scriptsftp hash-password`)")
+        if self.enabled and not self.token_hash and not is_loopback(self.listen):
+            raise ValueError(f"listen {self.listen!r} is not a loopback address: set token_hash "
+                             "(`scriptsftp hash-password`) or listen on 127.0.0.1")
+        return self
+
+
+def is_loopback(listen: str) -> bool:
+    """True for ``127.x.x.x:PORT``, ``[::1]:PORT`` and ``localhost:PORT``."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class UploadsSection(_Model):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .audit import AuditTrail
 from .config import ConfigError, LoadedConfig, load_config
 from .defender import Defender
 from .dispatch import Dispatcher, NullDispatcher
@@ -77,9 +78,13 @@ class Daemon:
         if removed:
             log.warning("removed %d partial upload(s) left by an interrupted run", removed)
         self.engine = dispatcher if dispatcher is not None else self._make_engine()
-        self.publisher = Publisher(self.engine, self.staging, self._upload_policy(cfg), workers=m.scripts.workers)
+        self.audit = AuditTrail(self.state_dir / "audit.sqlite3", retention_days=m.server.audit_retention_days,
+                                max_mb=m.server.audit_max_mb)
+        if hasattr(self.engine, "audit"):
+            self.engine.audit = self.audit  # every scripted decision goes to the audit trail
         # bans, scores, connection caps: shared by every front end through the login core
         self.defender = Defender(self.state_dir / "defender.db", m.defender)
+        self.publisher = Publisher(self.engine, self.staging, self._upload_policy(cfg), workers=m.scripts.workers)
         self.core = LoginCore(
             build_users(cfg),
             self.engine,
@@ -196,6 +201,7 @@ class Daemon:
         if hasattr(self.engine, "close"):
             self.engine.close()
         self.staging.close()
+        self.audit.close()
         self.defender.close()
         log.info("stopped")
 

@@ -27,6 +27,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from . import events as ev
+from . import metrics
 from .config import LoadedConfig, User
 from .defender import Defender
 from .dispatch import ALLOW, Decision, Dispatcher
@@ -308,6 +309,7 @@ class LoginCore:
             "login failed for %r (%s): %s", name, method, reason,
             extra={"sid": conn.id, "proto": conn.protocol, "ip": conn.remote_ip, "user": name},
         )
+        metrics.auth(conn.protocol, method, False)
         if scored and self.defender is not None:
             self._score(conn, "unknown_user" if name not in self.users else "login_failed", reason)
         if self.dispatcher.wants("login-failed"):
@@ -371,6 +373,7 @@ class LoginCore:
         conn.account = self.users[name].account
         log.info("login ok (%s)", method, extra={"sid": conn.id, "user": name, "proto": conn.protocol,
                                                   "ip": conn.remote_ip})
+        metrics.auth(conn.protocol, method, True)
         if self.dispatcher.wants("post-login"):
             self.dispatcher.post(ev.PostLogin(
                 session_id=conn.id, protocol=conn.protocol, remote_ip=conn.remote_ip, user=name,

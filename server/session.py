@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import events as ev
+from . import metrics
 from .dispatch import Dispatcher, FileOpener
 from .errors import (
     AlreadyExists, Failure, FsError, InvalidPath, IsADirectory, LimitExceeded, NotADirectory,
@@ -121,6 +122,8 @@ class Session:
             self.dispatcher.post(self._event(cls, **fields), file)
 
     def _log(self, op: str, path: str, result: str, **extra: object) -> None:
+        if op in ("upload", "download"):  # every transfer's outcome is logged here exactly once
+            metrics.transfer(self.protocol, op, int(extra.get("bytes", 0) or 0), result)  # type: ignore[call-overload]
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "%s %s %s", op, path, result,
