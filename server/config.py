@@ -176,6 +176,27 @@ class AdminSection(_Model):
 
     _listen = field_validator("listen")(_listen_validator)
 
+    @model_validator(mode="after")
+    def _token_needed(self) -> "AdminSection":
+        # server/admin.py: the API can kick sessions and reload; off loopback it needs a token.
+        if self.token_hash and not self.token_hash.startswith("$argon2id$"):
+            raise ValueError("token_hash: not an argon2id hash (make one with `scriptsftp hash-password`)")
+        if self.enabled and not self.token_hash and not is_loopback(self.listen):
+            raise ValueError(f"listen {self.listen!r} is not a loopback address: set token_hash "
+                             "(`scriptsftp hash-password`) or listen on 127.0.0.1")
+        return self
+
+
+def is_loopback(listen: str) -> bool:
+    """True for ``127.x.x.x:PORT``, ``[::1]:PORT`` and ``localhost:PORT``."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 class DefenderSection(_Model):
     """Automatic bans per source address, connection rate limits and caps (server/defender.py)."""
@@ -211,27 +232,6 @@ class DefenderSection(_Model):
         if self.max_ban_time < self.ban_time:
             raise ValueError("max_ban_time is below ban_time")
         return self
-
-    @model_validator(mode="after")
-    def _token_needed(self) -> "AdminSection":
-        # server/admin.py: the API can kick sessions and reload; off loopback it needs a token.
-        if self.token_hash and not self.token_hash.startswith("$argon2id$"):
-            raise ValueError("token_hash: not an argon2id hash (make one with `scriptsftp hash-password`)")
-        if self.enabled and not self.token_hash and not is_loopback(self.listen):
-            raise ValueError(f"listen {self.listen!r} is not a loopback address: set token_hash "
-                             "(`scriptsftp hash-password`) or listen on 127.0.0.1")
-        return self
-
-
-def is_loopback(listen: str) -> bool:
-    """True for ``127.x.x.x:PORT``, ``[::1]:PORT`` and ``localhost:PORT``."""
-    host = listen.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class UploadsSection(_Model):
