@@ -85,3 +85,27 @@ def test_script_test_runs_a_schedule_handler(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "scheduled run user=alice" in out.stdout
+
+
+def test_reload_changes_schedule_bindings(daemons: DaemonFactory):
+    import signal
+
+    write_script(daemons, "a.py", """
+        def on_schedule(event, api):
+            api.log("a fired")
+    """)
+    write_script(daemons, "b.py", """
+        def on_schedule(event, api):
+            api.log("b fired", cron=event.cron)
+    """)
+    d = daemons.start(TICK + binding("schedule", "a.py", cron="* * * * *"))
+    d.wait_log(r"a\.py: a fired", timeout=30)
+    daemons.write_config(TICK + binding("schedule", "b.py", cron="*/2 * * * *"))
+    mark = len(d.lines)
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"configuration reloaded", timeout=30, start=mark)
+    mark = len(d.lines)
+    d.wait_log(r"b\.py: b fired cron=\*/2 \* \* \* \*", timeout=30, start=mark)
+    after = len(d.lines)
+    d.wait_log(r"b\.py: b fired", timeout=30, start=after)  # a later run of b
+    assert "a fired" not in "\n".join(d.lines[after:])
