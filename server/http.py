@@ -40,7 +40,7 @@ import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
@@ -84,7 +84,6 @@ class _ConnState:
     busy: int = 0
     lost: bool = False
     finished: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _Server(web.Server):
@@ -284,7 +283,10 @@ class HttpListener:
         method = request.method.upper()
         if method not in METHODS:
             raise HttpError(405, f"method {method} not supported", headers={"Allow": ALLOW})
-        vpath = decode_path(request.raw_path)
+        if method == "OPTIONS" and request.raw_path == "*":
+            vpath = "/"
+        else:
+            vpath = decode_path(request.raw_path)
         if method == "OPTIONS":  # discovery, before credentials (Windows and macOS probe this way)
             return web.Response(status=200, headers={
                 "DAV": "1, 2", "MS-Author-Via": "DAV", "Allow": ALLOW, "Accept-Ranges": "bytes"})

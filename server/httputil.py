@@ -13,7 +13,7 @@ import email.utils
 import functools
 import stat as statmod
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
@@ -182,7 +182,6 @@ class Ctx:
     vpath: str
     pools: Pools
     locks: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     async def op(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         loop = asyncio.get_running_loop()

@@ -517,8 +517,8 @@ def _copy_move_sync(session: "Session", src: str, dst: str, *, move: bool, overw
         raise HttpError(403, "source and destination are the same")
     if dst.startswith(src.rstrip("/") + "/"):
         raise HttpError(409, "cannot copy or move a collection into itself")
-    if src == "/":
-        raise HttpError(403, "cannot copy or move the home directory")
+    if src == "/" or dst == "/":
+        raise HttpError(403, "cannot copy or move the home directory, or onto it")
     source = session.stat(src, follow=not move)
     target = _exists(session, dst)
     if target is not None and not overwrite:
@@ -572,6 +572,9 @@ async def delete(ctx: Ctx) -> web.StreamResponse:
     depth = ctx.request.headers.get("Depth", "infinity").strip().lower()
     if depth != "infinity":
         raise HttpError(400, "DELETE needs Depth: infinity")
+    if ctx.session.realpath(ctx.vpath) == "/":
+        # refused outright: a stray `DELETE /` would otherwise empty the whole home
+        raise HttpError(403, "the home directory cannot be deleted")
     errors = await ctx.op(delete_tree, ctx.session, ctx.vpath)
     ctx.locks.forget(_home(ctx), ctx.session.realpath(ctx.vpath))
     if errors:

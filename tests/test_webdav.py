@@ -303,3 +303,15 @@ def test_cadaver(d, home, tmp_path):
     assert (path / "up.txt").read_text() == "via cadaver\n", proc.stdout + proc.stderr
     assert (path / "sub").is_dir()
     assert "up.txt" in proc.stdout
+
+
+def test_the_home_itself_cannot_be_deleted_or_overwritten(d, home):
+    vp, path = home
+    (path / "keep.txt").write_text("keep")
+    assert request(d, "DELETE", "/").status == 403
+    assert request(d, "DELETE", "/%2e%2e/").status == 403
+    assert request(d, "COPY", vp + "/keep.txt", headers={"Destination": "/"}).status == 403
+    assert request(d, "MOVE", vp, headers={"Destination": "/../"}).status == 403
+    assert (path / "keep.txt").read_text() == "keep"
+    r = request(d, "OPTIONS", "*", user=None)
+    assert r.status == 200 and r.headers["dav"] == "1, 2"
