@@ -71,6 +71,18 @@ class _Networks:
         return any(addr in n for n in self.nets)
 
 
+def normalize_ip(ip: str) -> str:
+    """One spelling per address: "::ffff:192.0.2.1" (an IPv4 client on a dual-stack
+    socket) is "192.0.2.1", IPv6 is compressed; anything unparsable is kept as is."""
+    try:
+        addr = ipaddress.ip_address(ip.strip())
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
 class Defender:
     """One per daemon (``daemon.defender``); thread-safe."""
 
@@ -129,6 +141,7 @@ class Defender:
         """Decide at connect time, before any expensive work. On None the caller holds a
         connection slot and must give it back with :meth:`release` when the connection ends."""
         s = self.settings
+        ip = normalize_ip(ip)
         refusal: Refusal | None = None
         trusted = ip in self._allow
         with self._lock:
@@ -160,6 +173,7 @@ class Defender:
 
     def release(self, ip: str) -> None:
         """A connection admitted by :meth:`admit` ended."""
+        ip = normalize_ip(ip)
         with self._lock:
             self._open_total = max(0, self._open_total - 1)
             n = self._open_per_ip.get(ip, 0) - 1
@@ -201,6 +215,7 @@ class Defender:
     def record(self, ip: str, kind: str, detail: str = "") -> bool:
         """Add the points of ``kind`` to ``ip``'s score; True if this banned it."""
         s = self.settings
+        ip = normalize_ip(ip)
         points = self._points.get(kind, 0)
         if not s.enabled or points <= 0 or ip in self._allow:
             return False
@@ -238,6 +253,7 @@ class Defender:
         return True
 
     def is_banned(self, ip: str) -> bool:
+        ip = normalize_ip(ip)
         if not self.settings.enabled or ip in self._allow:
             return False
         with self._lock:
@@ -245,6 +261,7 @@ class Defender:
 
     def host_info(self, ip: str) -> HostInfo:
         """Current score and whether the address was ever banned (for the ``connect`` event)."""
+        ip = normalize_ip(ip)
         with self._lock:
             if self._closed:
                 return HostInfo(0, False)
@@ -267,7 +284,7 @@ class Defender:
 
     def unban(self, ip: str) -> bool:
         """Lift a ban and forget the address's score and ban history; True if it was banned."""
-        ip = ip.strip()
+        ip = normalize_ip(ip)
         with self._lock:
             if self._closed:
                 return False

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
+import time
 
 VERSION = b"SSH-2.0-scriptsftp\r\n"
 DISCONNECT_BY_APPLICATION = 11
@@ -34,22 +36,37 @@ def disconnect_packet(reason: str, code: int = DISCONNECT_BY_APPLICATION) -> byt
     return struct.pack(">IB", 1 + len(payload) + pad, pad) + payload + os.urandom(pad)
 
 
-def refuse(sock: socket.socket, reason: str, timeout: float = 2.0) -> None:
+# Refused connections waiting for their client to close (see refuse()). Bounded so
+# that a flood of connections that never close cannot pile up threads here: past
+# the bound a refusal is sent and the socket closed at once.
+_draining = threading.BoundedSemaphore(128)
+
+
+def refuse(sock: socket.socket, reason: str, timeout: float = 1.0) -> None:
     """Send our version and a DISCONNECT, then let the client close first.
 
     Closing with unread client bytes in our receive buffer would send a TCP RST,
     and a client may then report "connection reset" instead of our reason; so we
     shut down our side and drain what the client sends (its version line, its
-    KEXINIT) until it closes or ``timeout`` passes."""
+    KEXINIT) until it closes or ``timeout`` passes. Real clients close within a
+    round trip of reading the DISCONNECT."""
     try:
         sock.settimeout(timeout)
         sock.sendall(VERSION + disconnect_packet(reason))
         sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    if not _draining.acquire(blocking=False):
+        return
+    try:
+        deadline = time.monotonic() + timeout
         received = 0
-        while received < 65536:
+        while received < 65536 and time.monotonic() < deadline:
             chunk = sock.recv(4096)
             if not chunk:
                 break
             received += len(chunk)
     except OSError:
         pass
+    finally:
+        _draining.release()

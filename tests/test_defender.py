@@ -379,8 +379,12 @@ def test_defender_unit_ban_time_grows_and_is_capped(tmp_path: Path):
     assert d.host_info("192.0.2.2").score == 1
     # allow-list, unban, stats
     assert not d.record("10.1.2.3", "unknown_user") and not d.record("10.1.2.3", "unknown_user")
+    # one spelling per address: an IPv4 client on a dual-stack socket is the same address
+    d.record("::ffff:192.0.2.9", "login_failed")
+    assert d.record("192.0.2.9", "login_failed")
+    assert d.admit("::ffff:192.0.2.9") is not None and d.unban("::ffff:192.0.2.9")
     stats = d.stats()
-    assert stats["bans_total"] == 5 and stats["active_bans"] == 0 and stats["rejected_connections"] == 4
+    assert stats["bans_total"] == 6 and stats["active_bans"] == 0 and stats["rejected_connections"] == 5
     d.close()
     # persisted: a new Defender on the same file sees the state
     d2 = Defender(tmp_path / "defender.db", settings, clock=lambda: now[0])
@@ -398,3 +402,28 @@ def test_config_errors_name_the_key(tmp_path: Path):
     assert f"{cfg}:2: defender.threshold:" in err
     assert f"{cfg}:3: defender.allow_list" in err and "not an IP address" in err
     assert f"{cfg}:6: defender.rate: unknown key" in err
+
+
+def test_unban_through_the_admin_api(daemons: DaemonFactory):
+    import json
+    import urllib.request
+
+    from scriptsftp.server import admin as admin_module
+
+    if not hasattr(admin_module, "make_listener"):
+        pytest.skip("the admin API has not landed yet")
+    d = daemons.start(defender_toml(allow_list=LEGIT_ONLY, threshold=2)
+                      + '\n[admin]\nenabled = true\nlisten = "127.0.0.1:0"\n')
+    base = f"http://127.0.0.1:{d.ports['admin']}"
+    fail_password(d, "127.0.0.2", tries=2)
+    d.wait_log(r"banned 127\.0\.0\.2")
+    with urllib.request.urlopen(base + "/api/bans", timeout=20) as r:
+        (ban,) = json.load(r)
+    assert ban["ip"] == "127.0.0.2" and ban["ban_count"] == 1 and ban["banned_until"] > time.time()
+    req = urllib.request.Request(base + "/api/bans/127.0.0.2", method="DELETE")
+    with urllib.request.urlopen(req, timeout=20) as r:
+        assert r.status == 200
+    assert refusal_text(d, "127.0.0.2") == ""
+    with urllib.request.urlopen(base + "/metrics", timeout=20) as r:
+        metrics = r.read().decode()
+    assert "scriptsftp_bans 0.0" in metrics
