@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import stat as statmod
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -135,6 +136,7 @@ class FsCapability:
                 opened.append(cache[admin])
             return cache[admin]
 
+        session.deadline = getattr(call.context, "deadline", None)  # type: ignore[attr-defined]
         try:
             return method(session, *args)
         except TypeError as exc:
@@ -209,14 +211,14 @@ class FsCapability:
         if a1 == a2:
             session(a1).rename(p1, p2)
             return
-        self._copy(session(a1), p1, session(a2), p2)
+        self._copy(session(a1), p1, session(a2), p2, getattr(session, "deadline", None))
         session(a1).remove(p1)
 
     def op_copy(self, session: Callable[[bool], Session], src: Any, dst: Any) -> None:
         """Copy a file (published atomically); an existing target is refused."""
         a1, p1 = self._path(src, "src")
         a2, p2 = self._path(dst, "dst")
-        self._copy(session(a1), p1, session(a2), p2)
+        self._copy(session(a1), p1, session(a2), p2, getattr(session, "deadline", None))
 
     def op_read_text(self, session: Callable[[bool], Session], path: Any, max_bytes: Any = 1024 * 1024) -> str:
         admin, p = self._path(path)
@@ -250,7 +252,7 @@ class FsCapability:
         return len(data)
 
     @staticmethod
-    def _copy(src_s: Session, src: str, dst_s: Session, dst: str) -> None:
+    def _copy(src_s: Session, src: str, dst_s: Session, dst: str, deadline: float | None) -> None:
         rh = src_s.open_read(src)
         try:
             wh = dst_s.open_write(dst, exclusive=True)
@@ -262,6 +264,10 @@ class FsCapability:
                         break
                     wh.write(offset, chunk)
                     offset += len(chunk)
+                    if deadline is not None and time.monotonic() > deadline:
+                        # the worker is gone by now: stop, publish nothing
+                        raise CapabilityError(f"copying {src} did not finish within the handler's timeout",
+                                              "TimeoutError")
             except BaseException:
                 wh.abort("copy failed")
                 raise

@@ -44,6 +44,7 @@ MAX_SUBJECT_CHARS = 900
 MAX_BODY_BYTES = 1024 * 1024
 MAX_PAYLOAD_BYTES = 256 * 1024
 MAX_PENDING = 10_000
+MAX_PER_CALL = 100          # notifications one handler call may queue
 MAX_BACKOFF = 3600.0
 #: Seconds a claimed message stays invisible to other deliverers (another process, later).
 LEASE = 300.0
@@ -318,6 +319,10 @@ class NotifyCapability:
                               "(email(to, subject, body), webhook(name, payload))", "TypeError")
 
     def _queue(self, call: CapabilityCall, kind: str, target: str, body: dict[str, Any]) -> int:
+        sent = call.extra.get("notify_queued", 0)
+        if sent >= MAX_PER_CALL:
+            raise CapabilityError(f"at most {MAX_PER_CALL} notifications per handler call", "OverflowError")
+        call.extra["notify_queued"] = sent + 1
         try:
             mid = self.outbox.add(kind, target, body, call.script)
         except OverflowError as exc:

@@ -321,3 +321,24 @@ def test_outbox_backoff_failure_and_stats(tmp_path):
     finally:
         hook.stop()
         ok.stop()
+
+
+def test_one_handler_call_cannot_flood_the_outbox(tmp_path):
+    from scriptsftp.scripting.capabilities import CapabilityCall, CapabilityError
+    from scriptsftp.scripting.outbox import MAX_PER_CALL, Notifier, NotifyCapability, Outbox
+    from scriptsftp.server.config import NotifySection, WebhookSection
+
+    cfg = NotifySection(webhooks={"ops": WebhookSection(url="http://127.0.0.1:9/x")})
+    box = Outbox(tmp_path / "outbox.sqlite3")
+    cap = NotifyCapability(box, Notifier(box, lambda: cfg, Path), lambda: cfg)
+    call = CapabilityCall(script="loop.py", function="f", event={}, granted=frozenset({"notify"}))
+    for i in range(MAX_PER_CALL):
+        cap(call, "webhook", ["ops", {"i": i}])
+    with pytest.raises(CapabilityError) as exc:
+        cap(call, "webhook", ["ops", {"i": "one too many"}])
+    assert exc.value.etype == "OverflowError"
+    # the next handler call has its own allowance
+    cap(CapabilityCall(script="loop.py", function="f", event={}, granted=frozenset({"notify"})), "webhook",
+        ["ops", {}])
+    assert box.stats()["pending"] == MAX_PER_CALL + 1
+    box.close()
