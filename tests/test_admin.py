@@ -125,6 +125,24 @@ def test_bans_endpoints(daemons, token_hash):
     assert status == 400 and "not an IP address" in body["error"]
 
 
+def test_a_real_ban_is_listed_and_lifted(daemons, token_hash):
+    d = daemons.start(admin_toml(token_hash, bindings="[defender]\nallow_list = []\nthreshold = 2\n"))
+    transport = paramiko.Transport(("127.0.0.1", d.port))
+    try:
+        transport.start_client(timeout=10)
+        with pytest.raises(paramiko.AuthenticationException):
+            transport.auth_password("nosuchuser", "guess")
+    finally:
+        transport.close()
+    bans = wait_for(lambda: [b for b in get(d, "/api/bans") if b["ip"] == "127.0.0.1"], what="the ban")
+    assert bans[0]["banned_until"] > 0 and bans[0]["reason"]
+    status, body, _ = call(d, "DELETE", "/api/bans/127.0.0.1")
+    assert status == 200 and body == {"unbanned": "127.0.0.1"}
+    assert get(d, "/api/bans") == []
+    assert call(d, "DELETE", "/api/bans/127.0.0.1")[0] == 404
+    d.wait_log(r"ban lifted by an administrator")
+
+
 def test_non_loopback_admin_without_token_is_refused(daemons, tmp_path):
     cfg = daemons.write_config('[admin]\nenabled = true\nlisten = "0.0.0.0:0"\n')
     for cmd in ("check", "run"):
