@@ -45,6 +45,8 @@ COOKIE = "scriptsftp_admin"
 WEB_SESSION_TTL = 8 * 3600.0
 LINK_TTL = 120.0
 MAX_WEB_SESSIONS = 256
+MAX_PENDING_VERIFY = 8        # new tokens waiting for an argon2 verify; more are refused at once
+FAILED_VERIFY_PAUSE = 0.35    # seconds the verifier rests after a wrong token
 _hasher = PasswordHasher()
 
 
@@ -60,6 +62,7 @@ class TokenChecker:
         self._good: dict[str, bytes] = {}          # token_hash -> digest of the token that verified
         self._bad: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
+        self._pending = 0
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="scriptsftp-admin-verify")
 
     @property
@@ -77,9 +80,14 @@ class TokenChecker:
             good = self._good.get(stored)
             if good is not None and hmac.compare_digest(good, digest):
                 return True
-            if digest in self._bad:
-                return False
-        ok = await asyncio.get_running_loop().run_in_executor(self._verifier, _verify, stored, token)
+            if digest in self._bad or self._pending >= MAX_PENDING_VERIFY:
+                return False  # known wrong, or a flood of new tokens: refuse without spending CPU
+            self._pending += 1
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(self._verifier, _verify, stored, token)
+        finally:
+            with self._lock:
+                self._pending -= 1
         with self._lock:
             if ok:
                 self._good = {stored: digest}
@@ -97,6 +105,9 @@ def _verify(stored: str, token: str) -> bool:
     try:
         return _hasher.verify(stored, token)
     except (VerificationError, InvalidHashError):
+        # Runs on the one verifier thread: pausing here caps wrong-token guesses at a few per
+        # second, so a flood costs a fraction of one core instead of all of it.
+        time.sleep(FAILED_VERIFY_PAUSE)
         return False
 
 

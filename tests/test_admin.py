@@ -38,6 +38,17 @@ def test_auth_no_token_wrong_token_right_token(daemons, token_hash):
     assert TOKEN not in d.log_text() and "not-the-token" not in d.log_text()
 
 
+def test_a_flood_of_wrong_tokens_is_refused_cheaply(daemons, token_hash):
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = daemons.start(admin_toml(token_hash))
+    assert call(d, "GET", "/api/status")[0] == 200  # the right token, verified once, is cached
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda i: call(d, "GET", "/api/status", token=f"guess-{i}")[0], range(40)))
+    assert set(codes) == {401}
+    assert call(d, "GET", "/api/status")[0] == 200
+
+
 def test_status_sessions_and_kick_ends_a_live_sftp_session(daemons, token_hash, alice_key):
     d = daemons.start(admin_toml(token_hash))
     status = get(d, "/api/status")
