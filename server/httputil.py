@@ -152,7 +152,8 @@ def parse_http_date(value: str) -> float | None:
 
 def etag_of(st: Any) -> str:
     """Strong ETag: a published upload is a new inode (atomic rename), so any change shows."""
-    return f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+    mtime_ns = st.st_mtime_ns if st.st_mtime_ns is not None else int(st.st_mtime * 1e9)  # synthetic stats
+    return f'"{st.st_ino:x}-{mtime_ns:x}-{st.st_size:x}"'
 
 
 def is_dir(st: Any) -> bool:

@@ -1,0 +1,128 @@
+"""HTTP listener under slow scripts and at shutdown.
+
+- a PUT waiting seconds for its pre-publish verdict does not stall other
+  clients (the loop hands blocking Session calls to thread pools);
+- async pre-publish over HTTP: the PUT is answered at once, HEAD shows the size
+  while the check runs, GET answers 404 until the verdict;
+- SIGTERM with an upload in progress: the connection is closed after the grace
+  period, nothing is published, no staging file is left, the daemon exits 0.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import threading
+import time
+
+from httpkit import HTTP_EXTRA, basic, request, staged
+
+HOLD = 4.0
+SCRIPT = """
+import time
+
+def on_pre_publish(event, api):
+    end = time.time() + {hold}
+    while time.time() < end:
+        pass
+    if b"VIRUS" in api.file.read(65536):
+        api.veto("infected: " + event.path)
+"""
+
+
+def _start(daemons, mode: str):
+    (daemons.root / "scripts").mkdir(parents=True, exist_ok=True)
+    (daemons.root / "scripts" / "slow.py").write_text(SCRIPT.format(hold=HOLD))
+    binding = (f'[[bindings]]\nevent = "pre-publish"\nscript = "slow.py"\nmode = "{mode}"\nallow = ["read"]\n'
+               f'paths = ["/slow/**"]\ntimeout = {HOLD + 30}\ncpu_time = {HOLD + 20}\n')
+    d = daemons.start(HTTP_EXTRA + binding)
+    (d.home("alice") / "slow").mkdir(parents=True)
+    (d.home("alice") / "fast.txt").write_bytes(b"fast\n" * 1000)
+    return d
+
+
+def _wait_for(condition, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_slow_verdict_does_not_stall_other_clients(daemons):
+    d = _start(daemons, "sync")
+    result: dict[str, object] = {}
+
+    def slow_put() -> None:
+        t0 = time.monotonic()
+        r = request(d, "PUT", "/slow/x.txt", b"VIRUS inside\n" * 100)
+        result["status"], result["text"], result["secs"] = r.status, r.text, time.monotonic() - t0
+
+    t = threading.Thread(target=slow_put)
+    t.start()
+    home = d.home("alice") / "slow"
+    _wait_for(lambda: staged(home), what="the staged upload")  # the body is in, the check runs
+    t0 = time.monotonic()
+    for _ in range(20):
+        r = request(d, "GET", "/fast.txt")
+        assert r.status == 200 and len(r.body) == 5000
+    assert request(d, "PROPFIND", "/", headers={"Depth": "1"}).status == 207
+    fast = time.monotonic() - t0
+    assert t.is_alive(), "the slow verdict came back before the fast requests were done"
+    t.join(60)
+    assert result["status"] == 403 and "infected: /slow/x.txt" in str(result["text"])
+    assert float(result["secs"]) >= HOLD * 0.9
+    assert fast < HOLD, f"other clients waited {fast:.1f}s behind a slow script"
+    assert not (home / "x.txt").exists() and staged(home) == []
+
+
+def test_async_pre_publish_over_http(daemons):
+    d = _start(daemons, "async")
+    t0 = time.monotonic()
+    r = request(d, "PUT", "/slow/a.txt", b"clean content\n")
+    assert r.status == 201 and time.monotonic() - t0 < HOLD  # answered before the verdict
+    head = request(d, "HEAD", "/slow/a.txt")
+    assert head.status == 200 and head.headers["content-length"] == str(len(b"clean content\n"))
+    assert request(d, "GET", "/slow/a.txt").status == 404  # not downloadable until checked
+    d.wait_log(r"publish /slow/a\.txt ok", timeout=HOLD + 30)
+    _wait_for(lambda: request(d, "GET", "/slow/a.txt").status == 200, what="publication")
+    assert request(d, "GET", "/slow/a.txt").body == b"clean content\n"
+
+
+def test_sigterm_during_upload_publishes_nothing(daemons):
+    d = daemons.start(HTTP_EXTRA)
+    home = d.home("alice")
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "doc.bin").write_bytes(b"old version\n")
+    s = socket.create_connection(("127.0.0.1", d.ports["http"]), timeout=60)
+    try:
+        s.sendall(b"PUT /doc.bin HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic().encode()
+                  + b"\r\nContent-Length: 10000000\r\n\r\n" + os.urandom(200_000))
+        _wait_for(lambda: staged(home), what="the staged upload")
+        d.signal(signal.SIGTERM)
+        d.wait_log(r"closing 1 HTTP connection\(s\): server shutting down", timeout=30)
+        assert s.recv(100) == b""  # closed by the server
+    finally:
+        s.close()
+    assert d.proc.wait(30) == 0
+    d.wait_log(r"upload /doc\.bin aborted")
+    assert (home / "doc.bin").read_bytes() == b"old version\n"
+    assert staged(home) == []
+
+
+def test_keep_alive_connection_reuses_its_login(daemons):
+    d = daemons.start(HTTP_EXTRA)
+    d.home("alice").mkdir(parents=True, exist_ok=True)
+    conn = http.client.HTTPConnection("127.0.0.1", d.ports["http"], timeout=30)
+    try:
+        for i in range(5):
+            conn.request("PUT", f"/k{i}.txt", body=b"k", headers={"Authorization": basic()})
+            r = conn.getresponse()
+            r.read()
+            assert r.status == 201
+    finally:
+        conn.close()
+    d.wait_log(r"disconnect after .* \(in 5 bytes")
+    assert d.log_text().count("login ok (password)") == 1
