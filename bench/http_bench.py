@@ -228,8 +228,10 @@ def main() -> None:
             "get_all": [round(x, 1) for x in gets], "par_n": args.par_n, "par_mb": args.par_mb,
             "par_mb_s": round(par_rate, 1), "par_wall_s": round(wall, 2), "par_errors": errors,
             "server_peak_rss_mb": round(max(peak_rss), 1),
+            "loadavg_1m": round(os.getloadavg()[0], 2),
         }
-        print(f"scriptsftp HTTP{'S' if tls else ''} on 127.0.0.1, {os.cpu_count()} CPUs, data in {root.parent}")
+        print(f"scriptsftp HTTP{'S' if tls else ''} on 127.0.0.1, {os.cpu_count()} CPUs, data in {root.parent}, "
+              f"load average {row['loadavg_1m']} (other work on the machine skews the figures)")
         print(f"  PUT  {args.size_mb} MiB (curl -T)       median {row['put_mb_s']:8.1f} MB/s   runs {row['put_all']}")
         print(f"  GET  {args.size_mb} MiB (curl)          median {row['get_mb_s']:8.1f} MB/s   runs {row['get_all']}")
         print(f"  GET  {args.par_n} x {args.par_mb} MiB in parallel  {par_rate:8.1f} MB/s aggregate, "
