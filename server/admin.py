@@ -219,9 +219,11 @@ class _LogCollector(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
         self.lines: list[str] = []
+        self.thread = threading.get_ident()  # only the reload's own lines, not other sessions' errors
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+        if record.thread == self.thread:
+            self.lines.append(record.getMessage())
 
 
 # --- the listener ---------------------------------------------------------------------------------
