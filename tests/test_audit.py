@@ -62,7 +62,7 @@ def test_why_was_my_file_rejected(daemons, token_hash, alice_key):
     assert any(x["logger"] == "scriptsftp.script" and "checked magic" in x["msg"] for x in vetoed)
 
     # and the trail survives a restart (state_dir/audit.sqlite3)
-    d.stop()
+    assert d.stop() == 0 and "Traceback" not in d.log_text()  # the admin listener stops cleanly too
     d2 = daemons.start(admin_toml(token_hash, bindings=binding("pre-publish", "no_exe.py", allow='["read"]')))
     assert [x["id"] for x in get(d2, "/api/events?decision=veto")] == [e["id"]]
 
