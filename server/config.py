@@ -155,6 +155,32 @@ class FtpSection(_Model):
 
     _listen = field_validator("listen")(_listen_validator)
 
+    @field_validator("passive_ports")
+    @classmethod
+    def _passive_ports(cls, v: str) -> str:
+        if v == "":
+            return v  # any free port
+        m = re.fullmatch(r"(\d{1,5})-(\d{1,5})", v)
+        if not m or not 1024 <= int(m[1]) <= int(m[2]) <= 65535:
+            raise ValueError(f"{v!r} is not LOW-HIGH with 1024 <= LOW <= HIGH <= 65535 (or \"\" for any free port)")
+        return v
+
+    @field_validator("masquerade_address")
+    @classmethod
+    def _masquerade(cls, v: str) -> str:
+        if v:
+            try:
+                ipaddress.IPv4Address(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IPv4 address (PASV replies carry IPv4 only)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "FtpSection":
+        if self.tls != "off" and not (self.certificate and self.private_key):
+            raise ValueError(f"tls = {self.tls!r} needs certificate and private_key (PEM files)")
+        return self
+
 
 class HttpSection(_Model):
     enabled: bool = False
