@@ -2,6 +2,7 @@
 """Does a password-guessing burst slow down other users? With and without the defender.
 
     .venv/bin/python bench/defender_bench.py [--attempts 1000] [--threads 16] [--seconds 20] [--size-mb 32]
+                                             [--rounds 3]
 
 For each of three phases a fresh `scriptsftp run` is started (127.0.0.1 only):
 
@@ -17,6 +18,8 @@ Reported per phase: download MB/s, server CPU seconds used during the window
 ended (failed = a password was checked, refused = cut at connect), and how many
 passwords the server actually verified (its "login failed" lines).
 `login_failure_delay` is the default 1 s, as in production.
+Phases run interleaved, --rounds times (the machine may be shared: interleaving
+spreads other load over all phases); the table shows medians, and each round.
 Prints a table and appends one JSON line to bench/out/defender.jsonl.
 """
 
@@ -29,6 +32,7 @@ import multiprocessing as mp
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -196,12 +200,22 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--size-mb", type=int, default=32)
     ap.add_argument("--phases", default="baseline,defender,no-defender")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    rows = [phase(p, args) for p in args.phases.split(",")]
-    print(f"{'phase':<12} {'MB/s':>7} {'srv CPU s':>9} {'verified':>8} banned  attacker outcomes")
-    for r in rows:
-        print(f"{r['phase']:<12} {r['download_MBps']:>7} {r['server_cpu_s']:>9} {r['passwords_verified']:>8} "
-              f"{str(r['attacker_banned']):<7} {r['attack']}")
+    rows = []
+    for i in range(args.rounds):
+        for p in args.phases.split(","):
+            r = phase(p, args)
+            r["round"] = i + 1
+            rows.append(r)
+            print(f"round {i + 1} {p:<12} {r['download_MBps']:>7} MB/s  server CPU {r['server_cpu_s']} s  "
+                  f"verified {r['passwords_verified']}  banned {r['attacker_banned']}  {r['attack']}", flush=True)
+    print(f"\nmedian of {args.rounds} rounds")
+    print(f"{'phase':<12} {'MB/s':>7} {'srv CPU s':>9} {'verified':>8}")
+    for p in args.phases.split(","):
+        mine = [r for r in rows if r["phase"] == p]
+        med = lambda k: statistics.median(r[k] for r in mine)  # noqa: E731
+        print(f"{p:<12} {med('download_MBps'):>7} {med('server_cpu_s'):>9} {med('passwords_verified'):>8}")
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
     with open(out / "defender.jsonl", "a") as f:
