@@ -131,7 +131,7 @@ class HttpListener:
         self.auth_cache_seconds = auth_cache
         self.locks = webdav.LockManager()
         self.pools = Pools(
-            auth=ThreadPoolExecutor(4, thread_name_prefix="http-auth"),
+            auth=ThreadPoolExecutor(8, thread_name_prefix="http-auth"),
             ops=ThreadPoolExecutor(32, thread_name_prefix="http-op"),
             io=ThreadPoolExecutor(8, thread_name_prefix="http-io"),
         )
@@ -219,7 +219,7 @@ class HttpListener:
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.pools.auth, self._connect, handler, peer[0], local[1])
+        fut = loop.run_in_executor(self.pools.ops, self._connect, handler, peer[0], local[1])
         self._states[handler] = _ConnState(handler, fut)
 
     def _connect(self, handler: RequestHandler, ip: str, port: int) -> tuple[Connection, Any]:
@@ -361,12 +361,12 @@ class HttpListener:
             # another user on this keep-alive connection: end the first login, start afresh
             await loop.run_in_executor(self.pools.ops, self.core.disconnect, conn)
             state.session = None
-            state.connected = loop.run_in_executor(self.pools.auth, self._connect, state.handler, conn.remote_ip,
+            state.connected = loop.run_in_executor(self.pools.ops, self._connect, state.handler, conn.remote_ip,
                                                    conn.local_port)
             conn, decision = await state.connected
             if not decision.allowed:
                 raise HttpError(403, decision.reason or "connection refused by a server script", close=True)
-        decision = await loop.run_in_executor(self.pools.auth, self.core.finish_login, conn, user, "password")
+        decision = await loop.run_in_executor(self.pools.ops, self.core.finish_login, conn, user, "password")
         if not decision.allowed:
             raise HttpError(403, decision.reason or "login refused", close=True)
         try:

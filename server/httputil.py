@@ -165,8 +165,8 @@ class Pools:
     """Where blocking calls run, so the event loop never waits on a disk or a script.
 
     ``auth``: password checks (argon2, and the failure delay), so a flood of bad
-    logins cannot hold the threads logged-in users need. ``ops``: Session calls
-    that may wait on a script verdict (open, close/publish, namespace changes).
+    logins cannot hold the threads logged-in users need. ``ops``: calls that may
+    wait on a script verdict (connect, login, open, close/publish, namespace changes).
     ``io``: chunk reads and writes of open handles, never behind a script."""
 
     auth: Executor

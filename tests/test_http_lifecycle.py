@@ -126,3 +126,29 @@ def test_keep_alive_connection_reuses_its_login(daemons):
         conn.close()
     d.wait_log(r"disconnect after .* \(in 5 bytes")
     assert d.log_text().count("login ok (password)") == 1
+
+
+def test_another_user_on_the_same_connection_gets_their_own_session(daemons):
+    from conftest import BOB_PASSWORD
+
+    d = daemons.start(HTTP_EXTRA)
+    for u in ("alice", "bob"):
+        d.home(u).mkdir(parents=True, exist_ok=True)
+    (d.home("alice") / "a.txt").write_text("alice's\n")
+    conn = http.client.HTTPConnection("127.0.0.1", d.ports["http"], timeout=30)
+    try:
+        conn.request("GET", "/a.txt", headers={"Authorization": basic()})
+        r = conn.getresponse()
+        assert r.status == 200 and r.read() == b"alice's\n"
+        conn.request("GET", "/a.txt", headers={"Authorization": basic("bob", BOB_PASSWORD)})
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 404  # bob's home, not alice's
+        conn.request("PUT", "/a.txt", body=b"x", headers={"Authorization": basic("bob", BOB_PASSWORD)})
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 403  # bob's permissions
+    finally:
+        conn.close()
+    d.wait_log(r"user=bob .*disconnect after")
+    assert (d.home("alice") / "a.txt").read_text() == "alice's\n"
