@@ -731,3 +731,139 @@ def test_traversal_corpus(ftpd):
     assert (outside / "secret.txt").read_bytes() == b"SECRET-OUTSIDE\n"
     assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
     assert sorted(p.name for p in ftpd.root.iterdir()) == before
+
+
+# --- async pre-publish over FTP ---------------------------------------------------------------------
+
+ASYNC_SCRIPT = """
+import time
+
+def on_pre_publish(event, api):
+    end = time.time() + 3.0  # hold the verdict (scripts cannot sleep)
+    while time.time() < end:
+        pass
+    if b"VIRUS" in api.file.read(65536):
+        api.veto("infected: " + event.path)
+"""
+
+
+def test_async_pre_publish_answers_226_at_once_and_hides_the_file(daemons, tls_files):
+    (daemons.root / "scripts").mkdir(parents=True, exist_ok=True)
+    (daemons.root / "scripts" / "check.py").write_text(ASYNC_SCRIPT)
+    d = daemons.start(ftp_section("off", *tls_files) + """
+[[bindings]]
+event = "pre-publish"
+script = "check.py"
+mode = "async"
+allow = ["read"]
+timeout = 30.0
+cpu_time = 20.0
+""")
+    home = d.home("alice")
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "old.txt").write_bytes(b"previous\n")
+    c = ftp(d)
+    try:
+        mark = len(d.lines)
+        t0 = time.monotonic()
+        assert stor(c, "/bad.txt", b"VIRUS inside").startswith("226")
+        assert stor(c, "/old.txt", b"VIRUS again").startswith("226")
+        assert time.monotonic() - t0 < 3.0, "226 waited for the verdict"
+        # during the check: SIZE answers the uploaded size, download/rename/delete do not see it
+        assert c.size("/bad.txt") == len(b"VIRUS inside")
+        with pytest.raises(ftplib.error_perm, match=r"^550 "):
+            retr(c, "/bad.txt")
+        with pytest.raises(ftplib.error_perm, match=r"^550 "):
+            c.delete("/bad.txt")
+        with pytest.raises(ftplib.error_perm, match=r"^550 "):
+            c.rename("/bad.txt", "/moved.txt")
+        assert not (home / "bad.txt").exists()
+        assert (home / "old.txt").read_bytes() == b"previous\n"
+        d.wait_log(r"publish /bad\.txt vetoed \(async\): infected: /bad\.txt", timeout=60, start=mark)
+        d.wait_log(r"publish /old\.txt vetoed \(async\)", timeout=60, start=mark)
+        with pytest.raises(ftplib.error_perm, match=r"^550 "):
+            c.size("/bad.txt")
+        assert retr(c, "/old.txt") == b"previous\n"
+        # a clean one appears once checked
+        stor(c, "/good.txt", b"fine\n")
+        d.wait_log(r"upload /good\.txt ok|publish /good\.txt (ok|published)", timeout=60, start=mark)
+    finally:
+        c.quit()
+    deadline = time.monotonic() + 30
+    while not (home / "good.txt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (home / "good.txt").read_bytes() == b"fine\n"
+    assert no_staging_left(home)
+
+
+# --- the same operations raise the same events over SFTP and FTP ---------------------------------------
+
+RECORD_SCRIPT = """
+def record(event, api):
+    api.log("EV " + repr(event))
+
+def veto_marker(event, api):
+    if b"VETO-ME" in api.file.read(65536):
+        api.veto("no VETO-ME here")
+"""
+
+FILE_EVENTS = ("pre-upload", "pre-publish", "post-upload", "upload-failed", "pre-download", "post-download",
+               "pre-delete", "post-delete", "pre-rename", "post-rename", "pre-mkdir", "post-mkdir",
+               "pre-rmdir", "post-rmdir")
+
+
+def test_same_operations_raise_identical_events_over_sftp_and_ftp(daemons, tls_files, alice_key):
+    from conftest import close_client, paramiko_client, sftp_put
+
+    (daemons.root / "scripts").mkdir(parents=True, exist_ok=True)
+    (daemons.root / "scripts" / "rec.py").write_text(RECORD_SCRIPT)
+    binds = "".join(f'\n[[bindings]]\nevent = "{e}"\nscript = "rec.py"\nfunction = "record"\n' for e in FILE_EVENTS)
+    binds += '\n[[bindings]]\nevent = "pre-publish"\nscript = "rec.py"\nfunction = "veto_marker"\nallow = ["read"]\n'
+    d = daemons.start(ftp_section("off", *tls_files) + binds)
+    d.home("alice").mkdir(parents=True, exist_ok=True)
+
+    def sftp_ops() -> None:
+        c = paramiko_client(d, key=alice_key)
+        try:
+            c.mkdir("/w")
+            c.putfo(io.BytesIO(b"0123456789"), "/w/a.txt", confirm=False)
+            assert c.open("/w/a.txt").read() == b"0123456789"
+            c.rename("/w/a.txt", "/w/b.txt")
+            with pytest.raises(OSError, match="no VETO-ME here"):
+                sftp_put(c, "/w/b.txt", b"VETO-ME")
+            c.remove("/w/b.txt")
+            c.rmdir("/w")
+        finally:
+            close_client(c)
+
+    def ftp_ops() -> None:
+        c = ftp(d)
+        try:
+            c.mkd("/w")
+            stor(c, "/w/a.txt", b"0123456789")
+            assert retr(c, "/w/a.txt") == b"0123456789"
+            c.rename("/w/a.txt", "/w/b.txt")
+            with pytest.raises(ftplib.error_perm, match="no VETO-ME here"):
+                stor(c, "/w/b.txt", b"VETO-ME")
+            c.delete("/w/b.txt")
+            c.rmd("/w")
+        finally:
+            c.quit()
+
+    recorded = {}
+    for proto, ops in (("sftp", sftp_ops), ("ftp", ftp_ops)):
+        mark = len(d.lines)
+        ops()
+        d.wait_log(r"EV event\(.*'post-rmdir'", start=mark)
+        with d._cond:
+            lines = d.lines[mark:]
+        events = []
+        for line in lines:
+            m = re.search(r"EV (event\(.*\))", line)
+            if m:
+                assert f"protocol='{proto}'" in m.group(1), m.group(1)
+                # what may differ: when, which connection, and the protocol itself
+                events.append(re.sub(r"(time|session_id|remote_ip|protocol|duration)=[^,)]*(, )?", "", m.group(1)))
+        recorded[proto] = events
+    assert len(recorded["sftp"]) >= 14
+    assert sorted(recorded["sftp"]) == sorted(recorded["ftp"])
