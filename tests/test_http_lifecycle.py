@@ -187,3 +187,18 @@ def test_big_put_streams_in_bounded_memory(daemons, tmp_path):
     assert proc.stdout is not None and proc.stdout.read() == b"201"
     assert (d.home("alice") / "big.bin").stat().st_size == 512 * 1024 * 1024
     assert peak - base < 32, f"RSS grew by {peak - base:.0f} MB during a 512 MiB upload"
+
+
+def test_defender_refusal_is_a_403_with_the_reason(daemons):
+    d = daemons.start(HTTP_EXTRA + "\n[defender]\nallow_list = []\nmax_connections_per_ip = 1\n")
+    d.home("alice").mkdir(parents=True, exist_ok=True)
+    first = http.client.HTTPConnection("127.0.0.1", d.ports["http"], timeout=30)
+    try:
+        first.request("GET", "/", headers={"Authorization": basic()})
+        r = first.getresponse()
+        r.read()
+        assert r.status == 200
+        second = request(d, "GET", "/")  # a second connection while the first stays open
+        assert second.status == 403 and second.text.strip(), second
+    finally:
+        first.close()
