@@ -35,6 +35,9 @@ SCRIPTS = {
     "record.py": """
         def on_any(event, api):
             api.log("EV", ev=event.name, proto=event.protocol, path=event.path, user=event.user)
+
+        def on_login_failed(event, api):
+            api.log("LOGIN-FAILED", proto=event.protocol, user=event.user, method=event.login_method)
     """,
 }
 
@@ -49,6 +52,7 @@ def _bindings() -> str:
     for e in RECORDED:
         out.append(f'[[bindings]]\nevent = "{e}"\nscript = "record.py"\nfunction = "on_any"\n'
                    f'users = ["ev"]\norder = 50\n')
+    out.append('[[bindings]]\nevent = "login-failed"\nscript = "record.py"\nusers = ["ev"]\n')
     return "\n".join(out)
 
 
@@ -121,6 +125,9 @@ def test_basic_auth_failures_go_through_the_login_core(d):
     r = request(d, "GET", "/", user="nosuchuser", password=secret)
     assert r.status == 401
     d.wait_log(r"login failed for 'nosuchuser' \(password\)")
+    r = request(d, "GET", "/", user="ev", password=secret)
+    assert r.status == 401
+    d.wait_log(r"record\.py: LOGIN-FAILED proto=http user=ev method=password")
     assert secret not in d.log_text()
     r = request(d, "GET", "/", headers={"Authorization": "Basic !!!"}, user=None)
     assert r.status == 400
