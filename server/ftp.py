@@ -49,7 +49,7 @@ from pyftpdlib.handlers import FTPHandler, TLS_FTPHandler
 from pyftpdlib.handlers.ftp.data import DTPHandler
 from pyftpdlib.handlers.ftp.producers import FileProducer
 from pyftpdlib.handlers.ftps.data import TLS_DTPHandler
-from pyftpdlib.exceptions import _RetryError
+from pyftpdlib.exceptions import _FileReadWriteError, _RetryError
 from pyftpdlib.ioloop import _ERRNOS_DISCONNECTED, _ERRNOS_RETRY, IOLoop
 from pyftpdlib.servers import ThreadedFTPServer
 
@@ -210,7 +210,7 @@ class _SettleMixin(DTPHandler):
     _tls_clean_eof: bool | None = None
     # Larger than pyftpdlib's 64 KiB: one trip round the I/O loop costs far more
     # than the bytes it moves (sendfile() chunk for downloads, recv() for uploads).
-    ac_in_buffer_size = 256 * 1024
+    ac_in_buffer_size = 1024 * 1024
     ac_out_buffer_size = 1024 * 1024
 
     _reset = False
@@ -240,6 +240,39 @@ class _SettleMixin(DTPHandler):
         if not data:
             self.handle_close()
         return data
+
+    _buf: bytearray | None = None
+
+    def handle_read(self) -> None:
+        """Binary uploads on a plain socket: recv_into one reused buffer and write
+        from it, instead of a new bytes object per read (pyftpdlib's way)."""
+        f = self.file_obj
+        if self._data_wrapper is not None or not isinstance(f, _Upload) or not isinstance(self.socket, socket.socket):
+            super().handle_read()
+            return
+        if self._buf is None:
+            self._buf = bytearray(self.ac_in_buffer_size)
+        try:
+            n = self.socket.recv_into(self._buf)
+        except OSError as err:
+            if err.errno in _ERRNOS_RETRY:
+                return
+            if err.errno in _ERRNOS_DISCONNECTED:
+                self._reset = True
+                self.handle_close()
+                return
+            self.handle_error()
+            return
+        if not n:
+            self.handle_close()
+            return
+        self.tot_bytes_received += n
+        try:
+            f.write(memoryview(self._buf)[:n])
+        except OSError as err:
+            raise _FileReadWriteError(err) from err
+
+    handle_read_event = handle_read
 
     def handle_close(self) -> None:
         if self.receive and not self._closed and isinstance(self.socket, socket.socket):
