@@ -435,6 +435,11 @@ class _SessionCommands:
             return  # the 220 follows the handshake
         self.respond(f"220 {self.banner}")  # type: ignore[attr-defined]
 
+    def handle_failed_ssl_handshake(self) -> None:
+        if self.conn is not None:  # scanners and probes: the defender counts them
+            self.core.protocol_error(self.conn, "TLS handshake failed")
+        super().handle_failed_ssl_handshake()  # type: ignore[misc]
+
     def handle_ssl_established(self) -> None:
         if self.implicit_tls and not self.authenticated and not self.username:  # type: ignore[attr-defined]
             self.respond(f"220 {self.banner}")  # type: ignore[attr-defined]

@@ -867,3 +867,69 @@ def test_same_operations_raise_identical_events_over_sftp_and_ftp(daemons, tls_f
         recorded[proto] = events
     assert len(recorded["sftp"]) >= 14
     assert sorted(recorded["sftp"]) == sorted(recorded["ftp"])
+
+
+# --- daemon lifecycle with FTP connections ---------------------------------------------------------------
+
+
+def test_sigterm_lets_an_ftp_upload_finish_then_closes_idle_ones_with_421(daemons, tls_files):
+    import signal
+
+    d = daemons.start(ftp_section("off", *tls_files))
+    home = d.home("alice")
+    home.mkdir(parents=True, exist_ok=True)
+    idle = ftp(d)
+    busy = ftp(d)
+    busy.voidcmd("TYPE I")
+    conn = busy.transfercmd("STOR big.bin")
+    chunks = [os.urandom(256 * 1024) for _ in range(8)]
+    for c in chunks[:4]:
+        conn.sendall(c)
+    d.signal(signal.SIGTERM)
+    d.wait_log(r"stopping: no new connections")
+    with pytest.raises(OSError):  # no new connections
+        for _ in range(100):
+            with socket.create_connection(("127.0.0.1", d.ports["ftp"]), timeout=5) as s:
+                s.settimeout(2)
+                assert s.recv(100) == b""
+    for c in chunks[4:]:
+        conn.sendall(c)
+    conn.close()
+    assert busy.voidresp().startswith("226")
+    assert (home / "big.bin").read_bytes() == b"".join(chunks)
+    # the idle connection is told why it is closed
+    idle.sock.settimeout(20)
+    assert idle.getline().startswith("421 server shutting down")
+    assert d.proc.wait(20) == 0
+    d.wait_log(r"daemon: stopped")
+    assert "Traceback" not in d.log_text()
+
+
+def test_sighup_removing_a_user_closes_their_ftp_connection(daemons, tls_files, password_hashes):
+    import signal
+
+    users = user_toml("alice", password_hash=password_hashes["alice"]) + \
+        user_toml("bob", password_hash=password_hashes["bob"])
+    d = daemons.start(ftp_section("off", *tls_files), users=users)
+    for u in ("alice", "bob"):
+        d.home(u).mkdir(parents=True, exist_ok=True)
+    bob = ftp(d, "bob", BOB_PASSWORD)
+    alice = ftp(d)
+    try:
+        bob.voidcmd("TYPE I")
+        conn = bob.transfercmd("STOR unfinished.txt")
+        conn.sendall(b"half")
+        daemons.write_config(ftp_section("off", *tls_files),
+                             users=user_toml("alice", password_hash=password_hashes["alice"]))
+        mark = len(d.lines)
+        d.signal(signal.SIGHUP)
+        d.wait_log(r"closing session of removed or disabled user bob", start=mark)
+        d.wait_log(r"upload /unfinished\.txt aborted", start=mark)
+        bob.sock.settimeout(10)
+        assert bob.getline().startswith("421 your account was removed or disabled")
+        conn.close()
+        assert not (d.home("bob") / "unfinished.txt").exists()
+        assert alice.nlst("/") == []  # others untouched
+    finally:
+        alice.close()
+        bob.close()
