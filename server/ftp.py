@@ -380,6 +380,7 @@ class _NoAuthorizer:
 # --- the control connection -----------------------------------------------------------------
 
 _FS_COMMANDS_NOT_OFFERED = ("REIN", "SMNT")
+_TRANSFER_COMMANDS = frozenset({"RETR", "STOR", "APPE", "STOU", "LIST", "NLST", "MLSD"})
 
 
 class _SessionCommands:
@@ -416,6 +417,13 @@ class _SessionCommands:
         if self._greet_in_thread:  # registered with the connection thread's own I/O loop
             self._greet_in_thread = False
             try:
+                # pyftpdlib armed the idle timer on the acceptor's loop: move it to ours,
+                # so that it fires in this connection's thread
+                if self._idler is not None and not self._idler.cancelled:  # type: ignore[attr-defined]
+                    self._idler.cancel()  # type: ignore[attr-defined]
+                if self.timeout:  # type: ignore[attr-defined]
+                    self._idler = self.ioloop.call_later(  # type: ignore[attr-defined]
+                        self.timeout, self.handle_timeout, _errback=self.handle_error)  # type: ignore[attr-defined]
                 self._greet()
             except Exception:
                 self.handle_error()  # type: ignore[attr-defined]
@@ -493,6 +501,11 @@ class _SessionCommands:
         return isinstance(getattr(self, "socket", None), SSL.Connection)
 
     def process_command(self, cmd: str, *args: Any, **kwargs: Any) -> None:
+        if cmd in _TRANSFER_COMMANDS and self.data_channel is not None \
+                and self.data_channel.file_obj is not None:  # type: ignore[attr-defined]
+            # pyftpdlib would swap the running transfer's file for the new one
+            self.respond("425 Another transfer is in progress on this connection.")  # type: ignore[attr-defined]
+            return
         acct = self.session.account if self.session is not None else None
         if acct is not None and acct.require_tls and cmd in ("PASV", "EPSV", "PORT", "EPRT") \
                 and not getattr(self, "_prot", False):

@@ -933,3 +933,21 @@ def test_sighup_removing_a_user_closes_their_ftp_connection(daemons, tls_files, 
     finally:
         alice.close()
         bob.close()
+
+
+def test_second_transfer_during_an_upload_is_refused(ftpd):
+    home = ftpd.home("alice")
+    c = ftp(ftpd)
+    try:
+        c.voidcmd("TYPE I")
+        conn = c.transfercmd("STOR first.bin")
+        conn.sendall(b"a" * 100_000)
+        with pytest.raises(ftplib.error_temp, match=r"^425 Another transfer"):
+            c.sendcmd("STOR second.bin")
+        conn.sendall(b"b" * 100_000)
+        conn.close()
+        assert c.voidresp().startswith("226")
+    finally:
+        c.quit()
+    assert (home / "first.bin").read_bytes() == b"a" * 100_000 + b"b" * 100_000
+    assert not (home / "second.bin").exists()
