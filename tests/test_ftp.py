@@ -951,3 +951,95 @@ def test_second_transfer_during_an_upload_is_refused(ftpd):
         c.quit()
     assert (home / "first.bin").read_bytes() == b"a" * 100_000 + b"b" * 100_000
     assert not (home / "second.bin").exists()
+
+
+# --- crash safety: a daemon killed while an FTP upload is being checked -------------------------------
+
+HOLD_SCRIPT = """
+import time
+
+def on_pre_publish(event, api):
+    end = time.time() + {hold}
+    while time.time() < end:
+        pass
+    if b"VIRUS" in api.file.read(65536):
+        api.veto("infected: " + event.path)
+"""
+
+
+@pytest.mark.parametrize("content, published", [(b"clean data\n", True), (b"VIRUS data\n", False)])
+def test_daemon_killed_mid_check_of_an_ftp_upload_checks_it_again(daemons, tls_files, content, published):
+    import sqlite3
+
+    scripts = daemons.root / "scripts"
+    scripts.mkdir(parents=True, exist_ok=True)
+    (scripts / "hold.py").write_text(HOLD_SCRIPT.format(hold=30.0))
+    d = daemons.start(ftp_section("off", *tls_files) + """
+[[bindings]]
+event = "pre-publish"
+script = "hold.py"
+allow = ["read"]
+timeout = 60.0
+cpu_time = 40.0
+""")
+    home = d.home("alice")
+    home.mkdir(parents=True, exist_ok=True)
+    c = ftp(d)
+    outcome: list[object] = []
+
+    def upload() -> None:
+        try:
+            outcome.append(stor(c, "/held.txt", content))
+        except BaseException as exc:  # the daemon dies under the client
+            outcome.append(exc)
+
+    t = threading.Thread(target=upload, daemon=True)
+    t.start()
+    db = d.state_dir / "staging.db"
+
+    def state() -> str | None:  # no log line marks the start of a sync check: read the record
+        with sqlite3.connect(db) as con:
+            row = con.execute("SELECT state FROM staged").fetchone()
+        return row[0] if row else None
+
+    deadline = time.monotonic() + 30
+    while state() != "check":
+        assert time.monotonic() < deadline, "the upload never reached its check"
+        time.sleep(0.02)
+    d.kill()
+    t.join(10)
+    c.close()
+    assert outcome and not isinstance(outcome[0], str), "no 226 from a daemon that died before the verdict"
+    assert not (home / "held.txt").exists()
+    (scripts / "hold.py").write_text(HOLD_SCRIPT.format(hold=0.0))
+    d2 = daemons.start(config=d.config)
+    d2.wait_log(r"checking again 1 upload\(s\)")
+    if published:
+        d2.wait_log(r"publish /held\.txt ok", timeout=60)
+        assert (home / "held.txt").read_bytes() == content
+    else:
+        d2.wait_log(r"publish /held\.txt vetoed on recheck after restart: infected", timeout=60)
+        assert not (home / "held.txt").exists()
+    assert no_staging_left(home)
+
+
+def test_a_stalled_client_does_not_stall_others(ftpd):
+    """One client opens an upload and sends nothing; another lists and downloads meanwhile."""
+    (ftpd.home("alice") / "quick.txt").write_bytes(b"quick\n")
+    stalled = ftp(ftpd)
+    other = ftp(ftpd)
+    try:
+        stalled.voidcmd("TYPE I")
+        conn = stalled.transfercmd("STOR stalled.bin")  # and then nothing
+        times = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert retr(other, "/quick.txt") == b"quick\n"
+            other.nlst("/")
+            times.append(time.monotonic() - t0)
+        assert max(times) < 2.0, times
+        conn.close()
+        assert stalled.voidresp().startswith("226")  # a clean close: an empty upload
+    finally:
+        stalled.quit()
+        other.quit()
