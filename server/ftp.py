@@ -55,7 +55,7 @@ from pyftpdlib.servers import ThreadedFTPServer
 
 from .config import ConfigError
 from .errors import (
-    AlreadyExists, Failure, FsError, InvalidPath, LimitExceeded, NoSpace, NotADirectory, PermissionDenied,
+    AlreadyExists, Failure, FsError, InvalidPath, LimitExceeded, NoSpace, NotADirectory,
 )
 from .session import ReadHandle, Session, WriteHandle
 from .storage import Entry
@@ -200,8 +200,8 @@ class _Upload:
             self.handle.abort(reason)
 
 
-class _SettleMixin(DTPHandler):
-    """The end of a transfer: settle the file first, then let pyftpdlib close and reply.
+class _DTP(DTPHandler):
+    """A data connection. At its end, settle the file first, then let pyftpdlib close and reply.
 
     pyftpdlib's ``DTPHandler.close`` closes the socket, closes the file and sends
     the reply prepared in ``_resp``. Settling the file before it (publishing an
@@ -222,24 +222,28 @@ class _SettleMixin(DTPHandler):
             # queued transfer (and its client) waiting for ever.
             cmd_channel.data_connection_lost()
 
-    def recv(self, buffer_size: int) -> bytes:
-        """AsyncChat.recv, except that a reset is remembered: pyftpdlib treats it
-        like the client's clean end of an upload, which would publish a truncated file.
+    def _read(self, read: Any) -> Any:
+        """AsyncChat.recv's error handling around ``read()``, except that a reset is
+        remembered: pyftpdlib treats it like the client's clean end of an upload,
+        which would publish a truncated file. Returns None at the end of the stream.
         (On a TLS channel the socket is an SSL.Connection: its errors are pyOpenSSL's,
         handled one level up, and a reset shows as a missing close_notify.)"""
         try:
-            data = self.socket.recv(buffer_size)
+            got = read()
         except OSError as err:
-            if err.errno in _ERRNOS_DISCONNECTED:
-                self._reset = True
-                self.handle_close()
-                return b""
             if err.errno in _ERRNOS_RETRY:
                 raise _RetryError from err
-            raise
-        if not data:
+            if err.errno not in _ERRNOS_DISCONNECTED:
+                raise
+            self._reset = True
+            got = None
+        if not got:
             self.handle_close()
-        return data
+            return None
+        return got
+
+    def recv(self, buffer_size: int) -> bytes:
+        return self._read(lambda: self.socket.recv(buffer_size)) or b""
 
     _buf: bytearray | None = None
 
@@ -252,19 +256,15 @@ class _SettleMixin(DTPHandler):
             return
         if self._buf is None:
             self._buf = bytearray(self.ac_in_buffer_size)
+        buf = self._buf
         try:
-            n = self.socket.recv_into(self._buf)
-        except OSError as err:
-            if err.errno in _ERRNOS_RETRY:
-                return
-            if err.errno in _ERRNOS_DISCONNECTED:
-                self._reset = True
-                self.handle_close()
-                return
+            n = self._read(lambda: self.socket.recv_into(buf))
+        except _RetryError:
+            return
+        except OSError:
             self.handle_error()
             return
-        if not n:
-            self.handle_close()
+        if n is None:
             return
         self.tot_bytes_received += n
         try:
@@ -322,12 +322,8 @@ class _SettleMixin(DTPHandler):
             self._resp = ("451 Upload failed: local error.", log.debug)
 
 
-class _DTP(_SettleMixin):
-    pass
-
-
-class _TLSDTP(TLS_DTPHandler, _SettleMixin):
-    pass
+class _TLSDTP(TLS_DTPHandler, _DTP):
+    """TLS on top: pyftpdlib's SSL layer runs first, then ours (see the MRO)."""
 
 
 # --- stubs standing in for pyftpdlib's filesystem and authorizer ---------------------

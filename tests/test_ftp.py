@@ -735,11 +735,12 @@ def test_traversal_corpus(ftpd):
 
 # --- async pre-publish over FTP ---------------------------------------------------------------------
 
-ASYNC_SCRIPT = """
+# Holds the verdict for {hold} s of wall clock (scripts cannot sleep), then rejects a marker.
+HOLD_SCRIPT = """
 import time
 
 def on_pre_publish(event, api):
-    end = time.time() + 3.0  # hold the verdict (scripts cannot sleep)
+    end = time.time() + {hold}
     while time.time() < end:
         pass
     if b"VIRUS" in api.file.read(65536):
@@ -749,7 +750,7 @@ def on_pre_publish(event, api):
 
 def test_async_pre_publish_answers_226_at_once_and_hides_the_file(daemons, tls_files):
     (daemons.root / "scripts").mkdir(parents=True, exist_ok=True)
-    (daemons.root / "scripts" / "check.py").write_text(ASYNC_SCRIPT)
+    (daemons.root / "scripts" / "check.py").write_text(HOLD_SCRIPT.format(hold=3.0))
     d = daemons.start(ftp_section("off", *tls_files) + """
 [[bindings]]
 event = "pre-publish"
@@ -954,17 +955,6 @@ def test_second_transfer_during_an_upload_is_refused(ftpd):
 
 
 # --- crash safety: a daemon killed while an FTP upload is being checked -------------------------------
-
-HOLD_SCRIPT = """
-import time
-
-def on_pre_publish(event, api):
-    end = time.time() + {hold}
-    while time.time() < end:
-        pass
-    if b"VIRUS" in api.file.read(65536):
-        api.veto("infected: " + event.path)
-"""
 
 
 @pytest.mark.parametrize("content, published", [(b"clean data\n", True), (b"VIRUS data\n", False)])
