@@ -35,6 +35,7 @@ client resumes from.
 from __future__ import annotations
 
 import calendar
+import functools
 import logging
 import posixpath
 import secrets
@@ -92,6 +93,19 @@ def reply_of(exc: FsError) -> str:
     else:  # not found, permission, veto, exists, (not) a directory
         code = 550
     return f"{code} {reply_text(exc.message)}"
+
+
+def _replies(method: Any) -> Any:
+    """A command method whose Session errors become its reply line."""
+
+    @functools.wraps(method)
+    def command(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            method(self, *args, **kwargs)
+        except FsError as exc:
+            self.respond(reply_of(exc))
+
+    return command
 
 
 # --- listings ---------------------------------------------------------------------------
@@ -604,106 +618,77 @@ class _SessionCommands:
         assert self.session is not None
         return self.session
 
-    def _fail(self, exc: FsError) -> None:
-        self.respond(reply_of(exc))  # type: ignore[attr-defined]
-
+    @_replies
     def ftp_CWD(self, path: str) -> None:
-        try:
-            entry = self._s().stat(path)
-            if not entry.is_dir:
-                raise NotADirectory(f"{path}: not a directory")
-        except FsError as exc:
-            self._fail(exc)
-            return
+        entry = self._s().stat(path)
+        if not entry.is_dir:
+            raise NotADirectory(f"{path}: not a directory")
         self.fs.cwd = self._s().realpath(path)  # type: ignore[attr-defined]
         self.respond(f'250 "{self.fs.cwd}" is the current directory.')  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_MKD(self, path: str) -> None:
-        try:
-            self._s().mkdir(path)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        self._s().mkdir(path)
         self.respond('257 "%s" directory created.' % path.replace('"', '""'))  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_RMD(self, path: str) -> None:
-        try:
-            self._s().rmdir(path)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        self._s().rmdir(path)
         self.respond("250 Directory removed.")  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_DELE(self, path: str) -> None:
-        try:
-            self._s().remove(path)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        self._s().remove(path)
         self.respond("250 File removed.")  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_RNFR(self, path: str) -> None:
         if path == "/":
             self.respond("550 Cannot rename the home directory.")  # type: ignore[attr-defined]
             return
-        try:
-            self._s().stat(path, follow=False)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        self._s().stat(path, follow=False)
         self._rnfr = path
         self.respond("350 Ready for destination name.")  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_RNTO(self, path: str) -> None:
         src, self._rnfr = self._rnfr, None
         if not src:
             self.respond("503 Bad sequence of commands: use RNFR first.")  # type: ignore[attr-defined]
             return
-        try:
-            # FTP servers rename over an existing file (rename(2)); the Session
-            # then also requires the overwrite permission there.
-            self._s().rename(src, path, overwrite=True)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        # FTP servers rename over an existing file (rename(2)); the Session
+        # then also requires the overwrite permission there.
+        self._s().rename(src, path, overwrite=True)
         self.respond("250 Renaming ok.")  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_SIZE(self, path: str) -> None:
-        try:
-            entry = self._s().stat(path)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        entry = self._s().stat(path)
         if entry.is_dir:
             self.respond(f"550 {reply_text(path)} is not retrievable.")  # type: ignore[attr-defined]
         else:
             self.respond(f"213 {entry.size}")  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_MDTM(self, path: str) -> None:
-        try:
-            entry = self._s().stat(path)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        entry = self._s().stat(path)
         if entry.is_dir:
             self.respond(f"550 {reply_text(path)} is not retrievable.")  # type: ignore[attr-defined]
         else:
             self.respond("213 " + time.strftime("%Y%m%d%H%M%S", time.gmtime(entry.st.st_mtime)))  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_MFMT(self, path: str, timeval: str) -> None:
         try:
             when = calendar.timegm(time.strptime(timeval[:14], "%Y%m%d%H%M%S"))
         except ValueError:
             self.respond("501 Invalid time format: expected YYYYMMDDHHMMSS.")  # type: ignore[attr-defined]
             return
-        try:
-            entry = self._s().stat(path)
-            self._s().setstat(path, times=(entry.st.st_atime, float(when)))
-        except FsError as exc:
-            self._fail(exc)
-            return
+        entry = self._s().stat(path)
+        self._s().setstat(path, times=(entry.st.st_atime, float(when)))
         self.respond(f"213 Modify={timeval[:14]}; {path}.")  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_SITE_CHMOD(self, path: str, mode: str) -> None:
         try:
             bits = int(mode, 8)
@@ -712,11 +697,7 @@ class _SessionCommands:
         except ValueError:
             self.respond("501 Invalid SITE CHMOD format.")  # type: ignore[attr-defined]
             return
-        try:
-            self._s().setstat(path, mode=bits)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        self._s().setstat(path, mode=bits)
         self.respond("200 SITE CHMOD successful.")  # type: ignore[attr-defined]
 
     # --- listings -------------------------------------------------------------------
@@ -744,31 +725,22 @@ class _SessionCommands:
         owner = self._s().user
         return "".join(_list_line(e, owner, now) for e in entries)
 
+    @_replies
     def ftp_LIST(self, path: str) -> None:
-        try:
-            data = self._list_lines(path)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        data = self._list_lines(path)
         self.push_dtp_data(data.encode("utf-8", "surrogateescape"), isproducer=False, cmd="LIST")  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_NLST(self, path: str) -> None:
-        try:
-            _, entries, is_dir = self._entries(path)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        _, entries, is_dir = self._entries(path)
         names = "".join((e.name if is_dir else posixpath.join(posixpath.dirname(path), e.name)) + "\r\n"
                         for e in entries)
         self.push_dtp_data(names.encode("utf-8", "surrogateescape"), isproducer=False, cmd="NLST")  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_MLSD(self, path: str) -> None:
         s = self._s()
-        try:
-            directory, entries, is_dir = self._entries(path)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        directory, entries, is_dir = self._entries(path)
         if not is_dir:
             self.respond(f"501 {reply_text(path)} is not a directory.")  # type: ignore[attr-defined]
             return
@@ -776,41 +748,32 @@ class _SessionCommands:
         data = "".join(f"{_mlsx_facts(e, perms)} {e.name}\r\n" for e in entries)
         self.push_dtp_data(data.encode("utf-8", "surrogateescape"), isproducer=False, cmd="MLSD")  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_MLST(self, path: str) -> None:
         s = self._s()
-        try:
-            entry = s.stat(path)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        entry = s.stat(path)
         parent = tuple(p for p in path.split("/") if p)
         perms = s.account.access.permissions_at(parent if entry.is_dir else parent[:-1])
         self.push(f'250-Listing "{path}":\r\n')  # type: ignore[attr-defined]
         self.push(f" {_mlsx_facts(entry, perms, 'cdir' if path == '/' else None)} {path}\r\n")  # type: ignore[attr-defined]
         self.respond("250 End MLST.")  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_STAT(self, path: str) -> None:
         if not path:
             super().ftp_STAT(path)  # type: ignore[misc]
             return
-        try:
-            data = self._list_lines(path)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        data = self._list_lines(path)
         self.push(f'213-Status of "{path}":\r\n')  # type: ignore[attr-defined]
         self.push(data)  # type: ignore[attr-defined]
         self.respond("213 End of status.")  # type: ignore[attr-defined]
 
     # --- transfers ------------------------------------------------------------------
 
+    @_replies
     def ftp_RETR(self, path: str) -> None:
         rest, self._restart_position = self._restart_position, 0
-        try:
-            handle = self._s().open_read(path)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        handle = self._s().open_read(path)
         size = handle.size()
         if rest > size:
             handle.abort("REST position beyond the end of the file")
@@ -819,14 +782,11 @@ class _SessionCommands:
         f = _Download(handle, rest)
         self.push_dtp_data(FileProducer(f, self._current_type), isproducer=True, file=f, cmd="RETR")  # type: ignore[attr-defined]
 
+    @_replies
     def ftp_STOR(self, path: str, mode: str = "w") -> None:
         rest, self._restart_position = self._restart_position, 0
         append = "a" in mode
-        try:
-            handle = self._s().open_write(path, truncate=not (rest or append), append=append)
-        except FsError as exc:
-            self._fail(exc)
-            return
+        handle = self._s().open_write(path, truncate=not (rest or append), append=append)
         offset = 0
         if append or rest:
             size = handle.size()
@@ -836,9 +796,14 @@ class _SessionCommands:
                 return
             offset = size if append else rest
             if not append:
-                handle.truncate(rest)
+                try:
+                    handle.truncate(rest)
+                except FsError:
+                    handle.abort("could not cut the copy at the REST position")
+                    raise
         self._receive(_Upload(handle, offset), "APPE" if append else "STOR")
 
+    @_replies
     def ftp_STOU(self, line: str) -> None:
         if self._restart_position:
             self.respond("450 Can't STOU while REST request is pending.")  # type: ignore[attr-defined]
@@ -854,9 +819,6 @@ class _SessionCommands:
                 break
             except AlreadyExists:
                 continue
-            except FsError as exc:
-                self._fail(exc)
-                return
         else:
             self.respond("450 No usable unique file name found.")  # type: ignore[attr-defined]
             return
