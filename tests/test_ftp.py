@@ -508,8 +508,8 @@ def test_passive_ports_and_no_active_mode(ftpd):
         c.close()
 
 
-def test_active_mode_when_enabled_refuses_third_party(daemons, tls_files):
-    d = daemons.start(ftp_section("off", *tls_files, extra="active_mode = true"))
+def test_active_mode_when_enabled_refuses_third_party_and_masquerade(daemons, tls_files):
+    d = daemons.start(ftp_section("off", *tls_files, extra='active_mode = true\nmasquerade_address = "203.0.113.10"'))
     d.home("alice").mkdir(parents=True, exist_ok=True)
     (d.home("alice") / "f.txt").write_text("active\n")
     c = ftp(d)
@@ -520,6 +520,8 @@ def test_active_mode_when_enabled_refuses_third_party(daemons, tls_files):
             c.sendcmd("PORT 127,0,0,1,0,21")  # privileged port
         c.set_pasv(False)
         assert retr(c, "/f.txt") == b"active\n"
+        # behind NAT, PASV announces the public address (nothing connects to it here)
+        assert "(203,0,113,10," in c.sendcmd("PASV")
     finally:
         c.quit()
 
@@ -1033,3 +1035,40 @@ def test_a_stalled_client_does_not_stall_others(ftpd):
     finally:
         stalled.quit()
         other.quit()
+
+
+def _rss_peak_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1))
+
+
+def test_one_gib_ftp_upload_hashed_in_pre_publish_keeps_the_daemon_small(daemons, tls_files, tmp_path):
+    scripts = daemons.root / "scripts"
+    scripts.mkdir(parents=True, exist_ok=True)
+    (scripts / "hash.py").write_text('''
+def on_pre_publish(event, api):
+    api.log("sha256", digest=api.file.hash("sha256"))
+''')
+    d = daemons.start(ftp_section("off", *tls_files) + """
+[[bindings]]
+event = "pre-publish"
+script = "hash.py"
+allow = ["read"]
+timeout = 120.0
+cpu_time = 60.0
+""")
+    d.home("alice").mkdir(parents=True, exist_ok=True)
+    big = tmp_path / "big.bin"
+    chunk = os.urandom(2**20)
+    digest = __import__("hashlib").sha256()
+    with big.open("wb") as f:
+        for i in range(1024):
+            block = chunk[:-4] + i.to_bytes(4, "big")
+            f.write(block)
+            digest.update(block)
+    p = curl(d, "-T", str(big), url(d, "/big.bin"), timeout=300)
+    assert p.returncode == 0, p.stderr
+    d.wait_log(r"sha256 .*" + digest.hexdigest(), timeout=60)
+    assert (d.home("alice") / "big.bin").stat().st_size == 2**30
+    rss = _rss_peak_kb(d.proc.pid)
+    assert rss < 150 * 1024, f"daemon peak RSS {rss} kB"
