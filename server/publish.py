@@ -100,9 +100,12 @@ class PendingIndex:
 
 def pending_stat(upload: PendingUpload) -> os.stat_result:
     """What STAT answers for a pending path: a regular file of the uploaded size."""
-    m = int(upload.mtime)
-    return os.stat_result((statmod.S_IFREG | (upload.mode & 0o777), 0, 0, 1, os.getuid(), os.getgid(),
-                           upload.size, m, m, m))
+    m, ns = int(upload.mtime), int(upload.mtime * 1e9)
+    return os.stat_result(
+        (statmod.S_IFREG | (upload.mode & 0o777), 0, 0, 1, os.getuid(), os.getgid(), upload.size, m, m, m),
+        {"st_atime": upload.mtime, "st_mtime": upload.mtime, "st_ctime": upload.mtime,
+         "st_atime_ns": ns, "st_mtime_ns": ns, "st_ctime_ns": ns},
+    )
 
 
 @dataclass
@@ -203,8 +206,8 @@ class Publisher:
                     pass  # logged and upload-failed raised by finish()
             else:
                 reason = decision.reason or VETO_FALLBACK
-                log.info("publish %s vetoed (async): %s", up.path, reason, extra=_ctx(data, up.path))
                 self.reject(up, data, reason)
+                log.info("publish %s vetoed (async): %s", up.path, reason, extra=_ctx(data, up.path))
         finally:
             self.pending.remove(up.storage.home, up.final)
             up.storage.close()
@@ -225,11 +228,14 @@ class Publisher:
         except (OSError, FsError) as exc:
             error = exc if isinstance(exc, FsError) else from_oserror(exc, up.path)
             self.discard(up.storage, up.user, up.final[:-1], up.staging_name, up.record_id)
+            self.pending.remove(up.storage.home, up.final)
             self._post(ev.UploadFailed, data, path=up.path, size=up.size, reason=error.message)
             log.warning("publish %s failed: %s", up.path, error.message, extra=_ctx(data, up.path))
             raise error from None
         if self.staging is not None and up.record_id is not None:
             self.staging.remove(up.record_id)
+        # settled before anyone is told (log line, post-upload): the path is plainly there now
+        self.pending.remove(up.storage.home, up.final)
         if duration is not None:  # background: the front end already answered; we tell the scripts
             log.info("publish %s ok (checked in %.3fs)", up.path, duration, extra=_ctx(data, up.path))
             self._post(ev.PostUpload, data, path=up.path, size=up.size, duration=duration,
@@ -237,6 +243,7 @@ class Publisher:
 
     def reject(self, up: StagedUpload, data: dict[str, Any], reason: str) -> None:
         self.discard(up.storage, up.user, up.final[:-1], up.staging_name, up.record_id, rejected=True)
+        self.pending.remove(up.storage.home, up.final)
         self._post(ev.UploadFailed, data, path=up.path, size=up.size, reason=reason)
 
     def _post(self, cls: type[ev.Event], data: dict[str, Any], file: FileOpener | None = None,
@@ -325,9 +332,9 @@ class Publisher:
                     pass
             else:
                 reason = decision.reason or VETO_FALLBACK
+                self.reject(up, data, reason)
                 log.info("publish %s vetoed on recheck after restart: %s", up.path, reason,
                          extra=_ctx(data, up.path))
-                self.reject(up, data, reason)
         finally:
             self.pending.remove(up.storage.home, up.final)
             up.storage.close()

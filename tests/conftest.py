@@ -364,3 +364,21 @@ def close_client(client) -> None:
         client.close()
     finally:
         transport.close()
+
+
+def sftp_put(client, path: str, data: bytes) -> None:
+    """Upload ``data`` with paramiko and raise what the server answers to CLOSE.
+
+    paramiko's ``SFTPFile.close()`` swallows the CLOSE status, which is where a
+    pre-publish veto arrives; this sends CLOSE itself so the test sees it."""
+    from paramiko.sftp import CMD_CLOSE
+
+    f = client.open(path, "w")
+    try:
+        f.write(data)
+        f.flush()
+    except BaseException:
+        f.close()
+        raise
+    f._closed = True
+    client._request(CMD_CLOSE, f.handle)

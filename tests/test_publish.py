@@ -17,13 +17,14 @@ import hashlib
 import os
 import re
 import sqlite3
+import subprocess
 import threading
 import time
 
 import paramiko
 import pytest
 
-from conftest import close_client, paramiko_client, require_tool, sftp_batch
+from conftest import SSH_OPTS, close_client, paramiko_client, require_tool, sftp_batch, sftp_put
 
 STAGING = ".scriptsftp-part-"
 
@@ -76,9 +77,112 @@ def staged(directory) -> list[str]:
     return [n for n in os.listdir(directory) if n.startswith(STAGING)]
 
 
-def put(client: paramiko.SFTPClient, path: str, data: bytes) -> None:
-    with client.open(path, "w") as f:
-        f.write(data)
+put = sftp_put  # surfaces the CLOSE status (the pre-publish verdict) that paramiko's close() hides
+
+
+# --- sync mode (default): the client's completion reply carries the verdict ------------------
+
+
+@pytest.fixture(scope="module")
+def sync_d(module_daemons):
+    (module_daemons.root / "scripts").mkdir(parents=True, exist_ok=True)
+    (module_daemons.root / "scripts" / "check.py").write_text(CHECK_SCRIPT.format(hold=0.0))
+    return module_daemons.start(bindings("sync", hold=0.0))
+
+
+def test_sync_veto_reaches_paramiko_with_the_reason(sync_d, alice_key):
+    client = paramiko_client(sync_d, key=alice_key)
+    try:
+        with pytest.raises(PermissionError, match=r"infected: /sync-bad\.txt"):
+            put(client, "/sync-bad.txt", b"a VIRUS here")
+        with pytest.raises(FileNotFoundError):
+            client.stat("/sync-bad.txt")
+        put(client, "/sync-good.txt", b"fine")
+        assert client.stat("/sync-good.txt").st_size == 4
+    finally:
+        close_client(client)
+    home = sync_d.home("alice")
+    assert not (home / "sync-bad.txt").exists() and staged(home) == []
+
+
+def test_sync_vetoed_overwrite_keeps_the_previous_version(sync_d, alice_key):
+    home = sync_d.home("alice")
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "keep.txt").write_bytes(b"good old\n")
+    client = paramiko_client(sync_d, key=alice_key)
+    try:
+        with pytest.raises(PermissionError, match="infected"):
+            put(client, "/keep.txt", b"VIRUS new\n")
+    finally:
+        close_client(client)
+    assert (home / "keep.txt").read_bytes() == b"good old\n"
+
+
+def test_sync_veto_fails_openssh_sftp_put(sync_d, alice_key, tmp_path):
+    require_tool("sftp")
+    bad, good = tmp_path / "bad.txt", tmp_path / "good.txt"
+    bad.write_bytes(b"VIRUS\n")
+    good.write_bytes(b"clean\n")
+    proc = sftp_batch(sync_d, f"put {bad} /o-bad.txt\n", alice_key)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    sftp_batch(sync_d, f"put {good} /o-good.txt\n", alice_key, check=True)
+    home = sync_d.home("alice")
+    assert not (home / "o-bad.txt").exists()
+    assert (home / "o-good.txt").read_bytes() == b"clean\n"
+
+
+def test_sync_veto_fails_legacy_scp_with_the_reason(sync_d, alice_key, tmp_path):
+    require_tool("scp")
+    bad, good = tmp_path / "s-bad.txt", tmp_path / "s-good.txt"
+    bad.write_bytes(b"VIRUS\n")
+    good.write_bytes(b"clean\n")
+    argv = ["scp", "-O", "-i", str(alice_key.private), "-P", str(sync_d.port), *SSH_OPTS]
+    proc = subprocess.run([*argv, str(bad), str(good), "alice@127.0.0.1:/"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert "infected: /s-bad.txt" in proc.stderr
+    home = sync_d.home("alice")
+    assert not (home / "s-bad.txt").exists()
+    assert (home / "s-good.txt").read_bytes() == b"clean\n"  # the next file of the same copy went on
+
+
+def test_sync_file_is_invisible_while_its_check_runs(daemons, alice_key):
+    d = start(daemons, "sync", hold=3.0)
+    home = d.home("alice")
+    home.mkdir(parents=True, exist_ok=True)
+    uploader, watcher = paramiko_client(d, key=alice_key), paramiko_client(d, key=alice_key)
+    done = threading.Event()
+    seen: list[str] = []
+
+    def upload() -> None:
+        try:
+            put(uploader, "/slow.txt", b"clean and slow")
+        finally:
+            done.set()
+
+    t = threading.Thread(target=upload, daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    try:
+        # The check starts right after t0 (14 bytes to send) and holds for 3 s of wall clock:
+        # for the first 2 s the file must be nowhere, as often as we can look.
+        while time.monotonic() - t0 < 2.0 and not done.is_set():
+            if "slow.txt" in watcher.listdir("/") or (home / "slow.txt").exists():
+                seen.append("visible")
+                break
+            try:
+                watcher.stat("/slow.txt")
+                seen.append("stat")
+                break
+            except FileNotFoundError:
+                pass
+        assert not done.is_set(), "the upload finished before the check could have"
+        assert not seen, "the file was visible before its check passed"
+        t.join(30)
+        assert watcher.stat("/slow.txt").st_size == len(b"clean and slow")
+    finally:
+        close_client(uploader)
+        close_client(watcher)
 
 
 # --- async mode ------------------------------------------------------------------------
