@@ -12,6 +12,13 @@ byte copying, not protocol work:
   buffer is a queue of the received chunks; reads take whole chunks without
   copying when they can.
 
+And one per-packet cost of the MAC check (ciphers without AEAD: aes-ctr with
+hmac-sha2, which OpenSSH and curl pick): ``util.constant_time_bytes_eq``
+compared MACs in a Python loop (9.6 us per packet here, a third of the HMAC
+itself on a 32 KiB packet); ``hmac.compare_digest`` is the C constant-time
+compare. (The one-shot ``hmac.digest`` was measured too: no gain over
+paramiko's ``HMAC`` object, so it is left alone.)
+
 Behaviour (blocking, timeouts, EOF, rekey and keepalive checks) is kept line
 for line; ``tests/test_paramiko_speed.py`` checks the buffer against the
 original semantics.
@@ -20,10 +27,12 @@ original semantics.
 from __future__ import annotations
 
 import errno
+import hmac
 import socket
 from collections import deque
 
 import paramiko.channel
+import paramiko.util
 from paramiko.buffered_pipe import BufferedPipe
 from paramiko.packet import NeedRekeyException, Packetizer, first_arg
 
@@ -137,10 +146,11 @@ _installed = False
 
 
 def install() -> None:
-    """Apply both replacements once (idempotent)."""
+    """Apply the replacements once (idempotent)."""
     global _installed
     if _installed:
         return
+    paramiko.util.constant_time_bytes_eq = hmac.compare_digest
     Packetizer.read_all = _read_all  # type: ignore[method-assign]
     paramiko.channel.BufferedPipe = ChunkPipe  # Channel.__init__ looks the name up in its module
     _installed = True
