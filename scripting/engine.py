@@ -291,9 +291,10 @@ class ScriptEngine:
                      extra=ctx)
         elif result.verdict != "allow":
             where = f"{script.source.name}:{result.error_line}" if result.error_line else script.source.name
-            log.error("%s: %s (%s, on_error=%s)", where, result.reason, result.error_kind, spec.error_policy,
-                      extra=ctx)
-            self.last_errors[script.source.name] = f"{where}: {result.reason}"
+            # the worker already names "script:line" for errors raised in the script; timeouts etc. do not
+            message = result.reason if result.reason.startswith(script.source.name) else f"{where}: {result.reason}"
+            log.error("%s (%s, on_error=%s)", message, result.error_kind, spec.error_policy, extra=ctx)
+            self.last_errors[script.source.name] = message
             self.last_error_details[script.source.name] = {"time": time.time(), "line": result.error_line,
                                                            "kind": result.error_kind, "event": data["name"]}
             if data["name"] != "script-error" and self.wants("script-error"):

@@ -326,7 +326,7 @@ def script_test(script_path: Path, event_name: str, user: str, vpath: str | None
     if r.verdict == "veto":
         click.echo(f"decision: veto: {r.reason}")
         sys.exit(1)
-    where = f"{script_path.name}:{r.error_line}: " if r.error_line else ""
+    where = f"{script_path.name}:{r.error_line}: " if r.error_line and not r.reason.startswith(script_path.name) else ""
     click.echo(f"decision: error ({r.error_kind}): {where}{r.reason}")
     sys.exit(3)
 

@@ -84,6 +84,24 @@ class ServerTransport(paramiko.Transport):
         "hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "hmac-sha2-256", "hmac-sha2-512",
     )
 
+    _quiet_traceback = False
+
+    def _log(self, level: int, msg, *args) -> None:  # type: ignore[no-untyped-def]
+        """Protocol errors of clients that never logged in (port scanners, TCP health checks,
+        broken clients) are the client's problem, not the server's: one info line, no
+        traceback. paramiko logs them as ERROR with a 20-line traceback each. Unexpected
+        exceptions ("Unknown exception") keep their ERROR and traceback."""
+        if level >= logging.ERROR and not self.is_authenticated():
+            if isinstance(msg, list):
+                if self._quiet_traceback:
+                    self._quiet_traceback = False
+                    level = logging.DEBUG
+            elif isinstance(msg, str) and msg.startswith(("Exception (server)", "Socket exception",
+                                                          "Error reading SSH protocol banner")):
+                self._quiet_traceback = True
+                level = logging.INFO
+        super()._log(level, msg, *args)
+
     def _parse_newkeys(self, m: Message) -> None:
         if self.server_mode and self.auth_handler is None:
             self.auth_handler = _LoginAuthHandler(self)

@@ -266,3 +266,15 @@ def test_group_readable_host_key_is_refused(daemons, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "host key is readable by others (mode 640); chmod 600 it" in proc.stderr
+
+
+def test_port_scan_costs_one_info_line_not_a_traceback(daemon):
+    """A TCP connect that closes before the SSH banner (scanner, health check) is the
+    client's problem: paramiko logs it as ERROR with a traceback; we log one info line."""
+    mark = len(daemon.lines)
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10):
+        pass
+    daemon.wait_log(r"ssh handshake failed", start=mark, timeout=30)
+    with daemon._cond:
+        text = "\n".join(daemon.lines[mark:])
+    assert "Traceback" not in text and " ERROR " not in text, text
