@@ -14,6 +14,8 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v clamd >/dev/null || need+=(clamav-daemon)
 command -v clamdscan >/dev/null || need+=(clamdscan)
 command -v chromium >/dev/null || need+=(chromium)
+command -v cadaver >/dev/null || need+=(cadaver)
+command -v systemd-analyze >/dev/null || need+=(systemd)   # tests verify conf/scriptsftp.service
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   echo "installing system packages: ${need[*]}"
