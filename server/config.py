@@ -118,6 +118,8 @@ class ServerSection(_Model):
     """`run` refuses to start as root unless this is true."""
     login_failure_delay: Annotated[float, Field(ge=0, le=30)] = 1.0
     """Seconds a failed login waits before its answer (on a timer: costs the server nothing)."""
+    password_cache: Annotated[float, Field(ge=0, le=86400)] = 60.0
+    """Seconds a verified password is remembered (as a keyed hash), for every protocol; 0: verify each login."""
     audit_retention_days: Annotated[float, Field(ge=0)] = 90.0
     """Audit trail (state_dir/audit.sqlite3): rows older than this are deleted; 0 = keep by size only."""
     audit_max_mb: Annotated[float, Field(gt=0)] = 256.0
@@ -189,8 +191,6 @@ class HttpSection(_Model):
     private_key: str = ""
     max_upload_size: Annotated[int, Field(ge=0)] = 0
     """Largest PUT body in bytes (413 beyond it); 0: no limit."""
-    auth_cache: Annotated[float, Field(ge=0)] = 60.0
-    """Seconds a verified Basic credential is remembered (in memory, as a keyed hash); 0: verify every time."""
 
     _listen = field_validator("listen")(_listen_validator)
 

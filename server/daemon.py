@@ -93,6 +93,7 @@ class Daemon:
             uploads=self._upload_policy(cfg),
             max_handles=m.sftp.max_handles,
             failure_delay=m.server.login_failure_delay,
+            password_cache=m.server.password_cache,
             defender=self.defender,
         )
         if hasattr(self.engine, "attach_server"):
@@ -178,6 +179,7 @@ class Daemon:
         if hasattr(self.engine, "reload"):
             self.engine.reload(cfg)
         self.defender.configure(cfg.model.defender)
+        self.core.password_cache.seconds = cfg.model.server.password_cache
         self.cfg = cfg
         log.info("configuration reloaded (%d users)", len(cfg.model.users))
         return True

@@ -10,10 +10,11 @@ clients.
   password. A TCP connection is one LoginCore connection (``connect`` and
   ``disconnect`` events at its start and end); its first authenticated request
   logs in and opens the Session that later requests on the connection reuse.
-  Since clients send the password with every request and open many
-  connections, a verified credential is remembered ``[http] auth_cache``
-  seconds as a keyed SHA-256 (never the password); policy and ``pre-login``
-  still run for every new connection.
+  Clients send the password with every request and open many connections:
+  later requests on a connection are matched to its login by a keyed SHA-256
+  of the credentials, and new connections are cheap because the login core
+  remembers verified passwords (``[server] password_cache``); policy and
+  ``pre-login`` still run for every new connection.
 * ``GET``/``HEAD`` stream a ReadHandle (Range, ETag, Last-Modified,
   conditional requests); ``PUT`` streams the body chunk by chunk into the
   staged WriteHandle and answers only when the Session has published it, so a
@@ -124,11 +125,10 @@ class HttpListener:
     name = "http"
 
     def __init__(self, addresses: list[tuple[str, int]], core: "LoginCore", *, tls: ssl.SSLContext | None = None,
-                 max_upload_size: int = 0, auth_cache: float = 60.0) -> None:
+                 max_upload_size: int = 0) -> None:
         self.core = core
         self.tls = tls
         self.max_upload_size = max_upload_size
-        self.auth_cache_seconds = auth_cache
         self.locks = webdav.LockManager()
         self.pools = Pools(
             auth=ThreadPoolExecutor(8, thread_name_prefix="http-auth"),
@@ -136,7 +136,6 @@ class HttpListener:
             io=ThreadPoolExecutor(8, thread_name_prefix="http-io"),
         )
         self._secret = secrets.token_bytes(32)
-        self._auth_cache: dict[bytes, tuple[str, str, float]] = {}
         self._states: dict[RequestHandler, _ConnState] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._servers: list[asyncio.AbstractServer] = []
@@ -321,39 +320,14 @@ class HttpListener:
         digest = hmac.new(self._secret, raw, hashlib.sha256).digest()
         return user, password, digest
 
-    def _cached(self, digest: bytes, user: str) -> bool:
-        hit = self._auth_cache.get(digest)
-        if hit is None:
-            return False
-        name, pw_hash, expires = hit
-        rec = self.core.users.get(user)
-        if name != user or time.monotonic() > expires or rec is None or rec.password_hash != pw_hash:
-            self._auth_cache.pop(digest, None)
-            return False
-        return True
-
-    def _remember(self, digest: bytes, user: str) -> None:
-        rec = self.core.users.get(user)
-        if self.auth_cache_seconds <= 0 or rec is None or not rec.password_hash:
-            return
-        if len(self._auth_cache) > 10000:
-            now = time.monotonic()
-            for k in [k for k, v in self._auth_cache.items() if v[2] < now]:
-                del self._auth_cache[k]
-            if len(self._auth_cache) > 10000:
-                self._auth_cache.clear()
-        self._auth_cache[digest] = (user, rec.password_hash, time.monotonic() + self.auth_cache_seconds)
-
     async def _authenticate(self, request: web.BaseRequest, state: _ConnState, conn: Connection) -> Session:
         user, password, digest = self._credentials(request)
         if state.session is not None and hmac.compare_digest(state.auth_digest, digest):
             return state.session
         loop = asyncio.get_running_loop()
-        if not self._cached(digest, user):
-            ok = await loop.run_in_executor(self.pools.auth, self.core.check_password, conn, user, password)
-            if not ok:  # logged, raised as login-failed and delayed by the core
-                raise HttpError(401, "wrong user name or password", headers={"WWW-Authenticate": REALM})
-            self._remember(digest, user)
+        ok = await loop.run_in_executor(self.pools.auth, self.core.check_password, conn, user, password)
+        if not ok:  # logged, raised as login-failed and delayed by the core
+            raise HttpError(401, "wrong user name or password", headers={"WWW-Authenticate": REALM})
         if state.session is not None:
             if state.session.user == user:  # same user, other valid password (changed meanwhile)
                 state.auth_digest = digest
@@ -607,5 +581,4 @@ def make_listener(daemon: "Daemon") -> HttpListener:
         raise ValueError("[http] certificate and private_key must be given together")
     if m.certificate:
         tls = tls_context(str(daemon.cfg.resolve(m.certificate)), str(daemon.cfg.resolve(m.private_key)))
-    return HttpListener(_addresses(m.listen), daemon.core, tls=tls, max_upload_size=m.max_upload_size,
-                        auth_cache=m.auth_cache)
+    return HttpListener(_addresses(m.listen), daemon.core, tls=tls, max_upload_size=m.max_upload_size)

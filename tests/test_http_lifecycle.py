@@ -175,7 +175,7 @@ def test_big_put_streams_in_bounded_memory(daemons, tmp_path):
     with open(src, "wb") as f:
         f.truncate(512 * 1024 * 1024)
     # log in once first: the argon2 check itself takes 64 MiB for a moment (then the
-    # credential is remembered, [http] auth_cache), which is not what is measured here
+    # credential is remembered, [server] password_cache), which is not what is measured here
     assert request(d, "GET", "/").status == 200
     base = _rss_mb(d.proc.pid)
     proc = subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-u", f"alice:{ALICE_PASSWORD}",
