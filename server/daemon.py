@@ -24,21 +24,12 @@ from .dispatch import Dispatcher, NullDispatcher
 from .keys import ensure_host_keys, fingerprint, load_host_key
 from .login import LoginCore, build_users, ensure_generated_passwords
 from .session import UploadPolicy
-from .listener import Listener
+from .listener import Listener, listen_addresses
 from .ssh import SSHLimits, SSHListener
 from .publish import Publisher
 from .staging import CHECKING, StagingRecords, discard_leftovers
 
 log = logging.getLogger("scriptsftp.daemon")
-
-
-def _addresses(listen: str | list[str]) -> list[tuple[str, int]]:
-    values = [listen] if isinstance(listen, str) else listen
-    out = []
-    for v in values:
-        host, _, port = v.rpartition(":")
-        out.append((host.strip("[]"), int(port)))
-    return out
 
 
 # Front ends beside SSH: each module ``scriptsftp.server.<name>`` has
@@ -132,7 +123,7 @@ class Daemon:
         )
         from .scp import run_scp
 
-        return SSHListener(_addresses(m.sftp.listen), keys, self.core, limits, scp_runner=run_scp)
+        return SSHListener(listen_addresses(m.sftp.listen), keys, self.core, limits, scp_runner=run_scp)
 
     # --- running ------------------------------------------------------------
 

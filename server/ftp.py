@@ -61,6 +61,7 @@ from .config import ConfigError
 from .errors import (
     AlreadyExists, Failure, FsError, InvalidPath, LimitExceeded, NoSpace, NotADirectory,
 )
+from .listener import listen_addresses
 from .session import ReadHandle, Session, WriteHandle
 from .storage import Entry
 
@@ -1007,7 +1008,6 @@ def tls_context(certificate: str, private_key: str) -> SSL.Context:
 
 
 def make_listener(daemon: "Daemon") -> FTPListener:
-    from .daemon import _addresses
 
     cfg = daemon.cfg
     m = cfg.model.ftp
@@ -1028,4 +1028,4 @@ def make_listener(daemon: "Daemon") -> FTPListener:
         base = _TLSHandler
         attrs.update(ssl_context=ctx, implicit_tls=m.tls == "implicit")
     handler = type("FTPHandler", (base,), attrs)
-    return FTPListener(_addresses(m.listen), handler)
+    return FTPListener(listen_addresses(m.listen), handler)

@@ -52,6 +52,7 @@ from .errors import FsError, IsADirectory, NotFound
 from .httputil import (
     CHUNK, Ctx, HttpError, Pools, decode_path, etag_of, href, http_date, not_found, parse_http_date,
 )
+from .listener import listen_addresses
 from .login import Connection
 from .session import Session
 
@@ -102,15 +103,6 @@ class _Server(web.Server):
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         super().connection_lost(handler, exc)
         self._listener._lost(handler)
-
-
-def _addresses(listen: str | list[str]) -> list[tuple[str, int]]:
-    values = [listen] if isinstance(listen, str) else listen
-    out = []
-    for v in values:
-        host, _, port = v.rpartition(":")
-        out.append((host.strip("[]"), int(port)))
-    return out
 
 
 def tls_context(certificate: str, private_key: str) -> ssl.SSLContext:
@@ -581,4 +573,4 @@ def make_listener(daemon: "Daemon") -> HttpListener:
         raise ValueError("[http] certificate and private_key must be given together")
     if m.certificate:
         tls = tls_context(str(daemon.cfg.resolve(m.certificate)), str(daemon.cfg.resolve(m.private_key)))
-    return HttpListener(_addresses(m.listen), daemon.core, tls=tls, max_upload_size=m.max_upload_size)
+    return HttpListener(listen_addresses(m.listen), daemon.core, tls=tls, max_upload_size=m.max_upload_size)

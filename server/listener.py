@@ -11,6 +11,16 @@ from __future__ import annotations
 from typing import Protocol
 
 
+def listen_addresses(listen: str | list[str]) -> list[tuple[str, int]]:
+    """``[x] listen`` (one ``host:port`` or a list; IPv6 in brackets) as (host, port) pairs."""
+    values = [listen] if isinstance(listen, str) else listen
+    out = []
+    for v in values:
+        host, _, port = v.rpartition(":")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
 class Listener(Protocol):
     #: protocol name for log lines ("sftp", "ftp", "http", "admin")
     name: str

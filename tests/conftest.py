@@ -382,3 +382,20 @@ def sftp_put(client, path: str, data: bytes) -> None:
         raise
     f._closed = True
     client._request(CMD_CLOSE, f.handle)
+
+
+def wait_staging_state(d: Daemon, state: str = "check", timeout: float = 30.0) -> None:
+    """Block until an upload's staging record reaches ``state`` ("check": all bytes in,
+    pre-publish running). No log line marks the start of a sync check, so this reads
+    the record in state_dir (a bounded poll)."""
+    import sqlite3
+
+    def current() -> str | None:
+        with sqlite3.connect(d.state_dir / "staging.db") as con:
+            row = con.execute("SELECT state FROM staged").fetchone()
+        return row[0] if row else None
+
+    deadline = time.monotonic() + timeout
+    while current() != state:
+        assert time.monotonic() < deadline, f"no upload reached staging state {state!r}"
+        time.sleep(0.02)

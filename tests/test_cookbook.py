@@ -23,10 +23,9 @@ from typing import Any, Callable
 
 import paramiko
 import pytest
-from paramiko.sftp import CMD_CLOSE
 
 from conftest import (ALICE_PASSWORD, BIN, Daemon, DaemonFactory, close_client, paramiko_client, sftp_batch,
-                      toml_str, user_toml)
+                      sftp_put, toml_str, user_toml)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "scripts-examples"
 
@@ -108,18 +107,9 @@ def install(daemons: DaemonFactory, *names: str) -> None:
         shutil.copyfile(EXAMPLES / name, scripts / name)
 
 
-def put(sftp: paramiko.SFTPClient, path: str, data: bytes) -> None:
-    """Upload ``data``; a refusal raises with the server's status message,
-    whether it comes at OPEN (pre-upload) or at CLOSE (pre-publish)."""
-    f = sftp.open(path, "w")
-    try:
-        f.write(data)
-        f.flush()
-    except BaseException:
-        f.close()
-        raise
-    f._closed = True
-    sftp._request(CMD_CLOSE, f.handle)  # paramiko's f.close() swallows the CLOSE status
+# Upload ``data``; a refusal raises with the server's status message, whether it
+# comes at OPEN (pre-upload) or at CLOSE (pre-publish, which paramiko's close() hides).
+put = sftp_put
 
 
 def put_refused(sftp: paramiko.SFTPClient, path: str, data: bytes, reason: str) -> None:

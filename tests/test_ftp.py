@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALICE_PASSWORD, BOB_PASSWORD, require_tool, toml_str, user_toml
+from conftest import ALICE_PASSWORD, BOB_PASSWORD, require_tool, toml_str, user_toml, wait_staging_state
 
 MARKER = b"EICAR-LIKE-MARKER-4d2f"
 CAROL_PASSWORD = "carol-Secret-3"
@@ -987,17 +987,7 @@ cpu_time = 40.0
 
     t = threading.Thread(target=upload, daemon=True)
     t.start()
-    db = d.state_dir / "staging.db"
-
-    def state() -> str | None:  # no log line marks the start of a sync check: read the record
-        with sqlite3.connect(db) as con:
-            row = con.execute("SELECT state FROM staged").fetchone()
-        return row[0] if row else None
-
-    deadline = time.monotonic() + 30
-    while state() != "check":
-        assert time.monotonic() < deadline, "the upload never reached its check"
-        time.sleep(0.02)
+    wait_staging_state(d, "check")
     d.kill()
     t.join(10)
     c.close()

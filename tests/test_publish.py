@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sqlite3
 import subprocess
 import threading
 import time
@@ -24,7 +23,8 @@ import time
 import paramiko
 import pytest
 
-from conftest import SSH_OPTS, close_client, paramiko_client, require_tool, sftp_batch, sftp_put
+from conftest import (SSH_OPTS, close_client, paramiko_client, require_tool, sftp_batch, sftp_put,
+                      wait_staging_state)
 
 STAGING = ".scriptsftp-part-"
 
@@ -307,17 +307,7 @@ def test_daemon_killed_mid_sync_check_with_on_restart_discard(daemons, alice_key
 
     t = threading.Thread(target=upload, daemon=True)
     t.start()
-    db = d.state_dir / "staging.db"
-
-    def state() -> str | None:  # no log line marks the start of a sync check: read the record
-        with sqlite3.connect(db) as con:
-            row = con.execute("SELECT state FROM staged").fetchone()
-        return row[0] if row else None
-
-    deadline = time.monotonic() + 30
-    while state() != "check":
-        assert time.monotonic() < deadline, "the upload never reached its check"
-        time.sleep(0.02)
+    wait_staging_state(d, "check")
     d.kill()
     t.join(10)
     close_client(client)
