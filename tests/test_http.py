@@ -334,3 +334,18 @@ def test_tls(daemons, tmp_path):
     plain = subprocess.run(["curl", "-sS", f"http://127.0.0.1:{d.ports['http']}/t.txt"], capture_output=True,
                            timeout=30)
     assert b"over tls" not in plain.stdout
+
+
+def test_uploaded_html_is_served_sandboxed(d):
+    """A user's uploaded HTML must not run script in the server's origin: the browser
+    sends Basic credentials with every same-origin request, so a script in one file could
+    read, overwrite or delete whatever the user viewing it may reach (stored XSS)."""
+    page = b"<html><script>fetch('/').then(r => r.text()).then(t => fetch('/stolen', {method: 'PUT', body: t}))</script>"
+    assert request(d, "PUT", "/xss.html", page).status in (201, 204)
+    for method in ("GET", "HEAD"):
+        r = request(d, method, "/xss.html")
+        assert r.status == 200
+        assert r.headers.get("x-content-type-options") == "nosniff"
+        assert "sandbox" in r.headers.get("content-security-policy", ""), r.headers
+    ranged = request(d, "GET", "/xss.html", headers={"Range": "bytes=0-5"})
+    assert ranged.status == 206 and "sandbox" in ranged.headers.get("content-security-policy", "")
