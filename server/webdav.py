@@ -45,6 +45,10 @@ MS = "urn:schemas-microsoft-com:"
 MAX_XML = 256 * 1024
 DEFAULT_LOCK_SECONDS = 3600
 MAX_LOCK_SECONDS = 24 * 3600
+#: Locks live in memory for up to MAX_LOCK_SECONDS: what one user may hold, and how large an
+#: owner element is kept (clients send a name or a URL), so LOCK cannot grow the daemon without bound.
+MAX_LOCKS_PER_USER = 1000
+MAX_OWNER_BYTES = 4096
 
 ET.register_namespace("D", DAV)
 ET.register_namespace("Z", MS)
@@ -143,6 +147,10 @@ class Locked(Exception):
     pass
 
 
+class TooManyLocks(Exception):
+    pass
+
+
 class LockManager:
     """In-memory advisory locks keyed by (home, virtual path); see the module docstring."""
 
@@ -171,6 +179,8 @@ class LockManager:
                 overlaps = lk.covers(vpath) or (infinite and lk.root.startswith(below))
                 if overlaps and (exclusive or lk.exclusive):
                     raise Locked(lk.root)
+            if sum(1 for lk in self._locks.values() if lk.user == user) >= MAX_LOCKS_PER_USER:
+                raise TooManyLocks(f"too many WebDAV locks held by {user} (limit {MAX_LOCKS_PER_USER})")
             lock = Lock(f"opaquelocktoken:{uuid.uuid4()}", home, vpath, exclusive, infinite, owner, seconds,
                         time.monotonic() + seconds, user)
             self._locks[lock.token] = lock
@@ -619,6 +629,8 @@ async def lock(ctx: Ctx) -> web.StreamResponse:
         scope = body.find(D("lockscope"))
         exclusive = scope is None or scope.find(D("shared")) is None
         owner = body.find(D("owner"))
+        if owner is not None and len(ET.tostring(owner)) > MAX_OWNER_BYTES:
+            raise HttpError(400, f"the lock's owner element is larger than {MAX_OWNER_BYTES} bytes")
         depth = req.headers.get("Depth", "infinity").strip().lower()
         if depth not in ("0", "infinity"):
             raise HttpError(400, "Depth must be 0 or infinity")
@@ -639,6 +651,8 @@ async def lock(ctx: Ctx) -> web.StreamResponse:
                                    owner=owner, seconds=seconds)
         except Locked as exc:
             raise dav_error(423, "no-conflicting-lock", f"{exc.args[0]} is locked") from None
+        except TooManyLocks as exc:
+            raise HttpError(503, str(exc)) from None
         status = 201 if created else 200
     root = ET.Element(D("prop"))
     _lock_xml(ET.SubElement(root, D("lockdiscovery")), lk)

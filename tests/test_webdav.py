@@ -315,3 +315,35 @@ def test_the_home_itself_cannot_be_deleted_or_overwritten(d, home):
     assert (path / "keep.txt").read_text() == "keep"
     r = request(d, "OPTIONS", "*", user=None)
     assert r.status == 200 and r.headers["dav"] == "1, 2"
+
+
+def test_locks_are_bounded_per_user(d):
+    """LOCK keeps state in the daemon's memory for up to a day: shared locks on one path
+    (or locks on many paths), each with an owner element of up to the XML body limit, must
+    not let one user grow the daemon without bound."""
+    import http.client
+
+    from httpkit import basic
+    from conftest import BOB_PASSWORD
+
+    shared = (b'<?xml version="1.0" encoding="utf-8"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:shared/>'
+              b"</D:lockscope><D:locktype><D:write/></D:locktype><D:owner>%s</D:owner></D:lockinfo>")
+    (d.home("bob") / "many.txt").write_text("x")
+    conn = http.client.HTTPConnection("127.0.0.1", d.ports["http"], timeout=30)
+    auth = {"Authorization": basic("bob", BOB_PASSWORD), "Timeout": "Second-600"}
+    try:
+        def lock(owner: bytes) -> int:
+            conn.request("LOCK", "/many.txt", shared % owner, auth)
+            r = conn.getresponse()
+            r.read()
+            return r.status
+
+        # a huge owner element is not kept
+        assert lock(b"<D:href>" + b"o" * 200_000 + b"</D:href>") == 400
+        statuses = [lock(b"<D:href>bob</D:href>") for _ in range(3000)]
+    finally:
+        conn.close()
+    assert statuses[0] == 200
+    refused = [s for s in statuses if s != 200]
+    assert refused and set(refused) == {503}, sorted(set(statuses))
+    assert statuses.index(503) <= 1024
