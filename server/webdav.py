@@ -31,7 +31,7 @@ from xml.parsers import expat
 
 from aiohttp import web
 
-from .errors import AlreadyExists, FsError, IsADirectory, NotFound
+from .errors import AlreadyExists, FsError, IsADirectory, NotFound, PermissionDenied
 from .httputil import (
     CHUNK, Ctx, HttpError, child, destination_path, etag_of, href, http_date, is_dir, overwrite_flag,
     not_found, parse_http_date, read_small_body, status_line, status_of,
@@ -503,8 +503,11 @@ def copy_tree(session: "Session", src: str, dst: str, infinite: bool, errors: li
     for e in sorted(session.listdir(src), key=lambda e: e.name):
         s, d = child(src, e.name), child(dst, e.name)
         try:
-            directory = e.is_dir or (e.is_link and session.stat(s).is_dir)
-            if directory:
+            if e.is_link and session.stat(s).is_dir:
+                # Followed, a link to a directory can lead back into the tree (or to where the
+                # copy is being written): an endless copy. It is reported, not copied.
+                raise PermissionDenied(f"{s}: a symbolic link to a directory is not copied")
+            if e.is_dir:
                 copy_tree(session, s, d, True, errors)
             else:
                 copy_file(session, s, d)

@@ -347,3 +347,22 @@ def test_locks_are_bounded_per_user(d):
     refused = [s for s in statuses if s != 200]
     assert refused and set(refused) == {503}, sorted(set(statuses))
     assert statuses.index(503) <= 1024
+
+
+def test_copy_does_not_follow_directory_links(d, home):
+    """COPY of a tree holding links to directories (here to the tree's own parent, twice)
+    followed them: an endless, exponential copy that held a pool thread and filled the disk."""
+    vp, path = home
+    (path / "c").mkdir()
+    (path / "c" / "f.txt").write_text("x")
+    (path / "c" / "sub").mkdir()
+    (path / "c" / "sub" / "g.txt").write_text("y")
+    os.symlink("..", path / "c" / "up1")
+    os.symlink("..", path / "c" / "up2")
+    os.symlink("f.txt", path / "c" / "flink")
+    r = request(d, "COPY", vp + "/c", headers={"Destination": vp + "/c2"}, timeout=20)
+    assert r.status == 207, (r.status, r.text)
+    assert b"up1" in r.body and b"up2" in r.body
+    assert sorted(p.name for p in (path / "c2").iterdir()) == ["f.txt", "flink", "sub"]
+    assert (path / "c2" / "sub" / "g.txt").read_text() == "y"
+    assert (path / "c2" / "flink").read_text() == "x" and not (path / "c2" / "flink").is_symlink()
