@@ -31,6 +31,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from argon2 import PasswordHasher
@@ -109,6 +110,33 @@ def _verify(stored: str, token: str) -> bool:
         # second, so a flood costs a fraction of one core instead of all of it.
         time.sleep(FAILED_VERIFY_PAUSE)
         return False
+
+
+def _loopback_name(host: str | None) -> bool:
+    """``localhost`` or a loopback address (a port, IPv6 brackets allowed)."""
+    try:
+        name = urlsplit("//" + (host or "")).hostname
+    except ValueError:
+        return False
+    if name == "localhost":
+        return True
+    try:
+        return name is not None and ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def foreign_request(request: web.Request) -> str | None:
+    """Without a token the API trusts whoever reaches loopback, which a web page in a
+    browser on this host does too: by DNS rebinding (its own name in ``Host``) or by a
+    cross-site form POST (its ``Origin``). Why such a request is refused, or None."""
+    if not _loopback_name(request.host):
+        return f"Host {request.host!r} is not a loopback name (without [admin] token_hash only this host may call)"
+    origin = request.headers.get("Origin")
+    if origin is not None and not (origin.lower().startswith(("http://", "https://"))
+                                   and _loopback_name(urlsplit(origin).netloc)):
+        return f"cross-site request from Origin {origin[:100]!r} refused"
+    return None
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -338,6 +366,11 @@ class AdminListener:
         self._inflight += 1
         try:
             path = request.path
+            if not self.tokens.required and path != "/healthz":
+                why = foreign_request(request)
+                if why is not None:
+                    log.warning("admin API: %s (%s %s from %s)", why, request.method, path, request.remote)
+                    return _error(403, why)
             if path.startswith("/api/") or path == "/metrics":
                 token = _bearer(request)
                 if self.tokens.required and token is None:

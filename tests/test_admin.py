@@ -223,3 +223,23 @@ def test_cli_without_a_running_daemon_says_so(daemons, token_hash):
     cfg = daemons.write_config("")
     proc = subprocess.run([str(BIN), "reload", "-c", str(cfg)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "[admin] is not enabled" in proc.stderr
+
+
+def test_without_a_token_only_this_host_not_a_web_page_can_use_the_api(daemons):
+    """No token_hash: the API trusts whoever reaches loopback. A web page in a browser on
+    this host reaches loopback too: by DNS rebinding (Host: its own name) it could read
+    sessions and events, kick and unban; by a plain cross-site form POST it could reload."""
+    d = daemons.start(admin_toml(""))
+    port = d.ports["admin"]
+    assert call(d, "GET", "/api/status", token=None)[0] == 200
+    assert call(d, "GET", "/api/sessions", token=None, headers={"Host": f"localhost:{port}"})[0] == 200
+    for host in (f"rebind.attacker.example:{port}", "rebind.attacker.example", f"10.1.2.3:{port}"):
+        status, body, _ = call(d, "GET", "/api/sessions", token=None, headers={"Host": host})
+        assert status == 403, (host, status, body)
+        assert call(d, "GET", "/", token=None, headers={"Host": host})[0] == 403
+    status, body, _ = call(d, "POST", "/api/reload", token=None,
+                           headers={"Origin": "https://attacker.example"})
+    assert status == 403, (status, body)
+    assert call(d, "POST", "/api/reload", token=None, headers={"Origin": "null"})[0] == 403
+    assert call(d, "POST", "/api/reload", token=None, headers={"Origin": f"http://127.0.0.1:{port}"})[0] == 200
+    assert call(d, "GET", "/healthz", token=None)[0] == 200
