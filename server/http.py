@@ -534,6 +534,11 @@ def _conditional(request: web.BaseRequest, etag: str, mtime: float) -> web.Respo
     return None
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' and the like, which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _range(request: web.BaseRequest, size: int, etag: str, mtime: float) -> tuple[int, int] | str | None:
     """One byte range, "unsatisfiable", or None (whole file: no, several or unusable ranges)."""
     value = request.headers.get("Range", "")
@@ -552,7 +557,7 @@ def _range(request: web.BaseRequest, size: int, etag: str, mtime: float) -> tupl
     if len(specs) != 1:
         return None
     first, sep, last = specs[0].strip().partition("-")
-    if not sep or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    if not sep or not (_digits(first) or first == "") or not (_digits(last) or last == ""):
         return None
     if first == "":
         if last == "":

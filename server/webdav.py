@@ -605,7 +605,7 @@ def _timeout(request: web.BaseRequest) -> int:
         part = part.strip()
         if part.lower() == "infinite":
             return MAX_LOCK_SECONDS
-        if part.lower().startswith("second-") and part[7:].isdigit():
+        if part.lower().startswith("second-") and part[7:].isascii() and part[7:].isdigit():
             return max(1, min(int(part[7:]), MAX_LOCK_SECONDS))
     return DEFAULT_LOCK_SECONDS
 

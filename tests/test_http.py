@@ -349,3 +349,16 @@ def test_uploaded_html_is_served_sandboxed(d):
         assert "sandbox" in r.headers.get("content-security-policy", ""), r.headers
     ranged = request(d, "GET", "/xss.html", headers={"Range": "bytes=0-5"})
     assert ranged.status == 206 and "sandbox" in ranged.headers.get("content-security-policy", "")
+
+
+def test_non_ascii_digits_in_headers_are_not_a_500(d):
+    """str.isdigit() accepts digits like '²' that int() refuses: a Range or LOCK Timeout
+    holding one raised ValueError out of the handler (500 and a traceback in the log)."""
+    (d.home("alice") / "digits.txt").write_text("hello")
+    weird = "\u00b2".encode().decode("latin-1")  # the UTF-8 bytes of '²', as http.client sends str
+    r = request(d, "GET", "/digits.txt", headers={"Range": f"bytes={weird}-"})
+    assert r.status == 200 and r.body == b"hello"
+    r = request(d, "GET", "/digits.txt", headers={"Range": f"bytes=0-{weird}"})
+    assert r.status == 200 and r.body == b"hello"
+    r = request(d, "LOCK", "/digits.txt", headers={"Timeout": f"Second-{weird}", "If": "(<opaquelocktoken:x>)"})
+    assert r.status == 412
