@@ -7,12 +7,15 @@ runs:
 * from an argv list (``shell=False`` always; ``;``, ``$(...)``, quotes and
   globs in arguments are plain characters),
 * in a new process group that is killed (SIGKILL) on timeout,
-* with a clean environment (``PATH`` only) and stdin from /dev/null, in ``/``,
+* with a clean environment (``PATH`` only) and stdin from /dev/null (or the
+  event's open file, ``stdin = "file"``), in ``/``,
 * with stdout and stderr each capped at ``max_output`` bytes (the rest is
   read and dropped, so the command never blocks on a full pipe).
 
-Placeholders (see docs/scripting.md): ``{path}`` the real local path of the
-event's file, ``{vpath}`` the event's virtual path, ``{user}`` the event's user,
+Placeholders (see docs/scripting.md): ``{path}`` the event's file as
+``/dev/fd/N``, opened by the server and inherited by the command (never a path
+to look up again: a user could swap a moved relative symlink into it),
+``{vpath}`` the event's virtual path, ``{user}`` the event's user,
 ``{0}``, ``{1}``... the script's arguments, and an argv element that is exactly
 ``{args}`` expands to all of them. ``{{`` and ``}}`` are literal braces.
 """
@@ -122,19 +125,28 @@ class RunCapability:
         event = call.event or {}
         fds: list[int] = []
 
-        def real_path() -> str:
+        def open_event_file(what: str) -> int:
             opener = info.file if info is not None else None
             if opener is None:
-                raise CapabilityError("{path} is only available for events about a file "
+                raise CapabilityError(f"{what} is only available for events about a file "
                                       "(e.g. pre-publish, post-upload)", "ValueError")
-            fd = opener()
+            return opener()
+
+        def real_path() -> str:
+            fd = open_event_file("{path}")
             fds.append(fd)
-            # The opener went through the Session's confinement; the kernel says where it is.
-            return os.readlink(f"/proc/self/fd/{fd}")
+            # The opener went through the Session's confinement. The command gets that open
+            # file, not a path to look up again: between a lookup and the command's open, a
+            # user could rename a relative symlink into the path and point it outside the home.
+            return f"/dev/fd/{fd}"
 
         named = {"path": real_path, "vpath": lambda: str(event.get("path") or ""),
                  "user": lambda: str(event.get("user") or "")}
         try:
+            stdin_fd = None
+            if spec.stdin == "file":
+                stdin_fd = open_event_file('stdin = "file"')
+                fds.append(stdin_fd)
             argv = expand(list(spec.argv), rest, named)
             if any("\x00" in a for a in argv):
                 raise CapabilityError("the expanded command line contains a NUL byte", "ValueError")
@@ -144,19 +156,23 @@ class RunCapability:
             if timeout <= 0:
                 raise CapabilityError(f"no time left to run {name!r} within the handler's timeout",
                                       "TimeoutError")
-            return run_command(name, argv, timeout=timeout, max_output=spec.max_output, script=call.script)
+            return run_command(name, argv, timeout=timeout, max_output=spec.max_output, script=call.script,
+                               pass_fds=tuple(fds), stdin=stdin_fd)
         finally:
             for fd in fds:
                 os.close(fd)
 
 
-def run_command(name: str, argv: list[str], *, timeout: float, max_output: int, script: str = "") -> dict[str, Any]:
+def run_command(name: str, argv: list[str], *, timeout: float, max_output: int, script: str = "",
+                pass_fds: tuple[int, ...] = (), stdin: int | None = None) -> dict[str, Any]:
     """Run argv; return code/stdout/stderr/truncated, or raise CapabilityError on timeout."""
     t0 = time.monotonic()
     try:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={"PATH": CLEAN_PATH}, cwd="/", close_fds=True, start_new_session=True, shell=False,
+            argv, stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={"PATH": CLEAN_PATH}, cwd="/", close_fds=True, pass_fds=pass_fds, start_new_session=True,
+            shell=False,
         )
     except OSError as exc:
         log.error("script %s: command %s could not start: %s", script, name, exc.strerror or exc)

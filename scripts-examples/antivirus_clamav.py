@@ -4,14 +4,16 @@
 # pre-publish runs when all bytes arrived and the file is still hidden. The
 # script runs the command named "clamscan" from [commands]: clamdscan asks
 # the clamd daemon (Debian/Ubuntu: apt install clamav-daemon) to scan the
-# staged file. --fdpass hands clamd the open file, so clamd, running as its
-# own user, needs no access to the users' directories. The script never sees
-# the real path: the server fills {path} in.
+# staged file. The server opens the file and gives it to clamdscan as its
+# standard input (stdin = "file"), which clamdscan streams to clamd ("-"):
+# clamd, running as its own user, needs no access to the users' directories,
+# and neither the script nor the command ever handles a path.
 #
 # clamdscan exits 0 (clean), 1 (virus found) or 2 (error: clamd down, file
 # unreadable...). On an error the upload is refused too: "fail closed".
-# clamd skips files over its MaxFileSize/StreamMaxLength (100 MB by default)
-# and reports them clean: raise those limits in clamd.conf for big files.
+# clamd refuses streams over its StreamMaxLength (100 MB by default), which
+# fails the scan, so the upload is refused: raise StreamMaxLength and
+# MaxFileSize in clamd.conf if partners send bigger files.
 #
 # Bind it (scriptsftp.toml):
 #
@@ -22,7 +24,8 @@
 #   timeout = 120.0                 # the scan runs within the handler's time
 #
 #   [commands.clamscan]
-#   argv    = ["clamdscan", "--fdpass", "--no-summary", "{path}"]
+#   argv    = ["clamdscan", "--no-summary", "-"]
+#   stdin   = "file"
 #   timeout = 110.0
 
 import re
@@ -34,7 +37,7 @@ def on_pre_publish(event, api):
         api.log("clean", path=event.path)
         return
     if result.code == 1:
-        # clamdscan prints "/real/path: Signature.Name FOUND"
+        # clamdscan prints "stream: Signature.Name FOUND" (or "fd[N]: ...")
         found = re.findall(r": (\S+) FOUND", result.stdout)
         name = found[0] if found else "malware"
         api.log("virus found", path=event.path, signature=name)

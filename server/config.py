@@ -341,6 +341,8 @@ class CommandSection(_Model):
     argv: Annotated[list[str], Field(min_length=1)]
     timeout: PositiveFloat = 60.0
     max_output: PositiveInt = 65536
+    stdin: Literal["null", "file"] = "null"
+    """"file": the event's file, opened by the server, is the command's standard input."""
 
     @field_validator("argv")
     @classmethod
