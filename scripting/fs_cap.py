@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from scriptsftp.server import errors as fserr
 from scriptsftp.server.dispatch import NullDispatcher
+from scriptsftp.server.publish import PendingIndex, Publisher
 from scriptsftp.server.session import Account, Session, UploadPolicy
 from scriptsftp.server.vfs import Access, join, split
 
@@ -63,10 +64,12 @@ class ServerLink:
     user does not exist or is disabled."""
 
     def __init__(self, account: Callable[[str], Account | None], staging: Any = None,
-                 uploads: UploadPolicy | None = None) -> None:
+                 uploads: UploadPolicy | None = None, pending: PendingIndex | None = None) -> None:
         self.account = account
         self.staging = staging
         self.uploads = uploads or UploadPolicy()
+        # uploads waiting for an async check: as invisible to scripts as to clients
+        self.pending = pending
 
 
 class FsCapability:
@@ -107,6 +110,7 @@ class FsCapability:
             session_id=str(event.get("session_id") or "script"), account=account,
             protocol=str(event.get("protocol") or "script"), remote_ip=str(event.get("remote_ip") or ""),
             dispatcher=NullDispatcher(), staging=link.staging, uploads=link.uploads, max_handles=8,
+            publisher=Publisher(NullDispatcher(), link.staging, link.uploads, pending=link.pending),
         )
         s.script_name = call.script
         return s

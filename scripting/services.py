@@ -93,7 +93,9 @@ class EngineServices:
             rec = core.users.get(name)
             return None if rec is None or rec.disabled else rec.account
 
-        self.link = ServerLink(account, staging=core.staging, uploads=core.uploads)
+        publisher = getattr(core, "publisher", None)
+        self.link = ServerLink(account, staging=core.staging, uploads=core.uploads,
+                               pending=publisher.pending if publisher is not None else None)
 
     # --- per call ---------------------------------------------------------------------
 

@@ -131,12 +131,13 @@ class Publisher:
 
     def __init__(
         self, dispatcher: Dispatcher, staging: "StagingRecords | None", uploads: "UploadPolicy",
-        *, workers: int = 2,
+        *, workers: int = 2, pending: PendingIndex | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.staging = staging
         self.uploads = uploads
-        self.pending = PendingIndex()
+        # shared with the daemon's publisher by publishers that raise no events (api.fs)
+        self.pending = pending if pending is not None else PendingIndex()
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="publish-check")
         self._running = 0
         self._idle = threading.Condition()

@@ -351,3 +351,53 @@ def test_one_gib_upload_hashed_in_pre_publish_keeps_the_daemon_small(daemons, al
     peak_mb = _rss_peak_kb(d.proc.pid) / 1024
     print(f"daemon peak RSS {peak_mb:.0f} MB")
     assert peak_mb < 150, f"daemon peak RSS {peak_mb:.0f} MB for a 1 GiB hashed upload"
+
+
+# --- scripts see what clients see ------------------------------------------------------------
+
+PROBE_SCRIPT = """
+def on_post_upload(event, api):
+    for what, call in (("stat", lambda: api.fs.stat("/held.txt").size),
+                       ("read", lambda: api.fs.read_text("/held.txt", 100)),
+                       ("write", lambda: api.fs.write_text("/held.txt", "from a script"))):
+        try:
+            api.log("probe", what=what, result="ok " + str(call()))
+        except FileNotFoundError as exc:
+            api.log("probe", what=what, result="FileNotFoundError: " + str(exc))
+        except PermissionError as exc:
+            api.log("probe", what=what, result="PermissionError: " + str(exc))
+"""
+
+
+def test_scripts_api_fs_sees_a_pending_upload_as_clients_do(daemons, alice_key):
+    (daemons.root / "scripts").mkdir(parents=True, exist_ok=True)
+    (daemons.root / "scripts" / "check.py").write_text(CHECK_SCRIPT.format(hold=30.0))
+    (daemons.root / "scripts" / "probe.py").write_text(PROBE_SCRIPT)
+    d = daemons.start(f"""
+[[bindings]]
+event = "pre-publish"
+script = "check.py"
+mode = "async"
+paths = ["/held.txt"]
+allow = ["read"]
+timeout = 60
+cpu_time = 40
+
+[[bindings]]
+event = "post-upload"
+script = "probe.py"
+paths = ["/probe.txt"]
+allow = ["fs"]
+""")
+    client = paramiko_client(d, key=alice_key)
+    try:
+        mark = len(d.lines)
+        put(client, "/held.txt", b"VIRUS waiting")
+        d.wait_log(r"upload /held\.txt accepted", start=mark)
+        put(client, "/probe.txt", b"go")
+        for what, expected in (("stat", r"ok 13"), ("read", r"FileNotFoundError"),
+                               ("write", r"PermissionError: .*still being checked")):
+            d.wait_log(rf"probe\.py: probe what={what} result=\"?{expected}", start=mark, timeout=30)
+    finally:
+        close_client(client)
+    assert not (d.home("alice") / "held.txt").exists()
