@@ -399,3 +399,23 @@ def wait_staging_state(d: Daemon, state: str = "check", timeout: float = 30.0) -
     while current() != state:
         assert time.monotonic() < deadline, f"no upload reached staging state {state!r}"
         time.sleep(0.02)
+
+
+def plant_hostile_home(home: Path, outside: Path, secret: bytes, marker: bytes) -> None:
+    """The traversal suites' world: a secret and a marker in ``outside`` (beside the
+    homes), and in ``home`` the links a careless admin or another process might plant
+    on the host (absolute and relative links out, a loop) plus a staging-named file."""
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(secret)
+    (outside / "marker.txt").write_bytes(marker)
+    home.mkdir(parents=True)
+    (home / "sub").mkdir()
+    (home / "sub" / "inside.txt").write_text("inside\n")
+    os.symlink("/etc", home / "etc_link")
+    os.symlink(str(outside), home / "abs_out")
+    os.symlink(str(outside / "secret.txt"), home / "secret_link")
+    os.symlink("../../outside", home / "rel_out")
+    os.symlink("../../outside/secret.txt", home / "sub" / "rel_secret")
+    os.symlink("loop_b", home / "loop_a")
+    os.symlink("loop_a", home / "loop_b")
+    (home / ".scriptsftp-part-planted").write_bytes(b"staged bytes\n")

@@ -14,7 +14,7 @@ import stat
 
 import pytest
 
-from conftest import BOB_PASSWORD, user_toml
+from conftest import BOB_PASSWORD, plant_hostile_home, user_toml
 from httpkit import HTTP_EXTRA, request
 
 SECRET = b"TOP-SECRET-outside-the-home-http-51c\n"
@@ -32,21 +32,7 @@ def world(module_daemons, password_hashes):
     )
     d = module_daemons.start(HTTP_EXTRA, users=users)
     outside = module_daemons.root / "outside"
-    outside.mkdir()
-    (outside / "secret.txt").write_bytes(SECRET)
-    (outside / "marker.txt").write_bytes(MARKER)
-    home = d.home("alice")
-    home.mkdir(parents=True)
-    (home / "sub").mkdir()
-    (home / "sub" / "inside.txt").write_text("inside\n")
-    os.symlink("/etc", home / "etc_link")
-    os.symlink(str(outside), home / "abs_out")
-    os.symlink(str(outside / "secret.txt"), home / "secret_link")
-    os.symlink("../../outside", home / "rel_out")
-    os.symlink("../../outside/secret.txt", home / "sub" / "rel_secret")
-    os.symlink("loop_b", home / "loop_a")
-    os.symlink("loop_a", home / "loop_b")
-    (home / ".scriptsftp-part-planted").write_bytes(b"staged bytes\n")
+    plant_hostile_home(d.home("alice"), outside, SECRET, MARKER)
     bhome = d.home("bob")
     (bhome / "inbox").mkdir(parents=True)
     (bhome / "notes.hidden").write_text("hidden from bob\n")

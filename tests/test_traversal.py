@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 
-from conftest import close_client, paramiko_client, sftp_batch, user_toml
+from conftest import close_client, paramiko_client, plant_hostile_home, sftp_batch, user_toml
 
 SECRET = b"TOP-SECRET-outside-the-home-7f3a\n"
 MARKER = b"marker: must stay exactly like this\n"
@@ -33,26 +33,12 @@ def world(module_daemons, alice_key, bob_key):
     d = module_daemons.start(users=users)
     root = module_daemons.root
     outside = root / "outside"
-    outside.mkdir()
-    (outside / "secret.txt").write_bytes(SECRET)
-    (outside / "marker.txt").write_bytes(MARKER)
+    home = d.home("alice")
+    plant_hostile_home(home, outside, SECRET, MARKER)
     for f in ("secret.txt", "marker.txt"):
         # atime older than mtime: with relatime (or strictatime) any read moves atime
         os.utime(outside / f, (OLD, OLD + 100))
-    home = d.home("alice")
-    home.mkdir(parents=True)
-    (home / "sub").mkdir()
-    (home / "sub" / "inside.txt").write_text("inside\n")
-    # links planted on the host, as a careless admin or another process might
-    os.symlink("/etc", home / "etc_link")
-    os.symlink(str(outside), home / "abs_out")
-    os.symlink(str(outside / "secret.txt"), home / "secret_link")
-    os.symlink("../../outside", home / "rel_out")
-    os.symlink("../../outside/secret.txt", home / "sub" / "rel_secret")
-    os.symlink("loop_b", home / "loop_a")
-    os.symlink("loop_a", home / "loop_b")
     os.symlink(str(home / "sub"), home / "abs_inside")  # absolute but inside: allowed
-    (home / ".scriptsftp-part-planted").write_bytes(b"staged bytes\n")
     bhome = d.home("bob")
     (bhome / "inbox").mkdir(parents=True)
     (bhome / "readme.txt").write_text("bob may only read this\n")
