@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import events as ev
-from .dispatch import Dispatcher, FileOpener
+from .dispatch import ALLOW, Dispatcher, FileOpener
 from .errors import FsError, IsADirectory, NotFound, Vetoed, from_oserror
 from .storage import Resolved, Storage, copy_fd
 from .vfs import join, split
@@ -179,7 +179,7 @@ class Publisher:
         own = StagedUpload(Storage(up.storage.home), up.user, up.path, up.final, up.staging_name,
                            up.record_id, up.existed, up.size)
         session._log("publish", up.path, "checking", size=up.size)
-        self._submit(self._check_async, own, event.to_dict(), time.monotonic())
+        self._submit(self._check_later, own, event.to_dict(), time.monotonic(), "async", "(async)")
 
     def _submit(self, fn: Any, *args: Any) -> None:
         with self._idle:
@@ -196,10 +196,14 @@ class Publisher:
                 self._running -= 1
                 self._idle.notify_all()
 
-    def _check_async(self, up: StagedUpload, data: dict[str, Any], started: float) -> None:
+    def _check_later(self, up: StagedUpload, data: dict[str, Any], started: float, mode: str | None,
+                     vetoed: str) -> None:
+        """The verdict no client waits for: async bindings after the reply (``mode = "async"``),
+        or every binding on an upload a crash caught mid-check (``mode = None``)."""
         try:
-            event = _rebuild(data)
-            decision = self.dispatcher.pre(event, _opener(up.storage, up.staged), mode="async")
+            decision = ALLOW
+            if self.dispatcher.wants("pre-publish"):
+                decision = self.dispatcher.pre(_rebuild(data), _opener(up.storage, up.staged), mode=mode)
             if decision.allowed:
                 try:
                     self.finish(up, data, duration=time.monotonic() - started)
@@ -208,7 +212,7 @@ class Publisher:
             else:
                 reason = decision.reason or VETO_FALLBACK
                 self.reject(up, data, reason)
-                log.info("publish %s vetoed (async): %s", up.path, reason, extra=_ctx(data, up.path))
+                log.info("publish %s vetoed %s: %s", up.path, vetoed, reason, extra=_ctx(data, up.path))
         finally:
             self.pending.remove(up.storage.home, up.final)
             up.storage.close()
@@ -318,27 +322,9 @@ class Publisher:
                     self.staging.remove(rec.id)
                 continue
             self.pending.add(storage.home, final, PendingUpload(st.st_size, st.st_mtime, st.st_mode, rec.id))
-            self._submit(self._recheck_one, up, data)
+            self._submit(self._check_later, up, data, time.monotonic(), None, "on recheck after restart")
             started += 1
         return started
-
-    def _recheck_one(self, up: StagedUpload, data: dict[str, Any]) -> None:
-        try:
-            decision = self.dispatcher.pre(_rebuild(data), _opener(up.storage, up.staged)) \
-                if self.dispatcher.wants("pre-publish") else None
-            if decision is None or decision.allowed:
-                try:
-                    self.finish(up, data, duration=0.0)
-                except FsError:
-                    pass
-            else:
-                reason = decision.reason or VETO_FALLBACK
-                self.reject(up, data, reason)
-                log.info("publish %s vetoed on recheck after restart: %s", up.path, reason,
-                         extra=_ctx(data, up.path))
-        finally:
-            self.pending.remove(up.storage.home, up.final)
-            up.storage.close()
 
     # --- lifetime ------------------------------------------------------------------------------
 
