@@ -30,6 +30,7 @@ move into the staging database (DESIGN.md rule 10).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat as statmod
@@ -176,8 +177,7 @@ class Publisher:
         self.pending.add(up.storage.home, up.final,
                          PendingUpload(up.size, st.st_mtime, st.st_mode, up.record_id))
         # The session (and its storage) may close before the verdict: the check owns a storage of its own.
-        own = StagedUpload(Storage(up.storage.home), up.user, up.path, up.final, up.staging_name,
-                           up.record_id, up.existed, up.size)
+        own = dataclasses.replace(up, storage=Storage(up.storage.home))
         session._log("publish", up.path, "checking", size=up.size)
         self._submit(self._check_later, own, event.to_dict(), time.monotonic(), "async", "(async)")
 
