@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 
 import paramiko
 
+from . import paramiko_send
 from .errors import Failure, FsError, NotFound
 from .session import ReadHandle, Session, WriteHandle
 from .storage import Entry
@@ -213,7 +214,9 @@ class _Peer:
 
     def send(self, data: bytes) -> None:
         try:
-            self.channel.sendall(data)
+            paramiko_send.send_all(self.channel, data)
+        except EOFError:
+            raise _Gone("connection closed") from None
         except socket.timeout:
             raise _Gone("idle timeout") from None
         except OSError as exc:

@@ -34,6 +34,7 @@ from paramiko.sftp import (
 )
 from paramiko.sftp_attr import SFTPAttributes
 
+from . import paramiko_send
 from .errors import FsError, NotFound, PermissionDenied
 from .session import ReadHandle, Session, WriteHandle
 from .storage import Entry
@@ -45,6 +46,7 @@ log = logging.getLogger("scriptsftp.sftp")
 
 SFTP_VERSION = 3
 READDIR_BATCH = 100
+_DATA_HEADER = struct.Struct(">IBII")  # length, SSH_FXP_DATA, request id, data length
 
 
 def status_of(exc: FsError) -> int:
@@ -162,6 +164,10 @@ class SFTPHandler(paramiko.SFTPServer):
 
     # --- replies ------------------------------------------------------------
 
+    def _write_all(self, out: bytes | bytearray | memoryview) -> None:
+        """Every reply leaves through paramiko_send: no per-packet copies, one sendmsg() per batch."""
+        paramiko_send.send_all(self.sock, out)
+
     def _reply_raw(self, t: int, request: int, payload: bytes) -> None:
         """Send one reply without building a paramiko Message (hot path for DATA)."""
         self._write_all(struct.pack(">IBI", len(payload) + 5, t, request) + payload)
@@ -257,11 +263,13 @@ class SFTPHandler(paramiko.SFTPServer):
         length = min(msg.get_int(), self.limits.max_read)
         if isinstance(h, _Dir):
             raise _Reply(SFTP_FAILURE, "is a directory")
-        data = h.read(offset, length)
-        if not data:
+        buf = bytearray(13 + length)  # the reply is read straight into place behind its header
+        n = h.read_into(offset, memoryview(buf)[13:])
+        if not n:
             self._reply_status(request, SFTP_EOF)
             return
-        self._write_all(struct.pack(">IBII", len(data) + 9, CMD_DATA, request, len(data)) + data)
+        _DATA_HEADER.pack_into(buf, 0, n + 9, CMD_DATA, request, n)
+        self._write_all(memoryview(buf)[:13 + n])
 
     def _op_write(self, request: int, msg: Message) -> None:
         h = self._lookup_handle(msg)
