@@ -46,6 +46,8 @@ log = logging.getLogger("scriptsftp.sftp")
 
 SFTP_VERSION = 3
 READDIR_BATCH = 100
+RECV_SIZE = 1 << 20  # channel bytes taken per read: every pipelined request already there
+HOLD_MAX = 32 * 1024  # replies held back while more requests are buffered, at most this much
 _DATA_HEADER = struct.Struct(">IBII")  # length, SSH_FXP_DATA, request id, data length
 
 
@@ -80,6 +82,10 @@ class SFTPHandler(paramiko.SFTPServer):
         self.session: Session | None = None
         self._handles: dict[bytes, ReadHandle | WriteHandle | _Dir] = {}
         self._next = 1
+        self._in = b""  # SFTP bytes read from the channel and not yet parsed, from _in_pos on
+        self._in_pos = 0
+        self._held: list[bytes] = []  # small replies not yet sent (see _write_all)
+        self._held_bytes = 0
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -97,7 +103,7 @@ class SFTPHandler(paramiko.SFTPServer):
             self._send_server_version()
             while True:
                 try:
-                    t, data = self._read_packet()
+                    t, msg = self._read_packet()
                 except socket.timeout:
                     log.info("sftp idle timeout", extra={"sid": self.session.id})
                     return
@@ -108,7 +114,6 @@ class SFTPHandler(paramiko.SFTPServer):
                     return
                 if t is None:
                     continue
-                msg = Message(data)
                 request = msg.get_int()
                 self._dispatch(t, request, msg)
         except EOFError:
@@ -136,21 +141,45 @@ class SFTPHandler(paramiko.SFTPServer):
         if self.session is not None:
             self.session.close()
 
-    def _read_packet(self) -> tuple[int | None, bytes]:
-        """One SFTP message, refusing sizes no honest client sends (paramiko allows 16 MiB)."""
+    def _read_packet(self) -> tuple[int | None, Message]:
+        """One SFTP message, read past its type byte; sizes no honest client sends are refused
+        (paramiko allows 16 MiB)."""
         size = struct.unpack(">I", self._read_all(4))[0]
         if size == 0:
-            return None, b""
+            return None, Message(b"")
         if size > self.limits.max_read + 65536:
             raise SFTPError(f"message of {size} bytes refused")
         data = self._read_all(size)
-        return data[0], data[1:]
+        msg = Message(data)  # shares ``data``: no copy of a WRITE's payload until get_binary()
+        return msg.get_byte()[0], msg
+
+    def _read_all(self, n: int) -> bytes:
+        """The next ``n`` bytes of the SFTP stream.
+
+        The channel is read in large pieces into a local buffer, so that one wakeup of this
+        thread serves every request the client has pipelined; paramiko's loop makes two channel
+        reads per request, each a lock and, when the buffer ran dry, a thread switch. Replies
+        held back by ``_write_all`` are sent before this thread may wait on the channel."""
+        data, pos = self._in, self._in_pos
+        if len(data) - pos >= n:
+            self._in_pos = pos + n
+            return data[pos:pos + n]
+        self._flush()
+        parts, have = [data[pos:]], len(data) - pos
+        while have < n:
+            chunk = self.sock.recv(max(n - have, RECV_SIZE))
+            if not chunk:
+                raise EOFError()
+            parts.append(chunk)
+            have += len(chunk)
+        self._in, self._in_pos = b"".join(parts), n
+        return self._in[:n]
 
     def _send_server_version(self) -> int:
-        t, data = self._read_packet()
+        t, init = self._read_packet()
         if t != CMD_INIT:
             raise SFTPError("Incompatible sftp protocol")
-        version = struct.unpack(">I", data[:4])[0]
+        version = init.get_int()
         msg = Message()
         msg.add_int(SFTP_VERSION)
         for ext, ver in (
@@ -165,8 +194,26 @@ class SFTPHandler(paramiko.SFTPServer):
     # --- replies ------------------------------------------------------------
 
     def _write_all(self, out: bytes | bytearray | memoryview) -> None:
-        """Every reply leaves through paramiko_send: no per-packet copies, one sendmsg() per batch."""
-        paramiko_send.send_all(self.sock, out)
+        """Send a reply, or hold a small one back while the next request is already buffered.
+
+        Held replies leave together, in one SSH packet, before this thread next waits on the
+        channel (``_read_all``): a client that pipelines 64 WRITEs gets its 64 status replies in
+        a few packets instead of 64, each of which cost an encryption, a MAC and a system call.
+        Every reply leaves through paramiko_send (no per-packet copies, one sendmsg() per batch)."""
+        if len(out) < HOLD_MAX and len(self._in) > self._in_pos:
+            self._held.append(bytes(out))
+            self._held_bytes += len(out)
+            if self._held_bytes < HOLD_MAX:
+                return
+            out = b""
+        self._flush()
+        if out:
+            paramiko_send.send_all(self.sock, out)
+
+    def _flush(self) -> None:
+        if self._held:
+            held, self._held, self._held_bytes = self._held, [], 0
+            paramiko_send.send_all(self.sock, b"".join(held))
 
     def _reply_raw(self, t: int, request: int, payload: bytes) -> None:
         """Send one reply without building a paramiko Message (hot path for DATA)."""
