@@ -102,6 +102,46 @@ class ServerTransport(paramiko.Transport):
                 level = logging.INFO
         super()._log(level, msg, *args)
 
+    # --- AES-GCM for the clients that accept it ------------------------------------------
+    #
+    # The client's cipher preference decides (RFC 4253 7.1). OpenSSH ranks chacha20-poly1305
+    # (which paramiko lacks), then aes-ctr, then aes-gcm; so it settles on aes-ctr with a
+    # separate HMAC-SHA256, the slowest thing we offer (a 256 MiB download costs the server
+    # 0.8 s of CPU against 0.63 s with GCM). Offering only GCM to a client that lists GCM
+    # keeps it within its own configured set while getting the fast AEAD. To know the list,
+    # our KEXINIT waits for the client's; only OpenSSH clients, which are known to send theirs
+    # without waiting for ours, are asked to (anything else gets the usual immediate KEXINIT).
+    # Cost: half a round trip on connect. Rekeys are unaffected (the ciphers stay).
+
+    _GCM = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+    _kexinit_waits = False
+
+    def _send_kex_init(self) -> None:
+        if self.server_mode and not self.initial_kex_done and not self._kexinit_waits \
+                and self.local_kex_init is None and str(self.remote_version).startswith("SSH-2.0-OpenSSH_"):
+            self._kexinit_waits = True  # sent by _negotiate_keys when the client's arrives
+            return
+        super()._send_kex_init()
+
+    def _negotiate_keys(self, m: Message) -> None:
+        if self._kexinit_waits and self.local_kex_init is None:
+            self._preferred_ciphers = self._ciphers_for(m)
+        super()._negotiate_keys(m)
+
+    def _ciphers_for(self, m: Message) -> tuple[str, ...]:
+        """Only the GCM ciphers when the client accepts one of them both ways, else the usual list."""
+        try:
+            m.get_bytes(16)  # cookie
+            m.get_list()  # kex
+            m.get_list()  # host key
+            to_server, to_client = m.get_list(), m.get_list()
+        except Exception:
+            return type(self)._preferred_ciphers  # malformed: paramiko's own parse will say so
+        finally:
+            m.rewind()
+        gcm = tuple(c for c in self._GCM if c in to_server and c in to_client)
+        return gcm or type(self)._preferred_ciphers
+
     def _parse_newkeys(self, m: Message) -> None:
         if self.server_mode and self.auth_handler is None:
             self.auth_handler = _LoginAuthHandler(self)
