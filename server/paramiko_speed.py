@@ -4,8 +4,9 @@ Profiled on a 256 MiB SFTP upload, the top costs outside the MAC itself were
 byte copying, not protocol work:
 
 * ``Packetizer.read_all`` grew its result with ``bytes +=`` per ``recv``: a
-  256 KiB packet arriving in many segments was copied over and over. Here it
-  receives with ``recv_into`` into one buffer of the final size.
+  256 KiB packet arriving in many segments was copied over and over. Reading
+  now goes through ``paramiko_recv`` (one buffer per connection, a packet size
+  limit, a copy-free aes-ctr + ETM path), installed from here.
 * ``Channel.in_buffer`` (a ``BufferedPipe``) keeps data in an ``array('B')``,
   appends with ``frombytes`` and removes consumed data from the *front*, so
   with a large window every read shifts everything still buffered. Here the
@@ -26,15 +27,14 @@ original semantics.
 
 from __future__ import annotations
 
-import errno
 import hmac
-import socket
 from collections import deque
 
 import paramiko.channel
 import paramiko.util
 from paramiko.buffered_pipe import BufferedPipe
-from paramiko.packet import NeedRekeyException, Packetizer, first_arg
+
+from . import paramiko_recv
 
 
 class ChunkBuffer:
@@ -100,48 +100,6 @@ class ChunkPipe(BufferedPipe):
         return self._buffer.take(limit)
 
 
-def _read_all(self: Packetizer, n: int, check_rekey: bool = False) -> bytes:
-    sock = self._Packetizer__socket  # type: ignore[attr-defined]
-    if not hasattr(sock, "recv_into"):
-        return _original_read_all(self, n, check_rekey)
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    remainder = self._Packetizer__remainder  # type: ignore[attr-defined]
-    if remainder:
-        head = remainder[:n]
-        buf[: len(head)] = head
-        self._Packetizer__remainder = remainder[len(head):]  # type: ignore[attr-defined]
-        got = len(head)
-    while got < n:
-        got_timeout = False
-        if self.handshake_timed_out():
-            raise EOFError()
-        try:
-            k = sock.recv_into(view[got:], n - got)
-            if k == 0:
-                raise EOFError()
-            got += k
-        except socket.timeout:
-            got_timeout = True
-        except socket.error as e:
-            arg = first_arg(e)
-            if arg == errno.EAGAIN:
-                got_timeout = True
-            elif self._Packetizer__closed:  # type: ignore[attr-defined]
-                raise EOFError()
-            else:
-                raise
-        if got_timeout:
-            if self._Packetizer__closed:  # type: ignore[attr-defined]
-                raise EOFError()
-            if check_rekey and got == 0 and self._Packetizer__need_rekey:  # type: ignore[attr-defined]
-                raise NeedRekeyException()
-            self._check_keepalive()
-    return bytes(buf)
-
-
-_original_read_all = Packetizer.read_all
 _installed = False
 
 
@@ -151,6 +109,6 @@ def install() -> None:
     if _installed:
         return
     paramiko.util.constant_time_bytes_eq = hmac.compare_digest
-    Packetizer.read_all = _read_all  # type: ignore[method-assign]
+    paramiko_recv.install()
     paramiko.channel.BufferedPipe = ChunkPipe  # Channel.__init__ looks the name up in its module
     _installed = True
