@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import hmac
+import os
 import socket
 import struct
 from typing import Any
@@ -88,7 +89,7 @@ def fill(pk: Packetizer, n: int, check_rekey: bool = False) -> _RecvBuffer:
             raise EOFError()
         try:
             with memoryview(rb.data) as view:
-                k = sock.recv_into(view[rb.end:])
+                k = _recv_into(sock, view[rb.end:])
             if k == 0:
                 raise EOFError()
             rb.end += k
@@ -108,6 +109,21 @@ def fill(pk: Packetizer, n: int, check_rekey: bool = False) -> _RecvBuffer:
                 raise NeedRekeyException()
             pk._check_keepalive()
     return rb
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> int:
+    """``sock.recv_into(view)`` without the poll() Python makes first on a socket with a timeout.
+
+    Such a socket's descriptor is non-blocking underneath, so ``os.readv`` returns at once
+    with what has arrived; only when nothing has does the timed ``recv_into`` wait. The
+    poll cost a system call and a GIL hand-off per packet. (paramiko always sets a timeout;
+    a blocking socket would make readv() wait past the keepalive and rekey checks.)"""
+    if sock.gettimeout() is None:
+        return sock.recv_into(view)
+    try:
+        return os.readv(sock.fileno(), [view])
+    except BlockingIOError:
+        return sock.recv_into(view)
 
 
 def read_all(pk: Packetizer, n: int, check_rekey: bool = False) -> bytes:

@@ -196,7 +196,9 @@ def _write_vectored(pk: Packetizer, bufs: list[bytes | memoryview]) -> None:
     _set(pk, "keepalive_last", time.time())
     total = sum(len(b) for b in bufs)
     try:
-        n = sock.sendmsg(bufs)
+        # the descriptor of a socket with a timeout is non-blocking: writev() sends what fits
+        # at once, without the poll() that sendmsg() would make first
+        n = os.writev(sock.fileno(), bufs)
     except (socket.timeout, BlockingIOError):
         n = 0
     except OSError:
