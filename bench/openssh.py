@@ -369,6 +369,9 @@ class Sshd:
 # server also offers (RFC 4253 §7.1). Both lists travel in clear text in the
 # SSH_MSG_KEXINIT packets, so we read the server's by connecting to it and the
 # client's by letting the client connect to a fake server. No server logging needed.
+# A server may tailor its KEXINIT to the client (scriptsftp offers OpenSSH clients
+# only AES-GCM when they list it), so the probe can replay a client's own banner and
+# KEXINIT and read the answer that client would get.
 
 _NAMELISTS = ("kex", "hostkey", "enc_c2s", "enc_s2c", "mac_c2s", "mac_s2c", "comp_c2s", "comp_s2c")
 
@@ -383,7 +386,9 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def _read_banner_and_kexinit(sock: socket.socket) -> tuple[str, dict[str, list[str]]]:
+def _read_banner_and_kexinit(sock: socket.socket, raw: list[bytes] | None = None,
+                             ) -> tuple[str, dict[str, list[str]]]:
+    """The peer's banner and KEXINIT lists; ``raw`` gets the banner line and packet as sent."""
     banner = b""
     while True:  # lines before the "SSH-" line are allowed (RFC 4253 §4.2)
         line = b""
@@ -394,10 +399,14 @@ def _read_banner_and_kexinit(sock: socket.socket) -> tuple[str, dict[str, list[s
         if line.startswith(b"SSH-"):
             banner = line.strip()
             break
-    plen, padlen = struct.unpack(">IB", _recv_exact(sock, 5))
+    head = _recv_exact(sock, 5)
+    plen, padlen = struct.unpack(">IB", head)
     if plen > 65536:
         raise ConnectionError("implausible KEXINIT length")
-    payload = _recv_exact(sock, plen - 1)[: plen - 1 - padlen]
+    body = _recv_exact(sock, plen - 1)
+    if raw is not None:
+        raw.append(line + head + body)
+    payload = body[: plen - 1 - padlen]
     if payload[0] != 20:
         raise ConnectionError(f"expected KEXINIT, got message {payload[0]}")
     off = 17
@@ -410,14 +419,17 @@ def _read_banner_and_kexinit(sock: socket.socket) -> tuple[str, dict[str, list[s
     return banner.decode(errors="replace"), lists
 
 
-def server_kexinit(host: str, port: int, timeout: float = 5.0) -> tuple[str, dict[str, list[str]]]:
+def server_kexinit(host: str, port: int, timeout: float = 5.0, opening: bytes = b"SSH-2.0-bench_probe\r\n",
+                   ) -> tuple[str, dict[str, list[str]]]:
+    """The server's banner and KEXINIT lists, as answered to ``opening`` (a client's first bytes)."""
     with socket.create_connection((host, port), timeout=timeout) as s:
-        s.sendall(b"SSH-2.0-bench_probe\r\n")
+        s.sendall(opening)
         return _read_banner_and_kexinit(s)
 
 
-def client_kexinit(argv_for_port, timeout: float = 10.0) -> tuple[str, dict[str, list[str]]]:
-    """Run a client (argv_for_port(port) -> argv) against a fake server; return its offer."""
+def client_kexinit(argv_for_port, timeout: float = 10.0) -> tuple[str, dict[str, list[str]], bytes]:
+    """Run a client (argv_for_port(port) -> argv) against a fake server; return its offer
+    and its opening bytes (banner line and KEXINIT packet) for ``server_kexinit``."""
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
@@ -431,7 +443,8 @@ def client_kexinit(argv_for_port, timeout: float = 10.0) -> tuple[str, dict[str,
             with conn:
                 conn.settimeout(timeout)
                 conn.sendall(b"SSH-2.0-OpenSSH_9.2 bench_probe\r\n")
-                result["v"] = _read_banner_and_kexinit(conn)
+                raw: list[bytes] = []
+                result["v"] = (*_read_banner_and_kexinit(conn, raw), raw[0])
         except Exception as e:  # reported below
             result["e"] = e
 

@@ -357,8 +357,9 @@ def negotiated(t: Target, cl: Clients, base: Path) -> dict:
     for client, fn in (("sftp", lambda p: cl.sftp(t, batch, port=p)),
                        ("curl", lambda p: cl.curl(t, "/", download=Path("/dev/null"), port=p))):
         try:
-            _, offer = openssh.client_kexinit(fn)
-            out[client] = openssh.negotiate(offer, srv)
+            _, offer, opening = openssh.client_kexinit(fn)
+            _, answer = openssh.server_kexinit("127.0.0.1", t.port, opening=opening)
+            out[client] = openssh.negotiate(offer, answer)
         except Exception as e:
             out[client] = {"error": str(e)}
     try:
