@@ -80,6 +80,8 @@ def fill(pk: Packetizer, n: int, check_rekey: bool = False) -> _RecvBuffer:
     rb = _buffer(pk)
     if rb.end - rb.start >= n:
         return rb
+    if rb.start == rb.end:
+        rb.start = rb.end = 0  # all consumed: the next read gets the whole buffer, not its end
     _room(rb, n)
     sock = pk._Packetizer__socket  # type: ignore[attr-defined]
     had = rb.end - rb.start

@@ -30,8 +30,11 @@ from __future__ import annotations
 import hmac
 from collections import deque
 
+import paramiko
 import paramiko.channel
 import paramiko.util
+from paramiko.common import cMSG_CHANNEL_WINDOW_ADJUST
+from paramiko.message import Message
 from paramiko.buffered_pipe import BufferedPipe
 
 from . import paramiko_recv
@@ -89,15 +92,53 @@ class ChunkBuffer:
 
 
 class ChunkPipe(BufferedPipe):
+    """A channel's input buffer. ``quiet``: feeding does not wake the reader, who is woken
+    by ``kick()`` instead (the SFTP handler, whose transport thread answers most requests
+    itself; see sftp.SFTPHandler._pump)."""
+
     def __init__(self) -> None:
         super().__init__()
         self._buffer = ChunkBuffer()  # type: ignore[assignment]
+        self.quiet = False
+        self.kicked = False
+
+    def feed(self, data: bytes) -> None:
+        with self._lock:
+            if self._event is not None:
+                self._event.set()
+            self._buffer_frombytes(bytes(data))
+            if not self.quiet:
+                self._cv.notify_all()
+
+    def kick(self) -> None:
+        with self._lock:
+            self.kicked = True
+            self._cv.notify_all()
 
     def _buffer_frombytes(self, data: bytes) -> None:
         self._buffer.frombytes(data)
 
     def _buffer_tobytes(self, limit: int | None = None) -> bytes:
         return self._buffer.take(limit)
+
+
+def recv_nowait(chan: paramiko.Channel) -> bytes | None:
+    """Everything ``chan`` has buffered, without waiting: b"" when nothing, None at EOF.
+
+    Like ``Channel.recv``, it grants the peer more window as data is consumed."""
+    pipe = chan.in_buffer
+    with pipe._lock:
+        if not len(pipe._buffer):
+            return None if pipe._closed else b""
+        out = pipe._buffer_tobytes(None)
+    ack = chan._check_add_window(len(out))
+    if ack > 0:
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
+        m.add_int(chan.remote_chanid)
+        m.add_int(ack)
+        chan.transport._send_user_message(m)
+    return out
 
 
 _installed = False

@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import paramiko
@@ -34,7 +36,7 @@ from paramiko.sftp import (
 )
 from paramiko.sftp_attr import SFTPAttributes
 
-from . import paramiko_send
+from . import paramiko_send, paramiko_speed
 from .errors import FsError, NotFound, PermissionDenied
 from .session import ReadHandle, Session, WriteHandle
 from .storage import Entry
@@ -47,6 +49,8 @@ log = logging.getLogger("scriptsftp.sftp")
 SFTP_VERSION = 3
 READDIR_BATCH = 100
 RECV_SIZE = 1 << 20  # channel bytes taken per read: every pipelined request already there
+READ_REPLY_MAX = 262144  # a READ reply never exceeds this (max_read is at most 256 KiB - 1024)
+_U32 = struct.Struct(">I")
 HOLD_MAX = 32 * 1024  # replies held back while more requests are buffered, at most this much
 _DATA_HEADER = struct.Struct(">IBII")  # length, SSH_FXP_DATA, request id, data length
 
@@ -84,8 +88,13 @@ class SFTPHandler(paramiko.SFTPServer):
         self._next = 1
         self._in = b""  # SFTP bytes read from the channel and not yet parsed, from _in_pos on
         self._in_pos = 0
+        self._tail: list[bytes] = []  # channel bytes after _in, not yet joined (see _peek)
+        self._tail_len = 0
         self._held: list[bytes] = []  # small replies not yet sent (see _write_all)
         self._held_bytes = 0
+        self._work = threading.Lock()  # held by whichever thread is answering requests
+        self._closed = False
+        self._last_request = time.monotonic()
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -99,29 +108,27 @@ class SFTPHandler(paramiko.SFTPServer):
         if self.limits.idle_timeout:
             channel.settimeout(self.limits.idle_timeout)
         self.sock = channel
+        pipe = channel.in_buffer
         try:
             self._send_server_version()
+            # From here on the transport thread answers READs and WRITEs itself (_pump) and
+            # wakes this thread only for what it leaves.
+            pipe.quiet = True
+            channel.__dict__["_scriptsftp_pump"] = self._pump
             while True:
-                try:
-                    t, msg = self._read_packet()
-                except socket.timeout:
-                    log.info("sftp idle timeout", extra={"sid": self.session.id})
-                    return
-                except EOFError:
-                    return
-                except (OSError, SFTPError) as exc:
-                    log.info("sftp channel error: %s", exc, extra={"sid": self.session.id})
-                    return
-                if t is None:
-                    continue
-                request = msg.get_int()
-                self._dispatch(t, request, msg)
+                with self._work:
+                    self._serve()
+                self._wait_for_input(pipe)
+        except socket.timeout:
+            log.info("sftp idle timeout", extra={"sid": self.session.id})
         except EOFError:
             return
-        except OSError as exc:
+        except (OSError, SFTPError) as exc:
             log.info("sftp channel error: %s", exc, extra={"sid": self.session.id})
         finally:
-            self._end()
+            channel.__dict__.pop("_scriptsftp_pump", None)
+            with self._work:
+                self._end()
             try:
                 # sshd reports sftp-server's exit; without it OpenSSH scp (SFTP mode) exits 1
                 channel.send_exit_status(0)
@@ -129,11 +136,13 @@ class SFTPHandler(paramiko.SFTPServer):
                 pass
 
     def finish_subsystem(self) -> None:
-        self._end()
+        with self._work:
+            self._end()
         paramiko.SubsystemHandler.finish_subsystem(self)
 
     def _end(self) -> None:
         """Channel gone: uploads never closed by the client are discarded, not published."""
+        self._closed = True
         handles, self._handles = self._handles, {}
         for h in handles.values():
             if not isinstance(h, _Dir):
@@ -141,30 +150,147 @@ class SFTPHandler(paramiko.SFTPServer):
         if self.session is not None:
             self.session.close()
 
-    def _read_packet(self) -> tuple[int | None, Message]:
-        """One SFTP message, read past its type byte; sizes no honest client sends are refused
-        (paramiko allows 16 MiB)."""
-        size = struct.unpack(">I", self._read_all(4))[0]
-        if size == 0:
-            return None, Message(b"")
+    # --- requests: one stream, two threads that may answer it -------------------------
+    #
+    # paramiko hands each packet from its transport thread to this channel's thread through
+    # a condition variable: per request a wakeup, a GIL hand-off and a thread switch, which
+    # made request/reply clients (libssh2 keeps about 64 KiB in flight) wait on thread
+    # switches. Now the transport thread, right after it buffered a packet, answers what
+    # cannot block (_pump) and this thread answers the rest. Whoever holds ``_work`` consumes
+    # the stream, in order; the other leaves it alone.
+
+    def _serve(self) -> None:
+        """Answer every complete request buffered here or in the channel, in order (holding _work)."""
+        while True:
+            if self._peek() is None:
+                if not self._refill():
+                    break
+                continue
+            self._answer()
+        self._flush()
+
+    def _pump(self) -> None:
+        """Called by the transport thread after it buffered data for this channel.
+
+        Answers READ and WRITE on open handles here, while the peer's window already holds
+        the reply (waiting for window in this thread would stop the very thread that reads
+        the window adjustments) and no key exchange is running. Stops at anything else
+        (scripts may run, a publish may take seconds) and wakes the SFTP thread for it."""
+        if not self._work.acquire(blocking=False):
+            return  # the SFTP thread is at work; it looks at the channel before it waits
+        kick = False
+        try:
+            if self._closed:
+                return
+            clear = self.sock.transport.clear_to_send
+            while True:
+                if not clear.is_set():
+                    kick = True  # key exchange: only the SFTP thread may wait for it
+                    break
+                head = self._peek()
+                if head is None:
+                    if not self._refill():
+                        break
+                    continue
+                t, size = head
+                if t not in _INLINE or not self._window_holds(READ_REPLY_MAX if t == CMD_READ else 1024):
+                    kick = True
+                    break
+                self._answer()
+            if self._held:
+                if self._window_holds(0):
+                    self._flush()
+                else:
+                    kick = True
+        except Exception as exc:  # never into paramiko's loop: the SFTP thread meets it again
+            if not isinstance(exc, (EOFError, OSError, SFTPError)):
+                log.exception("sftp inline request failed", extra={"sid": self.session.id if self.session else ""})
+            kick = True
+        finally:
+            self._work.release()
+        if kick:
+            self.sock.in_buffer.kick()
+
+    def _window_holds(self, reply: int) -> bool:
+        return self.sock.out_window_size >= self._held_bytes + reply + 1024
+
+    def _wait_for_input(self, pipe: paramiko_speed.ChunkPipe) -> None:
+        """Sleep until the channel has bytes, is closed, or the transport thread left work here.
+
+        The idle timeout counts from the last request answered by either thread."""
+        idle = self.limits.idle_timeout
+        with pipe._lock:
+            while not (len(pipe._buffer) or pipe._closed or pipe.kicked):
+                if idle:
+                    left = self._last_request + idle - time.monotonic()
+                    if left <= 0:
+                        raise socket.timeout()
+                    pipe._cv.wait(left)
+                else:
+                    pipe._cv.wait()
+            pipe.kicked = False
+
+    def _peek(self) -> tuple[int, int] | None:
+        """Type and size of the next request once it is complete here, else None.
+
+        Bytes arriving for an incomplete request wait in ``_tail`` and are joined once, when
+        the request is complete (not once per packet of a 255 KiB WRITE). The type is -1 for an
+        empty or oversized message: not for the inline path, refused by _answer."""
+        have = len(self._in) - self._in_pos
+        if have < 4 and self._tail:
+            self._join_tail()
+            have = len(self._in) - self._in_pos
+        if have < 4:
+            return None
+        size = _U32.unpack_from(self._in, self._in_pos)[0]
+        if size == 0 or size > self.limits.max_read + 65536:
+            return -1, size
+        if have < 4 + size:
+            if have + self._tail_len < 4 + size:
+                return None
+            self._join_tail()
+        return self._in[self._in_pos + 4], size
+
+    def _join_tail(self) -> None:
+        self._in = self._in[self._in_pos:] + b"".join(self._tail)
+        self._in_pos = 0
+        self._tail, self._tail_len = [], 0
+
+    def _refill(self) -> bool:
+        """Take what the channel holds, without waiting; False when it holds nothing."""
+        chunk = paramiko_speed.recv_nowait(self.sock)
+        if chunk is None:
+            raise EOFError()
+        if not chunk:
+            return False
+        self._tail.append(chunk)
+        self._tail_len += len(chunk)
+        return True
+
+    def _answer(self) -> None:
+        """Parse and answer the complete request _peek() saw."""
+        size = _U32.unpack_from(self._in, self._in_pos)[0]
         if size > self.limits.max_read + 65536:
             raise SFTPError(f"message of {size} bytes refused")
-        data = self._read_all(size)
-        msg = Message(data)  # shares ``data``: no copy of a WRITE's payload until get_binary()
+        start = self._in_pos + 4
+        self._in_pos = start + size
+        self._last_request = time.monotonic()
+        if size == 0:
+            return
+        msg = Message(self._in[start:start + size])  # the only copy of a WRITE's payload is get_binary()'s
+        t = msg.get_byte()[0]
+        self._dispatch(t, msg.get_int(), msg)
+
+    def _read_packet(self) -> tuple[int | None, Message]:
+        """One SFTP message, waiting for it (only the INIT exchange, before _pump takes part)."""
+        size = struct.unpack(">I", self._read_all(4))[0]
+        if size == 0 or size > self.limits.max_read + 65536:
+            raise SFTPError(f"message of {size} bytes refused")
+        msg = Message(self._read_all(size))
         return msg.get_byte()[0], msg
 
     def _read_all(self, n: int) -> bytes:
-        """The next ``n`` bytes of the SFTP stream.
-
-        The channel is read in large pieces into a local buffer, so that one wakeup of this
-        thread serves every request the client has pipelined; paramiko's loop makes two channel
-        reads per request, each a lock and, when the buffer ran dry, a thread switch. Replies
-        held back by ``_write_all`` are sent before this thread may wait on the channel."""
         data, pos = self._in, self._in_pos
-        if len(data) - pos >= n:
-            self._in_pos = pos + n
-            return data[pos:pos + n]
-        self._flush()
         parts, have = [data[pos:]], len(data) - pos
         while have < n:
             chunk = self.sock.recv(max(n - have, RECV_SIZE))
@@ -196,11 +322,11 @@ class SFTPHandler(paramiko.SFTPServer):
     def _write_all(self, out: bytes | bytearray | memoryview) -> None:
         """Send a reply, or hold a small one back while the next request is already buffered.
 
-        Held replies leave together, in one SSH packet, before this thread next waits on the
-        channel (``_read_all``): a client that pipelines 64 WRITEs gets its 64 status replies in
+        Held replies leave together, in one SSH packet, once no complete request is left
+        (end of ``_serve`` and ``_pump``): a client that pipelines 64 WRITEs gets its 64 status replies in
         a few packets instead of 64, each of which cost an encryption, a MAC and a system call.
         Every reply leaves through paramiko_send (no per-packet copies, one sendmsg() per batch)."""
-        if len(out) < HOLD_MAX and len(self._in) > self._in_pos:
+        if len(out) < HOLD_MAX and (len(self._in) > self._in_pos or self._tail):
             self._held.append(bytes(out))
             self._held_bytes += len(out)
             if self._held_bytes < HOLD_MAX:
@@ -496,5 +622,8 @@ _TABLE = {
     CMD_READLINK: SFTPHandler._op_readlink, CMD_SYMLINK: SFTPHandler._op_symlink,
     CMD_REALPATH: SFTPHandler._op_realpath, CMD_EXTENDED: SFTPHandler._op_extended,
 }
+
+# Answered by the transport thread when they arrive (SFTPHandler._pump): no events, no scripts.
+_INLINE = frozenset({CMD_READ, CMD_WRITE})
 
 __all__ = ["SFTPHandler", "status_of"]

@@ -32,7 +32,8 @@ import paramiko
 import paramiko.util
 from paramiko.auth_handler import AuthHandler
 from paramiko.common import (
-    AUTH_FAILED, AUTH_SUCCESSFUL, DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, MSG_CHANNEL_REQUEST, OPEN_SUCCEEDED,
+    AUTH_FAILED, AUTH_SUCCESSFUL, DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, MSG_CHANNEL_DATA, MSG_CHANNEL_REQUEST,
+    OPEN_SUCCEEDED,
     OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED, cMSG_DISCONNECT,
 )
 from paramiko.message import Message
@@ -74,9 +75,19 @@ def _handle_request_then_start(chan: paramiko.Channel, m: Message) -> None:
         start()
 
 
+def _feed_then_pump(chan: paramiko.Channel, m: Message) -> None:
+    """Channel data in; then, for an SFTP channel, its READs and WRITEs answered in this
+    (the transport) thread without waking the channel's own (sftp.SFTPHandler._pump)."""
+    paramiko.Channel._feed(chan, m)
+    pump = chan.__dict__.get("_scriptsftp_pump")
+    if pump is not None:
+        pump()
+
+
 class ServerTransport(paramiko.Transport):
     _channel_handler_table = {**paramiko.Transport._channel_handler_table,
-                              MSG_CHANNEL_REQUEST: _handle_request_then_start}
+                              MSG_CHANNEL_REQUEST: _handle_request_then_start,
+                              MSG_CHANNEL_DATA: _feed_then_pump}
     _preferred_ciphers = (
         "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr", "aes192-ctr",
     )
