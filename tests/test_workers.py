@@ -316,7 +316,16 @@ def test_wall_clock_timeout_kills_and_replaces(solo: WorkerPool) -> None:
     assert after.verdict == "allow"
     assert solo.worker_pids() != old
     assert solo.health()["restarts"] == 1
-    assert not Path(f"/proc/{old[0]}").exists()
+    assert _dead(old[0])
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or killed and not yet reaped (a zombie: the pool reaps it in its own time; under
+    load the full suite once saw it still in /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 def test_cpu_limit_kills_and_replaces(solo: WorkerPool) -> None:
