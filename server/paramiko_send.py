@@ -46,12 +46,7 @@ _U32 = struct.Struct(">I")
 _ZEROS = bytes(256)
 
 
-def _pk(pk: Packetizer, name: str) -> Any:
-    return getattr(pk, "_Packetizer__" + name)
-
-
-def _set(pk: Packetizer, name: str, value: Any) -> None:
-    setattr(pk, "_Packetizer__" + name, value)
+_P = "_Packetizer__"
 
 
 def send_all(chan: paramiko.Channel, data: bytes | bytearray | memoryview) -> None:
@@ -116,16 +111,18 @@ class _MacBase:
         self.hmac: Any = None
 
     def get(self, key: bytes, digest: Any) -> Any:
+        """The keyed HMAC for ``key``; callers ``copy()`` it per packet."""
         if key is not self.key or digest is not self.digest:
             self.key, self.digest = key, digest
             self.hmac = hmac.new(key, digestmod=digest)
-        return self.hmac.copy()
+        return self.hmac
 
 
 def send_data_packets(pk: Packetizer, chanid: int, chunks: Sequence[memoryview]) -> None:
     """One CHANNEL_DATA packet per chunk, written together. The caller holds clear_to_send_lock."""
-    engine = _pk(pk, "block_engine_out")
-    if engine is None or _pk(pk, "compress_engine_out") is not None or _pk(pk, "dump_packets"):
+    d = pk.__dict__  # paramiko's private state, under its mangled names ("_Packetizer__...")
+    engine = d[_P + "block_engine_out"]
+    if engine is None or d[_P + "compress_engine_out"] is not None or d[_P + "dump_packets"]:
         for chunk in chunks:
             m = Message()
             m.add_byte(cMSG_CHANNEL_DATA)
@@ -133,15 +130,15 @@ def send_data_packets(pk: Packetizer, chanid: int, chunks: Sequence[memoryview])
             m.add_string(bytes(chunk))
             pk.send_message(m)
         return
-    aead, etm = _pk(pk, "aead_out"), _pk(pk, "etm_out")
-    bsize = _pk(pk, "block_size_out")
+    aead, etm = d[_P + "aead_out"], d[_P + "etm_out"]
+    bsize = d[_P + "block_size_out"]
     addlen = 4 if (etm or aead) else 8
-    random_padding = not _pk(pk, "sdctr_out")
-    mac_size = _pk(pk, "mac_size_out")
+    random_padding = not d[_P + "sdctr_out"]
+    mac_size = d[_P + "mac_size_out"]
     bufs: list[bytes | memoryview] = []
-    lock = _pk(pk, "write_lock")
-    with lock:
-        seq = _pk(pk, "sequence_number_out")
+    with d[_P + "write_lock"]:
+        seq = d[_P + "sequence_number_out"]
+        mac_base = None if aead else _mac_base(pk).get(d[_P + "mac_key_out"], d[_P + "mac_engine_out"])
         sent = 0
         for chunk in chunks:
             n = len(chunk)
@@ -150,12 +147,12 @@ def send_data_packets(pk: Packetizer, chanid: int, chunks: Sequence[memoryview])
             head = _DATA_HEADER.pack(padding, 94, chanid, n)
             pad = os.urandom(padding) if random_padding else _ZEROS[:padding]
             if aead:
-                iv = _pk(pk, "iv_out")
+                iv = d[_P + "iv_out"]
                 bufs += (len4, engine.encrypt(iv, b"".join((head, chunk, pad)), len4))
-                _set(pk, "iv_out", pk._inc_iv_counter(iv))
-                sent += 4 + len(head) + n + padding + 16
+                d[_P + "iv_out"] = pk._inc_iv_counter(iv)
+                sent += 14 + n + padding + 16
             else:
-                mac = _mac_base(pk).get(_pk(pk, "mac_key_out"), _pk(pk, "mac_engine_out"))
+                mac = mac_base.copy()
                 mac.update(_U32.pack(seq))
                 if etm:
                     pieces = (engine.update(head), engine.update(chunk), engine.update(pad))
@@ -168,18 +165,18 @@ def send_data_packets(pk: Packetizer, chanid: int, chunks: Sequence[memoryview])
                         mac.update(p)
                     bufs += (engine.update(len4 + head), engine.update(chunk), engine.update(pad))
                 bufs.append(mac.digest()[:mac_size])
-                sent += 4 + len(head) + n + padding + mac_size
+                sent += 14 + n + padding + mac_size
             seq = (seq + 1) & xffffffff
             if seq == 0 and not pk._initial_kex_done:
                 raise SSHException("Sequence number rolled over during initial kex!")
-            _set(pk, "sequence_number_out", seq)
+            d[_P + "sequence_number_out"] = seq
         _write_vectored(pk, bufs)
-        _set(pk, "sent_bytes", _pk(pk, "sent_bytes") + sent)
-        _set(pk, "sent_packets", _pk(pk, "sent_packets") + len(chunks))
-        if (_pk(pk, "sent_packets") >= pk.REKEY_PACKETS or _pk(pk, "sent_bytes") >= pk.REKEY_BYTES) \
-                and not _pk(pk, "need_rekey"):
-            _set(pk, "received_bytes_overflow", 0)
-            _set(pk, "received_packets_overflow", 0)
+        d[_P + "sent_bytes"] += sent
+        d[_P + "sent_packets"] += len(chunks)
+        if (d[_P + "sent_packets"] >= pk.REKEY_PACKETS or d[_P + "sent_bytes"] >= pk.REKEY_BYTES) \
+                and not d[_P + "need_rekey"]:
+            d[_P + "received_bytes_overflow"] = 0
+            d[_P + "received_packets_overflow"] = 0
             pk._trigger_rekey()
 
 
@@ -192,8 +189,8 @@ def _mac_base(pk: Packetizer) -> _MacBase:
 
 def _write_vectored(pk: Packetizer, bufs: list[bytes | memoryview]) -> None:
     """``Packetizer.write_all`` for a scatter list: one sendmsg(), the rare remainder by write_all."""
-    sock = _pk(pk, "socket")
-    _set(pk, "keepalive_last", time.time())
+    sock = pk.__dict__[_P + "socket"]
+    pk.__dict__[_P + "keepalive_last"] = time.time()
     total = sum(len(b) for b in bufs)
     try:
         # the descriptor of a socket with a timeout is non-blocking: writev() sends what fits
