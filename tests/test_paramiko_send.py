@@ -71,19 +71,26 @@ def test_batch_decodes_with_paramiko_and_keeps_the_stream_in_step(mode: str) -> 
     assert (ptype, m.get_binary()) == (MSG_IGNORE, b"after the batch")
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_counters_match_paramikos_own_path(mode: str) -> None:
+def _both_ways(mode: str, chanid: int) -> tuple[Packetizer, socket.socket, Packetizer, socket.socket]:
+    """The same chunks sent by send_data_packets and by paramiko's send_message, keyed alike.
+    The peer sockets are returned so that they stay referenced: a collected one closes."""
     secrets = _secrets()
-    fast, _, fast_peer = _keyed(mode, *secrets)  # the peers stay referenced: a collected one closes
+    fast, _, fast_peer = _keyed(mode, *secrets)
     slow, _, slow_peer = _keyed(mode, *secrets)
     chunks = [os.urandom(n) for n in SIZES]
-    send_data_packets(fast, 3, [memoryview(c) for c in chunks])
+    send_data_packets(fast, chanid, [memoryview(c) for c in chunks])
     for chunk in chunks:
         m = Message()
         m.add_byte(cMSG_CHANNEL_DATA)
-        m.add_int(3)
+        m.add_int(chanid)
         m.add_string(chunk)
         slow.send_message(m)
+    return fast, fast_peer, slow, slow_peer
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_counters_match_paramikos_own_path(mode: str) -> None:
+    fast, fast_peer, slow, slow_peer = _both_ways(mode, 3)
     for name in ("sent_bytes", "sent_packets", "sequence_number_out"):
         assert getattr(fast, "_Packetizer__" + name) == getattr(slow, "_Packetizer__" + name), name
     fast_peer.close()
@@ -93,17 +100,7 @@ def test_counters_match_paramikos_own_path(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["ctr-etm", "ctr"])
 def test_ctr_output_is_byte_identical_to_paramikos(mode: str) -> None:
     """aes-ctr pads with zeros, so both paths must produce the very same bytes."""
-    secrets = _secrets()
-    fast, _, fast_peer = _keyed(mode, *secrets)
-    slow, _, slow_peer = _keyed(mode, *secrets)
-    chunks = [os.urandom(n) for n in SIZES]
-    send_data_packets(fast, 9, [memoryview(c) for c in chunks])
-    for chunk in chunks:
-        m = Message()
-        m.add_byte(cMSG_CHANNEL_DATA)
-        m.add_int(9)
-        m.add_string(chunk)
-        slow.send_message(m)
+    fast, fast_peer, slow, slow_peer = _both_ways(mode, 9)
     fast_peer.settimeout(5)
     slow_peer.settimeout(5)
     expected = _drain(slow_peer)
