@@ -66,13 +66,37 @@ class Resolved:
         os.close(self.dir_fd)
 
 
+_HOME_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _opened_path(fd: int, home: Path) -> Path:
+    """The real path of the directory open as ``fd`` (what ``home.resolve()`` gives).
+
+    Linux names it in /proc without walking the path; elsewhere, or if the name looks
+    odd (the directory was removed meanwhile), fall back to resolve()."""
+    try:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        name = ""
+    if name.startswith("/") and not name.endswith(" (deleted)"):
+        return Path(name)
+    return home.resolve()
+
+
 class Storage:
     """One user's home directory. Thread-safe: it holds only an fd on the home."""
 
     def __init__(self, home: Path) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        self.home = home.resolve()
-        self._home_fd = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Every SFTP/SCP/FTP/HTTP session makes one, on the login path. An existing home
+        # costs an open() and a readlink() here; mkdir(exist_ok=True) + resolve() cost about
+        # ten syscalls (each one a GIL hand-off to the connection's other threads).
+        try:
+            fd = os.open(home, _HOME_FLAGS)
+        except FileNotFoundError:
+            home.mkdir(parents=True, exist_ok=True)
+            fd = os.open(home, _HOME_FLAGS)
+        self._home_fd = fd
+        self.home = _opened_path(fd, home)
         # close() may run in another thread than an operation: never dup a closed (or reused) fd
         self._fd_lock = threading.Lock()
 
