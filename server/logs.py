@@ -16,20 +16,40 @@ import time
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
+#: context shown in the line's [head]; op, path and result are already in the message
+_HEAD = ("sid", "user", "proto", "ip")
+_NOT_IN_TAIL = _STANDARD | set(_HEAD) | {"op", "path", "result"}
+
+
 def _context(record: logging.LogRecord) -> dict[str, object]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
 
 
 class TextFormatter(logging.Formatter):
+    """``TIME LEVEL logger: [sid=.. user=.. proto=.. ip=..] message key=value ...``
+
+    Several lines per connection are written on the connection's own path (connect,
+    login, each operation), so the formatter stays lean: one pass over the record,
+    and the timestamp text is reused within the same second."""
+
+    _ts: tuple[int, str] = (-1, "")  # (second, its text): one attribute, so threads never mix them
+
+    def _timestamp(self, created: float) -> str:
+        second = int(created)
+        cached = self._ts
+        if cached[0] == second:
+            return cached[1]
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(created))
+        self._ts = (second, text)
+        return text
+
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        ctx = _context(record)
-        head_items = [(k, ctx.pop(k, None)) for k in ("sid", "user", "proto", "ip")]
-        head = " ".join(f"{k}={v}" for k, v in head_items if v)  # empty ones (no user yet) are left out
-        for k in ("op", "path", "result"):  # already in the message
-            ctx.pop(k, None)
-        tail = " ".join(f"{k}={_quote(v)}" for k, v in ctx.items())
-        line = f"{ts} {record.levelname:<7} {record.name.removeprefix('scriptsftp.')}: "
+        fields = record.__dict__
+        # empty ones (no user yet) are left out
+        head = " ".join([f"{k}={fields[k]}" for k in _HEAD if fields.get(k)])
+        tail = " ".join([f"{k}={_quote(v)}" for k, v in fields.items()
+                         if k not in _NOT_IN_TAIL and not k.startswith("_")])
+        line = f"{self._timestamp(record.created)} {record.levelname:<7} {record.name.removeprefix('scriptsftp.')}: "
         line += (f"[{head}] " if head else "") + record.getMessage() + (f" {tail}" if tail else "")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

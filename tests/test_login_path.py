@@ -3,10 +3,13 @@ give exactly what they gave before (the home's real path, the same log line)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import pytest
 
+from scriptsftp.server.logs import TextFormatter
 from scriptsftp.server.storage import Storage
 
 
@@ -55,3 +58,38 @@ def test_storage_home_without_proc_falls_back(tmp_path, monkeypatch):
         assert s.home == (tmp_path / "h").resolve()
     finally:
         s.close()
+
+
+def _record(msg: str, args: tuple = (), exc_info=None, **extra: object) -> logging.LogRecord:
+    return logging.getLogger("scriptsftp.session").makeRecord(
+        "scriptsftp.session", logging.INFO, __file__, 1, msg, args, exc_info, extra=extra)
+
+
+def test_text_line_layout():
+    rec = _record("list %s %s", ("/a b", "ok"), sid="s1", user="", proto="sftp", ip="::1", op="list",
+                  path="/a b", result="ok", entries=10, reason="two words", empty="", _hidden=1)
+    line = TextFormatter().format(rec)
+    head, _, rest = line.partition(" INFO    session: ")
+    assert len(head) == len("2024-01-01T00:00:00")
+    # empty head fields are left out; op/path/result are in the message; values with spaces quoted
+    assert rest == '[sid=s1 proto=sftp ip=::1] list /a b ok entries=10 reason="two words" empty=""'
+
+
+def test_text_line_without_context_and_with_traceback():
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = _record("plain", exc_info=sys.exc_info())
+    line = TextFormatter().format(rec)
+    first, _, tb = line.partition("\n")
+    assert first.endswith(" INFO    session: plain")
+    assert tb.startswith("Traceback") and tb.endswith("ValueError: boom")
+
+
+def test_text_timestamp_follows_the_record_time():
+    f = TextFormatter()
+    a, b = _record("x"), _record("x")
+    a.created, b.created = 1_700_000_000.2, 1_700_000_061.9
+    first, second = f.format(a), f.format(b)
+    assert first[:19] != second[:19]
+    assert f.format(a)[:19] == first[:19]
