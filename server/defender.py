@@ -21,6 +21,7 @@ nature, per process and stay in memory.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import sqlite3
@@ -58,10 +59,26 @@ class HostInfo:
 
 
 class _Networks:
+    """The allow list. Asked two or three times per connection about the same few
+    addresses, so answers are remembered (parsing an address costs more than the
+    lookup it serves)."""
+
+    _MEMO_MAX = 4096
+
     def __init__(self, nets: list[str]) -> None:
         self.nets = [ipaddress.ip_network(n, strict=False) for n in nets]
+        self._memo: dict[str, bool] = {}
 
     def __contains__(self, ip: str) -> bool:
+        hit = self._memo.get(ip)
+        if hit is None:
+            hit = self._match(ip)
+            if len(self._memo) >= self._MEMO_MAX:
+                self._memo.clear()  # a flood of addresses: start over rather than grow
+            self._memo[ip] = hit
+        return hit
+
+    def _match(self, ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
@@ -71,6 +88,7 @@ class _Networks:
         return any(addr in n for n in self.nets)
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and called several times per connection
 def normalize_ip(ip: str) -> str:
     """One spelling per address: "::ffff:192.0.2.1" (an IPv4 client on a dual-stack
     socket) is "192.0.2.1", IPv6 is compressed; anything unparsable is kept as is."""

@@ -392,6 +392,20 @@ def test_defender_unit_ban_time_grows_and_is_capped(tmp_path: Path):
     d2.close()
 
 
+def test_defender_unit_allow_list_follows_reload(tmp_path: Path):
+    """The allow list remembers its answers per address: a reload must still change them."""
+    from scriptsftp.server.config import DefenderSection
+    from scriptsftp.server.defender import Defender
+
+    d = Defender(tmp_path / "defender.db", DefenderSection(allow_list=["10.0.0.0/8"]))
+    for _ in range(2):  # the second round is answered from memory
+        assert d.allowed_listed("10.1.2.3") and d.allowed_listed("::ffff:10.1.2.3")
+        assert not d.allowed_listed("192.0.2.1") and not d.allowed_listed("not an address")
+    d.configure(DefenderSection(allow_list=["192.0.2.0/24"]))
+    assert not d.allowed_listed("10.1.2.3") and d.allowed_listed("192.0.2.1")
+    d.close()
+
+
 def test_config_errors_name_the_key(tmp_path: Path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[defender]\nthreshold = 0\nallow_list = ["10.0.0.300/8"]\nban_time = 100.0\n'
