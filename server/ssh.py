@@ -101,8 +101,15 @@ class ServerTransport(paramiko.Transport):
         """Protocol errors of clients that never logged in (port scanners, TCP health checks,
         broken clients) are the client's problem, not the server's: one info line, no
         traceback. paramiko logs them as ERROR with a 20-line traceback each. Unexpected
-        exceptions ("Unknown exception") keep their ERROR and traceback."""
-        if level >= logging.ERROR and not self.is_authenticated():
+        exceptions ("Unknown exception") keep their ERROR and traceback.
+
+        paramiko calls this ~30 times per connection, nearly all at DEBUG: those that
+        nobody listens to stop here."""
+        if level < logging.ERROR:
+            if self.logger.isEnabledFor(level):
+                super()._log(level, msg, *args)
+            return
+        if not self.is_authenticated():
             if isinstance(msg, list):
                 if self._quiet_traceback:
                     self._quiet_traceback = False
