@@ -129,11 +129,14 @@ class SFTPHandler(paramiko.SFTPServer):
             channel.__dict__.pop("_scriptsftp_pump", None)
             with self._work:
                 self._end()
-            try:
-                # sshd reports sftp-server's exit; without it OpenSSH scp (SFTP mode) exits 1
-                channel.send_exit_status(0)
-            except Exception:
-                pass
+            # sshd reports sftp-server's exit; without it OpenSSH scp (SFTP mode) exits 1. Not
+            # once the channel is closed (the client closed it; paramiko already answered with
+            # its own CLOSE): nothing may follow that (RFC 4254 5.3), the client drops it.
+            if not channel.closed:
+                try:
+                    channel.send_exit_status(0)
+                except Exception:
+                    pass
 
     def finish_subsystem(self) -> None:
         with self._work:
