@@ -401,8 +401,12 @@ class LoginCore:
                 return f"address {conn.remote_ip} not allowed for this user"
         return None
 
-    def finish_login(self, conn: Connection, name: str, method: str) -> Decision:
-        """Credentials are proven: apply policy, run pre-login, count the session."""
+    def finish_login(self, conn: Connection, name: str, method: str, *, announce: bool = True) -> Decision:
+        """Credentials are proven: apply policy, run pre-login, count the session.
+
+        ``announce=False``: the caller answers the client first and then calls
+        :meth:`announce_login` itself, so the log line, the metric and ``post-login``
+        (none of which can refuse the login) are not in the way of the answer."""
         if self.defender is not None and self.defender.is_banned(conn.remote_ip):
             refusal: str | None = "address banned after repeated failures"
         else:
@@ -428,15 +432,20 @@ class LoginCore:
             return Decision(False, refusal)
         conn.user = name
         conn.account = self.users[name].account
-        log.info("login ok (%s)", method, extra={"sid": conn.id, "user": name, "proto": conn.protocol,
+        if announce:
+            self.announce_login(conn, method)
+        return ALLOW
+
+    def announce_login(self, conn: Connection, method: str) -> None:
+        """A login :meth:`finish_login` allowed: log it, count it, raise ``post-login``."""
+        log.info("login ok (%s)", method, extra={"sid": conn.id, "user": conn.user, "proto": conn.protocol,
                                                   "ip": conn.remote_ip})
         metrics.auth(conn.protocol, method, True)
         if self.dispatcher.wants("post-login"):
             self.dispatcher.post(ev.PostLogin(
-                session_id=conn.id, protocol=conn.protocol, remote_ip=conn.remote_ip, user=name,
+                session_id=conn.id, protocol=conn.protocol, remote_ip=conn.remote_ip, user=conn.user,
                 login_method=method,
             ))
-        return ALLOW
 
     def open_session(self, conn: Connection, protocol: str | None = None) -> Session:
         """A Session for a logged-in connection (SFTP and SCP channels each get one)."""

@@ -167,7 +167,11 @@ class ServerTransport(paramiko.Transport):
 
 
 class _LoginAuthHandler(AuthHandler):
-    """Runs the login decision (policy, pre-login scripts) after credentials are proven."""
+    """Runs the login decision (policy, pre-login scripts) after credentials are proven.
+
+    The decision comes before USERAUTH_SUCCESS; what cannot change it (the ``login ok``
+    line, the metric, ``post-login``) comes right after, while the client reads the
+    answer. This thread handles the client's next message only once that is done."""
 
     def _send_auth_result(self, username: str, method: str, result: int) -> None:
         server: SSHServer = self.transport.server_object
@@ -176,7 +180,12 @@ class _LoginAuthHandler(AuthHandler):
             if not decision.allowed:
                 send_disconnect(self.transport, decision.reason, DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE)
                 return
-        elif method == "publickey":
+            try:
+                super()._send_auth_result(username, method, result)
+            finally:  # allowed and counted: logged even if the answer could not be sent
+                server.announce_login(method)
+            return
+        if method == "publickey":
             server.key_rejected(username)
         super()._send_auth_result(username, method, result)
 
@@ -230,7 +239,11 @@ class SSHServer(paramiko.ServerInterface):
             log.info("public key not accepted for %r", username, extra={"sid": self.conn.id, "ip": self.conn.remote_ip})
 
     def finish_login(self, username: str, method: str) -> Decision:
-        return self.core.finish_login(self.conn, username, method)
+        """The login decision; on success the caller answers, then calls :meth:`announce_login`."""
+        return self.core.finish_login(self.conn, username, method, announce=False)
+
+    def announce_login(self, method: str) -> None:
+        self.core.announce_login(self.conn, method)
 
     # --- channels -------------------------------------------------------------
 
