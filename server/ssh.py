@@ -37,6 +37,7 @@ from paramiko.common import (
     OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED, cMSG_DISCONNECT,
 )
 from paramiko.message import Message
+from paramiko.packet import Packetizer
 
 from . import paramiko_speed
 from .dispatch import Decision
@@ -84,6 +85,31 @@ def _feed_then_pump(chan: paramiko.Channel, m: Message) -> None:
         pump()
 
 
+class _HandshakeDeadline(Packetizer):
+    """paramiko's Packetizer starts a ``threading.Timer`` thread on every connection only
+    to raise a flag once ``handshake_timeout`` has passed; the flag is read where packets
+    are read, and the timer cancelled (an ``Event.set()``) after every packet. Starting
+    that thread sits between the client's banner and our KEXINIT, so every client waits
+    for it. A deadline read at the same places gives the same timeout without a thread.
+    (The three methods replaced are the only users of the timer; paramiko 5.1.)"""
+
+    _hs_deadline: float | None = None
+    _hs_done = False
+
+    def start_handshake(self, timeout: float) -> None:
+        if self._hs_deadline is None:
+            self._hs_deadline = time.monotonic() + float(timeout)
+
+    def handshake_timed_out(self) -> bool:
+        if self._hs_deadline is None or self._hs_done:
+            return False
+        return time.monotonic() >= self._hs_deadline
+
+    def complete_handshake(self) -> None:
+        if self._hs_deadline is not None:
+            self._hs_done = True
+
+
 class ServerTransport(paramiko.Transport):
     _channel_handler_table = {**paramiko.Transport._channel_handler_table,
                               MSG_CHANNEL_REQUEST: _handle_request_then_start,
@@ -96,6 +122,10 @@ class ServerTransport(paramiko.Transport):
     )
 
     _quiet_traceback = False
+
+    def __init__(self, sock: socket.socket, **kwargs: object) -> None:
+        super().__init__(sock, **kwargs)  # type: ignore[arg-type]
+        self.packetizer.__class__ = _HandshakeDeadline  # same object, no timer thread
 
     def _log(self, level: int, msg, *args) -> None:  # type: ignore[no-untyped-def]
         """Protocol errors of clients that never logged in (port scanners, TCP health checks,

@@ -93,3 +93,41 @@ def test_text_timestamp_follows_the_record_time():
     first, second = f.format(a), f.format(b)
     assert first[:19] != second[:19]
     assert f.format(a)[:19] == first[:19]
+
+
+def test_handshake_timeout_without_a_timer_thread():
+    """paramiko's handshake timeout still ends a client that stops after its banner, and
+    no threading.Timer is started for it."""
+    import socket
+    import threading
+    import time
+
+    import paramiko
+
+    from scriptsftp.server.ssh import ServerTransport
+
+    ours, theirs = socket.socketpair()
+    t = ServerTransport(ours)
+    t.handshake_timeout = 0.5
+    t.add_server_key(paramiko.RSAKey.generate(2048))
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            t.start_server(server=paramiko.ServerInterface())
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            failed.append(exc)
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        theirs.sendall(b"SSH-2.0-stalled\r\n")
+        assert theirs.recv(100).startswith(b"SSH-2.0-")
+        assert not [x for x in threading.enumerate() if isinstance(x, threading.Timer)]
+        t0 = time.monotonic()
+        th.join(10)
+        assert 0.4 < time.monotonic() - t0 < 5
+        assert failed and not t.is_active()
+    finally:
+        t.close()
+        theirs.close()
