@@ -38,8 +38,9 @@ def main() -> None:
 def run(config_path: str | None, allow_root: bool) -> None:
     """Run the daemon in the foreground, logging to stderr."""
     from . import logs
-    from .daemon import Daemon, refuse_root
+    from .daemon import Daemon, limit_malloc_arenas, refuse_root
 
+    limit_malloc_arenas()
     cfg = _load(config_path)
     logs.setup(cfg.model.server.log_format, cfg.model.server.log_level)
     refusal = refuse_root(cfg)
