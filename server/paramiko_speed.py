@@ -122,15 +122,15 @@ class ChunkPipe(BufferedPipe):
         return self._buffer.take(limit)
 
 
-def recv_nowait(chan: paramiko.Channel) -> bytes | None:
-    """Everything ``chan`` has buffered, without waiting: b"" when nothing, None at EOF.
+def recv_nowait(chan: paramiko.Channel, limit: int) -> bytes | None:
+    """Up to ``limit`` bytes ``chan`` has buffered, without waiting: b"" when nothing, None at EOF.
 
     Like ``Channel.recv``, it grants the peer more window as data is consumed."""
     pipe = chan.in_buffer
     with pipe._lock:
         if not len(pipe._buffer):
             return None if pipe._closed else b""
-        out = pipe._buffer_tobytes(None)
+        out = pipe._buffer_tobytes(limit)
     ack = chan._check_add_window(len(out))
     if ack > 0:
         m = Message()

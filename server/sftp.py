@@ -261,7 +261,7 @@ class SFTPHandler(paramiko.SFTPServer):
 
     def _refill(self) -> bool:
         """Take what the channel holds, without waiting; False when it holds nothing."""
-        chunk = paramiko_speed.recv_nowait(self.sock)
+        chunk = paramiko_speed.recv_nowait(self.sock, RECV_SIZE)
         if chunk is None:
             raise EOFError()
         if not chunk:
