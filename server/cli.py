@@ -37,10 +37,10 @@ def main() -> None:
 @click.option("--allow-root", is_flag=True, help="run even as root (same as [server] allow_root = true)")
 def run(config_path: str | None, allow_root: bool) -> None:
     """Run the daemon in the foreground, logging to stderr."""
-    from . import logs
-    from .daemon import Daemon, limit_malloc_arenas, refuse_root
+    from . import logs, memory
+    from .daemon import Daemon, refuse_root
 
-    limit_malloc_arenas()
+    memory.limit_arenas()
     cfg = _load(config_path)
     logs.setup(cfg.model.server.log_format, cfg.model.server.log_level)
     refusal = refuse_root(cfg)

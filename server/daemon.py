@@ -44,27 +44,6 @@ def _front_end(name: str):  # -> module with make_listener
     return importlib.import_module(f"scriptsftp.server.{name}")
 
 
-MALLOC_ARENAS = 2
-
-
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
-    """Cap glibc's malloc arenas; call before the first thread starts.
-
-    glibc gives threads their own arenas (up to 8 per core) and keeps what they free.
-    Every SSH connection has threads that allocate 256 KiB buffers, so after 20 parallel
-    transfers the idle daemon held ~98 MB instead of ~66 MB (the bar is 80). Two arenas
-    keep that memory reusable; the GIL already serialises most allocation."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc (musl has no arenas to cap)
-        pass
-
-
 def _announce_password(user: str, password: str, path: Path) -> None:
     # Printed once, to the terminal that started the daemon; only the hash is kept.
     bar = "=" * 64

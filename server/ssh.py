@@ -39,7 +39,7 @@ from paramiko.common import (
 from paramiko.message import Message
 from paramiko.packet import Packetizer
 
-from . import paramiko_speed
+from . import memory, paramiko_speed
 from .dispatch import Decision
 from .errors import FsError
 from .login import Connection, LoginCore
@@ -418,8 +418,11 @@ class SSHListener:
                 transport.close()  # does nothing for a transport never started...
                 with self._lock:
                     self._transports.discard(transport)
+                    idle = not self._transports
             client.close()  # ...so close the socket ourselves, or the client hangs until we exit
             self.core.disconnect(conn)
+            if transport is not None and idle:
+                memory.release_free_memory()  # the last connection's buffers go back to the system
 
     def stop_accepting(self) -> None:
         self._stopping.set()
