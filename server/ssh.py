@@ -139,6 +139,11 @@ class ServerTransport(paramiko.Transport):
             if self.logger.isEnabledFor(level):
                 super()._log(level, msg, *args)
             return
+        if isinstance(msg, str) and msg.startswith("Socket exception"):
+            # a logged-in client that vanished (reset, broken pipe: a killed client, a
+            # dropped link) ends its session, not the server's health: sshd logs it at INFO
+            super()._log(logging.INFO, msg, *args)
+            return
         if not self.is_authenticated():
             if isinstance(msg, list):
                 if self._quiet_traceback:

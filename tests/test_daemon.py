@@ -268,6 +268,23 @@ def test_group_readable_host_key_is_refused(daemons, tmp_path):
     assert "host key is readable by others (mode 640); chmod 600 it" in proc.stderr
 
 
+def test_client_reset_after_login_is_an_info_line(daemon, alice_key):
+    """A logged-in client whose connection is reset (killed, link dropped) ends its own
+    session; paramiko logs 'Socket exception' at ERROR, we at INFO (below paramiko's level)."""
+    import struct
+
+    sftp = paramiko_client(daemon, key=alice_key)
+    assert sftp.listdir(".") is not None
+    mark = len(daemon.lines)
+    raw = sftp.get_channel().get_transport().sock
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+    raw.close()
+    daemon.wait_log(r"disconnect after", start=mark, timeout=30)
+    with daemon._cond:
+        text = "\n".join(daemon.lines[mark:])
+    assert " ERROR " not in text, text
+
+
 def test_port_scan_costs_one_info_line_not_a_traceback(daemon):
     """A TCP connect that closes before the SSH banner (scanner, health check) is the
     client's problem: paramiko logs it as ERROR with a traceback; we log one info line."""
