@@ -384,6 +384,22 @@ def sftp_put(client, path: str, data: bytes) -> None:
     client._request(CMD_CLOSE, f.handle)
 
 
+def sftp_event_walk(client) -> None:
+    """The file operations the protocol-parity suites compare, over SFTP, under /w: mkdir,
+    upload, download, rename, an upload a pre-publish script vetoes ("VETO-ME"), delete, rmdir.
+    The client stays open; the caller closes it."""
+    import pytest
+
+    client.mkdir("/w")
+    sftp_put(client, "/w/a.txt", b"0123456789")
+    assert client.open("/w/a.txt").read() == b"0123456789"
+    client.rename("/w/a.txt", "/w/b.txt")
+    with pytest.raises(PermissionError, match="no VETO-ME here"):
+        sftp_put(client, "/w/b.txt", b"VETO-ME")
+    client.remove("/w/b.txt")
+    client.rmdir("/w")
+
+
 def wait_staging_state(d: Daemon, state: str = "check", timeout: float = 30.0) -> None:
     """Block until an upload's staging record reaches ``state`` ("check": all bytes in,
     pre-publish running). No log line marks the start of a sync check, so this reads

@@ -20,7 +20,7 @@ import re
 
 import pytest
 
-from conftest import ALICE_PASSWORD, close_client, sftp_put
+from conftest import ALICE_PASSWORD, close_client, sftp_event_walk
 from httpkit import HTTP_EXTRA, basic
 
 EVENTS = ("connect", "pre-login", "post-login", "disconnect",
@@ -62,14 +62,7 @@ def sftp_walk(d) -> None:
     t.connect(username="alice", password=ALICE_PASSWORD)
     c = paramiko.SFTPClient.from_transport(t)
     try:
-        c.mkdir("/w")
-        sftp_put(c, "/w/a.txt", b"0123456789")
-        assert c.open("/w/a.txt").read() == b"0123456789"
-        c.rename("/w/a.txt", "/w/b.txt")
-        with pytest.raises(PermissionError, match="no VETO-ME here"):
-            sftp_put(c, "/w/b.txt", b"VETO-ME")
-        c.remove("/w/b.txt")
-        c.rmdir("/w")
+        sftp_event_walk(c)
     finally:
         close_client(c)
 
