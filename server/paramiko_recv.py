@@ -138,12 +138,16 @@ def read_all(pk: Packetizer, n: int, check_rekey: bool = False) -> bytes:
     return out
 
 
-class _MacBase:
-    __slots__ = ("key", "hmac")
-
-    def __init__(self) -> None:
-        self.key: bytes | None = None
-        self.hmac: Any = None
+def keyed_hmac(pk: Packetizer, direction: str) -> Any:
+    """The HMAC of one direction ("in" or "out"), keyed once per key (a rekey brings a new
+    key object); callers ``copy()`` it per packet instead of keying HMAC every time."""
+    d = pk.__dict__
+    key = d["_Packetizer__mac_key_" + direction]
+    cached = d.get("_scriptsftp_mac_" + direction)
+    if cached is None or cached[0] is not key:
+        cached = d["_scriptsftp_mac_" + direction] = (
+            key, hmac.new(key, digestmod=d["_Packetizer__mac_engine_" + direction]))
+    return cached[1]
 
 
 def read_message(pk: Packetizer) -> tuple[int, Message]:
@@ -187,15 +191,9 @@ def _length(rb: _RecvBuffer, head: bytes | None = None) -> int:
     return packet_size
 
 
-def _mac(d: dict[str, Any], seq: int) -> Any:
-    """A copy of this direction's keyed HMAC, already fed the sequence number."""
-    base = d.get("_scriptsftp_mac_in")
-    if base is None:
-        base = d["_scriptsftp_mac_in"] = _MacBase()
-    key = d["_Packetizer__mac_key_in"]
-    if base.key is not key:
-        base.key, base.hmac = key, hmac.new(key, digestmod=d["_Packetizer__mac_engine_in"])
-    mac = base.hmac.copy()
+def _mac(pk: Packetizer, seq: int) -> Any:
+    """A copy of the inbound keyed HMAC, already fed the sequence number."""
+    mac = keyed_hmac(pk, "in").copy()
     mac.update(_U32.pack(seq))
     return mac
 
@@ -221,7 +219,7 @@ def _open_etm(pk: Packetizer, d: dict[str, Any], engine: Any, seq: int) -> tuple
     total = 4 + packet_size + mac_size
     rb = fill(pk, total)
     start = rb.start
-    mac = _mac(d, seq)
+    mac = _mac(pk, seq)
     with memoryview(rb.data) as view:
         mac.update(view[start:start + 4 + packet_size])
         if not hmac.compare_digest(mac.digest()[:mac_size], view[start + 4 + packet_size:start + total]):
@@ -245,7 +243,7 @@ def _open_mac_on_plaintext(pk: Packetizer, d: dict[str, Any], engine: Any, seq: 
     start = rb.start
     with memoryview(rb.data) as view:
         plain = first + engine.update(view[start + bsize:start + 4 + packet_size])
-        mac = _mac(d, seq)
+        mac = _mac(pk, seq)
         mac.update(plain)
         if not hmac.compare_digest(mac.digest()[:mac_size], view[start + 4 + packet_size:start + total]):
             raise SSHException("Mismatched MAC")

@@ -26,18 +26,19 @@ state (no keys yet, compression, packet dumps) takes paramiko's own path.
 
 from __future__ import annotations
 
-import hmac
 import os
 import socket
 import struct
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import paramiko
 from paramiko.common import cMSG_CHANNEL_DATA, xffffffff
 from paramiko.message import Message
 from paramiko.packet import Packetizer
 from paramiko.ssh_exception import SSHException
+
+from .paramiko_recv import keyed_hmac
 
 MAX_BATCH = 16  # packets per sendmsg(): 16 x 32 KiB covers one 255 KiB SFTP DATA reply
 
@@ -100,24 +101,6 @@ def _send_user_packets(transport: paramiko.Transport, chanid: int, chunks: Seque
         transport.clear_to_send_lock.release()
 
 
-class _MacBase:
-    """A keyed HMAC to ``copy()`` per packet, rebuilt when a rekey changes the key."""
-
-    __slots__ = ("key", "digest", "hmac")
-
-    def __init__(self) -> None:
-        self.key: bytes | None = None
-        self.digest: Any = None
-        self.hmac: Any = None
-
-    def get(self, key: bytes, digest: Any) -> Any:
-        """The keyed HMAC for ``key``; callers ``copy()`` it per packet."""
-        if key is not self.key or digest is not self.digest:
-            self.key, self.digest = key, digest
-            self.hmac = hmac.new(key, digestmod=digest)
-        return self.hmac
-
-
 def send_data_packets(pk: Packetizer, chanid: int, chunks: Sequence[memoryview]) -> None:
     """One CHANNEL_DATA packet per chunk, written together. The caller holds clear_to_send_lock."""
     d = pk.__dict__  # paramiko's private state, under its mangled names ("_Packetizer__...")
@@ -138,7 +121,7 @@ def send_data_packets(pk: Packetizer, chanid: int, chunks: Sequence[memoryview])
     bufs: list[bytes | memoryview] = []
     with d[_P + "write_lock"]:
         seq = d[_P + "sequence_number_out"]
-        mac_base = None if aead else _mac_base(pk).get(d[_P + "mac_key_out"], d[_P + "mac_engine_out"])
+        mac_base = None if aead else keyed_hmac(pk, "out")
         sent = 0
         for chunk in chunks:
             n = len(chunk)
@@ -178,13 +161,6 @@ def send_data_packets(pk: Packetizer, chanid: int, chunks: Sequence[memoryview])
             d[_P + "received_bytes_overflow"] = 0
             d[_P + "received_packets_overflow"] = 0
             pk._trigger_rekey()
-
-
-def _mac_base(pk: Packetizer) -> _MacBase:
-    base = pk.__dict__.get("_scriptsftp_mac_out")
-    if base is None:
-        base = pk.__dict__["_scriptsftp_mac_out"] = _MacBase()
-    return base
 
 
 def _write_vectored(pk: Packetizer, bufs: list[bytes | memoryview]) -> None:
