@@ -238,7 +238,8 @@ class SFTPHandler(paramiko.SFTPServer):
 
         Bytes arriving for an incomplete request wait in ``_tail`` and are joined once, when
         the request is complete (not once per packet of a 255 KiB WRITE). The type is -1 for an
-        empty or oversized message: not for the inline path, refused by _answer."""
+        empty message (skipped by _answer) or an oversized one (refused by _answer): never
+        answered inline."""
         have = len(self._in) - self._in_pos
         if have < 4 and self._tail:
             self._join_tail()
