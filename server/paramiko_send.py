@@ -41,6 +41,7 @@ from paramiko.ssh_exception import SSHException
 from .paramiko_recv import keyed_hmac
 
 MAX_BATCH = 16  # packets per sendmsg(): 16 x 32 KiB covers one 255 KiB SFTP DATA reply
+SMALL = 4096  # packets up to this much data are joined before encryption: fewer calls beat the copy
 
 _DATA_HEADER = struct.Struct(">BBII")  # padding length, MSG_CHANNEL_DATA, channel id, data length
 _U32 = struct.Struct(">I")
@@ -137,7 +138,17 @@ def send_data_packets(pk: Packetizer, chanid: int, chunks: Sequence[memoryview])
             else:
                 mac = mac_base.copy()
                 mac.update(_U32.pack(seq))
-                if etm:
+                if n <= SMALL:  # a status reply: one piece to encrypt and MAC, not four
+                    if etm:
+                        ct = engine.update(b"".join((head, chunk, pad)))
+                        mac.update(len4)
+                        mac.update(ct)
+                        bufs += (len4, ct)
+                    else:
+                        whole = b"".join((len4, head, chunk, pad))
+                        mac.update(whole)
+                        bufs.append(engine.update(whole))
+                elif etm:
                     pieces = (engine.update(head), engine.update(chunk), engine.update(pad))
                     mac.update(len4)
                     for p in pieces:
