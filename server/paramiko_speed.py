@@ -131,14 +131,21 @@ def recv_nowait(chan: paramiko.Channel, limit: int) -> bytes | None:
         if not len(pipe._buffer):
             return None if pipe._closed else b""
         out = pipe._buffer_tobytes(limit)
-    ack = chan._check_add_window(len(out))
+    grant_window(chan, len(out))
+    return out
+
+
+def grant_window(chan: paramiko.Channel, consumed: int) -> None:
+    """``consumed`` bytes of the channel were taken: open the peer's window again when due
+    (as ``Channel.recv`` does; may wait out a key exchange, so never from the transport
+    thread while one runs)."""
+    ack = chan._check_add_window(consumed)
     if ack > 0:
         m = Message()
         m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
         m.add_int(chan.remote_chanid)
         m.add_int(ack)
         chan.transport._send_user_message(m)
-    return out
 
 
 _installed = False

@@ -192,3 +192,58 @@ def _rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("mode", ["ctr-etm", "ctr", "gcm"])  # no sink before keys: channels come after
+def test_channel_data_goes_to_its_sink_unless_declined(mode: str) -> None:
+    """set_sink: a channel's data reaches the sink as it left paramiko's sender, the packet is
+    then an IGNORE to the transport loop; a declined packet and other channels' and other
+    messages take the usual way."""
+    messages = _messages()
+    wire, inn, feed = _wire(mode, messages)
+    taken: list[bytes] = []
+    answers = iter([True, False] * len(messages))
+
+    def sink(view: memoryview) -> bool:
+        ok = next(answers)
+        if ok:
+            taken.append(bytes(view))
+        return ok
+
+    paramiko_recv.set_sink(inn, 5, sink)
+    paramiko_recv.set_sink(inn, 6, lambda view: pytest.fail("not this channel"))
+    threading.Thread(target=feed.sendall, args=(wire,), daemon=True).start()
+    expected_taken = []
+    ok = True
+    for t, body in messages:
+        ptype, m = inn.read_message()
+        if t == MSG_CHANNEL_DATA and ok:
+            assert ptype == MSG_IGNORE
+            expected_taken.append(body)
+        else:
+            assert ptype == t
+            if t == MSG_CHANNEL_DATA:
+                assert m.get_int() == 5
+            assert m.get_binary() == body
+        if t == MSG_CHANNEL_DATA:
+            ok = not ok
+    assert taken == expected_taken
+    paramiko_recv.set_sink(inn, 5, None)
+
+
+def test_before_wait_runs_once_just_before_the_reader_would_block() -> None:
+    messages = _messages()[:3]
+    wire, inn, feed = _wire("ctr-etm", messages)
+    calls: list[int] = []
+    waiting = threading.Event()
+
+    def hook() -> None:
+        calls.append(len(calls))
+        waiting.set()
+
+    feed.sendall(wire[:len(wire) // 2])
+    paramiko_recv.before_wait(inn, hook)
+    paramiko_recv.before_wait(inn, hook)  # once, however often asked
+    threading.Thread(target=lambda: (waiting.wait(10), feed.sendall(wire[len(wire) // 2:])), daemon=True).start()
+    _check(inn, messages)
+    assert calls == [0]

@@ -113,3 +113,70 @@ def test_idle_session_is_closed_busy_one_is_not(daemon, alice_key) -> None:
         _close(busy)
         _close(idle)
     assert "\n".join(daemon.lines[start:]).count("sftp idle timeout") == 1
+
+
+def test_concurrent_pipelined_uploads_with_held_replies(daemon, alice_key) -> None:
+    """With several connections busy, status replies wait until their connection has nothing
+    more to read (sftp._crowded): every upload must still complete whole, none may stall."""
+    blobs = [os.urandom(3 * 2**20 + i) for i in range(4)]
+    errors: list[BaseException] = []
+
+    def upload(i: int) -> None:
+        try:
+            sftp = paramiko_client(daemon, key=alice_key)
+            try:
+                with sftp.open(f"crowd{i}.bin", "wb") as f:
+                    f.set_pipelined(True)
+                    for pos in range(0, len(blobs[i]), 30000):  # curl's WRITE size
+                        f.write(blobs[i][pos:pos + 30000])
+            finally:
+                _close(sftp)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(len(blobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    for i, blob in enumerate(blobs):
+        assert (daemon.home() / f"crowd{i}.bin").read_bytes() == blob
+
+
+def test_malformed_write_is_answered_and_the_session_goes_on(daemon, alice_key) -> None:
+    """A WRITE whose data length runs past its message skips the direct path
+    (SFTPHandler._write_direct) and gets the generic parse; a WRITE on an unknown
+    handle gets a status; neither ends the session."""
+    from paramiko.sftp import CMD_STATUS, CMD_WRITE
+
+    sftp = paramiko_client(daemon, key=alice_key)
+    try:
+        with sftp.open("bad.bin", "wb") as f:
+            for req, handle, declared, data in ((9001, f.handle, 100, b"0123456789"),
+                                                (9002, b"no-such-handle", 5, b"abcde")):
+                msg = paramiko.Message()
+                msg.add_int(req)
+                msg.add_string(handle)
+                msg.add_int64(0)
+                msg.add_int(declared)
+                sftp._send_packet(CMD_WRITE, paramiko.Message(msg.asbytes() + data))
+                t, reply = sftp._read_packet()
+                answer = paramiko.Message(reply)
+                assert (t, answer.get_int()) == (CMD_STATUS, req)
+                if handle == b"no-such-handle":
+                    assert answer.get_int() != 0
+        assert sftp.listdir(".")
+    finally:
+        _close(sftp)
+
+
+def test_crowded_means_another_connection_was_served_just_now() -> None:
+    from scriptsftp.server import sftp as front
+
+    a, b = object(), object()
+    front._crowded(a)
+    assert front._crowded(b)  # a was answered a moment ago
+    assert not front._crowded(b)  # only b since
+    front._last_pumped[1] -= 1.0
+    assert not front._crowded(a)  # b, but long ago
