@@ -52,7 +52,7 @@ RECV_SIZE = 1 << 20  # channel bytes taken per read: every pipelined request alr
 READ_REPLY_MAX = 262144  # a READ reply never exceeds this (max_read is at most 256 KiB - 1024)
 _U32 = struct.Struct(">I")
 _U32_PAIR = struct.Struct(">II")
-_WRITE_TAIL = struct.Struct(">QI")  # a WRITE's offset and data length, after its handle
+_OFFSET_LENGTH = struct.Struct(">QI")  # what READ and WRITE carry after their handle
 HOLD_MAX = 32 * 1024  # replies held back while more requests are buffered, at most this much
 HOLD_COUNT = 16  # ... and at most this many: a client that keeps 64 requests in flight still sees steady replies
 CROWDED_WINDOW = 0.002  # another connection's requests answered this recently: the server is busy
@@ -373,15 +373,19 @@ class SFTPHandler(paramiko.SFTPServer):
         self._last_request = time.monotonic()
         if size == 0:
             return
-        if self._in[start] == CMD_WRITE and self._write_direct(start, start + size):
+        t = self._in[start]
+        if t in _INLINE and self._answer_direct(t, start, start + size):
             return
         msg = Message(self._in[start:start + size])
-        t = msg.get_byte()[0]
+        msg.get_byte()
         self._dispatch(t, msg.get_int(), msg)
 
-    def _write_direct(self, start: int, end: int) -> bool:
-        """A well-formed WRITE, written from the stream buffer without a Message (no copy of
-        its data); False leaves a malformed one to the generic parse and its error replies."""
+    def _answer_direct(self, t: int, start: int, end: int) -> bool:
+        """A well-formed READ or WRITE, parsed in place without a Message (a WRITE's data is
+        not copied); False leaves a malformed one to the generic parse and its error replies.
+
+        Both are: type, request id, handle string, uint64 offset, uint32 (READ: the length
+        wanted; WRITE: the length of the data that follows)."""
         buf = self._in
         if end - start < 9:
             return False
@@ -389,12 +393,15 @@ class SFTPHandler(paramiko.SFTPServer):
         h_end = start + 9 + hlen
         if h_end + 12 > end:
             return False
-        offset, n = _WRITE_TAIL.unpack_from(buf, h_end)
+        offset, n = _OFFSET_LENGTH.unpack_from(buf, h_end)
+        h = self._handles.get(bytes(buf[start + 9:h_end]))
+        if t == CMD_READ:
+            self._guarded(t, request, self._read, request, h, offset, n)
+            return True
         if h_end + 12 + n > end:
             return False
-        h = self._handles.get(bytes(buf[start + 9:h_end]))
         data = memoryview(buf)[h_end + 12:h_end + 12 + n]
-        self._guarded(CMD_WRITE, request, self._write, request, h, offset, data)
+        self._guarded(t, request, self._write, request, h, offset, data)
         return True
 
     def _read_packet(self) -> tuple[int | None, Message]:
@@ -552,9 +559,12 @@ class SFTPHandler(paramiko.SFTPServer):
         self._reply_status(request, SFTP_OK)
 
     def _op_read(self, request: int, msg: Message) -> None:
-        h = self._lookup_handle(msg)
-        offset = msg.get_int64()
-        length = min(msg.get_int(), self.limits.max_read)
+        self._read(request, self._handles.get(msg.get_binary()), msg.get_int64(), msg.get_int())
+
+    def _read(self, request: int, h: Any, offset: int, length: int) -> None:
+        if h is None:
+            raise _Reply(SFTP_BAD_MESSAGE, "invalid handle")
+        length = min(length, self.limits.max_read)
         if isinstance(h, _Dir):
             raise _Reply(SFTP_FAILURE, "is a directory")
         buf = bytearray(13 + length)  # the reply is read straight into place behind its header

@@ -146,9 +146,9 @@ def test_concurrent_pipelined_uploads_with_held_replies(daemon, alice_key) -> No
 
 def test_malformed_write_is_answered_and_the_session_goes_on(daemon, alice_key) -> None:
     """A WRITE whose data length runs past its message skips the direct path
-    (SFTPHandler._write_direct) and gets the generic parse; a WRITE on an unknown
-    handle gets a status; neither ends the session."""
-    from paramiko.sftp import CMD_STATUS, CMD_WRITE
+    (SFTPHandler._answer_direct) and gets the generic parse; a WRITE or READ on an
+    unknown handle gets a status; none ends the session."""
+    from paramiko.sftp import CMD_READ, CMD_STATUS, CMD_WRITE
 
     sftp = paramiko_client(daemon, key=alice_key)
     try:
@@ -166,6 +166,15 @@ def test_malformed_write_is_answered_and_the_session_goes_on(daemon, alice_key) 
                 assert (t, answer.get_int()) == (CMD_STATUS, req)
                 if handle == b"no-such-handle":
                     assert answer.get_int() != 0
+        msg = paramiko.Message()
+        msg.add_int(9003)
+        msg.add_string(b"no-such-handle")
+        msg.add_int64(0)
+        msg.add_int(100)
+        sftp._send_packet(CMD_READ, msg)
+        t, reply = sftp._read_packet()
+        answer = paramiko.Message(reply)
+        assert (t, answer.get_int()) == (CMD_STATUS, 9003) and answer.get_int() != 0
         assert sftp.listdir(".")
     finally:
         _close(sftp)
