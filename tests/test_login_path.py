@@ -106,6 +106,10 @@ def test_handshake_timeout_without_a_timer_thread():
 
     from scriptsftp.server.ssh import ServerTransport
 
+    def timers() -> set[threading.Thread]:
+        return {x for x in threading.enumerate() if isinstance(x, threading.Timer)}
+
+    before = timers()  # paramiko clients of earlier tests that never finished a handshake keep theirs
     ours, theirs = socket.socketpair()
     t = ServerTransport(ours)
     t.handshake_timeout = 0.5
@@ -123,11 +127,50 @@ def test_handshake_timeout_without_a_timer_thread():
     try:
         theirs.sendall(b"SSH-2.0-stalled\r\n")
         assert theirs.recv(100).startswith(b"SSH-2.0-")
-        assert not [x for x in threading.enumerate() if isinstance(x, threading.Timer)]
+        assert not timers() - before
         t0 = time.monotonic()
         th.join(10)
         assert 0.4 < time.monotonic() - t0 < 5
         assert failed and not t.is_active()
+    finally:
+        t.close()
+        theirs.close()
+
+
+def test_closing_a_transport_wakes_its_thread_at_once():
+    """The transport thread waits for the socket in 1 s slices (ServerTransport._active_check_timeout,
+    not paramiko's 0.1 s, so idle sessions cost nothing); close() must not leave the client's
+    connection open until the slice ends."""
+    import socket
+    import threading
+    import time
+
+    import paramiko
+
+    from scriptsftp.server.ssh import ServerTransport
+
+    assert ServerTransport._active_check_timeout >= 1.0
+    ours, theirs = socket.socketpair()
+    t = ServerTransport(ours)
+    t.handshake_timeout = 30
+    t.add_server_key(paramiko.RSAKey.generate(2048))
+    th = threading.Thread(target=lambda: t.start_server(server=paramiko.ServerInterface()), daemon=True)
+    th.start()
+    try:
+        theirs.sendall(b"SSH-2.0-stalled\r\n")
+        assert theirs.recv(100).startswith(b"SSH-2.0-")
+        theirs.settimeout(0.3)
+        try:
+            while theirs.recv(65536):  # our KEXINIT; then the transport thread waits for the client
+                pass
+        except socket.timeout:
+            pass
+        theirs.settimeout(10)
+        t0 = time.monotonic()
+        t.close()
+        assert theirs.recv(100) == b""  # EOF, not a timeout
+        th.join(5)
+        assert time.monotonic() - t0 < 0.5 and not t.is_alive()  # without the shutdown: ~0.7 s (1 s - 0.3 s)
     finally:
         t.close()
         theirs.close()
