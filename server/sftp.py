@@ -104,6 +104,7 @@ class SFTPHandler(paramiko.SFTPServer):
     def __init__(self, channel: paramiko.Channel, name: str, server: "SSHServer", *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, name, server, paramiko.SFTPServerInterface)
         self.ssh = server
+        server.add_worker(self)  # joined before the connection counts as ended
         self.limits = server.limits
         self.session: Session | None = None
         self._handles: dict[bytes, ReadHandle | WriteHandle | _Dir] = {}

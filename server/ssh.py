@@ -123,9 +123,26 @@ class ServerTransport(paramiko.Transport):
 
     _quiet_traceback = False
 
+    # paramiko's transport thread waits for the socket in slices of this many seconds, then
+    # looks whether it was closed, a keepalive or a rekey is due, the handshake overran:
+    # paramiko's 0.1 s woke every idle session ten times a second (100 idle sessions: 6% of
+    # a core). Closing shuts the socket down first (close() below), which wakes it at once.
+    _active_check_timeout = 1.0
+
     def __init__(self, sock: socket.socket, **kwargs: object) -> None:
         super().__init__(sock, **kwargs)  # type: ignore[arg-type]
         self.packetizer.__class__ = _HandshakeDeadline  # same object, no timer thread
+
+    def close(self) -> None:
+        """Wake the transport thread before paramiko's close: a thread waiting in poll() on
+        a socket another thread closes sleeps on (the socket stays open meanwhile);
+        shutdown() wakes it and sends the client its FIN now."""
+        if self.active:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        super().close()
 
     def _log(self, level: int, msg, *args) -> None:  # type: ignore[no-untyped-def]
         """Protocol errors of clients that never logged in (port scanners, TCP health checks,
@@ -239,6 +256,9 @@ def send_disconnect(transport: paramiko.Transport, reason: str, code: int = DISC
     transport.close()
 
 
+WORKER_GRACE = 30.0  # seconds a channel thread may take to clean up after its connection ended
+
+
 class SSHServer(paramiko.ServerInterface):
     """paramiko's view of one connection; the decisions are the LoginCore's."""
 
@@ -249,6 +269,8 @@ class SSHServer(paramiko.ServerInterface):
         self.limits = limits
         self.scp_runner = scp_runner
         self.transport: paramiko.Transport | None = None
+        # channel threads (SFTP handlers, SCP runs): the connection is over once they are
+        self.workers: list[threading.Thread] = []
         self._key_failures = 0
 
     # --- authentication -----------------------------------------------------
@@ -306,10 +328,29 @@ class SSHServer(paramiko.ServerInterface):
         except FsError as exc:
             log.info("scp refused: %s", exc.message, extra={"sid": self.conn.id})
             return False
-        runner = self.scp_runner
-        channel._start_after_reply = threading.Thread(  # type: ignore[attr-defined]
-            target=runner, args=(channel, session, argv[1:]), name=f"scp-{self.conn.id}", daemon=True).start
+        worker = threading.Thread(target=self.scp_runner, args=(channel, session, argv[1:]),
+                                  name=f"scp-{self.conn.id}", daemon=True)
+        self.add_worker(worker)
+        channel._start_after_reply = worker.start  # type: ignore[attr-defined]
         return True
+
+    def add_worker(self, worker: threading.Thread) -> None:
+        """A channel thread of this connection (finished ones are forgotten: a connection may
+        run thousands of scp commands)."""
+        self.workers = [w for w in self.workers if w.ident is None or w.is_alive()]
+        self.workers.append(worker)
+
+    def join_workers(self, timeout: float) -> None:
+        """Wait for the channel threads to finish their cleanup (aborting unfinished uploads):
+        until then the connection still uses the session, the staging records, the scripts."""
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            if worker.is_alive() and worker is not threading.current_thread():
+                worker.join(max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                log.warning("channel thread %s still running %.0fs after its connection ended",
+                            worker.name, timeout, extra={"sid": self.conn.id})
+                return
 
     def check_channel_pty_request(self, *args: object) -> bool:
         return False
@@ -380,6 +421,7 @@ class SSHListener:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn, decision = self.core.connect("sftp", addr[0], client.getsockname()[1])
         transport = None
+        server: SSHServer | None = None
         if not decision.allowed:
             # Refused (defender or connect script): no key exchange, no transport thread.
             try:
@@ -421,6 +463,8 @@ class SSHListener:
         finally:
             if transport is not None:
                 transport.close()  # does nothing for a transport never started...
+                if server is not None:
+                    server.join_workers(WORKER_GRACE)
                 with self._lock:
                     self._transports.discard(transport)
                     idle = not self._transports
