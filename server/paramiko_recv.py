@@ -15,6 +15,11 @@ What paramiko 5.1's ``Packetizer`` does per packet, and what is done here instea
   Here the MAC is fed views of the buffer, aes-ctr and aes-gcm decrypt from a
   view, and the message body is sliced once.
 
+Two hooks for the SFTP front end (sftp.SFTPHandler): ``set_sink`` hands a
+channel's data to it straight from the decrypted packet, without a ``Message``
+or the channel's pipe, and ``before_wait`` runs a callback just before the
+transport thread would block on the socket (held replies leave then).
+
 The unencrypted start, compression and packet dumps keep paramiko's own
 ``read_message``, which reads through the same buffer via ``read_all``. Rekey requests, keepalives, handshake
 timeouts and the rekey overflow guard behave as in paramiko.
@@ -133,9 +138,10 @@ def _recv_into(sock: socket.socket, view: memoryview, pk: Packetizer) -> int:
 def before_wait(pk: Packetizer, fn: Callable[[], None]) -> None:
     """Have the transport thread call ``fn`` once, the next time it is about to wait for the socket.
 
-    The SFTP front end holds its small replies there while more requests are already
-    arriving: libssh2 (curl) sends three WRITEs at a time, and their three status replies
-    leave in one packet and one system call instead of three. ``fn`` must not raise or block."""
+    While other connections keep the server busy, the SFTP front end holds its small
+    replies until then: libssh2 (curl) sends three WRITEs at a time, and their three status
+    replies leave in one packet and one system call instead of three. ``fn`` must not
+    raise or block."""
     hooks = pk.__dict__.setdefault("_scriptsftp_before_wait", [])
     if fn not in hooks:
         hooks.append(fn)
@@ -213,7 +219,7 @@ def set_sink(pk: Packetizer, chanid: int, sink: Callable[[memoryview], bool] | N
 
     paramiko turns each data packet into a ``Message`` (a copy), dispatches it through the
     transport loop to ``Channel._feed`` (another copy, into the channel's pipe, under its
-    lock), from which the SFTP handler reads it again: per 30 KB WRITE of curl that was a
+    lock), from which the SFTP handler reads it again: for curl's 30 KB WRITEs, about a
     fifth of the server's time. ``sink(data)`` gets a view of the decrypted data in the
     transport thread and returns False to have the packet take that usual way after all
     (it must then have kept nothing). None removes the sink."""

@@ -69,8 +69,8 @@ def _crowded(handler: "SFTPHandler") -> bool:
     fastest when each reply leaves at once and it reads them while we write the next
     block; but each reply is a packet, a MAC and a system call that wakes it. With other
     connections competing for the interpreter, those are what limits throughput, so
-    replies are then held until the connection has nothing more to read (20 parallel
-    curl uploads: -15% server CPU; alone: 5% slower if held)."""
+    small replies are then held until the transport thread would wait for more input
+    (20 parallel curl uploads: -15% server CPU; alone: 5% slower if held)."""
     now = time.monotonic()
     crowded = _last_pumped[0] is not handler and now - _last_pumped[1] < CROWDED_WINDOW
     _last_pumped[0], _last_pumped[1] = handler, now
@@ -111,7 +111,7 @@ class SFTPHandler(paramiko.SFTPServer):
         self._next = 1
         self._in: bytes | memoryview = b""  # SFTP bytes read from the channel and not yet parsed, from _in_pos on
         self._in_pos = 0
-        self._tail: list[bytes] = []  # channel bytes after _in, not yet joined (see _peek)
+        self._tail: list[bytes | memoryview] = []  # channel bytes after _in, not yet joined (see _peek)
         self._tail_len = 0
         self._held: list[bytes] = []  # small replies not yet sent (see _write_all)
         self._held_bytes = 0
@@ -184,9 +184,9 @@ class SFTPHandler(paramiko.SFTPServer):
     # paramiko hands each packet from its transport thread to this channel's thread through
     # a condition variable: per request a wakeup, a GIL hand-off and a thread switch, which
     # made request/reply clients (libssh2 keeps about 64 KiB in flight) wait on thread
-    # switches. Now the transport thread, right after it buffered a packet, answers what
-    # cannot block (_pump) and this thread answers the rest. Whoever holds ``_work`` consumes
-    # the stream, in order; the other leaves it alone.
+    # switches. Now the transport thread, right after it decrypted a packet (_sink) or
+    # buffered it in the channel (_pump), answers what cannot block and this thread answers
+    # the rest. Whoever holds ``_work`` consumes the stream, in order; the other leaves it alone.
 
     def _serve(self) -> None:
         """Answer every complete request buffered here or in the channel, in order (holding _work)."""
@@ -271,8 +271,7 @@ class SFTPHandler(paramiko.SFTPServer):
                 elif not self._flush_inline():
                     kick = True
         except Exception as exc:  # never into paramiko's loop: the SFTP thread meets it again
-            if not isinstance(exc, (EOFError, OSError, SFTPError)):
-                log.exception("sftp inline request failed", extra={"sid": self.session.id if self.session else ""})
+            self._log_unexpected(exc, "sftp inline request failed")
             kick = True
         finally:
             self._inline_hold = False
@@ -289,11 +288,16 @@ class SFTPHandler(paramiko.SFTPServer):
             if self._closed or self._flush_inline():
                 return
         except Exception as exc:
-            if not isinstance(exc, (EOFError, OSError, SFTPError)):
-                log.exception("sftp reply failed", extra={"sid": self.session.id if self.session else ""})
+            self._log_unexpected(exc, "sftp reply failed")
         finally:
             self._work.release()
         self.sock.in_buffer.kick()
+
+    def _log_unexpected(self, exc: Exception, what: str) -> None:
+        """A failure in the transport thread that is not the connection ending (a bug): logged
+        with its traceback; the SFTP thread, woken, meets the connection's state itself."""
+        if not isinstance(exc, (EOFError, OSError, SFTPError)):
+            log.exception(what, extra={"sid": self.session.id if self.session else ""})
 
     def _flush_inline(self) -> bool:
         """Send held replies from the transport thread if that cannot wait; False if it would."""
