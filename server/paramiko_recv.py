@@ -326,14 +326,14 @@ def _count_received(pk: Packetizer, raw: int) -> None:
 
 
 _original_read_message = Packetizer.read_message
-_installed = False
 
 
-def install() -> None:
-    """Route every paramiko read through the buffer (idempotent)."""
-    global _installed
-    if _installed:
-        return
-    Packetizer.read_all = read_all  # type: ignore[method-assign]
-    Packetizer.read_message = read_message  # type: ignore[method-assign]
-    _installed = True
+class BufferedPacketizer(Packetizer):
+    """A Packetizer that reads through the buffer. The server's transports use it
+    (ssh.ServerTransport); paramiko clients in the same process (tests, tools) keep
+    paramiko's own reader: a client closed from another thread while its reader sits
+    between ``sock.fileno()`` and ``readv()`` could read from a reused descriptor, which
+    the server prevents for its own connections (ssh.ConnectionSocket)."""
+
+    read_all = read_all
+    read_message = read_message

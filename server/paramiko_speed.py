@@ -4,9 +4,9 @@ Profiled on a 256 MiB SFTP upload, the top costs outside the MAC itself were
 byte copying, not protocol work:
 
 * ``Packetizer.read_all`` grew its result with ``bytes +=`` per ``recv``: a
-  256 KiB packet arriving in many segments was copied over and over. Reading
-  now goes through ``paramiko_recv`` (one buffer per connection, a packet size
-  limit, a copy-free aes-ctr + ETM path), installed from here.
+  256 KiB packet arriving in many segments was copied over and over. The
+  server's transports read through ``paramiko_recv`` instead (one buffer per
+  connection, a packet size limit, copy-free decryption; see ssh.py).
 * ``Channel.in_buffer`` (a ``BufferedPipe``) keeps data in an ``array('B')``,
   appends with ``frombytes`` and removes consumed data from the *front*, so
   with a large window every read shifts everything still buffered. Here the
@@ -37,7 +37,6 @@ from paramiko.buffered_pipe import BufferedPipe
 from paramiko.common import cMSG_CHANNEL_WINDOW_ADJUST
 from paramiko.message import Message
 
-from . import paramiko_recv
 
 
 class ChunkBuffer:
@@ -157,6 +156,5 @@ def install() -> None:
     if _installed:
         return
     paramiko.util.constant_time_bytes_eq = hmac.compare_digest
-    paramiko_recv.install()
     paramiko.channel.BufferedPipe = ChunkPipe  # Channel.__init__ looks the name up in its module
     _installed = True

@@ -37,9 +37,8 @@ from paramiko.common import (
     OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED, cMSG_DISCONNECT,
 )
 from paramiko.message import Message
-from paramiko.packet import Packetizer
 
-from . import memory, paramiko_speed
+from . import memory, paramiko_recv, paramiko_speed
 from .dispatch import Decision
 from .errors import FsError
 from .login import Connection, LoginCore
@@ -85,7 +84,7 @@ def _feed_then_pump(chan: paramiko.Channel, m: Message) -> None:
         pump()
 
 
-class _HandshakeDeadline(Packetizer):
+class _HandshakeDeadline(paramiko_recv.BufferedPacketizer):
     """paramiko's Packetizer starts a ``threading.Timer`` thread on every connection only
     to raise a flag once ``handshake_timeout`` has passed; the flag is read where packets
     are read, and the timer cancelled (an ``Event.set()``) after every packet. Starting
@@ -110,6 +109,33 @@ class _HandshakeDeadline(Packetizer):
             self._hs_done = True
 
 
+class ConnectionSocket(socket.socket):
+    """A client connection as paramiko holds it: ``close()`` only shuts it down.
+
+    paramiko closes the socket from whichever thread ends the connection (the transport
+    thread on EOF, another on a kick or a shutdown) while other threads may be between
+    ``sock.fileno()`` and ``readv()``/``writev()`` on it (paramiko_recv, paramiko_send). A
+    descriptor freed there and reused by the next ``accept()`` would carry that thread's
+    bytes into, or out of, another client's connection. ``shutdown()`` wakes those threads
+    (their calls fail or read EOF) and sends the FIN; the listener frees the descriptor with
+    ``release()`` once no thread can use it."""
+
+    @classmethod
+    def adopt(cls, sock: socket.socket) -> "ConnectionSocket":
+        if isinstance(sock, cls):
+            return sock
+        return cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+
+    def close(self) -> None:
+        try:
+            self.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        super().close()
+
+
 class ServerTransport(paramiko.Transport):
     _channel_handler_table = {**paramiko.Transport._channel_handler_table,
                               MSG_CHANNEL_REQUEST: _handle_request_then_start,
@@ -126,23 +152,20 @@ class ServerTransport(paramiko.Transport):
     # paramiko's transport thread waits for the socket in slices of this many seconds, then
     # looks whether it was closed, a keepalive or a rekey is due, the handshake overran:
     # paramiko's 0.1 s woke every idle session ten times a second (100 idle sessions: 6% of
-    # a core). Closing shuts the socket down first (close() below), which wakes it at once.
+    # a core). Closing shuts the socket down (ConnectionSocket), which wakes it at once.
     _active_check_timeout = 1.0
 
     def __init__(self, sock: socket.socket, **kwargs: object) -> None:
-        super().__init__(sock, **kwargs)  # type: ignore[arg-type]
+        super().__init__(ConnectionSocket.adopt(sock), **kwargs)  # type: ignore[arg-type]
         self.packetizer.__class__ = _HandshakeDeadline  # same object, no timer thread
 
-    def close(self) -> None:
-        """Wake the transport thread before paramiko's close: a thread waiting in poll() on
-        a socket another thread closes sleeps on (the socket stays open meanwhile);
-        shutdown() wakes it and sends the client its FIN now."""
-        if self.active:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        super().close()
+    def release_socket(self, wait: float = 5.0) -> None:
+        """Free the descriptor, once the transport thread is gone (see ConnectionSocket);
+        the caller has joined every other thread that writes to it."""
+        if self.ident is not None:  # started
+            self.join(wait)
+        if not self.is_alive():
+            self.sock.release()
 
     def _log(self, level: int, msg, *args) -> None:  # type: ignore[no-untyped-def]
         """Protocol errors of clients that never logged in (port scanners, TCP health checks,
@@ -465,10 +488,11 @@ class SSHListener:
                 transport.close()  # does nothing for a transport never started...
                 if server is not None:
                     server.join_workers(WORKER_GRACE)
+                transport.release_socket()  # ...and nothing else writes to it now
                 with self._lock:
                     self._transports.discard(transport)
                     idle = not self._transports
-            client.close()  # ...so close the socket ourselves, or the client hangs until we exit
+            client.close()  # (already handed to the transport, if there was one)
             self.core.disconnect(conn)
             if transport is not None and idle:
                 memory.release_free_memory()  # the last connection's buffers go back to the system
