@@ -399,14 +399,14 @@ class SFTPHandler(paramiko.SFTPServer):
         if h_end + 12 > end:
             return False
         offset, n = _OFFSET_LENGTH.unpack_from(buf, h_end)
-        h = self._handles.get(bytes(buf[start + 9:h_end]))
+        handle = bytes(buf[start + 9:h_end])
         if t == CMD_READ:
-            self._guarded(t, request, self._read, request, h, offset, n)
+            self._guarded(t, request, self._read, request, handle, offset, n)
             return True
         if h_end + 12 + n > end:
             return False
         data = memoryview(buf)[h_end + 12:h_end + 12 + n]
-        self._guarded(t, request, self._write, request, h, offset, data)
+        self._guarded(t, request, self._write, request, handle, offset, data)
         return True
 
     def _read_packet(self) -> tuple[int | None, Message]:
@@ -504,7 +504,10 @@ class SFTPHandler(paramiko.SFTPServer):
         return name
 
     def _lookup_handle(self, msg: Message) -> Any:
-        h = self._handles.get(msg.get_binary())
+        return self._handle(msg.get_binary())
+
+    def _handle(self, name: bytes) -> Any:
+        h = self._handles.get(name)
         if h is None:
             raise _Reply(SFTP_BAD_MESSAGE, "invalid handle")
         return h
@@ -564,11 +567,10 @@ class SFTPHandler(paramiko.SFTPServer):
         self._reply_status(request, SFTP_OK)
 
     def _op_read(self, request: int, msg: Message) -> None:
-        self._read(request, self._handles.get(msg.get_binary()), msg.get_int64(), msg.get_int())
+        self._read(request, msg.get_binary(), msg.get_int64(), msg.get_int())
 
-    def _read(self, request: int, h: Any, offset: int, length: int) -> None:
-        if h is None:
-            raise _Reply(SFTP_BAD_MESSAGE, "invalid handle")
+    def _read(self, request: int, handle: bytes, offset: int, length: int) -> None:
+        h = self._handle(handle)
         length = min(length, self.limits.max_read)
         if isinstance(h, _Dir):
             raise _Reply(SFTP_FAILURE, "is a directory")
@@ -581,11 +583,10 @@ class SFTPHandler(paramiko.SFTPServer):
         self._write_all(memoryview(buf)[:13 + n])
 
     def _op_write(self, request: int, msg: Message) -> None:
-        self._write(request, self._handles.get(msg.get_binary()), msg.get_int64(), msg.get_binary())
+        self._write(request, msg.get_binary(), msg.get_int64(), msg.get_binary())
 
-    def _write(self, request: int, h: Any, offset: int, data: bytes | memoryview) -> None:
-        if h is None:
-            raise _Reply(SFTP_BAD_MESSAGE, "invalid handle")
+    def _write(self, request: int, handle: bytes, offset: int, data: bytes | memoryview) -> None:
+        h = self._handle(handle)
         if not isinstance(h, WriteHandle):
             raise _Reply(SFTP_PERMISSION_DENIED, "handle not open for writing")
         if len(data) > self.limits.max_read + 1024:

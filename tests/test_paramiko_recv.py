@@ -31,14 +31,6 @@ from scriptsftp.server import paramiko_recv
 MODES = ["ctr-etm", "ctr", "gcm", "none"]
 
 
-@pytest.fixture(autouse=True)
-def buffered_reader(request, monkeypatch):
-    """The buffered reader for the Packetizers of these tests only (the daemon installs it for good)."""
-    if "daemon" not in request.fixturenames:
-        monkeypatch.setattr(Packetizer, "read_all", paramiko_recv.read_all)
-        monkeypatch.setattr(Packetizer, "read_message", paramiko_recv.read_message)
-
-
 def _messages() -> list[tuple[int, bytes]]:
     sizes = [0, 1, 15, 16, 17, 100, 4000, 32768, 65000, 262144]
     return [(MSG_CHANNEL_DATA if i % 2 else MSG_IGNORE, os.urandom(n)) for i, n in enumerate(sizes)]
@@ -70,7 +62,7 @@ def _wire(mode: str, messages: list[tuple[int, bytes]]) -> tuple[bytes, Packetiz
     """The bytes stock paramiko writes for ``messages``, and a receiver keyed to read them."""
     a, b = socket.socketpair()
     sink_a, sink_b = socket.socketpair()
-    out, inn = Packetizer(sink_a), Packetizer(b)
+    out, inn = Packetizer(sink_a), paramiko_recv.BufferedPacketizer(b)
     _keyed(mode, out, inn)
     got = bytearray()
     reader = threading.Thread(target=lambda: _read_until_closed(sink_b, got))
