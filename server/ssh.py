@@ -388,61 +388,62 @@ class SSHServer(paramiko.ServerInterface):
         return (None, None)
 
 
-class SSHListener:
-    """Accepts SSH connections on one or more addresses; one thread per connection."""
+def bind_sockets(addresses: list[tuple[str, int]]) -> list[socket.socket]:
+    sockets = []
+    for host, port in addresses:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host.strip("[]"), port))
+        s.listen(128)
+        sockets.append(s)
+    return sockets
 
-    name = "sftp"
+
+def bound_names(sockets: list[socket.socket]) -> list[str]:
+    out = []
+    for s in sockets:
+        host, port = s.getsockname()[:2]
+        out.append(f"{host}:{port}")
+    return out
+
+
+def close_listening(sockets: list[socket.socket]) -> None:
+    for s in sockets:
+        try:
+            # close() alone neither wakes a thread blocked in accept() nor stops the
+            # kernel from completing handshakes; shutdown() does both (Linux).
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            s.close()
+        except OSError:
+            pass
+
+
+class SSHConnections:
+    """Serves accepted SSH connections, one thread each, with what paramiko needs.
+
+    ``core`` is the LoginCore in a single-process server, or a connection's
+    RemoteCore in an SSH worker process (remote_core.py)."""
 
     def __init__(
         self,
-        addresses: list[tuple[str, int]],
         host_keys: list[paramiko.PKey],
-        core: LoginCore,
         limits: SSHLimits,
         scp_runner: Callable[[paramiko.Channel, Session, list[str]], None] | None = None,
     ) -> None:
-        self.core = core
         self.host_keys = host_keys
         self.limits = limits
         self.scp_runner = scp_runner
-        self.sockets: list[socket.socket] = []
-        for host, port in addresses:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            s = socket.socket(family, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host.strip("[]"), port))
-            s.listen(128)
-            self.sockets.append(s)
-        self._stopping = threading.Event()
+        self.stopping = threading.Event()
         self._transports: set[paramiko.Transport] = set()
         self._lock = threading.Lock()
 
-    @property
-    def bound(self) -> list[str]:
-        out = []
-        for s in self.sockets:
-            host, port = s.getsockname()[:2]
-            out.append(f"{host}:{port}")
-        return out
-
-    def start(self) -> None:
-        for s in self.sockets:
-            threading.Thread(target=self._accept_loop, args=(s,), name="ssh-accept", daemon=True).start()
-
-    def _accept_loop(self, sock: socket.socket) -> None:
-        while not self._stopping.is_set():
-            try:
-                client, addr = sock.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.05)  # e.g. EMFILE: do not spin
-                continue
-            threading.Thread(target=self._serve, args=(client, addr), name=f"ssh-{addr[0]}", daemon=True).start()
-
-    def _serve(self, client: socket.socket, addr: tuple) -> None:
+    def serve(self, client: socket.socket, addr: tuple, core: LoginCore) -> None:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn, decision = self.core.connect("sftp", addr[0], client.getsockname()[1])
+        conn, decision = core.connect("sftp", addr[0], client.getsockname()[1])
         transport = None
         server: SSHServer | None = None
         if not decision.allowed:
@@ -451,7 +452,7 @@ class SSHListener:
                 refuse(client, decision.reason or "connection refused by a server script")
             finally:
                 client.close()
-                self.core.disconnect(conn)
+                core.disconnect(conn)
             return
         try:
             transport = ServerTransport(
@@ -464,10 +465,10 @@ class SSHListener:
             from .sftp import SFTPHandler
 
             transport.set_subsystem_handler("sftp", SFTPHandler)
-            server = SSHServer(self.core, conn, self.limits, self.scp_runner)
+            server = SSHServer(core, conn, self.limits, self.scp_runner)
             server.transport = transport
             with self._lock:
-                if self._stopping.is_set():
+                if self.stopping.is_set():
                     return
                 self._transports.add(transport)
             conn.on_kick = lambda reason, t=transport: send_disconnect(t, reason)
@@ -475,7 +476,7 @@ class SSHListener:
                 transport.start_server(server=server)
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 log.info("ssh handshake failed: %s", exc, extra={"sid": conn.id, "ip": addr[0]})
-                self.core.protocol_error(conn, f"ssh handshake failed: {exc}")
+                core.protocol_error(conn, f"ssh handshake failed: {exc}")
                 return
             transport.join(self.limits.login_grace)
             if transport.is_active() and not transport.is_authenticated():
@@ -493,23 +494,9 @@ class SSHListener:
                     self._transports.discard(transport)
                     idle = not self._transports
             client.close()  # (already handed to the transport, if there was one)
-            self.core.disconnect(conn)
+            core.disconnect(conn)
             if transport is not None and idle:
                 memory.release_free_memory()  # the last connection's buffers go back to the system
-
-    def stop_accepting(self) -> None:
-        self._stopping.set()
-        for s in self.sockets:
-            try:
-                # close() alone neither wakes a thread blocked in accept() nor stops the
-                # kernel from completing handshakes; shutdown() does both (Linux).
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                s.close()
-            except OSError:
-                pass
 
     def active(self) -> int:
         with self._lock:
@@ -520,3 +507,52 @@ class SSHListener:
             transports = list(self._transports)
         for t in transports:
             send_disconnect(t, reason)
+
+
+class SSHListener:
+    """Accepts SSH connections on one or more addresses and serves them in this process."""
+
+    name = "sftp"
+
+    def __init__(
+        self,
+        addresses: list[tuple[str, int]],
+        host_keys: list[paramiko.PKey],
+        core: LoginCore,
+        limits: SSHLimits,
+        scp_runner: Callable[[paramiko.Channel, Session, list[str]], None] | None = None,
+    ) -> None:
+        self.core = core
+        self.connections = SSHConnections(host_keys, limits, scp_runner)
+        self.sockets = bind_sockets(addresses)
+
+    @property
+    def bound(self) -> list[str]:
+        return bound_names(self.sockets)
+
+    def start(self) -> None:
+        for s in self.sockets:
+            threading.Thread(target=self._accept_loop, args=(s,), name="ssh-accept", daemon=True).start()
+
+    def _accept_loop(self, sock: socket.socket) -> None:
+        stopping = self.connections.stopping
+        while not stopping.is_set():
+            try:
+                client, addr = sock.accept()
+            except OSError:
+                if stopping.is_set():
+                    return
+                time.sleep(0.05)  # e.g. EMFILE: do not spin
+                continue
+            threading.Thread(target=self.connections.serve, args=(client, addr, self.core),
+                             name=f"ssh-{addr[0]}", daemon=True).start()
+
+    def stop_accepting(self) -> None:
+        self.connections.stopping.set()
+        close_listening(self.sockets)
+
+    def active(self) -> int:
+        return self.connections.active()
+
+    def close_all(self, reason: str) -> None:
+        self.connections.close_all(reason)
