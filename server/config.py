@@ -137,6 +137,8 @@ class SftpSection(_Model):
     idle_timeout: Annotated[float, Field(ge=0)] = 900.0
     login_grace: PositiveFloat = 30.0
     banner: str = ""
+    processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
+    """Processes that serve SSH connections: "auto" is one per CPU; 1 serves them in the daemon itself."""
 
     @field_validator("listen")
     @classmethod

@@ -26,6 +26,7 @@ from .login import LoginCore, build_users, ensure_generated_passwords
 from .session import UploadPolicy
 from .listener import Listener, listen_addresses
 from .ssh import SSHLimits, SSHListener
+from .ssh_workers import SSHWorkerPool, worker_count
 from .publish import Publisher
 from .staging import CHECKING, StagingRecords, discard_leftovers
 
@@ -62,6 +63,8 @@ class Daemon:
         self.stopping = threading.Event()
         self._reload_requested = threading.Event()
 
+        # first: the SSH worker processes are forked from this one while it has no other thread
+        self._ssh_pool = self._ssh_worker_pool() if m.sftp.enabled else None
         ensure_generated_passwords(cfg, _announce_password)
         self.staging = StagingRecords(self.state_dir / "staging.db")
         # uploads caught mid-check are checked again once the engine runs (start()), unless told otherwise
@@ -110,20 +113,39 @@ class Daemon:
         q = cfg.model.uploads.quarantine
         return UploadPolicy(atomic=cfg.model.uploads.atomic, quarantine=cfg.resolve(q) if q else None)
 
-    def _ssh_listener(self) -> SSHListener:
+    def _ssh_limits(self) -> SSHLimits:
         m = self.cfg.model
-        paths = [self.cfg.resolve(p) for p in m.sftp.host_keys] or ensure_host_keys(self.state_dir / "host_keys")
-        keys = [load_host_key(p) for p in paths]
-        for k in keys:
-            log.info("host key %s %s", k.get_name(), fingerprint(k))
-        limits = SSHLimits(
+        return SSHLimits(
             max_read=m.sftp.max_packet - 1024, max_handles=m.sftp.max_handles,
             idle_timeout=m.sftp.idle_timeout, login_grace=m.sftp.login_grace,
             window_size=m.sftp.window_size, max_packet=min(m.sftp.max_packet, 262144),
         )
+
+    def _host_key_paths(self) -> list[Path]:
+        m = self.cfg.model
+        return [self.cfg.resolve(p) for p in m.sftp.host_keys] or ensure_host_keys(self.state_dir / "host_keys")
+
+    def _ssh_worker_pool(self) -> SSHWorkerPool | None:
+        m = self.cfg.model
+        processes = worker_count(m.sftp.processes)
+        if processes < 2:
+            return None
+        for path in self._host_key_paths():
+            load_host_key(path)  # a bad key file stops the start here, not in every worker
+        return SSHWorkerPool(listen_addresses(m.sftp.listen), self._host_key_paths(), self._ssh_limits(),
+                             processes, m.server.log_format, m.server.log_level)
+
+    def _ssh_listener(self) -> Listener:
+        keys = [load_host_key(p) for p in self._host_key_paths()]
+        for k in keys:
+            log.info("host key %s %s", k.get_name(), fingerprint(k))
+        if self._ssh_pool is not None:
+            self._ssh_pool.core = self.core
+            return self._ssh_pool
         from .scp import run_scp
 
-        return SSHListener(listen_addresses(m.sftp.listen), keys, self.core, limits, scp_runner=run_scp)
+        return SSHListener(listen_addresses(self.cfg.model.sftp.listen), keys, self.core, self._ssh_limits(),
+                           scp_runner=run_scp)
 
     # --- running ------------------------------------------------------------
 
@@ -189,6 +211,9 @@ class Daemon:
         deadline = time.monotonic() + 5
         while self._active() and time.monotonic() < deadline:
             time.sleep(0.05)
+        for listener in self.listeners:
+            if isinstance(listener, SSHWorkerPool):
+                listener.join(max(0.5, deadline - time.monotonic()))
         # background (async) upload checks: what does not finish in time is rechecked at the next start
         self.publisher.close(1.0)
         if hasattr(self.engine, "close"):

@@ -216,6 +216,10 @@ dir = "scripts"
 {extra}
 {self.default_users() if users is None else users}
 """
+        if not re.search(r"^processes\s*=", sftp_extra, re.M):
+            # SSH in worker processes, as "auto" gives on any machine with 2+ CPUs, whatever
+            # this one has; test_ssh_workers.py covers processes = 1
+            text = text.replace("[sftp]\n", "[sftp]\nprocesses = 2\n", 1)
         path = self.root / "scriptsftp.toml"
         path.write_text(text)
         (self.root / "scripts").mkdir(exist_ok=True)

@@ -1,0 +1,258 @@
+"""The core's end of one SSH connection that an SSH worker process serves.
+
+With ``[sftp] processes`` above 1, paramiko (key exchange, ciphers, the SFTP and
+SCP protocols, READ/WRITE data) runs in worker processes, so that SSH traffic
+uses every core instead of one GIL. Everything that decides or remembers stays
+here, in the one Session core (DESIGN.md rule 2): logins, the defender, paths,
+permissions, events and scripts, staging and publishing, session counts, the
+admin API's session list. Each connection's worker asks over its own socket pair
+(one thread here per connection, as an in-process connection has); a file opened
+for transfer comes back as a descriptor, on which the worker reads and writes
+without asking, and whose byte count it reports at close.
+
+The worker is not trusted more than it must be: it parses raw client bytes. It
+gets no name it could use against another connection (sessions and handles are
+numbered per link), the client address is the one the core accepted, requests
+are JSON (framing.py), size-capped, and checked here.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import socket
+from typing import Any, Callable
+
+import paramiko
+
+from . import framing
+from .errors import FsError
+from .login import Connection, LoginCore
+from .session import FileHandle, ReadHandle, Session, WriteHandle
+from .storage import Entry
+
+log = logging.getLogger("scriptsftp.ssh")
+
+MAX_REQUEST = 1 << 20  # a path, a password, a key blob: far less
+
+#: Session methods a worker may call by name, with the keyword arguments each takes
+SESSION_CALLS: dict[str, frozenset[str]] = {
+    "realpath": frozenset(), "readlink": frozenset(), "statvfs": frozenset(),
+    "stat": frozenset({"follow"}), "listdir": frozenset(),
+    "mkdir": frozenset({"mode"}), "rmdir": frozenset(), "remove": frozenset(),
+    "rename": frozenset({"overwrite"}), "setstat": frozenset({"mode", "times", "size"}),
+    "symlink": frozenset(),
+}
+OPEN_WRITE_ARGS = frozenset({"truncate", "append", "exclusive", "create", "readable", "mode"})
+FSETSTAT_ARGS = frozenset({"mode", "times", "size"})
+
+
+def encode_entry(e: Entry) -> list:
+    st = e.st
+    return [e.name, [st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
+                     st.st_atime, st.st_mtime, st.st_ctime], e.link_target]
+
+
+def decode_entry(raw: list) -> Entry:
+    name, st, link_target = raw
+    return Entry(name, os.stat_result(st), link_target)
+
+
+def _kwargs(raw: object, allowed: frozenset[str]) -> dict[str, Any]:
+    if not isinstance(raw, dict) or not set(raw) <= allowed:
+        raise TypeError(f"unexpected arguments {sorted(raw) if isinstance(raw, dict) else raw!r}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}  # times: JSON has no tuple
+
+
+def _count(raw: object) -> int:
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+        raise TypeError(f"byte count {raw!r}")
+    return raw
+
+
+class CoreLink:
+    """Answers one connection's requests, in order, until the worker closes the link.
+
+    ``kick(reason)`` ends the connection in its worker (admin kick, ban, removed user).
+    A link that ends without a ``disconnect`` (the worker died) still aborts the
+    connection's open uploads and disconnects it, as a dropped client would."""
+
+    def __init__(self, core: LoginCore, sock: socket.socket, remote: tuple[str, int], local_port: int,
+                 kick: Callable[[str], None]) -> None:
+        self.core = core
+        self.sock = sock
+        self.remote_ip = remote[0]
+        self.local_port = local_port
+        self.kick = kick
+        self.conn: Connection | None = None
+        self.sessions: dict[int, Session] = {}
+        self.handles: dict[int, FileHandle] = {}
+        self._numbers = iter(range(1, 1 << 62))
+
+    def serve(self) -> None:
+        try:
+            while True:
+                try:
+                    request, fds = framing.receive(self.sock, MAX_REQUEST)
+                except (framing.LinkClosed, OSError):
+                    return
+                except ValueError as exc:
+                    log.error("ssh worker sent a malformed request (%s): connection ended", exc)
+                    return
+                framing._close_all(fds)  # a worker has nothing to hand us
+                reply, fd = self._answer(request)
+                try:
+                    framing.send(self.sock, reply, [fd] if fd is not None else ())
+                except OSError:
+                    return
+        finally:
+            self._end()
+
+    def _answer(self, request: object) -> tuple[dict, int | None]:
+        try:
+            if not isinstance(request, dict) or not isinstance(request.get("args"), list):
+                raise TypeError("not a request")
+            op = request.get("op")
+            handler = self._OPS.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise TypeError(f"unknown request {op!r}")
+            result = handler(self, *request["args"])
+        except FsError as exc:
+            return {"error": [type(exc).__name__, exc.message]}, None
+        except Exception:
+            log.exception("request from an ssh worker failed",
+                          extra={"sid": self.conn.id if self.conn else ""})
+            return {"error": ["Failure", "internal server error"]}, None
+        if isinstance(result, tuple):  # (value, descriptor to pass)
+            return {"ok": result[0]}, result[1]
+        return {"ok": result}, None
+
+    # --- the connection ---------------------------------------------------------
+
+    def _connect(self) -> dict:
+        if self.conn is not None:
+            raise TypeError("connect twice")
+        conn, decision = self.core.connect("sftp", self.remote_ip, self.local_port)
+        conn.on_kick = self.kick
+        self.conn = conn
+        return {"id": conn.id, "allowed": decision.allowed, "reason": decision.reason}
+
+    def _need_conn(self) -> Connection:
+        if self.conn is None:
+            raise TypeError("no connection yet")
+        return self.conn
+
+    def _protocol_error(self, detail: str) -> None:
+        self.core.protocol_error(self._need_conn(), str(detail)[:500])
+
+    def _disconnect(self) -> None:
+        self._end()
+
+    def _auth_methods(self, name: str) -> list[str]:
+        return self.core.auth_methods(name)
+
+    def _check_password(self, name: str, password: str) -> bool:
+        if not isinstance(name, str) or not isinstance(password, str):
+            return False
+        return self.core.check_password(self._need_conn(), name, password)
+
+    def _key_allowed(self, name: str, key_type: str, blob: str) -> bool:
+        try:
+            key = paramiko.PKey.from_type_string(key_type, base64.b64decode(blob))
+        except Exception:
+            return False
+        return self.core.key_allowed(name, key)
+
+    def _finish_login(self, name: str, method: str) -> list:
+        decision = self.core.finish_login(self._need_conn(), name, method, announce=False)
+        return [decision.allowed, decision.reason]
+
+    def _announce_login(self, method: str) -> None:
+        self.core.announce_login(self._need_conn(), method)
+
+    # --- sessions and files ---------------------------------------------------------
+
+    def _open_session(self, protocol: str) -> dict:
+        if protocol not in ("sftp", "scp"):
+            raise TypeError(f"protocol {protocol!r}")
+        session = self.core.open_session(self._need_conn(), protocol)
+        number = next(self._numbers)
+        self.sessions[number] = session
+        return {"sid": number, "id": session.id, "user": session.user}
+
+    def _session(self, number: int) -> Session:
+        return self.sessions[number]  # KeyError: an internal error, answered as such
+
+    def _call(self, number: int, method: str, args: list, kwargs: dict) -> Any:
+        allowed = SESSION_CALLS.get(method)
+        if allowed is None or not isinstance(args, list):
+            raise TypeError(f"session call {method!r}")
+        result = getattr(self._session(number), method)(*args, **_kwargs(kwargs, allowed))
+        if isinstance(result, Entry):
+            return encode_entry(result)
+        if method == "listdir":
+            return [encode_entry(e) for e in result]
+        if method == "statvfs":
+            return [list(result), result.f_fsid]  # f_fsid is not in the tuple part
+        return result
+
+    def _close_session(self, number: int) -> None:
+        session = self.sessions.pop(number, None)
+        if session is not None:
+            session.close()
+
+    def _track(self, handle: FileHandle) -> tuple[dict, int]:
+        number = next(self._numbers)
+        self.handles[number] = handle
+        return {"hid": number, "path": handle.path}, handle.fd
+
+    def _open_read(self, number: int, path: str) -> tuple[dict, int]:
+        return self._track(self._session(number).open_read(path))
+
+    def _open_write(self, number: int, path: str, kwargs: dict) -> tuple[dict, int]:
+        return self._track(self._session(number).open_write(path, **_kwargs(kwargs, OPEN_WRITE_ARGS)))
+
+    def _fsetstat(self, number: int, hid: int, kwargs: dict) -> None:
+        handle = self.handles[hid]
+        if not isinstance(handle, WriteHandle):
+            raise TypeError("fsetstat on a download")
+        self._session(number).fsetstat(handle, **_kwargs(kwargs, FSETSTAT_ARGS))
+
+    def _counted(self, hid: int, count: object) -> FileHandle:
+        handle = self.handles.pop(hid)
+        if isinstance(handle, WriteHandle):
+            handle.written = _count(count)
+        elif isinstance(handle, ReadHandle):
+            handle.sent = _count(count)
+        return handle
+
+    def _close_handle(self, hid: int, count: int) -> None:
+        self._counted(hid, count).close()  # publishes an upload; a veto is the reply
+
+    def _abort_handle(self, hid: int, reason: str, count: int) -> None:
+        self._counted(hid, count).abort(str(reason)[:500])
+
+    _OPS: dict[str, Callable[..., Any]] = {
+        "connect": _connect, "protocol_error": _protocol_error, "disconnect": _disconnect,
+        "auth_methods": _auth_methods, "check_password": _check_password, "key_allowed": _key_allowed,
+        "finish_login": _finish_login, "announce_login": _announce_login,
+        "open_session": _open_session, "call": _call, "close_session": _close_session,
+        "open_read": _open_read, "open_write": _open_write, "fsetstat": _fsetstat,
+        "close_handle": _close_handle, "abort_handle": _abort_handle,
+    }
+
+    def _end(self) -> None:
+        """Whatever the worker left open is aborted (nothing half-published), then the
+        connection is gone for the core: counts, defender slot, ``disconnect`` event."""
+        handles, self.handles = list(self.handles.values()), {}
+        for handle in handles:
+            try:
+                handle.abort("connection closed before the transfer completed")
+            except Exception:
+                log.exception("abort of %s failed", handle.path)
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.on_kick = None
+            self.core.disconnect(conn)  # closes its sessions
+        self.sessions.clear()

@@ -1,0 +1,242 @@
+"""The Session core as an SSH worker process sees it: the same calls, answered by the core.
+
+ssh.py and the SFTP and SCP front ends run unchanged in a worker; what they get
+from :class:`RemoteCore` behaves like the LoginCore, Session and file handles of
+an in-process server. Every call but the data path goes to the core over the
+connection's link (core_link.py), one at a time (a connection's channels share
+it). READ and WRITE use the descriptor the core opened, here, without a round
+trip; the core learns the byte count at close, where it publishes the upload.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import threading
+from typing import Any
+
+import paramiko
+
+from . import errors, framing
+from .core_link import decode_entry
+from .dispatch import ALLOW, Decision
+from .errors import FsError
+from .session import ReadHandle, WriteHandle
+from .storage import Entry
+
+MAX_REPLY = 256 << 20  # a listing of a very large directory
+
+_ERRORS: dict[str, type[FsError]] = {
+    name: cls for name, cls in vars(errors).items() if isinstance(cls, type) and issubclass(cls, FsError)
+}
+
+
+class RemoteConnection:
+    """What ssh.py reads of a Connection: its id and address; ``account`` is set once logged in."""
+
+    def __init__(self, conn_id: str, protocol: str, remote_ip: str) -> None:
+        self.id = conn_id
+        self.protocol = protocol
+        self.remote_ip = remote_ip
+        self.user = ""
+        self.account: object | None = None
+        self.on_kick: Any = None
+
+
+class RemoteCore:
+    """One connection's LoginCore, over its link. Not shared between connections."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.conn: RemoteConnection | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def call(self, op: str, *args: Any) -> tuple[Any, int | None]:
+        """The core's answer and the descriptor that came with it; FsError as raised there.
+        A link that is gone (the core closed it or is stopping) fails the operation."""
+        with self._lock:
+            if self._closed:
+                raise errors.Failure("server is shutting down")
+            try:
+                framing.send(self.sock, {"op": op, "args": list(args)})
+                reply, fds = framing.receive(self.sock, MAX_REPLY)
+            except (OSError, ValueError) as exc:
+                self._closed = True
+                raise errors.Failure("server is shutting down") from exc
+        fd = fds[0] if fds else None
+        framing._close_all(fds[1:])
+        if "error" in reply:
+            if fd is not None:
+                os.close(fd)
+            kind, message = reply["error"]
+            raise _ERRORS.get(kind, errors.Failure)(message)
+        return reply["ok"], fd
+
+    def value(self, op: str, *args: Any) -> Any:
+        return self.call(op, *args)[0]
+
+    # --- LoginCore --------------------------------------------------------------
+
+    def connect(self, protocol: str, remote_ip: str, local_port: int = 0) -> tuple[RemoteConnection, Decision]:
+        answer = self.value("connect")
+        self.conn = RemoteConnection(answer["id"], protocol, remote_ip)
+        return self.conn, ALLOW if answer["allowed"] else Decision(False, answer["reason"])
+
+    def disconnect(self, conn: RemoteConnection) -> None:
+        try:
+            self.value("disconnect")
+        except FsError:
+            pass  # the core ends the connection on its side when the link closes
+        finally:
+            with self._lock:
+                self._closed = True
+                self.sock.close()
+
+    def protocol_error(self, conn: RemoteConnection, detail: str) -> None:
+        self.value("protocol_error", detail)
+
+    def auth_methods(self, name: str) -> list[str]:
+        return self.value("auth_methods", name)
+
+    def check_password(self, conn: RemoteConnection, name: str, password: str) -> bool:
+        return bool(self.value("check_password", name, password))
+
+    def key_allowed(self, name: str, key: paramiko.PKey) -> bool:
+        return bool(self.value("key_allowed", name, key.get_name(), base64.b64encode(key.asbytes()).decode()))
+
+    def finish_login(self, conn: RemoteConnection, name: str, method: str, *, announce: bool = True) -> Decision:
+        allowed, reason = self.value("finish_login", name, method)
+        if not allowed:
+            return Decision(False, reason)
+        conn.user = name
+        conn.account = True  # logged in; the account itself stays in the core
+        if announce:
+            self.announce_login(conn, method)
+        return ALLOW
+
+    def announce_login(self, conn: RemoteConnection, method: str) -> None:
+        self.value("announce_login", method)
+
+    def open_session(self, conn: RemoteConnection, protocol: str | None = None) -> "RemoteSession":
+        answer = self.value("open_session", protocol or conn.protocol)
+        return RemoteSession(self, answer["sid"], answer["id"], answer["user"], protocol or conn.protocol)
+
+
+class RemoteSession:
+    """A Session in the core; the methods the SFTP and SCP front ends use."""
+
+    def __init__(self, core: RemoteCore, number: int, session_id: str, user: str, protocol: str) -> None:
+        self.core = core
+        self.number = number
+        self.id = session_id
+        self.user = user
+        self.protocol = protocol
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.core.value("call", self.number, method, list(args), kwargs)
+
+    def realpath(self, vpath: str) -> str:
+        return self._call("realpath", vpath)
+
+    def stat(self, vpath: str, follow: bool = True) -> Entry:
+        return decode_entry(self._call("stat", vpath, follow=follow))
+
+    def listdir(self, vpath: str) -> list[Entry]:
+        return [decode_entry(e) for e in self._call("listdir", vpath)]
+
+    def readlink(self, vpath: str) -> str:
+        return self._call("readlink", vpath)
+
+    def statvfs(self, vpath: str = "/") -> os.statvfs_result:
+        fields, fsid = self._call("statvfs", vpath)
+        return os.statvfs_result(fields, {"f_fsid": fsid})
+
+    def mkdir(self, vpath: str, mode: int = 0o755) -> None:
+        self._call("mkdir", vpath, mode=mode)
+
+    def rmdir(self, vpath: str) -> None:
+        self._call("rmdir", vpath)
+
+    def remove(self, vpath: str) -> None:
+        self._call("remove", vpath)
+
+    def rename(self, src_vpath: str, dst_vpath: str, *, overwrite: bool = False) -> None:
+        self._call("rename", src_vpath, dst_vpath, overwrite=overwrite)
+
+    def setstat(self, vpath: str, *, mode: int | None = None, times: tuple[float, float] | None = None,
+                size: int | None = None) -> None:
+        self._call("setstat", vpath, mode=mode, times=times, size=size)
+
+    def symlink(self, target_vpath: str, link_vpath: str) -> None:
+        self._call("symlink", target_vpath, link_vpath)
+
+    def open_read(self, vpath: str) -> "RemoteReadHandle":
+        answer, fd = self.core.call("open_read", self.number, vpath)
+        return RemoteReadHandle(self, answer["hid"], answer["path"], _fd(fd))
+
+    def open_write(self, vpath: str, **kwargs: Any) -> "RemoteWriteHandle":
+        answer, fd = self.core.call("open_write", self.number, vpath, kwargs)
+        return RemoteWriteHandle(self, answer["hid"], answer["path"], _fd(fd))
+
+    def fsetstat(self, handle: "RemoteWriteHandle", *, mode: int | None = None,
+                 times: tuple[float, float] | None = None, size: int | None = None) -> None:
+        self.core.value("fsetstat", self.number, handle.hid, {"mode": mode, "times": times, "size": size})
+
+    def close(self) -> None:
+        try:
+            self.core.value("close_session", self.number)
+        except FsError:
+            pass
+
+
+def _fd(fd: int | None) -> int:
+    if fd is None:
+        raise errors.Failure("the server did not open the file")
+    return fd
+
+
+class RemoteReadHandle(ReadHandle):
+    """A download: ``read``/``read_into`` here; close and abort tell the core."""
+
+    def __init__(self, session: RemoteSession, hid: int, path: str, fd: int) -> None:
+        super().__init__(session, path, (), fd)  # type: ignore[arg-type]
+        self.hid = hid
+
+    def close(self) -> None:
+        if self._finish():
+            os.close(self.fd)
+            self.session.core.value("close_handle", self.hid, self.sent)  # type: ignore[attr-defined]
+
+    def abort(self, reason: str) -> None:
+        if self._finish():
+            os.close(self.fd)
+            _quietly(self.session, "abort_handle", self.hid, reason, self.sent)
+
+
+class RemoteWriteHandle(WriteHandle):
+    """An upload: ``write``/``truncate``/``fsync`` here; the core publishes at close
+    (a pre-publish veto comes back as the Vetoed it raised there)."""
+
+    def __init__(self, session: RemoteSession, hid: int, path: str, fd: int) -> None:
+        super().__init__(session, path, (), fd, staging_name=None, record_id=None,  # type: ignore[arg-type]
+                         existed=False)
+        self.hid = hid
+
+    def close(self) -> None:
+        if self._finish():
+            os.close(self.fd)
+            self.session.core.value("close_handle", self.hid, self.written)  # type: ignore[attr-defined]
+
+    def abort(self, reason: str) -> None:
+        if self._finish():
+            os.close(self.fd)
+            _quietly(self.session, "abort_handle", self.hid, reason, self.written)
+
+
+def _quietly(session: Any, op: str, *args: Any) -> None:
+    try:
+        session.core.value(op, *args)
+    except FsError:
+        pass  # the link is gone: the core aborts what the connection left open

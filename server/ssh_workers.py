@@ -1,0 +1,303 @@
+"""SSH served by several worker processes: the listener of ``[sftp] processes`` > 1.
+
+Why: one Python process runs one thread at a time. Measured on 2 cores with 20
+parallel curl uploads, one process reached 71-78 MB/s with a fifth of the CPU
+idle and 13 CPU-s per GiB (20 transport threads contending for one GIL); two
+processes reached 123-150 MB/s at 7.5 CPU-s per GiB (DESIGN.md rule 10).
+
+How: the core accepts, so that the defender, the connection caps and the client
+address stay its own, and hands each connection to the worker serving the fewest,
+with a socket pair that links it to a CoreLink thread here (core_link.py). A
+worker that dies is replaced; its connections end as dropped ones do (their
+uploads are aborted here). Workers are started at once but not waited for: a
+connection handed to a worker still starting waits in its socket.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import framing
+from .core_link import CoreLink
+from .login import LoginCore
+from .ssh import SSHLimits, bind_sockets, bound_names, close_listening
+
+log = logging.getLogger("scriptsftp.ssh")
+
+RESTART_DELAY = (0.5, 30.0)  # first and longest wait before replacing a worker that died young
+
+
+class _Forked:
+    """The part of subprocess.Popen the pool uses, for a worker forked from the daemon."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._lock = threading.Lock()  # the watcher and shutdown both wait: one reaps, both learn
+
+    def poll(self) -> int | None:
+        with self._lock:
+            if self.returncode is None:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"ssh worker {self.pid}", timeout or 0)
+            time.sleep(0.02)
+        return self.returncode  # type: ignore[return-value]
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class _Worker:
+    """One worker process and the socket the core commands it through.
+
+    ``fork``: the first workers are forked from the daemon while it has no other
+    thread yet, and share its already imported code (no second start-up, and
+    memory shared until written). A replacement, started while threads run, is a
+    new program instead: forking a threaded process can copy a lock some thread
+    holds."""
+
+    def __init__(self, index: int, setup: dict, *, fork: bool, others: list["_Worker"]) -> None:
+        self.index = index
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.control = ours
+        self.started = time.monotonic()
+        self.process: _Forked | subprocess.Popen
+        try:
+            if fork:
+                self.process = _fork(theirs, setup, close=[ours, *(w.control for w in others)])
+            else:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "scriptsftp.server.ssh_worker", str(theirs.fileno())],
+                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
+                )
+        finally:
+            theirs.close()
+        self._send_lock = threading.Lock()
+        self.links = 0  # connections handed to it and not ended yet
+        if not fork:
+            self.send(setup)
+
+    def send(self, message: dict, fds: list[int] | tuple[int, ...] = ()) -> None:
+        with self._send_lock:
+            framing.send(self.control, message, fds)
+
+    def wait_for_exit(self) -> int:
+        """Block until the process ends (its control socket reads EOF first)."""
+        try:
+            while True:
+                _, fds = framing.receive(self.control, 1024)
+                framing._close_all(fds)  # a worker sends nothing; stray data is ignored
+        except (framing.LinkClosed, OSError, ValueError):
+            pass
+        code = self.process.wait()
+        self.control.close()
+        return code
+
+
+def _fork(control: socket.socket, setup: dict, close: list[socket.socket]) -> _Forked:
+    from . import ssh_worker, sftp, scp, remote_core  # noqa: F401  (imported once, shared)
+
+    gc.freeze()  # what exists now is never collected in the child: its pages stay shared
+    pid = os.fork()
+    if pid:
+        return _Forked(pid)
+    code = 70
+    try:
+        for s in close:  # the daemon's ends: holding them would hide the daemon's death
+            s.close()
+        code = ssh_worker.serve(control, setup)
+    except BaseException:
+        log.exception("ssh worker failed")
+    finally:
+        os._exit(code)
+
+
+class SSHWorkerPool:
+    """The daemon's SSH listener when SSH runs in ``processes`` worker processes."""
+
+    name = "sftp"
+
+    def __init__(self, addresses: list[tuple[str, int]], host_keys: list[Path], limits: SSHLimits,
+                 processes: int, log_format: str, log_level: str) -> None:
+        """Binds and forks the workers at once: build it before anything starts a thread.
+        Connections are accepted from :meth:`start` on, once :attr:`core` is set."""
+        self.core: LoginCore | None = None
+        self.sockets = bind_sockets(addresses)
+        self._setup = {"kind": "setup", "host_keys": [str(p) for p in host_keys], "limits": asdict(limits),
+                       "log_format": log_format, "log_level": log_level}
+        self._workers: list[_Worker] = []
+        self._links: set[CoreLink] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._keys = itertools.count(1)
+        fork = threading.active_count() == 1  # else (a daemon built inside a test, say) start programs
+        try:
+            for index in range(processes):
+                self._workers.append(_Worker(index, self._setup, fork=fork, others=self._workers))
+        except BaseException:
+            self.stop_accepting()
+            raise
+
+    @property
+    def bound(self) -> list[str]:
+        return bound_names(self.sockets)
+
+    def start(self) -> None:
+        assert self.core is not None, "SSHWorkerPool.core not set"
+        for worker in self._workers:
+            log.info("ssh worker %d started (pid %d)", worker.index, worker.process.pid)
+            threading.Thread(target=self._watch, args=(worker, 0.0), name=f"ssh-worker-{worker.index}",
+                             daemon=True).start()
+        for s in self.sockets:
+            threading.Thread(target=self._accept_loop, args=(s,), name="ssh-accept", daemon=True).start()
+
+    def _start_worker(self, index: int, delay: float) -> None:
+        with self._lock:
+            worker = _Worker(index, self._setup, fork=False, others=self._workers)
+            self._workers.append(worker)
+        log.info("ssh worker %d started (pid %d)", index, worker.process.pid)
+        threading.Thread(target=self._watch, args=(worker, delay), name=f"ssh-worker-{index}", daemon=True).start()
+
+    def _watch(self, worker: _Worker, delay: float) -> None:
+        code = worker.wait_for_exit()
+        with self._lock:
+            self._workers.remove(worker)
+        if self._stopping.is_set():
+            return
+        log.error("ssh worker %d (pid %d) exited with code %s; its connections were dropped; starting another",
+                  worker.index, worker.process.pid, code)
+        # one that died young may die again at once (e.g. it cannot import): do not spin
+        young = time.monotonic() - worker.started < 10
+        delay = min(max(delay * 2, RESTART_DELAY[0]), RESTART_DELAY[1]) if young else 0.0
+        if self._stopping.wait(delay):
+            return
+        self._start_worker(worker.index, delay)
+
+    def _accept_loop(self, sock: socket.socket) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, addr = sock.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)  # e.g. EMFILE: do not spin
+                continue
+            try:
+                self._hand_over(client, addr)
+            except OSError as exc:
+                log.error("could not hand a connection from %s to an ssh worker: %s", addr[0], exc)
+            finally:
+                client.close()  # the worker has its own copy
+
+    def _hand_over(self, client: socket.socket, addr: tuple) -> None:
+        with self._lock:
+            workers = [w for w in self._workers if w.process.poll() is None]
+            if not workers:
+                raise OSError("no ssh worker is running")
+            worker = min(workers, key=lambda w: w.links)
+            worker.links += 1
+        key = next(self._keys)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        assert self.core is not None
+        link = CoreLink(self.core, ours, addr, client.getsockname()[1],
+                        kick=lambda reason: self._kick(worker, key, reason))
+        with self._lock:
+            self._links.add(link)
+        try:
+            worker.send({"kind": "conn", "key": key, "addr": list(addr[:2])}, [client.fileno(), theirs.fileno()])
+        except OSError:
+            ours.close()  # the link thread below is never started: undo
+            with self._lock:
+                self._links.discard(link)
+                worker.links -= 1
+            raise
+        finally:
+            theirs.close()
+        threading.Thread(target=self._serve_link, args=(worker, link), name=f"ssh-link-{addr[0]}",
+                         daemon=True).start()
+
+    def _serve_link(self, worker: _Worker, link: CoreLink) -> None:
+        try:
+            link.serve()
+        finally:
+            link.sock.close()
+            with self._lock:
+                self._links.discard(link)
+                worker.links -= 1
+
+    def _kick(self, worker: _Worker, key: int, reason: str) -> None:
+        try:
+            worker.send({"kind": "kick", "key": key, "reason": reason})
+        except OSError:
+            pass  # the worker is gone, and the connection with it
+
+    def _tell_all(self, message: dict) -> None:
+        with self._lock:
+            workers = list(self._workers)
+        for w in workers:
+            try:
+                w.send(message)
+            except OSError:
+                pass
+
+    def stop_accepting(self) -> None:
+        """No new connections; each worker exits once its connections are over."""
+        self._stopping.set()
+        close_listening(self.sockets)
+        self._tell_all({"kind": "stop"})
+
+    def active(self) -> int:
+        with self._lock:
+            return len(self._links)
+
+    def close_all(self, reason: str) -> None:
+        self._tell_all({"kind": "close_all", "reason": reason})
+
+    def worker_pids(self) -> list[int]:
+        with self._lock:
+            return [w.process.pid for w in self._workers]
+
+    def join(self, timeout: float) -> None:
+        """Wait for the workers to exit (after close_all); kill those that do not."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            workers = list(self._workers)
+        for w in workers:
+            try:
+                w.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("ssh worker %d (pid %d) did not exit; killing it", w.index, w.process.pid)
+                w.process.kill()
+                w.process.wait()
+
+
+def worker_count(setting: int | str) -> int:
+    """``processes``: a number, or "auto" (one per CPU this process may run on)."""
+    if setting == "auto":
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:
+            return os.cpu_count() or 1
+    return int(setting)

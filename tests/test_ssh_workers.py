@@ -1,0 +1,173 @@
+"""SSH in worker processes (``[sftp] processes``): the daemon decides, workers move bytes.
+
+The rest of the suite runs with ``processes = 2`` (conftest); here: the
+in-process listener (``processes = 1``), a worker that dies mid-upload, a daemon
+that dies under its workers, and the core's end of a link fed by a hostile worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import paramiko
+import pytest
+
+from conftest import SSH_OPTS, close_client, paramiko_client, require_tool, sftp_batch
+
+STAGING = ".scriptsftp-part-"
+
+
+def worker_pids(d) -> list[int]:
+    return [int(p) for p in re.findall(r"ssh worker \d+ started \(pid (\d+)\)", d.log_text())]
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not yet reaped by init
+    except FileNotFoundError:
+        return True
+
+
+def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    """Bounded poll where there is no event to wait on (process exit seen from outside)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def holder_of(pids: list[int], name_part: str) -> int:
+    """The process that has a file whose path contains ``name_part`` open."""
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if name_part in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError(f"no worker has {name_part} open")
+
+
+def test_in_process_listener_serves_sftp_and_scp(daemons, alice_key, tmp_path):
+    require_tool("scp")
+    d = daemons.start(sftp_extra="processes = 1")
+    assert "ssh worker" not in d.log_text()
+    src = tmp_path / "a.txt"
+    src.write_bytes(os.urandom(300_000))
+    sftp_batch(d, f"put {src} a.txt\nrename a.txt b.txt\nget b.txt {tmp_path / 'back.txt'}\n", alice_key, check=True)
+    assert (tmp_path / "back.txt").read_bytes() == src.read_bytes() == (d.home() / "b.txt").read_bytes()
+    subprocess.run(["scp", "-O", "-P", str(d.port), "-i", str(alice_key.private), *SSH_OPTS, str(src),
+                    "alice@127.0.0.1:c.txt"], check=True, capture_output=True, timeout=60)
+    assert (d.home() / "c.txt").read_bytes() == src.read_bytes()
+
+
+def test_worker_killed_mid_upload_drops_only_its_connections(daemons, alice_key):
+    d = daemons.start(sftp_extra="processes = 2")
+    pids = worker_pids(d)
+    assert len(pids) == 2
+    home = d.home()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "f.bin").write_bytes(b"old version")
+    victim_client = paramiko_client(d, key=alice_key)
+    f = victim_client.open("f.bin", "w")
+    f.write(b"x" * 200_000)
+    f.flush()
+    staged = [n for n in os.listdir(home) if n.startswith(STAGING)]
+    assert len(staged) == 1
+    victim = holder_of(pids, staged[0])
+    bystander = paramiko_client(d, key=alice_key)  # the other worker serves the fewest connections
+    assert holder_of(pids, staged[0]) == victim
+    try:
+        os.kill(victim, signal.SIGKILL)
+        d.wait_log(rf"ssh worker \d \(pid {victim}\) exited")
+        d.wait_log(r"upload /f.bin aborted")
+        assert (home / "f.bin").read_bytes() == b"old version"
+        assert not [n for n in os.listdir(home) if n.startswith(STAGING)]
+        with pytest.raises((OSError, EOFError, paramiko.SSHException)):
+            f.write(b"y" * 100_000)
+            f.close()
+        assert bystander.listdir(".") == ["f.bin"]  # its worker lives on
+        replacement = d.wait_log(r"ssh worker \d started \(pid (\d+)\)", start=len(d.lines) - 20)
+        assert int(replacement[1]) not in pids
+        fresh = paramiko_client(d, key=alice_key)
+        with fresh.open("g.bin", "w") as g:
+            g.write(b"after")
+        assert (home / "g.bin").read_bytes() == b"after"
+        close_client(fresh)
+    finally:
+        close_client(bystander)
+        victim_client.get_channel().get_transport().close()
+
+
+def test_workers_follow_the_daemon_not_signals(daemons, alice_key):
+    d = daemons.start(sftp_extra="processes = 2")
+    pids = worker_pids(d)
+    for pid in pids:  # a Ctrl-C reaches the whole process group: the daemon decides
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+    c = paramiko_client(d, key=alice_key)
+    assert c.listdir(".") == []
+    close_client(c)
+    assert not any(gone(p) for p in pids)
+    d.proc.kill()  # no clean-up at all: the workers notice the daemon is gone
+    d.proc.wait()
+    wait_until(lambda: all(gone(p) for p in pids), what="workers to exit after the daemon")
+
+
+# --- the core's end of a link, fed by a worker that breaks the rules -------------------------
+
+
+@pytest.fixture
+def link(tmp_path):
+    from scriptsftp.server.core_link import CoreLink
+    from scriptsftp.server.dispatch import NullDispatcher
+    from scriptsftp.server.login import LoginCore
+    from scriptsftp.server.session import UploadPolicy
+
+    core = LoginCore({}, NullDispatcher(), staging=None, uploads=UploadPolicy(atomic=False))
+    ours, theirs = socket.socketpair()
+    kicked: list[str] = []
+    cl = CoreLink(core, ours, ("192.0.2.7", 5555), 22, kick=kicked.append)
+    t = threading.Thread(target=cl.serve, daemon=True)
+    t.start()
+    yield core, theirs, t
+    theirs.close()
+    t.join(5)
+    ours.close()
+
+
+def ask(sock: socket.socket, message: object) -> dict:
+    payload = json.dumps(message).encode()
+    sock.sendall(struct.pack("!I", len(payload)) + payload)
+    size = struct.unpack("!I", sock.recv(4, socket.MSG_WAITALL))[0]
+    return json.loads(sock.recv(size, socket.MSG_WAITALL))
+
+
+def test_core_link_answers_only_what_a_worker_may_ask(link):
+    core, sock, thread = link
+    answer = ask(sock, {"op": "connect", "args": ["sftp", "10.9.9.9", 1]})  # extra args: refused
+    assert answer["error"][0] == "Failure"
+    answer = ask(sock, {"op": "connect", "args": []})
+    assert answer["ok"]["allowed"]
+    (conn,) = core.connections()
+    assert conn.remote_ip == "192.0.2.7"  # the address the core accepted, never the worker's word
+    for bad in ({"op": "open_session", "args": ["sftp"]},  # not logged in
+                {"op": "call", "args": [1, "__class__", [], {}]},
+                {"op": "__init__", "args": []}, {"args": []}, ["connect"],
+                {"op": "close_handle", "args": [99, -1]}):
+        assert ask(sock, bad)["error"][0] in ("Failure", "PermissionDenied"), bad
+    assert ask(sock, {"op": "check_password", "args": ["nobody", {"not": "a string"}]}) == {"ok": False}
+    sock.sendall(struct.pack("!I", 64 << 20))  # a message far over the limit ends the link
+    thread.join(5)
+    assert not thread.is_alive()
+    assert core.connections() == []  # and the connection with it
