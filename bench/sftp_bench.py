@@ -795,13 +795,17 @@ def _run(args, wanted, tests, base: Path, tmp_root: str, started: list[Target]) 
             try:
                 m = memory_sessions(t, cl, args.sessions, settle=1.0)
             except Exception as e:
-                for test in ("mem_fresh", "mem_idle", "mem_sessions", "mem_delta", "mem_per_session"):
+                for test in ("mem_fresh", "mem_idle", "mem_fresh_pss", "mem_idle_pss", "mem_sessions", "mem_delta",
+                             "mem_per_session"):
                     res(tn, test, "MiB").error = str(e)
                 print(f"  memory {t.label}: FAILED: {e}")
                 continue
             fresh = t.info["fresh"]
             res(tn, "mem_fresh", "MiB").samples = [fresh["tree_rss_mib"]]
             res(tn, "mem_idle", "MiB").samples = [m["idle"]["tree_rss_mib"]]
+            # several processes count their shared code once each in RSS; PSS shares it out
+            res(tn, "mem_fresh_pss", "MiB").samples = [fresh["tree_pss_mib"]]
+            res(tn, "mem_idle_pss", "MiB").samples = [m["idle"]["tree_pss_mib"]]
             res(tn, "mem_sessions", "MiB").samples = [m["with_sessions"]["tree_rss_mib"]]
             res(tn, "mem_delta", "MiB").samples = [m["delta_rss_mib"]]
             res(tn, "mem_delta_pss", "MiB").samples = [m["delta_pss_mib"]]
@@ -855,6 +859,8 @@ ROWS = [
     ("lat_paramiko_ls", "paramiko conn+auth+ls", "ms", False),
     ("mem_fresh", "RSS fresh", "MiB", False),
     ("mem_idle", "RSS idle after tests", "MiB", False),
+    ("mem_fresh_pss", "PSS fresh", "MiB", False),
+    ("mem_idle_pss", "PSS idle after tests", "MiB", False),
     ("mem_sessions", "RSS {s} sessions", "MiB", False),
     ("mem_delta", "RSS delta {s} sessions", "MiB", False),
     ("mem_delta_pss", "PSS delta {s} sessions", "MiB", False),
