@@ -197,46 +197,51 @@ def _fd(fd: int | None) -> int:
     return fd
 
 
-class RemoteReadHandle(ReadHandle):
-    """A download: ``read``/``read_into`` here; close and abort tell the core."""
+class _ReportsToCore:
+    """Close and abort of a transfer served here: this copy of the descriptor is closed,
+    then the core, which holds its own, is told the byte count (and publishes an upload)."""
 
-    def __init__(self, session: RemoteSession, hid: int, path: str, fd: int) -> None:
-        super().__init__(session, path, (), fd)  # type: ignore[arg-type]
-        self.hid = hid
+    hid: int
+    fd: int
+    session: RemoteSession
+    _finish: Any  # FileHandle's
 
-    def close(self) -> None:
-        if self._finish():
-            os.close(self.fd)
-            self.session.core.value("close_handle", self.hid, self.sent)  # type: ignore[attr-defined]
-
-    def abort(self, reason: str) -> None:
-        if self._finish():
-            os.close(self.fd)
-            _quietly(self.session, "abort_handle", self.hid, reason, self.sent)
-
-
-class RemoteWriteHandle(WriteHandle):
-    """An upload: ``write``/``truncate``/``fsync`` here; the core publishes at close
-    (a pre-publish veto comes back as the Vetoed it raised there)."""
-
-    def __init__(self, session: RemoteSession, hid: int, path: str, fd: int) -> None:
-        super().__init__(session, path, (), fd, staging_name=None, record_id=None,  # type: ignore[arg-type]
-                         existed=False)
-        self.hid = hid
+    def _count(self) -> int:
+        raise NotImplementedError
 
     def close(self) -> None:
         if self._finish():
             os.close(self.fd)
-            self.session.core.value("close_handle", self.hid, self.written)  # type: ignore[attr-defined]
+            self.session.core.value("close_handle", self.hid, self._count())  # a veto raises here
 
     def abort(self, reason: str) -> None:
         if self._finish():
             os.close(self.fd)
-            _quietly(self.session, "abort_handle", self.hid, reason, self.written)
+            try:
+                self.session.core.value("abort_handle", self.hid, reason, self._count())
+            except FsError:
+                pass  # the link is gone: the core aborts what the connection left open
 
 
-def _quietly(session: Any, op: str, *args: Any) -> None:
-    try:
-        session.core.value(op, *args)
-    except FsError:
-        pass  # the link is gone: the core aborts what the connection left open
+class RemoteReadHandle(_ReportsToCore, ReadHandle):  # type: ignore[misc]
+    """A download: ``read``/``read_into`` here."""
+
+    def __init__(self, session: RemoteSession, hid: int, path: str, fd: int) -> None:
+        ReadHandle.__init__(self, session, path, (), fd)  # type: ignore[arg-type]
+        self.hid = hid
+
+    def _count(self) -> int:
+        return self.sent
+
+
+class RemoteWriteHandle(_ReportsToCore, WriteHandle):  # type: ignore[misc]
+    """An upload: ``write``/``truncate``/``fsync`` here; a pre-publish veto at close comes
+    back as the Vetoed it raised in the core."""
+
+    def __init__(self, session: RemoteSession, hid: int, path: str, fd: int) -> None:
+        WriteHandle.__init__(self, session, path, (), fd, staging_name=None, record_id=None,  # type: ignore[arg-type]
+                             existed=False)
+        self.hid = hid
+
+    def _count(self) -> int:
+        return self.written
