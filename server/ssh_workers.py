@@ -275,10 +275,6 @@ class SSHWorkerPool:
     def close_all(self, reason: str) -> None:
         self._tell_all({"kind": "close_all", "reason": reason})
 
-    def worker_pids(self) -> list[int]:
-        with self._lock:
-            return [w.process.pid for w in self._workers]
-
     def join(self, timeout: float) -> None:
         """Wait for the workers to exit (after close_all); kill those that do not."""
         deadline = time.monotonic() + timeout
