@@ -89,23 +89,38 @@ class CoreLink:
         self.sessions: dict[int, Session] = {}
         self.handles: dict[int, FileHandle] = {}
         self._numbers = iter(range(1, 1 << 62))
+        self._after_reply: Callable[[], None] | None = None
 
     def serve(self) -> None:
+        """The connect decision first, unasked (the worker's first question would be for
+        it); then one answer per request. Round trips are what a worker waits for."""
         try:
+            try:
+                framing.send(self.sock, self._answer({"op": "connect", "args": []})[0])
+            except OSError:
+                return
             while True:
                 try:
-                    request, fds = framing.receive(self.sock, MAX_REQUEST)
+                    request, fds = framing.receive(self.sock, MAX_REQUEST, alternating=True)
                 except (framing.LinkClosed, OSError):
                     return
                 except ValueError as exc:
                     log.error("ssh worker sent a malformed request (%s): connection ended", exc)
                     return
                 framing._close_all(fds)  # a worker has nothing to hand us
+                if isinstance(request, dict) and request.get("op") == "disconnect":
+                    return  # not answered: the worker has closed its end already
                 reply, fd = self._answer(request)
                 try:
                     framing.send(self.sock, reply, [fd] if fd is not None else ())
                 except OSError:
                     return
+                if self._after_reply is not None:
+                    after, self._after_reply = self._after_reply, None
+                    try:
+                        after()
+                    except Exception:
+                        log.exception("after a login", extra={"sid": self.conn.id if self.conn else ""})
         finally:
             self._end()
 
@@ -146,9 +161,6 @@ class CoreLink:
     def _protocol_error(self, detail: str) -> None:
         self.core.protocol_error(self._need_conn(), str(detail)[:500])
 
-    def _disconnect(self) -> None:
-        self._end()
-
     def _auth_methods(self, name: str) -> list[str]:
         return self.core.auth_methods(name)
 
@@ -165,11 +177,15 @@ class CoreLink:
         return self.core.key_allowed(name, key)
 
     def _finish_login(self, name: str, method: str) -> list:
-        decision = self.core.finish_login(self._need_conn(), name, method, announce=False)
+        """On success, the ``login ok`` line, the metric and ``post-login`` follow the
+        answer (as in-process: the client's USERAUTH_SUCCESS does not wait for them), and
+        the worker's next request waits for them (``post-login`` ends before the session's
+        first request)."""
+        conn = self._need_conn()
+        decision = self.core.finish_login(conn, name, method, announce=False)
+        if decision.allowed:
+            self._after_reply = lambda: self.core.announce_login(conn, method)
         return [decision.allowed, decision.reason]
-
-    def _announce_login(self, method: str) -> None:
-        self.core.announce_login(self._need_conn(), method)
 
     # --- sessions and files ---------------------------------------------------------
 
@@ -234,9 +250,9 @@ class CoreLink:
         self._counted(hid, count).abort(str(reason)[:500])
 
     _OPS: dict[str, Callable[..., Any]] = {
-        "connect": _connect, "protocol_error": _protocol_error, "disconnect": _disconnect,
+        "connect": _connect, "protocol_error": _protocol_error,
         "auth_methods": _auth_methods, "check_password": _check_password, "key_allowed": _key_allowed,
-        "finish_login": _finish_login, "announce_login": _announce_login,
+        "finish_login": _finish_login,
         "open_session": _open_session, "call": _call, "close_session": _close_session,
         "open_read": _open_read, "open_write": _open_write, "fsetstat": _fsetstat,
         "close_handle": _close_handle, "abort_handle": _abort_handle,

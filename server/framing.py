@@ -21,6 +21,7 @@ from typing import Any
 
 _HEADER = struct.Struct("!I")
 MAX_FDS = 4
+_FIRST_READ = 65536
 
 
 class LinkClosed(EOFError):
@@ -38,26 +39,34 @@ def send(sock: socket.socket, message: Any, fds: list[int] | tuple[int, ...] = (
         sock.sendall(data)
 
 
-def receive(sock: socket.socket, max_size: int) -> tuple[Any, list[int]]:
+def receive(sock: socket.socket, max_size: int, *, alternating: bool = False) -> tuple[Any, list[int]]:
     """The next message and the descriptors that came with it (the caller owns them).
+
+    ``alternating``: the peer sends nothing more until this message is answered (a
+    connection's link), so one ``recvmsg`` may take the whole message: a round trip
+    costs one system call here instead of two. Elsewhere (a worker's command socket)
+    only the header is read first, so that no read runs into the next message.
 
     A message announced longer than ``max_size`` closes nothing and raises ValueError:
     the caller ends the link, since the stream cannot be resynchronised."""
+    want = _FIRST_READ if alternating else _HEADER.size
     header = b""
     fds: list[int] = []
     while len(header) < _HEADER.size:
-        chunk, got, _flags, _addr = socket.recv_fds(sock, _HEADER.size - len(header), MAX_FDS)
+        chunk, got, _flags, _addr = socket.recv_fds(sock, want - len(header), MAX_FDS)
         fds.extend(got)
         if not chunk:
             _close_all(fds)
             raise LinkClosed("link closed")
         header += chunk
-    (size,) = _HEADER.unpack(header)
-    if size > max_size:
+    (size,) = _HEADER.unpack_from(header)
+    if size > max_size or len(header) > _HEADER.size + size:
         _close_all(fds)
-        raise ValueError(f"message of {size} bytes (limit {max_size})")
+        raise ValueError(f"message of {size} bytes (limit {max_size})" if size > max_size
+                         else "a message arrived before the last one was answered")
     body = bytearray(size)
-    view = memoryview(body)
+    body[:len(header) - _HEADER.size] = header[_HEADER.size:]
+    view = memoryview(body)[len(header) - _HEADER.size:]
     while view:
         n = sock.recv_into(view)
         if n == 0:

@@ -60,8 +60,9 @@ class RemoteCore:
             if self._closed:
                 raise errors.Failure("server is shutting down")
             try:
-                framing.send(self.sock, {"op": op, "args": list(args)})
-                reply, fds = framing.receive(self.sock, MAX_REPLY)
+                if op != "connect":  # the core sends that answer unasked
+                    framing.send(self.sock, {"op": op, "args": list(args)})
+                reply, fds = framing.receive(self.sock, MAX_REPLY, alternating=True)
             except (OSError, ValueError) as exc:
                 self._closed = True
                 raise errors.Failure("server is shutting down") from exc
@@ -85,14 +86,15 @@ class RemoteCore:
         return self.conn, ALLOW if answer["allowed"] else Decision(False, answer["reason"])
 
     def disconnect(self, conn: RemoteConnection) -> None:
-        try:
-            self.value("disconnect")
-        except FsError:
-            pass  # the core ends the connection on its side when the link closes
-        finally:
-            with self._lock:
+        """Not answered: the core ends the connection (and would on a closed link alone)."""
+        with self._lock:
+            if not self._closed:
                 self._closed = True
-                self.sock.close()
+                try:
+                    framing.send(self.sock, {"op": "disconnect", "args": []})
+                except OSError:
+                    pass
+            self.sock.close()
 
     def protocol_error(self, conn: RemoteConnection, detail: str) -> None:
         self.value("protocol_error", detail)
@@ -117,7 +119,7 @@ class RemoteCore:
         return ALLOW
 
     def announce_login(self, conn: RemoteConnection, method: str) -> None:
-        self.value("announce_login", method)
+        """Nothing to send: the core announces a login right after allowing it."""
 
     def open_session(self, conn: RemoteConnection, protocol: str | None = None) -> "RemoteSession":
         answer = self.value("open_session", protocol or conn.protocol)
@@ -133,6 +135,7 @@ class RemoteSession:
         self.id = session_id
         self.user = user
         self.protocol = protocol
+        self._closed = False
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self.core.value("call", self.number, method, list(args), kwargs)
@@ -185,6 +188,9 @@ class RemoteSession:
         self.core.value("fsetstat", self.number, handle.hid, {"mode": mode, "times": times, "size": size})
 
     def close(self) -> None:
+        if self._closed:  # (paramiko may end an SFTP subsystem twice)
+            return
+        self._closed = True
         try:
             self.core.value("close_session", self.number)
         except FsError:
