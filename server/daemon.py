@@ -199,9 +199,10 @@ class Daemon:
 
     def shutdown(self) -> None:
         grace = self.cfg.model.server.grace_period
-        log.info("stopping: no new connections; %d open, waiting up to %.0fs", self._active(), grace)
         for listener in self.listeners:
             listener.stop_accepting()
+        # logged once it is true: tests (and operators) take this line as "the ports are closed"
+        log.info("stopping: no new connections; %d open, waiting up to %.0fs", self._active(), grace)
         deadline = time.monotonic() + grace
         while self._busy() and time.monotonic() < deadline:
             time.sleep(0.1)
