@@ -668,8 +668,10 @@ def test_rclone_ftp_backend(ftpd, tmp_path):
     make_tree(local, 40)
 
     def rc(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([rclone, *args, "--low-level-retries", "1", "--retries", "1"],
-                              capture_output=True, text=True, timeout=180, env=env)
+        p = subprocess.run([rclone, *args, "-vv", "--low-level-retries", "1", "--retries", "1"],
+                           capture_output=True, text=True, timeout=180, env=env)
+        p.stderr += "\n--- server log:\n" + ftpd.log_text()[-6000:]  # why, when it fails
+        return p
 
     p = rc("copy", str(local), remote + "rc")
     assert p.returncode == 0, p.stderr
