@@ -78,7 +78,9 @@ class _Worker:
     new program instead: forking a threaded process can copy a lock some thread
     holds."""
 
-    def __init__(self, index: int, setup: dict, *, fork: bool, others: list["_Worker"]) -> None:
+    def __init__(self, index: int, setup: dict, *, fork: bool, inherited: list[socket.socket] | None = None) -> None:
+        """``inherited``: the daemon's sockets a forked child must close (other workers'
+        control ends, the listening sockets: accepting is the core's job)."""
         self.index = index
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.control = ours
@@ -86,7 +88,7 @@ class _Worker:
         self.process: _Forked | subprocess.Popen
         try:
             if fork:
-                self.process = _fork(theirs, setup, close=[ours, *(w.control for w in others)])
+                self.process = _fork(theirs, setup, close=[ours, *(inherited or [])])
             else:
                 self.process = subprocess.Popen(
                     [sys.executable, "-m", "scriptsftp.server.ssh_worker", str(theirs.fileno())],
@@ -125,7 +127,7 @@ def _fork(control: socket.socket, setup: dict, close: list[socket.socket]) -> _F
         return _Forked(pid)
     code = 70
     try:
-        for s in close:  # the daemon's ends: holding them would hide the daemon's death
+        for s in close:  # the daemon's: a held control end would hide the daemon's death
             s.close()
         code = ssh_worker.serve(control, setup)
     except BaseException:
@@ -155,7 +157,8 @@ class SSHWorkerPool:
         fork = threading.active_count() == 1  # else (a daemon built inside a test, say) start programs
         try:
             for index in range(processes):
-                self._workers.append(_Worker(index, self._setup, fork=fork, others=self._workers))
+                inherited = [*(w.control for w in self._workers), *self.sockets]
+                self._workers.append(_Worker(index, self._setup, fork=fork, inherited=inherited))
         except BaseException:
             self.stop_accepting()
             raise
@@ -175,7 +178,7 @@ class SSHWorkerPool:
 
     def _start_worker(self, index: int, delay: float) -> None:
         with self._lock:
-            worker = _Worker(index, self._setup, fork=False, others=self._workers)
+            worker = _Worker(index, self._setup, fork=False)
             self._workers.append(worker)
         log.info("ssh worker %d started (pid %d)", index, worker.process.pid)
         threading.Thread(target=self._watch, args=(worker, delay), name=f"ssh-worker-{index}", daemon=True).start()

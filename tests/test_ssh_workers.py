@@ -46,15 +46,21 @@ def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> Non
         time.sleep(0.02)
 
 
+def open_files(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return out
+
+
 def holder_of(pids: list[int], name_part: str) -> int:
     """The process that has a file whose path contains ``name_part`` open."""
     for pid in pids:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if name_part in os.readlink(f"/proc/{pid}/fd/{fd}"):
-                    return pid
-            except OSError:
-                continue
+        if any(name_part in f for f in open_files(pid)):
+            return pid
     raise AssertionError(f"no worker has {name_part} open")
 
 
@@ -109,9 +115,23 @@ def test_worker_killed_mid_upload_drops_only_its_connections(daemons, alice_key)
         victim_client.get_channel().get_transport().close()
 
 
+def listening_socket(port: int) -> str:
+    """``socket:[inode]`` of the IPv4 socket listening on ``port``, as /proc/PID/fd shows it."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                return f"socket:[{fields[9]}]"
+    raise AssertionError(f"nothing listens on {port}")
+
+
 def test_workers_follow_the_daemon_not_signals(daemons, alice_key):
     d = daemons.start(sftp_extra="processes = 2")
     pids = worker_pids(d)
+    listening = listening_socket(d.port)
+    assert listening in open_files(d.proc.pid)
+    for pid in pids:  # accepting is the core's: workers hold no listening socket
+        assert listening not in open_files(pid)
     for pid in pids:  # a Ctrl-C reaches the whole process group: the daemon decides
         os.kill(pid, signal.SIGINT)
         os.kill(pid, signal.SIGTERM)
