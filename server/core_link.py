@@ -90,6 +90,9 @@ class CoreLink:
         self.handles: dict[int, FileHandle] = {}
         self._numbers = iter(range(1, 1 << 62))
         self._after_reply: Callable[[], None] | None = None
+        # (user, method) pairs whose credentials the core has accepted on this link: the
+        # worker's word that a client logged in is taken only for those
+        self._proven: set[tuple[str, str]] = set()
 
     def serve(self) -> None:
         """The connect decision first, unasked (the worker's first question would be for
@@ -167,14 +170,20 @@ class CoreLink:
     def _check_password(self, name: str, password: str) -> bool:
         if not isinstance(name, str) or not isinstance(password, str):
             return False
-        return self.core.check_password(self._need_conn(), name, password)
+        ok = self.core.check_password(self._need_conn(), name, password)
+        if ok:
+            self._proven.add((name, "password"))
+        return ok
 
     def _key_allowed(self, name: str, key_type: str, blob: str) -> bool:
         try:
             key = paramiko.PKey.from_type_string(key_type, base64.b64decode(blob))
         except Exception:
             return False
-        return self.core.key_allowed(name, key)
+        ok = self.core.key_allowed(name, key)
+        if ok:  # the worker has checked (or will check) the client's signature with it
+            self._proven.add((name, "publickey"))
+        return ok
 
     def _finish_login(self, name: str, method: str) -> list:
         """On success, the ``login ok`` line, the metric and ``post-login`` follow the
@@ -182,6 +191,8 @@ class CoreLink:
         the worker's next request waits for them (``post-login`` ends before the session's
         first request)."""
         conn = self._need_conn()
+        if (name, method) not in self._proven:
+            raise TypeError(f"login of {name!r} by {method!r} claimed without credentials")
         decision = self.core.finish_login(conn, name, method, announce=False)
         if decision.allowed:
             self._after_reply = lambda: self.core.announce_login(conn, method)

@@ -20,7 +20,7 @@ import time
 import paramiko
 import pytest
 
-from conftest import SSH_OPTS, close_client, paramiko_client, require_tool, sftp_batch
+from conftest import ALICE_PASSWORD, SSH_OPTS, close_client, paramiko_client, require_tool, sftp_batch, user_toml
 
 STAGING = ".scriptsftp-part-"
 
@@ -148,13 +148,18 @@ def test_workers_follow_the_daemon_not_signals(daemons, alice_key):
 
 
 @pytest.fixture
-def link(tmp_path):
+def link(tmp_path, password_hashes):
+    from scriptsftp.server.config import load_config
     from scriptsftp.server.core_link import CoreLink
     from scriptsftp.server.dispatch import NullDispatcher
-    from scriptsftp.server.login import LoginCore
+    from scriptsftp.server.login import LoginCore, build_users
     from scriptsftp.server.session import UploadPolicy
 
-    core = LoginCore({}, NullDispatcher(), staging=None, uploads=UploadPolicy(atomic=False))
+    cfg = tmp_path / "scriptsftp.toml"
+    cfg.write_text(user_toml("alice", password_hash=password_hashes["alice"]))
+    (tmp_path / "homes" / "alice").mkdir(parents=True)
+    core = LoginCore(build_users(load_config(cfg)), NullDispatcher(), staging=None,
+                     uploads=UploadPolicy(atomic=False), failure_delay=0)
     ours, theirs = socket.socketpair()
     kicked: list[str] = []
     cl = CoreLink(core, ours, ("192.0.2.7", 5555), 22, kick=kicked.append)
@@ -189,6 +194,16 @@ def test_core_link_answers_only_what_a_worker_may_ask(link):
                 {"op": "close_handle", "args": [99, -1]}):
         assert ask(sock, bad)["error"][0] in ("Failure", "PermissionDenied"), bad
     assert ask(sock, {"op": "check_password", "args": ["nobody", {"not": "a string"}]}) == {"ok": False}
+    # a login is taken from the worker only after the core accepted those credentials itself
+    finish = {"op": "finish_login", "args": ["alice", "password"]}
+    assert ask(sock, finish)["error"][0] == "Failure"
+    assert ask(sock, {"op": "check_password", "args": ["alice", "wrong"]}) == {"ok": False}
+    assert ask(sock, finish)["error"][0] == "Failure"
+    assert ask(sock, {"op": "finish_login", "args": ["alice", "publickey"]})["error"][0] == "Failure"
+    assert not conn.user
+    assert ask(sock, {"op": "check_password", "args": ["alice", ALICE_PASSWORD]}) == {"ok": True}
+    assert ask(sock, finish)["ok"][0] is True
+    assert conn.user == "alice"
     sock.sendall(struct.pack("!I", 64 << 20))  # a message far over the limit ends the link
     thread.join(5)
     assert not thread.is_alive()
