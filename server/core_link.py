@@ -110,7 +110,7 @@ class CoreLink:
                 except ValueError as exc:
                     log.error("ssh worker sent a malformed request (%s): connection ended", exc)
                     return
-                framing._close_all(fds)  # a worker has nothing to hand us
+                framing.close_fds(fds)  # a worker has nothing to hand us
                 if isinstance(request, dict) and request.get("op") == "disconnect":
                     return  # not answered: the worker has closed its end already
                 reply, fd = self._answer(request)

@@ -56,12 +56,12 @@ def receive(sock: socket.socket, max_size: int, *, alternating: bool = False) ->
         chunk, got, _flags, _addr = socket.recv_fds(sock, want - len(header), MAX_FDS)
         fds.extend(got)
         if not chunk:
-            _close_all(fds)
+            close_fds(fds)
             raise LinkClosed("link closed")
         header += chunk
     (size,) = _HEADER.unpack_from(header)
     if size > max_size or len(header) > _HEADER.size + size:
-        _close_all(fds)
+        close_fds(fds)
         raise ValueError(f"message of {size} bytes (limit {max_size})" if size > max_size
                          else "a message arrived before the last one was answered")
     body = bytearray(size)
@@ -70,17 +70,18 @@ def receive(sock: socket.socket, max_size: int, *, alternating: bool = False) ->
     while view:
         n = sock.recv_into(view)
         if n == 0:
-            _close_all(fds)
+            close_fds(fds)
             raise LinkClosed("link closed mid-message")
         view = view[n:]
     try:
         return json.loads(body), fds
     except ValueError:
-        _close_all(fds)
+        close_fds(fds)
         raise
 
 
-def _close_all(fds: list[int]) -> None:
+def close_fds(fds: list[int]) -> None:
+    """Close descriptors received with a message that are not wanted (never leak one)."""
     for fd in fds:
         try:
             os.close(fd)

@@ -67,7 +67,7 @@ class RemoteCore:
                 self._closed = True
                 raise errors.Failure("server is shutting down") from exc
         fd = fds[0] if fds else None
-        framing._close_all(fds[1:])
+        framing.close_fds(fds[1:])
         if "error" in reply:
             if fd is not None:
                 os.close(fd)

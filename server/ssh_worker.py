@@ -88,7 +88,7 @@ def serve(control: socket.socket, setup: dict) -> int:
             threading.Thread(target=serve_one, args=(message["key"], client, link, tuple(message["addr"])),
                              name=f"ssh-{message['addr'][0]}", daemon=True).start()
             continue
-        framing._close_all(fds)
+        framing.close_fds(fds)
         if kind == "kick":
             threading.Thread(target=kick, args=(message["key"], message["reason"]), daemon=True).start()
         elif kind == "close_all":

@@ -110,7 +110,7 @@ class _Worker:
         try:
             while True:
                 _, fds = framing.receive(self.control, 1024)
-                framing._close_all(fds)  # a worker sends nothing; stray data is ignored
+                framing.close_fds(fds)  # a worker sends nothing; stray data is ignored
         except (framing.LinkClosed, OSError, ValueError):
             pass
         code = self.process.wait()
