@@ -408,6 +408,20 @@ def bound_names(sockets: list[socket.socket]) -> list[str]:
     return out
 
 
+def accept_forever(sock: socket.socket, stopping: threading.Event,
+                   accepted: Callable[[socket.socket, tuple], None]) -> None:
+    """Hand each connection to ``accepted`` until ``stopping`` is set (and the socket shut down)."""
+    while not stopping.is_set():
+        try:
+            client, addr = sock.accept()
+        except OSError:
+            if stopping.is_set():
+                return
+            time.sleep(0.05)  # e.g. EMFILE: do not spin
+            continue
+        accepted(client, addr)
+
+
 def close_listening(sockets: list[socket.socket]) -> None:
     for s in sockets:
         try:
@@ -532,20 +546,12 @@ class SSHListener:
 
     def start(self) -> None:
         for s in self.sockets:
-            threading.Thread(target=self._accept_loop, args=(s,), name="ssh-accept", daemon=True).start()
+            threading.Thread(target=accept_forever, args=(s, self.connections.stopping, self._accepted),
+                             name="ssh-accept", daemon=True).start()
 
-    def _accept_loop(self, sock: socket.socket) -> None:
-        stopping = self.connections.stopping
-        while not stopping.is_set():
-            try:
-                client, addr = sock.accept()
-            except OSError:
-                if stopping.is_set():
-                    return
-                time.sleep(0.05)  # e.g. EMFILE: do not spin
-                continue
-            threading.Thread(target=self.connections.serve, args=(client, addr, self.core),
-                             name=f"ssh-{addr[0]}", daemon=True).start()
+    def _accepted(self, client: socket.socket, addr: tuple) -> None:
+        threading.Thread(target=self.connections.serve, args=(client, addr, self.core),
+                         name=f"ssh-{addr[0]}", daemon=True).start()
 
     def stop_accepting(self) -> None:
         self.connections.stopping.set()

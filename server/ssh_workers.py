@@ -31,7 +31,7 @@ from pathlib import Path
 from . import framing
 from .core_link import CoreLink
 from .login import LoginCore
-from .ssh import SSHLimits, bind_sockets, bound_names, close_listening
+from .ssh import SSHLimits, accept_forever, bind_sockets, bound_names, close_listening
 
 log = logging.getLogger("scriptsftp.ssh")
 
@@ -174,7 +174,8 @@ class SSHWorkerPool:
             threading.Thread(target=self._watch, args=(worker, 0.0), name=f"ssh-worker-{worker.index}",
                              daemon=True).start()
         for s in self.sockets:
-            threading.Thread(target=self._accept_loop, args=(s,), name="ssh-accept", daemon=True).start()
+            threading.Thread(target=accept_forever, args=(s, self._stopping, self._accepted), name="ssh-accept",
+                             daemon=True).start()
 
     def _start_worker(self, index: int, delay: float) -> None:
         with self._lock:
@@ -198,21 +199,13 @@ class SSHWorkerPool:
             return
         self._start_worker(worker.index, delay)
 
-    def _accept_loop(self, sock: socket.socket) -> None:
-        while not self._stopping.is_set():
-            try:
-                client, addr = sock.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.05)  # e.g. EMFILE: do not spin
-                continue
-            try:
-                self._hand_over(client, addr)
-            except OSError as exc:
-                log.error("could not hand a connection from %s to an ssh worker: %s", addr[0], exc)
-            finally:
-                client.close()  # the worker has its own copy
+    def _accepted(self, client: socket.socket, addr: tuple) -> None:
+        try:
+            self._hand_over(client, addr)
+        except OSError as exc:
+            log.error("could not hand a connection from %s to an ssh worker: %s", addr[0], exc)
+        finally:
+            client.close()  # the worker has its own copy
 
     def _hand_over(self, client: socket.socket, addr: tuple) -> None:
         with self._lock:
