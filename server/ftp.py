@@ -40,6 +40,7 @@ import functools
 import logging
 import os
 import posixpath
+import random
 import secrets
 import socket
 import stat as statmod
@@ -51,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from OpenSSL import SSL
 from pyftpdlib.handlers import FTPHandler, TLS_FTPHandler
 from pyftpdlib.handlers.ftp.data import DTPHandler
+from pyftpdlib.handlers.ftp.dispatchers import PassiveDTP
 from pyftpdlib.handlers.ftp.producers import FileProducer
 from pyftpdlib.handlers.ftps.data import TLS_DTPHandler
 from pyftpdlib.exceptions import _FileReadWriteError, _GiveUpOnSendfile, _RetryError
@@ -378,6 +380,52 @@ class _TLSDTP(TLS_DTPHandler, _DTP):
     """TLS on top: pyftpdlib's SSL layer runs first, then ours (see the MRO)."""
 
 
+class _PassiveDTP(PassiveDTP):
+    """pyftpdlib's passive data listener, made safe for a thread per connection.
+
+    pyftpdlib binds a random port of ``passive_ports`` with SO_REUSEADDR, then listens.
+    Linux lets two such sockets bind one port while neither listens yet, so two
+    connection threads (or another program) can take the same port at once; the
+    second listen() then fails with EADDRINUSE, which pyftpdlib does not expect: the
+    control connection was dropped without a reply (rclone reported "EOF"). Here the
+    loser binds another port of the range and listens again; the range exhausted,
+    the kernel picks the port, as pyftpdlib does when every port of the range is busy."""
+
+    def listen(self, num: int) -> None:
+        untried: list[int] | None = None
+        while True:
+            try:
+                super().listen(num)
+                return
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE or untried == []:
+                    self.close()  # half-built: nothing of it may stay in the I/O loop
+                    raise
+            if untried is None:
+                taken = self.socket.getsockname()[1]
+                untried = [p for p in (self.cmd_channel.passive_ports or ()) if p != taken]
+                random.shuffle(untried)
+            self._bind_another(untried)
+
+    def _bind_another(self, untried: list[int]) -> None:
+        """A new socket bound to the next free port of ``untried`` (emptied: the kernel's choice)."""
+        host, family = self.socket.getsockname()[0], self.socket.family
+        while True:
+            port = untried.pop() if untried else 0
+            self.socket.close()
+            self.del_channel()
+            self.socket = None
+            self.create_socket(family, socket.SOCK_STREAM)
+            self.set_reuse_addr()
+            try:
+                self.bind((host, port))
+                return
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE or port == 0:
+                    self.close()
+                    raise
+
+
 # --- stubs standing in for pyftpdlib's filesystem and authorizer ---------------------
 
 
@@ -547,6 +595,14 @@ class _SessionCommands:
 
     def _tls_on(self) -> bool:
         return isinstance(getattr(self, "socket", None), SSL.Connection)
+
+    def _make_epasv(self, extmode: bool = False) -> None:
+        """A passive port that cannot be opened (descriptors exhausted, say) is a 425
+        reply; pyftpdlib would let the OSError end the control connection."""
+        try:
+            super()._make_epasv(extmode)  # type: ignore[misc]
+        except OSError as exc:
+            self.respond(f"425 Can't open data connection: {exc.strerror or exc}.")  # type: ignore[attr-defined]
 
     def process_command(self, cmd: str, *args: Any, **kwargs: Any) -> None:
         if cmd in _TRANSFER_COMMANDS and self.data_channel is not None \
@@ -891,10 +947,12 @@ class _SessionCommands:
 
 class _PlainHandler(_SessionCommands, FTPHandler):
     dtp_handler = _DTP
+    passive_dtp = _PassiveDTP
 
 
 class _TLSHandler(_SessionCommands, TLS_FTPHandler):
     dtp_handler = _TLSDTP
+    passive_dtp = _PassiveDTP
     proto_cmds = {k: v for k, v in TLS_FTPHandler.proto_cmds.items() if k not in _FS_COMMANDS_NOT_OFFERED}
 
 

@@ -97,13 +97,13 @@ def tls_files(tmp_path_factory) -> tuple[Path, Path]:
     return d / "cert.pem", d / "key.pem"
 
 
-def ftp_section(tls: str, cert: Path, key: Path, extra: str = "") -> str:
+def ftp_section(tls: str, cert: Path, key: Path, extra: str = "", passive_ports: str = "62000-62499") -> str:
     files = f"certificate = {toml_str(str(cert))}\nprivate_key = {toml_str(str(key))}" if tls != "off" else ""
     return f"""
 [ftp]
 enabled = true
 listen = "127.0.0.1:0"
-passive_ports = "62000-62499"
+passive_ports = "{passive_ports}"
 tls = "{tls}"
 {files}
 {extra}
@@ -865,6 +865,53 @@ def test_same_operations_raise_identical_events_over_sftp_and_ftp(daemons, tls_f
         recorded[proto] = events
     assert len(recorded["sftp"]) >= 14
     assert sorted(recorded["sftp"]) == sorted(recorded["ftp"])
+
+
+def _passive_listener_bound_to(port: int, passive_ports: list[int]):
+    """scriptsftp's passive data listener, bound (not yet listening) as pyftpdlib leaves it."""
+    from types import SimpleNamespace
+
+    from pyftpdlib.ioloop import Acceptor, IOLoop
+
+    from scriptsftp.server.ftp import _PassiveDTP
+
+    dtp = _PassiveDTP.__new__(_PassiveDTP)
+    Acceptor.__init__(dtp, ioloop=IOLoop())
+    dtp.cmd_channel = SimpleNamespace(passive_ports=passive_ports)
+    dtp.create_socket(socket.AF_INET, socket.SOCK_STREAM)
+    dtp.set_reuse_addr()
+    dtp.bind(("127.0.0.1", port))
+    return dtp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_passive_port_taken_between_bind_and_listen_costs_another_port_not_the_connection():
+    """pyftpdlib binds a passive port with SO_REUSEADDR, then listens. Linux lets a second
+    socket bind that port until one of them listens, so another connection's thread (each
+    FTP connection has its own) could take it in between; the listen() that lost failed
+    with EADDRINUSE and pyftpdlib dropped the control connection without a reply (rclone
+    in CI: "Couldn't delete: EOF"). Here the other thread is a socket of ours that wins."""
+    for with_spare in (True, False):
+        port, spare = _free_port(), _free_port()
+        rival = socket.socket()
+        rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        rival.bind(("127.0.0.1", port))
+        dtp = _passive_listener_bound_to(port, [port, spare] if with_spare else [port])  # both bound
+        try:
+            rival.listen(5)  # the other thread listens first
+            dtp.listen(5)  # not EADDRINUSE: another port of the range, else one the kernel picks
+            got = dtp.socket.getsockname()[1]
+            assert got == spare if with_spare else got not in (port, 0), (got, port, spare)
+            with socket.create_connection(("127.0.0.1", got), timeout=5):
+                pass  # it listens there
+        finally:
+            dtp.close()
+            rival.close()
 
 
 # --- daemon lifecycle with FTP connections ---------------------------------------------------------------
