@@ -97,13 +97,13 @@ def tls_files(tmp_path_factory) -> tuple[Path, Path]:
     return d / "cert.pem", d / "key.pem"
 
 
-def ftp_section(tls: str, cert: Path, key: Path, extra: str = "", passive_ports: str = "62000-62499") -> str:
+def ftp_section(tls: str, cert: Path, key: Path, extra: str = "") -> str:
     files = f"certificate = {toml_str(str(cert))}\nprivate_key = {toml_str(str(key))}" if tls != "off" else ""
     return f"""
 [ftp]
 enabled = true
 listen = "127.0.0.1:0"
-passive_ports = "{passive_ports}"
+passive_ports = "62000-62499"
 tls = "{tls}"
 {files}
 {extra}
