@@ -911,6 +911,7 @@ def test_a_passive_port_taken_between_bind_and_listen_costs_another_port_not_the
                 pass  # it listens there
         finally:
             dtp.close()
+            dtp.ioloop.close()
             rival.close()
 
 
