@@ -54,14 +54,18 @@ class RemoteCore:
         self._closed = False
 
     def call(self, op: str, *args: Any) -> tuple[Any, int | None]:
-        """The core's answer and the descriptor that came with it; FsError as raised there.
+        """The core's answer and the descriptor that came with it; FsError as raised there."""
+        return self._exchange({"op": op, "args": list(args)})
+
+    def _exchange(self, request: dict | None) -> tuple[Any, int | None]:
+        """Send ``request`` (None: nothing, the core speaks first) and read the answer.
         A link that is gone (the core closed it or is stopping) fails the operation."""
         with self._lock:
             if self._closed:
                 raise errors.Failure("server is shutting down")
             try:
-                if op != "connect":  # the core sends that answer unasked
-                    framing.send(self.sock, {"op": op, "args": list(args)})
+                if request is not None:
+                    framing.send(self.sock, request)
                 reply, fds = framing.receive(self.sock, MAX_REPLY, alternating=True)
             except (OSError, ValueError) as exc:
                 self._closed = True
@@ -81,7 +85,7 @@ class RemoteCore:
     # --- LoginCore --------------------------------------------------------------
 
     def connect(self, protocol: str, remote_ip: str, local_port: int = 0) -> tuple[RemoteConnection, Decision]:
-        answer = self.value("connect")
+        answer = self._exchange(None)[0]  # the core's first message, unasked
         self.conn = RemoteConnection(answer["id"], protocol, remote_ip)
         return self.conn, ALLOW if answer["allowed"] else Decision(False, answer["reason"])
 
