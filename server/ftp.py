@@ -392,23 +392,22 @@ class _PassiveDTP(PassiveDTP):
     the kernel picks the port, as pyftpdlib does when every port of the range is busy."""
 
     def listen(self, num: int) -> None:
-        untried: list[int] | None = None
+        taken = self.socket.getsockname()[1]
+        untried = [p for p in (self.cmd_channel.passive_ports or ()) if p != taken]
+        random.shuffle(untried)
         while True:
             try:
                 super().listen(num)
                 return
             except OSError as err:
-                if err.errno != errno.EADDRINUSE or untried == []:
+                if err.errno != errno.EADDRINUSE or taken == 0:  # 0: the kernel chose it
                     self.close()  # half-built: nothing of it may stay in the I/O loop
                     raise
-            if untried is None:
-                taken = self.socket.getsockname()[1]
-                untried = [p for p in (self.cmd_channel.passive_ports or ()) if p != taken]
-                random.shuffle(untried)
-            self._bind_another(untried)
+            taken = self._bind_another(untried)
 
-    def _bind_another(self, untried: list[int]) -> None:
-        """A new socket bound to the next free port of ``untried`` (emptied: the kernel's choice)."""
+    def _bind_another(self, untried: list[int]) -> int:
+        """A new socket bound to the next free port of ``untried``; 0 once it is empty (the
+        kernel's choice)."""
         host, family = self.socket.getsockname()[0], self.socket.family
         while True:
             port = untried.pop() if untried else 0
@@ -419,7 +418,7 @@ class _PassiveDTP(PassiveDTP):
             self.set_reuse_addr()
             try:
                 self.bind((host, port))
-                return
+                return port
             except OSError as err:
                 if err.errno != errno.EADDRINUSE or port == 0:
                     self.close()
