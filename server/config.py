@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomli
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .events import EVENT_TYPES, VETOABLE
 from .tomlpos import KeyLines, format_loc
@@ -266,6 +266,10 @@ class UploadsSection(_Model):
     atomic: bool = True
     quarantine: str = ""
     on_restart: Literal["recheck", "discard"] = "recheck"
+    fsync: bool = True
+    """Flush each upload to disk before publishing it, and the directory after."""
+    min_free_space: Annotated[ByteSize, Field(ge=0)] = ByteSize(32 * 2**20)
+    """Free space kept on the homes' and state_dir's filesystems: uploads are refused below it."""
 
 
 class ScriptsSection(_Model):

@@ -110,8 +110,9 @@ class Daemon:
         return ScriptEngine(self.cfg, self.state_dir)
 
     def _upload_policy(self, cfg: LoadedConfig) -> UploadPolicy:
-        q = cfg.model.uploads.quarantine
-        return UploadPolicy(atomic=cfg.model.uploads.atomic, quarantine=cfg.resolve(q) if q else None)
+        u = cfg.model.uploads
+        return UploadPolicy(atomic=u.atomic, quarantine=cfg.resolve(u.quarantine) if u.quarantine else None,
+                            fsync=u.fsync, min_free_space=int(u.min_free_space), state_dir=self.state_dir)
 
     def _ssh_limits(self) -> SSHLimits:
         m = self.cfg.model

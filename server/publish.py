@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import events as ev
 from .dispatch import ALLOW, Dispatcher, FileOpener
-from .errors import FsError, IsADirectory, NotFound, Vetoed, from_oserror
+from .errors import Failure, FsError, IsADirectory, NotFound, Vetoed, from_oserror
 from .storage import Resolved, Storage, copy_fd
 from .vfs import join, split
 
@@ -153,13 +153,28 @@ class Publisher:
         up = StagedUpload(session.storage, session.user, handle.path, handle.real, handle.staging_name,
                           handle.record_id, handle.existed, size)
         event = session._event(ev.PrePublish, path=handle.path, size=size, exists=handle.existed)
+        try:
+            return self._check_and_publish(up, event, session)
+        except Vetoed:
+            raise  # rejected: reject() already discarded it
+        except Exception as exc:
+            # Whatever failed (a full state_dir, a script engine error, a bug), the staged
+            # bytes and their record go now: left behind, they would hold the disk full.
+            self.discard(up.storage, up.user, up.final[:-1], up.staging_name, up.record_id)
+            self.pending.remove(up.storage.home, up.final)
+            if isinstance(exc, FsError):
+                raise
+            log.exception("publish %s failed", up.path, extra=_ctx(event.to_dict(), up.path))
+            raise Failure(f"{up.path}: the upload could not be completed (server error)") from None
+
+    def _check_and_publish(self, up: StagedUpload, event: ev.Event, session: "Session") -> bool:
         if self.staging is not None and up.record_id is not None:
             self.staging.checking(up.record_id, event.to_dict())
         if self.dispatcher.wants("pre-publish"):
             decision = self.dispatcher.pre(event, _opener(up.storage, up.staged), mode="sync")
             if not decision.allowed:
                 reason = decision.reason or VETO_FALLBACK
-                session._log("publish", handle.path, "vetoed", reason=reason)
+                session._log("publish", up.path, "vetoed", reason=reason)
                 self.reject(up, event.to_dict(), reason)
                 raise Vetoed(reason)
             if self.dispatcher.has_async(event):
@@ -230,6 +245,8 @@ class Publisher:
                 except FileNotFoundError:
                     pass
                 up.storage.rename(src, dst)
+                if self.uploads.fsync:
+                    self._sync_directory(up, dst)
         except (OSError, FsError) as exc:
             error = exc if isinstance(exc, FsError) else from_oserror(exc, up.path)
             self.discard(up.storage, up.user, up.final[:-1], up.staging_name, up.record_id)
@@ -237,14 +254,32 @@ class Publisher:
             self._post(ev.UploadFailed, data, path=up.path, size=up.size, reason=error.message)
             log.warning("publish %s failed: %s", up.path, error.message, extra=_ctx(data, up.path))
             raise error from None
-        if self.staging is not None and up.record_id is not None:
-            self.staging.remove(up.record_id)
+        self._forget(up.record_id)
         # settled before anyone is told (log line, post-upload): the path is plainly there now
         self.pending.remove(up.storage.home, up.final)
         if duration is not None:  # background: the front end already answered; we tell the scripts
             log.info("publish %s ok (checked in %.3fs)", up.path, duration, extra=_ctx(data, up.path))
             self._post(ev.PostUpload, data, path=up.path, size=up.size, duration=duration,
                        file=_opener(up.storage, up.final))
+
+    @staticmethod
+    def _sync_directory(up: StagedUpload, dst: Resolved) -> None:
+        """The rename is durable only once its directory is on disk (rule 7). It has happened
+        already, so a failure here cannot be undone: said loudly, not raised."""
+        try:
+            up.storage.fsync_dir(dst)
+        except OSError as exc:
+            log.error("publish %s: the directory could not be synced to disk (%s)", up.path, exc)
+
+    def _forget(self, record_id: int | None) -> None:
+        """Drop a staging record; one that cannot be dropped now (state_dir full) is an
+        orphan whose file is gone, and the next start forgets it."""
+        if record_id is None or self.staging is None:
+            return
+        try:
+            self.staging.remove(record_id)
+        except FsError as exc:
+            log.warning("staging record %d not removed (%s): cleared at the next start", record_id, exc.message)
 
     def reject(self, up: StagedUpload, data: dict[str, Any], reason: str) -> None:
         self.discard(up.storage, up.user, up.final[:-1], up.staging_name, up.record_id, rejected=True)
@@ -270,8 +305,7 @@ class Publisher:
         except (OSError, FsError):
             log.exception("could not remove staged upload %s", staging_name)
             return
-        if record_id is not None and self.staging is not None:
-            self.staging.remove(record_id)
+        self._forget(record_id)
 
     def _quarantine(self, storage: Storage, r: Resolved, user: str, staging_name: str) -> None:
         assert self.uploads.quarantine is not None
@@ -318,8 +352,7 @@ class Publisher:
                     st = storage.stat(r)
             except (OSError, FsError):
                 storage.close()
-                if self.staging is not None:
-                    self.staging.remove(rec.id)
+                self._forget(rec.id)
                 continue
             self.pending.add(storage.home, final, PendingUpload(st.st_size, st.st_mtime, st.st_mode, rec.id))
             self._submit(self._check_later, up, data, time.monotonic(), None, "on recheck after restart")

@@ -255,3 +255,8 @@ class RemoteWriteHandle(_ReportsToCore, WriteHandle):  # type: ignore[misc]
 
     def _count(self) -> int:
         return self.written
+
+    def close(self) -> None:
+        if self.failed is not None and not self.done:
+            self._abort_poisoned()  # a write here failed: the core discards, the client gets the error
+        _ReportsToCore.close(self)

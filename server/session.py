@@ -17,6 +17,7 @@ only here (and in :mod:`.login` for connection and login events).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat as statmod
@@ -30,7 +31,7 @@ from . import events as ev
 from . import metrics
 from .dispatch import Dispatcher, FileOpener
 from .errors import (
-    AlreadyExists, Failure, FsError, InvalidPath, IsADirectory, LimitExceeded, NotADirectory,
+    AlreadyExists, Failure, FsError, InvalidPath, IsADirectory, LimitExceeded, NoSpace, NotADirectory,
     NotFound, PermissionDenied, Vetoed, from_oserror,
 )
 from .publish import Publisher, pending_stat
@@ -61,6 +62,28 @@ class Account:
 class UploadPolicy:
     atomic: bool = True
     quarantine: Path | None = None
+    fsync: bool = True
+    """Publish is durable: the staged file is flushed before the rename, its directory after."""
+    min_free_space: int = 0
+    """Bytes that must stay free on the home's filesystem and on ``state_dir``'s; below
+    that, new uploads are refused at once (0: no reserve)."""
+    state_dir: Path | None = None
+
+    def check_free_space(self, home_fs: os.statvfs_result, path: str) -> None:
+        """Refuse an upload before it starts when a disk it needs is nearly full: a clear
+        "no space" now beats a failure half way (and a reserve keeps the state databases
+        writable, so the server can still clean up)."""
+        if not self.min_free_space:
+            return
+        checks = [("the server's storage", home_fs)]
+        if self.state_dir is not None:
+            try:
+                checks.append(("the server's state storage", os.statvfs(self.state_dir)))
+            except OSError:
+                pass
+        for what, fs in checks:
+            if fs.f_bavail * fs.f_frsize < self.min_free_space:
+                raise NoSpace(f"{path}: {what} is nearly full; try again later")
 
 
 class Session:
@@ -298,6 +321,7 @@ class Session:
                 raise AlreadyExists(f"{path}: already exists")
             self._require("overwrite", parts, path, follow=True)
         kind = "append" if append else ("write" if truncate or not exists else "resume")
+        self.uploads.check_free_space(self.storage.statvfs(), path)
         self._pre(ev.PreUpload, path=path, size=st.st_size if st and not truncate else 0, mode=kind, exists=exists)
 
         flags = (os.O_RDWR if readable else os.O_WRONLY)
@@ -638,16 +662,33 @@ class WriteHandle(FileHandle):
         self.record_id = record_id
         self.existed = existed
         self.written = 0
+        self.failed: FsError | None = None
+        """The first write error. It poisons the upload: close() then discards instead of
+        publishing, because the staged bytes are no longer what the client sent."""
+
+    def _poison(self, exc: OSError) -> FsError:
+        error = from_oserror(exc, self.path)
+        if self.failed is None:
+            self.failed = error
+        return error
+
+    def _check_usable(self) -> None:
+        """A poisoned upload refuses further writes with its first error: the client stops sooner."""
+        if self.failed is not None:
+            raise type(self.failed)(self.failed.message)
 
     def write(self, offset: int, data: bytes) -> None:
+        self._check_usable()
         try:
             view = memoryview(data)
             while view:
                 n = os.pwrite(self.fd, view, offset)
+                if n <= 0:  # a short write that makes no progress is a failure too
+                    raise OSError(errno.EIO, "short write")
                 offset += n
                 view = view[n:]
         except OSError as exc:
-            raise from_oserror(exc, self.path) from None
+            raise self._poison(exc) from None
         self.written += len(data)
 
     def read(self, offset: int, length: int) -> bytes:
@@ -657,13 +698,22 @@ class WriteHandle(FileHandle):
             raise from_oserror(exc, self.path) from None
 
     def truncate(self, size: int) -> None:
+        self._check_usable()
         try:
             os.ftruncate(self.fd, size)
         except OSError as exc:
-            raise from_oserror(exc, self.path) from None
+            raise self._poison(exc) from None
 
     def fsync(self) -> None:
         os.fsync(self.fd)
+
+    def _sync(self) -> None:
+        """The bytes on disk before the rename that publishes them; a failure (EIO, ENOSPC on
+        delayed allocation) poisons the upload like a failed write."""
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            self._poison(exc)
 
     def close(self) -> None:
         """Complete the upload: publish it (atomic mode) and raise post-upload.
@@ -671,6 +721,10 @@ class WriteHandle(FileHandle):
         Raises :class:`Vetoed` when a pre-publish script rejects the file; the
         staged bytes are then already gone (or quarantined) and the previous
         version of the file is untouched."""
+        if self.failed is None and not self.done and self.session.uploads.fsync:
+            self._sync()
+        if self.failed is not None and not self.done:
+            self._abort_poisoned()
         if not self._finish():
             return
         try:
@@ -693,6 +747,13 @@ class WriteHandle(FileHandle):
             s._post(ev.PostUpload, s._opener(self.real), path=self.path, size=size, duration=secs)
         finally:
             self._release()
+
+    def _abort_poisoned(self) -> None:
+        """Close of an upload whose write failed: discard it and answer the failure."""
+        assert self.failed is not None
+        reason = f"upload failed: {self.failed.message}"
+        self.abort(reason)
+        raise type(self.failed)(reason)
 
     def abort(self, reason: str) -> None:
         """The client went away mid-transfer: nothing is published."""

@@ -22,9 +22,13 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import Failure, NoSpace
 
 UPLOADING = "upload"
 CHECKING = "check"
@@ -43,7 +47,22 @@ class StagedRecord:
     event: dict[str, Any] | None = None  # the pre-publish event, once state is CHECKING
 
 
+@contextmanager
+def _as_client_error() -> Iterator[None]:
+    """A failed record is a failed upload, answered like one: a full state_dir is "no space"
+    (FTP 452, HTTP 507, SFTP failure with that text), anything else a plain failure. Never
+    a raw sqlite3 error, which the front ends would answer with a dropped connection."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc):
+            raise NoSpace("the server's state storage is full; try again later") from exc
+        raise Failure("the server could not record the upload") from exc
+
+
 class StagingRecords:
+    """Raises :class:`~.errors.FsError` (never ``sqlite3.Error``) from every method."""
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -61,7 +80,7 @@ class StagingRecords:
                 self._db.execute("ALTER TABLE staged ADD COLUMN event TEXT")
 
     def add(self, user: str, home: str, directory: str, staging_name: str, final_name: str) -> int:
-        with self._lock:
+        with self._lock, _as_client_error():
             cur = self._db.execute(
                 "INSERT INTO staged (user, home, directory, staging_name, final_name, created)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -71,12 +90,12 @@ class StagingRecords:
 
     def checking(self, record_id: int, event: dict[str, Any]) -> None:
         """All bytes arrived: from now on a crash means "check again", not "discard"."""
-        with self._lock:
+        with self._lock, _as_client_error():
             self._db.execute("UPDATE staged SET state = ?, event = ? WHERE id = ?",
                              (CHECKING, json.dumps(event), record_id))
 
     def remove(self, record_id: int) -> None:
-        with self._lock:
+        with self._lock, _as_client_error():
             self._db.execute("DELETE FROM staged WHERE id = ?", (record_id,))
 
     def leftovers(self) -> list[StagedRecord]:

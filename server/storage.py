@@ -282,6 +282,10 @@ class Storage:
     def readlink(self, r: Resolved) -> str:
         return os.readlink(r.name, dir_fd=r.dir_fd)
 
+    def fsync_dir(self, r: Resolved) -> None:
+        """Flush the directory holding ``r`` (a rename in it is durable only then)."""
+        os.fsync(r.dir_fd)
+
     def statvfs(self) -> os.statvfs_result:
         fd = self._dup_home()
         try:

@@ -1,0 +1,173 @@
+"""Nothing partial, nothing lost (rule 7 in docs/architecture.md), at the core.
+
+Each test breaks one step of an overwrite of ``/over.bin`` and asserts the
+promise: the client gets the error, the old version stays byte for byte, and
+no staged file or staging record is left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+
+import pytest
+
+from scriptsftp.server.dispatch import ALLOW
+from scriptsftp.server.errors import Failure, FsError, NoSpace
+from scriptsftp.server.storage import Storage
+
+from .conftest import OLD, Core, fail_with
+
+NEW = b"N" * 300_000
+
+
+def test_a_failed_write_poisons_the_upload(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = core.session.open_write("/over.bin")
+    h.write(0, NEW[:100_000])
+    monkeypatch.setattr(os, "pwrite", fail_with(errno.ENOSPC))
+    with pytest.raises(NoSpace):
+        h.write(100_000, NEW[100_000:])
+    monkeypatch.undo()
+    with pytest.raises(NoSpace):  # later writes answer the first error: the client stops sooner
+        h.write(100_000, NEW[100_000:])
+    with pytest.raises(NoSpace, match="upload failed: /over.bin: no space left on device"):
+        h.close()  # before the fix, this published the 100 kB head over the old file
+    core.assert_untouched()
+    assert core.dispatcher.names()[-1] == "upload-failed"
+    assert "post-upload" not in core.dispatcher.names()
+
+
+def test_a_write_that_makes_no_progress_is_a_failure(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = core.session.open_write("/over.bin")
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: 0)
+    with pytest.raises(FsError):
+        h.write(0, NEW)
+    monkeypatch.undo()
+    with pytest.raises(FsError):
+        h.close()
+    core.assert_untouched()
+
+
+def test_a_failed_truncate_poisons_the_upload(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = core.session.open_write("/over.bin")
+    h.write(0, NEW)
+    monkeypatch.setattr(os, "ftruncate", fail_with(errno.EIO))
+    with pytest.raises(FsError):
+        h.truncate(10)
+    monkeypatch.undo()
+    with pytest.raises(FsError):
+        h.close()
+    core.assert_untouched()
+
+
+def test_a_failed_fsync_poisons_the_upload(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = core.session.open_write("/over.bin")
+    h.write(0, NEW)
+    monkeypatch.setattr(os, "fsync", fail_with(errno.EIO))
+    with pytest.raises(FsError, match="upload failed"):
+        h.close()
+    monkeypatch.undo()
+    core.assert_untouched()
+
+
+def test_publish_is_write_fsync_rename_fsync_directory_then_forget(
+        core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real_fsync, real_rename, real_remove = os.fsync, Storage.rename, core.staging.remove
+
+    def fsync(fd: int) -> None:
+        import stat
+        calls.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def rename(self: Storage, src: object, dst: object) -> None:
+        calls.append("rename")
+        real_rename(self, src, dst)  # type: ignore[arg-type]
+
+    def remove(record_id: int) -> None:
+        calls.append("forget record")
+        real_remove(record_id)
+
+    h = core.session.open_write("/over.bin")
+    h.write(0, NEW)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Storage, "rename", rename)
+    monkeypatch.setattr(core.staging, "remove", remove)
+    h.close()
+    assert calls == ["fsync file", "rename", "fsync dir", "forget record"]
+    assert (core.home / "over.bin").read_bytes() == NEW
+
+
+def test_fsync_off_publishes_without_flushing(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    core.policy.fsync = False
+    monkeypatch.setattr(os, "fsync", fail_with(errno.EIO))  # would poison if it were called
+    h = core.session.open_write("/over.bin")
+    h.write(0, NEW)
+    h.close()
+    assert (core.home / "over.bin").read_bytes() == NEW
+
+
+class _FullDatabase:
+    """Stands in for the staging database of a full state_dir: every statement fails as SQLite does."""
+
+    def execute(self, *args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_a_full_state_dir_at_publish_discards_and_frees(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = core.session.open_write("/over.bin")
+    h.write(0, NEW)
+    real = core.staging._db
+    monkeypatch.setattr(core.staging, "_db", _FullDatabase())
+    with pytest.raises(NoSpace, match="state storage is full"):
+        h.close()  # before the fix: sqlite3.OperationalError, the staged file kept the disk full
+    assert core.part_files() == []  # the bytes are freed at once, record or not
+    monkeypatch.setattr(core.staging, "_db", real)
+    assert (core.home / "over.bin").read_bytes() == OLD
+    # the record could not be dropped while the disk was full: the next start forgets it
+    from scriptsftp.server.staging import discard_leftovers
+    discard_leftovers(core.staging)
+    core.assert_untouched()
+
+
+def test_a_full_state_dir_at_open_is_no_space_not_a_crash(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core.staging, "_db", _FullDatabase())
+    with pytest.raises(NoSpace):
+        core.session.open_write("/over.bin")
+    monkeypatch.undo()
+    core.assert_untouched()
+
+
+def test_any_exception_in_publish_discards_and_answers_a_failure(core: Core) -> None:
+    def broken(event: object) -> object:
+        raise RuntimeError("a bug in the engine")
+
+    h = core.session.open_write("/over.bin")
+    h.write(0, NEW)
+    core.dispatcher.pre_hook = lambda e: broken(e) if e.name == "pre-publish" else ALLOW  # type: ignore[assignment]
+    with pytest.raises(Failure, match="could not be completed"):
+        h.close()
+    core.assert_untouched()
+
+
+def test_below_the_free_space_reserve_uploads_are_refused_before_any_byte(core: Core) -> None:
+    core.policy.min_free_space = 1 << 62
+    with pytest.raises(NoSpace, match="nearly full"):
+        core.session.open_write("/over.bin")
+    assert "pre-upload" not in core.dispatcher.names()  # refused before scripts are asked
+    core.assert_untouched()
+    core.policy.min_free_space = 1
+    h = core.session.open_write("/over.bin")
+    h.write(0, NEW)
+    h.close()
+    assert (core.home / "over.bin").read_bytes() == NEW
+
+
+def test_close_after_a_clean_upload_still_publishes(core: Core) -> None:
+    h = core.session.open_write("/over.bin")
+    h.write(0, NEW)
+    h.close()
+    assert (core.home / "over.bin").read_bytes() == NEW
+    assert core.part_files() == [] and core.staging.leftovers() == []
+    assert OLD != NEW
