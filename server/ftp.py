@@ -42,9 +42,11 @@ import os
 import posixpath
 import random
 import secrets
+import select
 import socket
 import stat as statmod
 import struct
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -197,11 +199,12 @@ class _Upload:
     """A file object over a Session WriteHandle. ``close()`` discards the upload:
     only :meth:`finish`, called when the data channel ended cleanly, publishes."""
 
-    def __init__(self, handle: WriteHandle, offset: int) -> None:
+    def __init__(self, handle: WriteHandle, offset: int, announced: int | None = None) -> None:
         self.handle = handle
         self.name = handle.path
         self.pos = offset
         self.closed = False
+        self.announced = announced  # the file size the client promised with ALLO, if it did
 
     def write(self, data: bytes) -> None:
         try:
@@ -218,7 +221,41 @@ class _Upload:
     def close(self, reason: str = "transfer not completed") -> None:
         if not self.closed:
             self.closed = True
+            if self.handle.failed is not None:
+                reason = f"upload failed: {self.handle.failed.message}"
             self.handle.abort(reason)
+
+    def size_mismatch(self) -> str | None:
+        """Why a cleanly ended upload is not the file the client announced (ALLO), if it is not."""
+        if self.announced is None or self.pos == self.announced:
+            return None
+        return f"received {self.pos} bytes, ALLO announced {self.announced}"
+
+
+# How long a cleanly ended upload waits for the control connection to show that the
+# client died: the two connections' FINs leave a killed client together but may be
+# read apart. Live clients send nothing until the reply, so this is paid per upload.
+CONTROL_EOF_GRACE = 0.02
+
+
+def _peer_closed(sock: Any, wait: float = CONTROL_EOF_GRACE) -> bool:
+    """True when the other end of a control connection has closed it (or does within ``wait``).
+
+    A client killed mid-upload closes its data connection as cleanly as one that
+    finished; the control connection, closed in the same instant, tells them apart."""
+    raw = sock if isinstance(sock, socket.socket) else getattr(sock, "_socket", None)  # SSL.Connection's
+    if raw is None:
+        return False
+    poller = select.poll()
+    poller.register(raw.fileno(), select.POLLIN | select.POLLRDHUP)
+    if not poller.poll(int(wait * 1000)):
+        return False  # quiet: the client is waiting for our reply
+    try:
+        return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # reset
 
 
 class _DTP(DTPHandler):
@@ -365,6 +402,12 @@ class _DTP(DTPHandler):
         if not self.transfer_finished:
             f.close("upload interrupted")
             return
+        refusal = self._refuse_publish(f)
+        if refusal is not None:
+            self.transfer_finished = False
+            f.close(f"upload discarded: {refusal}")
+            self._resp = (f"426 Upload discarded: {refusal}.", log.debug)
+            return
         try:
             f.finish()
         except FsError as exc:
@@ -374,6 +417,25 @@ class _DTP(DTPHandler):
             log.exception("publishing %s failed", f.name)
             self.transfer_finished = False
             self._resp = ("451 Upload failed: local error.", log.debug)
+
+
+    def _refuse_publish(self, f: _Upload) -> str | None:
+        """Why a data connection that ended cleanly still does not prove a complete upload."""
+        ctrl = self.cmd_channel
+        if ctrl is None or getattr(ctrl, "_closed", False) or _peer_closed(ctrl.socket):
+            return "the control connection was closed"
+        return f.size_mismatch()
+
+    def handle_error(self) -> None:
+        """A failed write to the upload: answer it with its own reply (452 for a full disk),
+        not pyftpdlib's ``426 None; transfer aborted.``"""
+        exc = sys.exc_info()[1]
+        f = self.file_obj
+        if not isinstance(exc, _FileReadWriteError) or not isinstance(f, _Upload) or f.handle.failed is None:
+            super().handle_error()
+            return
+        self._resp = (reply_of(f.handle.failed), log.debug)
+        self.close()
 
 
 class _TLSDTP(TLS_DTPHandler, _DTP):
@@ -863,6 +925,24 @@ class _SessionCommands:
 
     # --- transfers ------------------------------------------------------------------
 
+    _announced: int | None = None
+
+    def ftp_ALLO(self, line: str) -> None:
+        """``ALLO size``: the size of the next upload. One that ends cleanly with another
+        size is discarded: the only check plain FTP offers against a client that dies
+        between two writes while its control connection looks alive (docs/ftp.md)."""
+        words = line.split()
+        if not words or not words[0].isdigit() or len(words[0]) > 19:
+            self.respond("501 Syntax: ALLO <SP> size-in-bytes.")  # type: ignore[attr-defined]
+            return
+        self._announced = int(words[0])
+        self.respond(f"200 The next upload must be {self._announced} bytes; another size is discarded.")  # type: ignore[attr-defined]
+
+    def _take_announced(self) -> int | None:
+        """ALLO covers the next upload command only, whether it succeeds or not."""
+        announced, self._announced = self._announced, None
+        return announced
+
     @_replies
     def ftp_RETR(self, path: str) -> None:
         rest, self._restart_position = self._restart_position, 0
@@ -878,6 +958,7 @@ class _SessionCommands:
     @_replies
     def ftp_STOR(self, path: str, mode: str = "w") -> None:
         rest, self._restart_position = self._restart_position, 0
+        announced = self._take_announced()
         append = "a" in mode
         handle = self._s().open_write(path, truncate=not (rest or append), append=append)
         offset = 0
@@ -894,10 +975,11 @@ class _SessionCommands:
                 except FsError:
                     handle.abort("could not cut the copy at the REST position")
                     raise
-        self._receive(_Upload(handle, offset), "APPE" if append else "STOR")
+        self._receive(_Upload(handle, offset, announced), "APPE" if append else "STOR")
 
     @_replies
     def ftp_STOU(self, line: str) -> None:
+        announced = self._take_announced()
         if self._restart_position:
             self.respond("450 Can't STOU while REST request is pending.")  # type: ignore[attr-defined]
             return
@@ -915,7 +997,7 @@ class _SessionCommands:
         else:
             self.respond("450 No usable unique file name found.")  # type: ignore[attr-defined]
             return
-        self._receive(_Upload(handle, 0), "STOU", f"FILE: {name}")
+        self._receive(_Upload(handle, 0, announced), "STOU", f"FILE: {name}")
 
     def _receive(self, f: _Upload, cmd: str, text: str = "") -> None:
         if self.data_channel is not None:  # type: ignore[attr-defined]

@@ -566,6 +566,63 @@ def test_disconnect_mid_upload_publishes_nothing(ftpd):
     assert no_staging_left(home)
 
 
+def _wait_for_staged_bytes(home: Path, at_least: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sizes = [p.stat().st_size for p in home.glob(".scriptsftp-part-*")]
+        if sizes and max(sizes) >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no staged upload of {at_least} bytes within {timeout} s")
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ftp", "ftps"])
+def test_a_killed_client_never_publishes_its_partial_upload(ftpd, tmp_path, tls):
+    """kill -9 of curl mid-STOR closes the data connection as cleanly as a finished upload;
+    the control connection, closed in the same instant, says it was not (8 of 8 trials
+    published the partial file over the good one before)."""
+    require_tool("curl")
+    home = ftpd.home("alice")
+    old = os.urandom(1 << 20)
+    name = f"killed-{'ftps' if tls else 'ftp'}.bin"
+    (home / name).write_bytes(old)
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(64 << 20))
+    args = ["curl", "-sS", "--limit-rate", "8M", "-T", str(src), url(ftpd, "/" + name)]
+    if tls:
+        args[1:1] = ["--ssl-reqd", "-k"]
+    client = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_staged_bytes(home, 4 << 20)
+    finally:
+        client.kill()
+        client.wait()
+    ftpd.wait_log(rf"upload /{re.escape(name)} aborted")
+    assert (home / name).read_bytes() == old
+    assert no_staging_left(home)
+
+
+def test_allo_announces_the_size_and_a_short_upload_is_discarded(ftpd):
+    home = ftpd.home("alice")
+    (home / "allo.bin").write_bytes(b"old\n")
+    c = ftp(ftpd)
+    try:
+        assert c.sendcmd("ALLO 1000").startswith("200")
+        with pytest.raises(ftplib.error_temp, match=r"426 Upload discarded: received 500 bytes, ALLO announced 1000"):
+            stor(c, "allo.bin", b"x" * 500)
+        assert (home / "allo.bin").read_bytes() == b"old\n"
+        # the announcement covers one upload: the next STOR needs none
+        assert stor(c, "other.bin", b"y" * 10).startswith("226")
+        assert c.sendcmd("ALLO 500").startswith("200")
+        assert stor(c, "allo.bin", b"z" * 500).startswith("226")
+        assert (home / "allo.bin").read_bytes() == b"z" * 500
+        with pytest.raises(ftplib.error_perm, match="501"):
+            c.sendcmd("ALLO lots")
+    finally:
+        c.close()
+    assert no_staging_left(home)
+
+
 # --- curl ------------------------------------------------------------------------------------------
 
 
