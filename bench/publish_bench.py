@@ -11,8 +11,13 @@ config) that differ only in one binding:
   hashed   pre-publish binding (sync) whose script does api.file.hash("sha256")
            (issue 4 bar: >= 0.8 of plain)
 
+  nofsync  no scripts, ``[uploads] fsync = false``: what durable publish costs
+           (fsync of the file before the rename and of the directory after)
+
 and uploads the same random file to each with OpenSSH `sftp -b` (put), --runs
-times, alternating. Upload time is client wall time, which includes the check
+times, alternating; then --small-files files of 64 KiB in one `sftp -b` session
+to plain and nofsync, where fsync costs most. The daemons' files live under
+--dir (default /var/tmp: a real disk, since fsync on tmpfs costs nothing). Upload time is client wall time, which includes the check
 (in sync mode the CLOSE reply waits for it). The bar (issue 4): hashed/plain
 throughput >= 0.8. MB = 10^6 bytes. Also prints the daemons' peak RSS.
 """
@@ -86,6 +91,8 @@ def start(name: str, base: Path, pubkey: str, scripts_kind: str) -> tuple[subpro
     elif scripts_kind == "noop":
         (scripts / "noop.py").write_text(NOOP_SCRIPT)
         cfg += NOOP_BINDINGS
+    elif scripts_kind == "nofsync":
+        cfg += "\n[uploads]\nfsync = false\n"
     (root / "scriptsftp.toml").write_text(cfg)
     log = root / "daemon.log"
     proc = subprocess.Popen([*scriptsftp_argv(None), "-c", str(root / "scriptsftp.toml")],
@@ -95,16 +102,35 @@ def start(name: str, base: Path, pubkey: str, scripts_kind: str) -> tuple[subpro
     return proc, int(m.group(1)), home, log
 
 
-def upload(port: int, key: Path, src: Path) -> float:
+def upload(port: int, key: Path, src: Path, commands: str | None = None) -> float:
     argv = ["sftp", "-b", "-", "-i", str(key), "-P", str(port), "-o", "StrictHostKeyChecking=no",
             "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes",
             "bench@127.0.0.1"]
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, input=f"put {src} up.bin\n", text=True, capture_output=True, timeout=600)
+    proc = subprocess.run(argv, input=commands or f"put {src} up.bin\n", text=True, capture_output=True,
+                          timeout=600)
     secs = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"sftp failed: {proc.stderr.strip()}")
     return secs
+
+
+def small_files(args: argparse.Namespace, base: Path, daemons: dict) -> None:
+    """Many small uploads in one session: fsync's cost is per file, so it shows here."""
+    src = base / "small"
+    src.mkdir()
+    for i in range(args.small_files):
+        (src / f"f{i:04d}.bin").write_bytes(os.urandom(64 << 10))
+    commands = "".join(f"put {src}/f{i:04d}.bin\n" for i in range(args.small_files))
+    times: dict[str, list[float]] = {"plain": [], "nofsync": []}
+    for _ in range(args.runs):
+        for name in times:
+            times[name].append(upload(daemons[name][1], base / "key", src, commands))
+    per_file = {n: statistics.median(t) / args.small_files * 1000 for n, t in times.items()}
+    print(f"{args.small_files} files of 64 KiB in one sftp session, median of {args.runs} runs")
+    for n, ms in per_file.items():
+        print(f"  {n:7s} {ms:6.2f} ms per file   runs {', '.join(f'{t:.2f}s' for t in times[n])}")
+    print(f"  fsync costs {per_file['plain'] - per_file['nofsync']:.2f} ms per file")
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -116,8 +142,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=int, default=256, help="MiB to upload")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--small-files", type=int, default=200, help="64 KiB files per small-file run")
+    ap.add_argument("--dir", default="/var/tmp", help="where the daemons' homes live (a real disk)")
     args = ap.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="scriptsftp-publish-bench-"))
+    base = Path(tempfile.mkdtemp(prefix="scriptsftp-publish-bench-", dir=args.dir))
     procs = []
     try:
         pubkey = openssh.keygen_ed25519(base / "key")
@@ -127,11 +155,11 @@ def main() -> int:
                 f.write(os.urandom(1 << 20))
         digest = hashlib.sha256(src.read_bytes()).hexdigest()
         daemons = {}
-        for name in ("plain", "noop", "hashed"):
+        for name in ("plain", "noop", "hashed", "nofsync"):
             proc, port, home, log = start(name, base, pubkey, name)
             procs.append(proc)
             daemons[name] = (proc, port, home, log)
-        times: dict[str, list[float]] = {"plain": [], "noop": [], "hashed": []}
+        times: dict[str, list[float]] = {name: [] for name in daemons}
         for _ in range(args.runs):
             for name, (_, port, home, _) in daemons.items():
                 times[name].append(upload(port, base / "key", src))
@@ -142,11 +170,13 @@ def main() -> int:
         size = args.size_mb * (1 << 20)
         rate = {n: size / statistics.median(t) / 1e6 for n, t in times.items()}
         print(f"SFTP upload, OpenSSH sftp put of {args.size_mb} MiB, median of {args.runs} runs")
-        for n in ("plain", "noop", "hashed"):
+        for n in daemons:
             print(f"  {n:7s} {rate[n]:8.1f} MB/s   runs {', '.join(f'{t:.2f}s' for t in times[n])}"
                   f"   daemon peak RSS {peak_rss_mb(daemons[n][0].pid):.0f} MB")
         print(f"  ratio noop/plain:   {rate['noop'] / rate['plain']:.2f} (bar: >= 0.95)")
         print(f"  ratio hashed/plain: {rate['hashed'] / rate['plain']:.2f} (bar: >= 0.80)")
+        print(f"  ratio plain (fsync) / nofsync: {rate['plain'] / rate['nofsync']:.2f}")
+        small_files(args, base, daemons)
         print(f"  load average: {os.getloadavg()[0]:.2f}")
         return 0
     finally:
