@@ -237,6 +237,20 @@ class Defender:
         points = self._points.get(kind, 0)
         if not s.enabled or points <= 0 or ip in self._allow:
             return False
+        try:
+            return self._record(ip, kind, detail, points)
+        except sqlite3.Error as exc:
+            # state_dir full or broken: the login that scored still gets its answer
+            now = time.monotonic()
+            if now - self._db_error_logged > 60:
+                self._db_error_logged = now
+                log.warning("defender: score not recorded (%s); bans are not updated until it can be", exc)
+            return False
+
+    _db_error_logged = -1e9
+
+    def _record(self, ip: str, kind: str, detail: str, points: int) -> bool:
+        s = self.settings
         with self._lock:
             if self._closed:
                 return False
