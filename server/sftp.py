@@ -85,6 +85,55 @@ def status_of(exc: FsError) -> int:
     return SFTP_FAILURE
 
 
+_ATTR_FIELDS = ((SFTPAttributes.FLAG_SIZE, 8), (SFTPAttributes.FLAG_UIDGID, 8),
+                (SFTPAttributes.FLAG_PERMISSIONS, 4), (SFTPAttributes.FLAG_AMTIME, 8))
+MAX_EXTENDED_ATTRS = 64  # OpenSSH's sftp-server keeps none; a client sending more is hostile
+
+
+def read_attrs(msg: Message) -> SFTPAttributes:
+    """An ATTRS structure from a client request, every length bounded by the bytes left.
+
+    paramiko's ``SFTPAttributes._from_msg`` trusts the extended-attribute count and
+    pads short reads with zeros: ``count = 0xFFFFFFFF`` in one OPEN or SETSTAT loops
+    four billion times past the end of the packet (a CPU pinned for ~40 minutes,
+    before any permission check). Malformed attributes answer ``SSH_FX_BAD_MESSAGE``."""
+    buf = msg.packet
+    left = len(buf.getbuffer()) - buf.tell()
+
+    def take(n: int) -> None:
+        nonlocal left
+        if n > left:
+            raise _Reply(SFTP_BAD_MESSAGE, "malformed attributes")
+        left -= n
+
+    take(4)
+    flags = msg.get_int()
+    attr = SFTPAttributes()
+    attr._flags = flags
+    for flag, size in _ATTR_FIELDS:
+        if flags & flag:
+            take(size)
+    if flags & SFTPAttributes.FLAG_SIZE:
+        attr.st_size = msg.get_int64()
+    if flags & SFTPAttributes.FLAG_UIDGID:
+        attr.st_uid, attr.st_gid = msg.get_int(), msg.get_int()
+    if flags & SFTPAttributes.FLAG_PERMISSIONS:
+        attr.st_mode = msg.get_int()
+    if flags & SFTPAttributes.FLAG_AMTIME:
+        attr.st_atime, attr.st_mtime = msg.get_int(), msg.get_int()
+    if flags & SFTPAttributes.FLAG_EXTENDED:
+        take(4)
+        count = msg.get_int()
+        if count > MAX_EXTENDED_ATTRS or count * 8 > left:
+            raise _Reply(SFTP_BAD_MESSAGE, "malformed attributes")
+        for _ in range(2 * count):  # name, value: read and ignored
+            take(4)
+            n = msg.get_int()
+            take(n)
+            buf.seek(n, 1)
+    return attr
+
+
 def attrs_of(entry: Entry, name: str | None = None) -> SFTPAttributes:
     attr = SFTPAttributes.from_stat(entry.st, name if name is not None else entry.name)
     return attr
@@ -541,7 +590,7 @@ class SFTPHandler(paramiko.SFTPServer):
         assert self.session is not None
         path = msg.get_text()
         pflags = msg.get_int()
-        attr = SFTPAttributes._from_msg(msg)
+        attr = read_attrs(msg)
         if pflags & (SFTP_FLAG_WRITE | SFTP_FLAG_APPEND):
             mode = attr.st_mode & 0o777 if attr._flags & attr.FLAG_PERMISSIONS else 0o644
             handle: ReadHandle | WriteHandle = self.session.open_write(
@@ -608,7 +657,7 @@ class SFTPHandler(paramiko.SFTPServer):
     def _op_mkdir(self, request: int, msg: Message) -> None:
         assert self.session is not None
         path = msg.get_text()
-        attr = SFTPAttributes._from_msg(msg)
+        attr = read_attrs(msg)
         mode = attr.st_mode & 0o777 if attr._flags & attr.FLAG_PERMISSIONS else 0o755
         self.session.mkdir(path, mode)
         self._reply_status(request, SFTP_OK)
@@ -671,13 +720,13 @@ class SFTPHandler(paramiko.SFTPServer):
     def _op_setstat(self, request: int, msg: Message) -> None:
         assert self.session is not None
         path = msg.get_text()
-        self.session.setstat(path, **self._setstat_args(SFTPAttributes._from_msg(msg)))
+        self.session.setstat(path, **self._setstat_args(read_attrs(msg)))
         self._reply_status(request, SFTP_OK)
 
     def _op_fsetstat(self, request: int, msg: Message) -> None:
         assert self.session is not None
         h = self._lookup_handle(msg)
-        args = self._setstat_args(SFTPAttributes._from_msg(msg))
+        args = self._setstat_args(read_attrs(msg))
         if not isinstance(h, WriteHandle):
             raise _Reply(SFTP_PERMISSION_DENIED, "handle not open for writing")
         self.session.fsetstat(h, **args)

@@ -11,13 +11,14 @@ import errno
 import os
 import stat
 import struct
+import time
 
 import paramiko
 import pytest
 from paramiko.sftp import (
-    CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_HANDLE, CMD_INIT, CMD_OPEN, CMD_READ, CMD_STATUS,
-    CMD_VERSION, CMD_WRITE, SFTP_FLAG_CREATE, SFTP_FLAG_READ, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_OK,
-    SFTP_OP_UNSUPPORTED, int64,
+    CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSETSTAT, CMD_HANDLE, CMD_INIT, CMD_MKDIR, CMD_OPEN,
+    CMD_READ, CMD_SETSTAT, CMD_STATUS, CMD_VERSION, CMD_WRITE, SFTP_BAD_MESSAGE, SFTP_FLAG_CREATE, SFTP_FLAG_READ,
+    SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_OK, SFTP_OP_UNSUPPORTED, int64,
 )
 
 from conftest import ALICE_PASSWORD, close_client, paramiko_client, user_toml
@@ -415,3 +416,50 @@ def test_large_transfer_round_trip(sftp, d, tmp_path):
     assert (d.home("alice") / "round.bin").read_bytes() == content
     sftp.get("round.bin", str(tmp_path / "back"))
     assert (tmp_path / "back").read_bytes() == content
+
+
+# --- hostile lengths and counts ---------------------------------------------------------------
+
+
+EXTENDED = 0x80000000
+
+
+@pytest.mark.parametrize("op", ["open", "setstat", "mkdir", "fsetstat"])
+def test_a_huge_extended_attribute_count_is_a_bad_message_not_a_pinned_cpu(raw, d, op):
+    """paramiko's own parser looped count = 0xFFFFFFFF times past the end of the packet
+    (~40 minutes of CPU per request, before any permission check)."""
+    raw.init()
+    (d.home("alice") / "attr.txt").write_bytes(b"x")
+    hostile = (EXTENDED, 0xFFFFFFFF)
+    started = time.monotonic()
+    if op == "open":
+        t, data = raw.request(CMD_OPEN, "/attr-new.txt", SFTP_FLAG_WRITE | SFTP_FLAG_CREATE, *hostile)
+    elif op == "setstat":
+        t, data = raw.request(CMD_SETSTAT, "/attr.txt", *hostile)
+    elif op == "mkdir":
+        t, data = raw.request(CMD_MKDIR, "/attr-dir", *hostile)
+    else:
+        t, data = raw.request(CMD_OPEN, "/attr.txt", SFTP_FLAG_READ, 0)
+        assert t == CMD_HANDLE
+        handle, _ = _take_string(data)
+        t, data = raw.request(CMD_FSETSTAT, handle, *hostile)
+    assert _status(t, data) == (SFTP_BAD_MESSAGE, "malformed attributes")
+    assert time.monotonic() - started < 5
+    assert not (d.home("alice") / "attr-new.txt").exists() and not (d.home("alice") / "attr-dir").exists()
+    # the connection still serves, and a well-formed extended attribute is read and ignored
+    t, data = raw.request(CMD_MKDIR, f"/attr-ok-{op}", EXTENDED, 1, "name@example.com", "value")
+    assert _status(t, data)[0] == SFTP_OK
+    assert (d.home("alice") / f"attr-ok-{op}").is_dir()
+
+
+@pytest.mark.parametrize("fields", [
+    (0x00000001,),                 # SIZE announced, no bytes for it
+    (0x00000008, 0),               # AMTIME with four of its eight bytes
+    (EXTENDED, 1, "n"),            # one pair announced, the value missing
+    (EXTENDED, 2, "n", "v"),       # two pairs announced, one sent
+])
+def test_truncated_attributes_are_a_bad_message(raw, d, fields):
+    raw.init()
+    t, data = raw.request(CMD_MKDIR, "/trunc-dir", *fields)
+    assert _status(t, data) == (SFTP_BAD_MESSAGE, "malformed attributes")
+    assert not (d.home("alice") / "trunc-dir").exists()
