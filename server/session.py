@@ -517,8 +517,11 @@ class Session:
 
     def symlink(self, target_vpath: str, link_vpath: str) -> None:
         """Create a symlink. The target is a virtual path (relative to the link's
-        directory or absolute in the home); it is stored on disk as a relative
-        link, so even outside the server it points inside the home."""
+        directory or absolute in the home), and means a place in the home, as in a
+        chroot: it is stored on disk as the absolute host path of that place, so
+        moving the link anywhere never changes where it points, in the server or
+        outside it. (A relative link moved to a shallower directory would point
+        above the home, for any program outside the server that follows it.)"""
         link_parts = self._parts(link_vpath)
         link = join(link_parts)
         if not link_parts:
@@ -526,10 +529,10 @@ class Session:
         self._require("symlink", link_parts, link)
         target_parts = split(target_vpath, join(link_parts[:-1]))
         self.account.access.check_filters(target_parts, join(target_parts))
-        rel = os.path.relpath("/" + "/".join(target_parts), "/" + "/".join(link_parts[:-1]))
+        host_target = os.path.join(str(self.storage.home), *target_parts)
         try:
             with self.storage.resolve(link_parts, follow=False) as r:
-                self.storage.symlink(rel, r)
+                self.storage.symlink(host_target, r)
         except OSError as exc:
             raise from_oserror(exc, link) from None
         self._log("symlink", link, "ok", target=join(target_parts))

@@ -260,11 +260,19 @@ class Storage:
         os.rename(src.name, dst.name, src_dir_fd=src.dir_fd, dst_dir_fd=dst.dir_fd)
 
     def chmod(self, r: Resolved, mode: int) -> None:
-        # no lchmod on Linux: open with O_PATH|O_NOFOLLOW would refuse links; we refuse them first
-        st = self.stat(r)
-        if statmod.S_ISLNK(st.st_mode):
-            raise InvalidPath("cannot change the mode of a symbolic link")
-        os.chmod(r.name or ".", mode & 0o7777 & ~0o7000, dir_fd=r.dir_fd, follow_symlinks=True)
+        """Change the mode of the entry itself, never of what a link there points to.
+
+        Linux has no lchmod, and a check (lstat) before a chmod by name leaves a window
+        in which a symlink renamed over the entry is followed, possibly out of the home.
+        So the entry is pinned first (``O_PATH|O_NOFOLLOW``: a link opens as the link),
+        checked on that descriptor, and changed through it (``/proc/self/fd``)."""
+        fd = os.open(r.name or ".", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=r.dir_fd)
+        try:
+            if statmod.S_ISLNK(os.fstat(fd).st_mode):
+                raise InvalidPath("cannot change the mode of a symbolic link")
+            os.chmod(f"/proc/self/fd/{fd}", mode & 0o7777 & ~0o7000)
+        finally:
+            os.close(fd)
 
     def utime(self, r: Resolved, atime: float, mtime: float) -> None:
         os.utime(r.name or ".", (atime, mtime), dir_fd=r.dir_fd, follow_symlinks=False)

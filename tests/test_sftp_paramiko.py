@@ -333,11 +333,16 @@ def test_symlink_readlink_round_trip(sftp, d):
     assert sftp.listdir("rl/dirlink") == ["t.txt"]
     assert stat.S_ISLNK(sftp.lstat("rl/rel").st_mode)
     assert stat.S_ISREG(sftp.stat("rl/rel").st_mode)
-    # stored as relative links on disk, so the home can move
-    assert os.readlink(home / "rl" / "abs") == "deep/t.txt"
-    assert os.readlink(home / "rl" / "dirlink") == "deep"
+    # stored as the place in the home (absolute host path), so moving a link never
+    # changes where it points: not in the server, not for programs outside it
+    real_home = os.path.realpath(home)
+    assert os.readlink(home / "rl" / "abs") == f"{real_home}/rl/deep/t.txt"
+    assert os.readlink(home / "rl" / "dirlink") == f"{real_home}/rl/deep"
+    sftp.rename("rl/rel", "moved")  # a relative "../.." link moved up would now point above the home
+    assert sftp.readlink("moved") == "/rl/deep/t.txt"
+    assert os.path.realpath(home / "moved") == f"{real_home}/rl/deep/t.txt"
     with pytest.raises(IOError):
-        sftp.symlink("deep/t.txt", "rl/rel")  # the link name exists
+        sftp.symlink("deep/t.txt", "rl/abs")  # the link name exists
     with pytest.raises(IOError):
         sftp.readlink("rl/deep/t.txt")  # not a link
 
@@ -463,3 +468,65 @@ def test_truncated_attributes_are_a_bad_message(raw, d, fields):
     t, data = raw.request(CMD_MKDIR, "/trunc-dir", *fields)
     assert _status(t, data) == (SFTP_BAD_MESSAGE, "malformed attributes")
     assert not (d.home("alice") / "trunc-dir").exists()
+
+
+def test_chmod_never_follows_a_symlink_swapped_in_while_it_runs(sftp, d, tmp_path):
+    """The attack: chmod /f in a loop while /f is replaced, again and again, by a symlink
+    out of the home (a link planted on the host, or a relative one a client moved up).
+    A check-then-chmod by name followed the link: a root-owned file outside every home
+    became 0666 within seconds. Now the entry is pinned before it is checked."""
+    import threading
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours\n")
+    outside.chmod(0o600)
+    home = d.home("alice")
+    f, link = home / "race-f", home / "race-link"
+    f.write_text("mine\n")
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            os.symlink(outside, link)
+            os.replace(link, f)  # the link takes the name atomically
+            tmp = home / "race-tmp"
+            tmp.write_text("mine\n")
+            os.replace(tmp, f)
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    refused = changed = 0
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                sftp.chmod("race-f", 0o666)
+                changed += 1
+            except IOError:
+                refused += 1
+    finally:
+        stop.set()
+        swapper.join()
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o600
+    assert changed and refused  # both sides of the race were hit
+
+
+def test_chmod_on_a_pinned_entry_refuses_a_link_even_if_a_check_saw_a_file(tmp_path, monkeypatch):
+    """Storage level: whatever an earlier stat said, the mode change acts on what is there."""
+    from scriptsftp.server.errors import InvalidPath
+    from scriptsftp.server.storage import Storage
+    outside = tmp_path / "outside.txt"
+    outside.write_text("x")
+    outside.chmod(0o600)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "f").write_text("mine")
+    regular = os.stat(home / "f")
+    os.remove(home / "f")
+    os.symlink(outside, home / "f")
+    storage = Storage(home)
+    monkeypatch.setattr(Storage, "stat", lambda self, r: regular)  # a stale check: "a regular file"
+    with storage.resolve(("f",), follow=False) as r:
+        with pytest.raises(InvalidPath):
+            storage.chmod(r, 0o666)
+    storage.close()
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o600
