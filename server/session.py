@@ -18,6 +18,7 @@ only here (and in :mod:`.login` for connection and login events).
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat as statmod
@@ -697,6 +698,16 @@ class WriteHandle(FileHandle):
     def read(self, offset: int, length: int) -> bytes:
         try:
             return os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise from_oserror(exc, self.path) from None
+
+    def read_into(self, offset: int, buf: memoryview) -> int:
+        """Read back the upload being written (SFTP ``w+``: clients verify what they wrote).
+        Only from a handle opened for reading too; the bytes count as no download."""
+        if fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+            raise PermissionDenied(f"{self.path}: not open for reading")
+        try:
+            return os.preadv(self.fd, [buf], offset)
         except OSError as exc:
             raise from_oserror(exc, self.path) from None
 
