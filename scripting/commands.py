@@ -121,6 +121,10 @@ class RunCapability:
             if len(a) > MAX_ARG_CHARS:
                 raise CapabilityError(f"api.run({name!r}, ...): argument {i} is longer than "
                                       f"{MAX_ARG_CHARS} characters", "ValueError")
+            if a.startswith("-") and not spec.allow_dash_args:
+                raise CapabilityError(f"api.run({name!r}, ...): argument {i} starts with '-' and the program "
+                                      f"would read it as an option; [commands.{name}] allow_dash_args = true "
+                                      "permits it", "ValueError")
         info = call.context if isinstance(call.context, CallInfo) else None
         event = call.event or {}
         fds: list[int] = []

@@ -81,6 +81,10 @@ def check(config_path: str | None) -> None:
     if problems:
         sys.exit(2)
     m = cfg.model
+    from .config import command_template_warnings
+    for name, spec in m.commands.items():
+        for line in command_template_warnings(name, spec.argv):
+            click.echo(f"{cfg.path}: warning: {line}", err=True)
     click.echo(f"{cfg.path}: OK ({len(m.users)} users, {len(m.groups)} groups, {len(m.bindings)} bindings)")
 
 

@@ -56,6 +56,21 @@ def command_template_problems(argv: list[str]) -> list[str]:
     return problems
 
 
+def command_template_warnings(name: str, argv: list[str]) -> list[str]:
+    """Templates that work but invite option injection: a script-filled argument standing
+    where the program still reads options (no ``--`` element before it)."""
+    warnings = []
+    for i, item in enumerate(argv[1:], start=1):
+        if item == "--":
+            break
+        m = COMMAND_PLACEHOLDER.match(item)
+        if item == "{args}" or (m is not None and m.group(1) is not None and m.group(1).isdigit()):
+            warnings.append(f"[commands.{name}] argv[{i}] ({item}) is filled by a script before any '--': "
+                            "the program would read a value starting with '-' as an option. Such values are "
+                            "refused unless allow_dash_args = true; put \"--\" before it")
+    return warnings
+
+
 def check_cron(expr: str) -> str:
     """A 5-field cron expression (minute granularity), or ValueError saying why not."""
     from datetime import datetime
@@ -349,6 +364,9 @@ class CommandSection(_Model):
     max_output: PositiveInt = 65536
     stdin: Literal["null", "file"] = "null"
     """"file": the event's file, opened by the server, is the command's standard input."""
+    allow_dash_args: bool = False
+    """Script arguments may start with "-". Off: such an argument is refused, since the
+    program would read it as an option (``--file=/etc/secret``), whatever the template."""
 
     @field_validator("argv")
     @classmethod

@@ -40,6 +40,13 @@ argv = ["env"]
 
 [commands.grep]
 argv = ["grep", "-q", "EVIL", "{path}"]
+
+[commands.count]
+argv = ["grep", "-c", "{0}", "{path}"]
+
+[commands.opt]
+argv = ["printf", "[%s]", "{0}"]
+allow_dash_args = true
 """
 
 
@@ -84,6 +91,12 @@ def run_daemon(daemons: DaemonFactory, tmp_path: Path):
                 api.run("rm", "-rf", "/")
             except PermissionError as e:
                 api.log("unknown refused", error=str(e))
+            try:  # option injection: grep -c --file=/etc/passwd would read a file outside every home
+                api.run("count", "--file=/etc/passwd")
+            except ValueError as e:
+                api.log("dash refused", error=str(e))
+            r = api.run("opt", "-n")
+            api.log("dash allowed", out=r.stdout)
             r = api.run("big")
             api.log("big", n=len(r.stdout), truncated=r.truncated)
             r = api.run("env")
@@ -128,6 +141,8 @@ def test_run_passes_hostile_args_literally_and_enforces_limits(run_daemon, alice
     assert "runner.py: int refused" in log
     assert "runner.py: missing arg refused" in log
     assert "runner.py: unknown refused error=no command named 'rm' in [commands]" in log
+    assert "runner.py: dash refused error=api.run('count', ...): argument 0 starts with '-'" in log
+    assert "runner.py: dash allowed out=[-n]" in log
     assert "runner.py: big n=1000 truncated=True" in log
     assert re.search(r"runner\.py: env out=PATH=/usr/local/bin:/usr/bin:/bin( |$)", log, re.M)
     m = re.search(r"runner\.py: sleepy timed out secs=(\d+) error=command 'sleepy' timed out after 1 s", log)
@@ -171,3 +186,14 @@ def test_bad_command_template_is_a_config_error(daemons: DaemonFactory):
     out = subprocess.run([str(BIN), "check", "-c", str(path)], capture_output=True, text=True)
     assert out.returncode != 0
     assert "commands.bad.argv" in out.stderr + out.stdout and "unknown placeholder {file}" in out.stderr + out.stdout
+
+
+def test_check_warns_about_a_script_filled_argument_where_options_are_read(daemons: DaemonFactory):
+    import subprocess
+
+    path = daemons.write_config('[commands.count]\nargv = ["grep", "-c", "{0}", "{path}"]\n'
+                                '[commands.safe]\nargv = ["grep", "-c", "--", "{0}", "{path}"]\n')
+    out = subprocess.run([str(BIN), "check", "-c", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "warning: [commands.count] argv[2] ({0}) is filled by a script before any '--'" in out.stderr
+    assert "commands.safe" not in out.stderr
