@@ -139,6 +139,9 @@ class ServerSection(_Model):
     """Audit trail (state_dir/audit.sqlite3): rows older than this are deleted; 0 = keep by size only."""
     audit_max_mb: Annotated[float, Field(gt=0)] = 256.0
     """Audit trail: past this size the oldest rows are deleted."""
+    stall_timeout: Annotated[float, Field(ge=0)] = 120.0
+    """Seconds a transfer (any protocol, either direction) may move no byte before it is
+    aborted (an upload discarded); 0: never."""
 
 
 class SftpSection(_Model):

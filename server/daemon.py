@@ -120,6 +120,7 @@ class Daemon:
             max_read=m.sftp.max_packet - 1024, max_handles=m.sftp.max_handles,
             idle_timeout=m.sftp.idle_timeout, login_grace=m.sftp.login_grace,
             window_size=m.sftp.window_size, max_packet=min(m.sftp.max_packet, 262144),
+            stall_timeout=m.server.stall_timeout,
         )
 
     def _host_key_paths(self) -> list[Path]:

@@ -59,13 +59,20 @@ import socket
 import stat as statmod
 from dataclasses import dataclass, field
 
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
 import paramiko
 
 from . import paramiko_send
 from .errors import Failure, FsError, NotFound
 from .session import ReadHandle, Session, WriteHandle
 from .storage import Entry
+from .ssh import SSHLimits
 from .vfs import join, split
+
+if TYPE_CHECKING:
+    from .ssh import SSHServer
 
 log = logging.getLogger("scriptsftp.scp")
 
@@ -94,6 +101,11 @@ class _Gone(Exception):
     def __init__(self, reason: str, clean: bool = False) -> None:
         super().__init__(reason)
         self.clean = clean
+
+
+class _TimedOut(_Gone):
+    """The server stopped waiting for the client (idle timeout, or a stalled transfer): the
+    transfer is aborted with this reason and the channel closed."""
 
 
 @dataclass
@@ -141,15 +153,33 @@ def _clean(text: str) -> bytes:
 class _Peer:
     """The channel as a buffered record/data stream with the SCP reply conventions."""
 
-    def __init__(self, channel: paramiko.Channel) -> None:
+    def __init__(self, channel: paramiko.Channel, limits: "SSHLimits | None" = None) -> None:
         self.channel = channel
         self.buf = bytearray()
+        self.limits = limits or SSHLimits(idle_timeout=DEFAULT_IDLE_TIMEOUT, stall_timeout=0.0)
+        self._transferring = False
+        channel.settimeout(self.limits.quiet_limit(False) or None)
+
+    @contextmanager
+    def transferring(self) -> Iterator[None]:
+        """While a file is open, a silent peer is a stalled transfer: the stall timeout
+        applies (when shorter than the idle timeout) to every wait, either direction."""
+        self._transferring = True
+        self.channel.settimeout(self.limits.quiet_limit(True) or None)
+        try:
+            yield
+        finally:
+            self._transferring = False
+            self.channel.settimeout(self.limits.quiet_limit(False) or None)
+
+    def _timed_out(self) -> _TimedOut:
+        return _TimedOut(self.limits.timeout_reason(self._transferring))
 
     def _fill(self) -> bool:
         try:
             data = self.channel.recv(CHUNK)
         except socket.timeout:
-            raise _Gone("idle timeout") from None
+            raise self._timed_out() from None
         except OSError as exc:
             raise _Gone(str(exc)) from None
         if not data:
@@ -204,7 +234,7 @@ class _Peer:
             try:
                 chunk = self.channel.recv(min(CHUNK, remaining))
             except socket.timeout:
-                raise _Gone("idle timeout") from None
+                raise self._timed_out() from None
             except OSError as exc:
                 raise _Gone(str(exc)) from None
             if not chunk:
@@ -218,7 +248,7 @@ class _Peer:
         except EOFError:
             raise _Gone("connection closed") from None
         except socket.timeout:
-            raise _Gone("idle timeout") from None
+            raise self._timed_out() from None
         except OSError as exc:
             raise _Gone(str(exc)) from None
 
@@ -411,7 +441,11 @@ class _Sink(_Transfer):
             self.fail(exc.message)  # the client skips this file's data
             return
         try:
-            self._receive_into(handle, size, times)
+            with self.peer.transferring():
+                self._receive_into(handle, size, times)
+        except _TimedOut as exc:
+            handle.abort(str(exc))
+            raise
         finally:
             handle.abort("connection closed before the transfer completed")  # no-op once closed
 
@@ -571,7 +605,11 @@ class _Source(_Transfer):
             self.fail(exc.message)
             return
         try:
-            self._send_from(handle)
+            with self.peer.transferring():
+                self._send_from(handle)
+        except _TimedOut as exc:
+            handle.abort(str(exc))
+            raise
         finally:
             handle.abort("connection closed before the transfer completed")  # no-op once closed
 
@@ -620,20 +658,18 @@ class _Source(_Transfer):
             raise _Gone("the client stopped")
 
 
-def _idle_timeout(channel: paramiko.Channel) -> float:
-    server = getattr(channel.get_transport(), "server_object", None)
-    limits = getattr(server, "limits", None)
-    return float(getattr(limits, "idle_timeout", DEFAULT_IDLE_TIMEOUT) or 0)
+def _ssh_server(channel: paramiko.Channel) -> "SSHServer | None":
+    return getattr(channel.get_transport(), "server_object", None)
 
 
 def run_scp(channel: paramiko.Channel, session: Session, argv: list[str]) -> None:
     """Serve one ``scp -t``/``scp -f`` exec request; always ends the session and the channel."""
-    peer = _Peer(channel)
+    server = _ssh_server(channel)
     status = 1
     transfer: _Transfer | None = None
+    closed_for: str | None = None  # the server gave up waiting (idle, stall)
+    peer = _Peer(channel, getattr(server, "limits", None))
     try:
-        timeout = _idle_timeout(channel)
-        channel.settimeout(timeout or None)
         try:
             options = _parse_argv(argv)
             log.info("scp %s %s", "upload to" if options.sink else "download of",
@@ -650,6 +686,7 @@ def run_scp(channel: paramiko.Channel, session: Session, argv: list[str]) -> Non
         except _Gone as exc:
             log.info("scp ended: %s", exc, extra={"sid": session.id})
             status = 0 if exc.clean and transfer is not None and not transfer.errors else 1
+            closed_for = str(exc) if isinstance(exc, _TimedOut) else None
     except Exception:
         log.exception("scp failed", extra={"sid": session.id})
         try:
@@ -663,3 +700,5 @@ def run_scp(channel: paramiko.Channel, session: Session, argv: list[str]) -> Non
         except Exception:
             pass
         channel.close()
+        if server is not None:
+            server.channel_ended(closed_for)  # the connection ends too if this was its last channel

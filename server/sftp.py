@@ -168,6 +168,7 @@ class SFTPHandler(paramiko.SFTPServer):
         self._inline_hold = False  # replies of the transport thread wait for its next wait (_pump_locked)
         self._closed = False
         self._last_request = time.monotonic()
+        self._timed_out: str | None = None  # why the server closed the channel (idle, stall), if it did
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -178,8 +179,9 @@ class SFTPHandler(paramiko.SFTPServer):
             log.info("sftp refused: %s", exc.message)
             channel.close()
             return
-        if self.limits.idle_timeout:
-            channel.settimeout(self.limits.idle_timeout)
+        quiet = self.limits.quiet_limit(transferring=True)
+        if quiet:  # a reply the client does not take (a stalled download) waits no longer than this
+            channel.settimeout(quiet)
         self.sock = channel
         pipe = channel.in_buffer
         try:
@@ -194,7 +196,8 @@ class SFTPHandler(paramiko.SFTPServer):
                     self._serve()
                 self._wait_for_input(pipe)
         except socket.timeout:
-            log.info("sftp idle timeout", extra={"sid": self.session.id})
+            self._timed_out = self._timeout_reason()
+            log.info("sftp %s: channel closed", self._timed_out, extra={"sid": self.session.id})
         except EOFError:
             return
         except (OSError, SFTPError) as exc:
@@ -212,6 +215,7 @@ class SFTPHandler(paramiko.SFTPServer):
                     channel.send_exit_status(0)
                 except Exception:
                     pass
+            self.ssh.channel_ended(self._timed_out)
 
     def finish_subsystem(self) -> None:
         with self._work:
@@ -222,9 +226,10 @@ class SFTPHandler(paramiko.SFTPServer):
         """Channel gone: uploads never closed by the client are discarded, not published."""
         self._closed = True
         handles, self._handles = self._handles, {}
+        reason = self._timed_out or "connection closed before the transfer completed"
         for h in handles.values():
             if not isinstance(h, _Dir):
-                h.abort("connection closed before the transfer completed")
+                h.abort(reason)
         if self.session is not None:
             self.session.close()
 
@@ -360,11 +365,21 @@ class SFTPHandler(paramiko.SFTPServer):
     def _window_holds(self, reply: int) -> bool:
         return self.sock.out_window_size >= self._held_bytes + reply + 1024
 
+    def _transferring(self) -> bool:
+        """A file is open: the stall timeout applies, not only the idle timeout."""
+        return any(not isinstance(h, _Dir) for h in list(self._handles.values()))
+
+    def _quiet_limit(self) -> float:
+        return self.limits.quiet_limit(self._transferring())
+
+    def _timeout_reason(self) -> str:
+        return self.limits.timeout_reason(self._transferring())
+
     def _wait_for_input(self, pipe: paramiko_speed.ChunkPipe) -> None:
         """Sleep until the channel has bytes, is closed, or the transport thread left work here.
 
-        The idle timeout counts from the last request answered by either thread."""
-        idle = self.limits.idle_timeout
+        The idle (or stall) timeout counts from the last request answered by either thread."""
+        idle = self._quiet_limit()
         with pipe._lock:
             while not (len(pipe._buffer) or pipe._closed or pipe.kicked):
                 if idle:

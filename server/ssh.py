@@ -63,6 +63,19 @@ class SSHLimits:
     login_grace: float = 30.0
     window_size: int = 64 * 2**20
     max_packet: int = 262144
+    stall_timeout: float = 120.0  # [server] stall_timeout: an open file with no request for this long
+
+    def quiet_limit(self, transferring: bool) -> float:
+        """Seconds a channel may stay silent before the server closes it (0: never): the
+        idle timeout, or while a file is open the stall timeout, whichever is shorter."""
+        stall = self.stall_timeout if transferring else 0.0
+        return min((t for t in (self.idle_timeout, stall) if t), default=0.0)
+
+    def timeout_reason(self, transferring: bool) -> str:
+        """What the log, the aborted transfer and the client's disconnect say about it."""
+        if transferring and self.stall_timeout and self.stall_timeout == self.quiet_limit(True):
+            return f"stalled: no data for {self.stall_timeout:g} s"
+        return "idle timeout"
 
 
 def _handle_request_then_start(chan: paramiko.Channel, m: Message) -> None:
@@ -158,6 +171,15 @@ class ServerTransport(paramiko.Transport):
     def __init__(self, sock: socket.socket, **kwargs: object) -> None:
         super().__init__(ConnectionSocket.adopt(sock), **kwargs)  # type: ignore[arg-type]
         self.packetizer.__class__ = _HandshakeDeadline  # same object, no timer thread
+
+    def run(self) -> None:
+        """paramiko's transport thread; at its end, wake whoever waits for the login."""
+        try:
+            super().run()
+        finally:
+            settled = getattr(self.server_object, "settled", None)
+            if settled is not None:
+                settled.set()
 
     def release_socket(self, wait: float = 5.0) -> None:
         """Free the descriptor, once the transport thread is gone (see ConnectionSocket);
@@ -295,6 +317,8 @@ class SSHServer(paramiko.ServerInterface):
         # channel threads (SFTP handlers, SCP runs): the connection is over once they are
         self.workers: list[threading.Thread] = []
         self._key_failures = 0
+        self._last_used = time.monotonic()  # a channel opened or ended (see idle_for)
+        self.settled = threading.Event()  # logged in, or the connection ended
 
     # --- authentication -----------------------------------------------------
 
@@ -323,12 +347,15 @@ class SSHServer(paramiko.ServerInterface):
         return self.core.finish_login(self.conn, username, method, announce=False)
 
     def announce_login(self, method: str) -> None:
+        self._last_used = time.monotonic()  # the idle time of the connection counts from here
+        self.settled.set()
         self.core.announce_login(self.conn, method)
 
     # --- channels -------------------------------------------------------------
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
         if kind == "session" and self.conn.account is not None:
+            self._last_used = time.monotonic()
             return OPEN_SUCCEEDED
         return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
@@ -362,6 +389,26 @@ class SSHServer(paramiko.ServerInterface):
         run thousands of scp commands)."""
         self.workers = [w for w in self.workers if w.ident is None or w.is_alive()]
         self.workers.append(worker)
+
+    def _busy(self) -> bool:
+        """A channel thread (SFTP, SCP) other than the caller is running. A channel that
+        never started a subsystem or command does not count: it cannot hold a connection."""
+        me = threading.current_thread()
+        return any(w.is_alive() and w is not me for w in self.workers)
+
+    def idle_for(self) -> float:
+        """Seconds the connection has had no running channel (0 while one runs)."""
+        return 0.0 if self._busy() else time.monotonic() - self._last_used
+
+    def channel_ended(self, closed_for: str | None = None) -> None:
+        """A channel thread is done. ``closed_for``: the server closed the channel (idle
+        timeout, stalled transfer); if it was the connection's last, the connection goes
+        too: a client that stopped talking must not hold its TCP connection, its worker
+        slot and its login for another idle_timeout."""
+        self._last_used = time.monotonic()
+        if closed_for and not self._busy() and self.transport is not None and self.transport.is_active():
+            log.info("ssh connection closed: %s", closed_for, extra={"sid": self.conn.id})
+            send_disconnect(self.transport, closed_for)
 
     def join_workers(self, timeout: float) -> None:
         """Wait for the channel threads to finish their cleanup (aborting unfinished uploads):
@@ -492,12 +539,12 @@ class SSHConnections:
                 log.info("ssh handshake failed: %s", exc, extra={"sid": conn.id, "ip": addr[0]})
                 core.protocol_error(conn, f"ssh handshake failed: {exc}")
                 return
-            transport.join(self.limits.login_grace)
+            server.settled.wait(self.limits.login_grace)
             if transport.is_active() and not transport.is_authenticated():
                 log.info("login grace time (%ss) exceeded", self.limits.login_grace, extra={"sid": conn.id})
                 send_disconnect(transport, "login grace time exceeded")
                 return
-            transport.join()
+            self._serve_until_idle(transport, server)
         finally:
             if transport is not None:
                 transport.close()  # does nothing for a transport never started...
@@ -511,6 +558,20 @@ class SSHConnections:
             core.disconnect(conn)
             if transport is not None and idle:
                 memory.release_free_memory()  # the last connection's buffers go back to the system
+
+    def _serve_until_idle(self, transport: paramiko.Transport, server: SSHServer) -> None:
+        """Wait for the connection to end; end it once it has had no running channel for
+        ``idle_timeout`` (paramiko times out nothing on a logged-in connection). Wakes once
+        per idle_timeout, not per second: an idle connection costs no extra wakeups."""
+        idle = self.limits.idle_timeout
+        while idle and transport.is_active():
+            left = idle - server.idle_for()
+            if left <= 0:
+                log.info("ssh connection closed: no channel open for %gs", idle, extra={"sid": server.conn.id})
+                send_disconnect(transport, "idle timeout")
+                break
+            transport.join(left)
+        transport.join()
 
     def active(self) -> int:
         with self._lock:
