@@ -275,11 +275,37 @@ class _DTP(DTPHandler):
     _sndtimeo_set = False
 
     def __init__(self, sock: socket.socket, cmd_channel: Any) -> None:
+        # pyftpdlib's timer (``timeout``) gives up when no byte moved between two ticks, so
+        # a stall would last up to twice the timeout: tick four times per stall_timeout and
+        # measure the silence itself (handle_timeout). 0: no timer, no stall timeout.
+        self._stall = float(getattr(cmd_channel, "stall_timeout", 0.0) or 0.0)
+        self.timeout = max(self._stall / 4, 0.05) if self._stall else 0
+        self._quiet_since = time.monotonic()
+        self._moved = 0
         super().__init__(sock, cmd_channel)
         if not self.connected:
             # Reset before we got to it: pyftpdlib drops it silently, leaving a
             # queued transfer (and its client) waiting for ever.
             cmd_channel.data_connection_lost()
+
+    def handle_timeout(self) -> None:
+        """A transfer that moved no byte for ``[server] stall_timeout`` is aborted (an upload
+        discarded) and answered ``426`` on the control connection, which stays open:
+        pyftpdlib's own answer is ``421`` and the end of the whole session."""
+        moved = self.get_transmitted_bytes()
+        now = time.monotonic()
+        if moved != self._moved:
+            self._moved, self._quiet_since = moved, now
+        elif now - self._quiet_since >= self._stall:
+            self._abort_stalled(f"stalled: no data for {self._stall:g} s")
+
+    def _abort_stalled(self, reason: str) -> None:
+        f = self.file_obj
+        if isinstance(f, (_Upload, _Download)) and not f.closed:
+            f.close(reason)  # discarded with the reason; close() then finds it settled
+        self.transfer_finished = False
+        self._resp = (f"426 Transfer aborted: {reason}.", log.debug)
+        self.close()
 
     def initiate_sendfile(self) -> None:
         """Downloads: one *blocking* sendfile() of up to 16 MiB per trip round the
@@ -548,6 +574,7 @@ class _SessionCommands:
     listener: "FTPListener"
     active_mode = False
     implicit_tls = False
+    stall_timeout = 120.0  # [server] stall_timeout, read by the data channel (_DTP)
 
     # pyftpdlib settings
     authorizer = _NoAuthorizer()
@@ -1157,6 +1184,7 @@ def make_listener(daemon: "Daemon") -> FTPListener:
         "passive_ports": passive_range(m.passive_ports),
         "masquerade_address": m.masquerade_address or None,
         "active_mode": m.active_mode,
+        "stall_timeout": cfg.model.server.stall_timeout,
     }
     base: type = _PlainHandler
     if m.tls != "off":
