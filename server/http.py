@@ -50,7 +50,7 @@ from aiohttp.web_protocol import RequestHandler
 from . import webdav
 from .errors import FsError, IsADirectory, NotFound
 from .httputil import (
-    CHUNK, Ctx, HttpError, Pools, decode_path, etag_of, href, http_date, not_found, parse_http_date,
+    CHUNK, Ctx, HttpError, Pools, StallWatch, decode_path, etag_of, href, http_date, not_found, parse_http_date,
 )
 from .listener import listen_addresses
 from .login import Connection
@@ -117,10 +117,11 @@ class HttpListener:
     name = "http"
 
     def __init__(self, addresses: list[tuple[str, int]], core: "LoginCore", *, tls: ssl.SSLContext | None = None,
-                 max_upload_size: int = 0) -> None:
+                 max_upload_size: int = 0, stall_timeout: float = 120.0) -> None:
         self.core = core
         self.tls = tls
         self.max_upload_size = max_upload_size
+        self.stall_timeout = stall_timeout
         self.locks = webdav.LockManager()
         self.pools = Pools(
             auth=ThreadPoolExecutor(8, thread_name_prefix="http-auth"),
@@ -357,6 +358,7 @@ class HttpListener:
             return web.Response(headers=_file_headers(st, ctx.vpath, st.st_size))
         handle: ReadHandle = await ctx.op(ctx.session.open_read, ctx.vpath)  # pre-download may veto
         pending: asyncio.Future[bytes] | None = None
+        watch: StallWatch | None = None
         try:
             st = handle.fstat()
             size = st.st_size
@@ -374,6 +376,7 @@ class HttpListener:
                 headers["Content-Range"] = f"bytes {start}-{end}/{size}"
             resp = web.StreamResponse(status=status, headers=headers)
             resp.content_length = length
+            watch = StallWatch(ctx.request, self.stall_timeout)
             await resp.prepare(ctx.request)
             pos, remaining = start, length
             if remaining:
@@ -389,14 +392,20 @@ class HttpListener:
                 if remaining:  # read the next chunk while this one is sent
                     pending = ctx.io(handle.read, pos, min(CHUNK, remaining))
                 await resp.write(data)
+                watch.touch()
             await resp.write_eof()
         except HttpError:
             raise
         except BaseException:
             if pending is not None:  # never close the fd under a read still running
                 await asyncio.gather(pending, return_exceptions=True)
-            await ctx.op(handle.abort, "connection closed before the download completed")
+            reason = watch.reason if watch is not None and watch.reason else \
+                "connection closed before the download completed"
+            await ctx.op(handle.abort, reason)
             raise
+        finally:
+            if watch is not None:
+                watch.stop()
         await ctx.op(handle.close)
         return resp
 
@@ -453,9 +462,11 @@ class HttpListener:
         offset = 0
         batch: list[bytes] = []
         batched = 0
+        watch = StallWatch(req, self.stall_timeout)
         try:
             while True:
                 data = await req.content.readany()
+                watch.touch()
                 if data:
                     batch.append(data)
                     batched += len(data)
@@ -476,11 +487,14 @@ class HttpListener:
         except BaseException as exc:
             if pending is not None:
                 await asyncio.gather(pending, return_exceptions=True)
-            reason = exc.text if isinstance(exc, HttpError) else "connection closed before the upload completed"
+            reason = exc.text if isinstance(exc, HttpError) else \
+                watch.reason or "connection closed before the upload completed"
             await ctx.op(handle.abort, reason)
             if isinstance(exc, FsError):
                 raise HttpError.from_fs(exc) from None
             raise
+        finally:
+            watch.stop()  # before publishing: a pre-publish script may take its time
         await ctx.op(handle.close)  # publish: the pre-publish verdict (sync bindings) comes back here
         return web.Response(status=204 if handle.existed else 201)
 
@@ -582,4 +596,5 @@ def make_listener(daemon: "Daemon") -> HttpListener:
         raise ValueError("[http] certificate and private_key must be given together")
     if m.certificate:
         tls = tls_context(str(daemon.cfg.resolve(m.certificate)), str(daemon.cfg.resolve(m.private_key)))
-    return HttpListener(listen_addresses(m.listen), daemon.core, tls=tls, max_upload_size=m.max_upload_size)
+    return HttpListener(listen_addresses(m.listen), daemon.core, tls=tls, max_upload_size=m.max_upload_size,
+                        stall_timeout=daemon.cfg.model.server.stall_timeout)

@@ -241,3 +241,53 @@ def overwrite_flag(request: web.BaseRequest) -> bool:
     if value not in ("T", "F"):
         raise HttpError(400, "Overwrite header must be T or F")
     return value == "T"
+
+
+class StallWatch:
+    """Ends a connection whose transfer has moved no byte for ``seconds`` (``[server]
+    stall_timeout``; 0: never), so that a client that stops sending a PUT body, or stops
+    reading a download, holds no staging file, handle or pool slot for longer.
+
+    One timer per transfer, armed for the moment the silence would reach the limit
+    (not a tick per second); :meth:`touch` per chunk costs a clock read. Bytes the
+    client takes from a download show as a shrinking write buffer. On a stall the
+    transport is aborted: the read or write waiting on it fails, and the handler
+    aborts the transfer with :attr:`reason`. The client sees the connection closed."""
+
+    def __init__(self, request: web.BaseRequest, seconds: float) -> None:
+        self.seconds = seconds
+        self.reason: str | None = None
+        self._transport = request.transport
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self._buffered = self._write_buffer()
+        self._timer: asyncio.TimerHandle | None = None
+        if seconds and self._transport is not None:
+            self._timer = self._loop.call_later(seconds, self._check)
+
+    def touch(self) -> None:
+        """Bytes moved now."""
+        self._last = self._loop.time()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _write_buffer(self) -> int:
+        t = self._transport
+        return t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
+
+    def _check(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        buffered = self._write_buffer()
+        if buffered != self._buffered:  # the client read part of a download meanwhile
+            self._buffered, self._last = buffered, now
+        quiet = now - self._last
+        if quiet < self.seconds:
+            self._timer = self._loop.call_later(self.seconds - quiet, self._check)
+            return
+        self.reason = f"stalled: no data for {self.seconds:g} s"
+        assert self._transport is not None
+        self._transport.abort()  # not close(): that would wait to flush a download nobody reads
