@@ -8,7 +8,7 @@ permissions, events and scripts, staging and publishing, session counts, the
 admin API's session list. Each connection's worker asks over its own socket pair
 (one thread here per connection, as an in-process connection has); a file opened
 for transfer comes back as a descriptor, on which the worker reads and writes
-without asking, and whose byte count it reports at close.
+without asking, and whose byte count it reports about once a second and at close.
 
 The worker is not trusted more than it must be: it parses raw client bytes. It
 gets no name it could use against another connection (sessions and handles are
@@ -254,6 +254,14 @@ class CoreLink:
             handle.sent = _count(count)
         return handle
 
+    def _progress(self, hid: int, count: object) -> None:
+        """A running transfer's byte count (about once a second): the admin API lists it."""
+        handle = self.handles.get(hid)
+        if isinstance(handle, WriteHandle):
+            handle.written = _count(count)
+        elif isinstance(handle, ReadHandle):
+            handle.sent = _count(count)
+
     def _close_handle(self, hid: int, count: int) -> None:
         self._counted(hid, count).close()  # publishes an upload; a veto is the reply
 
@@ -266,7 +274,7 @@ class CoreLink:
         "finish_login": _finish_login,
         "open_session": _open_session, "call": _call, "close_session": _close_session,
         "open_read": _open_read, "open_write": _open_write, "fsetstat": _fsetstat,
-        "close_handle": _close_handle, "abort_handle": _abort_handle,
+        "close_handle": _close_handle, "abort_handle": _abort_handle, "progress": _progress,
     }
 
     def _end(self) -> None:

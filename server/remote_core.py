@@ -5,7 +5,8 @@ from :class:`RemoteCore` behaves like the LoginCore, Session and file handles of
 an in-process server. Every call but the data path goes to the core over the
 connection's link (core_link.py), one at a time (a connection's channels share
 it). READ and WRITE use the descriptor the core opened, here, without a round
-trip; the core learns the byte count at close, where it publishes the upload.
+trip; the core learns the byte count at close, where it publishes the upload, and
+meanwhile about once a second while bytes move (the admin API's session list).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import base64
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 import paramiko
@@ -26,6 +28,7 @@ from .session import ReadHandle, WriteHandle
 from .storage import Entry
 
 MAX_REPLY = 256 << 20  # a listing of a very large directory
+PROGRESS_INTERVAL = 1.0  # seconds between two byte counts of a running transfer sent to the core
 
 _ERRORS: dict[str, type[FsError]] = {
     name: cls for name, cls in vars(errors).items() if isinstance(cls, type) and issubclass(cls, FsError)
@@ -81,6 +84,22 @@ class RemoteCore:
 
     def value(self, op: str, *args: Any) -> Any:
         return self.call(op, *args)[0]
+
+    def progress(self, hid: int, count: int) -> None:
+        """A running transfer's byte count, for the core's session list. Best effort: skipped
+        while another call of the connection holds the link (never waits behind it, since
+        the caller may be the transport thread), and a failure is left to the next real call."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._closed:
+                return
+            framing.send(self.sock, {"op": "progress", "args": [hid, count]})
+            framing.receive(self.sock, MAX_REPLY, alternating=True)
+        except (OSError, ValueError):
+            self._closed = True
+        finally:
+            self._lock.release()
 
     # --- LoginCore --------------------------------------------------------------
 
@@ -215,9 +234,18 @@ class _ReportsToCore:
     fd: int
     session: RemoteSession
     _finish: Any  # FileHandle's
+    _next_report = 0.0
 
     def _count(self) -> int:
         raise NotImplementedError
+
+    def _moved(self) -> None:
+        """After each read or write: the count goes to the core at most once a second
+        (a clock read per packet, a round trip per second; never one per packet)."""
+        now = time.monotonic()
+        if now >= self._next_report:
+            self._next_report = now + PROGRESS_INTERVAL
+            self.session.core.progress(self.hid, self._count())
 
     def close(self) -> None:
         if self._finish():
@@ -239,9 +267,20 @@ class RemoteReadHandle(_ReportsToCore, ReadHandle):  # type: ignore[misc]
     def __init__(self, session: RemoteSession, hid: int, path: str, fd: int) -> None:
         ReadHandle.__init__(self, session, path, (), fd)  # type: ignore[arg-type]
         self.hid = hid
+        self._next_report = time.monotonic() + PROGRESS_INTERVAL
 
     def _count(self) -> int:
         return self.sent
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = ReadHandle.read(self, offset, length)
+        self._moved()
+        return data
+
+    def read_into(self, offset: int, buf: memoryview) -> int:
+        n = ReadHandle.read_into(self, offset, buf)
+        self._moved()
+        return n
 
 
 class RemoteWriteHandle(_ReportsToCore, WriteHandle):  # type: ignore[misc]
@@ -252,6 +291,7 @@ class RemoteWriteHandle(_ReportsToCore, WriteHandle):  # type: ignore[misc]
         WriteHandle.__init__(self, session, path, (), fd, staging_name=None, record_id=None,  # type: ignore[arg-type]
                              existed=False)
         self.hid = hid
+        self._next_report = time.monotonic() + PROGRESS_INTERVAL
 
     def _count(self) -> int:
         return self.written
@@ -260,3 +300,7 @@ class RemoteWriteHandle(_ReportsToCore, WriteHandle):  # type: ignore[misc]
         if self.failed is not None and not self.done:
             self._abort_poisoned()  # a write here failed: the core discards, the client gets the error
         _ReportsToCore.close(self)
+
+    def write(self, offset: int, data: bytes) -> None:
+        WriteHandle.write(self, offset, data)
+        self._moved()
