@@ -304,7 +304,9 @@ class _DTP(DTPHandler):
         if isinstance(f, (_Upload, _Download)) and not f.closed:
             f.close(reason)  # discarded with the reason; close() then finds it settled
         self.transfer_finished = False
-        self._resp = (f"426 Transfer aborted: {reason}.", log.debug)
+        # no transfer command yet: nothing awaits a reply, and an unasked one would be read
+        # as the answer to the client's next command
+        self._resp = (f"426 Transfer aborted: {reason}.", log.debug) if self.cmd is not None else ()
         self.close()
 
     def initiate_sendfile(self) -> None:
