@@ -138,6 +138,19 @@ def test_ssh_connection_without_channel_is_closed_after_idle_timeout(daemons, pr
         transport.close()
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_login_grace_still_ends_a_connection_that_never_logs_in(daemons, processes):
+    """The wait for the login is an event now (it used to be a join of the transport)."""
+    d = daemons.start(sftp_extra=f"processes = {processes}\nlogin_grace = 1.0")
+    transport = paramiko.Transport(("127.0.0.1", d.port))
+    try:
+        transport.start_client(timeout=10)  # key exchange done, no authentication
+        d.wait_log(r"login grace time \(1\.0s\) exceeded", timeout=10)
+        _wait_closed(transport)
+    finally:
+        transport.close()
+
+
 def test_ssh_connection_closed_with_its_last_idle_sftp_channel(daemons):
     d = _start(daemons, idle=1.5)
     client = paramiko_client(d, password=ALICE_PASSWORD)
