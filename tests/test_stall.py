@@ -188,6 +188,24 @@ def test_ftp_stalled_upload_is_discarded_with_426(daemons):
         c.close()
 
 
+def test_ftp_download_to_a_client_that_stops_reading_is_aborted(daemons):
+    d = _start(daemons, FTP_EXTRA)
+    (d.home("alice") / "big.bin").write_bytes(os.urandom(32 << 20))
+    c = ftplib.FTP()
+    c.connect("127.0.0.1", d.ports["ftp"], timeout=30)
+    try:
+        c.login("alice", ALICE_PASSWORD)
+        c.voidcmd("TYPE I")
+        data = c.transfercmd("RETR /big.bin")
+        data.recv(1024)  # ...and nothing more
+        d.wait_log(r"download /big\.bin aborted .*" + STALL_LINE, timeout=STALL + 10)
+        with pytest.raises(ftplib.error_temp, match=r"426 .*stalled"):
+            c.voidresp()
+        data.close()
+    finally:
+        c.close()
+
+
 # --- HTTP ----------------------------------------------------------------------------------------
 
 
