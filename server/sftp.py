@@ -167,6 +167,8 @@ class SFTPHandler(paramiko.SFTPServer):
         self._work = threading.Lock()  # held by whichever thread is answering requests
         self._inline_hold = False  # replies of the transport thread wait for its next wait (_pump_locked)
         self._closed = False
+        # last request answered, or request bytes received: a slow client inside one large
+        # WRITE is not stalled (the idle and stall timeouts count from here)
         self._last_request = time.monotonic()
         self._timed_out: str | None = None  # why the server closed the channel (idle, stall), if it did
 
@@ -279,6 +281,7 @@ class SFTPHandler(paramiko.SFTPServer):
                 return False
             self._tail.append(data)
             self._tail_len += len(data)
+            self._last_request = time.monotonic()
             try:
                 paramiko_speed.grant_window(chan, len(data))
             except Exception:  # the connection is failing: the transport loop finds out itself
@@ -430,6 +433,7 @@ class SFTPHandler(paramiko.SFTPServer):
             return False
         self._tail.append(chunk)
         self._tail_len += len(chunk)
+        self._last_request = time.monotonic()
         return True
 
     def _answer(self) -> None:

@@ -86,6 +86,36 @@ def test_sftp_stalled_upload_is_discarded_and_connection_closed(daemons, process
         transport.close()
 
 
+def test_sftp_slow_write_that_keeps_moving_is_not_a_stall(daemons):
+    """Bytes of one large WRITE trickling in, each slice within stall_timeout of the last,
+    for longer than stall_timeout in all: the upload goes through."""
+    import struct
+
+    from paramiko.sftp import CMD_WRITE
+
+    d = _start(daemons)
+    client = paramiko_client(d, password=ALICE_PASSWORD)
+    try:
+        f = client.open("/slow.bin", "w")
+        data = os.urandom(200_000)
+        num = client.request_number
+        client.request_number += 1
+        client._expecting[num] = type(None)
+        body = (struct.pack(">BII", CMD_WRITE, num, len(f.handle)) + f.handle
+                + struct.pack(">QI", 0, len(data)) + data)
+        packet = struct.pack(">I", len(body)) + body
+        slices = [packet[i:i + len(packet) // 4 + 1] for i in range(0, len(packet), len(packet) // 4 + 1)]
+        for piece in slices:  # 4 slices, STALL * 0.6 apart: STALL * 1.8 for the whole request
+            client.sock.sendall(piece)
+            time.sleep(STALL * 0.6)  # the client's pace, not a wait for the server
+        client._read_response(num)  # the WRITE's status: OK
+        f.close()
+        assert (d.home("alice") / "slow.bin").read_bytes() == data
+        assert "stalled" not in d.log_text()
+    finally:
+        client.get_channel().get_transport().close()
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_scp_stalled_upload_is_discarded(daemons, processes):
     d = _start(daemons, processes=processes)
