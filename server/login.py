@@ -314,15 +314,9 @@ class LoginCore:
     # --- credentials ----------------------------------------------------------
 
     def auth_methods(self, name: str) -> list[str]:
-        rec = self.users.get(name)
-        if rec is None:
-            return ["publickey", "password"]  # do not reveal which users exist
-        methods = []
-        if rec.keys:
-            methods.append("publickey")
-        if rec.password_hash:
-            methods.append("password")
-        return methods or ["publickey"]
+        """The same for every name, as OpenSSH answers: which methods a user has would tell
+        an unauthenticated client which users exist (and which have passwords to guess)."""
+        return ["publickey", "password"]
 
     def check_password(self, conn: Connection, name: str, password: str) -> bool:
         """True if the password is right. A failure is logged, raised as an event and delayed.

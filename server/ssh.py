@@ -317,6 +317,7 @@ class SSHServer(paramiko.ServerInterface):
         # channel threads (SFTP handlers, SCP runs): the connection is over once they are
         self.workers: list[threading.Thread] = []
         self._key_failures = 0
+        self._asked_none = self._tried_login = False
         self._last_used = time.monotonic()  # a channel opened or ended (see idle_for)
         self.settled = threading.Event()  # logged in, or the connection ended
 
@@ -326,14 +327,24 @@ class SSHServer(paramiko.ServerInterface):
         return ",".join(self.core.auth_methods(username))
 
     def check_auth_none(self, username: str) -> int:
+        """Always fails, and the methods offered are the same for every name."""
+        self._asked_none = True
         return AUTH_FAILED
 
+    @property
+    def probed_only(self) -> bool:
+        """Asked which methods a name has and left without trying one: an enumeration probe
+        (paramiko refuses a second name on one connection, so a prober opens one per name)."""
+        return self._asked_none and not self._tried_login
+
     def check_auth_password(self, username: str, password: str) -> int:
+        self._tried_login = True
         if not isinstance(password, str):
             return AUTH_FAILED
         return AUTH_SUCCESSFUL if self.core.check_password(self.conn, username, password) else AUTH_FAILED
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        self._tried_login = True
         # Called before the signature is verified: only say whether the key is acceptable.
         return AUTH_SUCCESSFUL if self.core.key_allowed(username, key) else AUTH_FAILED
 
@@ -555,6 +566,8 @@ class SSHConnections:
                     self._transports.discard(transport)
                     idle = not self._transports
             client.close()  # (already handed to the transport, if there was one)
+            if server is not None and server.probed_only:
+                core.protocol_error(conn, "auth 'none' only, no login attempt (a user-name probe)")
             core.disconnect(conn)
             if transport is not None and idle:
                 memory.release_free_memory()  # the last connection's buffers go back to the system
