@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import stat as statmod
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,7 +35,6 @@ log = logging.getLogger("scriptsftp.scripting.fs")
 ADMIN_PREFIX = "admin:"
 MAX_TEXT_BYTES = 16 * 1024 * 1024
 MAX_LIST_ENTRIES = 100_000
-COPY_CHUNK = 1024 * 1024
 
 _ETYPES: list[tuple[type[fserr.FsError], str]] = [
     (fserr.NotFound, "FileNotFoundError"),
@@ -261,17 +259,13 @@ class FsCapability:
         try:
             wh = dst_s.open_write(dst, exclusive=True)
             try:
-                offset = 0
-                while True:
-                    chunk = rh.read(offset, COPY_CHUNK)
-                    if not chunk:
-                        break
-                    wh.write(offset, chunk)
-                    offset += len(chunk)
-                    if deadline is not None and time.monotonic() > deadline:
-                        # the worker is gone by now: stop, publish nothing
-                        raise CapabilityError(f"copying {src} did not finish within the handler's timeout",
-                                              "TimeoutError")
+                try:
+                    wh.copy_from(rh.fd, deadline=deadline)  # in the kernel, holes kept
+                except TimeoutError:
+                    # the worker is gone by now: stop, publish nothing
+                    raise CapabilityError(f"copying {src} did not finish within the handler's timeout",
+                                          "TimeoutError") from None
+                rh.sent = wh.written
             except BaseException:
                 wh.abort("copy failed")
                 raise

@@ -36,7 +36,7 @@ from .errors import (
     NotFound, PermissionDenied, Vetoed, from_oserror,
 )
 from .publish import Publisher, pending_stat
-from .storage import Entry, Storage, copy_fd
+from .storage import Entry, Storage, allocated_bytes, copy_fd
 from .vfs import Access, join, split
 
 if TYPE_CHECKING:
@@ -70,10 +70,13 @@ class UploadPolicy:
     that, new uploads are refused at once (0: no reserve)."""
     state_dir: Path | None = None
 
-    def check_free_space(self, home_fs: os.statvfs_result, path: str) -> None:
+    def check_free_space(self, home_fs: os.statvfs_result, path: str, need: int = 0) -> None:
         """Refuse an upload before it starts when a disk it needs is nearly full: a clear
         "no space" now beats a failure half way (and a reserve keeps the state databases
-        writable, so the server can still clean up)."""
+        writable, so the server can still clean up). ``need``: bytes the server itself is
+        about to write on the home's filesystem (the copy a resume starts from)."""
+        if need and home_fs.f_bavail * home_fs.f_frsize - need < self.min_free_space:
+            raise NoSpace(f"{path}: not enough free space on the server to copy the file; try again later")
         if not self.min_free_space:
             return
         checks = [("the server's storage", home_fs)]
@@ -348,26 +351,36 @@ class Session:
         record_id = None
         if self.staging is not None:
             record_id = self.staging.add(self.user, str(self.storage.home), join(directory), staging_name, real[-1])
+        fd = -1
         try:
             with self.storage.resolve(directory + (staging_name,), follow=False) as r:
-                fd = self.storage.open_file(r, flags | os.O_CREAT | os.O_EXCL | (os.O_APPEND if append else 0), 0o600)
+                fd = self.storage.open_file(r, flags | os.O_CREAT | os.O_EXCL, 0o600)
             if keep_content:
-                with self.storage.resolve(real, follow=False) as r:
-                    src = self.storage.open_file(r, os.O_RDONLY)
-                try:
-                    copy_fd(src, fd)
-                finally:
-                    os.close(src)
+                self._copy_published(real, fd, path)
+            if append:  # only now: through an O_APPEND descriptor the copy could not keep its holes
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
             os.fchmod(fd, mode & 0o777)
         except (OSError, FsError) as exc:
-            if record_id is not None and self.staging is not None:
-                self._discard_staged(directory, staging_name, record_id)
+            if fd >= 0:
+                os.close(fd)
+            self._discard_staged(directory, staging_name, record_id)
             if isinstance(exc, FsError):
                 raise
             raise from_oserror(exc, path) from None
         handle = WriteHandle(self, path, real, fd, staging_name=staging_name, record_id=record_id, existed=existed)
         self._track(handle)
         return handle
+
+    def _copy_published(self, real: tuple[str, ...], fd: int, path: str) -> None:
+        """Start a staged upload as a copy of the published file (resume, ``r+``, append):
+        holes kept, and refused up front when the copy would not fit above the reserve."""
+        with self.storage.resolve(real, follow=False) as r:
+            src = self.storage.open_file(r, os.O_RDONLY)
+        try:
+            self.uploads.check_free_space(self.storage.statvfs(), path, need=allocated_bytes(src))
+            copy_fd(src, fd)
+        finally:
+            os.close(src)
 
     def _discard_staged(self, directory: tuple[str, ...], staging_name: str, record_id: int | None) -> None:
         self.publisher.discard(self.storage, self.user, directory, staging_name, record_id)
@@ -710,6 +723,21 @@ class WriteHandle(FileHandle):
             return os.preadv(self.fd, [buf], offset)
         except OSError as exc:
             raise from_oserror(exc, self.path) from None
+
+    def copy_from(self, src: int, *, deadline: float | None = None) -> None:
+        """Fill this upload with the whole file open at ``src``, in the kernel, holes kept
+        (WebDAV COPY, ``api.fs.copy``); refused up front if it would not fit above the
+        reserve. A failure poisons the upload like a failed write."""
+        self._check_usable()
+        s = self.session
+        s.uploads.check_free_space(s.storage.statvfs(), self.path, need=allocated_bytes(src))
+        try:
+            copy_fd(src, self.fd, deadline=deadline)
+        except OSError as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            raise self._poison(exc) from None
+        self.written = os.fstat(self.fd).st_size
 
     def truncate(self, size: int) -> None:
         self._check_usable()

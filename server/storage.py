@@ -11,10 +11,12 @@ parent directory's fd, so what was checked is what is used.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat as statmod
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,22 +304,68 @@ class Storage:
             os.close(fd)
 
 
-def copy_fd(src: int, dst: int) -> None:
-    """Copy a whole file between fds in the kernel (reflink where the fs can)."""
+COPY_STEP = 64 << 20  # bytes per copy_file_range call: a deadline is checked between two
+
+
+def copy_fd(src: int, dst: int, *, deadline: float | None = None) -> None:
+    """Copy a whole file between fds in the kernel (reflink where the fs can), holes kept.
+
+    Only the data segments are copied (``SEEK_DATA``/``SEEK_HOLE``), then the size is set:
+    1 byte written at offset 2^40 is a 4 KiB file, and its copy (a resume, an ``r+``
+    open, a WebDAV COPY) must not become a terabyte of zeros. ``deadline``
+    (``time.monotonic()``): past it, TimeoutError and the copy stops."""
+    size = os.fstat(src).st_size
     offset = 0
-    while True:
+    while offset < size:
         try:
-            n = os.copy_file_range(src, dst, 1 << 30, offset, offset)
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break  # only a hole is left
+            start = offset  # no SEEK_DATA on this filesystem: all of it is data
+        try:
+            end = min(os.lseek(src, start, os.SEEK_HOLE), size)
         except OSError:
-            n = -1
-        if n == -1:  # fallback: not supported across these filesystems
-            while chunk := os.pread(src, 1 << 20, offset):
-                os.pwrite(dst, chunk, offset)
-                offset += len(chunk)
-            return
-        if n == 0:
-            return
+            end = size
+        _copy_range(src, dst, start, end, deadline)
+        offset = end
+    os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, offset: int, end: int, deadline: float | None) -> None:
+    while offset < end:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("copy did not finish in time")
+        step = min(COPY_STEP, end - offset)
+        try:
+            n = os.copy_file_range(src, dst, step, offset, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
+                raise  # ENOSPC, EIO: the copy failed
+            n = _copy_by_reading(src, dst, offset, step)
+        if n <= 0:
+            raise OSError(errno.EIO, "the file shrank while it was copied")
         offset += n
 
 
-__all__ = ["Entry", "Resolved", "Storage", "copy_fd"]
+def _copy_by_reading(src: int, dst: int, offset: int, length: int) -> int:
+    """copy_file_range is not offered between these filesystems: through a buffer."""
+    done = 0
+    while done < length:
+        chunk = os.pread(src, min(1 << 20, length - done), offset + done)
+        if not chunk:
+            break
+        view = memoryview(chunk)
+        while view:
+            n = os.pwrite(dst, view, offset + done)
+            view = view[n:]
+            done += n
+    return done
+
+
+def allocated_bytes(fd: int) -> int:
+    """Disk space a file really takes (holes excluded): what a hole-keeping copy needs."""
+    return os.fstat(fd).st_blocks * 512
+
+
+__all__ = ["Entry", "Resolved", "Storage", "allocated_bytes", "copy_fd"]

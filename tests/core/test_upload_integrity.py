@@ -171,3 +171,71 @@ def test_close_after_a_clean_upload_still_publishes(core: Core) -> None:
     assert (core.home / "over.bin").read_bytes() == NEW
     assert core.part_files() == [] and core.staging.leftovers() == []
     assert OLD != NEW
+
+
+# --- copies keep holes and fit above the reserve -------------------------------------------
+
+
+def _sparse(path, size: int = (1 << 30) + 1) -> None:
+    with open(path, "wb") as f:
+        f.seek(size - 1)
+        f.write(b"x")
+
+
+def test_reopening_a_sparse_file_copies_its_data_not_its_holes(core: Core) -> None:
+    """1 byte at offset 2^30, reopened r+: the staged copy was a full GiB written in the
+    request thread (2^40 would have filled the disk)."""
+    _sparse(core.home / "sparse.bin")
+    h = core.session.open_write("/sparse.bin", truncate=False)
+    st = os.fstat(h.fd)
+    assert st.st_size == (1 << 30) + 1
+    assert st.st_blocks * 512 < 1 << 20
+    h.write(0, b"head")
+    h.close()
+    with open(core.home / "sparse.bin", "rb") as f:
+        assert f.read(4) == b"head" and f.read(4) == b"\0" * 4
+        f.seek(1 << 30)
+        assert f.read() == b"x"
+
+
+def test_append_after_a_hole_keeping_copy_lands_at_the_end(core: Core) -> None:
+    _sparse(core.home / "sparse.bin", 1 << 20)
+    h = core.session.open_write("/sparse.bin", truncate=False, append=True)
+    h.write(0, b"tail")  # O_APPEND: the offset is ignored
+    h.close()
+    data = (core.home / "sparse.bin").read_bytes()
+    assert len(data) == (1 << 20) + 4 and data.endswith(b"xtail")
+
+
+def test_a_copy_that_would_not_fit_is_refused_before_it_starts(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    (core.home / "big.bin").write_bytes(os.urandom(1 << 20))
+    real = Storage.statvfs
+
+    def nearly_full(self: Storage) -> os.statvfs_result:
+        fs = real(self)
+        return os.statvfs_result((fs.f_bsize, fs.f_frsize, fs.f_blocks, fs.f_bfree, 16, fs.f_files,
+                                  fs.f_ffree, fs.f_favail, fs.f_flag, fs.f_namemax))
+
+    core.policy.min_free_space = 0
+    monkeypatch.setattr(Storage, "statvfs", nearly_full)
+    with pytest.raises(NoSpace, match="not enough free space on the server to copy"):
+        core.session.open_write("/big.bin", truncate=False)
+    assert core.part_files() == [] and core.staging.leftovers() == []
+
+
+def test_copy_from_keeps_holes_and_a_deadline_stops_it(core: Core) -> None:
+    _sparse(core.home / "sparse.bin")
+    rh = core.session.open_read("/sparse.bin")
+    wh = core.session.open_write("/copy.bin")
+    wh.copy_from(rh.fd)
+    assert wh.written == (1 << 30) + 1 and os.fstat(wh.fd).st_blocks * 512 < 1 << 20
+    wh.close()
+    rh.close()
+    (core.home / "dense.bin").write_bytes(os.urandom(1 << 20))
+    rh = core.session.open_read("/dense.bin")
+    wh = core.session.open_write("/late.bin")
+    with pytest.raises(TimeoutError):
+        wh.copy_from(rh.fd, deadline=0.0)
+    wh.abort("copy failed")
+    rh.close()
+    assert not (core.home / "late.bin").exists() and core.part_files() == []
