@@ -61,6 +61,12 @@ class Failure(FsError):
     pass
 
 
+class CoreGone(Failure):
+    """An SSH worker's link to the core is closed (the core is stopping, or has ended this
+    connection, e.g. when its login grace ran out while a password was being checked):
+    nothing more can be asked for this connection. Expected, so logged without a traceback."""
+
+
 _ERRNO = {
     errno.ENOENT: (NotFound, "no such file or directory"),
     errno.EACCES: (PermissionDenied, "permission denied"),

@@ -167,14 +167,15 @@ class PasswordCache:
         self._entries: dict[bytes, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
-    def _key(self, name: str, password: str) -> bytes:
+    def key(self, name: str, password: str) -> bytes:
+        """The keyed hash that stands for (user, password) here and in :class:`VerifyFlights`."""
         msg = name.encode("utf-8", "surrogatepass") + b"\0" + password.encode("utf-8", "surrogatepass")
         return hmac.new(self._secret, msg, hashlib.sha256).digest()
 
     def hit(self, name: str, password: str, password_hash: str) -> bool:
         if self.seconds <= 0:
             return False
-        key = self._key(name, password)
+        key = self.key(name, password)
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -187,7 +188,7 @@ class PasswordCache:
     def remember(self, name: str, password: str, password_hash: str) -> None:
         if self.seconds <= 0:
             return
-        key, now = self._key(name, password), time.monotonic()
+        key, now = self.key(name, password), time.monotonic()
         with self._lock:
             if len(self._entries) >= self.MAX_ENTRIES:
                 for k in [k for k, (_, exp) in self._entries.items() if exp < now]:
@@ -195,6 +196,57 @@ class PasswordCache:
                 if len(self._entries) >= self.MAX_ENTRIES:
                     self._entries.clear()
             self._entries[key] = (password_hash, now + self.seconds)
+
+
+class _Flight:
+    """One argon2 verification in progress; ``ok`` is None until it is done (and stays
+    None if it failed with an exception: the waiters then verify for themselves)."""
+
+    __slots__ = ("done", "ok", "waiting")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok: bool | None = None
+        self.waiting = 0  # checks sharing this verification besides its leader
+
+
+class VerifyFlights:
+    """Single flight for password verifications: concurrent checks of the same user,
+    candidate password and stored hash wait for one argon2 run and share its verdict.
+
+    Why: the password cache answers only once a verification has finished, so a burst
+    of N concurrent logins of one user (a client opening many connections at once)
+    otherwise runs argon2 N times, queued on the few hash slots, and the last ones miss
+    their login grace. The key is the password cache's keyed hash of (user, password)
+    plus the stored hash, so a wrong password never shares a right one's verdict: it
+    has its own flight, and is verified. Identical attempts share either verdict (the
+    same input gives the same answer); only a success is remembered afterwards."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flights: dict[tuple[bytes, str], _Flight] = {}
+
+    def join(self, key: tuple[bytes, str]) -> tuple[_Flight, bool]:
+        """The flight for ``key`` and whether the caller leads it (runs the verification)."""
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None:
+                flight.waiting += 1
+                return flight, False
+            flight = self._flights[key] = _Flight()
+            return flight, True
+
+    def land(self, key: tuple[bytes, str], flight: _Flight, ok: bool | None) -> None:
+        """The leader's verdict (None: it failed): waiters wake, later checks start afresh."""
+        with self._lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        flight.ok = ok
+        flight.done.set()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._flights)
 
 
 class LoginCore:
@@ -222,6 +274,9 @@ class LoginCore:
         self.failure_delay = failure_delay
         self.password_cache = PasswordCache(password_cache)
         self._hash_slots = threading.BoundedSemaphore(max_parallel_hashes or max(2, os.cpu_count() or 2))
+        self._flights = VerifyFlights()
+        #: argon2 verifications run since start (what the cache and single flight save)
+        self.verifications = 0
         self._lock = threading.Lock()
         self._connections: dict[str, Connection] = {}
         self._per_user: dict[str, int] = {}
@@ -327,24 +382,58 @@ class LoginCore:
         rec = self.users.get(name)
         ok = False
         if rec is not None and rec.password_hash:
-            if self.password_cache.hit(name, password, rec.password_hash):
-                return True
-            with self._hash_slots:
-                try:
-                    ok = _hasher.verify(rec.password_hash, password)
-                except VerifyMismatchError:
-                    ok = False
-                except (VerificationError, InvalidHashError):
-                    log.error("user %s: stored password hash is invalid", name)
-                    ok = False
-            if ok:
-                self.password_cache.remember(name, password, rec.password_hash)
+            ok = self._verify(name, password, rec.password_hash)
         else:
             time.sleep(0.15)  # what a verify would have cost, so timing does not reveal users
         if not ok:
             reason = "unknown user" if rec is None else "wrong password"
             self.login_failed(conn, name, "password", reason)
         return ok
+
+    def _verify(self, name: str, password: str, password_hash: str) -> bool:
+        """The cache, else one shared verification for all concurrent identical checks."""
+        if self.password_cache.hit(name, password, password_hash):
+            return True
+        key = (self.password_cache.key(name, password), password_hash)
+        while True:
+            flight, leader = self._flights.join(key)
+            if leader:
+                return self._lead(name, password, password_hash, key, flight)
+            flight.done.wait()
+            if flight.ok is not None:
+                return flight.ok
+
+    def _lead(self, name: str, password: str, password_hash: str, key: tuple[bytes, str], flight: _Flight) -> bool:
+        """Verify once for the flight. The cache is asked again once a hash slot is ours:
+        a flight that landed while we queued for the slot may have just proven it."""
+        ok: bool | None = None
+        try:
+            with self._hash_slots:
+                if self.password_cache.hit(name, password, password_hash):
+                    ok = True
+                else:
+                    ok = self._argon2(name, password, password_hash)
+            if ok:
+                self.password_cache.remember(name, password, password_hash)
+            return ok
+        finally:
+            self._flights.land(key, flight, ok)
+
+    def _argon2(self, name: str, password: str, password_hash: str) -> bool:
+        """One argon2 verification (the hash slot held). Counted and logged at debug level,
+        without the password, so a test or an operator can see what logins cost."""
+        started = time.monotonic()
+        try:
+            return _hasher.verify(password_hash, password)
+        except VerifyMismatchError:
+            return False
+        except (VerificationError, InvalidHashError):
+            log.error("user %s: stored password hash is invalid", name)
+            return False
+        finally:
+            with self._lock:
+                self.verifications += 1
+            log.debug("argon2 verification for %r took %.0f ms", name, (time.monotonic() - started) * 1000)
 
     def key_allowed(self, name: str, key: paramiko.PKey) -> bool:
         rec = self.users.get(name)

@@ -65,14 +65,14 @@ class RemoteCore:
         A link that is gone (the core closed it or is stopping) fails the operation."""
         with self._lock:
             if self._closed:
-                raise errors.Failure("server is shutting down")
+                raise errors.CoreGone("server is shutting down")
             try:
                 if request is not None:
                     framing.send(self.sock, request)
                 reply, fds = framing.receive(self.sock, MAX_REPLY, alternating=True)
             except (OSError, ValueError) as exc:
                 self._closed = True
-                raise errors.Failure("server is shutting down") from exc
+                raise errors.CoreGone("server is shutting down") from exc
         fd = fds[0] if fds else None
         framing.close_fds(fds[1:])
         if "error" in reply:

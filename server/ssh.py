@@ -23,6 +23,7 @@ import hmac
 import logging
 import shlex
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from paramiko.message import Message
 
 from . import memory, paramiko_recv, paramiko_speed
 from .dispatch import Decision
-from .errors import FsError
+from .errors import CoreGone, FsError
 from .login import Connection, LoginCore
 from .session import Session
 from .ssh_refuse import refuse
@@ -53,6 +54,30 @@ paramiko.util.constant_time_bytes_eq = hmac.compare_digest
 paramiko_speed.install()
 
 DISCONNECT_BY_APPLICATION = 11
+
+
+class _BoundedWarning:
+    """At most one warning line every ``every`` seconds, with the count of those held back:
+    a burst of connections ending the same way must not become a burst of log lines."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._lock = threading.Lock()
+        self._last = float("-inf")
+        self._held = 0
+
+    def warn(self, logger: logging.Logger, msg: str, *args: object) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.every:
+                self._held += 1
+                return
+            held, self._held, self._last = self._held, 0, now
+        more = f" ({held} more since the last report)" if held else ""
+        logger.warning(msg + more, *args)
+
+
+_core_gone = _BoundedWarning()
 
 
 @dataclass(frozen=True)
@@ -193,13 +218,16 @@ class ServerTransport(paramiko.Transport):
         """Protocol errors of clients that never logged in (port scanners, TCP health checks,
         broken clients) are the client's problem, not the server's: one info line, no
         traceback. paramiko logs them as ERROR with a 20-line traceback each. Unexpected
-        exceptions ("Unknown exception") keep their ERROR and traceback.
+        exceptions ("Unknown exception") keep their ERROR and traceback, but for a closed
+        link to the core (:meth:`_core_gone`).
 
         paramiko calls this ~30 times per connection, nearly all at DEBUG: those that
         nobody listens to stop here."""
         if level < logging.ERROR:
             if self.logger.isEnabledFor(level):
                 super()._log(level, msg, *args)
+            return
+        if self._core_gone(msg):
             return
         if isinstance(msg, str) and msg.startswith("Socket exception"):
             # a logged-in client that vanished (reset, broken pipe: a killed client, a
@@ -216,6 +244,23 @@ class ServerTransport(paramiko.Transport):
                 self._quiet_traceback = True
                 level = logging.INFO
         super()._log(level, msg, *args)
+
+    _core_gone_seen = False
+
+    def _core_gone(self, msg: object) -> bool:
+        """paramiko's "Unknown exception" (and the traceback after it) for a CoreGone: the
+        worker's link to the core closed under this connection (shutdown, or its login grace
+        ran out during a password check). Expected, not a bug: one bounded warning line."""
+        if isinstance(msg, list) and self._core_gone_seen:
+            self._core_gone_seen = False
+            return True
+        if isinstance(msg, str) and msg.startswith("Unknown exception") \
+                and isinstance(sys.exc_info()[1], CoreGone):
+            self._core_gone_seen = True
+            _core_gone.warn(log, "ssh connection ended: its link to the core closed (%s)",
+                            msg[len("Unknown exception: "):200])
+            return True
+        return False
 
     # --- AES-GCM for the clients that accept it ------------------------------------------
     #
