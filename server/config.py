@@ -135,6 +135,9 @@ class ServerSection(_Model):
     """Seconds a failed login waits before its answer (on a timer: costs the server nothing)."""
     password_cache: Annotated[float, Field(ge=0, le=86400)] = 60.0
     """Seconds a verified password is remembered (as a keyed hash), for every protocol; 0: verify each login."""
+    preauth_timeout: PositiveFloat = 30.0
+    """Seconds a connection may take to log in (SSH auth, FTP USER/PASS, an HTTP request with
+    credentials) before it is closed: idle sockets must not hold connection slots."""
     audit_retention_days: Annotated[float, Field(ge=0)] = 90.0
     """Audit trail (state_dir/audit.sqlite3): rows older than this are deleted; 0 = keep by size only."""
     audit_max_mb: Annotated[float, Field(gt=0)] = 256.0
@@ -153,7 +156,8 @@ class SftpSection(_Model):
     """Largest SFTP READ/WRITE accepted and advertised via limits@openssh.com."""
     window_size: Annotated[int, Field(ge=2**20, le=2**30)] = 64 * 2**20
     idle_timeout: Annotated[float, Field(ge=0)] = 900.0
-    login_grace: PositiveFloat = 30.0
+    login_grace: PositiveFloat | None = None
+    """Seconds an SSH connection may take to authenticate; unset: [server] preauth_timeout."""
     banner: str = ""
     processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     """Processes that serve SSH connections: "auto" is one per CPU; 1 serves them in the daemon itself."""
@@ -264,6 +268,9 @@ class DefenderSection(_Model):
     max_connections: Annotated[int, Field(ge=0)] = 1000
     """0 = unlimited."""
     max_connections_per_ip: Annotated[int, Field(ge=0)] = 20
+    max_preauth_connections: Annotated[int, Field(ge=0)] = 256
+    """Connections not logged in yet, all addresses together; 0 = no separate cap. When it is
+    reached, a new connection closes the one that has waited longest to log in."""
     rate_per_ip: Annotated[float, Field(ge=0)] = 10.0
     """New connections per second per address (token bucket); 0 = unlimited."""
     burst_per_ip: Annotated[int, Field(ge=1)] = 20

@@ -88,6 +88,7 @@ class Daemon:
             max_handles=m.sftp.max_handles,
             failure_delay=m.server.login_failure_delay,
             password_cache=m.server.password_cache,
+            preauth_timeout=m.server.preauth_timeout,
             defender=self.defender,
         )
         if hasattr(self.engine, "attach_server"):
@@ -118,7 +119,7 @@ class Daemon:
         m = self.cfg.model
         return SSHLimits(
             max_read=m.sftp.max_packet - 1024, max_handles=m.sftp.max_handles,
-            idle_timeout=m.sftp.idle_timeout, login_grace=m.sftp.login_grace,
+            idle_timeout=m.sftp.idle_timeout, login_grace=m.sftp.login_grace or m.server.preauth_timeout,
             window_size=m.sftp.window_size, max_packet=min(m.sftp.max_packet, 262144),
             stall_timeout=m.server.stall_timeout,
         )
@@ -195,6 +196,7 @@ class Daemon:
             self.engine.reload(cfg)
         self.defender.configure(cfg.model.defender)
         self.core.password_cache.seconds = cfg.model.server.password_cache
+        self.core.preauth_timeout = cfg.model.server.preauth_timeout  # FTP, HTTP: new connections on
         self.cfg = cfg
         log.info("configuration reloaded (%d users)", len(cfg.model.users))
         return True

@@ -34,6 +34,7 @@ from .config import LoadedConfig, User
 from .defender import Defender
 from .dispatch import ALLOW, Decision, Dispatcher
 from .keys import parse_public_key
+from .logs import BoundedLog
 from .session import Account, Session, UploadPolicy
 from .publish import Publisher
 from .staging import StagingRecords
@@ -42,6 +43,9 @@ from .vfs import Access, FilterRule, split
 log = logging.getLogger("scriptsftp.login")
 
 _hasher = PasswordHasher()  # argon2id, RFC 9106 low-memory profile
+# a flood of idle sockets: one line every few seconds, with a count, not one per socket
+_evictions = BoundedLog(logging.INFO)
+_preauth_refusals = BoundedLog(logging.INFO)
 
 
 def hash_password(password: str) -> str:
@@ -146,6 +150,8 @@ class Connection:
     login_counted: bool = False
     #: holds a slot of the defender's connection caps, given back at disconnect
     admitted: bool = False
+    #: counted among the connections not logged in yet ([defender] max_preauth_connections)
+    preauth: bool = False
 
 
 class PasswordCache:
@@ -261,6 +267,7 @@ class LoginCore:
         failure_delay: float = 1.0,
         password_cache: float = 0.0,
         max_parallel_hashes: int | None = None,
+        preauth_timeout: float = 30.0,
         defender: Defender | None = None,
         publisher: Publisher | None = None,
     ) -> None:
@@ -280,6 +287,12 @@ class LoginCore:
         self._lock = threading.Lock()
         self._connections: dict[str, Connection] = {}
         self._per_user: dict[str, int] = {}
+        #: seconds a connection may take to log in; front ends close it after that
+        self.preauth_timeout = preauth_timeout
+        #: connections not logged in yet, oldest first (dicts keep insertion order)
+        self._preauth: dict[str, Connection] = {}
+        #: pre-auth connections closed to make room for newer ones, since start
+        self.preauth_evicted = 0
 
     # --- connections -------------------------------------------------------
 
@@ -297,7 +310,15 @@ class LoginCore:
                 return conn, Decision(False, refusal.reason)
             conn.admitted = True
         with self._lock:
-            self._connections[conn.id] = conn
+            room, victim = self._preauth_room()
+            if room:
+                self._connections[conn.id] = conn
+                self._preauth[conn.id] = conn
+                conn.preauth = True
+        if victim is not None:
+            self._evict(victim)
+        if not room:
+            return self._preauth_refused(conn)
         log.info("connect %s", remote_ip, extra={"sid": conn.id, "proto": protocol, "ip": remote_ip})
         decision = ALLOW
         if self.dispatcher.wants("connect"):
@@ -311,6 +332,53 @@ class LoginCore:
                 if self.defender is not None:
                     self._score(conn, "connect_vetoed", decision.reason)
         return conn, decision
+
+    # --- connections not logged in yet -------------------------------------------
+
+    def _preauth_cap(self) -> int:
+        return self.defender.settings.max_preauth_connections if self.defender is not None else 0
+
+    def _preauth_room(self) -> tuple[bool, Connection | None]:
+        """(lock held) Whether a new connection may wait for its login, and which waiting one
+        makes room for it. At the cap the one that has waited longest goes (a flood of idle
+        sockets then only shortens each other's lives, and a real client, which logs in
+        within a second, still gets in); refused only if none can be closed (none has a
+        front end to close it yet)."""
+        cap = self._preauth_cap()
+        if not cap or len(self._preauth) < cap:
+            return True, None
+        victim = next((c for c in self._preauth.values() if c.on_kick is not None), None)
+        if victim is None:
+            return False, None
+        del self._preauth[victim.id]
+        victim.preauth = False
+        self.preauth_evicted += 1
+        return True, victim
+
+    def _evict(self, victim: Connection) -> None:
+        """Close a pre-auth connection to make room (from another thread: see _score)."""
+        cap = self._preauth_cap()
+        _evictions.log(log, "closing a connection not logged in after %.1fs: too many connections not logged in "
+                       "(limit %d)", time.monotonic() - victim.started, cap,
+                       extra={"sid": victim.id, "proto": victim.protocol, "ip": victim.remote_ip})
+        if victim.on_kick is not None:
+            threading.Thread(target=victim.on_kick, args=(f"too many connections not logged in (limit {cap})",),
+                             name=f"evict-{victim.id}", daemon=True).start()
+
+    def _preauth_refused(self, conn: Connection) -> tuple[Connection, Decision]:
+        """No room among the connections not logged in: give back the defender's slot."""
+        with self._lock:
+            release, conn.admitted = conn.admitted, False
+        if release and self.defender is not None:
+            self.defender.release(conn.remote_ip)
+        reason = f"server busy: too many connections not logged in (limit {self._preauth_cap()})"
+        _preauth_refusals.log(log, "connect refused: %s", reason, extra={"sid": conn.id, "ip": conn.remote_ip})
+        return conn, Decision(False, reason)
+
+    def preauth_count(self) -> int:
+        """Connections not logged in yet (what ``max_preauth_connections`` bounds)."""
+        with self._lock:
+            return len(self._preauth)
 
     def protocol_error(self, conn: Connection, detail: str) -> None:
         """A front end saw a client break its protocol (e.g. an SSH handshake that never
@@ -345,6 +413,8 @@ class LoginCore:
         if release and self.defender is not None:
             self.defender.release(conn.remote_ip)
         with self._lock:
+            if self._preauth.pop(conn.id, None) is not None:
+                conn.preauth = False
             if self._connections.pop(conn.id, None) is None:
                 return
             if conn.login_counted:
@@ -510,6 +580,8 @@ class LoginCore:
                 else:
                     self._per_user[name] = current + 1
                     conn.login_counted = True
+                    self._preauth.pop(conn.id, None)  # logged in: no longer bound by the pre-auth cap
+                    conn.preauth = False
         if refusal is not None:
             self.login_failed(conn, name, method, refusal, scored=False)
             return Decision(False, refusal)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -82,3 +83,27 @@ def setup(fmt: str = "text", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("paramiko").setLevel(logging.WARNING if level != "debug" else logging.INFO)
+
+
+class BoundedLog:
+    """At most one line every ``every`` seconds, with the count of those held back: a burst
+    of connections ending the same way (a flood of idle sockets, a core going away under
+    many logins) must not become a burst of log lines."""
+
+    def __init__(self, level: int = logging.WARNING, every: float = 10.0) -> None:
+        self.level = level
+        self.every = every
+        self._lock = threading.Lock()
+        self._last = float("-inf")
+        self._held = 0
+
+    def log(self, logger: logging.Logger, msg: str, *args: object, extra: dict | None = None) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.every:
+                self._held += 1
+                return
+            held, self._held, self._last = self._held, 0, now
+        more = f" ({held} more since the last report)" if held else ""
+        logger.log(self.level, msg + more, *args, extra=extra)
+

@@ -114,11 +114,18 @@ class DaemonCollector(Collector):
         sessions = GaugeMetricFamily("scriptsftp_sessions", "Open client connections by protocol.",
                                      labels=["protocol"])
         counts: dict[str, int] = {}
+        preauth = 0
         for conn in d.core.connections():
             counts[conn.protocol] = counts.get(conn.protocol, 0) + 1
+            preauth += bool(getattr(conn, "preauth", False))
         for proto in sorted(set(counts) | {"sftp"}):
             sessions.add_metric([proto], counts.get(proto, 0))
         yield sessions
+        yield GaugeMetricFamily("scriptsftp_preauth_connections", "Open connections not logged in yet "
+                                "(bounded by [defender] max_preauth_connections).", value=preauth)
+        yield CounterMetricFamily("scriptsftp_preauth_evicted", "Connections not logged in closed to make room "
+                                  "for newer ones (max_preauth_connections reached).",
+                                  value=getattr(d.core, "preauth_evicted", 0))
 
         yield GaugeMetricFamily("scriptsftp_start_time_seconds", "When the daemon started (Unix time).",
                                 value=d.started)
