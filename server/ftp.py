@@ -591,6 +591,7 @@ class _SessionCommands:
     session: Session | None = None
     _greet_in_thread = False
     _ended = False
+    _preauth_timer: Any = None
 
     # --- lifetime -----------------------------------------------------------------
 
@@ -610,6 +611,8 @@ class _SessionCommands:
                 if self.timeout:  # type: ignore[attr-defined]
                     self._idler = self.ioloop.call_later(  # type: ignore[attr-defined]
                         self.timeout, self.handle_timeout, _errback=self.handle_error)  # type: ignore[attr-defined]
+                self._preauth_timer = self.ioloop.call_later(  # type: ignore[attr-defined]
+                    self.core.preauth_timeout, self._preauth_expired, _errback=self.handle_error)  # type: ignore[attr-defined]
                 self._greet()
             except Exception:
                 self.handle_error()  # type: ignore[attr-defined]
@@ -629,6 +632,18 @@ class _SessionCommands:
             return  # the 220 follows the handshake
         self.respond(f"220 {self.banner}")  # type: ignore[attr-defined]
 
+    def _preauth_expired(self) -> None:
+        """``[server] preauth_timeout``: a control connection that has not logged in by now is
+        closed with a 421, so idle sockets cannot hold connection slots (pyftpdlib's own
+        ``timeout`` only counts silence, and a client may trickle commands forever)."""
+        if self._closed or self.authenticated:  # type: ignore[attr-defined]
+            return
+        timeout = self.core.preauth_timeout
+        log.info("closing FTP connection not logged in after %gs", timeout,
+                 extra={"sid": self.conn.id if self.conn else "", "ip": self.remote_ip})  # type: ignore[attr-defined]
+        self.respond(f"421 Login timeout ({timeout:g}s): closing control connection.")  # type: ignore[attr-defined]
+        self.close_when_done()  # type: ignore[attr-defined]
+
     def handle_failed_ssl_handshake(self) -> None:
         if self.conn is not None:  # scanners and probes: the defender counts them
             self.core.protocol_error(self.conn, "TLS handshake failed")
@@ -643,6 +658,8 @@ class _SessionCommands:
         if self._ended:
             return
         self._ended = True
+        if self._preauth_timer is not None and not self._preauth_timer.cancelled:
+            self._preauth_timer.cancel()
         self.listener._untrack(self)
         if self.conn is not None:
             try:
@@ -786,6 +803,8 @@ class _SessionCommands:
             return
         self.username = name
         self.authenticated = True
+        if self._preauth_timer is not None and not self._preauth_timer.cancelled:
+            self._preauth_timer.cancel()
         self.fs = _VirtualFS(self)
         self.respond("230 Login successful.")  # type: ignore[attr-defined]
 

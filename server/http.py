@@ -86,6 +86,8 @@ class _ConnState:
     busy: int = 0
     lost: bool = False
     finished: bool = False
+    preauth_timer: asyncio.TimerHandle | None = None
+    ip: str = ""
 
 
 class _Server(web.Server):
@@ -212,7 +214,23 @@ class HttpListener:
         local = transport.get_extra_info("sockname") or ("", 0)
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.pools.ops, self._connect, handler, peer[0], local[1])
-        self._states[handler] = _ConnState(handler, fut)
+        state = self._states[handler] = _ConnState(handler, fut, ip=peer[0])
+        state.preauth_timer = loop.call_later(self.core.preauth_timeout, self._preauth_expired, state)
+
+    def _preauth_expired(self, state: _ConnState) -> None:
+        """``[server] preauth_timeout``: a connection that has not logged in by now is closed
+        (no response: it may not even have sent a complete request head; aiohttp itself has
+        no deadline before the first request). One whose request is still being answered
+        (its password being checked, say) is looked at again a moment later."""
+        state.preauth_timer = None
+        if state.finished or state.lost or state.session is not None:
+            return
+        if state.busy:
+            state.preauth_timer = asyncio.get_running_loop().call_later(1.0, self._preauth_expired, state)
+            return
+        log.info("closing HTTP connection not logged in after %gs", self.core.preauth_timeout,
+                 extra={"ip": state.ip})
+        state.handler.force_close()
 
     def _connect(self, handler: RequestHandler, ip: str, port: int) -> tuple[Connection, Any]:
         """LoginCore connect (defender, ``connect`` event), in a pool thread."""
@@ -230,6 +248,9 @@ class HttpListener:
         if state is None:
             return
         state.lost = True
+        if state.preauth_timer is not None:
+            state.preauth_timer.cancel()
+            state.preauth_timer = None
         if state.busy == 0:
             self._finish(state)
 

@@ -9,7 +9,9 @@ What paramiko leaves to us, and why it matters:
 * A large channel window and packet size, so a client can keep many 255 KiB
   requests in flight (``limits@openssh.com``).
 * No login grace timer exists in paramiko's server mode: we close connections
-  that have not authenticated in time.
+  that have not authenticated in time (``[sftp] login_grace``, by default
+  ``[server] preauth_timeout``), counted from the connect, banner and key
+  exchange included.
 * ``pre-login`` must run only after the client proved its credentials. paramiko
   asks ``check_auth_publickey`` before verifying the signature, so the login
   decision hooks the moment paramiko is about to answer USERAUTH_SUCCESS.
@@ -39,7 +41,7 @@ from paramiko.common import (
 )
 from paramiko.message import Message
 
-from . import memory, paramiko_recv, paramiko_speed
+from . import logs, memory, paramiko_recv, paramiko_speed
 from .dispatch import Decision
 from .errors import CoreGone, FsError
 from .login import Connection, LoginCore
@@ -56,28 +58,7 @@ paramiko_speed.install()
 DISCONNECT_BY_APPLICATION = 11
 
 
-class _BoundedWarning:
-    """At most one warning line every ``every`` seconds, with the count of those held back:
-    a burst of connections ending the same way must not become a burst of log lines."""
-
-    def __init__(self, every: float = 10.0) -> None:
-        self.every = every
-        self._lock = threading.Lock()
-        self._last = float("-inf")
-        self._held = 0
-
-    def warn(self, logger: logging.Logger, msg: str, *args: object) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last < self.every:
-                self._held += 1
-                return
-            held, self._held, self._last = self._held, 0, now
-        more = f" ({held} more since the last report)" if held else ""
-        logger.warning(msg + more, *args)
-
-
-_core_gone = _BoundedWarning()
+_core_gone_log = logs.BoundedLog(logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -257,7 +238,7 @@ class ServerTransport(paramiko.Transport):
         if isinstance(msg, str) and msg.startswith("Unknown exception") \
                 and isinstance(sys.exc_info()[1], CoreGone):
             self._core_gone_seen = True
-            _core_gone.warn(log, "ssh connection ended: its link to the core closed (%s)",
+            _core_gone_log.log(log, "ssh connection ended: its link to the core closed (%s)",
                             msg[len("Unknown exception: "):200])
             return True
         return False
@@ -559,6 +540,9 @@ class SSHConnections:
         self._lock = threading.Lock()
 
     def serve(self, client: socket.socket, addr: tuple, core: LoginCore) -> None:
+        # the login grace counts from here: the banner and the key exchange (paramiko
+        # allows 15 s each) are part of it, or an idle socket would outlive it
+        deadline = time.monotonic() + self.limits.login_grace
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn, decision = core.connect("sftp", addr[0], client.getsockname()[1])
         transport = None
@@ -577,6 +561,7 @@ class SSHConnections:
                 default_max_packet_size=self.limits.max_packet,
             )
             transport.local_version = "SSH-2.0-scriptsftp"
+            transport.banner_timeout = transport.handshake_timeout = self.limits.login_grace
             for key in self.host_keys:
                 transport.add_server_key(key)
             from .sftp import SFTPHandler
@@ -595,7 +580,7 @@ class SSHConnections:
                 log.info("ssh handshake failed: %s", exc, extra={"sid": conn.id, "ip": addr[0]})
                 core.protocol_error(conn, f"ssh handshake failed: {exc}")
                 return
-            server.settled.wait(self.limits.login_grace)
+            server.settled.wait(max(0.0, deadline - time.monotonic()))
             if transport.is_active() and not transport.is_authenticated():
                 log.info("login grace time (%ss) exceeded", self.limits.login_grace, extra={"sid": conn.id})
                 send_disconnect(transport, "login grace time exceeded")

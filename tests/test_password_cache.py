@@ -188,7 +188,7 @@ def test_a_closed_core_link_is_one_warning_line_not_a_traceback(caplog):
     import socket
 
     from paramiko import util
-    from scriptsftp.server import ssh
+    from scriptsftp.server import logs, ssh
     from scriptsftp.server.errors import CoreGone
     from scriptsftp.server.remote_core import RemoteCore
 
@@ -197,8 +197,8 @@ def test_a_closed_core_link_is_one_warning_line_not_a_traceback(caplog):
     theirs.close()  # the core ended the link (shutdown, or the login grace ran out)
     a, b = socket.socketpair()
     transport = ssh.ServerTransport(a)
-    monkey = ssh._BoundedWarning()
-    ssh._core_gone, saved = monkey, ssh._core_gone
+    monkey = logs.BoundedLog(logging.WARNING)
+    ssh._core_gone_log, saved = monkey, ssh._core_gone_log
     caplog.set_level(logging.DEBUG)
     try:
         for _ in range(3):  # what paramiko's Transport.run does with an exception it did not expect
@@ -209,7 +209,7 @@ def test_a_closed_core_link_is_one_warning_line_not_a_traceback(caplog):
                 transport._log(logging.ERROR, "Unknown exception: " + str(e))
                 transport._log(logging.ERROR, util.tb_strings())
     finally:
-        ssh._core_gone = saved
+        ssh._core_gone_log = saved
         transport.sock.release()
         b.close()
     records = [r for r in caplog.records if r.levelno >= logging.WARNING]
