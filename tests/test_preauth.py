@@ -154,3 +154,74 @@ def test_login_grace_defaults_to_preauth_timeout(daemons):
     finally:
         s.close()
     assert 2.5 <= time.monotonic() - started < 15
+
+
+# --- the cap in the login core ------------------------------------------------------------
+
+
+def _core(tmp_path, cap: int):
+    from scriptsftp.server.config import DefenderSection
+    from scriptsftp.server.defender import Defender
+    from scriptsftp.server.dispatch import NullDispatcher
+    from scriptsftp.server.login import LoginCore
+    from scriptsftp.server.session import UploadPolicy
+
+    defender = Defender(tmp_path / "defender.db", DefenderSection(max_preauth_connections=cap))
+    return LoginCore({}, NullDispatcher(), staging=None, uploads=UploadPolicy(atomic=False), failure_delay=0,
+                     defender=defender), defender
+
+
+def test_at_the_cap_the_longest_waiting_connection_makes_room(tmp_path):
+    import threading
+
+    core, defender = _core(tmp_path, cap=3)
+    kicked: dict[str, threading.Event] = {}
+    conns = []
+    for _ in range(3):
+        conn, decision = core.connect("ftp", "192.0.2.9")
+        assert decision.allowed
+        kicked[conn.id] = threading.Event()
+        conn.on_kick = lambda reason, e=kicked[conn.id]: e.set()
+        conns.append(conn)
+    newest, decision = core.connect("http", "192.0.2.10")
+    assert decision.allowed
+    assert kicked[conns[0].id].wait(5)  # the oldest was told to go
+    assert not any(kicked[c.id].is_set() for c in conns[1:])
+    assert core.preauth_count() == 3 and core.preauth_evicted == 1
+    core.disconnect(conns[0])  # its front end closes it: the defender's slot comes back
+    assert defender.stats()["open_connections"] == 3
+    for c in [*conns[1:], newest]:
+        core.disconnect(c)
+    assert core.preauth_count() == 0 and defender.stats()["open_connections"] == 0
+    defender.close()
+
+
+def test_a_full_cap_with_nothing_to_close_refuses_and_gives_the_slot_back(tmp_path):
+    core, defender = _core(tmp_path, cap=2)
+    for _ in range(2):
+        core.connect("sftp", "192.0.2.9")  # no front end has set on_kick yet: nothing can be closed
+    conn, decision = core.connect("sftp", "192.0.2.9")
+    assert not decision.allowed and "too many connections not logged in (limit 2)" in decision.reason
+    core.disconnect(conn)  # what a front end does with a refused one: nothing to undo
+    assert defender.stats()["open_connections"] == 2 and core.preauth_count() == 2
+    defender.close()
+
+
+def test_a_logged_in_connection_no_longer_counts(tmp_path, password_hashes):
+    from scriptsftp.server.login import UserRecord
+    from scriptsftp.server.session import Account
+    from scriptsftp.server.vfs import Access
+
+    core, defender = _core(tmp_path, cap=1)
+    account = Account(name="alice", home=tmp_path, access=Access.build({}, [], []), protocols=frozenset({"ftp"}))
+    core.users = {"alice": UserRecord(account=account, password_hash=password_hashes["alice"], keys=[],
+                                      disabled=False)}
+    conn, _ = core.connect("ftp", "192.0.2.9")
+    assert core.check_password(conn, "alice", ALICE_PASSWORD)
+    assert core.finish_login(conn, "alice", "password").allowed
+    assert core.preauth_count() == 0 and not conn.preauth
+    other, decision = core.connect("ftp", "192.0.2.9")  # the one slot is free again
+    assert decision.allowed and core.preauth_count() == 1
+    for c in (conn, other):
+        core.disconnect(c)
+    defender.close()
