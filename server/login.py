@@ -7,7 +7,12 @@ protocol it speaks and hands over what the client sent.
 
 Password checks cost ~150 ms of CPU and 64 MiB each (argon2id), so at most a
 few run at once; an attacker's failed attempt then waits on a timer, which
-costs the server nothing. Passwords are never logged.
+costs the server nothing. A verified password is remembered for a while
+(:class:`PasswordCache`), and concurrent checks of the same one share a single
+verification (:class:`VerifyFlights`), so a client opening many connections at
+once costs one check. Connections that have not logged in yet are bounded
+(``[defender] max_preauth_connections``) and timed (``[server] preauth_timeout``,
+enforced by the front ends). Passwords are never logged.
 """
 
 from __future__ import annotations
