@@ -140,19 +140,22 @@ def holder_of(pids: list[int], name_part: str) -> int:
     raise AssertionError(f"no worker has {name_part} open")
 
 
-def require_root(what: str) -> None:
+def require_tmpfs(what: str, mounted: bool) -> None:
     """Full-disk cases mount tmpfs: root only. Skip on a laptop, fail in CI (tests run as root there)."""
-    if os.geteuid() != 0:
-        msg = f"{what} needs root (it mounts a tmpfs)"
+    if not mounted:
+        msg = f"{what} needs root and a tmpfs mount (" + ("mount failed" if os.geteuid() == 0 else "not root") + ")"
         if IN_CI:
             pytest.fail(msg)
         pytest.skip(msg)
 
 
-def mount_tmpfs(path: Path, size: str) -> None:
+def mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                   check=True, capture_output=True)
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                          capture_output=True)
+    return done.returncode == 0
 
 
 def umount(path: Path) -> None:
@@ -184,23 +187,27 @@ class Rig:
     state_dir; tests share a rig and simply carry on with the restarted daemon."""
 
     def __init__(self, root: Path, keys, hashes, host_keys, tls, *, processes: int, state_tmpfs: bool) -> None:
-        self.mounts: list[Path] = []
         self.root = root
         srv = root / "srv"
-        if state_tmpfs:
-            mount_tmpfs(srv / "state", STATE_TMPFS)
-            self.mounts.append(srv / "state")
-        if os.geteuid() == 0:  # the full-disk user's home is a small file system of its own
-            mount_tmpfs(srv / "homes" / "tiny", HOME_TMPFS)
-            self.mounts.append(srv / "homes" / "tiny")
+        self.state_tmpfs = state_tmpfs and mount_tmpfs(srv / "state", STATE_TMPFS)
+        # the full-disk user's home is a small file system of its own
+        self.home_tmpfs = mount_tmpfs(srv / "homes" / "tiny", HOME_TMPFS)
+        self.mounts = [m for m, ok in ((srv / "state", self.state_tmpfs), (srv / "homes" / "tiny", self.home_tmpfs))
+                       if ok]
         alice_key, bob_key = keys
         self.factory = DaemonFactory(root, alice_key, bob_key, hashes, host_keys)
         users = "".join(user_toml(u, keys=[alice_key], password_hash=hashes["alice"]) for u in ("alice", "tiny"))
+        # no free-space reserve: the disk really fills mid-upload (the reserve refuses uploads up front)
         self.config = self.factory.write_config(
-            ftp_section("explicit", *tls) + HTTP_EXTRA, users=users, sftp_extra=f"processes = {processes}")
+            ftp_section("explicit", *tls) + HTTP_EXTRA + "\n[uploads]\nmin_free_space = 0\n", users=users,
+            sftp_extra=f"processes = {processes}")
         for u in ("alice", "tiny"):
             (srv / "homes" / u).mkdir(parents=True, exist_ok=True)
-        self.d = self.factory.start(config=self.config)
+        try:
+            self.d = self.factory.start(config=self.config)
+        except BaseException:
+            self.close()
+            raise
 
     def restart(self) -> None:
         self.d.stop()
@@ -377,10 +384,15 @@ def http_status(up: Upload) -> int:
     return int(m.group(1)) if m else 0
 
 
-def assert_refused_for_space(up: Upload) -> None:
-    """What the client sees when the server runs out of space: a failure, with the right code."""
+def assert_refused_for_space(up: Upload, scp_says: str) -> None:
+    """What the client sees when the server runs out of space (docs/faults.md): a failure, with
+    the right code: OpenSSH exits 1 (scp -O prints the server's reason), FTP 452, HTTP 507."""
     assert up.proc.returncode != 0, "the client believes the upload succeeded\n" + up.seen()
-    if up.proto in ("ftp", "ftps"):
+    if up.proto in SSH_PROTOCOLS:
+        assert up.proc.returncode == 1, up.seen()
+        if up.proto == "scp-legacy":
+            assert scp_says in up.err, up.seen()
+    elif up.proto in ("ftp", "ftps"):
         assert any(r.startswith("452") for r in ftp_reply(up)), "no 452 reply\n" + up.seen()
     elif up.proto in ("http", "webdav"):
         assert http_status(up) == 507, "not 507 Insufficient Storage\n" + up.seen()
@@ -435,9 +447,14 @@ def assert_old_or_new(rig: Rig, user: str, name: str, old: str, new: str, *, set
 
 @pytest.mark.parametrize(("proto", "fault"), CASES)
 def test_fault_leaves_old_or_new(proto, fault, rigs, payloads, tmp_path):
-    if fault in ("enospc", "state-full"):
-        require_root(f"the {fault} case")
+    full_disk = fault in ("enospc", "state-full")
+    if full_disk and os.geteuid() != 0:
+        require_tmpfs(f"the {fault} case", False)
     rig = rigs(1 if proto == "sftp-p1" else 2, state_tmpfs=fault == "state-full")
+    if fault == "enospc":
+        require_tmpfs("the full-disk case", rig.home_tmpfs)
+    elif fault == "state-full":
+        require_tmpfs("the state_dir-full case", rig.state_tmpfs)
     user = "tiny" if fault == "enospc" else "alice"
     name = f"{proto}-{fault}.bin"
     home = rig.d.home(user)
@@ -463,7 +480,7 @@ def case_enospc(rig, proto, user, name, payloads, tmp, old):
     assert_old_or_new(rig, user, name, old, new)
     assert file_sha(rig.d.home(user) / name) == old  # 40 MiB cannot fit in the tmpfs
     assert verdict in ("aborted", "rejected", "failed"), f"an upload that hit ENOSPC was logged as {verdict}"
-    assert_refused_for_space(up)
+    assert_refused_for_space(up, "no space left on device")
     (rig.d.home(user) / "after.bin").unlink()
 
 
@@ -529,7 +546,7 @@ def case_state_full(rig, proto, user, name, payloads, tmp, old):
         up = Upload(rig, proto, user, payloads.small, name, tmp, throttle=False, ftp_reply=True)
         code = up.wait()  # the reply comes once the daemon is done (refusal at open: no "upload" line)
         if code != 0:
-            assert_refused_for_space(up)
+            assert_refused_for_space(up, "state storage is full")
         got = file_sha(d.home(user) / name)
         assert got == (new if code == 0 else old), (
             f"client exit {code} but the file is {'new' if got == new else 'old' if got == old else 'other'}\n"
