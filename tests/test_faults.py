@@ -9,11 +9,13 @@ no staging file survives.
 Protocols: SFTP in-process (``[sftp] processes = 1``) and in worker processes
 (``processes = 2``), scp in legacy mode (``scp -O``) and in SFTP mode (``scp -s``),
 FTP, explicit FTPS, HTTP PUT and WebDAV (a locked resource written with ``If:``),
-each driven by the real command-line client (OpenSSH, curl).
+each driven by the real command-line client (OpenSSH sftp/scp, curl) run as its own
+process group. Where the reply matters on a full disk, FTP uses a small ftplib client
+instead of curl: curl stops at the failed send and never reads the ``452`` that says why.
 
 Faults:
 
-- ``enospc``: the home is a small tmpfs; a 40 MiB upload over a 4 MiB file
+- ``enospc``: the home is a small tmpfs; a 24 MiB upload over a 4 MiB file
   runs out of space half way. Afterwards a smaller upload fits, without restart.
 - ``client-kill``: the client (its whole process group) gets SIGKILL mid-upload.
 - ``daemon-kill``: the daemon gets SIGKILL mid-upload.
@@ -49,11 +51,11 @@ from test_ftp import ftp_section, tls_files  # noqa: F401  (tls_files: a fixture
 STAGING = ".scriptsftp-part-"
 MiB = 1024 * 1024
 OLD_SIZE = 4 * MiB  # the file every case overwrites
-BIG_SIZE = 40 * MiB  # the interrupted upload (larger than the full-disk tmpfs)
+BIG_SIZE = 24 * MiB  # the interrupted upload (larger than the full-disk tmpfs)
 SMALL_SIZE = 2 * MiB  # uploads that fit (state-full case, recovery after a full disk)
-HOME_TMPFS = "24m"
+HOME_TMPFS = "16m"
 STATE_TMPFS = "16m"
-RATE_KBIT = 16_000  # throttled clients: ~2 MB/s, so a kill surely lands mid-transfer
+RATE_KBIT = 32_000  # throttled clients: ~4 MB/s, so a fault surely lands mid-transfer
 STAGED_BEFORE_FAULT = 1 * MiB  # how far the staged file grows before the fault strikes
 
 SSH_PROTOCOLS = ("sftp-p1", "sftp-p2", "scp-legacy", "scp-sftp")
@@ -186,11 +188,11 @@ class Rig:
     ``restart`` stops it (SIGTERM) and starts a new one on the same config and
     state_dir; tests share a rig and simply carry on with the restarted daemon."""
 
-    def __init__(self, root: Path, keys, hashes, host_keys, tls, *, processes: int, state_tmpfs: bool) -> None:
+    def __init__(self, root: Path, keys, hashes, host_keys, tls, *, processes: int) -> None:
         self.root = root
         srv = root / "srv"
-        self.state_tmpfs = state_tmpfs and mount_tmpfs(srv / "state", STATE_TMPFS)
-        # the full-disk user's home is a small file system of its own
+        # state_dir and the full-disk user's home are small file systems of their own (as root)
+        self.state_tmpfs = mount_tmpfs(srv / "state", STATE_TMPFS)
         self.home_tmpfs = mount_tmpfs(srv / "homes" / "tiny", HOME_TMPFS)
         self.mounts = [m for m, ok in ((srv / "state", self.state_tmpfs), (srv / "homes" / "tiny", self.home_tmpfs))
                        if ok]
@@ -227,15 +229,13 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rigs(tmp_path_factory, alice_key, bob_key, password_hashes, host_keys, tls_files):
-    made: dict[tuple[int, bool], Rig] = {}
+    made: dict[int, Rig] = {}
 
-    def get(processes: int, state_tmpfs: bool = False) -> Rig:
-        key = (processes, state_tmpfs)
-        if key not in made:
-            root = tmp_path_factory.mktemp(f"faults-p{processes}{'-state' if state_tmpfs else ''}")
-            made[key] = Rig(root, (alice_key, bob_key), password_hashes, host_keys, tls_files,
-                            processes=processes, state_tmpfs=state_tmpfs)
-        rig = made[key]
+    def get(processes: int) -> Rig:
+        if processes not in made:
+            made[processes] = Rig(tmp_path_factory.mktemp(f"faults-p{processes}"), (alice_key, bob_key),
+                                  password_hashes, host_keys, tls_files, processes=processes)
+        rig = made[processes]
         rig.ensure_running()
         return rig
 
@@ -361,7 +361,7 @@ with open(src, "rb") as f:
         sent = False
     finally:
         conn.close()
-ftp.sock.settimeout(15)  # the reply is due at once: do not hang the suite when it never comes
+ftp.sock.settimeout(5)  # the reply is due at once: do not hang the suite when it never comes
 try:
     print("REPLY", ftp.voidresp())
 except ftplib.all_errors as exc:
@@ -450,7 +450,7 @@ def test_fault_leaves_old_or_new(proto, fault, rigs, payloads, tmp_path):
     full_disk = fault in ("enospc", "state-full")
     if full_disk and os.geteuid() != 0:
         require_tmpfs(f"the {fault} case", False)
-    rig = rigs(1 if proto == "sftp-p1" else 2, state_tmpfs=fault == "state-full")
+    rig = rigs(1 if proto == "sftp-p1" else 2)
     if fault == "enospc":
         require_tmpfs("the full-disk case", rig.home_tmpfs)
     elif fault == "state-full":
@@ -478,7 +478,7 @@ def case_enospc(rig, proto, user, name, payloads, tmp, old):
     # nothing to free but the failed upload itself: a smaller one fits at once, no restart
     recover(rig, proto, user, payloads, tmp)
     assert_old_or_new(rig, user, name, old, new)
-    assert file_sha(rig.d.home(user) / name) == old  # 40 MiB cannot fit in the tmpfs
+    assert file_sha(rig.d.home(user) / name) == old  # the new version cannot fit in the tmpfs
     assert verdict in ("aborted", "rejected", "failed"), f"an upload that hit ENOSPC was logged as {verdict}"
     assert_refused_for_space(up, "no space left on device")
     (rig.d.home(user) / "after.bin").unlink()
@@ -544,7 +544,10 @@ def case_state_full(rig, proto, user, name, payloads, tmp, old):
     filler = fill(d.state_dir)
     try:
         up = Upload(rig, proto, user, payloads.small, name, tmp, throttle=False, ftp_reply=True)
-        code = up.wait()  # the reply comes once the daemon is done (refusal at open: no "upload" line)
+        # the reply comes once the daemon is done (a refusal at open logs no "upload" line). Refused
+        # when the staging record cannot be written; SQLite may still find room in its WAL, and then
+        # the upload may succeed: both are fine, as long as the file matches what the client was told
+        code = up.wait()
         if code != 0:
             assert_refused_for_space(up, "state storage is full")
         got = file_sha(d.home(user) / name)
