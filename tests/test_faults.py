@@ -74,10 +74,6 @@ CASES = [
 # --- helpers -------------------------------------------------------------------------------
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def file_sha(path: Path) -> str | None:
     h = hashlib.sha256()
     try:
