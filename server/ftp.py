@@ -57,6 +57,7 @@ from pyftpdlib.handlers.ftp.data import DTPHandler
 from pyftpdlib.handlers.ftp.dispatchers import PassiveDTP
 from pyftpdlib.handlers.ftp.producers import FileProducer
 from pyftpdlib.handlers.ftps.data import TLS_DTPHandler
+from pyftpdlib.handlers.ftps.ssl import SSLConnectionMixin
 from pyftpdlib.exceptions import _FileReadWriteError, _GiveUpOnSendfile, _RetryError
 from pyftpdlib.ioloop import _ERRNOS_DISCONNECTED, _ERRNOS_RETRY, IOLoop
 from pyftpdlib.servers import ThreadedFTPServer
@@ -454,20 +455,38 @@ class _DTP(DTPHandler):
             return "the control connection was closed"
         return f.size_mismatch()
 
-    def handle_error(self) -> None:
-        """A failed write to the upload: answer it with its own reply (452 for a full disk),
-        not pyftpdlib's ``426 None; transfer aborted.``"""
+    def _failed_write_reply(self) -> str | None:
+        """The reply for the exception being handled when it is a failed write to the upload
+        (452 for a full disk), instead of pyftpdlib's ``426 None; transfer aborted.``"""
         exc = sys.exc_info()[1]
         f = self.file_obj
         if not isinstance(exc, _FileReadWriteError) or not isinstance(f, _Upload) or f.handle.failed is None:
+            return None
+        return reply_of(f.handle.failed)
+
+    def handle_error(self) -> None:
+        reply = self._failed_write_reply()
+        if reply is None:
             super().handle_error()
             return
-        self._resp = (reply_of(f.handle.failed), log.debug)
+        self._resp = (reply, log.debug)
         self.close()
 
 
 class _TLSDTP(TLS_DTPHandler, _DTP):
     """TLS on top: pyftpdlib's SSL layer runs first, then ours (see the MRO)."""
+
+    def handle_error(self) -> None:
+        """pyftpdlib's SSL layer logs any error and closes without a reply: a full disk on a
+        TLS-enabled daemon left the client waiting. A failed write gets its reply here too,
+        closed as the SSL layer closes on errors (no TLS shutdown with the client mid-send)."""
+        reply = self._failed_write_reply()
+        if reply is None:
+            super().handle_error()
+            return
+        self._error = True
+        self._resp = (reply, log.debug)
+        super(SSLConnectionMixin, self).close()  # _DTP.close: settle, then the reply
 
 
 class _PassiveDTP(PassiveDTP):
