@@ -274,6 +274,14 @@ class DefenderSection(_Model):
     rate_per_ip: Annotated[float, Field(ge=0)] = 10.0
     """New connections per second per address (token bucket); 0 = unlimited."""
     burst_per_ip: Annotated[int, Field(ge=1)] = 20
+    ipv6_prefix: Annotated[int, Field(ge=32, le=128)] = 64
+    """IPv6 clients are scored, rate limited, capped and banned per network of this prefix
+    length: one host usually holds a whole /64, and rotating addresses in it must not help."""
+    user_max_failures: Annotated[int, Field(ge=0)] = 20
+    """Failed password logins for one user, from any addresses not allow-listed, within
+    observation_window; then password logins for that user are locked for user_lock_time
+    (keys still work). Against guessing one account from many addresses. 0 = off."""
+    user_lock_time: PositiveFloat = 900.0
 
     @field_validator("allow_list")
     @classmethod

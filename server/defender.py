@@ -101,6 +101,23 @@ def normalize_ip(ip: str) -> str:
     return str(addr)
 
 
+@functools.lru_cache(maxsize=4096)
+def group_ip(ip: str, ipv6_prefix: int) -> str:
+    """The key an address is scored and banned under: itself for IPv4, its ``/ipv6_prefix``
+    network for IPv6 (a host gets a whole /64: rotating addresses in it must not reset
+    its score or dodge its ban)."""
+    addr = normalize_ip(ip)
+    if ":" not in addr or ipv6_prefix >= 128:
+        return addr
+    try:
+        return str(ipaddress.ip_network(f"{addr}/{ipv6_prefix}", strict=False))
+    except ValueError:
+        return addr
+
+
+USER_PREFIX = "user:"  # bans() and unban() name a user's password lock so
+
+
 class Defender:
     """One per daemon (``daemon.defender``); thread-safe."""
 
@@ -123,6 +140,12 @@ class Defender:
                 " kind TEXT NOT NULL)"
             )
             self._db.execute("CREATE INDEX IF NOT EXISTS scores_ip_at ON scores (ip, at)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS user_failures (user TEXT NOT NULL, at REAL NOT NULL)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS user_failures_user_at ON user_failures (user, at)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS user_locks (user TEXT PRIMARY KEY, locked_until REAL NOT NULL,"
+                " failures INTEGER NOT NULL, reason TEXT NOT NULL, locked_at REAL NOT NULL)"
+            )
         # per process: open connections and token buckets
         self._open_total = 0
         self._open_per_ip: dict[str, int] = {}
@@ -153,15 +176,18 @@ class Defender:
     def allowed_listed(self, ip: str) -> bool:
         return ip in self._allow
 
+    def _key(self, ip: str) -> tuple[str, bool]:
+        """(the key ``ip`` is counted under, whether the address itself is allow-listed)."""
+        return group_ip(ip, self.settings.ipv6_prefix), normalize_ip(ip) in self._allow
+
     # --- the connect gate ---------------------------------------------------
 
     def admit(self, ip: str) -> Refusal | None:
         """Decide at connect time, before any expensive work. On None the caller holds a
         connection slot and must give it back with :meth:`release` when the connection ends."""
         s = self.settings
-        ip = normalize_ip(ip)
+        ip, trusted = self._key(ip)
         refusal: Refusal | None = None
-        trusted = ip in self._allow
         with self._lock:
             now = self._clock()
             self._maybe_prune(now)
@@ -186,12 +212,12 @@ class Defender:
             self._counters["rejected_" + refusal.kind] += 1
             self._log_refusal(ip, refusal, now)
         if refusal.kind in ("rate", "per_ip"):
-            self.record(ip, "limit_exceeded", refusal.reason)
+            self._record_key(ip, "limit_exceeded", refusal.reason)
         return refusal
 
     def release(self, ip: str) -> None:
         """A connection admitted by :meth:`admit` ended."""
-        ip = normalize_ip(ip)
+        ip = self._key(ip)[0]
         with self._lock:
             self._open_total = max(0, self._open_total - 1)
             n = self._open_per_ip.get(ip, 0) - 1
@@ -232,10 +258,13 @@ class Defender:
 
     def record(self, ip: str, kind: str, detail: str = "") -> bool:
         """Add the points of ``kind`` to ``ip``'s score; True if this banned it."""
+        key, trusted = self._key(ip)
+        return False if trusted else self._record_key(key, kind, detail)
+
+    def _record_key(self, ip: str, kind: str, detail: str) -> bool:
         s = self.settings
-        ip = normalize_ip(ip)
         points = self._points.get(kind, 0)
-        if not s.enabled or points <= 0 or ip in self._allow:
+        if not s.enabled or points <= 0:
             return False
         try:
             return self._record(ip, kind, detail, points)
@@ -285,15 +314,15 @@ class Defender:
         return True
 
     def is_banned(self, ip: str) -> bool:
-        ip = normalize_ip(ip)
-        if not self.settings.enabled or ip in self._allow:
+        ip, trusted = self._key(ip)
+        if not self.settings.enabled or trusted:
             return False
         with self._lock:
             return bool(self._banned_until(ip, self._clock()))
 
     def host_info(self, ip: str) -> HostInfo:
         """Current score and whether the address was ever banned (for the ``connect`` event)."""
-        ip = normalize_ip(ip)
+        ip = self._key(ip)[0]
         with self._lock:
             if self._closed:
                 return HostInfo(0, False)
@@ -311,12 +340,22 @@ class Defender:
                 "SELECT ip, score, banned_until, ban_count, reason FROM hosts WHERE banned_until > ?"
                 " ORDER BY banned_until DESC", (self._clock(),)
             ).fetchall()
+            locks = self._db.execute(
+                "SELECT user, failures, locked_until, reason FROM user_locks WHERE locked_until > ?"
+                " ORDER BY locked_until DESC", (self._clock(),)
+            ).fetchall()
         return [{"ip": ip, "score": score, "banned_until": until, "ban_count": count, "reason": reason}
-                for ip, score, until, count, reason in rows]
+                for ip, score, until, count, reason in rows] + \
+               [{"ip": USER_PREFIX + user, "score": failures, "banned_until": until, "ban_count": 1, "reason": reason}
+                for user, failures, until, reason in locks]
 
     def unban(self, ip: str) -> bool:
-        """Lift a ban and forget the address's score and ban history; True if it was banned."""
-        ip = normalize_ip(ip)
+        """Lift a ban and forget the address's score and ban history; True if it was banned.
+        ``user:NAME`` lifts that user's password lock instead; an IPv6 address lifts the
+        ban of its network."""
+        if ip.startswith(USER_PREFIX):
+            return self._unlock_user(ip[len(USER_PREFIX):])
+        ip = ip if "/" in ip else self._key(ip)[0]
         with self._lock:
             if self._closed:
                 return False
@@ -328,6 +367,64 @@ class Defender:
                 self._counters["unbans_total"] += 1
         if was:
             log.warning("unbanned %s", ip, extra={"ip": ip})
+        return was
+
+    # --- one account guessed from many addresses ----------------------------------
+
+    def user_locked_until(self, user: str, ip: str) -> float:
+        """When the password lock of ``user`` ends (0: not locked). Allow-listed addresses
+        are never locked out (nor do their failures count)."""
+        s = self.settings
+        if not s.enabled or not s.user_max_failures or self._key(ip)[1]:
+            return 0.0
+        with self._lock:
+            if self._closed:
+                return 0.0
+            row = self._db.execute("SELECT locked_until FROM user_locks WHERE user = ?", (user,)).fetchone()
+        return row[0] if row and row[0] > self._clock() else 0.0
+
+    def record_user_failure(self, user: str, ip: str) -> float:
+        """Count a failed password login for ``user``; the lock's end time if this locked it."""
+        s = self.settings
+        if not s.enabled or not s.user_max_failures or self._key(ip)[1]:
+            return 0.0
+        try:
+            with self._lock:
+                if self._closed:
+                    return 0.0
+                now = self._clock()
+                self._db.execute("INSERT INTO user_failures (user, at) VALUES (?, ?)", (user, now))
+                failures = self._db.execute("SELECT COUNT(*) FROM user_failures WHERE user = ? AND at > ?",
+                                            (user, now - s.observation_window)).fetchone()[0]
+                if failures < s.user_max_failures:
+                    return 0.0
+                until = now + s.user_lock_time
+                reason = (f"{failures} failed password logins within {s.observation_window:g}s "
+                          f"(limit {s.user_max_failures}), the last from {normalize_ip(ip)}")
+                self._db.execute(
+                    "INSERT INTO user_locks (user, locked_until, failures, reason, locked_at) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (user) DO UPDATE SET locked_until = excluded.locked_until,"
+                    " failures = excluded.failures, reason = excluded.reason, locked_at = excluded.locked_at",
+                    (user, until, failures, reason, now),
+                )
+                self._db.execute("DELETE FROM user_failures WHERE user = ?", (user,))
+        except sqlite3.Error as exc:
+            log.warning("defender: failed login for %r not recorded (%s)", user, exc)
+            return 0.0
+        log.warning("password logins for %r locked for %.0fs: %s", user, s.user_lock_time, reason,
+                    extra={"user": user, "ip": normalize_ip(ip)})
+        return until
+
+    def _unlock_user(self, user: str) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            was = bool(self._db.execute("SELECT 1 FROM user_locks WHERE user = ? AND locked_until > ?",
+                                        (user, self._clock())).fetchone())
+            self._db.execute("DELETE FROM user_locks WHERE user = ?", (user,))
+            self._db.execute("DELETE FROM user_failures WHERE user = ?", (user,))
+        if was:
+            log.warning("password logins for %r unlocked", user, extra={"user": user})
         return was
 
     def stats(self) -> dict:
@@ -367,3 +464,5 @@ class Defender:
         self._db.execute("DELETE FROM scores WHERE at <= ?", (now - s.observation_window,))
         # a host clean for max_ban_time after its ban ended would start over anyway
         self._db.execute("DELETE FROM hosts WHERE banned_until < ?", (now - s.max_ban_time,))
+        self._db.execute("DELETE FROM user_failures WHERE at <= ?", (now - s.observation_window,))
+        self._db.execute("DELETE FROM user_locks WHERE locked_until < ?", (now,))

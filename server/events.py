@@ -88,6 +88,18 @@ class LoginFailed(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class UserLocked(Event):
+    name: ClassVar[str] = "user-locked"
+    summary: ClassVar[str] = (
+        "Password logins for `user` were locked after [defender] user_max_failures failures from"
+        " addresses not allow-listed (one account guessed from many addresses); public keys still"
+        " work. `remote_ip` is the address of the last failure; the lock ends at `locked_until`."
+    )
+    failures: int = 0
+    locked_until: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Disconnect(Event):
     name: ClassVar[str] = "disconnect"
     summary: ClassVar[str] = "A session ended."
@@ -242,7 +254,7 @@ class ScriptError(Event):
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.name: cls
     for cls in (
-        Connect, PreLogin, PostLogin, LoginFailed, Disconnect,
+        Connect, PreLogin, PostLogin, LoginFailed, UserLocked, Disconnect,
         PreUpload, PrePublish, PostUpload, UploadFailed,
         PreDownload, PostDownload, PreDelete, PostDelete,
         PreRename, PostRename, PreMkdir, PostMkdir, PreRmdir, PostRmdir,

@@ -339,8 +339,11 @@ class HttpListener:
         if state.session is not None and hmac.compare_digest(state.auth_digest, digest):
             return state.session
         loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(self.pools.auth, self.core.check_password, conn, user, password)
-        if not ok:  # logged, raised as login-failed and delayed by the core
+        ok, wait = await loop.run_in_executor(self.pools.auth, self.core.check_password_nowait, conn, user,
+                                              password)
+        if wait:  # the failure delay, without holding an auth thread
+            await asyncio.sleep(wait)
+        if not ok:  # logged and raised as login-failed by the core
             raise HttpError(401, "wrong user name or password", headers={"WWW-Authenticate": REALM})
         if state.session is not None:
             if state.session.user == user:  # same user, other valid password (changed meanwhile)

@@ -452,18 +452,57 @@ class LoginCore:
         """True if the password is right. A failure is logged, raised as an event and delayed.
 
         An address banned meanwhile gets False at once: no hash is computed for it."""
+        ok, wait = self.check_password_nowait(conn, name, password)
+        if wait:
+            time.sleep(wait)
+        return ok
+
+    def check_password_nowait(self, conn: Connection, name: str, password: str) -> tuple[bool, float]:
+        """:meth:`check_password` without its waits: (right?, seconds the answer must wait).
+
+        For a front end that can wait without holding a thread (HTTP's event loop): slept in
+        one of a few auth threads, the failure delay let seven bad logins a second stall
+        everyone's good ones."""
         if self._refused_as_banned(conn):
-            return False
+            return False, 0.0
+        if self._password_locked(conn, name):
+            return False, self.failure_delay
         rec = self.users.get(name)
-        ok = False
+        ok, wait = False, 0.0
         if rec is not None and rec.password_hash:
             ok = self._verify(name, password, rec.password_hash)
         else:
-            time.sleep(0.15)  # what a verify would have cost, so timing does not reveal users
+            wait = 0.15  # what a verify would have cost, so timing does not reveal users
         if not ok:
             reason = "unknown user" if rec is None else "wrong password"
-            self.login_failed(conn, name, "password", reason)
-        return ok
+            self.login_failed(conn, name, "password", reason, wait=False)
+            if rec is not None:
+                self._count_user_failure(conn, name)
+            wait += self.failure_delay
+        return ok, wait
+
+    def _password_locked(self, conn: Connection, name: str) -> bool:
+        """Refused without a check: password logins for this user are locked (many failures
+        from many addresses). Answered like a wrong password, so the lock tells nothing."""
+        if self.defender is None or name not in self.users:
+            return False
+        until = self.defender.user_locked_until(name, conn.remote_ip)
+        if not until:
+            return False
+        self.login_failed(conn, name, "password", "password logins for this user are locked until "
+                          + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until)), wait=False)
+        return True
+
+    def _count_user_failure(self, conn: Connection, name: str) -> None:
+        if self.defender is None:
+            return
+        until = self.defender.record_user_failure(name, conn.remote_ip)
+        if until and self.dispatcher.wants("user-locked"):
+            s = self.defender.settings
+            self.dispatcher.post(ev.UserLocked(
+                session_id=conn.id, protocol=conn.protocol, remote_ip=conn.remote_ip, user=name,
+                failures=s.user_max_failures, locked_until=until,
+            ))
 
     def _verify(self, name: str, password: str, password_hash: str) -> bool:
         """The cache, else one shared verification for all concurrent identical checks."""
@@ -517,9 +556,11 @@ class LoginCore:
         # paramiko >= 2.8.1 compares keys field by field (not by hash()).
         return any(k == key for k in rec.keys)
 
-    def login_failed(self, conn: Connection, name: str, method: str, reason: str, *, scored: bool = True) -> None:
-        """Log, raise ``login-failed`` and wait ``failure_delay``. ``scored``: the defender adds
-        to the address's score (not for policy refusals after proven credentials)."""
+    def login_failed(self, conn: Connection, name: str, method: str, reason: str, *, scored: bool = True,
+                     wait: bool = True) -> None:
+        """Log, raise ``login-failed`` and wait ``failure_delay`` (unless ``wait`` is false: the
+        caller waits). ``scored``: the defender adds to the address's score (not for policy
+        refusals after proven credentials)."""
         log.warning(
             "login failed for %r (%s): %s", name, method, reason,
             extra={"sid": conn.id, "proto": conn.protocol, "ip": conn.remote_ip, "user": name},
@@ -532,7 +573,7 @@ class LoginCore:
                 session_id=conn.id, protocol=conn.protocol, remote_ip=conn.remote_ip, user=name,
                 login_method=method, reason=reason,
             ))
-        if self.failure_delay:
+        if wait and self.failure_delay:
             time.sleep(self.failure_delay)
 
     # --- the login decision ---------------------------------------------------

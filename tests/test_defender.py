@@ -441,3 +441,108 @@ def test_unban_through_the_admin_api(daemons: DaemonFactory):
     with urllib.request.urlopen(base + "/metrics", timeout=20) as r:
         metrics = r.read().decode()
     assert "scriptsftp_bans 0.0" in metrics
+
+
+# --- many addresses against one account; IPv6 networks; HTTP's failure delay ------------
+
+
+def test_defender_unit_ipv6_is_scored_and_banned_per_network(tmp_path: Path):
+    """Rotating addresses inside one /64 (which one host usually holds) neither resets the
+    score nor dodges the ban; another /64 is another host."""
+    from scriptsftp.server.config import DefenderSection
+    from scriptsftp.server.defender import Defender
+
+    d = Defender(tmp_path / "defender.db", DefenderSection(threshold=3, allow_list=[]))
+    assert not d.record("2001:db8:1:2::1", "login_failed")
+    assert not d.record("2001:db8:1:2:aaaa::2", "login_failed")
+    assert d.record("2001:db8:1:2:ffff:ffff:ffff:ffff", "login_failed")
+    assert d.bans()[0]["ip"] == "2001:db8:1:2::/64"
+    assert d.admit("2001:db8:1:2::77") is not None  # a fresh address of the same network
+    assert d.admit("2001:db8:1:3::1") is None  # the next /64
+    d.release("2001:db8:1:3::1")
+    assert d.unban("2001:db8:1:2::5") and d.admit("2001:db8:1:2::77") is None
+    d.release("2001:db8:1:2::77")
+    d.configure(DefenderSection(threshold=3, allow_list=[], ipv6_prefix=128))
+    d.record("2001:db8:9::1", "login_failed")
+    d.record("2001:db8:9::2", "login_failed")
+    assert not d.record("2001:db8:9::3", "login_failed")  # per address now: nobody reached 3
+    d.close()
+
+
+def test_defender_unit_one_account_from_many_addresses_is_locked(tmp_path: Path):
+    from scriptsftp.server.config import DefenderSection
+    from scriptsftp.server.defender import Defender
+
+    now = [1000.0]
+    d = Defender(tmp_path / "defender.db",
+                 DefenderSection(user_max_failures=3, user_lock_time=60, allow_list=["10.0.0.0/8"]),
+                 clock=lambda: now[0])
+    assert not d.record_user_failure("alice", "192.0.2.1")
+    assert not d.record_user_failure("alice", "198.51.100.7")
+    assert not d.record_user_failure("alice", "10.1.1.1")  # allow-listed: does not count
+    until = d.record_user_failure("alice", "203.0.113.9")
+    assert until == 1060.0
+    assert d.user_locked_until("alice", "192.0.2.200") == until
+    assert d.user_locked_until("alice", "10.1.1.1") == 0.0  # never locked out from the allow list
+    assert d.user_locked_until("bob", "192.0.2.200") == 0.0
+    assert {"ip": "user:alice"}.items() <= d.bans()[0].items()
+    now[0] = 1061.0
+    assert d.user_locked_until("alice", "192.0.2.200") == 0.0  # expired
+    for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+        d.record_user_failure("alice", ip)
+    assert d.unban("user:alice") and d.user_locked_until("alice", "192.0.2.1") == 0.0
+    d.close()
+
+
+def test_password_guessing_from_many_addresses_locks_the_account_not_its_keys(daemons: DaemonFactory, alice_key):
+    write_script(daemons, "locked.py", """
+        def on_user_locked(event, api):
+            api.log("locked", user=event.user, failures=event.failures, ip=event.remote_ip)
+    """)
+    d = daemons.start(defender_toml(allow_list=LEGIT_ONLY, user_max_failures=4, user_lock_time=600, threshold=100)
+                      + binding("user-locked", "locked.py"))
+    seed(d)
+    for i in range(4):  # one wrong password each from four addresses: no address is banned
+        fail_password(d, f"127.0.0.{10 + i}")
+    d.wait_log(r"locked\.py: locked user=alice failures=4 ip=127\.0\.0\.13")
+    d.wait_log(r"password logins for 'alice' locked for 600s")
+    t = transport_from(d, "127.0.0.20")
+    try:  # the right password, from yet another address: refused like a wrong one
+        with pytest.raises(paramiko.AuthenticationException):
+            t.auth_password("alice", ALICE_PASSWORD)
+        # the key still works: the lock is on guessable secrets only
+        t.auth_publickey("alice", paramiko.PKey.from_path(str(alice_key.private)))
+        assert t.is_authenticated()
+    finally:
+        t.close()
+    d.wait_log(r"login failed for 'alice' \(password\): password logins for this user are locked until")
+    assert alice_can_download(d)  # 127.0.0.1 is allow-listed: never locked out
+    out = subprocess.run([str(BIN), "bans", "-c", str(d.config)], capture_output=True, text=True)
+    assert "user:alice" in out.stdout
+    assert subprocess.run([str(BIN), "unban", "-c", str(d.config), "user:alice"]).returncode == 0
+    t = transport_from(d, "127.0.0.20")
+    try:
+        t.auth_password("alice", ALICE_PASSWORD)
+        assert t.is_authenticated()
+    finally:
+        t.close()
+
+
+def test_failed_http_logins_do_not_hold_the_login_threads(daemons: DaemonFactory):
+    """The failure delay used to sleep in one of 8 auth threads: a handful of bad logins a
+    second kept a good login waiting for seconds."""
+    from httpkit import request
+
+    path = daemons.write_config("[http]\nenabled = true\nlisten = \"127.0.0.1:0\"\n")
+    path.write_text(path.read_text().replace("login_failure_delay = 0.05", "login_failure_delay = 3.0"))
+    d = daemons.start(config=path)
+    seed(d)
+    with ThreadPoolExecutor(24) as pool:
+        bad = [pool.submit(request, d, "GET", "/hello.txt", password="wrong") for _ in range(24)]
+        d.wait_log(r"login failed for 'alice' \(password\): wrong password")
+        t0 = time.monotonic()
+        good = request(d, "GET", "/hello.txt")
+        took = time.monotonic() - t0
+        assert good.status == 200 and good.body == b"hello\n"
+        assert all(f.result().status == 401 for f in bad)
+    assert took < 1.5, f"a good login waited {took:.1f}s behind failed ones"
