@@ -42,7 +42,8 @@ class ScriptEngine:
         sc = cfg.model.scripts
         self.cfg = cfg
         self.scripts_dir = cfg.resolve(sc.dir)
-        self.pool = pool or WorkerPool(sc.workers, memory_mb=sc.memory_mb, state_dir=state_dir)
+        self.pool = pool or WorkerPool(sc.workers, memory_mb=sc.memory_mb, state_dir=state_dir,
+                                       login_reserve=sc.login_reserve)
         self._registry = Registry.from_config(cfg, {})
         self._swap = threading.Lock()
         self._queue: queue.Queue[tuple[ActiveBinding, LoadedScript, dict[str, Any], int | None] | None] = \

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -120,6 +120,20 @@ class CallResult:
     error_kind: str | None       # None | one of ERROR_KINDS
     error_line: int | None
     duration: float              # seconds, including the wait for a worker
+    queued: float = 0.0          # of which seconds waiting for a worker (the rest is the run)
+
+
+#: Events a client's login waits on: they go first, and a share of the pool is kept for them.
+LOGIN_EVENTS = frozenset({"connect", "pre-login"})
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A call waiting for a worker: whose, of which class, and since when (for FIFO ties)."""
+
+    user: str
+    login: bool
+    seq: int
 
 
 class WorkerStartError(RuntimeError):
@@ -142,7 +156,7 @@ class _BadRequest(Exception):
 
 
 class _Worker:
-    __slots__ = ("proc", "sock", "pid", "buf", "calls", "known", "killed", "info")
+    __slots__ = ("proc", "sock", "pid", "buf", "calls", "known", "killed", "info", "holder")
 
     def __init__(self, proc: subprocess.Popen, sock: socket.socket) -> None:
         self.proc = proc
@@ -153,6 +167,7 @@ class _Worker:
         self.known: set[tuple[str, str]] = set()
         self.killed = False
         self.info: dict[str, Any] = {}
+        self.holder: tuple[str, bool] = ("", False)  # (user, login) of the call it serves
 
     def send(self, obj: dict[str, Any], deadline: float, fd: int | None = None) -> None:
         data = proto.encode_frame(obj)
@@ -230,12 +245,15 @@ class WorkerPool:
                  capabilities: CapabilityRegistry | None = None,
                  user: str | int | None = None, group: str | int | None = None,
                  start_timeout: float = 30.0, max_rpc_per_call: int = 10_000,
-                 worker_stderr: int | None = subprocess.DEVNULL) -> None:
+                 worker_stderr: int | None = subprocess.DEVNULL, login_reserve: int = 1) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         if memory_mb < 16:
             raise ValueError("memory_mb must be >= 16")
         self.size = workers
+        # workers only connect/pre-login may take: a slow binding another user triggers can
+        # then never make a login wait (one worker can serve nothing but logins)
+        self.login_reserve = max(0, min(int(login_reserve), workers - 1))
         self.memory_mb = int(memory_mb)
         self.state_dir = Path(state_dir)
         self.max_calls_per_worker = max(1, int(max_calls_per_worker))
@@ -258,6 +276,10 @@ class WorkerPool:
         self._cond = threading.Condition()
         self._all: set[_Worker] = set()
         self._idle: deque[_Worker] = deque()
+        self._waiters: list[_Waiter] = []
+        self._seq = 0
+        self._held_by_user: dict[str, int] = {}
+        self._held_other = 0  # workers held by calls that are not logins
         self._starting: dict[int, subprocess.Popen] = {}
         self._pending = 0
         self._threads: set[threading.Thread] = set()
@@ -356,6 +378,8 @@ class WorkerPool:
                 "alive": len(self._all),
                 "idle": len(self._idle),
                 "busy": len(self._all) - len(self._idle),
+                "waiting": len(self._waiters),
+                "login_reserve": self.login_reserve,
                 "starting": self._pending,
                 "restarts": self._restarts,
                 "calls": self._calls,
@@ -480,7 +504,7 @@ class WorkerPool:
                 if not self._closed:
                     self._all.add(w)
                     self._idle.append(w)
-                    self._cond.notify()
+                    self._cond.notify_all()  # waiters decide among themselves who takes it
                     return
             w.kill()
             w.close_socket()
@@ -489,27 +513,58 @@ class WorkerPool:
 
     # --- taking and giving back workers ------------------------------------------------------
 
-    def _acquire(self, deadline: float) -> _Worker | None:
+    def _acquire(self, deadline: float, user: str = "", login: bool = False) -> _Worker | None:
+        """A worker for one call, in fair order rather than whoever wakes first: logins first;
+        then the user holding the fewest workers (ten slow checks of one user do not queue
+        ahead of another user's one); FIFO among equals. Non-login calls leave
+        ``login_reserve`` workers free."""
         with self._cond:
-            while True:
-                if self._closed:
-                    return None
-                if self._idle:
-                    return self._idle.pop()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
+            self._seq += 1
+            me = _Waiter(user, login, self._seq)
+            self._waiters.append(me)
+            try:
+                while True:
+                    if self._closed:
+                        return None
+                    if self._idle and self._next_waiter() is me:
+                        w = self._idle.pop()
+                        w.holder = (user, login)
+                        self._held_by_user[user] = self._held_by_user.get(user, 0) + 1
+                        self._held_other += 0 if login else 1
+                        return w
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    self._cond.wait(remaining)
+            finally:
+                self._waiters.remove(me)
+                self._cond.notify_all()  # the next in line may go now
+
+    def _next_waiter(self) -> _Waiter | None:
+        """(lock held) Who gets the next free worker."""
+        logins = [w for w in self._waiters if w.login]
+        if logins:
+            return logins[0]
+        if self._held_other >= self.size - self.login_reserve:
+            return None
+        return min(self._waiters, key=lambda w: (self._held_by_user.get(w.user, 0), w.seq), default=None)
 
     def _release(self, w: _Worker, disposition: str) -> None:
         with self._cond:
+            user, login = w.holder
+            n = self._held_by_user.get(user, 0) - 1
+            if n > 0:
+                self._held_by_user[user] = n
+            else:
+                self._held_by_user.pop(user, None)
+            self._held_other -= 0 if login else 1
+            self._cond.notify_all()
             self._calls += 1
             w.calls += 1
             keep = (disposition == "keep" and w.calls < self.max_calls_per_worker
                     and not self._closed)
             if keep:
                 self._idle.append(w)
-                self._cond.notify()
                 return
         self._discard(w, kill=disposition == "kill" or self._closed)
 
@@ -590,15 +645,17 @@ class WorkerPool:
             "event": req.event, "caps": caps, "cpu": req.cpu_time, "fd": False,
         }
 
-        w = self._acquire(deadline)
+        event_name = str(req.event.get("name", ""))
+        w = self._acquire(deadline, str(req.event.get("user") or ""), event_name in LOGIN_EVENTS)
+        queued = time.monotonic() - t0
         if w is None:
             with self._cond:
                 closed, last = self._closed, self._last_error
             if closed:
                 return _error(t0, "crash", f"{name}: the script worker pool is closed")
             detail = f" (last worker start error: {last})" if last and not self._all else ""
-            return _error(t0, "timeout", f"{name}: no script worker became free within "
-                                         f"{req.timeout:g} s{detail}")
+            return replace(_error(t0, "timeout", f"{name}: no script worker became free within "
+                                                 f"{req.timeout:g} s{detail}"), queued=queued)
         fd: int | None = None
         disposition = "dead"
         try:
@@ -618,6 +675,7 @@ class WorkerPool:
                 msg["source"] = req.script.text
             try:
                 result, disposition = self._exchange(w, req, msg, fd, deadline, t0)
+                result = replace(result, queued=queued)
             except _BadRequest as e:
                 disposition = "keep"
                 raise TypeError(f"CallRequest.event is not JSON data ({e})") from None

@@ -99,8 +99,14 @@ def format_events(rows: list[dict[str, Any]]) -> list[str]:
         for r in e.get("runs", []):
             line = f" line {r['error_line']}" if r.get("error_line") else ""
             why = f": {r['reason']}" if r.get("reason") else ""
-            out.append(f"    {r['script']}:{r['function']} {r['verdict']}{why}{line} ({r['duration'] * 1000:.1f} ms)")
+            out.append(f"    {r['script']}:{r['function']} {r['verdict']}{why}{line} ({r['duration'] * 1000:.1f} ms{_queued(r)})")
             for lg in r.get("logs", []):
                 fields = " ".join(f"{k}={v}" for k, v in (lg.get("fields") or {}).items())
                 out.append(f"        log: {lg['message']}" + (f" {fields}" if fields else ""))
     return out
+
+
+def _queued(run: dict) -> str:
+    """The part of a run's duration spent waiting for a script worker, when it matters."""
+    q = float(run.get("queued") or 0.0)
+    return f", {q * 1000:.1f} ms of it waiting for a worker" if q >= 0.001 else ""

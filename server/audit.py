@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS runs (
     duration   REAL NOT NULL,
     error_kind TEXT,
     error_line INTEGER,
-    logs       TEXT NOT NULL DEFAULT '[]'
+    logs       TEXT NOT NULL DEFAULT '[]',
+    queued     REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_event ON runs(event_id);
 CREATE INDEX IF NOT EXISTS runs_time ON runs(time);
@@ -117,6 +118,8 @@ class AuditTrail:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # effective on a new file: lets retention shrink it
         db.executescript(_SCHEMA)
+        if "queued" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
+            db.execute("ALTER TABLE runs ADD COLUMN queued REAL NOT NULL DEFAULT 0")  # a state_dir of 0.1
         db.row_factory = sqlite3.Row
         return db
 
@@ -152,13 +155,15 @@ class AuditTrail:
         self._put("runs", (
             event_id, time.time(), script, function, mode, result.verdict, _clip(result.reason),
             float(result.duration), result.error_kind, result.error_line, json.dumps(logs),
+            float(getattr(result, "queued", 0.0)),
         ))
 
     # --- the writer thread --------------------------------------------------------------------
 
     _INSERT = {
         "events": "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        "runs": "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        "runs": "INSERT INTO runs (event_id, time, script, function, mode, verdict, reason, duration,"
+                " error_kind, error_line, logs, queued) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
     }
 
     def _writer(self) -> None:

@@ -308,6 +308,9 @@ class UploadsSection(_Model):
 class ScriptsSection(_Model):
     dir: str = "../scripts"
     workers: Annotated[int, Field(ge=1, le=64)] = 2
+    login_reserve: Annotated[int, Field(ge=0, le=63)] = 1
+    """Workers that only connect and pre-login handlers may take (at most workers - 1), so
+    no binding another user triggers can make a login wait."""
     timeout: PositiveFloat = 5.0
     cpu_time: PositiveFloat = 2.0
     memory_mb: Annotated[int, Field(ge=32, le=65536)] = 256

@@ -863,3 +863,83 @@ def test_workers_can_run_as_another_user(tmp_path: Path) -> None:
         assert proc_status(pid)["Uid"].split()[0] == "65534"
         assert p.call(request("def on_pre_upload(event, api):\n    api.store.incr('n')\n",
                               caps={"store"})).verdict == "allow"
+
+
+# --- fairness: logins first, and a user's many calls do not queue ahead of another's one ---------
+
+SLOW_AND_LOGIN = """
+import time
+
+def on_pre_upload(event, api):
+    end = time.time() + 1.0
+    while time.time() < end:
+        pass
+
+def on_pre_login(event, api):
+    api.log("login checked", user=event.user)
+"""
+
+
+def wait_for_waiting(p: WorkerPool, n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while p.health()["waiting"] != n:
+        assert time.monotonic() < deadline, p.health()
+        time.sleep(0.01)
+
+
+def login_event(user: str) -> dict:
+    from scriptsftp.server.events import PreLogin
+    return PreLogin(user=user, protocol="sftp", remote_ip="10.0.0.2", session_id="s9",
+                    login_method="password").to_dict()
+
+
+def test_a_login_never_waits_behind_another_users_slow_checks(tmp_path: Path):
+    """Ten uploads bound to a CPU-bound pre-upload made another user's pre-login wait 2-6 s
+    and once fail ("no script worker became free within 5 s"): the login was denied."""
+    p = WorkerPool(2, memory_mb=128, state_dir=tmp_path / "state")
+    p.start()
+    try:
+        slow = [threading.Thread(target=p.call, args=(request(SLOW_AND_LOGIN, timeout=20, cpu_time=5),))
+                for _ in range(6)]
+        for t in slow:
+            t.start()
+        wait_for_waiting(p, 5)  # one slow call runs (a worker is kept for logins), five wait
+        r = p.call(request(SLOW_AND_LOGIN, function="on_pre_login", event=login_event("bob"), timeout=5))
+        for t in slow:
+            t.join()
+    finally:
+        p.close()
+    assert r.verdict == "allow", r
+    assert r.queued < 0.3 and r.duration < 1.0, r
+
+
+def test_the_user_holding_the_fewest_workers_goes_next(tmp_path: Path):
+    p = WorkerPool(2, memory_mb=128, state_dir=tmp_path / "state", login_reserve=0)
+    p.start()
+    done: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def call(user: str) -> None:
+        ev = upload_event()
+        ev["user"] = user
+        r = p.call(request(SLOW_AND_LOGIN, event=ev, timeout=30, cpu_time=5))
+        assert r.verdict == "allow", r
+        with lock:
+            done.append((user, r.queued))
+
+    try:
+        bulk = [threading.Thread(target=call, args=("bulk",)) for _ in range(6)]
+        for t in bulk:
+            t.start()
+        wait_for_waiting(p, 4)  # two of bulk's calls run, four wait
+        other = threading.Thread(target=call, args=("other",))
+        other.start()
+        for t in bulk + [other]:
+            t.join()
+    finally:
+        p.close()
+    order = [u for u, _ in done]
+    # two bulk calls were running; 'other' takes the next free worker, ahead of bulk's four queued
+    assert order.index("other") <= 3, order
+    queued_other = next(q for u, q in done if u == "other")
+    assert queued_other < 1.5, done
