@@ -83,6 +83,28 @@ def setup(fmt: str = "text", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("paramiko").setLevel(logging.WARNING if level != "debug" else logging.INFO)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedHttpFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedHttpFilter())
+
+
+class MalformedHttpFilter(logging.Filter):
+    """aiohttp logs a malformed request (a header line too long, too many headers, garbage)
+    as an ERROR with a traceback: any client, logged in or not, could fill the log with
+    them. Such a record becomes one bounded INFO line without the traceback; the client
+    already got its 400."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bounded = BoundedLog(logging.INFO)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or type(exc).__module__ != "aiohttp.http_exceptions":
+            return True
+        first = str(getattr(exc, "message", "") or exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        self._bounded.log(logging.getLogger("scriptsftp.http"), "malformed HTTP request refused (400): %s", first)
+        return False
 
 
 class BoundedLog:
@@ -97,7 +119,8 @@ class BoundedLog:
         self._last = float("-inf")
         self._held = 0
 
-    def log(self, logger: logging.Logger, msg: str, *args: object, extra: dict | None = None) -> None:
+    def log(self, logger: logging.Logger, msg: str, *args: object, extra: dict | None = None,
+            exc_info: bool = False) -> None:
         with self._lock:
             now = time.monotonic()
             if now - self._last < self.every:
@@ -105,5 +128,5 @@ class BoundedLog:
                 return
             held, self._held, self._last = self._held, 0, now
         more = f" ({held} more since the last report)" if held else ""
-        logger.log(self.level, msg + more, *args, extra=extra)
+        logger.log(self.level, msg + more, *args, extra=extra, exc_info=exc_info)
 

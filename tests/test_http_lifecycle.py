@@ -202,3 +202,21 @@ def test_defender_refusal_is_a_403_with_the_reason(daemons):
         assert second.status == 403 and second.text.strip(), second
     finally:
         first.close()
+
+
+def test_malformed_requests_get_400_and_one_short_log_line_not_tracebacks(daemons):
+    """aiohttp logged each malformed request (a header line over 8 KiB, too many headers,
+    garbage) as an ERROR with a traceback: any client could fill the log."""
+    d = daemons.start(HTTP_EXTRA)
+    bad = [b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n",
+           b"GET / HTTP/1.1\r\n" + b"".join(b"X%d: y\r\n" % i for i in range(200)) + b"\r\n",
+           b"GARBAGE\x00\x01\r\n\r\n"] * 10
+    for data in bad:
+        with socket.create_connection(("127.0.0.1", d.ports["http"]), timeout=10) as s:
+            s.sendall(data)
+            assert s.recv(64).startswith(b"HTTP/1.0 400 ")
+    d.wait_log(r"malformed HTTP request refused \(400\): ")
+    assert "Traceback" not in d.log_text()
+    assert "ERROR" not in d.log_text()
+    assert d.log_text().count("malformed HTTP request refused") == 1  # then one line per 10 s, with a count
+    assert request(d, "GET", "/").status in (200, 207)
