@@ -28,6 +28,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
@@ -48,6 +49,7 @@ LINK_TTL = 120.0
 MAX_WEB_SESSIONS = 256
 MAX_PENDING_VERIFY = 8        # new tokens waiting for an argon2 verify; more are refused at once
 FAILED_VERIFY_PAUSE = 0.35    # seconds the verifier rests after a wrong token
+ADMIN_IDLE_SECONDS = 60.0     # a kept-alive admin connection with no new request is closed after this
 _hasher = PasswordHasher()
 
 
@@ -275,6 +277,7 @@ class AdminListener:
         self._web_sessions: dict[str, float] = {}   # cookie value -> expiry (dashboard logins)
         self._links: dict[str, float] = {}          # one-time login codes -> expiry
         self._reload_lock = threading.Lock()
+        self._requested: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()  # sent a request
         metrics.install(daemon)
 
     # --- Listener protocol ---
@@ -297,8 +300,10 @@ class AdminListener:
             self._loop = loop
             asyncio.set_event_loop(loop)
             try:
-                self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+                self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False,
+                                             keepalive_timeout=ADMIN_IDLE_SECONDS)
                 loop.run_until_complete(self._runner.setup())
+                self._bound_first_request(self._runner.server)
                 loop.run_until_complete(web.SockSite(self._runner, sock).start())
             except BaseException as exc:  # noqa: BLE001 - reported to start()'s caller
                 errors.append(exc)
@@ -315,6 +320,26 @@ class AdminListener:
             raise errors[0]
         if not self.tokens.required:
             log.warning("admin API on %s has no token_hash: anyone on this host can use it", self._bound[0])
+
+    def _bound_first_request(self, server: Any) -> None:
+        """aiohttp waits for ever for a connection's first request (keepalive_timeout counts
+        only after a response): an idle socket held a slot for good. One that has sent no
+        complete request within ``[server] preauth_timeout`` is closed."""
+        if server is None:
+            return
+        opened = server.connection_made
+
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            opened(handler, transport)
+            delay = float(self.daemon.cfg.model.server.preauth_timeout)
+            asyncio.get_running_loop().call_later(delay, self._close_if_silent, transport)
+
+        server.connection_made = connection_made
+
+    def _close_if_silent(self, transport: asyncio.Transport) -> None:
+        if transport not in self._requested and not transport.is_closing():
+            log.info("closing an admin connection that sent no request in time")
+            transport.close()
 
     def stop_accepting(self) -> None:
         pass  # the API stays up during the grace period: operators may want to watch or kick
@@ -364,6 +389,8 @@ class AdminListener:
     async def _middleware(self, request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         self._inflight += 1
+        if request.transport is not None:
+            self._requested.add(request.transport)
         try:
             path = request.path
             if not self.tokens.required and path != "/healthz":

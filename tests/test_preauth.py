@@ -225,3 +225,22 @@ def test_a_logged_in_connection_no_longer_counts(tmp_path, password_hashes):
     for c in (conn, other):
         core.disconnect(c)
     defender.close()
+
+
+def test_an_idle_admin_connection_is_closed_too(daemon_preauth):
+    """The admin listener kept a connection that sent nothing for over 200 s (aiohttp has
+    no deadline before the first request). A silent one is closed after preauth_timeout;
+    one that sends requests is served."""
+    d = daemon_preauth
+    silent = _idle(d.ports["admin"])
+    half = _idle(d.ports["admin"])
+    half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # a request head never finished
+    try:
+        deadline = time.monotonic() + TIMEOUT + 5
+        assert _until_closed(silent, deadline) == b""
+        assert _until_closed(half, deadline) == b""
+    finally:
+        silent.close()
+        half.close()
+    assert get(d, "/healthz")
+    d.wait_log(r"closing an admin connection that sent no request in time")
