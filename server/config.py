@@ -443,6 +443,10 @@ class _Access(_Model):
     protocols: list[Literal["sftp", "scp", "ftp", "http"]] | None = None
     allowed_ips: list[str] | None = None
     filters: list[Filter] = []
+    setstat_mode: Literal["refuse", "ignore", "times"] | None = None
+    """Without the setstat permission: "refuse" a mode or time change; "ignore" it (answer
+    success, change nothing); "times" (default) apply time changes, ignore mode changes.
+    Clients set times after every upload (rclone, WinSCP, FileZilla, scp -p)."""
 
     @field_validator("permissions")
     @classmethod

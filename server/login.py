@@ -113,6 +113,7 @@ def build_users(cfg: LoadedConfig) -> dict[str, UserRecord]:
             allowed_ips=tuple(ipaddress.ip_network(n, strict=False) for n in nets),
             max_sessions=user.max_sessions,
             require_tls=user.require_tls,
+            setstat_mode=next((m for m in (user.setstat_mode, *(g.setstat_mode for g in mine)) if m), "times"),
         )
         out[user.name] = UserRecord(
             account=account,

@@ -57,6 +57,7 @@ class Account:
     allowed_ips: tuple = ()  # ip_network objects; empty = anywhere
     max_sessions: int = 0
     require_tls: bool = False
+    setstat_mode: str = "times"  # without the setstat permission: "refuse" | "ignore" | "times"
 
 
 @dataclass
@@ -497,7 +498,7 @@ class Session:
     ) -> None:
         parts = self._parts(vpath)
         path = join(parts)
-        self._require("setstat", parts, path, on_self=not parts, follow=True)
+        mode, times = self._setstat_granted(parts, path, mode, times, on_self=not parts, follow=True)
         try:
             with self.storage.resolve(parts) as r:
                 if size is not None:
@@ -518,7 +519,7 @@ class Session:
     ) -> None:
         """Attributes of a file being uploaded (e.g. ``put -p``); they travel with it at publish."""
         if mode is not None or times is not None:
-            self._require("setstat", handle.real, handle.path)
+            mode, times = self._setstat_granted(handle.real, handle.path, mode, times)
         try:
             if size is not None:
                 os.ftruncate(handle.fd, size)
@@ -528,6 +529,31 @@ class Session:
                 os.utime(handle.fd, times)
         except OSError as exc:
             raise from_oserror(exc, handle.path) from None
+
+    def _setstat_granted(
+        self, parts: tuple[str, ...], path: str, mode: int | None, times: tuple[float, float] | None, *,
+        on_self: bool = False, follow: bool = False,
+    ) -> tuple[int | None, tuple[float, float] | None]:
+        """The mode and times this user may set here. Without the setstat permission the
+        user's ``setstat_mode`` decides: ``refuse``; ``ignore`` (success, nothing changes);
+        ``times``: a request that sets times has them applied and any mode in it ignored,
+        while a plain mode change (chmod) is refused. Clients set the times of every upload
+        they make; failing that fails the upload for upload-only partners (rclone:
+        "SetModTime failed: permission denied"; ``put -p`` sends mode and times together)."""
+        if mode is None and times is None:
+            return mode, times
+        try:
+            self._require("setstat", parts, path, on_self=on_self, follow=follow)
+            return mode, times
+        except PermissionDenied:
+            policy = self.account.setstat_mode
+            if policy == "refuse" or (policy == "times" and times is None):
+                raise
+            kept = times if policy == "times" else None
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("setstat %s without permission: %s", path, "times applied, mode ignored"
+                          if kept else "ignored", extra={"sid": self.id, "user": self.user})
+            return None, kept
 
     def symlink(self, target_vpath: str, link_vpath: str) -> None:
         """Create a symlink. The target is a virtual path (relative to the link's
