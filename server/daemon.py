@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .audit import AuditTrail
@@ -45,12 +46,29 @@ def _front_end(name: str):  # -> module with make_listener
     return importlib.import_module(f"scriptsftp.server.{name}")
 
 
-def _announce_password(user: str, password: str, path: Path) -> None:
-    # Printed once, to the terminal that started the daemon; only the hash is kept.
-    bar = "=" * 64
-    print(f"\n{bar}\n  First start: generated a password for user '{user}':\n\n      {password}\n\n"
-          f"  It is shown only this once; its argon2id hash is in {path}.\n"
-          f"  Delete that file and restart to generate a new one.\n{bar}\n", file=sys.stderr, flush=True)
+def _password_announcer(state_dir: Path) -> Callable[[str, str, Path], None]:
+    """How a generated password reaches the admin, once; only its hash is kept.
+
+    On a terminal: printed there. Otherwise (systemd, a pipe, a JSON log collector) a
+    banner would put the plaintext into the journal or Loki and break a JSON log: it is
+    written to a 0600 file under state_dir instead, and the log says where."""
+
+    def announce(user: str, password: str, path: Path) -> None:
+        if sys.stderr.isatty():
+            bar = "=" * 64
+            print(f"\n{bar}\n  First start: generated a password for user '{user}':\n\n      {password}\n\n"
+                  f"  It is shown only this once; its argon2id hash is in {path}.\n"
+                  f"  Delete that file and restart to generate a new one.\n{bar}\n", file=sys.stderr, flush=True)
+            return
+        note = state_dir / "generated-passwords" / f"{user}.txt"
+        note.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        log.warning("generated a password for user %r (its hash is in %s): read it from %s, then delete "
+                    "that file", user, path, note)
+
+    return announce
 
 
 class Daemon:
@@ -65,7 +83,7 @@ class Daemon:
 
         # first: the SSH worker processes are forked from this one while it has no other thread
         self._ssh_pool = self._ssh_worker_pool() if m.sftp.enabled else None
-        ensure_generated_passwords(cfg, _announce_password)
+        ensure_generated_passwords(cfg, _password_announcer(self.state_dir))
         self.staging = StagingRecords(self.state_dir / "staging.db")
         # uploads caught mid-check are checked again once the engine runs (start()), unless told otherwise
         removed = discard_leftovers(self.staging, keep_checking=m.uploads.on_restart == "recheck")
@@ -186,7 +204,7 @@ class Daemon:
             for line in exc.problems:
                 log.error("reload refused: %s", line)
             return False
-        ensure_generated_passwords(cfg, _announce_password)
+        ensure_generated_passwords(cfg, _password_announcer(self.state_dir))
         gone = self.core.replace_users(build_users(cfg))
         for conn in gone:
             log.info("closing session of removed or disabled user %s", conn.user, extra={"sid": conn.id})
