@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from . import __version__
 from .audit import AuditTrail
@@ -26,6 +26,7 @@ from .keys import ensure_host_keys, fingerprint, load_host_key
 from .login import LoginCore, build_users, ensure_generated_passwords
 from .session import UploadPolicy
 from .listener import Listener, listen_addresses
+from .ports import check_listen_addresses
 from .ssh import SSHLimits, SSHListener
 from .ssh_workers import SSHWorkerPool, worker_count
 from .publish import Publisher
@@ -44,6 +45,16 @@ def _front_end(name: str):  # -> module with make_listener
     import importlib
 
     return importlib.import_module(f"scriptsftp.server.{name}")
+
+
+def enabled_listen_addresses(m: Any) -> dict[str, list[tuple[str, int]]]:
+    """Every enabled listener's addresses, by config section."""
+    out = {"sftp": listen_addresses(m.sftp.listen)} if m.sftp.enabled else {}
+    for name in FRONT_ENDS:
+        section = getattr(m, name)
+        if section.enabled:
+            out[name] = listen_addresses(section.listen)
+    return out
 
 
 def _password_announcer(state_dir: Path) -> Callable[[str, str, Path], None]:
@@ -75,6 +86,7 @@ class Daemon:
     def __init__(self, cfg: LoadedConfig, dispatcher: Dispatcher | None = None) -> None:
         self.cfg = cfg
         m = cfg.model
+        check_listen_addresses(enabled_listen_addresses(m))  # before keys, passwords, workers are made
         self.state_dir = cfg.resolve(m.server.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.started = time.time()

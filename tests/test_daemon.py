@@ -295,3 +295,28 @@ def test_port_scan_costs_one_info_line_not_a_traceback(daemon):
     with daemon._cond:
         text = "\n".join(daemon.lines[mark:])
     assert "Traceback" not in text and " ERROR " not in text, text
+
+
+def test_a_port_in_use_is_named_with_its_holder_before_anything_is_made(daemons):
+    """'cannot start: [Errno 98] Address already in use' named neither listener nor port,
+    and host keys, passwords and workers were made before it."""
+    import socket as _socket
+    import subprocess as _subprocess
+
+    from conftest import BIN
+
+    holder = _socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        path = daemons.write_config(f'[ftp]\nenabled = true\nlisten = "127.0.0.1:{port}"\n')
+        proc = _subprocess.run([str(BIN), "run", "-c", str(path)], capture_output=True, text=True, timeout=60,
+                               cwd=daemons.root)
+    finally:
+        holder.close()
+    assert proc.returncode == 1
+    assert f"cannot start: [ftp] listen 127.0.0.1:{port}: address already in use (held by pid {os.getpid()} " \
+        in proc.stderr, proc.stderr
+    assert not (daemons.root / "state" / "staging.db").exists()
+    assert "ssh worker" not in proc.stderr
