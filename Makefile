@@ -1,10 +1,17 @@
 # `make run` and `make test` work on a fresh clone: they install what they need.
+# `make run` needs nothing but Python (as a normal user too); `make test` also
+# installs the system tools the tests drive (tools/system-deps.sh, apt-get as root).
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
-STAMP   := $(VENV)/.deps-stamp
 CONFIG  ?= conf/scriptsftp.toml
 ROOTFLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+SHELL   := bash
+.SHELLFLAGS := -o pipefail -c   # a failed pip install fails the target, whatever the filter after it
+# the package is reinstalled (non-editable: what `pip install .` gives) only when these change
+SOURCES := pyproject.toml $(shell find server scripting -type f \( -name '*.py' -o -name '*.toml' \) 2>/dev/null)
+PKG_STAMP  := $(VENV)/.pkg-stamp
+TEST_STAMP := $(VENV)/.deps-stamp
 
 .PHONY: all system-deps install run test bench check clean
 
@@ -17,19 +24,22 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# Dependencies once (re-done when pyproject.toml changes); the package itself
-# every time, non-editable, so tests run against what `pip install .` gives.
-$(STAMP): pyproject.toml | $(PY)
-	$(PIP) install -q '.[test]'
-	touch $(STAMP)
+# runtime dependencies and the package: once, then again only when the source changed
+$(PKG_STAMP): $(SOURCES) | $(PY)
+	$(PIP) install -q . 2>&1 | { grep -v -i warning || true; }
+	touch $@
 
-install: system-deps $(STAMP)
-	$(PIP) install -q --no-deps --force-reinstall . 2>&1 | grep -v -i warning || true
+# the test extras (pytest, hypothesis, aiosmtpd): once per pyproject.toml
+$(TEST_STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q '.[test]' 2>&1 | { grep -v -i warning || true; }
+	touch $@
 
-run: install
+install: system-deps $(TEST_STAMP) $(PKG_STAMP)
+
+run: $(PKG_STAMP)
 	$(VENV)/bin/scriptsftp run -c $(CONFIG) $(ROOTFLAG)
 
-check: install
+check: $(PKG_STAMP)
 	$(VENV)/bin/scriptsftp check -c $(CONFIG)
 
 test: install

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the system tools the test suite drives as real clients (and the real
-# peers it tests against: clamd, Chromium), if missing.
+# peers it tests against: clamd, Chromium), if missing. Only `make test` needs
+# them; the daemon itself (`make run`) needs nothing but Python.
 # Uses apt-get when run as root (CI, fresh machines); otherwise says what is missing.
 set -euo pipefail
 need=()
@@ -11,8 +12,9 @@ command -v python3 >/dev/null || need+=(python3 python3-venv)
 command -v lftp >/dev/null || need+=(lftp)
 command -v rclone >/dev/null || need+=(rclone)
 command -v openssl >/dev/null || need+=(openssl)
-command -v clamd >/dev/null || need+=(clamav-daemon)
-command -v clamdscan >/dev/null || need+=(clamdscan)
+# clamd lives in /usr/sbin, which a normal user's PATH may not have
+command -v clamd >/dev/null || [ -x /usr/sbin/clamd ] || need+=(clamav-daemon)
+command -v clamdscan >/dev/null || [ -x /usr/bin/clamdscan ] || need+=(clamdscan)
 command -v chromium >/dev/null || need+=(chromium)
 command -v cadaver >/dev/null || need+=(cadaver)
 command -v systemd-analyze >/dev/null || need+=(systemd)   # tests verify conf/scriptsftp.service
