@@ -103,7 +103,9 @@ class CapabilityRegistry:
         handler = self._handlers.get(cap)
         if handler is None:
             return _error("NotImplementedError",
-                          f"api.{cap} is not available yet in this version of scriptsftp")
+                          f"api.{cap} is not available here: `scriptsftp script test` runs the script "
+                          "offline, with no home, mail server or command to reach (api.store works, on a "
+                          "throwaway store); test it through a running daemon")
         try:
             value = handler(call, op, args)
         except CapabilityError as e:

@@ -76,7 +76,7 @@ class ScriptEngine:
 
             self.watcher = ScriptWatcher(self.scripts_dir, self.script_changed, self._watched_names)
             self.watcher.start()
-        log.info("scripting: %d scripts loaded, %d workers", len(scripts), self.cfg.model.scripts.workers)
+        log.info("%d scripts loaded, %d workers", len(scripts), self.cfg.model.scripts.workers)
 
     def close(self) -> None:
         if self.watcher is not None:
@@ -285,8 +285,10 @@ class ScriptEngine:
         ctx = _ctx(data)
         for line in result.logs:
             fields = " ".join(f"{k}={v}" for k, v in (line.fields or {}).items())
+            # text: "script.py: message k=v"; JSON: the message, and the fields as their own object
             script_log.info("%s: %s%s", script.source.name, line.message, f" {fields}" if fields else "",
-                            extra=ctx)
+                            extra={**ctx, "_json_msg": f"{script.source.name}: {line.message}",
+                                   "_json_fields": dict(line.fields or {})})
         if result.verdict == "veto":
             log.info("%s vetoed %s %s: %s", script.source.name, data["name"], data.get("path", ""), result.reason,
                      extra=ctx)

@@ -243,7 +243,7 @@ class Notifier:
             self._failure(cfg, msg, f"{type(exc).__name__}: {exc}", False)
             return
         self.outbox.delivered(mid)
-        log.info("notify: %s %d to %s delivered (attempt %d)", kind, mid, target, msg["attempts"] + 1,
+        log.info("%s %d to %s delivered (attempt %d)", kind, mid, target, msg["attempts"] + 1,
                  extra={"script": msg["script"]})
 
     def _failure(self, cfg: Any, msg: dict[str, Any], error: str, permanent: bool) -> None:
@@ -251,12 +251,12 @@ class Notifier:
         what = f"{msg['kind']} {msg['id']} to {msg['target']}"
         if permanent or attempts >= cfg.max_attempts:
             self.outbox.failed(msg["id"], error)
-            log.error("notify: %s failed for good after %d attempt(s): %s", what, attempts, error,
+            log.error("%s failed for good after %d attempt(s): %s", what, attempts, error,
                       extra={"script": msg["script"]})
             return
         delay = min(MAX_BACKOFF, cfg.retry_delay * 2 ** (attempts - 1))
         self.outbox.retry(msg["id"], error, time.time() + delay)
-        log.warning("notify: %s attempt %d failed, retrying in %.0fs: %s", what, attempts, delay, error,
+        log.warning("%s attempt %d failed, retrying in %.0fs: %s", what, attempts, delay, error,
                     extra={"script": msg["script"]})
 
     def _send_email(self, cfg: Any, body: dict[str, Any], mid: int) -> None:
@@ -326,10 +326,10 @@ class NotifyCapability:
         try:
             mid = self.outbox.add(kind, target, body, call.script)
         except OverflowError as exc:
-            log.error("notify: %s from %s refused: %s", kind, call.script, exc)
+            log.error("%s from %s refused: %s", kind, call.script, exc)
             raise CapabilityError(str(exc), "OverflowError") from None
         self.notifier.wake()
-        log.info("notify: %s %d to %s queued", kind, mid, target, extra={"script": call.script})
+        log.info("%s %d to %s queued", kind, mid, target, extra={"script": call.script})
         return mid
 
     def _email(self, call: CapabilityCall, to: Any, subject: Any, body: Any) -> int:
@@ -359,7 +359,7 @@ class NotifyCapability:
         hooks = self.cfg().webhooks
         if name not in hooks:
             known = ", ".join(sorted(hooks)) or "none"
-            log.warning("notify: %s asked for unknown webhook %r (refused)", call.script, name[:200],
+            log.warning("%s asked for unknown webhook %r (refused)", call.script, name[:200],
                         extra={"script": call.script})
             raise CapabilityError(f"no webhook named {name[:80]!r} in [notify.webhooks] (configured: {known}); "
                                   "scripts name a webhook, they cannot give a URL", "PermissionError")

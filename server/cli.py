@@ -280,6 +280,10 @@ def script() -> None:
     """Work with scripts without a running server."""
 
 
+#: events whose scripts read the file they are about (api.file)
+FILE_EVENTS = frozenset({"pre-publish", "post-upload", "pre-download", "post-download", "upload-failed"})
+
+
 @script.command("test")
 @click.argument("script_path", metavar="SCRIPT", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--event", "event_name", required=True, help="event name, e.g. pre-upload (see `scriptsftp events`)")
@@ -314,6 +318,9 @@ def script_test(script_path: Path, event_name: str, user: str, vpath: str | None
         click.echo(f"scriptsftp: {exc}", err=True)
         sys.exit(2)
     capabilities = frozenset(c.strip() for c in caps.split(",") if c.strip())
+    if local_file is None and "read" in capabilities and event_name in FILE_EVENTS:
+        click.echo(f"note:     no --file: the script's api.file has nothing to read; pass --file LOCAL "
+                   f"(the bytes a {event_name} script would see)", err=True)
     run = run_script(script_path, event, function=function, capabilities=capabilities, file=local_file,
                      timeout=timeout, cpu_time=cpu_time)
     click.echo(f"event:    {event_name} " + " ".join(f"{k}={v!r}" for k, v in run.event.items()

@@ -804,6 +804,7 @@ class _SessionCommands:
             return
         self.username = ""
         assert self.conn is not None
+        self.conn.tls = self._tls_on()
         refusal = self._tls_refusal(name)
         if refusal:
             self.respond(refusal)  # type: ignore[attr-defined]

@@ -158,6 +158,14 @@ class Connection:
     admitted: bool = False
     #: counted among the connections not logged in yet ([defender] max_preauth_connections)
     preauth: bool = False
+    #: the front end secured it (FTPS): logged as tls=true, so FTPS and plain FTP can be told apart
+    tls: bool = False
+
+    def log_context(self, **more: object) -> dict[str, object]:
+        ctx: dict[str, object] = {"sid": self.id, "proto": self.protocol, "ip": self.remote_ip, **more}
+        if self.tls:
+            ctx["tls"] = "true"
+        return ctx
 
 
 class PasswordCache:
@@ -562,10 +570,7 @@ class LoginCore:
         """Log, raise ``login-failed`` and wait ``failure_delay`` (unless ``wait`` is false: the
         caller waits). ``scored``: the defender adds to the address's score (not for policy
         refusals after proven credentials)."""
-        log.warning(
-            "login failed for %r (%s): %s", name, method, reason,
-            extra={"sid": conn.id, "proto": conn.protocol, "ip": conn.remote_ip, "user": name},
-        )
+        log.warning("login failed for %r (%s): %s", name, method, reason, extra=conn.log_context(user=name))
         metrics.auth(conn.protocol, method, False)
         if scored and self.defender is not None:
             self._score(conn, "unknown_user" if name not in self.users else "login_failed", reason)
@@ -640,8 +645,7 @@ class LoginCore:
 
     def announce_login(self, conn: Connection, method: str) -> None:
         """A login :meth:`finish_login` allowed: log it, count it, raise ``post-login``."""
-        log.info("login ok (%s)", method, extra={"sid": conn.id, "user": conn.user, "proto": conn.protocol,
-                                                  "ip": conn.remote_ip})
+        log.info("login ok (%s)", method, extra=conn.log_context(user=conn.user))
         metrics.auth(conn.protocol, method, True)
         if self.dispatcher.wants("post-login"):
             self.dispatcher.post(ev.PostLogin(
@@ -660,7 +664,7 @@ class LoginCore:
         session = Session(
             session_id=conn.id, account=conn.account, protocol=protocol, remote_ip=conn.remote_ip,
             dispatcher=self.dispatcher, staging=self.staging, uploads=self.uploads, max_handles=self.max_handles,
-            publisher=self.publisher,
+            publisher=self.publisher, tls=conn.tls,
         )
         conn.sessions.append(session)
         return session

@@ -40,7 +40,7 @@ class TextFormatter(logging.Formatter):
         cached = self._ts
         if cached[0] == second:
             return cached[1]
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(created))
+        text = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(created))  # with the offset: +0000 under UTC
         self._ts = (second, text)
         return text
 
@@ -59,13 +59,16 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        fields = record.__dict__
         out: dict[str, object] = {
             "time": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": fields.get("_json_msg") or record.getMessage(),
         }
         out.update(_context(record))
+        if fields.get("_json_fields"):  # a script's api.log fields: keys of their own, not text in msg
+            out["fields"] = fields["_json_fields"]
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)

@@ -106,8 +106,10 @@ class Session:
         uploads: UploadPolicy | None = None,
         max_handles: int = 256,
         publisher: Publisher | None = None,
+        tls: bool = False,
     ) -> None:
         self.id = session_id
+        self.tls = tls  # only for the log: FTPS lines say tls=true
         self.account = account
         self.user = account.name
         self.protocol = protocol
@@ -156,7 +158,7 @@ class Session:
             log.info(
                 "%s %s %s", op, path, result,
                 extra={"sid": self.id, "user": self.user, "proto": self.protocol, "ip": self.remote_ip,
-                       "op": op, "path": path, "result": result, **extra},
+                       "op": op, "path": path, "result": result, **({"tls": "true"} if self.tls else {}), **extra},
             )
 
     # --- resolution helpers ----------------------------------------------------

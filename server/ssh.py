@@ -344,6 +344,7 @@ class SSHServer(paramiko.ServerInterface):
         self.workers: list[threading.Thread] = []
         self._key_failures = 0
         self._asked_none = self._tried_login = False
+        self._refused_execs = 0
         self._last_used = time.monotonic()  # a channel opened or ended (see idle_for)
         self.settled = threading.Event()  # logged in, or the connection ended
 
@@ -408,7 +409,11 @@ class SSHServer(paramiko.ServerInterface):
         except (UnicodeDecodeError, ValueError):
             return False
         if not argv or argv[0] != "scp" or self.scp_runner is None:
-            log.info("exec refused: %r", command[:200], extra={"sid": self.conn.id})
+            # clients probe for tools they could use (rclone: md5sum, sha1sum, echo, df; seven per
+            # connection): the first refusal of a connection is worth a line, the rest only at debug
+            self._refused_execs += 1
+            level = logging.INFO if self._refused_execs == 1 else logging.DEBUG
+            log.log(level, "exec refused: %r (only scp is offered)", command[:200], extra={"sid": self.conn.id})
             return False
         try:
             session = self.open_session("scp")

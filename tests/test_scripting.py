@@ -306,3 +306,19 @@ def test_script_test_command(tmp_path):
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
     assert "decision: allow" in allowed.stdout
 
+
+
+def test_script_test_says_what_is_missing_instead_of_pretending(tmp_path):
+    """`script test` used to say 'api.fs is not available yet in this version' (it is, in
+    the daemon) and ran a pre-publish check with nothing to read without a word."""
+    import subprocess
+
+    from conftest import BIN
+
+    script = tmp_path / "s.py"
+    script.write_text("def on_pre_publish(event, api):\n    api.fs.exists('/x')\n")
+    out = subprocess.run([str(BIN), "script", "test", str(script), "--event", "pre-publish", "--path", "/a.csv",
+                          "--allow", "read,fs"], capture_output=True, text=True, timeout=60)
+    assert "note:     no --file: the script's api.file has nothing to read; pass --file LOCAL" in out.stderr
+    assert "api.fs is not available here: `scriptsftp script test` runs the script offline" in out.stdout
+    assert "not available yet" not in out.stdout + out.stderr

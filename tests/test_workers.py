@@ -435,11 +435,13 @@ def test_capability_not_granted(pool: WorkerPool) -> None:
         assert result.reason == "test.py:2: PermissionError: " + NOT_GRANTED.format(cap)
 
 
-def test_granted_but_not_available_yet(pool: WorkerPool) -> None:
+def test_granted_but_not_served_here(pool: WorkerPool) -> None:
+    """A pool with no handler for a capability (the offline `script test`) says so, and how
+    to test it instead (it used to claim the API was not in this version)."""
     result = pool.call(request("def on_pre_upload(event, api):\n    api.notify.webhook('ops', {'a': 1})\n",
                                caps={"notify"}))
-    assert result.reason == ("test.py:2: NotImplementedError: api.notify is not available yet "
-                             "in this version of scriptsftp")
+    assert result.reason.startswith("test.py:2: NotImplementedError: api.notify is not available here: "
+                                    "`scriptsftp script test` runs the script offline")
 
 
 def test_parent_checks_grants_before_serving() -> None:
