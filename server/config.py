@@ -145,6 +145,9 @@ class ServerSection(_Model):
     stall_timeout: Annotated[float, Field(ge=0)] = 120.0
     """Seconds a transfer (any protocol, either direction) may move no byte before it is
     aborted (an upload discarded); 0: never."""
+    max_handles_per_user: Annotated[int, Field(ge=1, le=1 << 20)] = 1024
+    """Files and directory listings one user may hold open at once, over all their connections
+    and protocols: each holds a descriptor, and the daemon has one descriptor table."""
 
 
 class SftpSection(_Model):
@@ -152,6 +155,11 @@ class SftpSection(_Model):
     listen: str | list[str] = "127.0.0.1:2222"
     host_keys: list[str] = []
     max_handles: Annotated[int, Field(ge=1, le=65536)] = 256
+    max_channels_per_connection: Annotated[int, Field(ge=1, le=1024)] = 10
+    """SSH channels (SFTP, SCP, or not yet either) open at once on one connection."""
+    max_queued_bytes: Annotated[ByteSize, Field(ge=2**20, le=2**30)] = ByteSize(16 * 2**20)
+    """Request bytes an SFTP channel may hold unanswered while its client takes none of the
+    replies; past it the channel is closed (a client that sends but never reads)."""
     max_packet: Annotated[int, Field(ge=32768, le=262144)] = 262144
     """Largest SFTP READ/WRITE accepted and advertised via limits@openssh.com."""
     window_size: Annotated[int, Field(ge=2**20, le=2**30)] = 64 * 2**20

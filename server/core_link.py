@@ -29,12 +29,13 @@ import paramiko
 from . import framing
 from .errors import FsError
 from .login import Connection, LoginCore
-from .session import FileHandle, ReadHandle, Session, WriteHandle
+from .session import DirHandle, FileHandle, ReadHandle, Session, WriteHandle
 from .storage import Entry
 
 log = logging.getLogger("scriptsftp.ssh")
 
 MAX_REQUEST = 1 << 20  # a path, a password, a key blob: far less
+MAX_READDIR = 1000  # entries per readdir answer, whatever the worker asks for
 
 #: Session methods a worker may call by name, with the keyword arguments each takes
 SESSION_CALLS: dict[str, frozenset[str]] = {
@@ -87,7 +88,7 @@ class CoreLink:
         self.kick = kick
         self.conn: Connection | None = None
         self.sessions: dict[int, Session] = {}
-        self.handles: dict[int, FileHandle] = {}
+        self.handles: dict[int, FileHandle | DirHandle] = {}
         self._numbers = iter(range(1, 1 << 62))
         self._after_reply: Callable[[], None] | None = None
         # (user, method) pairs whose credentials the core has accepted on this link: the
@@ -229,6 +230,19 @@ class CoreLink:
         if session is not None:
             session.close()
 
+    def _opendir(self, number: int, path: str) -> dict:
+        """A listing the worker reads in batches (``readdir``); it stays here, open, as a handle."""
+        handle = self._session(number).opendir(path)
+        number = next(self._numbers)
+        self.handles[number] = handle
+        return {"hid": number, "path": handle.path}
+
+    def _readdir(self, hid: int, count: object) -> list:
+        handle = self.handles[hid]
+        if not isinstance(handle, DirHandle) or not isinstance(count, int) or isinstance(count, bool):
+            raise TypeError("readdir on a file, or a count that is not a number")
+        return [encode_entry(e) for e in handle.read(max(1, min(count, MAX_READDIR)))]
+
     def _track(self, handle: FileHandle) -> tuple[dict, int]:
         number = next(self._numbers)
         self.handles[number] = handle
@@ -246,7 +260,7 @@ class CoreLink:
             raise TypeError("fsetstat on a download")
         self._session(number).fsetstat(handle, **_kwargs(kwargs, FSETSTAT_ARGS))
 
-    def _counted(self, hid: int, count: object) -> FileHandle:
+    def _counted(self, hid: int, count: object) -> FileHandle | DirHandle:
         handle = self.handles.pop(hid)
         if isinstance(handle, WriteHandle):
             handle.written = _count(count)
@@ -274,6 +288,7 @@ class CoreLink:
         "finish_login": _finish_login,
         "open_session": _open_session, "call": _call, "close_session": _close_session,
         "open_read": _open_read, "open_write": _open_write, "fsetstat": _fsetstat,
+        "opendir": _opendir, "readdir": _readdir,
         "close_handle": _close_handle, "abort_handle": _abort_handle, "progress": _progress,
     }
 

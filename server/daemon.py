@@ -116,6 +116,7 @@ class Daemon:
             publisher=self.publisher,
             uploads=self._upload_policy(cfg),
             max_handles=m.sftp.max_handles,
+            max_handles_per_user=m.server.max_handles_per_user,
             failure_delay=m.server.login_failure_delay,
             password_cache=m.server.password_cache,
             preauth_timeout=m.server.preauth_timeout,
@@ -151,7 +152,8 @@ class Daemon:
             max_read=m.sftp.max_packet - 1024, max_handles=m.sftp.max_handles,
             idle_timeout=m.sftp.idle_timeout, login_grace=m.sftp.login_grace or m.server.preauth_timeout,
             window_size=m.sftp.window_size, max_packet=min(m.sftp.max_packet, 262144),
-            stall_timeout=m.server.stall_timeout,
+            stall_timeout=m.server.stall_timeout, max_channels=m.sftp.max_channels_per_connection,
+            max_queued=int(m.sftp.max_queued_bytes),
         )
 
     def _host_key_paths(self) -> list[Path]:
@@ -227,6 +229,7 @@ class Daemon:
         self.defender.configure(cfg.model.defender)
         self.core.password_cache.seconds = cfg.model.server.password_cache
         self.core.preauth_timeout = cfg.model.server.preauth_timeout  # FTP, HTTP: new connections on
+        self.core.max_handles_per_user = cfg.model.server.max_handles_per_user
         self.cfg = cfg
         log.info("configuration reloaded (%d users)", len(cfg.model.users))
         return True

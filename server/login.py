@@ -38,9 +38,10 @@ from . import metrics
 from .config import LoadedConfig, User
 from .defender import Defender
 from .dispatch import ALLOW, Decision, Dispatcher
+from .errors import LimitExceeded, PermissionDenied
 from .keys import parse_public_key
 from .logs import BoundedLog
-from .session import Account, Session, UploadPolicy
+from .session import Account, HandleBudget, Session, UploadPolicy
 from .publish import Publisher
 from .staging import StagingRecords
 from .vfs import Access, FilterRule, split
@@ -166,6 +167,8 @@ class Connection:
         if self.tls:
             ctx["tls"] = "true"
         return ctx
+    #: sessions (SSH channels; one for FTP and HTTP) open now: see LoginCore.open_session
+    open_sessions: int = 0
 
 
 class PasswordCache:
@@ -278,6 +281,7 @@ class LoginCore:
         staging: StagingRecords | None,
         uploads: UploadPolicy,
         max_handles: int = 256,
+        max_handles_per_user: int = 1024,
         failure_delay: float = 1.0,
         password_cache: float = 0.0,
         max_parallel_hashes: int | None = None,
@@ -292,6 +296,8 @@ class LoginCore:
         self.staging = staging
         self.uploads = uploads
         self.max_handles = max_handles
+        self.max_handles_per_user = max_handles_per_user  # [server] max_handles_per_user (reload applies it)
+        self._budgets: dict[str, HandleBudget] = {}
         self.failure_delay = failure_delay
         self.password_cache = PasswordCache(password_cache)
         self._hash_slots = threading.BoundedSemaphore(max_parallel_hashes or max(2, os.cpu_count() or 2))
@@ -654,20 +660,47 @@ class LoginCore:
             ))
 
     def open_session(self, conn: Connection, protocol: str | None = None) -> Session:
-        """A Session for a logged-in connection (SFTP and SCP channels each get one)."""
+        """A Session for a logged-in connection (SFTP and SCP channels each get one).
+
+        ``max_sessions`` counts sessions, as SFTPGo counts each SFTP channel as a connection:
+        a logged-in connection is one, and every SSH channel beyond its first running one is
+        one more. So a user limited to 2 runs two connections, or two channels on one, but
+        not 50 SFTP channels on one connection. Refused: :class:`LimitExceeded`."""
         assert conn.account is not None, "open_session before login"
         protocol = protocol or conn.protocol
         if protocol not in conn.account.protocols:
-            from .errors import PermissionDenied
-
             raise PermissionDenied(f"protocol {protocol} not allowed for this user")
+        self._count_session(conn, +1)
         session = Session(
             session_id=conn.id, account=conn.account, protocol=protocol, remote_ip=conn.remote_ip,
             dispatcher=self.dispatcher, staging=self.staging, uploads=self.uploads, max_handles=self.max_handles,
-            publisher=self.publisher, tls=conn.tls,
+            publisher=self.publisher, tls=conn.tls, budget=self._budget(conn.user),
+            on_close=lambda s, c=conn: self._count_session(c, -1),
         )
         conn.sessions.append(session)
         return session
+
+    def _count_session(self, conn: Connection, delta: int) -> None:
+        """A session of ``conn`` opens (+1) or ends (-1). The user's count holds each of their
+        connections as max(1, its open sessions); the login already counted the 1."""
+        limit = conn.account.max_sessions if conn.account is not None else 0
+        with self._lock:
+            before = max(1, conn.open_sessions)
+            after = max(1, conn.open_sessions + delta)
+            current = self._per_user.get(conn.user, 0)
+            if delta > 0 and limit and after > before and current + after - before > limit:
+                raise LimitExceeded(f"too many sessions for this user (limit {limit})")
+            conn.open_sessions += delta
+            if conn.login_counted:
+                self._per_user[conn.user] = current + after - before
+
+    def _budget(self, user: str) -> HandleBudget:
+        """The user's handle budget, shared by all their sessions (created on first use)."""
+        with self._lock:
+            budget = self._budgets.get(user)
+            if budget is None:
+                budget = self._budgets[user] = HandleBudget(user, lambda: self.max_handles_per_user)
+            return budget
 
     # --- reload -------------------------------------------------------------------
 

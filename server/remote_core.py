@@ -24,7 +24,7 @@ from . import errors, framing
 from .core_link import decode_entry
 from .dispatch import ALLOW, Decision
 from .errors import FsError
-from .session import ReadHandle, WriteHandle
+from .session import DirHandle, ReadHandle, WriteHandle
 from .storage import Entry
 
 MAX_REPLY = 256 << 20  # a listing of a very large directory
@@ -202,6 +202,10 @@ class RemoteSession:
         answer, fd = self.core.call("open_read", self.number, vpath)
         return RemoteReadHandle(self, answer["hid"], answer["path"], _fd(fd))
 
+    def opendir(self, vpath: str) -> "RemoteDirHandle":
+        answer = self.core.value("opendir", self.number, vpath)
+        return RemoteDirHandle(self, answer["hid"], answer["path"])
+
     def open_write(self, vpath: str, **kwargs: Any) -> "RemoteWriteHandle":
         answer, fd = self.core.call("open_write", self.number, vpath, kwargs)
         return RemoteWriteHandle(self, answer["hid"], answer["path"], _fd(fd))
@@ -304,3 +308,36 @@ class RemoteWriteHandle(_ReportsToCore, WriteHandle):  # type: ignore[misc]
     def write(self, offset: int, data: bytes) -> None:
         WriteHandle.write(self, offset, data)
         self._moved()
+
+
+class RemoteDirHandle(DirHandle):
+    """A listing open in the core (its descriptor stays there): each ``read`` is one batch
+    fetched over the link, so neither process ever holds the whole directory."""
+
+    def __init__(self, session: RemoteSession, hid: int, path: str) -> None:  # noqa: D107 (no DirHandle init)
+        self.session = session  # type: ignore[assignment]
+        self.hid = hid
+        self.path = path
+        self.started = time.monotonic()
+        self.done = False
+        self.count = 0
+
+    def read(self, count: int) -> list[Entry]:
+        if self.done:
+            raise errors.Failure(f"{self.path}: listing closed")
+        entries = [decode_entry(e) for e in self.session.core.value("readdir", self.hid, count)]
+        self.count += len(entries)
+        return entries
+
+    def close(self) -> None:
+        if not self.done:
+            self.done = True
+            self.session.core.value("close_handle", self.hid, 0)
+
+    def abort(self, reason: str) -> None:
+        if not self.done:
+            self.done = True
+            try:
+                self.session.core.value("abort_handle", self.hid, reason, 0)
+            except FsError:
+                pass  # the link is gone: the core closes what the connection left open

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from . import events as ev
 from . import metrics
@@ -91,6 +91,45 @@ class UploadPolicy:
                 raise NoSpace(f"{path}: {what} is nearly full; try again later")
 
 
+class HandleBudget:
+    """The handles (open files, directory listings) one user holds, over every session of
+    theirs: all connections, all protocols, SSH channels included (DESIGN.md rule 12).
+
+    Each handle holds a descriptor and the daemon has one descriptor table: without a
+    per-user bound, one user with many channels and connections could take the daemon to its
+    descriptor limit and fail everybody else's logins and transfers. ``limit`` is read at
+    each open, so a reload that changes it applies at once."""
+
+    def __init__(self, user: str, limit: Callable[[], int]) -> None:
+        self.user = user
+        self.limit = limit
+        self._held: set[object] = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def check(self) -> None:
+        """Refuse early (before any script runs) when the user is at the limit."""
+        if len(self._held) >= self.limit():
+            raise self._refusal()
+
+    def take(self, handle: object) -> None:
+        with self._lock:
+            if handle in self._held:
+                return
+            if len(self._held) >= self.limit():
+                raise self._refusal()
+            self._held.add(handle)
+
+    def give(self, handle: object) -> None:
+        with self._lock:
+            self._held.discard(handle)
+
+    def _refusal(self) -> LimitExceeded:
+        return LimitExceeded(f"too many open files (limit {self.limit()} per user)")
+
+
 class Session:
     """One logged-in user on one connection. Thread-safe."""
 
@@ -107,6 +146,8 @@ class Session:
         max_handles: int = 256,
         publisher: Publisher | None = None,
         tls: bool = False,
+        budget: HandleBudget | None = None,
+        on_close: Callable[["Session"], None] | None = None,
     ) -> None:
         self.id = session_id
         self.tls = tls  # only for the log: FTPS lines say tls=true
@@ -122,10 +163,13 @@ class Session:
         self.publisher = publisher or Publisher(dispatcher, staging, self.uploads)
         self.pending = self.publisher.pending
         self.max_handles = max_handles
+        self.budget = budget  # the user's handles over all sessions (None: this session's bound only)
+        self._on_close = on_close  # the login core's count of the user's sessions
         self.started = time.monotonic()
         self.bytes_in = 0
         self.bytes_out = 0
         self._handles: set[FileHandle] = set()
+        self._listings: set[DirHandle] = set()  # open directory listings (SFTP OPENDIR)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._closed = False
@@ -236,6 +280,32 @@ class Session:
         visible = [e for e in entries if not access.hidden(real, e.name)]
         self._log("list", path, "ok", entries=len(visible))
         return visible
+
+    def opendir(self, vpath: str) -> "DirHandle":
+        """A listing read in batches (SFTP OPENDIR/READDIR): the directory stays open and each
+        batch is read and stat'ed when asked for, so a 20,000-entry directory costs one batch
+        of memory per open listing, not the whole stat'ed list. Counts as an open handle."""
+        parts = self._parts(vpath)
+        path = join(parts)
+        self._require("list", parts, path, on_self=True)
+        self._check_handle_limit()
+        try:
+            with self.storage.resolve(parts) as r:
+                fd = self.storage.open_dir_fd(r)
+                real = r.parts
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+        try:
+            entries = os.scandir(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise from_oserror(exc, path) from None
+        # uploads waiting for an async check show with their uploaded size, after the rest
+        pending = {name: upload for name, upload in self.pending.in_directory(self.storage.home, real).items()
+                   if not self.account.access.hidden(real, name)}
+        handle = DirHandle(self, path, real, fd, entries, pending)
+        self._track(handle)
+        return handle
 
     def readlink(self, vpath: str) -> str:
         parts = self._parts(vpath)
@@ -582,31 +652,53 @@ class Session:
     # --- handles and lifetime ------------------------------------------------------
 
     def _check_handle_limit(self) -> None:
+        """Refuse a new handle before any work (or script) when this session or its user is full."""
         with self._lock:
             if self._closed:
                 raise Failure("session closed")
-            if len(self._handles) >= self.max_handles:
+            if len(self._handles) + len(self._listings) >= self.max_handles:
                 raise LimitExceeded(f"too many open files (limit {self.max_handles})")
+        if self.budget is not None:
+            self.budget.check()
 
-    def _track(self, handle: "FileHandle") -> None:
+    def _track(self, handle: "FileHandle | DirHandle") -> None:
+        """Count an opened handle; one that the user's budget no longer admits (another of
+        their sessions took the last slot meanwhile) is aborted and refused."""
+        if self.budget is not None:
+            try:
+                self.budget.take(handle)
+            except LimitExceeded:
+                handle.abort("too many open files")
+                raise
         with self._lock:
-            self._handles.add(handle)
+            if isinstance(handle, DirHandle):
+                self._listings.add(handle)
+            else:
+                self._handles.add(handle)
 
-    def _untrack(self, handle: "FileHandle") -> None:
+    def _untrack(self, handle: "FileHandle | DirHandle") -> None:
+        if self.budget is not None:
+            self.budget.give(handle)
         with self._lock:
-            self._handles.discard(handle)
+            if isinstance(handle, DirHandle):
+                self._listings.discard(handle)
+            else:
+                self._handles.discard(handle)
             self._idle.notify_all()
 
     def close(self) -> None:
-        """End the session: uploads still open are aborted (never published)."""
+        """End the session: uploads still open are aborted (never published), listings closed."""
         with self._lock:
             self._closed = True
-            handles = list(self._handles)
+            handles = list(self._handles) + list(self._listings)
         for h in handles:
             h.abort("connection closed before the transfer completed")
         with self._lock:
             # a close/abort running in another thread (the front end's) still needs the storage
             self._idle.wait_for(lambda: not self._handles, timeout=120)
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close(self)
         self.storage.close()
 
 
@@ -642,6 +734,69 @@ class FileHandle:
 
     def abort(self, reason: str) -> None:
         raise NotImplementedError
+
+
+class DirHandle:
+    """An open directory listing: a descriptor and a scandir iterator on it, read one batch
+    at a time (:meth:`read`). Entries hidden by filters, staging files and names that an
+    upload waiting for its async check replaces are left out; those uploads come last."""
+
+    def __init__(self, session: Session, path: str, real: tuple[str, ...], fd: int,
+                 entries: Iterator[os.DirEntry], pending: dict) -> None:
+        self.session = session
+        self.path = path
+        self.real = real
+        self.fd = fd
+        self.started = time.monotonic()
+        self.done = False
+        self.count = 0
+        self._entries = entries
+        self._pending = pending
+        self._lock = threading.Lock()
+
+    def read(self, count: int) -> list[Entry]:
+        """Up to ``count`` more visible entries; an empty list at the end."""
+        with self._lock:
+            if self.done:
+                raise Failure(f"{self.path}: listing closed")
+            out: list[Entry] = []
+            while len(out) < count:
+                batch = self.session.storage.read_entries(self.fd, self._entries, count - len(out))
+                if not batch:
+                    break
+                out += [e for e in batch if self._visible(e.name)]
+            if len(out) < count and self._pending:
+                names = sorted(self._pending)[:count - len(out)]
+                out += [Entry(n, pending_stat(self._pending.pop(n))) for n in names]
+            self.count += len(out)
+            return out
+
+    def _visible(self, name: str) -> bool:
+        return name not in self._pending and not self.session.account.access.hidden(self.real, name)
+
+    def _end(self) -> bool:
+        with self._lock:
+            if self.done:
+                return False
+            self.done = True
+            self._pending = {}
+            try:
+                self._entries.close()  # type: ignore[attr-defined]
+            finally:
+                os.close(self.fd)
+        return True
+
+    def close(self) -> None:
+        """The client is done with it: one log line for the whole listing."""
+        if self._end():
+            try:
+                self.session._log("list", self.path, "ok", entries=self.count)
+            finally:
+                self.session._untrack(self)
+
+    def abort(self, reason: str) -> None:
+        if self._end():
+            self.session._untrack(self)
 
 
 def _rate(nbytes: int, seconds: float) -> str:

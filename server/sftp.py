@@ -39,7 +39,7 @@ from paramiko.sftp_attr import SFTPAttributes
 from . import paramiko_recv, paramiko_send, paramiko_speed
 from .errors import FsError, NotFound, PermissionDenied
 from .logs import BoundedLog
-from .session import ReadHandle, Session, WriteHandle
+from .session import DirHandle, ReadHandle, Session, WriteHandle
 from .storage import Entry
 
 if TYPE_CHECKING:
@@ -141,14 +141,6 @@ def attrs_of(entry: Entry, name: str | None = None) -> SFTPAttributes:
     return attr
 
 
-class _Dir:
-    __slots__ = ("entries", "pos")
-
-    def __init__(self, entries: list[Entry]) -> None:
-        self.entries = entries
-        self.pos = 0
-
-
 class SFTPHandler(paramiko.SFTPServer):
     """One SFTP subsystem channel = one Session."""
 
@@ -158,7 +150,7 @@ class SFTPHandler(paramiko.SFTPServer):
         server.add_worker(self)  # joined before the connection counts as ended
         self.limits = server.limits
         self.session: Session | None = None
-        self._handles: dict[bytes, ReadHandle | WriteHandle | _Dir] = {}
+        self._handles: dict[bytes, ReadHandle | WriteHandle | DirHandle] = {}
         self._next = 1
         self._in: bytes | memoryview = b""  # SFTP bytes read from the channel and not yet parsed, from _in_pos on
         self._in_pos = 0
@@ -172,7 +164,8 @@ class SFTPHandler(paramiko.SFTPServer):
         # last request answered, or request bytes received: a slow client inside one large
         # WRITE is not stalled (the idle and stall timeouts count from here)
         self._last_request = time.monotonic()
-        self._timed_out: str | None = None  # why the server closed the channel (idle, stall), if it did
+        self._timed_out: str | None = None  # why the server closed the channel (idle, stall, queue), if it did
+        self._overflowed = False  # closed for queueing more than max_queued request bytes
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -232,8 +225,7 @@ class SFTPHandler(paramiko.SFTPServer):
         handles, self._handles = self._handles, {}
         reason = self._timed_out or "connection closed before the transfer completed"
         for h in handles.values():
-            if not isinstance(h, _Dir):
-                h.abort(reason)
+            h.abort(reason)
         if self.session is not None:
             self.session.close()
 
@@ -258,6 +250,8 @@ class SFTPHandler(paramiko.SFTPServer):
 
     def _pump(self) -> None:
         """Called by the transport thread after it buffered data for this channel."""
+        if self._overflow():
+            return
         if not self._work.acquire(blocking=False):
             return  # the SFTP thread is at work; it looks at the channel before it waits
         try:
@@ -274,7 +268,7 @@ class SFTPHandler(paramiko.SFTPServer):
         before it in the channel and no key exchange runs (the window adjustment it may
         send must not wait here); otherwise False, and it goes through the channel."""
         chan = self.sock
-        if len(chan.in_buffer._buffer) or not chan.transport.clear_to_send.is_set():
+        if len(chan.in_buffer._buffer) or not chan.transport.clear_to_send.is_set() or self._overflow(len(data)):
             return False
         if not self._work.acquire(blocking=False):
             return False
@@ -336,6 +330,56 @@ class SFTPHandler(paramiko.SFTPServer):
             self._inline_hold = False
         return kick
 
+    # --- bounded queue: a client that sends requests and reads no replies ----------------
+    #
+    # Requests are answered as they arrive; they wait here only while their replies cannot
+    # leave (the client's window is closed: it reads nothing) or this channel's thread is busy
+    # (a script). What may wait is otherwise bounded only by the window we grant (64 MiB by
+    # default), per channel. A client that has more than ``max_queued`` bytes of requests
+    # waiting while it takes none of our replies is not a slow client but a stalled or
+    # hostile one: the channel is closed and what it queued dropped, instead of holding that
+    # memory until the stall timeout (and, through the allocator, long after).
+
+    def _queued(self) -> int:
+        """Request bytes received on this channel and not yet answered (read without locks:
+        an estimate, which is all a bound needs)."""
+        return len(self.sock.in_buffer._buffer) + self._tail_len + len(self._in) - self._in_pos
+
+    def _replies_blocked(self) -> bool:
+        """Our replies cannot leave because the client's window is closed (not a key exchange)."""
+        chan = self.sock
+        return chan.transport.clear_to_send.is_set() and chan.out_window_size < READ_REPLY_MAX + HOLD_MAX + 1024
+
+    def _overflow(self, arriving: int = 0) -> bool:
+        """True once the channel is closed for its queue (and data still arriving is dropped)."""
+        if self._overflowed:
+            self._drop_input()
+            return True
+        if self._queued() + arriving <= self.limits.max_queued or not self._replies_blocked():
+            return False
+        self._overflowed = True
+        self._timed_out = "too many requests waiting: the client reads no replies"
+        log.warning("sftp channel closed: more than %d bytes of requests queued while the client reads no "
+                    "replies", self.limits.max_queued, extra={"sid": self.session.id if self.session else ""})
+        # not from the transport thread (closing sends a message, which may wait for a key
+        # exchange this very thread has to run); the channel thread, blocked sending, wakes
+        threading.Thread(target=self._close_overflowed, name="sftp-overflow", daemon=True).start()
+        self._drop_input()
+        return True
+
+    def _close_overflowed(self) -> None:
+        try:
+            self.sock.close()
+        except Exception:
+            pass
+        self._drop_input()
+
+    def _drop_input(self) -> None:
+        """Forget the bytes waiting in the channel (the queue of a channel closed for it)."""
+        pipe = self.sock.in_buffer
+        with pipe._lock:
+            pipe._buffer = paramiko_speed.ChunkBuffer()
+
     def _flush_before_wait(self) -> None:
         """The transport thread is about to wait for the socket: the replies _pump held leave now.
 
@@ -372,7 +416,7 @@ class SFTPHandler(paramiko.SFTPServer):
 
     def _transferring(self) -> bool:
         """A file is open: the stall timeout applies, not only the idle timeout."""
-        return any(not isinstance(h, _Dir) for h in list(self._handles.values()))
+        return any(not isinstance(h, DirHandle) for h in list(self._handles.values()))
 
     def _quiet_limit(self) -> float:
         return self.limits.quiet_limit(self._transferring())
@@ -563,10 +607,9 @@ class SFTPHandler(paramiko.SFTPServer):
         SFTPAttributes()._pack(msg)
         self._send_packet(CMD_NAME, msg)
 
-    def _add_handle(self, obj: ReadHandle | WriteHandle | _Dir) -> bytes:
+    def _add_handle(self, obj: ReadHandle | WriteHandle | DirHandle) -> bytes:
         if len(self._handles) >= self.limits.max_handles:
-            if not isinstance(obj, _Dir):
-                obj.abort("too many open handles")
+            obj.abort("too many open handles")
             raise _Reply(SFTP_FAILURE, f"too many open handles (limit {self.limits.max_handles})")
         name = b"h%d" % self._next
         self._next += 1
@@ -635,8 +678,7 @@ class SFTPHandler(paramiko.SFTPServer):
         h = self._handles.pop(key, None)
         if h is None:
             raise _Reply(SFTP_BAD_MESSAGE, "invalid handle")
-        if not isinstance(h, _Dir):
-            h.close()  # a WriteHandle publishes here; a veto raises and becomes the CLOSE status
+        h.close()  # a WriteHandle publishes here; a veto raises and becomes the CLOSE status
         self._reply_status(request, SFTP_OK)
 
     def _op_read(self, request: int, msg: Message) -> None:
@@ -645,7 +687,7 @@ class SFTPHandler(paramiko.SFTPServer):
     def _read(self, request: int, handle: bytes, offset: int, length: int) -> None:
         h = self._handle(handle)
         length = min(length, self.limits.max_read)
-        if isinstance(h, _Dir):
+        if isinstance(h, DirHandle):
             raise _Reply(SFTP_FAILURE, "is a directory")
         buf = bytearray(13 + length)  # the reply is read straight into place behind its header
         n = h.read_into(offset, memoryview(buf)[13:])
@@ -694,15 +736,14 @@ class SFTPHandler(paramiko.SFTPServer):
     def _op_opendir(self, request: int, msg: Message) -> None:
         assert self.session is not None
         path = msg.get_text()
-        entries = self.session.listdir(path)
-        self._reply_raw(CMD_HANDLE, request, _string(self._add_handle(_Dir(entries))))
+        listing = self.session.opendir(path)  # read a batch per READDIR, never whole
+        self._reply_raw(CMD_HANDLE, request, _string(self._add_handle(listing)))
 
     def _op_readdir(self, request: int, msg: Message) -> None:
         h = self._lookup_handle(msg)
-        if not isinstance(h, _Dir):
+        if not isinstance(h, DirHandle):
             raise _Reply(SFTP_FAILURE, "not a directory handle")
-        batch = h.entries[h.pos: h.pos + READDIR_BATCH]
-        h.pos += len(batch)
+        batch = h.read(READDIR_BATCH)
         if not batch:
             self._reply_status(request, SFTP_EOF)
             return
@@ -725,7 +766,7 @@ class SFTPHandler(paramiko.SFTPServer):
 
     def _op_fstat(self, request: int, msg: Message) -> None:
         h = self._lookup_handle(msg)
-        if isinstance(h, _Dir):
+        if isinstance(h, DirHandle):
             raise _Reply(SFTP_FAILURE, "not a file handle")
         self._reply_attrs(request, SFTPAttributes.from_stat(h.fstat()))
 

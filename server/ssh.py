@@ -70,6 +70,8 @@ class SSHLimits:
     window_size: int = 64 * 2**20
     max_packet: int = 262144
     stall_timeout: float = 120.0  # [server] stall_timeout: an open file with no request for this long
+    max_channels: int = 10  # [sftp] max_channels_per_connection
+    max_queued: int = 16 * 2**20  # [sftp] max_queued_bytes
 
     def quiet_limit(self, transferring: bool) -> float:
         """Seconds a channel may stay silent before the server closes it (0: never): the
@@ -392,10 +394,23 @@ class SSHServer(paramiko.ServerInterface):
     # --- channels -------------------------------------------------------------
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
-        if kind == "session" and self.conn.account is not None:
-            self._last_used = time.monotonic()
-            return OPEN_SUCCEEDED
-        return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        """Session channels only, after login, and at most ``max_channels`` open at once: each
+        costs a thread, a window's worth of buffer and the handles it opens, so one connection
+        must not open hundreds (OpenSSH's client multiplexes ~10 by default)."""
+        if kind != "session" or self.conn.account is None:
+            return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        if self._open_channels() >= self.limits.max_channels:
+            log.info("channel refused: %d channels open (max_channels_per_connection)",
+                     self.limits.max_channels, extra={"sid": self.conn.id})
+            return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        self._last_used = time.monotonic()
+        return OPEN_SUCCEEDED
+
+    def _open_channels(self) -> int:
+        """Channels of this connection not yet closed (paramiko forgets a channel once closed;
+        the one being asked about is not there yet)."""
+        transport = self.transport
+        return len(transport._channels) if transport is not None else 0
 
     def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
         if name != "sftp":

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .errors import Failure, InvalidPath, NotFound, from_oserror
 from .vfs import STAGING_PREFIX, join
@@ -240,6 +241,23 @@ class Storage:
             return entries
         finally:
             os.close(fd)
+
+    def read_entries(self, fd: int, entries: Iterator[os.DirEntry], count: int) -> list[Entry]:
+        """Up to ``count`` entries more of a listing opened on ``fd`` (``os.scandir(fd)``), each
+        stat'ed now: a listing read in batches never holds more than one batch. Fewer than
+        ``count`` only at the end."""
+        out: list[Entry] = []
+        for de in entries:
+            if de.name.startswith(STAGING_PREFIX):
+                continue
+            try:
+                st = de.stat(follow_symlinks=False)
+            except OSError:
+                continue  # vanished while listing
+            out.append(Entry(de.name, st))
+            if len(out) >= count:
+                break
+        return out
 
     def open_file(self, r: Resolved, flags: int, mode: int = 0o644) -> int:
         if not r.name:
