@@ -32,12 +32,13 @@ from .store import ScriptStore, StoreError
 log = logging.getLogger("scriptsftp.scripting.capabilities")
 
 #: Every capability a binding can be granted (``allow = [...]``).
-KNOWN_CAPABILITIES: frozenset[str] = frozenset({"read", "fs", "fs_admin", "store", "notify", "run"})
+KNOWN_CAPABILITIES: frozenset[str] = frozenset({"read", "fs", "fs_admin", "own_file", "store", "notify", "run"})
 #: Capabilities served inside the worker, without RPC.
 LOCAL_CAPABILITIES: frozenset[str] = frozenset({"read"})
 #: Grants that widen another capability instead of being served themselves
-#: (``fs_admin``: ``api.fs`` may also use ``admin:`` paths; see fs_cap.py).
-MODIFIER_CAPABILITIES: frozenset[str] = frozenset({"fs_admin"})
+#: (``fs_admin``: ``api.fs`` may also use ``admin:`` paths; ``own_file``: ``api.fs`` may move,
+#: copy and remove the event's own file whatever the user's rights; see fs_cap.py).
+MODIFIER_CAPABILITIES: frozenset[str] = frozenset({"fs_admin", "own_file"})
 
 _MAX_OP_CHARS = 64
 _MAX_ARGS = 16

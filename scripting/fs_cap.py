@@ -13,10 +13,17 @@ every change is logged by the Session as usual, with ``script=NAME`` added.
 configured as ``[scripts] fs_admin_root`` (an archive or quarantine area) with
 paths written ``admin:/some/path``; there the script has every permission, but
 still no way out of that root.
+
+``own_file``: a binding granted ``own_file`` may move, copy and remove *the file the
+event is about* (``event.path``) as the server, whatever the user's rights on it and
+on where it goes in the home: an upload-only partner's ``/inbox`` can be archived.
+Only that one path, in the user's home, with the home's confinement and filters; any
+other path still goes through the user's permissions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import stat as statmod
 from pathlib import Path
@@ -79,7 +86,15 @@ class FsCapability:
 
     # --- sessions ---------------------------------------------------------------
 
-    def _session(self, call: CapabilityCall, admin: bool) -> Session:
+    @staticmethod
+    def own_path(call: CapabilityCall) -> str | None:
+        """The event's own file as a normalised virtual path, when ``own_file`` is granted."""
+        path = (call.event or {}).get("path")
+        if "own_file" not in call.granted or not isinstance(path, str) or not path:
+            return None
+        return join(split(path))
+
+    def _session(self, call: CapabilityCall, admin: bool, own: bool = False) -> Session:
         link = self.link()
         if link is None:
             raise CapabilityError("api.fs is not available here (no server: e.g. `scriptsftp script test`)",
@@ -104,6 +119,8 @@ class FsCapability:
             account = link.account(user)
             if account is None:
                 raise CapabilityError(f"user {user!r} does not exist or is disabled", "PermissionError")
+            if own:  # the event's own file: every permission in the home, the user's filters kept
+                account = dataclasses.replace(account, access=account.access.with_all_permissions())
         s = ScriptSession(
             session_id=str(event.get("session_id") or "script"), account=account,
             protocol=str(event.get("protocol") or "script"), remote_ip=str(event.get("remote_ip") or ""),
@@ -130,15 +147,17 @@ class FsCapability:
         if method is None:
             raise CapabilityError(f"api.fs has no operation {op!r}", "TypeError")
         opened: list[Session] = []
-        cache: dict[bool, Session] = {}
+        cache: dict[tuple[bool, bool], Session] = {}
 
-        def session(admin: bool) -> Session:
-            if admin not in cache:
-                cache[admin] = self._session(call, admin)
-                opened.append(cache[admin])
-            return cache[admin]
+        def session(admin: bool, own: bool = False) -> Session:
+            key = (admin, own and not admin)
+            if key not in cache:
+                cache[key] = self._session(call, *key)
+                opened.append(cache[key])
+            return cache[key]
 
         session.deadline = getattr(call.context, "deadline", None)  # type: ignore[attr-defined]
+        session.own_path = self.own_path(call)  # type: ignore[attr-defined]
         try:
             return method(session, *args)
         except TypeError as exc:
@@ -196,10 +215,16 @@ class FsCapability:
                 if not s.stat(sub).is_dir:
                     raise
 
-    def op_remove(self, session: Callable[[bool], Session], path: Any) -> None:
+    @staticmethod
+    def _own(session: Callable[..., Session], admin: bool, path: str) -> bool:
+        """True when ``path`` (in the home) is the event's own file and own_file is granted."""
+        own = getattr(session, "own_path", None)
+        return not admin and own is not None and join(split(path)) == own
+
+    def op_remove(self, session: Callable[..., Session], path: Any) -> None:
         """Remove a file, or an empty directory."""
         admin, p = self._path(path)
-        s = session(admin)
+        s = session(admin, self._own(session, admin, p))
         if s.stat(p, follow=False).is_dir:
             s.rmdir(p)
         else:
@@ -210,17 +235,19 @@ class FsCapability:
         An existing target is refused (FileExistsError)."""
         a1, p1 = self._path(src, "src")
         a2, p2 = self._path(dst, "dst")
+        own = self._own(session, a1, p1)  # the event's own file: as the server, within the home too
         if a1 == a2:
-            session(a1).rename(p1, p2)
+            session(a1, own).rename(p1, p2)
             return
-        self._copy(session(a1), p1, session(a2), p2, getattr(session, "deadline", None))
-        session(a1).remove(p1)
+        self._copy(session(a1, own), p1, session(a2, own), p2, getattr(session, "deadline", None))
+        session(a1, own).remove(p1)
 
     def op_copy(self, session: Callable[[bool], Session], src: Any, dst: Any) -> None:
         """Copy a file (published atomically); an existing target is refused."""
         a1, p1 = self._path(src, "src")
         a2, p2 = self._path(dst, "dst")
-        self._copy(session(a1), p1, session(a2), p2, getattr(session, "deadline", None))
+        own = self._own(session, a1, p1)
+        self._copy(session(a1, own), p1, session(a2, own), p2, getattr(session, "deadline", None))
 
     def op_read_text(self, session: Callable[[bool], Session], path: Any, max_bytes: Any = 1024 * 1024) -> str:
         admin, p = self._path(path)

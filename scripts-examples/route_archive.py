@@ -8,9 +8,11 @@
 # email. A name already in the archive gets "-1", "-2"... added. The month is
 # the upload's (UTC).
 #
+# "own_file" lets the binding move the uploaded file as the server, whatever the
+# partner's rights: an upload-only /inbox (no download, no delete) can be archived.
 # To file invoices in the user's own home instead, write the folder without
-# "admin:" (e.g. f"/archive/{when:%Y}/{when:%m}"), drop "fs_admin" below and
-# give the user mkdir and rename permissions there.
+# "admin:" (e.g. f"/archive/{when:%Y}/{when:%m}") and drop "fs_admin" below (the
+# user needs mkdir there, for the folders; own_file covers the move).
 #
 # Bind it (scriptsftp.toml):
 #
@@ -22,7 +24,7 @@
 #   script = "route_archive.py"
 #   paths  = ["/inbox/invoices/*.pdf"]
 #   mode   = "async"                # the client does not wait for the move
-#   allow  = ["fs", "fs_admin", "notify"]
+#   allow  = ["fs", "fs_admin", "own_file", "notify"]   # own_file: works for upload-only partners too
 #
 #   [notify.smtp]
 #   host   = "127.0.0.1"

@@ -29,7 +29,7 @@ PERMISSIONS = (
     "mkdir", "rmdir", "setstat", "symlink",
 )
 PROTOCOLS = ("sftp", "scp", "ftp", "http")
-CAPABILITIES = ("read", "fs", "fs_admin", "store", "notify", "run")
+CAPABILITIES = ("read", "fs", "fs_admin", "own_file", "store", "notify", "run")
 #: Placeholders of a [commands] argv template (scripting/commands.py fills them).
 COMMAND_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*|[0-9]+)\}")
 COMMAND_NAMED = ("path", "vpath", "user")
@@ -541,7 +541,7 @@ class Binding(_Model):
     timeout: PositiveFloat | None = None
     cpu_time: PositiveFloat | None = None
     on_error: Literal["deny", "allow"] | None = None
-    allow: list[Literal["read", "fs", "fs_admin", "store", "notify", "run"]] = []
+    allow: list[Literal["read", "fs", "fs_admin", "own_file", "store", "notify", "run"]] = []
     cron: str = ""
 
     @field_validator("cron")
@@ -552,8 +552,9 @@ class Binding(_Model):
     @field_validator("allow")
     @classmethod
     def _allow(cls, v: list[str]) -> list[str]:
-        if "fs_admin" in v and "fs" not in v:
-            raise ValueError("'fs_admin' extends 'fs': grant both (allow = [\"fs\", \"fs_admin\", ...])")
+        for modifier in ("fs_admin", "own_file"):
+            if modifier in v and "fs" not in v:
+                raise ValueError(f"'{modifier}' extends 'fs': grant both (allow = [\"fs\", \"{modifier}\", ...])")
         return v
 
     @field_validator("event")

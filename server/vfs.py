@@ -105,6 +105,11 @@ class Access:
             merged[normalize(path)] = set(names)
         return cls({p: _expand(n) for p, n in merged.items()}, filters)
 
+    def with_all_permissions(self) -> "Access":
+        """Every permission everywhere, the same filters: what the server itself may do in a
+        home (the ``own_file`` capability acting on an event's file)."""
+        return Access({"/": ALL_PERMISSIONS}, self._filters)
+
     def permissions_at(self, directory: tuple[str, ...]) -> frozenset[str]:
         for configured in self._order:
             if directory[: len(configured)] == configured:

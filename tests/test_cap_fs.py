@@ -207,3 +207,46 @@ def test_fs_admin_without_fs_is_a_config_error(daemons: DaemonFactory):
     path = daemons.write_config(binding("post-upload", "x.py", allow=["fs_admin"]))
     out = subprocess.run([str(BIN), "check", "-c", str(path)], capture_output=True, text=True)
     assert out.returncode != 0 and "'fs_admin' extends 'fs'" in out.stdout + out.stderr
+
+
+OWN_FILE = ATTEMPT + """
+def on_post_upload(event, api):
+    name = event.path.split("/")[-1]
+    attempt(api, "other file", api.fs.remove, "/inbox/keep.txt")   # not the event's file: the user's rights
+    attempt(api, "archive", api.fs.move, event.path, "admin:/" + name)
+"""
+
+
+@pytest.mark.parametrize("grant", [["fs", "fs_admin", "own_file"], ["fs", "fs_admin"]], ids=["own_file", "without"])
+def test_own_file_archives_an_upload_only_partners_file(daemons: DaemonFactory, alice_key, grant):
+    """An upload-only /inbox could not be archived: api.fs acts with the partner's rights, and
+    moving the file out needs download (and delete) on it. own_file lets the binding act as
+    the server on the event's own file, and on nothing else."""
+    from conftest import user_toml
+
+    write_script(daemons, "mover.py", OWN_FILE)
+    extra = 'fs_admin_root = "archive-root"\n' + binding("post-upload", "mover.py", allow=grant)
+    users = user_toml("drop", keys=[alice_key], permissions='{ "/" = ["list"], "/inbox" = ["list", "upload"] }')
+    d = daemons.start(extra, users=users)
+    (d.home("drop") / "inbox").mkdir(parents=True)
+    (d.home("drop") / "inbox" / "keep.txt").write_text("not the event's file\n")
+    upload(d, "/inbox/invoice.pdf", b"%PDF-1.7\n", alice_key, user="drop")
+    assert outcome(d, "other file") == "PermissionError"
+    if grant[-1] == "own_file":
+        assert outcome(d, "archive") == "ok"
+        assert (d.root / "archive-root" / "invoice.pdf").read_bytes() == b"%PDF-1.7\n"
+        assert not (d.home("drop") / "inbox" / "invoice.pdf").exists()
+    else:
+        assert outcome(d, "archive") == "PermissionError"
+        assert (d.home("drop") / "inbox" / "invoice.pdf").exists()
+    assert (d.home("drop") / "inbox" / "keep.txt").exists()
+
+
+def test_own_file_without_fs_is_a_config_error(daemons: DaemonFactory):
+    import subprocess
+
+    from conftest import BIN
+
+    path = daemons.write_config(binding("post-upload", "x.py", allow=["own_file"]))
+    out = subprocess.run([str(BIN), "check", "-c", str(path)], capture_output=True, text=True)
+    assert out.returncode != 0 and "'own_file' extends 'fs'" in out.stdout + out.stderr

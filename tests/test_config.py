@@ -287,7 +287,8 @@ def test_events_lists_every_event_with_fields():
     proc = subprocess.run([str(BIN), "events"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     names = re.findall(r"^(\S+) \((can veto|cannot veto)\)", proc.stdout, re.M)
-    expected = ["connect", "pre-login", "post-login", "login-failed", "disconnect", "pre-upload", "pre-publish",
+    expected = ["connect", "pre-login", "post-login", "login-failed", "user-locked", "disconnect", "pre-upload",
+                "pre-publish",
                 "post-upload", "upload-failed", "pre-download", "post-download", "pre-delete", "post-delete",
                 "pre-rename", "post-rename", "pre-mkdir", "post-mkdir", "pre-rmdir", "post-rmdir", "schedule",
                 "startup", "shutdown", "script-error"]
