@@ -42,8 +42,15 @@ class ScriptEngine:
         sc = cfg.model.scripts
         self.cfg = cfg
         self.scripts_dir = cfg.resolve(sc.dir)
-        self.pool = pool or WorkerPool(sc.workers, memory_mb=sc.memory_mb, state_dir=state_dir,
-                                       login_reserve=sc.login_reserve)
+        if pool is None:
+            from scriptsftp.server.accounts import SANDBOX_ACCOUNT, worker_account
+            account = worker_account(sc.user, SANDBOX_ACCOUNT, "[scripts] user",
+                                     allow_root=cfg.model.server.allow_root_workers)
+            pool = WorkerPool(sc.workers, memory_mb=sc.memory_mb, state_dir=state_dir,
+                              login_reserve=sc.login_reserve,
+                              user=account.uid if account else None,
+                              group=account.gid if account else None)
+        self.pool = pool
         self._registry = Registry.from_config(cfg, {})
         self._swap = threading.Lock()
         self._queue: queue.Queue[tuple[ActiveBinding, LoadedScript, dict[str, Any], int | None] | None] = \
@@ -316,8 +323,16 @@ def _ctx(data: dict[str, Any]) -> dict[str, Any]:
 
 def check_scripts(cfg: LoadedConfig) -> list[str]:
     """For `scriptsftp check`: compile every bound script in a throwaway worker; list every problem."""
+    from scriptsftp.server.accounts import SANDBOX_ACCOUNT, AccountError, worker_account
+    sc = cfg.model.scripts
+    try:   # untrusted source is compiled as the account `run` would use
+        account = worker_account(sc.user, SANDBOX_ACCOUNT, "[scripts] user",
+                                 allow_root=cfg.model.server.allow_root_workers)
+    except AccountError as e:
+        return [str(e)]
     with tempfile.TemporaryDirectory(prefix="scriptsftp-check-") as tmp:
-        pool = WorkerPool(1, memory_mb=cfg.model.scripts.memory_mb, state_dir=Path(tmp))
+        pool = WorkerPool(1, memory_mb=sc.memory_mb, state_dir=Path(tmp),
+                          user=account.uid if account else None, group=account.gid if account else None)
         pool.start()
         try:
             engine = ScriptEngine(cfg, Path(tmp), pool=pool)

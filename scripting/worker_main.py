@@ -178,7 +178,15 @@ def _setup(config: dict[str, Any]) -> dict[str, Any]:
 
     _prctl_hardening()
 
-    baseline_kb = _vm_size_kb()
+    # The kernel jail, now that every import is done and before any script source is read:
+    # read-only access to the Python installation and nothing else, no new sockets or
+    # processes (scripting/jail.py). Before the rlimits: libseccomp allocates.
+    from . import jail
+    status_fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC) \
+        if os.path.exists("/proc/self/status") else -1   # unreadable once jailed: opened now
+    jail_report = jail.apply(config.get("deny_under") or ())
+
+    baseline_kb = _vm_size_kb(status_fd)
     memory_mb = int(config.get("memory_mb", 256))
     limit = (baseline_kb * 1024) + memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -193,7 +201,7 @@ def _setup(config: dict[str, Any]) -> dict[str, Any]:
 
     gc.collect()
     gc.freeze()
-    return {"baseline_kb": baseline_kb, "limit_bytes": limit}
+    return {"baseline_kb": baseline_kb, "limit_bytes": limit, "jail": jail_report}
 
 
 def _prctl_hardening() -> None:
@@ -208,14 +216,24 @@ def _prctl_hardening() -> None:
         pass
 
 
-def _vm_size_kb() -> int:
+def _vm_size_kb(fd: int = -1) -> int:
+    """VmSize from /proc/self/status, read through *fd* (opened before the jail)."""
+    if fd < 0:
+        return 64 * 1024
     try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmSize:"):
-                    return int(line.split()[1])
-    except OSError:
+        data = b""
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+        for line in data.splitlines():
+            if line.startswith(b"VmSize:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
         pass
+    finally:
+        os.close(fd)
     return 64 * 1024
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from . import jail
 from . import worker_main as proto
 from .capabilities import KNOWN_CAPABILITIES, CapabilityCall, CapabilityRegistry, StoreCapability
 from .sandbox import MAX_SOURCE_BYTES
@@ -271,6 +272,9 @@ class WorkerPool:
         env = {"PATH": os.defpath, "LANG": "C.UTF-8"}
         if "TZ" in os.environ:
             env["TZ"] = os.environ["TZ"]
+        if os.environ.get(jail.TEST_ESCAPE_ENV) == "1":   # tests: workers report an escape attempt
+            env[jail.TEST_ESCAPE_ENV] = "1"
+        self._jail_logged = False
         self._env = env
 
         self._cond = threading.Condition()
@@ -398,7 +402,9 @@ class WorkerPool:
         """argv of a worker process whose channel is *fd* (tests override this)."""
         extra_paths = [p for p in sys.path if p and os.path.isdir(p)]
         config = {"memory_mb": self.memory_mb,
-                  "no_file_writes": self._stderr == subprocess.DEVNULL}
+                  "no_file_writes": self._stderr == subprocess.DEVNULL,
+                  # never readable from the jail, even if it sits under sys.path
+                  "deny_under": [str(self.state_dir.resolve())]}
         return [sys.executable, "-I", "-c", proto.BOOTSTRAP, str(fd),
                 json.dumps(extra_paths), json.dumps(config)]
 
@@ -427,7 +433,8 @@ class WorkerPool:
                 raise WorkerStartError(f"worker failed to start: {str(hello.get('error'))[:500]}")
             if hello.get("t") != "hello":
                 raise WorkerStartError("worker sent an unexpected greeting")
-            w.info = {k: v for k, v in hello.items() if k in ("baseline_kb", "limit_bytes")}
+            w.info = {k: v for k, v in hello.items() if k in ("baseline_kb", "limit_bytes", "jail")}
+            self._log_jail(w)
         except BaseException as e:
             w.kill()
             w.close_socket()
@@ -445,6 +452,28 @@ class WorkerPool:
             with self._cond:
                 self._starting.pop(proc.pid, None)
         return w
+
+    def _log_jail(self, w: _Worker) -> None:
+        """Say once what the workers' jail is (and what it lacks); every escape probe (tests)."""
+        report = w.info.get("jail")
+        if type(report) is not dict:
+            return
+        report = {k: _clean(str(v), 500) if k != "escape" else v for k, v in report.items()}
+        if type(report.get("escape")) is dict:
+            log.warning("script worker %d jail: %s", w.pid, jail.describe(report))
+            return
+        with self._cond:
+            first, self._jail_logged = not self._jail_logged, True
+        if first:
+            off = [k for k in ("landlock", "seccomp") if not str(report.get(k, "")).startswith("on")]
+            (log.warning if off else log.info)(
+                "script workers: %s%s", jail.describe(report),
+                f" ({' and '.join(off)} missing: that layer is not applied)" if off else "")
+
+    def jail_reports(self) -> dict[int, dict[str, Any]]:
+        """Each live worker's jail report, by pid (what the worker said in its greeting)."""
+        with self._cond:
+            return {w.pid: dict(w.info.get("jail") or {}) for w in self._all}
 
     def _discard(self, w: _Worker, *, kill: bool) -> None:
         """Take *w* out of the pool for good: end and reap its process, and

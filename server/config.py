@@ -131,6 +131,9 @@ class ServerSection(_Model):
     """Seconds running transfers get to finish after SIGTERM before sessions are closed."""
     allow_root: bool = False
     """`run` refuses to start as root unless this is true."""
+    allow_root_workers: bool = False
+    """Discouraged. When the daemon runs as root and the worker accounts ([scripts] user,
+    [sftp] worker_user) do not exist, run workers as root instead of refusing to start."""
     login_failure_delay: Annotated[float, Field(ge=0, le=30)] = 1.0
     """Seconds a failed login waits before its answer (on a timer: costs the server nothing)."""
     password_cache: Annotated[float, Field(ge=0, le=86400)] = 60.0
@@ -169,6 +172,9 @@ class SftpSection(_Model):
     banner: str = ""
     processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     """Processes that serve SSH connections: "auto" is one per CPU; 1 serves them in the daemon itself."""
+    worker_user: str = ""
+    """Account the SSH worker processes run as when the daemon runs as root; empty:
+    "scriptsftp-worker". Ignored when the daemon is not root (it cannot switch)."""
 
     @field_validator("listen")
     @classmethod
@@ -315,6 +321,9 @@ class UploadsSection(_Model):
 
 class ScriptsSection(_Model):
     dir: str = "../scripts"
+    user: str = ""
+    """Account the script workers run as when the daemon runs as root; empty:
+    "scriptsftp-sandbox". Ignored when the daemon is not root (it cannot switch)."""
     workers: Annotated[int, Field(ge=1, le=64)] = 2
     login_reserve: Annotated[int, Field(ge=0, le=63)] = 1
     """Workers that only connect and pre-login handlers may take (at most workers - 1), so

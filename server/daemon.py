@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
+from .accounts import WORKER_ACCOUNT, worker_account
 from .audit import AuditTrail
 from .config import ConfigError, LoadedConfig, load_config
 from .defender import Defender
@@ -164,11 +165,17 @@ class Daemon:
         m = self.cfg.model
         processes = worker_count(m.sftp.processes)
         if processes < 2:
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                log.warning("[sftp] processes = 1: SSH is served in the daemon itself, as root; "
+                            "processes >= 2 serves it in jailed worker processes as [sftp] worker_user")
             return None
         for path in self._host_key_paths():
             load_host_key(path)  # a bad key file stops the start here, not in every worker
+        account = worker_account(m.sftp.worker_user, WORKER_ACCOUNT, "[sftp] worker_user",
+                                 allow_root=m.server.allow_root_workers)
         return SSHWorkerPool(listen_addresses(m.sftp.listen), self._host_key_paths(), self._ssh_limits(),
-                             processes, m.server.log_format, m.server.log_level)
+                             processes, m.server.log_format, m.server.log_level, account=account,
+                             state_dir=self.state_dir)
 
     def _ssh_listener(self) -> Listener:
         keys = [load_host_key(p) for p in self._host_key_paths()]

@@ -86,5 +86,34 @@ def load_host_key(path: Path) -> paramiko.PKey:
     return paramiko.PKey.from_path(str(path))
 
 
+def read_host_key(path: Path) -> str:
+    """A host key file's text, checked as :func:`load_host_key` checks it: the core reads it
+    and hands the text to SSH worker processes, which run as an account that cannot."""
+    load_host_key(path)
+    return path.read_text()
+
+
+def host_key_from_text(text: str) -> paramiko.PKey:
+    """A private host key from its file's text (what :func:`read_host_key` gave)."""
+    import io
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    data = text.encode()
+    try:
+        loaded = serialization.load_ssh_private_key(data, password=None)
+    except ValueError:
+        loaded = serialization.load_pem_private_key(data, password=None)
+    if isinstance(loaded, rsa.RSAPrivateKey):
+        cls: type[paramiko.PKey] = paramiko.RSAKey
+    elif isinstance(loaded, ed25519.Ed25519PrivateKey):
+        cls = paramiko.Ed25519Key
+    elif isinstance(loaded, ec.EllipticCurvePrivateKey):
+        cls = paramiko.ECDSAKey
+    else:
+        raise ValueError(f"unsupported host key type {type(loaded).__name__}")
+    return cls.from_private_key(io.StringIO(text))
+
+
 def fingerprint(key: paramiko.PKey) -> str:
     return key.fingerprint  # "SHA256:..." like ssh-keygen -l

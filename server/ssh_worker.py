@@ -17,7 +17,6 @@ import signal
 import socket
 import sys
 import threading
-from pathlib import Path
 
 from . import framing, logs, memory
 
@@ -42,13 +41,24 @@ def serve(control: socket.socket, setup: dict) -> int:
     # sent to the whole process group must not drop this worker's connections meanwhile.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    from .keys import load_host_key
+    from scriptsftp.scripting import jail
+
+    from .keys import host_key_from_text
     from .remote_core import RemoteCore
     from .scp import run_scp
     from .ssh import SSHConnections, SSHLimits
 
-    keys = [load_host_key(Path(p)) for p in setup["host_keys"]]
+    # host keys come as text from the core: this process's account cannot read the files
+    keys = [host_key_from_text(text) for text in setup["host_keys"]]
+    setup = {k: v for k, v in setup.items() if k != "host_keys"}
     connections = SSHConnections(keys, SSHLimits(**setup["limits"]), scp_runner=run_scp)
+    # The kernel jail, while this process has one thread and before any client byte is read:
+    # no new opens but read-only Python/library dirs, no new sockets or processes. Client
+    # sockets and file descriptors come from the core over ``control`` (scripting/jail.py).
+    report = jail.apply(setup.get("deny_under") or ())
+    missing = [k for k in ("landlock", "seccomp") if not str(report.get(k)).startswith("on")]
+    (log.warning if missing or "escape" in report else log.info)(
+        "ssh worker pid %d jail: %s", os.getpid(), jail.describe(report))
     cores: dict[int, RemoteCore] = {}
     lock = threading.Lock()
     stop_requested = threading.Event()

@@ -29,7 +29,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import framing
+from .accounts import Account
 from .core_link import CoreLink
+from .keys import read_host_key
 from .login import LoginCore
 from .ssh import SSHLimits, accept_forever, bind_sockets, bound_names, close_listening
 
@@ -78,7 +80,8 @@ class _Worker:
     new program instead: forking a threaded process can copy a lock some thread
     holds."""
 
-    def __init__(self, index: int, setup: dict, *, fork: bool, inherited: list[socket.socket] | None = None) -> None:
+    def __init__(self, index: int, setup: dict, *, fork: bool, inherited: list[socket.socket] | None = None,
+                 account: Account | None = None) -> None:
         """``inherited``: the daemon's sockets a forked child must close (other workers'
         control ends, the listening sockets: accepting is the core's job)."""
         self.index = index
@@ -88,11 +91,13 @@ class _Worker:
         self.process: _Forked | subprocess.Popen
         try:
             if fork:
-                self.process = _fork(theirs, setup, close=[ours, *(inherited or [])])
+                self.process = _fork(theirs, setup, close=[ours, *(inherited or [])], account=account)
             else:
+                as_user = {"user": account.uid, "group": account.gid, "extra_groups": []} if account else {}
                 self.process = subprocess.Popen(
                     [sys.executable, "-m", "scriptsftp.server.ssh_worker", str(theirs.fileno())],
-                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
+                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True, cwd="/",
+                    **as_user,
                 )
         finally:
             theirs.close()
@@ -118,7 +123,16 @@ class _Worker:
         return code
 
 
-def _fork(control: socket.socket, setup: dict, close: list[socket.socket]) -> _Forked:
+def _drop_privileges(account: Account) -> None:
+    """(forked child) Become ``account`` for good: no supplementary groups, then gid, then uid."""
+    os.setgroups([])
+    os.setgid(account.gid)
+    os.setuid(account.uid)
+    if os.getuid() != account.uid or os.geteuid() != account.uid:  # pragma: no cover - paranoia
+        raise OSError("could not drop privileges")
+
+
+def _fork(control: socket.socket, setup: dict, close: list[socket.socket], account: Account | None) -> _Forked:
     from . import ssh_worker, sftp, scp, remote_core  # noqa: F401  (imported once, shared)
 
     gc.freeze()  # what exists now is never collected in the child: its pages stay shared
@@ -129,6 +143,8 @@ def _fork(control: socket.socket, setup: dict, close: list[socket.socket]) -> _F
     try:
         for s in close:  # the daemon's: a held control end would hide the daemon's death
             s.close()
+        if account is not None:
+            _drop_privileges(account)
         code = ssh_worker.serve(control, setup)
     except BaseException:
         log.exception("ssh worker failed")
@@ -142,13 +158,20 @@ class SSHWorkerPool:
     name = "sftp"
 
     def __init__(self, addresses: list[tuple[str, int]], host_keys: list[Path], limits: SSHLimits,
-                 processes: int, log_format: str, log_level: str) -> None:
+                 processes: int, log_format: str, log_level: str, *, account: Account | None = None,
+                 state_dir: Path | None = None) -> None:
         """Binds and forks the workers at once: build it before anything starts a thread.
-        Connections are accepted from :meth:`start` on, once :attr:`core` is set."""
+        Connections are accepted from :meth:`start` on, once :attr:`core` is set.
+
+        ``account``: the unprivileged account the workers run as (None: this process's).
+        They cannot read the host key files (0600, the daemon's): the key text is read here
+        and handed over in the setup message; ``state_dir`` is kept out of their jail."""
         self.core: LoginCore | None = None
+        self.account = account
         self.sockets = bind_sockets(addresses)
-        self._setup = {"kind": "setup", "host_keys": [str(p) for p in host_keys], "limits": asdict(limits),
-                       "log_format": log_format, "log_level": log_level}
+        self._setup = {"kind": "setup", "host_keys": [read_host_key(p) for p in host_keys],
+                       "limits": asdict(limits), "log_format": log_format, "log_level": log_level,
+                       "deny_under": [str(state_dir.resolve())] if state_dir is not None else []}
         self._workers: list[_Worker] = []
         self._links: set[CoreLink] = set()
         self._lock = threading.Lock()
@@ -158,7 +181,8 @@ class SSHWorkerPool:
         try:
             for index in range(processes):
                 inherited = [*(w.control for w in self._workers), *self.sockets]
-                self._workers.append(_Worker(index, self._setup, fork=fork, inherited=inherited))
+                self._workers.append(_Worker(index, self._setup, fork=fork, inherited=inherited,
+                                             account=account))
         except BaseException:
             self.stop_accepting()
             raise
@@ -179,7 +203,7 @@ class SSHWorkerPool:
 
     def _start_worker(self, index: int, delay: float) -> None:
         with self._lock:
-            worker = _Worker(index, self._setup, fork=False)
+            worker = _Worker(index, self._setup, fork=False, account=self.account)
             self._workers.append(worker)
         log.info("ssh worker %d started (pid %d)", index, worker.process.pid)
         threading.Thread(target=self._watch, args=(worker, delay), name=f"ssh-worker-{index}", daemon=True).start()
