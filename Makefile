@@ -36,7 +36,9 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 
 install: system-deps $(TEST_STAMP) $(PKG_STAMP)
 
+# as root, the demo also needs the accounts workers run as (created if missing)
 run: $(PKG_STAMP)
+	@tools/worker-accounts.sh
 	$(VENV)/bin/scriptsftp run -c $(CONFIG) $(ROOTFLAG)
 
 check: $(PKG_STAMP)

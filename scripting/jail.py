@@ -64,6 +64,25 @@ _CLONE_THREAD = 0x00010000
 _TIOCSTI = 0x5412
 
 
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become ``uid``/``gid`` for good (all of real, effective and saved; no supplementary
+    groups; the kernel clears every capability). Workers start as the daemon's account so
+    that they can import from wherever the interpreter lives (pyenv under /root, say), and
+    call this after their imports and before they read anything untrusted."""
+    if os.getuid() == uid and os.geteuid() == uid and os.getgid() == gid:
+        return
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):  # pragma: no cover
+        raise OSError("could not drop privileges")
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise OSError("privileges could be regained after dropping them")  # pragma: no cover
+
+
 def read_paths(deny_under: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Directories a jailed worker may read: the Python installation and system libraries.
     A candidate that contains (or is) one of ``deny_under`` (e.g. state_dir) is left out."""

@@ -21,7 +21,9 @@ Security notes (docs/sandbox.md has the whole model):
 * Frames from a worker are capped at 1 MiB; logs, reasons and errors are
   capped again here, whatever the worker claims.
 * The worker's environment is empty but for PATH, LANG and TZ; its cwd is /;
-  it runs in its own session; optionally as another user (``user=``/``group=``).
+  it runs in its own session; optionally as another account (``user=``/``group=``), to
+  which it drops itself after its imports and before it reads any script; then it jails
+  itself (scripting/jail.py).
 """
 
 from __future__ import annotations
@@ -263,12 +265,10 @@ class WorkerPool:
         self.max_rpc_per_call = max_rpc_per_call
         self.store: ScriptStore | None = None
         self._stderr = worker_stderr
-        self._popen_user: dict[str, Any] = {}
-        if user is not None:
-            self._popen_user["user"] = user
-            self._popen_user["extra_groups"] = []
-        if group is not None:
-            self._popen_user["group"] = group
+        # The worker starts as this process's account (it can then import from wherever the
+        # interpreter lives), and drops to user/group itself after its imports, before it
+        # reads any script (worker_main._setup, jail.drop_privileges).
+        self._account: tuple[int, int] | None = _resolve_account(user, group)
         env = {"PATH": os.defpath, "LANG": "C.UTF-8"}
         if "TZ" in os.environ:
             env["TZ"] = os.environ["TZ"]
@@ -404,7 +404,8 @@ class WorkerPool:
         config = {"memory_mb": self.memory_mb,
                   "no_file_writes": self._stderr == subprocess.DEVNULL,
                   # never readable from the jail, even if it sits under sys.path
-                  "deny_under": [str(self.state_dir.resolve())]}
+                  "deny_under": [str(self.state_dir.resolve())],
+                  "account": list(self._account) if self._account else None}
         return [sys.executable, "-I", "-c", proto.BOOTSTRAP, str(fd),
                 json.dumps(extra_paths), json.dumps(config)]
 
@@ -414,8 +415,7 @@ class WorkerPool:
             proc = subprocess.Popen(
                 self._worker_command(child.fileno()), pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
-                env=self._env, cwd="/", close_fds=True, start_new_session=True,
-                **self._popen_user)
+                env=self._env, cwd="/", close_fds=True, start_new_session=True)
         except BaseException:
             parent.close()
             raise
@@ -805,6 +805,33 @@ class WorkerPool:
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _resolve_account(user: str | int | None, group: str | int | None) -> tuple[int, int] | None:
+    """(uid, gid) workers drop to, or None (they stay this process's account)."""
+    if user is None and group is None:
+        return None
+    import grp
+    import pwd
+    if user is None:
+        uid = os.getuid()
+        default_gid = os.getgid()
+    elif isinstance(user, int):
+        uid = user
+        try:
+            default_gid = pwd.getpwuid(user).pw_gid
+        except KeyError:
+            default_gid = user
+    else:
+        pw = pwd.getpwnam(user)
+        uid, default_gid = pw.pw_uid, pw.pw_gid
+    if group is None:
+        gid = default_gid
+    elif isinstance(group, int):
+        gid = group
+    else:
+        gid = grp.getgrnam(group).gr_gid
+    return uid, gid
 
 
 def _error(t0: float, kind: str, reason: str) -> CallResult:

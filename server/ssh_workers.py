@@ -80,8 +80,7 @@ class _Worker:
     new program instead: forking a threaded process can copy a lock some thread
     holds."""
 
-    def __init__(self, index: int, setup: dict, *, fork: bool, inherited: list[socket.socket] | None = None,
-                 account: Account | None = None) -> None:
+    def __init__(self, index: int, setup: dict, *, fork: bool, inherited: list[socket.socket] | None = None) -> None:
         """``inherited``: the daemon's sockets a forked child must close (other workers'
         control ends, the listening sockets: accepting is the core's job)."""
         self.index = index
@@ -91,13 +90,11 @@ class _Worker:
         self.process: _Forked | subprocess.Popen
         try:
             if fork:
-                self.process = _fork(theirs, setup, close=[ours, *(inherited or [])], account=account)
+                self.process = _fork(theirs, setup, close=[ours, *(inherited or [])])
             else:
-                as_user = {"user": account.uid, "group": account.gid, "extra_groups": []} if account else {}
                 self.process = subprocess.Popen(
                     [sys.executable, "-m", "scriptsftp.server.ssh_worker", str(theirs.fileno())],
                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True, cwd="/",
-                    **as_user,
                 )
         finally:
             theirs.close()
@@ -123,16 +120,7 @@ class _Worker:
         return code
 
 
-def _drop_privileges(account: Account) -> None:
-    """(forked child) Become ``account`` for good: no supplementary groups, then gid, then uid."""
-    os.setgroups([])
-    os.setgid(account.gid)
-    os.setuid(account.uid)
-    if os.getuid() != account.uid or os.geteuid() != account.uid:  # pragma: no cover - paranoia
-        raise OSError("could not drop privileges")
-
-
-def _fork(control: socket.socket, setup: dict, close: list[socket.socket], account: Account | None) -> _Forked:
+def _fork(control: socket.socket, setup: dict, close: list[socket.socket]) -> _Forked:
     from . import ssh_worker, sftp, scp, remote_core  # noqa: F401  (imported once, shared)
 
     gc.freeze()  # what exists now is never collected in the child: its pages stay shared
@@ -143,8 +131,6 @@ def _fork(control: socket.socket, setup: dict, close: list[socket.socket], accou
     try:
         for s in close:  # the daemon's: a held control end would hide the daemon's death
             s.close()
-        if account is not None:
-            _drop_privileges(account)
         code = ssh_worker.serve(control, setup)
     except BaseException:
         log.exception("ssh worker failed")
@@ -171,7 +157,9 @@ class SSHWorkerPool:
         self.sockets = bind_sockets(addresses)
         self._setup = {"kind": "setup", "host_keys": [read_host_key(p) for p in host_keys],
                        "limits": asdict(limits), "log_format": log_format, "log_level": log_level,
-                       "deny_under": [str(state_dir.resolve())] if state_dir is not None else []}
+                       "deny_under": [str(state_dir.resolve())] if state_dir is not None else [],
+                       # the worker drops to it itself, after its imports (jail.drop_privileges)
+                       "account": [account.uid, account.gid] if account is not None else None}
         self._workers: list[_Worker] = []
         self._links: set[CoreLink] = set()
         self._lock = threading.Lock()
@@ -181,8 +169,7 @@ class SSHWorkerPool:
         try:
             for index in range(processes):
                 inherited = [*(w.control for w in self._workers), *self.sockets]
-                self._workers.append(_Worker(index, self._setup, fork=fork, inherited=inherited,
-                                             account=account))
+                self._workers.append(_Worker(index, self._setup, fork=fork, inherited=inherited))
         except BaseException:
             self.stop_accepting()
             raise
@@ -203,7 +190,7 @@ class SSHWorkerPool:
 
     def _start_worker(self, index: int, delay: float) -> None:
         with self._lock:
-            worker = _Worker(index, self._setup, fork=False, account=self.account)
+            worker = _Worker(index, self._setup, fork=False)
             self._workers.append(worker)
         log.info("ssh worker %d started (pid %d)", index, worker.process.pid)
         threading.Thread(target=self._watch, args=(worker, delay), name=f"ssh-worker-{index}", daemon=True).start()

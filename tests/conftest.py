@@ -85,6 +85,15 @@ def host_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def worker_accounts() -> None:
+    """As root, daemons run their workers as scriptsftp-sandbox and scriptsftp-worker: create
+    them if missing, as `make run` does (kept afterwards: other runs on the machine use them)."""
+    if os.geteuid() == 0:
+        subprocess.run([str(Path(__file__).resolve().parent.parent / "tools" / "worker-accounts.sh")],
+                       check=True, stdout=subprocess.DEVNULL)
+
+
 @pytest.fixture(scope="session")
 def password_hashes() -> dict[str, str]:
     from scriptsftp.server.login import hash_password
