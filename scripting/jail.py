@@ -107,30 +107,44 @@ def read_paths(deny_under: list[str] | tuple[str, ...] = ()) -> list[str]:
     return out
 
 
-def _landlock(paths: list[str]) -> str:
+def _landlock_ruleset(paths: list[str]) -> tuple[Any, str]:
+    """(ruleset ready to enforce, "") or (None, "off (why)"). Built before the account
+    drop: adding a rule opens the directory, which the worker account may not be able to."""
     try:
         import landlockpy
         from landlockpy import AccessFS, AccessNet, Ruleset, Scope
     except ImportError as e:
-        return f"off (the landlockpy module is missing: {e})"
+        return None, f"off (the landlockpy module is missing: {e})"
     try:
         abi = landlockpy.abi_version()
     except Exception as e:  # noqa: BLE001
-        return f"off ({type(e).__name__}: {e})"
+        return None, f"off ({type(e).__name__}: {e})"
     if abi < 1:
-        return "off (the kernel does not offer Landlock)"
+        return None, "off (the kernel does not offer Landlock)"
+    rs = None
     try:
-        with Ruleset(handled_net=AccessNet.BIND_TCP | AccessNet.CONNECT_TCP
+        rs = Ruleset(handled_net=AccessNet.BIND_TCP | AccessNet.CONNECT_TCP
                      | AccessNet.BIND_UDP | AccessNet.CONNECT_SEND_UDP,
-                     scoped=Scope.ABSTRACT_UNIX_SOCKET | Scope.SIGNAL) as rs:
-            for p in paths:
-                rs.allow_path(p, AccessFS.READ_FILE | AccessFS.READ_DIR)
-            rs.restrict()
-            net = "tcp denied" if rs.handled_net else "network not handled (ABI < 4)"
-            scope = "scoped" if rs.scoped else "not scoped (ABI < 6)"
+                     scoped=Scope.ABSTRACT_UNIX_SOCKET | Scope.SIGNAL)
+        for p in paths:
+            rs.allow_path(p, AccessFS.READ_FILE | AccessFS.READ_DIR)
     except Exception as e:  # noqa: BLE001
-        return f"off (could not apply: {type(e).__name__}: {e})"
-    return f"on (ABI {abi}; read-only: {len(paths)} dirs; {net}; {scope})"
+        if rs is not None:
+            rs.close()
+        return None, f"off (could not build the ruleset: {type(e).__name__}: {e})"
+    net = "tcp denied" if rs.handled_net else "network not handled (ABI < 4)"
+    scope = "scoped" if rs.scoped else "not scoped (ABI < 6)"
+    return rs, f"on (ABI {abi}; read-only: {len(paths)} dirs; {net}; {scope})"
+
+
+def _landlock_enforce(rs: Any, description: str) -> str:
+    try:
+        rs.restrict()
+    except Exception as e:  # noqa: BLE001
+        return f"off (could not enforce: {type(e).__name__}: {e})"
+    finally:
+        rs.close()
+    return description
 
 
 def _seccomp() -> str:
@@ -168,14 +182,28 @@ def preload() -> None:
             pass
 
 
-def apply(deny_under: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Jail the calling process (call it while it has one thread). Never raises.
+def apply(deny_under: list[str] | tuple[str, ...] = (), account: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Jail the calling process (call it while it has one thread): first drop to ``account``
+    (uid, gid) if given (raises OSError if that fails), then Landlock and seccomp, each
+    when available (never raises for those).
     Returns ``{"landlock": "on (...)"|"off (why)", "seccomp": ..., "uid": N}``."""
     if not sys.platform.startswith("linux"):
+        if account is not None:
+            drop_privileges(int(account[0]), int(account[1]))
         return {"landlock": "off (not Linux)", "seccomp": "off (not Linux)", "uid": os.getuid()}
     preload()
-    paths = read_paths(deny_under)
-    result: dict[str, Any] = {"landlock": _landlock(paths), "seccomp": _seccomp(), "uid": os.getuid()}
+    # before the drop: sysconfig imports lazily, and rules open their directories
+    ruleset, landlock = _landlock_ruleset(read_paths(deny_under))
+    try:
+        if account is not None:
+            drop_privileges(int(account[0]), int(account[1]))
+    except BaseException:
+        if ruleset is not None:
+            ruleset.close()
+        raise
+    if ruleset is not None:
+        landlock = _landlock_enforce(ruleset, landlock)
+    result: dict[str, Any] = {"landlock": landlock, "seccomp": _seccomp(), "uid": os.getuid()}
     if os.environ.get(TEST_ESCAPE_ENV) == "1":
         result["escape"] = escape_probe()
     return result

@@ -184,10 +184,8 @@ def _setup(config: dict[str, Any]) -> dict[str, Any]:
     from . import jail
     status_fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC) \
         if os.path.exists("/proc/self/status") else -1   # unreadable once jailed: opened now
-    account = config.get("account")
-    if account is not None:   # as the unprivileged account from here on (before any script)
-        jail.drop_privileges(int(account[0]), int(account[1]))
-    jail_report = jail.apply(config.get("deny_under") or ())
+    # as the unprivileged account from here on, if one is configured (before any script)
+    jail_report = jail.apply(config.get("deny_under") or (), config.get("account"))
 
     baseline_kb = _vm_size_kb(status_fd)
     memory_mb = int(config.get("memory_mb", 256))

@@ -55,9 +55,8 @@ def serve(control: socket.socket, setup: dict) -> int:
     # The kernel jail, while this process has one thread and before any client byte is read:
     # no new opens but read-only Python/library dirs, no new sockets or processes. Client
     # sockets and file descriptors come from the core over ``control`` (scripting/jail.py).
-    if setup.get("account") is not None:   # the unprivileged account from here on
-        jail.drop_privileges(int(setup["account"][0]), int(setup["account"][1]))
-    report = jail.apply(setup.get("deny_under") or ())
+    # as the unprivileged account from here on, if one is configured
+    report = jail.apply(setup.get("deny_under") or (), setup.get("account"))
     missing = [k for k in ("landlock", "seccomp") if not str(report.get(k)).startswith("on")]
     (log.warning if missing or "escape" in report else log.info)(
         "ssh worker pid %d jail: %s", os.getpid(), jail.describe(report))
