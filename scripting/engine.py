@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -58,6 +59,9 @@ class ScriptEngine:
         self._async_threads: list[threading.Thread] = []
         self.watcher: Any = None
         self.last_errors: dict[str, str] = {}
+        # content (sha256, or the read error) of each script file that failed to load, so a
+        # broken file is reported once per distinct content, not at every look at it
+        self._failed: dict[str, str] = {}
         self.services = EngineServices(self, state_dir)  # api.fs/notify/run handlers, outbox, scheduler
         self.last_error_details: dict[str, dict[str, Any]] = {}  # runtime errors: time, line, kind, event
         self.audit: audit.AuditTrail | None = None  # set by the daemon: every decision goes to the trail
@@ -134,6 +138,8 @@ class ScriptEngine:
             loaded, errors = self._compile(source, scripts_dir)
             if loaded is None:
                 problems.extend(errors)
+                if name in known:  # the previous version keeps running: its status says why not this one
+                    self._reload_failed(name, source.digest, errors)
             else:
                 scripts[name] = loaded
         for i, b in enumerate(cfg.model.bindings):
@@ -165,16 +171,21 @@ class ScriptEngine:
             except FileNotFoundError:
                 if name in reg.scripts:
                     self._registry = reg.with_script(name, None)
-                    self.last_errors[name] = "script file deleted: its bindings are disabled"
+                    self._failed.pop(name, None)
+                    self._reload_failed(name, None, ["script file deleted: its bindings are disabled"])
                     log.error("%s: script deleted; its bindings are disabled until it is back", path)
                 return
             except (OSError, ValueError) as exc:
-                self.last_errors[name] = str(exc)
-                log.error("%s: not reloaded: %s (the previous version stays active)", path, exc)
+                if self._failed.get(name) != f"unreadable: {exc}":
+                    self._reload_failed(name, f"unreadable: {exc}", [str(exc)])
+                    log.error("%s: not reloaded: %s (the previous version stays active)", path, exc)
                 return
             current = reg.scripts.get(name)
             if current is not None and current.source.digest == source.digest:
+                self._reload_back(name)  # the file is again what runs: a reload error is over
                 return
+            if self._failed.get(name) == source.digest:
+                return  # this content was compiled and reported already
             loaded, errors = self._compile(source, self.scripts_dir)
             if loaded is not None:
                 for b in (b for bs in reg.by_event.values() for b in bs if b.script == name):
@@ -183,24 +194,79 @@ class ScriptEngine:
                         loaded = None
                         break
             if loaded is None:
-                self.last_errors[name] = "; ".join(errors)
+                self._reload_failed(name, source.digest, errors)
                 for e in errors:
                     log.error("not reloaded: %s (the previous version stays active)", e)
                 return
             self._registry = reg.with_script(name, loaded)
-            self.last_errors.pop(name, None)
+            self._new_version(name)
             log.info("reloaded script %s (sha256 %s)", name, loaded.source.digest[:12])
+
+    # --- script status: the truth about what runs (admin /api/scripts, dashboard) ----------
+
+    def _reload_failed(self, name: str, content: str | None, errors: list[str]) -> None:
+        """A file that could not replace the running version: its status is ``error`` until
+        the file compiles again or is restored to what runs."""
+        message = "; ".join(errors)
+        if content is not None:
+            self._failed[name] = content
+        m = re.search(r":(\d+): (\w+Error)\b", message)
+        self.last_errors[name] = message
+        self.last_error_details[name] = {"time": time.time(), "line": int(m.group(1)) if m else None,
+                                         "kind": m.group(2) if m else "load", "event": "reload"}
+
+    def _reload_back(self, name: str) -> None:
+        """The file holds the running version again: a reload error no longer describes anything."""
+        self._failed.pop(name, None)
+        if self.last_error_details.get(name, {}).get("event") == "reload":
+            self.last_errors.pop(name, None)
+            self.last_error_details.pop(name, None)
+
+    def _new_version(self, name: str) -> None:
+        """A new version runs: earlier errors (load or run) were about other code."""
+        self._failed.pop(name, None)
+        self.last_errors.pop(name, None)
+        self.last_error_details.pop(name, None)
+
+    # --- config reload (SIGHUP) ------------------------------------------------------
+
+    def prepare(self, cfg: LoadedConfig) -> "PendingReload":
+        """Load every script the new bindings name; raise ConfigError listing every problem.
+
+        On success the engine is locked (no script swap) until the returned reload is
+        committed or abandoned, so the daemon can check its other steps first and apply
+        all or nothing."""
+        self._swap.acquire()
+        try:
+            scripts, problems = self._load(cfg, self._registry.scripts)
+            if problems:
+                raise ConfigError(problems)
+        except BaseException:
+            self._swap.release()
+            raise
+        return PendingReload(self, cfg, Registry.from_config(cfg, scripts))
+
+    def _commit(self, cfg: LoadedConfig, registry: Registry) -> None:
+        old = self._registry.scripts
+        for name, script in registry.scripts.items():
+            if old.get(name) is not script:
+                self._new_version(name)
+            else:
+                self._reload_back(name)
+        self._registry = registry
+        self.cfg = cfg
+        if self.watcher is not None:
+            self.watcher.resync()  # newly bound names are watched from their current content
 
     def reload(self, cfg: LoadedConfig) -> bool:
         """New bindings from a reloaded config, swapped only if every bound script is usable."""
-        with self._swap:
-            scripts, problems = self._load(cfg, self._registry.scripts)
-            if problems:
-                for p in problems:
-                    log.error("bindings not reloaded: %s", p)
-                return False
-            self._registry = Registry.from_config(cfg, scripts)
-            self.cfg = cfg
+        try:
+            pending = self.prepare(cfg)
+        except ConfigError as exc:
+            for p in exc.problems:
+                log.error("bindings not reloaded: %s", p)
+            return False
+        pending.commit()
         return True
 
     # --- dispatch ---------------------------------------------------------------------
@@ -314,6 +380,28 @@ class ScriptEngine:
                     script=script.source.name, event=data["name"], error=result.reason, line=result.error_line,
                 ))
         return result
+
+
+class PendingReload:
+    """A prepared config reload of the engine: :meth:`commit` swaps it in, :meth:`abandon`
+    drops it; either releases the engine's swap lock (exactly once)."""
+
+    def __init__(self, engine: ScriptEngine, cfg: LoadedConfig, registry: Registry) -> None:
+        self._engine, self._cfg, self._registry = engine, cfg, registry
+        self._open = True
+
+    def commit(self) -> None:
+        if self._open:
+            self._open = False
+            try:
+                self._engine._commit(self._cfg, self._registry)
+            finally:
+                self._engine._swap.release()
+
+    def abandon(self) -> None:
+        if self._open:
+            self._open = False
+            self._engine._swap.release()
 
 
 def _ctx(data: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,10 @@ log = logging.getLogger("scriptsftp.reload")
 DEBOUNCE = 0.15
 RESCAN_EVERY = 30.0
 _EDITOR_TEMP = ("~", ".swp", ".swx", ".tmp")
+#: Events that change nothing. Reading a script (which the engine does on every change)
+#: makes inotify report "opened" and "closed_no_write": counting them fed a loop that
+#: re-read, re-compiled and re-logged a broken script several times a second.
+_READ_ONLY_EVENTS = frozenset({"opened", "closed_no_write"})
 
 
 class ScriptWatcher(FileSystemEventHandler):
@@ -65,7 +69,7 @@ class ScriptWatcher(FileSystemEventHandler):
     # --- watchdog callbacks (observer thread: record only) -----------------------
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory:
+        if event.is_directory or event.event_type in _READ_ONLY_EVENTS:
             return
         for raw in (event.src_path, getattr(event, "dest_path", "")):
             if raw:
@@ -125,6 +129,13 @@ class ScriptWatcher(FileSystemEventHandler):
             self._seen.pop(name, None)
         else:
             self._seen[name] = st
+
+    def resync(self) -> None:
+        """After a config reload: start tracking newly bound names (as they are now),
+        so the periodic rescan compares them with what was loaded."""
+        for name in self.names():
+            if name not in self._seen:
+                self._record(name)
 
     def _snapshot(self) -> None:
         for name in self.names():

@@ -451,6 +451,8 @@ class AdminListener:
             "started": d.started,
             "uptime": round(time.time() - d.started, 1),
             "config": str(d.cfg.path),
+            # keys changed in the file that the running daemon does not use yet (reload_plan.py)
+            "pending_restart": list(getattr(d, "pending_restart", [])),
             "listeners": [{"name": lst.name, "bound": lst.bound, "active": lst.active()} for lst in d.listeners],
             "sessions": len(d.core.connections()),
             "workers": pool.health() if pool is not None and hasattr(pool, "health") else None,

@@ -65,7 +65,9 @@ def run(config_path: str | None, allow_root: bool) -> None:
 
 @main.command()
 @click.option("-c", "--config", "config_path", help=CONFIG_HELP)
-def check(config_path: str | None) -> None:
+@click.option("--against-running", is_flag=True,
+              help="also compare with what the running daemon loaded (state_dir/running.json); exit 1 if it differs")
+def check(config_path: str | None, against_running: bool) -> None:
     """Validate the config (and compile every bound script); exit 0 or 2."""
     cfg = _load(config_path)
     problems: list[str] = []
@@ -85,7 +87,47 @@ def check(config_path: str | None) -> None:
     for name, spec in m.commands.items():
         for line in command_template_warnings(name, spec.argv):
             click.echo(f"{cfg.path}: warning: {line}", err=True)
+    for line in disabled_section_warnings(cfg):
+        click.echo(f"{cfg.path}: warning: {line}", err=True)
     click.echo(f"{cfg.path}: OK ({len(m.users)} users, {len(m.groups)} groups, {len(m.bindings)} bindings)")
+    if against_running and not _against_running(cfg):
+        sys.exit(1)
+
+
+def disabled_section_warnings(cfg: LoadedConfig) -> list[str]:
+    """Keys set in a section that is off: ``[ftp] listen = ...`` without ``enabled = true``
+    starts no FTP listener, and nothing else would say so."""
+    from .reload_plan import SWITCHED_SECTIONS
+
+    out = []
+    for name in SWITCHED_SECTIONS:
+        section = getattr(cfg.model, name)
+        keys = sorted(section.model_fields_set - {"enabled"})
+        if keys and not section.enabled:
+            how = "enabled = false" if "enabled" in section.model_fields_set else "enabled is not set (default false)"
+            out.append(f"[{name}] sets {', '.join(keys)} but {how}: no {name} listener is started")
+    return out
+
+
+def _against_running(cfg: LoadedConfig) -> bool:
+    """Print how the file differs from what the running daemon loaded; True if it does not."""
+    from .reload_plan import compare_with_running, key_label, read_running
+
+    state_dir = cfg.resolve(cfg.model.server.state_dir)
+    running = read_running(state_dir)
+    if running is None:
+        click.echo(f"{cfg.path}: no running daemon found ({state_dir}/running.json is missing or its process is gone)")
+        return False
+    if Path(running.get("config", "")) != cfg.path:
+        click.echo(f"{cfg.path}: note: the daemon (pid {running['pid']}) runs {running.get('config')}")
+    diffs = compare_with_running(cfg, running)
+    for key, how in diffs:
+        action = ("takes effect after a restart" if how == "restart"
+                  else "applied by a reload (kill -HUP or `scriptsftp reload`)")
+        click.echo(f"{cfg.path}: {key_label(key)} differs from the running daemon (pid {running['pid']}): {action}")
+    if not diffs:
+        click.echo(f"{cfg.path}: the running daemon (pid {running['pid']}) runs this configuration")
+    return not diffs
 
 
 @main.command()

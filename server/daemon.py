@@ -2,8 +2,11 @@
 
 Signals: SIGTERM/SIGINT stop accepting, give running transfers
 ``[server] grace_period`` seconds, then close what is left; SIGHUP reloads
-users and permissions (and script bindings) without dropping sessions. A
-config that fails validation on reload is reported and the running one stays.
+the config without dropping sessions. A reload applies every changed key that
+can change live and logs, per key, those that need a restart (reload_plan.py);
+a config that fails validation, or a reload any step of which fails (a bound
+script that does not compile, say), is refused as a whole and the running
+config stays.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .accounts import WORKER_ACCOUNT, worker_account
 from .audit import AuditTrail
 from .config import ConfigError, LoadedConfig, load_config
 from .defender import Defender
-from .dispatch import Dispatcher, NullDispatcher
+from .dispatch import Dispatcher, NullDispatcher, SwappableDispatcher
 from .keys import ensure_host_keys, fingerprint, load_host_key
 from .login import LoginCore, build_users, ensure_generated_passwords
 from .session import UploadPolicy
@@ -31,6 +34,7 @@ from .ports import check_listen_addresses
 from .ssh import SSHLimits, SSHListener
 from .ssh_workers import SSHWorkerPool, worker_count
 from .publish import Publisher
+from .reload_plan import ReloadPlan, key_label, plan_reload, write_running
 from .staging import CHECKING, StagingRecords, discard_leftovers
 
 log = logging.getLogger("scriptsftp.daemon")
@@ -102,17 +106,20 @@ class Daemon:
         removed = discard_leftovers(self.staging, keep_checking=m.uploads.on_restart == "recheck")
         if removed:
             log.warning("removed %d partial upload(s) left by an interrupted run", removed)
-        self.engine = dispatcher if dispatcher is not None else self._make_engine()
+        # the core, the publisher and every session hold this one object; a reload may swap
+        # what is behind it (the first binding added by SIGHUP starts the engine)
+        self.dispatch = SwappableDispatcher(dispatcher if dispatcher is not None else self._make_engine(cfg))
+        self.pending_restart: list[str] = []  # keys changed in the file that wait for a restart
         self.audit = AuditTrail(self.state_dir / "audit.sqlite3", retention_days=m.server.audit_retention_days,
                                 max_mb=m.server.audit_max_mb)
         if hasattr(self.engine, "audit"):
             self.engine.audit = self.audit  # every scripted decision goes to the audit trail
         # bans, scores, connection caps: shared by every front end through the login core
         self.defender = Defender(self.state_dir / "defender.db", m.defender)
-        self.publisher = Publisher(self.engine, self.staging, self._upload_policy(cfg), workers=m.scripts.workers)
+        self.publisher = Publisher(self.dispatch, self.staging, self._upload_policy(cfg), workers=m.scripts.workers)
         self.core = LoginCore(
             build_users(cfg),
-            self.engine,
+            self.dispatch,
             staging=self.staging,
             publisher=self.publisher,
             uploads=self._upload_policy(cfg),
@@ -132,15 +139,17 @@ class Daemon:
             if getattr(m, name).enabled:
                 self.listeners.append(_front_end(name).make_listener(self))
 
-    def _make_engine(self) -> Dispatcher:
-        if not self.cfg.model.bindings:
+    @property
+    def engine(self) -> Dispatcher:
+        """The dispatcher in use now: a ScriptEngine, or a NullDispatcher while nothing is bound."""
+        return self.dispatch.target
+
+    def _make_engine(self, cfg: LoadedConfig) -> Dispatcher:
+        if not cfg.model.bindings:
             return NullDispatcher()
-        try:
-            from scriptsftp.scripting.engine import ScriptEngine
-        except ImportError as exc:  # the engine lands with the scripting issue
-            log.error("bindings configured but the scripting engine is unavailable (%s)", exc)
-            return NullDispatcher()
-        return ScriptEngine(self.cfg, self.state_dir)
+        from scriptsftp.scripting.engine import ScriptEngine
+
+        return ScriptEngine(cfg, self.state_dir)
 
     def _upload_policy(self, cfg: LoadedConfig) -> UploadPolicy:
         u = cfg.model.uploads
@@ -200,6 +209,7 @@ class Daemon:
             signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
         if hasattr(self.engine, "start"):
             self.engine.start()
+        write_running(self.state_dir, self.cfg, self.pending_restart)
         rechecking = self.publisher.recheck([r for r in self.staging.leftovers() if r.state == CHECKING])
         if rechecking:
             log.warning("checking again %d upload(s) an interrupted run left unchecked", rechecking)
@@ -218,28 +228,97 @@ class Daemon:
         self.shutdown()
 
     def reload(self) -> bool:
-        """Re-read the config; swap users/permissions (and bindings) only if it is valid."""
+        """Re-read the config and apply it all, or nothing (DESIGN.md rule 8).
+
+        Live keys take effect now; each changed key that needs a restart is logged and
+        kept at its running value (reload_plan.py). Every step that can fail (reading
+        and validating the file, compiling bound scripts, starting the engine for a first
+        binding) runs before anything is swapped; a failure refuses the whole reload."""
         try:
             cfg = load_config(self.cfg.path)
+            plan = plan_reload(self.cfg, cfg)
+            engine_commit = self._prepare_engine(plan.effective)
         except ConfigError as exc:
             for line in exc.problems:
                 log.error("reload refused: %s", line)
+            log.error("configuration not reloaded: the running configuration stays")
             return False
-        ensure_generated_passwords(cfg, _password_announcer(self.state_dir))
-        gone = self.core.replace_users(build_users(cfg))
+        try:
+            ensure_generated_passwords(plan.effective, _password_announcer(self.state_dir))
+            users = build_users(plan.effective)
+        except BaseException:
+            engine_commit(False)
+            raise
+        engine_commit(True)
+        self._apply(plan, users)
+        return True
+
+    def _prepare_engine(self, cfg: LoadedConfig) -> Callable[[bool], None]:
+        """Ready the scripting side of ``cfg`` without swapping anything in; return the
+        step that commits it (True) or drops it (False). ConfigError if it cannot run."""
+        current = self.engine
+        if hasattr(current, "prepare"):
+            pending = current.prepare(cfg)
+            return lambda ok: pending.commit() if ok else pending.abandon()
+        if not cfg.model.bindings or not isinstance(current, NullDispatcher):
+            return lambda ok: None  # nothing bound (or a dispatcher given by a test): nothing to build
+        engine = self._make_engine(cfg)
+        if hasattr(engine, "audit"):
+            engine.audit = self.audit
+        if hasattr(engine, "attach_server"):
+            engine.attach_server(self.core)
+        engine.start()  # ConfigError (closing its workers) when a bound script is unusable
+        log.info("scripting engine started: the configuration now has bindings")
+
+        def commit(ok: bool) -> None:
+            if ok:
+                self.dispatch.target = engine
+            else:
+                engine.close()
+        return commit
+
+    def _apply(self, plan: ReloadPlan, users: dict) -> None:
+        """Swap in a prepared reload: nothing here can refuse it any more."""
+        cfg = plan.effective
+        gone = self.core.replace_users(users)
         for conn in gone:
             log.info("closing session of removed or disabled user %s", conn.user, extra={"sid": conn.id})
             if conn.on_kick:
                 conn.on_kick("your account was removed or disabled")
-        if hasattr(self.engine, "reload"):
-            self.engine.reload(cfg)
-        self.defender.configure(cfg.model.defender)
-        self.core.password_cache.seconds = cfg.model.server.password_cache
-        self.core.preauth_timeout = cfg.model.server.preauth_timeout  # FTP, HTTP: new connections on
-        self.core.max_handles_per_user = cfg.model.server.max_handles_per_user
+        self._apply_settings(cfg)
         self.cfg = cfg
-        log.info("configuration reloaded (%d users)", len(cfg.model.users))
-        return True
+        self.pending_restart = plan.pending_restart
+        for key in plan.applied:
+            log.info("%s changed: applied", key_label(key))
+        for key in plan.pending_restart:
+            log.warning("%s changed: takes effect after a restart", key_label(key))
+        try:
+            write_running(self.state_dir, cfg, self.pending_restart)
+        except OSError as exc:
+            log.warning("cannot write %s/running.json (check --against-running): %s", self.state_dir, exc)
+        pending = f"; {len(plan.pending_restart)} key(s) wait for a restart" if plan.pending_restart else ""
+        log.info("configuration reloaded (%d users%s)", len(cfg.model.users), pending)
+
+    def _apply_settings(self, cfg: LoadedConfig) -> None:
+        """The live keys held outside the config object (reload_plan.LIVE lists them all)."""
+        m = cfg.model
+        self.defender.configure(m.defender)
+        self.core.password_cache.seconds = m.server.password_cache
+        self.core.failure_delay = m.server.login_failure_delay
+        self.core.preauth_timeout = m.server.preauth_timeout  # FTP, HTTP: new connections on
+        self.core.max_handles_per_user = m.server.max_handles_per_user
+        self.audit.retention_days = m.server.audit_retention_days
+        self.audit.max_bytes = int(m.server.audit_max_mb * 1024 * 1024)
+        if (m.server.log_format, m.server.log_level) != (self.cfg.model.server.log_format,
+                                                         self.cfg.model.server.log_level):
+            from . import logs
+
+            logs.setup(m.server.log_format, m.server.log_level)
+            if self._ssh_pool is not None:
+                self._ssh_pool.set_logging(m.server.log_format, m.server.log_level)
+        for listener in self.listeners:
+            if hasattr(listener, "max_upload_size"):
+                listener.max_upload_size = m.http.max_upload_size
 
     def shutdown(self) -> None:
         grace = self.cfg.model.server.grace_period

@@ -69,3 +69,27 @@ class NullDispatcher:
 
     def post(self, event: Event, file: FileOpener | None = None) -> None:
         return None
+
+
+class SwappableDispatcher:
+    """The one dispatcher the core, the publisher and every session hold for the daemon's life.
+
+    A reload that adds the first binding (or changes what is behind the seam) swaps
+    :attr:`target`; holders of this object see the new dispatcher on their next event,
+    so a binding added by SIGHUP is enforced on sessions that were already open. An
+    event already being dispatched finishes on the target it started with."""
+
+    def __init__(self, target: Dispatcher) -> None:
+        self.target = target
+
+    def wants(self, event_name: str) -> bool:
+        return self.target.wants(event_name)
+
+    def pre(self, event: Event, file: FileOpener | None = None, mode: str | None = None) -> Decision:
+        return self.target.pre(event, file, mode)
+
+    def has_async(self, event: Event) -> bool:
+        return self.target.has_async(event)
+
+    def post(self, event: Event, file: FileOpener | None = None) -> None:
+        self.target.post(event, file)

@@ -102,6 +102,8 @@ def serve(control: socket.socket, setup: dict) -> int:
         framing.close_fds(fds)
         if kind == "kick":
             threading.Thread(target=kick, args=(message["key"], message["reason"]), daemon=True).start()
+        elif kind == "logs":
+            logs.setup(message["log_format"], message["log_level"])
         elif kind == "close_all":
             connections.close_all(message["reason"])
         elif kind == "stop":

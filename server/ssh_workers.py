@@ -269,6 +269,12 @@ class SSHWorkerPool:
             except OSError:
                 pass
 
+    def set_logging(self, log_format: str, log_level: str) -> None:
+        """A reload changed ``[server] log_format``/``log_level``: the workers switch now,
+        and a replacement worker starts with the new values."""
+        self._setup["log_format"], self._setup["log_level"] = log_format, log_level
+        self._tell_all({"kind": "logs", "log_format": log_format, "log_level": log_level})
+
     def stop_accepting(self) -> None:
         """No new connections; each worker exits once its connections are over."""
         self._stopping.set()
