@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from adminkit import admin_toml, get, token_hash  # noqa: F401 - token_hash is a fixture
+from adminkit import admin_toml, get, token_hash, wait_for  # noqa: F401 - token_hash is a fixture
 from conftest import BIN, Daemon, DaemonFactory, close_client, paramiko_client, sftp_put, user_toml
 from test_scripting import binding, write_script
 
@@ -55,7 +55,6 @@ def test_first_binding_added_by_sighup_vetoes_the_next_upload_and_removing_it_st
         ok = check(cfg)
         assert ok.returncode == 0 and "1 bindings" in ok.stdout, ok.stdout + ok.stderr
         reload(d)
-        d.wait_log(r"scripting engine started")
 
         # the next upload on the session opened before the reload is decided by the new binding
         with pytest.raises(PermissionError, match="no executables: /after.exe"):
@@ -236,51 +235,66 @@ def test_live_key_held_back_with_its_restart_partner_refuses_the_reload(daemons:
 
 
 GOOD = "def on_pre_upload(event, api):\n    pass\n"
+BROKEN = "def on_pre_upload(event, api)\n    pass\n"
 
 
 def _status(d: Daemon, name: str) -> dict:
     return next(s for s in get(d, "/api/scripts") if s["name"] == name)
 
 
-def test_script_status_follows_the_file_and_a_broken_file_is_logged_once(daemons: DaemonFactory, token_hash):  # noqa: F811
+def test_script_status_follows_the_file(daemons: DaemonFactory, token_hash):  # noqa: F811
     write_script(daemons, "s.py", GOOD)
     d = daemons.start(admin_toml(token_hash, bindings=binding("pre-upload", "s.py")))
     good = _status(d, "s.py")
     assert good["status"] == "ok"
 
     mark = len(d.lines)
-    write_script(daemons, "s.py", "def on_pre_upload(event, api)\n    pass\n")
+    write_script(daemons, "s.py", BROKEN)
     d.wait_log(r"not reloaded: .*s\.py:1", start=mark)
     st = _status(d, "s.py")
     assert st["status"] == "error" and st["sha256"] == good["sha256"]  # the old version still runs
     err = st["last_error"]
     assert err["time"] and err["kind"] == "SyntaxError" and err["event"] == "reload" and err["line"] == 1
 
+    # the good file restored: the status is the truth again
+    write_script(daemons, "s.py", GOOD)
+    wait_for(lambda: _status(d, "s.py")["status"] == "ok", what="status ok after the fix")
+    assert _status(d, "s.py")["last_error"] is None
+    assert _status(d, "s.py")["sha256"] == good["sha256"]
+
+
+def test_a_broken_script_is_logged_once_per_content(daemons: DaemonFactory):
+    write_script(daemons, "s.py", GOOD)
+    d = daemons.start(binding("pre-upload", "s.py"))
+    mark = len(d.lines)
+    write_script(daemons, "s.py", BROKEN)
+    d.wait_log(r"not reloaded: .*s\.py:1", start=mark)
     # saving the same broken content again, and uploads meanwhile, log nothing new
-    write_script(daemons, "s.py", "def on_pre_upload(event, api)\n    pass\n")
+    write_script(daemons, "s.py", BROKEN)
+    after_first = next(i for i in range(mark, len(d.lines)) if "not reloaded" in d.lines[i]) + 1
+    with pytest.raises(AssertionError, match="no log line"):  # a bounded wait for what must not come
+        d.wait_log(r"not reloaded", start=after_first, timeout=2)
     client = paramiko_client(d, "alice", key=daemons.alice_key)
     for i in range(5):
         upload(client, f"/f{i}.txt")
     close_client(client)
     mark2 = len(d.lines)
-    write_script(daemons, "s.py", "def on_pre_upload(event, api)\n    pass\n  oops\n")
+    write_script(daemons, "s.py", BROKEN + "  oops\n")  # another content: reported, once
     d.wait_log(r"not reloaded: .*s\.py:", start=mark2)
     first = [x for x in d.lines[mark:mark2] if "not reloaded" in x]
     assert len(first) == 1, first
-
-    # the good file restored: the status is the truth again
-    write_script(daemons, "s.py", GOOD)
-    from adminkit import wait_for
-    wait_for(lambda: _status(d, "s.py")["status"] == "ok", what="status ok after the fix")
-    assert _status(d, "s.py")["last_error"] is None
+    write_script(daemons, "s.py", GOOD + "# version 2\n")
+    d.wait_log(r"reloaded script s\.py", start=mark2)
+    second = [x for x in d.lines[mark2:] if "not reloaded" in x]
+    assert len(second) == 1, second
 
 
 def test_script_status_without_the_watcher_follows_scriptsftp_reload(daemons: DaemonFactory, token_hash):  # noqa: F811
     write_script(daemons, "s.py", GOOD)
     extra = admin_toml(token_hash, scripts="reload = false", bindings=binding("pre-upload", "s.py"))
     d = daemons.start(extra)
-    write_script(daemons, "s.py", "def on_pre_upload(event, api)\n    pass\n")
-    reload(d, r"configuration not reloaded")
+    write_script(daemons, "s.py", BROKEN)
+    reload(d, r"not reloaded")
     st = _status(d, "s.py")
     assert st["status"] == "error" and st["last_error"]["event"] == "reload" and st["last_error"]["time"]
     write_script(daemons, "s.py", GOOD)
