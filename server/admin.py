@@ -493,7 +493,8 @@ class AdminListener:
                 ok = self.daemon.reload()
             finally:
                 root.removeHandler(collector)
-        return {"ok": bool(ok) and not collector.lines, "errors": collector.lines}
+        return {"ok": bool(ok) and not collector.lines, "errors": collector.lines,
+                "pending_restart": list(getattr(self.daemon, "pending_restart", []))}
 
     async def reload(self, request: web.Request) -> web.Response:
         log.info("reload requested through the admin API")

@@ -267,7 +267,13 @@ class Daemon:
             engine.audit = self.audit
         if hasattr(engine, "attach_server"):
             engine.attach_server(self.core)
-        engine.start()  # ConfigError (closing its workers) when a bound script is unusable
+        try:
+            engine.start()  # ConfigError (closing its workers) when a bound script is unusable
+        except ConfigError:
+            raise
+        except Exception as exc:  # e.g. worker processes that cannot be spawned
+            engine.close()
+            raise ConfigError([f"the scripting engine cannot start: {exc}"]) from None
         log.info("scripting engine started: the configuration now has bindings")
 
         def commit(ok: bool) -> None:

@@ -87,7 +87,7 @@ CASES = [
     ("out of range", '[scripts]\nworkers = 0\n', "workers", "scripts.workers", r"greater than or equal to 1"),
     ("bad enum", '[uploads]\non_restart = "ignore"\n', "on_restart", "uploads.on_restart",
      r"Input should be 'recheck' or 'discard'"),
-    ("bad enum log", '[admin]\nlisten = "127.0.0.1:1"\n', None, None, None),  # valid: control
+    ("bad enum log", '[admin]\nenabled = true\nlisten = "127.0.0.1:1"\n', None, None, None),  # valid: control
     ("bad permission name", None, "fly", 'users[1].permissions', r"unknown permission 'fly' for '/inbox'"),
     ("bad CIDR", None, "10.0.0.0/33", "users[1].allowed_ips", r"'10\.0\.0\.0/33' is not an IP address or CIDR"),
     ("bad public key", None, "AAAA!!", "users[1].public_keys", r"key 0: the key data is not valid base64"),

@@ -220,7 +220,7 @@ def test_check_warns_about_keys_in_a_section_that_is_not_enabled(daemons: Daemon
     assert "warning" not in res.stderr
 
 
-def test_live_key_held_back_with_its_restart_partner_refuses_the_reload(daemons: DaemonFactory, token_hash):  # noqa: F811
+def test_live_key_held_back_with_its_restart_partner_refuses_reload(daemons: DaemonFactory, token_hash):  # noqa: F811
     """Dropping the admin token is live, moving the listener is not: running without a token on a
     non-loopback address would be the half-applied state, so the reload is refused as a whole."""
     d = daemons.start(admin_toml(token_hash).replace('"127.0.0.1:0"', '"0.0.0.0:0"'))
