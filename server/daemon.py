@@ -292,6 +292,7 @@ class Daemon:
             if conn.on_kick:
                 conn.on_kick("your account was removed or disabled")
         self._apply_settings(cfg)
+        old_logging = self.cfg.model.server.log_format, self.cfg.model.server.log_level
         self.cfg = cfg
         self.pending_restart = plan.pending_restart
         for key in plan.applied:
@@ -304,9 +305,22 @@ class Daemon:
             log.warning("cannot write %s/running.json (check --against-running): %s", self.state_dir, exc)
         pending = f"; {len(plan.pending_restart)} key(s) wait for a restart" if plan.pending_restart else ""
         log.info("configuration reloaded (%d users%s)", len(cfg.model.users), pending)
+        # last, so the lines above announce a quieter level or another format in the old one
+        self._apply_logging(old_logging, (cfg.model.server.log_format, cfg.model.server.log_level))
+
+    def _apply_logging(self, old: tuple[str, str], new: tuple[str, str]) -> None:
+        """``[server] log_format``/``log_level``: here and in the SSH worker processes."""
+        if new == old:
+            return
+        from . import logs
+
+        logs.setup(*new)
+        if self._ssh_pool is not None:
+            self._ssh_pool.set_logging(*new)
 
     def _apply_settings(self, cfg: LoadedConfig) -> None:
-        """The live keys held outside the config object (reload_plan.LIVE lists them all)."""
+        """The live keys held outside the config object (reload_plan.LIVE lists them all;
+        the rest are read from ``self.cfg`` where they are used)."""
         m = cfg.model
         self.defender.configure(m.defender)
         self.core.password_cache.seconds = m.server.password_cache
@@ -315,13 +329,6 @@ class Daemon:
         self.core.max_handles_per_user = m.server.max_handles_per_user
         self.audit.retention_days = m.server.audit_retention_days
         self.audit.max_bytes = int(m.server.audit_max_mb * 1024 * 1024)
-        if (m.server.log_format, m.server.log_level) != (self.cfg.model.server.log_format,
-                                                         self.cfg.model.server.log_level):
-            from . import logs
-
-            logs.setup(m.server.log_format, m.server.log_level)
-            if self._ssh_pool is not None:
-                self._ssh_pool.set_logging(m.server.log_format, m.server.log_level)
         for listener in self.listeners:
             if hasattr(listener, "max_upload_size"):
                 listener.max_upload_size = m.http.max_upload_size
