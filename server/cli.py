@@ -260,8 +260,13 @@ def kick(session_id: str, config_path: str | None, token_file: Path | None) -> N
 @_admin_options
 def reload(config_path: str | None, token_file: Path | None) -> None:
     """Make the running daemon reload its config and scripts (as SIGHUP does); exit 1 with the problems."""
-    _admin(config_path, token_file, "POST", "/api/reload")
+    result = _admin(config_path, token_file, "POST", "/api/reload")
     click.echo("reloaded")
+    from .reload_plan import key_label
+
+    pending = result.get("pending_restart", []) if isinstance(result, dict) else []
+    for key in pending:
+        click.echo(f"{key_label(key)} changed: takes effect after a restart")
 
 
 @main.command()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -96,7 +97,10 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.started = time.time()
         self.stopping = threading.Event()
-        self._reload_requested = threading.Event()
+        # SIGHUP puts here. Not a threading.Event: its set() takes a lock that the main thread
+        # holds inside Event.wait() at times, and a signal handler runs on that thread, so a
+        # SIGHUP landing there deadlocked the loop for good. SimpleQueue.put is reentrant.
+        self._reload_requested: queue.SimpleQueue[bool] = queue.SimpleQueue()
 
         # first: the SSH worker processes are forked from this one while it has no other thread
         self._ssh_pool = self._ssh_worker_pool() if m.sftp.enabled else None
@@ -206,7 +210,7 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
             signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
-            signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
+            signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.put(True))
         if hasattr(self.engine, "start"):
             self.engine.start()
         write_running(self.state_dir, self.cfg, self.pending_restart)
@@ -222,9 +226,13 @@ class Daemon:
     def serve_forever(self) -> None:
         """Block until SIGTERM/SIGINT (call :meth:`start` first, which installs the handlers); SIGHUP reloads."""
         while not self.stopping.is_set():
-            if self._reload_requested.wait(0.5):
-                self._reload_requested.clear()
-                self.reload()
+            try:
+                self._reload_requested.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            while not self._reload_requested.empty():  # several SIGHUPs meanwhile: one reload
+                self._reload_requested.get_nowait()
+            self.reload()
         self.shutdown()
 
     def reload(self) -> bool:
