@@ -3,6 +3,11 @@
 DESIGN.md rule 8: "reloaded" means enforced. Every key of the config models is
 classified here as applied live or needing a restart; a key in neither set is a
 bug that tests/test_reload_contract.py catches, so a new key cannot be forgotten.
+A live key may still need a restart while the running config reads it at start
+somewhere (:data:`RESTART_WHEN`: ``preauth_timeout`` as SSH's login grace).
+Whatever is live must actually be applied: by :meth:`Daemon._apply_settings` for
+values held outside the config, else by being read from the daemon's config
+where it is used.
 
 A reload never half-applies a restart key: the daemon runs the *effective*
 config, which is the new file with every restart key put back to the value the
