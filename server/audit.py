@@ -77,7 +77,7 @@ CREATE INDEX IF NOT EXISTS runs_event ON runs(event_id);
 CREATE INDEX IF NOT EXISTS runs_time ON runs(time);
 """
 
-DECISIONS = ("allow", "veto", "error", "done")
+DECISIONS = ("allow", "veto", "error", "done", "denied")  # denied: refused by the server itself, no script
 
 
 def new_event_id() -> str:
@@ -356,6 +356,17 @@ class Trace:
         return decision
 
 
+class RefusalRecorder:
+    """Where refusals go (the Session's and the login core's ``refusals`` sink): each one an
+    ``events`` row with decision ``denied``, the refusal's kind as ``decided_by``."""
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self.trail = trail
+
+    def __call__(self, data: dict[str, Any], reason: str, kind: str) -> None:
+        self.trail.record_event(new_event_id(), {**data, "time": time.time()}, "denied", reason, decided_by=kind)
+
+
 def script_ran(audit: AuditTrail | None, data: dict[str, Any], script: str, function: str, mode: str,
                result: Any) -> None:
     """One handler call finished: metrics, and a run row under the event's id."""
@@ -364,4 +375,4 @@ def script_ran(audit: AuditTrail | None, data: dict[str, Any], script: str, func
         audit.record_run(str(data.get("_event_id") or ""), script, function, mode, result)
 
 
-__all__ = ["AuditTrail", "Trace", "script_ran", "new_event_id", "DECISIONS"]
+__all__ = ["AuditTrail", "RefusalRecorder", "Trace", "script_ran", "new_event_id", "DECISIONS"]

@@ -192,7 +192,8 @@ def _admin(config_path: str | None, token_file: Path | None, method: str, path: 
 @click.option("--user", default=None, help="filter: recent events of this user (from the daemon's audit trail)")
 @click.option("--path", "vpath", default=None, help="filter: virtual path, or a glob like '/inbox/*'")
 @click.option("--since", default=None, help="filter: Unix time, ISO 8601 time or an age: 30m, 12h, 7d")
-@click.option("--decision", type=click.Choice(["allow", "veto", "error", "done"]), default=None, help="filter")
+@click.option("--decision", type=click.Choice(["allow", "veto", "error", "done", "denied"]), default=None,
+              help="filter; denied: refused by the server itself (permission, filter, limit, policy, defender)")
 @click.option("--event", "event_name", default=None, help="filter: event name, e.g. pre-upload")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the API's JSON")

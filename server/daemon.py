@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .accounts import WORKER_ACCOUNT, worker_account
-from .audit import AuditTrail
+from .audit import AuditTrail, RefusalRecorder
 from .config import ConfigError, LoadedConfig, load_config
 from .defender import Defender
 from .dispatch import Dispatcher, NullDispatcher, SwappableDispatcher
@@ -134,6 +134,7 @@ class Daemon:
             preauth_timeout=m.server.preauth_timeout,
             defender=self.defender,
         )
+        self.core.refusals = RefusalRecorder(self.audit)  # every refusal: an audit record
         if hasattr(self.engine, "attach_server"):
             self.engine.attach_server(self.core)  # api.fs opens Sessions for the event's user
         self.listeners: list[Listener] = []

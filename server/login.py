@@ -290,6 +290,8 @@ class LoginCore:
         publisher: Publisher | None = None,
     ) -> None:
         self.defender = defender
+        #: where refused connects, logins and operations are recorded (the daemon's audit trail)
+        self.refusals: Callable[[dict, str, str], None] | None = None
         self.publisher = publisher
         self.users = users
         self.dispatcher = dispatcher
@@ -327,6 +329,7 @@ class LoginCore:
         if self.defender is not None:
             refusal = self.defender.admit(remote_ip)
             if refusal is not None:
+                self._record_refusal(conn, "connect", "", refusal.reason, "defender")
                 return conn, Decision(False, refusal.reason)
             conn.admitted = True
         with self._lock:
@@ -399,6 +402,13 @@ class LoginCore:
         """Connections not logged in yet (what ``max_preauth_connections`` bounds)."""
         with self._lock:
             return len(self._preauth)
+
+    def _record_refusal(self, conn: Connection, op: str, user: str, reason: str, kind: str) -> None:
+        """A connect or login the server refused: counted, and an audit record when one is kept."""
+        metrics.refusal(conn.protocol, op, kind)
+        if self.refusals is not None:
+            self.refusals({"name": op, "session_id": conn.id, "protocol": conn.protocol,
+                           "remote_ip": conn.remote_ip, "user": user}, reason, kind)
 
     def protocol_error(self, conn: Connection, detail: str) -> None:
         """A front end saw a client break its protocol (e.g. an SSH handshake that never
@@ -572,11 +582,13 @@ class LoginCore:
         return any(k == key for k in rec.keys)
 
     def login_failed(self, conn: Connection, name: str, method: str, reason: str, *, scored: bool = True,
-                     wait: bool = True) -> None:
+                     wait: bool = True, audited: bool = True) -> None:
         """Log, raise ``login-failed`` and wait ``failure_delay`` (unless ``wait`` is false: the
         caller waits). ``scored``: the defender adds to the address's score (not for policy
         refusals after proven credentials)."""
         log.warning("login failed for %r (%s): %s", name, method, reason, extra=conn.log_context(user=name))
+        if not scored and audited:  # proven credentials refused by policy (disabled, address, sessions...)
+            self._record_refusal(conn, "login", name, reason, "policy")
         metrics.auth(conn.protocol, method, False)
         if scored and self.defender is not None:
             self._score(conn, "unknown_user" if name not in self.users else "login_failed", reason)
@@ -618,6 +630,7 @@ class LoginCore:
         ``announce=False``: the caller answers the client first and then calls
         :meth:`announce_login` itself, so the log line, the metric and ``post-login``
         (none of which can refuse the login) are not in the way of the answer."""
+        vetoed = False
         if self.defender is not None and self.defender.is_banned(conn.remote_ip):
             refusal: str | None = "address banned after repeated failures"
         else:
@@ -629,6 +642,7 @@ class LoginCore:
             ))
             if not decision.allowed:
                 refusal = decision.reason or "login refused by a server script"
+                vetoed = True  # the engine records a script's veto itself
         if refusal is None:
             account = self.users[name].account
             with self._lock:
@@ -641,7 +655,7 @@ class LoginCore:
                     self._preauth.pop(conn.id, None)  # logged in: no longer bound by the pre-auth cap
                     conn.preauth = False
         if refusal is not None:
-            self.login_failed(conn, name, method, refusal, scored=False)
+            self.login_failed(conn, name, method, refusal, scored=False, audited=not vetoed)
             return Decision(False, refusal)
         conn.user = name
         conn.account = self.users[name].account
@@ -677,6 +691,7 @@ class LoginCore:
             publisher=self.publisher, tls=conn.tls, budget=self._budget(conn.user),
             on_close=lambda s, c=conn: self._count_session(c, -1),
         )
+        session.refusals = self.refusals
         conn.sessions.append(session)
         return session
 

@@ -44,6 +44,10 @@ SCRIPT_ERRORS = Counter("scriptsftp_script_errors", "Handler calls that failed, 
                         "(exception, timeout, cpu, memory, crash, ...).", ["script", "kind"], registry=REGISTRY)
 SCRIPT_TIMEOUTS = Counter("scriptsftp_script_timeouts", "Handler calls stopped for exceeding their wall-clock "
                           "or CPU limit, by script.", ["script"], registry=REGISTRY)
+REFUSALS = Counter("scriptsftp_refusals", "Operations and logins refused by the server itself (not by a script), "
+                   "by protocol, operation (upload, download, delete, ..., login, connect) and kind "
+                   "(permission, filter, limit, space, policy, defender).", ["protocol", "operation", "kind"],
+                   registry=REGISTRY)
 AUDIT_DROPPED = Counter("scriptsftp_audit_dropped", "Audit records dropped because the write queue was full.",
                         registry=REGISTRY)
 
@@ -64,6 +68,11 @@ def transfer(protocol: str, direction: str, nbytes: int, result: str = "ok") -> 
     if nbytes:
         TRANSFER_BYTES.labels(protocol, direction).inc(nbytes)
     TRANSFERS.labels(protocol, direction, result).inc()
+
+
+def refusal(protocol: str, operation: str, kind: str) -> None:
+    """The server refused an operation or a login (session.py, login.py)."""
+    REFUSALS.labels(protocol or "unknown", operation, kind).inc()
 
 
 def event(name: str, decision: str) -> None:

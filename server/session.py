@@ -18,6 +18,7 @@ only here (and in :mod:`.login` for connection and login events).
 from __future__ import annotations
 
 import errno
+import functools
 import fcntl
 import logging
 import os
@@ -26,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import events as ev
 from . import metrics
@@ -130,6 +131,38 @@ class HandleBudget:
         return LimitExceeded(f"too many open files (limit {self.limit()} per user)")
 
 
+#: a refusal is recorded as: (event-like record, reason, kind); set by the daemon (audit trail, counter)
+RefusalSink = Callable[[dict, str, str], None]
+
+
+def _refusals_recorded(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A Session operation whose refusals (permission, filter, limit, disk reserve) each leave
+    one log line, an audit record (``scriptsftp events --decision denied``) and a count. A
+    veto is not one of them: the engine records vetoes with the script that decided."""
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def run(self: "Session", *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except (PermissionDenied, LimitExceeded, NoSpace) as exc:
+                if not isinstance(exc, Vetoed):
+                    self._refused(op, args, exc)
+                raise
+
+        return run
+
+    return wrap
+
+
+def _refusal_kind(exc: FsError) -> str:
+    if isinstance(exc, LimitExceeded):
+        return "limit"
+    if isinstance(exc, NoSpace):
+        return "space"
+    return "filter" if "filters" in exc.message else "permission"
+
+
 class Session:
     """One logged-in user on one connection. Thread-safe."""
 
@@ -151,6 +184,7 @@ class Session:
     ) -> None:
         self.id = session_id
         self.tls = tls  # only for the log: FTPS lines say tls=true
+        self.refusals: RefusalSink | None = None  # set by the login core: audit trail and counter
         self.account = account
         self.user = account.name
         self.protocol = protocol
@@ -205,6 +239,21 @@ class Session:
                        "op": op, "path": path, "result": result, **({"tls": "true"} if self.tls else {}), **extra},
             )
 
+    def _refused(self, op: str, args: tuple, exc: FsError) -> None:
+        """One refused operation: a log line, and the record and count (see _refusals_recorded)."""
+        kind = _refusal_kind(exc)
+        path = str(args[-1] if op == "symlink" else args[0]) if args else ""
+        target = str(args[1]) if op == "rename" and len(args) > 1 else ""
+        extra = {"sid": self.id, "user": self.user, "proto": self.protocol, "ip": self.remote_ip,
+                 "op": op, "path": path, "result": "denied", "kind": kind, "reason": exc.message}
+        if self.tls:
+            extra["tls"] = "true"
+        log.info("%s %s denied", op, path, extra=extra)
+        metrics.refusal(self.protocol, op, kind)
+        if self.refusals is not None:
+            self.refusals({"name": op, "session_id": self.id, "protocol": self.protocol, "remote_ip": self.remote_ip,
+                           "user": self.user, "path": path, "target": target}, exc.message, kind)
+
     # --- resolution helpers ----------------------------------------------------
 
     def _parts(self, vpath: str) -> tuple[str, ...]:
@@ -248,6 +297,7 @@ class Session:
         """Canonical virtual path (lexical; ``..`` stops at ``/``)."""
         return join(split(vpath))
 
+    @_refusals_recorded("stat")
     def stat(self, vpath: str, follow: bool = True) -> Entry:
         parts = split(vpath)
         path = join(parts)
@@ -262,6 +312,7 @@ class Session:
             raise from_oserror(exc, path) from None
         return Entry(parts[-1] if parts else "/", st)
 
+    @_refusals_recorded("list")
     def listdir(self, vpath: str) -> list[Entry]:
         parts = self._parts(vpath)
         path = join(parts)
@@ -281,6 +332,7 @@ class Session:
         self._log("list", path, "ok", entries=len(visible))
         return visible
 
+    @_refusals_recorded("list")
     def opendir(self, vpath: str) -> "DirHandle":
         """A listing read in batches (SFTP OPENDIR/READDIR): the directory stays open and each
         batch is read and stat'ed when asked for, so a 20,000-entry directory costs one batch
@@ -307,6 +359,7 @@ class Session:
         self._track(handle)
         return handle
 
+    @_refusals_recorded("readlink")
     def readlink(self, vpath: str) -> str:
         parts = self._parts(vpath)
         path = join(parts)
@@ -327,6 +380,7 @@ class Session:
 
     # --- reading --------------------------------------------------------------
 
+    @_refusals_recorded("download")
     def open_read(self, vpath: str) -> "ReadHandle":
         parts = self._parts(vpath)
         path = join(parts)
@@ -358,6 +412,7 @@ class Session:
 
     # --- writing --------------------------------------------------------------
 
+    @_refusals_recorded("upload")
     def open_write(
         self, vpath: str, *, truncate: bool = True, append: bool = False, exclusive: bool = False,
         create: bool = True, readable: bool = False, mode: int = 0o644,
@@ -465,6 +520,7 @@ class Session:
 
     # --- namespace operations ---------------------------------------------------
 
+    @_refusals_recorded("mkdir")
     def mkdir(self, vpath: str, mode: int = 0o755) -> None:
         parts = self._parts(vpath)
         path = join(parts)
@@ -480,6 +536,7 @@ class Session:
         self._log("mkdir", path, "ok")
         self._post(ev.PostMkdir, path=path)
 
+    @_refusals_recorded("rmdir")
     def rmdir(self, vpath: str) -> None:
         parts = self._parts(vpath)
         path = join(parts)
@@ -501,6 +558,7 @@ class Session:
         self._log("rmdir", path, "ok")
         self._post(ev.PostRmdir, path=path)
 
+    @_refusals_recorded("delete")
     def remove(self, vpath: str) -> None:
         parts = self._parts(vpath)
         path = join(parts)
@@ -524,6 +582,7 @@ class Session:
         self._log("delete", path, "ok", size=st.st_size)
         self._post(ev.PostDelete, path=path, size=st.st_size)
 
+    @_refusals_recorded("rename")
     def rename(self, src_vpath: str, dst_vpath: str, *, overwrite: bool = False) -> None:
         """Rename; ``overwrite`` replaces an existing file (POSIX semantics), which
         also needs the ``overwrite`` permission where the target lives."""
@@ -564,6 +623,7 @@ class Session:
         self._log("rename", src, "ok", target=dst)
         self._post(ev.PostRename, path=src, target=dst, size=src_st.st_size)
 
+    @_refusals_recorded("setstat")
     def setstat(
         self, vpath: str, *, mode: int | None = None, times: tuple[float, float] | None = None,
         size: int | None = None,
@@ -627,6 +687,7 @@ class Session:
                           if kept else "ignored", extra={"sid": self.id, "user": self.user})
             return None, kept
 
+    @_refusals_recorded("symlink")
     def symlink(self, target_vpath: str, link_vpath: str) -> None:
         """Create a symlink. The target is a virtual path (relative to the link's
         directory or absolute in the home), and means a place in the home, as in a
