@@ -30,7 +30,7 @@ from scriptsftp.server.dispatch import ALLOW, Decision, FileOpener
 
 from .registry import ActiveBinding, LoadedScript, Registry, read_script, referenced_scripts
 from .services import EngineServices
-from .workers import CallRequest, CallResult, ScriptSource, WorkerPool
+from .workers import LOGIN_EVENTS, CallRequest, CallResult, ScriptSource, WorkerPool
 
 log = logging.getLogger("scriptsftp.scripting")
 script_log = logging.getLogger("scriptsftp.script")
@@ -77,6 +77,7 @@ class ScriptEngine:
             self.pool.close()
             raise ConfigError(problems)
         self._registry = Registry.from_config(self.cfg, scripts)
+        self._keep_login_reserve()
         for i in range(max(1, self.cfg.model.scripts.workers)):
             t = threading.Thread(target=self._async_loop, name=f"script-async-{i}", daemon=True)
             t.start()
@@ -255,6 +256,7 @@ class ScriptEngine:
                 self._reload_back(name)
         self._registry = registry
         self.cfg = cfg
+        self._keep_login_reserve()
         if self.watcher is not None:
             self.watcher.resync()  # newly bound names are watched from their current content
 
@@ -270,6 +272,12 @@ class ScriptEngine:
         return True
 
     # --- dispatch ---------------------------------------------------------------------
+
+    def _keep_login_reserve(self) -> None:
+        """Workers are kept for connect/pre-login only while something is bound to them: with
+        no login bindings a reserve would only take a worker from every other event."""
+        wanted = any(self._registry.wants(name) for name in LOGIN_EVENTS)
+        self.pool.set_login_reserve(self.cfg.model.scripts.login_reserve if wanted else 0)
 
     def wants(self, event_name: str) -> bool:
         return self._registry.wants(event_name)

@@ -569,6 +569,12 @@ class WorkerPool:
                 self._waiters.remove(me)
                 self._cond.notify_all()  # the next in line may go now
 
+    def set_login_reserve(self, workers: int) -> None:
+        """The engine keeps a reserve only while connect/pre-login bindings exist."""
+        with self._cond:
+            self.login_reserve = max(0, min(int(workers), self.size - 1))
+            self._cond.notify_all()
+
     def _next_waiter(self) -> _Waiter | None:
         """(lock held) Who gets the next free worker."""
         logins = [w for w in self._waiters if w.login]

@@ -70,7 +70,7 @@ def test_text_line_layout():
                   path="/a b", result="ok", entries=10, reason="two words", empty="", _hidden=1)
     line = TextFormatter().format(rec)
     head, _, rest = line.partition(" INFO    session: ")
-    assert len(head) == len("2024-01-01T00:00:00")
+    assert len(head) == len("2024-01-01T00:00:00+0000")  # local time with its offset
     # empty head fields are left out; op/path/result are in the message; values with spaces quoted
     assert rest == '[sid=s1 proto=sftp ip=::1] list /a b ok entries=10 reason="two words" empty=""'
 
