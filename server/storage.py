@@ -15,6 +15,7 @@ import errno
 import os
 import secrets
 import stat as statmod
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -226,19 +227,11 @@ class Storage:
         return os.open(r.name, _DIR_FLAGS, dir_fd=r.dir_fd)
 
     def scandir(self, r: Resolved) -> list[Entry]:
+        """The whole listing at once (FTP, HTTP, api.fs); SFTP reads it in batches."""
         fd = self.open_dir_fd(r)
         try:
-            entries = []
             with os.scandir(fd) as it:
-                for de in it:
-                    if de.name.startswith(STAGING_PREFIX):
-                        continue
-                    try:
-                        st = de.stat(follow_symlinks=False)
-                    except OSError:
-                        continue  # vanished while listing
-                    entries.append(Entry(de.name, st))
-            return entries
+                return self.read_entries(fd, it, sys.maxsize)
         finally:
             os.close(fd)
 
