@@ -76,6 +76,7 @@ _ERRNO = {
     errno.EISDIR: (IsADirectory, "is a directory"),
     errno.ENOTEMPTY: (DirectoryNotEmpty, "directory not empty"),
     errno.ENOSPC: (NoSpace, "no space left on device"),
+    errno.EFBIG: (Failure, "file too large"),
     errno.EDQUOT: (NoSpace, "disk quota exceeded"),
     errno.ENAMETOOLONG: (InvalidPath, "name too long"),
     errno.ELOOP: (InvalidPath, "too many levels of symbolic links"),

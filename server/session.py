@@ -763,6 +763,10 @@ class Session:
         self.storage.close()
 
 
+#: the largest file offset the kernel takes (off_t); clients send 64-bit unsigned offsets
+MAX_OFFSET = 2**63 - 1
+
+
 class FileHandle:
     def __init__(self, session: Session, path: str, real: tuple[str, ...], fd: int) -> None:
         self.session = session
@@ -872,6 +876,8 @@ class ReadHandle(FileHandle):
         self.sent = 0
 
     def read(self, offset: int, length: int) -> bytes:
+        if not 0 <= offset <= MAX_OFFSET:
+            return b""  # past any end of file: EOF, as the kernel answers for a large offset
         try:
             data = os.pread(self.fd, length, offset)
         except OSError as exc:
@@ -881,6 +887,8 @@ class ReadHandle(FileHandle):
 
     def read_into(self, offset: int, buf: memoryview) -> int:
         """``read()`` into the caller's buffer: the SFTP reply is built around it without a copy."""
+        if not 0 <= offset <= MAX_OFFSET:
+            return 0
         try:
             n = os.preadv(self.fd, [buf], offset)
         except OSError as exc:
@@ -941,6 +949,10 @@ class WriteHandle(FileHandle):
     def write(self, offset: int, data: bytes) -> None:
         self._check_usable()
         try:
+            if not 0 <= offset <= MAX_OFFSET - len(data):
+                # a client's 64-bit offset beyond off_t: what the kernel answers for one inside
+                # it but past the largest file (and os.pwrite would raise OverflowError)
+                raise OSError(errno.EFBIG, "file too large")
             view = memoryview(data)
             while view:
                 n = os.pwrite(self.fd, view, offset)
@@ -953,6 +965,8 @@ class WriteHandle(FileHandle):
         self.written += len(data)
 
     def read(self, offset: int, length: int) -> bytes:
+        if not 0 <= offset <= MAX_OFFSET:
+            return b""
         try:
             return os.pread(self.fd, length, offset)
         except OSError as exc:
@@ -963,6 +977,8 @@ class WriteHandle(FileHandle):
         Only from a handle opened for reading too; the bytes count as no download."""
         if fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
             raise PermissionDenied(f"{self.path}: not open for reading")
+        if not 0 <= offset <= MAX_OFFSET:
+            return 0
         try:
             return os.preadv(self.fd, [buf], offset)
         except OSError as exc:
