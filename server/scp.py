@@ -699,6 +699,9 @@ def run_scp(channel: paramiko.Channel, session: Session, argv: list[str]) -> Non
             channel.send_exit_status(status)
         except Exception:
             pass
-        channel.close()
+        try:
+            channel.close()
+        except (OSError, EOFError):
+            pass  # the client's connection went away first: nothing left to close on the wire
         if server is not None:
             server.channel_ended(closed_for)  # the connection ends too if this was its last channel
