@@ -717,6 +717,14 @@ class _SessionCommands:
             self._overlong = False
             self.respond("500 Command too long.")  # type: ignore[attr-defined]
             return
+        try:
+            b"".join(self._in_buffer).decode(self.encoding, self.unicode_errors)  # type: ignore[attr-defined]
+        except UnicodeDecodeError:
+            # pyftpdlib answers 501 but leaves the line in its buffer: every later command is
+            # glued behind it and refused the same way, and the connection never recovers
+            self._in_buffer, self._in_buffer_len = [], 0
+            self.respond("501 Can't decode command.")  # type: ignore[attr-defined]
+            return
         super().found_terminator()  # type: ignore[misc]
 
     def _tls_on(self) -> bool:
