@@ -5,7 +5,9 @@ free for reuse instead of returning it to the system. Every SSH connection has
 threads that allocate and free 256 KiB buffers, so after a burst of parallel
 transfers an idle daemon held ~98 MB (the bar for an idle daemon is 80 MB).
 Two arenas keep freed memory reusable across threads, and a trim once the last
-connection has gone hands the rest back. Elsewhere (musl, macOS) both are no-ops.
+connection has gone hands the rest back; the daemon's main process, seldom without
+any connection, also trims every 10 s after its connection count fell (daemon.py).
+Elsewhere (musl, macOS) both are no-ops.
 """
 
 from __future__ import annotations
