@@ -284,6 +284,11 @@ class HttpListener:
             return exc.response()
         except FsError as exc:
             return HttpError.from_fs(exc).response()
+        except ConnectionResetError:
+            # the client left in the middle of its request body (aiohttp: "Connection lost");
+            # the handler already discarded what it had (an upload is aborted). Nobody is left
+            # to answer: aiohttp drops this response quietly instead of logging a traceback
+            return web.Response(status=400, text="connection lost before the request body was complete\n")
         finally:
             state.busy -= 1
             if state.lost and state.busy == 0:
