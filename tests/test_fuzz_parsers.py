@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import ALICE_PASSWORD, Daemon, close_client, paramiko_client
+from conftest import ALICE_PASSWORD, BOB_PASSWORD, Daemon, close_client, paramiko_client
 from httpkit import basic
 
 HONEST_LIMIT = 2.0     # seconds an honest login + list + download may take while fuzzing
@@ -69,6 +69,9 @@ def srv(module_daemons) -> Daemon:
     home.mkdir(parents=True, exist_ok=True)
     (home / "fuzz").mkdir(exist_ok=True)
     (home / "honest.txt").write_bytes(HONEST_DATA)
+    # the honest client is bob, whose home the fuzzing (as alice) cannot reach
+    d.home("bob").mkdir(parents=True, exist_ok=True)
+    (d.home("bob") / "honest.txt").write_bytes(HONEST_DATA)
     (root / "homes" / "sentinel").mkdir(parents=True, exist_ok=True)
     return d
 
@@ -125,7 +128,11 @@ class Watch:
         self.rss = rss_mb(self.pid)
         self.examples = 0
         self.marks = 0
+        self.outcomes: dict[str, int] = {}  # how examples ended: the fuzzing must reach the parsers
         self.outside = self._outside()
+
+    def outcome(self, what: str) -> None:
+        self.outcomes[what] = self.outcomes.get(what, 0) + 1
 
     def _outside(self) -> set[str]:
         homes = self.d.root / "homes"
@@ -179,9 +186,9 @@ CMD_READLINK, CMD_SYMLINK, CMD_EXTENDED = 19, 20, 200
 PROBE_ID = 0x7EADBEEF
 
 
-def honest_sftp(d: Daemon, alice_key) -> None:
+def honest_sftp(d: Daemon, bob_key) -> None:
     def go():
-        c = paramiko_client(d, key=alice_key)
+        c = paramiko_client(d, "bob", key=bob_key)
         try:
             assert "honest.txt" in c.listdir("/")
             with c.open("/honest.txt") as f:
@@ -344,7 +351,7 @@ def sftp_state(srv, alice_key):
         state["conn"].close()
 
 
-def test_fuzz_sftp(srv, alice_key, sftp_state):
+def test_fuzz_sftp(srv, alice_key, bob_key, sftp_state):
     watch = Watch(srv)
 
     @FUZZ
@@ -382,13 +389,13 @@ def test_fuzz_sftp(srv, alice_key, sftp_state):
         if not alive:
             conn.close()
             sftp_state["conn"] = None
-        watch.after_example(lambda d: honest_sftp(d, alice_key))
+        watch.after_example(lambda d: honest_sftp(d, bob_key))
 
     run()
     if sftp_state["conn"] is not None:
         sftp_state["conn"].close()
         sftp_state["conn"] = None
-    watch.settle(lambda d: honest_sftp(d, alice_key))
+    watch.settle(lambda d: honest_sftp(d, bob_key))
 
 
 # --- SCP ---------------------------------------------------------------------------------
@@ -420,13 +427,13 @@ def scp_record(draw) -> bytes:
     return draw(st.binary(max_size=200))
 
 
-def honest_scp(d: Daemon, alice_key) -> None:
+def honest_scp(d: Daemon, bob_key) -> None:
     # an honest SCP client (`scp -f`) and the honest SFTP one
     def go():
         t = paramiko.Transport(("127.0.0.1", d.port))
         try:
             t.start_client(timeout=10)
-            t.auth_publickey("alice", paramiko.PKey.from_path(str(alice_key.private)))
+            t.auth_publickey("bob", paramiko.PKey.from_path(str(bob_key.private)))
             ch = t.open_session(timeout=10)
             ch.settimeout(ANSWER_LIMIT)
             ch.exec_command("scp -f /honest.txt")
@@ -448,7 +455,7 @@ def honest_scp(d: Daemon, alice_key) -> None:
     timed("scp", go)
 
 
-def test_fuzz_scp(srv, alice_key):
+def test_fuzz_scp(srv, alice_key, bob_key):
     watch = Watch(srv)
     holder: dict[str, paramiko.Transport | None] = {"t": None}
 
@@ -499,12 +506,12 @@ def test_fuzz_scp(srv, alice_key):
             assert ch.status_event.wait(ANSWER_LIMIT) or ch.closed
         finally:
             ch.close()
-        watch.after_example(lambda d: honest_scp(d, alice_key))
+        watch.after_example(lambda d: honest_scp(d, bob_key))
 
     run()
     if holder["t"] is not None:
         holder["t"].close()
-    watch.settle(lambda d: honest_scp(d, alice_key))
+    watch.settle(lambda d: honest_scp(d, bob_key))
 
 
 # --- FTP ---------------------------------------------------------------------------------
@@ -515,7 +522,7 @@ def honest_ftp(d: Daemon) -> None:
         c = ftplib.FTP()
         c.connect("127.0.0.1", d.ports["ftp"], timeout=ANSWER_LIMIT)
         try:
-            c.login("alice", ALICE_PASSWORD)
+            c.login("bob", BOB_PASSWORD)
             assert "honest.txt" in c.nlst()
             chunks: list[bytes] = []
             c.retrbinary("RETR honest.txt", chunks.append)
@@ -657,10 +664,10 @@ def honest_http(d: Daemon) -> None:
     def go():
         conn = http.client.HTTPConnection("127.0.0.1", d.ports["http"], timeout=ANSWER_LIMIT)
         try:
-            conn.request("PROPFIND", "/", headers={"Authorization": basic(), "Depth": "1"})
+            conn.request("PROPFIND", "/", headers={"Authorization": basic("bob", BOB_PASSWORD), "Depth": "1"})
             r = conn.getresponse()
             assert r.status == 207 and b"honest.txt" in r.read()
-            conn.request("GET", "/honest.txt", headers={"Authorization": basic()})
+            conn.request("GET", "/honest.txt", headers={"Authorization": basic("bob", BOB_PASSWORD)})
             r = conn.getresponse()
             assert r.status == 200 and r.read() == HONEST_DATA
         finally:
@@ -698,11 +705,20 @@ XML_BODIES = [
 ]
 
 
+def sometimes(draw, hostile, sane):
+    """Mostly a sane value (so requests reach the handlers), now and then a hostile one."""
+    return draw(hostile) if draw(st.integers(0, 3)) == 0 else draw(sane)
+
+
 @st.composite
 def http_request(draw) -> bytes:
-    method = draw(st.one_of(st.sampled_from(METHODS), st.text(max_size=10)))
-    path = draw(st.one_of(st.sampled_from(PATHS), st.builds(lambda t: "/fuzz/" + t, st.text(max_size=30))))
-    version = draw(st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/9.9", "HTTP/1.1x", ""]))
+    method = sometimes(draw, st.one_of(st.sampled_from(METHODS), st.text(max_size=10)),
+                       st.sampled_from(["GET", "HEAD", "PUT", "DELETE", "OPTIONS", "PROPFIND", "PROPPATCH",
+                                        "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK"]))
+    path = sometimes(draw, st.one_of(st.sampled_from(PATHS), st.builds(lambda t: "/fuzz/" + t, st.text(max_size=30))),
+                     st.sampled_from(["/", "/honest.txt", "/fuzz/", "/fuzz/a.txt", "/fuzz/d/", "/../fuzz/x",
+                                      "/fuzz/%2e%2e/%2e%2e/sentinel", "/fuzz/a%20b"]))
+    version = sometimes(draw, st.sampled_from(["HTTP/1.0", "HTTP/9.9", "HTTP/1.1x", ""]), st.just("HTTP/1.1"))
     body = draw(st.one_of(st.sampled_from(XML_BODIES), st.binary(max_size=300)))
     headers: list[tuple[str, str]] = [("Host", "127.0.0.1")]
     auth = draw(st.sampled_from(["good", "good", "good", "none", "bad", "garbage"]))
@@ -718,7 +734,8 @@ def http_request(draw) -> bytes:
                        ("Timeout", ["Second-99999999999999999", "Infinite", "x"])):
         if draw(st.integers(0, 3)) == 0:
             headers.append((name, draw(st.sampled_from(pool))))
-    cl = draw(st.sampled_from(["honest", "honest", "none", "short", "long", "huge", "negative", "garbage", "chunked"]))
+    cl = sometimes(draw, st.sampled_from(["none", "short", "long", "huge", "negative", "garbage", "chunked"]),
+                   st.just("honest"))
     length = {"honest": str(len(body)), "short": str(max(len(body) - 5, 0)), "long": str(len(body) + 1000),
               "huge": str(2**64), "negative": "-1", "garbage": "12abc"}.get(cl)
     if length is not None:
@@ -742,35 +759,45 @@ def test_fuzz_http(srv):
              + b"\r\nContent-Length: " + str(len(deep_xml(5000))).encode() + b"\r\n\r\n" + deep_xml(5000))
     @example(b"GET /honest.txt HTTP/1.1\r\nHost: x\r\nRange: bytes=" + b",".join([b"0-1"] * 500) + b"\r\n\r\n")
     @example(b"PUT /fuzz/lie HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551616\r\n\r\nabc")
+    # a PUT body cut short by the client's EOF once logged aiohttp's "Connection lost" traceback
+    @example(b"PUT /fuzz/cut HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic().encode()
+             + b"\r\nContent-Length: 100\r\n\r\nabc")
     def run(raw):
         sock = socket.create_connection(("127.0.0.1", srv.ports["http"]), timeout=ANSWER_LIMIT)
         try:
             try:
                 sock.sendall(raw)
-                sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-            got = b""
-            deadline = time.monotonic() + ANSWER_LIMIT
-            while True:
+            # an answer, or a close; a request whose body is still awaited (a length that
+            # lies) gets the client's EOF after a second and must then end too
+            got, eof_sent = b"", False
+            sock.settimeout(1.0)
+            deadline = time.monotonic() + ANSWER_LIMIT + 1.0
+            while not got.startswith(b"HTTP/1.") or b"\r\n" not in got:
+                assert time.monotonic() < deadline, f"no answer and no close within {ANSWER_LIMIT} s"
                 try:
                     chunk = sock.recv(65536)
                 except socket.timeout:
-                    chunk = None
+                    if not eof_sent:
+                        eof_sent = True
+                        try:
+                            sock.shutdown(socket.SHUT_WR)
+                        except OSError:
+                            pass
+                    continue
                 except OSError:
                     break
-                if chunk == b"":
+                if not chunk:
                     break
-                if chunk:
-                    got += chunk
-                if time.monotonic() > deadline:
-                    # an answer but no close after our EOF is tolerated; silence is not
-                    assert got.startswith(b"HTTP/1."), f"no answer and no close within {ANSWER_LIMIT} s"
-                    break
+                got += chunk
             assert got == b"" or got.startswith(b"HTTP/1."), got[:200]
+            watch.outcome(got[9:12].decode() if got else "closed")
         finally:
             sock.close()
         watch.after_example(honest_http)
 
     run()
+    # most examples must reach the handlers and get an answer, not just a closed door
+    assert sum(n for k, n in watch.outcomes.items() if k != "closed") > 150, watch.outcomes
     watch.settle(honest_http)
