@@ -36,6 +36,7 @@ log = logging.getLogger("scriptsftp.ssh")
 
 MAX_REQUEST = 1 << 20  # a path, a password, a key blob: far less
 MAX_READDIR = 1000  # entries per readdir answer, whatever the worker asks for
+OPENDIR_PREFETCH = 100  # entries sent with the opendir answer (one SFTP READDIR batch)
 
 #: Session methods a worker may call by name, with the keyword arguments each takes
 SESSION_CALLS: dict[str, frozenset[str]] = {
@@ -231,11 +232,14 @@ class CoreLink:
             session.close()
 
     def _opendir(self, number: int, path: str) -> dict:
-        """A listing the worker reads in batches (``readdir``); it stays here, open, as a handle."""
+        """A listing the worker reads in batches (``readdir``); it stays here, open, as a handle.
+        The first batch comes with the answer: a small directory then costs the worker one
+        round trip to open and list, not three."""
         handle = self._session(number).opendir(path)
         number = next(self._numbers)
         self.handles[number] = handle
-        return {"hid": number, "path": handle.path}
+        first = handle.read(OPENDIR_PREFETCH)
+        return {"hid": number, "path": handle.path, "first": [encode_entry(e) for e in first]}
 
     def _readdir(self, hid: int, count: object) -> list:
         handle = self.handles[hid]

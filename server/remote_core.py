@@ -21,7 +21,7 @@ from typing import Any
 import paramiko
 
 from . import errors, framing
-from .core_link import decode_entry
+from .core_link import OPENDIR_PREFETCH, decode_entry
 from .dispatch import ALLOW, Decision
 from .errors import FsError
 from .session import DirHandle, ReadHandle, WriteHandle
@@ -204,7 +204,8 @@ class RemoteSession:
 
     def opendir(self, vpath: str) -> "RemoteDirHandle":
         answer = self.core.value("opendir", self.number, vpath)
-        return RemoteDirHandle(self, answer["hid"], answer["path"])
+        first = [decode_entry(e) for e in answer.get("first", [])]
+        return RemoteDirHandle(self, answer["hid"], answer["path"], first)
 
     def open_write(self, vpath: str, **kwargs: Any) -> "RemoteWriteHandle":
         answer, fd = self.core.call("open_write", self.number, vpath, kwargs)
@@ -314,18 +315,26 @@ class RemoteDirHandle(DirHandle):
     """A listing open in the core (its descriptor stays there): each ``read`` is one batch
     fetched over the link, so neither process ever holds the whole directory."""
 
-    def __init__(self, session: RemoteSession, hid: int, path: str) -> None:  # noqa: D107 (no DirHandle init)
+    def __init__(self, session: RemoteSession, hid: int, path: str,  # noqa: D107 (no DirHandle init)
+                 first: list[Entry] | None = None) -> None:
         self.session = session  # type: ignore[assignment]
         self.hid = hid
         self.path = path
         self.started = time.monotonic()
         self.done = False
         self.count = 0
+        self._buffered = list(first or [])  # the batch the opendir answer brought
+        # fewer than a full batch came with it: that was the whole listing, no readdir needed
+        self._ended = first is not None and len(first) < OPENDIR_PREFETCH
 
     def read(self, count: int) -> list[Entry]:
         if self.done:
             raise errors.Failure(f"{self.path}: listing closed")
-        entries = [decode_entry(e) for e in self.session.core.value("readdir", self.hid, count)]
+        entries, self._buffered = self._buffered[:count], self._buffered[count:]
+        if len(entries) < count and not self._ended:
+            more = [decode_entry(e) for e in self.session.core.value("readdir", self.hid, count - len(entries))]
+            self._ended = not more
+            entries += more
         self.count += len(entries)
         return entries
 
