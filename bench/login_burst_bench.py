@@ -31,7 +31,6 @@ import multiprocessing as mp
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +42,9 @@ import paramiko
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).with_name("scriptsftp")
 PASSWORD = "bench-Secret-1"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from defender_bench import Server as DefenderBenchServer  # noqa: E402  (one way to start and watch a daemon)
 
 
 def write_config(tmp: Path, args: argparse.Namespace) -> Path:
@@ -70,41 +72,12 @@ permissions = {{ "/" = ["*"] }}
     return cfg
 
 
-class Server:
-    """The daemon, its port and what it logged."""
-
-    def __init__(self, cfg: Path) -> None:
-        self.proc = subprocess.Popen([str(BIN), "run", "-c", str(cfg)], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cfg.parent)
-        self.lines: list[str] = []
-        self.port = 0
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.proc.stderr is not None
-            for raw in self.proc.stderr:
-                line = raw.decode("utf-8", "replace")
-                self.lines.append(line)
-                m = re.search(r"listening sftp on \S+:(\d+)", line)
-                if m:
-                    self.port = int(m[1])
-                if " ready" in line:
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(60):
-            raise SystemExit("scriptsftp did not start:\n" + "".join(self.lines[-30:]))
+class Server(DefenderBenchServer):
+    """defender_bench's daemon (its port and what it logged), counting the SSH workers' CPU too."""
 
     def cpu_seconds(self) -> float:
         """The daemon's CPU plus its SSH worker processes' (children of it)."""
         return sum(_cpu(pid) for pid in [self.proc.pid, *_children(self.proc.pid)])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def _children(pid: int) -> list[int]:
