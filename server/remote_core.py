@@ -302,8 +302,7 @@ class RemoteWriteHandle(_ReportsToCore, WriteHandle):  # type: ignore[misc]
         return self.written
 
     def close(self) -> None:
-        if self.failed is not None and not self.done:
-            self._abort_poisoned()  # a write here failed: the core discards, the client gets the error
+        self._refuse_if_poisoned()  # a write here failed: the core discards, the client gets the error
         _ReportsToCore.close(self)
 
     def write(self, offset: int, data: bytes) -> None:

@@ -1025,8 +1025,7 @@ class WriteHandle(FileHandle):
         version of the file is untouched."""
         if self.failed is None and not self.done and self.session.uploads.fsync:
             self._sync()
-        if self.failed is not None and not self.done:
-            self._abort_poisoned()
+        self._refuse_if_poisoned()
         if not self._finish():
             return
         try:
@@ -1050,9 +1049,10 @@ class WriteHandle(FileHandle):
         finally:
             self._release()
 
-    def _abort_poisoned(self) -> None:
+    def _refuse_if_poisoned(self) -> None:
         """Close of an upload whose write failed: discard it and answer the failure."""
-        assert self.failed is not None
+        if self.failed is None or self.done:
+            return
         reason = f"upload failed: {self.failed.message}"
         self.abort(reason)
         raise type(self.failed)(reason)
