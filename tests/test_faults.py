@@ -122,20 +122,28 @@ def worker_pids(d) -> list[int]:
     return [int(p) for p in re.findall(r"ssh worker \d+ started \(pid (\d+)\)", d.log_text())]
 
 
-def holder_of(pids: list[int], name_part: str) -> int:
-    """The live process that has a file whose path contains ``name_part`` open."""
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except FileNotFoundError:
-            continue
-        for fd in fds:
+def holder_of(pids: list[int], name_part: str, timeout: float = 10.0) -> int:
+    """The live process that has a file whose path contains ``name_part`` open.
+
+    Polled: the core opens the staging file and hands its descriptor to the worker in
+    the open's answer, so the file can exist (and, opened without truncation, already
+    hold the old content) a moment before any worker has it."""
+
+    def holder() -> int | None:
+        for pid in pids:
             try:
-                if name_part in os.readlink(f"/proc/{pid}/fd/{fd}"):
-                    return pid
-            except OSError:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except FileNotFoundError:
                 continue
-    raise AssertionError(f"no worker has {name_part} open")
+            for fd in fds:
+                try:
+                    if name_part in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                        return pid
+                except OSError:
+                    continue
+        return None
+
+    return wait_until(holder, timeout, what=f"a worker (of {pids}) to have {name_part} open")
 
 
 def require_tmpfs(what: str, mounted: bool) -> None:
