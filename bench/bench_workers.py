@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from scriptsftp.scripting.workers import CallRequest, ScriptSource, WorkerPool
-from scriptsftp.server.events import PreUpload
+from scriptsftp.server.contract.events import PreUpload
 
 NOOP = "def on_pre_upload(event, api):\n    pass\n"
 TYPICAL = """

@@ -1,4 +1,4 @@
-"""The scripting engine: the :class:`~scriptsftp.server.dispatch.Dispatcher` the server calls.
+"""The scripting engine: the :class:`~scriptsftp.server.contract.dispatch.Dispatcher` the server calls.
 
 For each event it finds the matching bindings (in order), runs each handler in
 a sandboxed worker and turns the results into one decision: the first veto
@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scriptsftp.server import audit
-from scriptsftp.server import events as ev
-from scriptsftp.server.config import ConfigError, LoadedConfig
-from scriptsftp.server.dispatch import ALLOW, Decision, FileOpener
+from scriptsftp.server.ops import audit
+from scriptsftp.server.contract import events as ev
+from scriptsftp.server.support.config import ConfigError, LoadedConfig
+from scriptsftp.server.contract.dispatch import ALLOW, Decision, FileOpener
 
 from .registry import ActiveBinding, LoadedScript, Registry, read_script, referenced_scripts
 from .services import EngineServices
@@ -44,7 +44,7 @@ class ScriptEngine:
         self.cfg = cfg
         self.scripts_dir = cfg.resolve(sc.dir)
         if pool is None:
-            from scriptsftp.server.accounts import SANDBOX_ACCOUNT, worker_account
+            from scriptsftp.server.support.worker_accounts import SANDBOX_ACCOUNT, worker_account
             account = worker_account(sc.user, SANDBOX_ACCOUNT, "[scripts] user",
                                      allow_root=cfg.model.server.allow_root_workers)
             pool = WorkerPool(sc.workers, memory_mb=sc.memory_mb, state_dir=state_dir,
@@ -419,7 +419,7 @@ def _ctx(data: dict[str, Any]) -> dict[str, Any]:
 
 def check_scripts(cfg: LoadedConfig) -> list[str]:
     """For `scriptsftp check`: compile every bound script in a throwaway worker; list every problem."""
-    from scriptsftp.server.accounts import SANDBOX_ACCOUNT, AccountError, worker_account
+    from scriptsftp.server.support.worker_accounts import SANDBOX_ACCOUNT, AccountError, worker_account
     sc = cfg.model.scripts
     try:   # untrusted source is compiled as the account `run` would use
         account = worker_account(sc.user, SANDBOX_ACCOUNT, "[scripts] user",

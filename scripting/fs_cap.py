@@ -1,6 +1,6 @@
 """``api.fs``: a script works on the event user's files through a Session.
 
-The handler opens a :class:`~scriptsftp.server.session.Session` for the event's
+The handler opens a :class:`~scriptsftp.server.core.session.Session` for the event's
 user, exactly as a login would, so every path goes through the same
 confinement (no ``..`` above the home, no symlink out, no staging names), the
 same permissions and filters: a script cannot do what the user could not.
@@ -29,11 +29,11 @@ import stat as statmod
 from pathlib import Path
 from typing import Any, Callable
 
-from scriptsftp.server import errors as fserr
-from scriptsftp.server.dispatch import NullDispatcher
-from scriptsftp.server.publish import PendingIndex, Publisher
-from scriptsftp.server.session import Account, Session, UploadPolicy
-from scriptsftp.server.vfs import Access, join, split
+from scriptsftp.server.contract import errors as fserr
+from scriptsftp.server.contract.dispatch import NullDispatcher
+from scriptsftp.server.core.publish import PendingIndex, Publisher
+from scriptsftp.server.core.session import Account, Session, UploadPolicy
+from scriptsftp.server.core.vfs import Access, join, split
 
 from .capabilities import CapabilityCall, CapabilityError
 

@@ -1,7 +1,7 @@
 """The kernel jail of worker processes (script workers and SSH workers).
 
 DESIGN.md rule 11: workers are a privilege boundary. Besides running as an
-unprivileged account (chosen by the parent, see server/accounts.py), a worker
+unprivileged account (chosen by the parent, see server/support/worker_accounts.py), a worker
 calls :func:`apply` once, after it has imported what it needs and before it
 reads anything untrusted. Two independent layers, each applied when the kernel
 (and the Python binding) offers it, each reported, never fatal:

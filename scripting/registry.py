@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from scriptsftp.server.config import Binding, LoadedConfig
+from scriptsftp.server.support.config import Binding, LoadedConfig
 
 from .workers import ScriptSource
 

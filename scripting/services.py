@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from scriptsftp.server import events as ev
+from scriptsftp.server.contract import events as ev
 
 from .commands import CallInfo, RunCapability
 from .fs_cap import FsCapability, ServerLink

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scriptsftp.server import events as ev
+from scriptsftp.server.contract import events as ev
 
 from .registry import read_script
 from .workers import CallRequest, CallResult, WorkerPool

@@ -105,7 +105,7 @@ class CallRequest:
     capabilities: frozenset[str]     # e.g. {"read", "store"}
     timeout: float                   # wall clock seconds (includes waiting for a worker and RPCs)
     cpu_time: float                  # CPU seconds for this call
-    file: Callable[[], int] | None = None   # FileOpener from server/dispatch.py
+    file: Callable[[], int] | None = None   # FileOpener from server/contract/dispatch.py
     context: Any = None              # opaque, for capability handlers; never sent to the worker
 
 

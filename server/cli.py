@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .config import ConfigError, LoadedConfig, default_config_path, load_config
-from .events import EVENT_TYPES, describe_fields
+from scriptsftp.server import __version__
+from scriptsftp.server.support.config import ConfigError, LoadedConfig, default_config_path, load_config
+from scriptsftp.server.contract.events import EVENT_TYPES, describe_fields
 
 CONFIG_HELP = "config file (default: $SCRIPTSFTP_CONFIG, else ./conf/scriptsftp.toml)"
 
@@ -37,8 +37,9 @@ def main() -> None:
 @click.option("--allow-root", is_flag=True, help="run even as root (same as [server] allow_root = true)")
 def run(config_path: str | None, allow_root: bool) -> None:
     """Run the daemon in the foreground, logging to stderr."""
-    from . import logs, memory
-    from .daemon import Daemon, refuse_root
+    from scriptsftp.server.support import logs
+    from scriptsftp.server.support import memory
+    from scriptsftp.server.daemon import Daemon, refuse_root
 
     memory.limit_arenas()
     cfg = _load(config_path)
@@ -83,7 +84,7 @@ def check(config_path: str | None, against_running: bool) -> None:
     if problems:
         sys.exit(2)
     m = cfg.model
-    from .config import command_template_warnings
+    from scriptsftp.server.support.config import command_template_warnings
     for name, spec in m.commands.items():
         for line in command_template_warnings(name, spec.argv):
             click.echo(f"{cfg.path}: warning: {line}", err=True)
@@ -97,7 +98,7 @@ def check(config_path: str | None, against_running: bool) -> None:
 def disabled_section_warnings(cfg: LoadedConfig) -> list[str]:
     """Keys set in a section that is off: ``[ftp] listen = ...`` without ``enabled = true``
     starts no FTP listener, and nothing else would say so."""
-    from .reload_plan import SWITCHED_SECTIONS
+    from scriptsftp.server.ops.reload_plan import SWITCHED_SECTIONS
 
     out = []
     for name in SWITCHED_SECTIONS:
@@ -111,7 +112,7 @@ def disabled_section_warnings(cfg: LoadedConfig) -> list[str]:
 
 def _against_running(cfg: LoadedConfig) -> bool:
     """Print how the file differs from what the running daemon loaded; True if it does not."""
-    from .reload_plan import compare_with_running, key_label, read_running
+    from scriptsftp.server.ops.reload_plan import compare_with_running, key_label, read_running
 
     state_dir = cfg.resolve(cfg.model.server.state_dir)
     running = read_running(state_dir)
@@ -150,7 +151,7 @@ def init(directory: Path) -> None:
 @click.option("--stdin", "from_stdin", is_flag=True, help="read the password from standard input")
 def hash_password_cmd(from_stdin: bool) -> None:
     """Print an argon2id hash for a [[users]] password_hash."""
-    from .login import hash_password
+    from scriptsftp.server.core.login import hash_password
 
     if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
@@ -173,7 +174,7 @@ def _admin_options(fn):  # noqa: ANN001, ANN202 - click decorator
 
 def _admin(config_path: str | None, token_file: Path | None, method: str, path: str, params: dict | None = None):
     """Call the running daemon's admin API; exit 1 with a clear message on failure."""
-    from .admin_client import AdminClient, AdminError, base_url, read_token
+    from scriptsftp.server.ops.admin_client import AdminClient, AdminError, base_url, read_token
 
     cfg = _load(config_path)
     if not cfg.model.admin.enabled:
@@ -208,7 +209,7 @@ def events(markdown: bool, as_list: bool, user: str | None, vpath: str | None, s
     daemon's admin API: each event, its decision and reason, and the
     scripts that ran with their verdicts, durations and log lines."""
     if not (as_list or markdown) and any(v is not None for v in (user, vpath, since, decision, event_name)):
-        from .admin_client import format_events
+        from scriptsftp.server.ops.admin_client import format_events
 
         rows = _admin(config_path, token_file, "GET", "/api/events", {
             "user": user, "path": vpath, "since": since, "decision": decision, "event": event_name,
@@ -238,7 +239,7 @@ def events(markdown: bool, as_list: bool, user: str | None, vpath: str | None, s
 @_admin_options
 def sessions(as_json: bool, config_path: str | None, token_file: Path | None) -> None:
     """List open sessions of the running daemon (admin API)."""
-    from .admin_client import format_sessions
+    from scriptsftp.server.ops.admin_client import format_sessions
 
     rows = _admin(config_path, token_file, "GET", "/api/sessions")
     if as_json:
@@ -263,7 +264,7 @@ def reload(config_path: str | None, token_file: Path | None) -> None:
     """Make the running daemon reload its config and scripts (as SIGHUP does); exit 1 with the problems."""
     result = _admin(config_path, token_file, "POST", "/api/reload")
     click.echo("reloaded")
-    from .reload_plan import key_label
+    from scriptsftp.server.ops.reload_plan import key_label
 
     pending = result.get("pending_restart", []) if isinstance(result, dict) else []
     for key in pending:
@@ -276,7 +277,7 @@ def bans(config_path: str | None) -> None:
     """List addresses the defender has banned (read from state_dir; the daemon may run)."""
     import time as _time
 
-    from .defender import Defender
+    from scriptsftp.server.ops.defender import Defender
 
     cfg = _load(config_path)
     d = Defender(cfg.resolve(cfg.model.server.state_dir) / "defender.db", cfg.model.defender)
@@ -293,7 +294,7 @@ def bans(config_path: str | None) -> None:
 @click.argument("ip")
 def unban(config_path: str | None, ip: str) -> None:
     """Lift a ban at once (also in a running daemon: bans live in state_dir); exit 1 if IP was not banned."""
-    from .defender import Defender
+    from scriptsftp.server.ops.defender import Defender
 
     cfg = _load(config_path)
     d = Defender(cfg.resolve(cfg.model.server.state_dir) / "defender.db", cfg.model.defender)
@@ -310,7 +311,7 @@ def unban(config_path: str | None, ip: str) -> None:
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 def backup(config_path: str | None, dest: Path) -> None:
     """Copy state_dir to DEST consistently, even while the daemon runs (see docs/deploy.md)."""
-    from .backup import backup_state
+    from scriptsftp.server.ops.backup import backup_state
 
     cfg = _load(config_path)
     try:

@@ -21,36 +21,42 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, memory
-from .accounts import WORKER_ACCOUNT, worker_account
-from .audit import AuditTrail, RefusalRecorder
-from .config import ConfigError, LoadedConfig, load_config
-from .defender import Defender
-from .dispatch import Dispatcher, NullDispatcher, SwappableDispatcher
-from .keys import ensure_host_keys, fingerprint, load_host_key
-from .login import LoginCore, build_users, ensure_generated_passwords
-from .session import UploadPolicy
-from .listener import Listener, listen_addresses
-from .ports import check_listen_addresses
-from .ssh import SSHLimits, SSHListener
-from .ssh_workers import SSHWorkerPool, worker_count
-from .publish import Publisher
-from .reload_plan import ReloadPlan, key_label, plan_reload, write_running
-from .staging import CHECKING, StagingRecords, discard_leftovers
+from scriptsftp.server import __version__
+
+from scriptsftp.server.support import memory
+from scriptsftp.server.support.worker_accounts import WORKER_ACCOUNT, worker_account
+from scriptsftp.server.ops.audit import AuditTrail, RefusalRecorder
+from scriptsftp.server.support.config import ConfigError, LoadedConfig, load_config
+from scriptsftp.server.ops.defender import Defender
+from scriptsftp.server.contract.dispatch import Dispatcher, NullDispatcher, SwappableDispatcher
+from scriptsftp.server.support.keys import ensure_host_keys, fingerprint, load_host_key
+from scriptsftp.server.core.login import LoginCore, build_users, ensure_generated_passwords
+from scriptsftp.server.core.session import UploadPolicy
+from scriptsftp.server.support.listen import Listener, listen_addresses
+from scriptsftp.server.support.listen_check import check_listen_addresses
+from scriptsftp.server.frontends.ssh.server import SSHLimits, SSHListener
+from scriptsftp.server.frontends.ssh.worker_pool import SSHWorkerPool, worker_count
+from scriptsftp.server.core.publish import Publisher
+from scriptsftp.server.ops.reload_plan import ReloadPlan, key_label, plan_reload, write_running
+from scriptsftp.server.core.staging import CHECKING, StagingRecords, discard_leftovers
 
 log = logging.getLogger("scriptsftp.daemon")
 
 
-# Front ends beside SSH: each module ``scriptsftp.server.<name>`` has
-# ``make_listener(daemon) -> Listener``, imported only when its section is enabled
-# (so pyftpdlib/aiohttp are not loaded by an SFTP-only server).
-FRONT_ENDS = ("ftp", "http", "admin")
+# Listeners beside SSH, by config section: each module has ``make_listener(daemon) -> Listener``
+# and is imported only when its section is enabled (so pyftpdlib/aiohttp are not loaded by
+# an SFTP-only server).
+FRONT_ENDS = {
+    "ftp": "scriptsftp.server.frontends.ftp.server",
+    "http": "scriptsftp.server.frontends.http.server",
+    "admin": "scriptsftp.server.ops.admin",
+}
 
 
 def _front_end(name: str):  # -> module with make_listener
     import importlib
 
-    return importlib.import_module(f"scriptsftp.server.{name}")
+    return importlib.import_module(FRONT_ENDS[name])
 
 
 def enabled_listen_addresses(m: Any) -> dict[str, list[tuple[str, int]]]:
@@ -202,7 +208,7 @@ class Daemon:
         if self._ssh_pool is not None:
             self._ssh_pool.core = self.core
             return self._ssh_pool
-        from .scp import run_scp
+        from scriptsftp.server.frontends.ssh.scp import run_scp
 
         return SSHListener(listen_addresses(self.cfg.model.sftp.listen), keys, self.core, self._ssh_limits(),
                            scp_runner=run_scp)
@@ -245,7 +251,7 @@ class Daemon:
     _trim_peak = 0
 
     def _trim_tick(self) -> None:
-        """Hand the heap a burst of connections freed back to the system (server/memory.py).
+        """Hand the heap a burst of connections freed back to the system (server/support/memory.py).
 
         ssh.py trims when a process's last SSH connection ends, but this process also serves
         FTP, HTTP and the SSH workers' core requests and is seldom without any connection:
@@ -347,7 +353,7 @@ class Daemon:
         """``[server] log_format``/``log_level``: here and in the SSH worker processes."""
         if new == old:
             return
-        from . import logs
+        from scriptsftp.server.support import logs
 
         logs.setup(*new)
         if self._ssh_pool is not None:

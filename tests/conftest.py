@@ -78,7 +78,7 @@ def stranger_key(keydir: Path) -> Keys:
 @pytest.fixture(scope="session")
 def host_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Host keys generated once per run (RSA-3072 generation costs ~1 s per daemon otherwise)."""
-    from scriptsftp.server.keys import ensure_host_keys
+    from scriptsftp.server.support.keys import ensure_host_keys
 
     directory = tmp_path_factory.mktemp("hostkeys") / "host_keys"
     ensure_host_keys(directory)
@@ -96,7 +96,7 @@ def worker_accounts() -> None:
 
 @pytest.fixture(scope="session")
 def password_hashes() -> dict[str, str]:
-    from scriptsftp.server.login import hash_password
+    from scriptsftp.server.core.login import hash_password
 
     return {"alice": hash_password(ALICE_PASSWORD), "bob": hash_password(BOB_PASSWORD)}
 

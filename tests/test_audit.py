@@ -13,8 +13,8 @@ import pytest
 
 from adminkit import admin_toml, binding, get, token_hash, write_script  # noqa: F401
 from conftest import close_client, paramiko_client
-from scriptsftp.server.audit import AuditTrail, Trace, script_ran
-from scriptsftp.server.dispatch import Decision
+from scriptsftp.server.ops.audit import AuditTrail, Trace, script_ran
+from scriptsftp.server.contract.dispatch import Decision
 
 NO_EXE = """
 def on_pre_publish(event, api):

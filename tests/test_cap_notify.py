@@ -288,7 +288,7 @@ def test_outbox_survives_a_daemon_restart(daemons: DaemonFactory, smtp, alice_ke
 def test_outbox_backoff_failure_and_stats(tmp_path):
     """The delivery thread itself: retries with backoff, then 'failed' (logged, counted)."""
     from scriptsftp.scripting.outbox import Notifier, Outbox
-    from scriptsftp.server.config import NotifySection, WebhookSection
+    from scriptsftp.server.support.config import NotifySection, WebhookSection
 
     hook = WebhookReceiver(free_port(), status=500).start()
     ok = WebhookReceiver(free_port()).start()
@@ -326,7 +326,7 @@ def test_outbox_backoff_failure_and_stats(tmp_path):
 def test_one_handler_call_cannot_flood_the_outbox(tmp_path):
     from scriptsftp.scripting.capabilities import CapabilityCall, CapabilityError
     from scriptsftp.scripting.outbox import MAX_PER_CALL, Notifier, NotifyCapability, Outbox
-    from scriptsftp.server.config import NotifySection, WebhookSection
+    from scriptsftp.server.support.config import NotifySection, WebhookSection
 
     cfg = NotifySection(webhooks={"ops": WebhookSection(url="http://127.0.0.1:9/x")})
     box = Outbox(tmp_path / "outbox.sqlite3")

@@ -256,7 +256,7 @@ def test_port_in_use_is_a_clear_error(daemons):
 
 
 def test_group_readable_host_key_is_refused(daemons, tmp_path):
-    from scriptsftp.server.keys import ensure_host_keys
+    from scriptsftp.server.support.keys import ensure_host_keys
 
     keys = ensure_host_keys(tmp_path / "hk")
     keys[0].chmod(0o640)

@@ -274,7 +274,7 @@ def test_reload_applies_new_defender_settings(daemons: DaemonFactory):
 def test_ftp_failures_ban_across_protocols(daemons: DaemonFactory):
     import ftplib
 
-    from scriptsftp.server import ftp as ftp_module
+    from scriptsftp.server.frontends.ftp import server as ftp_module
 
     if not hasattr(ftp_module, "make_listener"):
         pytest.skip("the FTP front end has not landed yet")
@@ -346,8 +346,8 @@ def test_burst_of_failed_logins_is_absorbed(daemons: DaemonFactory):
 
 
 def test_defender_unit_ban_time_grows_and_is_capped(tmp_path: Path):
-    from scriptsftp.server.config import DefenderSection
-    from scriptsftp.server.defender import Defender
+    from scriptsftp.server.support.config import DefenderSection
+    from scriptsftp.server.ops.defender import Defender
 
     now = [1000.0]
     settings = DefenderSection(threshold=2, ban_time=10.0, ban_time_multiplier=3.0, max_ban_time=50.0,
@@ -394,8 +394,8 @@ def test_defender_unit_ban_time_grows_and_is_capped(tmp_path: Path):
 
 def test_defender_unit_allow_list_follows_reload(tmp_path: Path):
     """The allow list remembers its answers per address: a reload must still change them."""
-    from scriptsftp.server.config import DefenderSection
-    from scriptsftp.server.defender import Defender
+    from scriptsftp.server.support.config import DefenderSection
+    from scriptsftp.server.ops.defender import Defender
 
     d = Defender(tmp_path / "defender.db", DefenderSection(allow_list=["10.0.0.0/8"]))
     for _ in range(2):  # the second round is answered from memory
@@ -422,7 +422,7 @@ def test_unban_through_the_admin_api(daemons: DaemonFactory):
     import json
     import urllib.request
 
-    from scriptsftp.server import admin as admin_module
+    from scriptsftp.server.ops import admin as admin_module
 
     if not hasattr(admin_module, "make_listener"):
         pytest.skip("the admin API has not landed yet")
@@ -449,8 +449,8 @@ def test_unban_through_the_admin_api(daemons: DaemonFactory):
 def test_defender_unit_ipv6_is_scored_and_banned_per_network(tmp_path: Path):
     """Rotating addresses inside one /64 (which one host usually holds) neither resets the
     score nor dodges the ban; another /64 is another host."""
-    from scriptsftp.server.config import DefenderSection
-    from scriptsftp.server.defender import Defender
+    from scriptsftp.server.support.config import DefenderSection
+    from scriptsftp.server.ops.defender import Defender
 
     d = Defender(tmp_path / "defender.db", DefenderSection(threshold=3, allow_list=[]))
     assert not d.record("2001:db8:1:2::1", "login_failed")
@@ -470,8 +470,8 @@ def test_defender_unit_ipv6_is_scored_and_banned_per_network(tmp_path: Path):
 
 
 def test_defender_unit_one_account_from_many_addresses_is_locked(tmp_path: Path):
-    from scriptsftp.server.config import DefenderSection
-    from scriptsftp.server.defender import Defender
+    from scriptsftp.server.support.config import DefenderSection
+    from scriptsftp.server.ops.defender import Defender
 
     now = [1000.0]
     d = Defender(tmp_path / "defender.db",

@@ -122,7 +122,7 @@ def users_toml(password_hashes: dict[str, str], extra_hashes: dict[str, str]) ->
 
 @pytest.fixture(scope="session")
 def extra_hashes() -> dict[str, str]:
-    from scriptsftp.server.login import hash_password
+    from scriptsftp.server.core.login import hash_password
 
     return {"carol": hash_password(CAROL_PASSWORD), "dave": hash_password(DAVE_PASSWORD)}
 
@@ -930,7 +930,7 @@ def _passive_listener_bound_to(port: int, passive_ports: list[int]):
 
     from pyftpdlib.ioloop import Acceptor, IOLoop
 
-    from scriptsftp.server.ftp import _PassiveDTP
+    from scriptsftp.server.frontends.ftp.server import _PassiveDTP
 
     dtp = _PassiveDTP.__new__(_PassiveDTP)
     Acceptor.__init__(dtp, ioloop=IOLoop())

@@ -1,5 +1,5 @@
 """Workers are a privilege boundary (DESIGN.md rule 11): the account they run as and their
-kernel jail (scripting/jail.py, server/accounts.py).
+kernel jail (scripting/jail.py, server/support/worker_accounts.py).
 
 An escape is simulated with the test-only hook SCRIPTSFTP_TEST_ESCAPE=1: right after its jail
 a worker tries what escaped code would (open /etc/passwd, write a file, create a socket, fork)
@@ -157,7 +157,7 @@ def test_script_workers_run_as_the_configured_account(tmp_path, monkeypatch, thr
 
 
 def test_account_rules(monkeypatch):
-    from scriptsftp.server import accounts
+    from scriptsftp.server.support import worker_accounts as accounts
 
     if not ROOT:   # a normal user cannot switch: workers run as the daemon itself
         assert accounts.worker_account("", accounts.SANDBOX_ACCOUNT, "[scripts] user", allow_root=False) is None

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from scriptsftp.server.logs import TextFormatter
-from scriptsftp.server.storage import Storage
+from scriptsftp.server.support.logs import TextFormatter
+from scriptsftp.server.core.storage import Storage
 
 
 def test_storage_home_is_the_real_path_through_a_symlink(tmp_path):
@@ -104,7 +104,7 @@ def test_handshake_timeout_without_a_timer_thread():
 
     import paramiko
 
-    from scriptsftp.server.ssh import ServerTransport
+    from scriptsftp.server.frontends.ssh.server import ServerTransport
 
     def timers() -> set[threading.Thread]:
         return {x for x in threading.enumerate() if isinstance(x, threading.Timer)}
@@ -147,7 +147,7 @@ def test_closing_a_transport_wakes_its_thread_at_once():
 
     import paramiko
 
-    from scriptsftp.server.ssh import ServerTransport
+    from scriptsftp.server.frontends.ssh.server import ServerTransport
 
     assert ServerTransport._active_check_timeout >= 1.0
     ours, theirs = socket.socketpair()

@@ -99,7 +99,7 @@ def test_script_timeouts_and_worker_restarts_are_counted(daemons, token_hash, al
 def test_collector_reads_outbox_and_defender_when_present_and_tolerates_absence():
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from scriptsftp.server.metrics import DaemonCollector
+    from scriptsftp.server.support.metrics import DaemonCollector
 
     conns = [SimpleNamespace(protocol="sftp"), SimpleNamespace(protocol="ftp"), SimpleNamespace(protocol="ftp")]
     core = SimpleNamespace(connections=lambda: conns)

@@ -26,7 +26,7 @@ from paramiko.message import Message
 from paramiko.packet import Packetizer
 from paramiko.ssh_exception import SSHException
 
-from scriptsftp.server import paramiko_recv
+from scriptsftp.server.frontends.ssh.paramiko_ext import recv as paramiko_recv
 
 MODES = ["ctr-etm", "ctr", "gcm", "none"]
 

@@ -23,7 +23,7 @@ from paramiko.common import MSG_CHANNEL_DATA, MSG_IGNORE, cMSG_CHANNEL_DATA, cMS
 from paramiko.message import Message
 from paramiko.packet import Packetizer
 
-from scriptsftp.server.paramiko_send import send_data_packets
+from scriptsftp.server.frontends.ssh.paramiko_ext.send import send_data_packets
 
 from conftest import SSH_OPTS, require_tool
 

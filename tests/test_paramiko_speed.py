@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from paramiko.buffered_pipe import BufferedPipe
 
-from scriptsftp.server.paramiko_speed import ChunkPipe
+from scriptsftp.server.frontends.ssh.paramiko_ext.speed import ChunkPipe
 
 ops = st.lists(
     st.one_of(

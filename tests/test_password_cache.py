@@ -16,7 +16,7 @@ from pathlib import Path
 import paramiko
 
 from conftest import ALICE_PASSWORD, toml_str, user_toml
-from scriptsftp.server.login import PasswordCache, hash_password
+from scriptsftp.server.core.login import PasswordCache, hash_password
 
 
 def test_hit_only_for_the_same_user_password_and_hash():
@@ -95,10 +95,10 @@ class _CountingHasher:
 
 
 def _core(password_hashes, cache_seconds: float = 60.0):
-    from scriptsftp.server.dispatch import NullDispatcher
-    from scriptsftp.server.login import Connection, LoginCore, UserRecord
-    from scriptsftp.server.session import Account, UploadPolicy
-    from scriptsftp.server.vfs import Access
+    from scriptsftp.server.contract.dispatch import NullDispatcher
+    from scriptsftp.server.core.login import Connection, LoginCore, UserRecord
+    from scriptsftp.server.core.session import Account, UploadPolicy
+    from scriptsftp.server.core.vfs import Access
 
     account = Account(name="alice", home=Path("/nonexistent"), access=Access.build({}, [], []))
     users = {"alice": UserRecord(account=account, password_hash=password_hashes["alice"], keys=[], disabled=False)}
@@ -139,7 +139,7 @@ def _parked(core, counting: _CountingHasher) -> int:
 
 
 def test_concurrent_logins_of_one_user_run_argon2_once(password_hashes, monkeypatch):
-    from scriptsftp.server import login
+    from scriptsftp.server.core import login
 
     release = threading.Event()
     counting = _CountingHasher(login._hasher, release)
@@ -153,7 +153,7 @@ def test_concurrent_logins_of_one_user_run_argon2_once(password_hashes, monkeypa
 
 
 def test_a_wrong_password_never_rides_on_a_right_ones_verification(password_hashes, monkeypatch):
-    from scriptsftp.server import login
+    from scriptsftp.server.core import login
 
     release = threading.Event()
     counting = _CountingHasher(login._hasher, release)
@@ -188,9 +188,10 @@ def test_a_closed_core_link_is_one_warning_line_not_a_traceback(caplog):
     import socket
 
     from paramiko import util
-    from scriptsftp.server import logs, ssh
-    from scriptsftp.server.errors import CoreGone
-    from scriptsftp.server.remote_core import RemoteCore
+    from scriptsftp.server.support import logs
+    from scriptsftp.server.frontends.ssh import server as ssh
+    from scriptsftp.server.contract.errors import CoreGone
+    from scriptsftp.server.frontends.ssh.remote_core import RemoteCore
 
     ours, theirs = socket.socketpair()
     core = RemoteCore(ours)

@@ -142,7 +142,7 @@ def test_a_logged_in_ftp_session_is_not_cut_by_the_preauth_timeout(daemon_preaut
 
 
 def test_login_grace_defaults_to_preauth_timeout(daemons):
-    from scriptsftp.server.config import load_config
+    from scriptsftp.server.support.config import load_config
 
     path = daemons.write_config(server_extra="preauth_timeout = 3")
     assert load_config(path).model.sftp.login_grace is None  # unset: the daemon uses preauth_timeout
@@ -160,11 +160,11 @@ def test_login_grace_defaults_to_preauth_timeout(daemons):
 
 
 def _core(tmp_path, cap: int):
-    from scriptsftp.server.config import DefenderSection
-    from scriptsftp.server.defender import Defender
-    from scriptsftp.server.dispatch import NullDispatcher
-    from scriptsftp.server.login import LoginCore
-    from scriptsftp.server.session import UploadPolicy
+    from scriptsftp.server.support.config import DefenderSection
+    from scriptsftp.server.ops.defender import Defender
+    from scriptsftp.server.contract.dispatch import NullDispatcher
+    from scriptsftp.server.core.login import LoginCore
+    from scriptsftp.server.core.session import UploadPolicy
 
     defender = Defender(tmp_path / "defender.db", DefenderSection(max_preauth_connections=cap))
     return LoginCore({}, NullDispatcher(), staging=None, uploads=UploadPolicy(atomic=False), failure_delay=0,
@@ -208,9 +208,9 @@ def test_a_full_cap_with_nothing_to_close_refuses_and_gives_the_slot_back(tmp_pa
 
 
 def test_a_logged_in_connection_no_longer_counts(tmp_path, password_hashes):
-    from scriptsftp.server.login import UserRecord
-    from scriptsftp.server.session import Account
-    from scriptsftp.server.vfs import Access
+    from scriptsftp.server.core.login import UserRecord
+    from scriptsftp.server.core.session import Account
+    from scriptsftp.server.core.vfs import Access
 
     core, defender = _core(tmp_path, cap=1)
     account = Account(name="alice", home=tmp_path, access=Access.build({}, [], []), protocols=frozenset({"ftp"}))

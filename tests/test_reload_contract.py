@@ -1,8 +1,8 @@
 """The reload contract, key by key (DESIGN.md rule 8): changing any config key by SIGHUP either
 takes effect or is logged as needing a restart; nothing is silent.
 
-The keys come from the pydantic models in server/config.py, so a key added there without a
-place in server/reload_plan.py (LIVE or RESTART) or without a way to change it here fails
+The keys come from the pydantic models in server/support/config.py, so a key added there without a
+place in server/ops/reload_plan.py (LIVE or RESTART) or without a way to change it here fails
 these tests. That a live key really takes effect is shown for the ones with a visible effect
 in test_reload.py (bindings, users, limits, log settings) and the suites of their features.
 """
@@ -20,9 +20,9 @@ from pydantic import BaseModel
 from conftest import Daemon, DaemonFactory
 from test_scripting import write_script
 
-from scriptsftp.server import config as C
-from scriptsftp.server.config import load_config
-from scriptsftp.server.reload_plan import LIVE, RESTART, config_keys, key_label, needs_restart
+from scriptsftp.server.support import config as C
+from scriptsftp.server.support.config import load_config
+from scriptsftp.server.ops.reload_plan import LIVE, RESTART, config_keys, key_label, needs_restart
 
 # --- a TOML writer for the config dict (tomli reads; nothing in the project writes TOML) ---------
 

@@ -21,7 +21,7 @@ import pytest
 
 from scriptsftp.scripting import sandbox
 from scriptsftp.scripting.workers import CallRequest, CallResult, CompileResult, ScriptSource, WorkerPool
-from scriptsftp.server.events import PreUpload
+from scriptsftp.server.contract.events import PreUpload
 
 
 def make_source(text: str, name: str = "corpus.py") -> ScriptSource:

@@ -181,7 +181,7 @@ def test_malformed_write_is_answered_and_the_session_goes_on(daemon, alice_key) 
 
 
 def test_crowded_means_another_connection_was_served_just_now() -> None:
-    from scriptsftp.server import sftp as front
+    from scriptsftp.server.frontends.ssh import sftp as front
 
     a, b = object(), object()
     front._crowded(a)

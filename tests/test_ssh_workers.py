@@ -149,11 +149,11 @@ def test_workers_follow_the_daemon_not_signals(daemons, alice_key):
 
 @pytest.fixture
 def link(tmp_path, password_hashes):
-    from scriptsftp.server.config import load_config
-    from scriptsftp.server.core_link import CoreLink
-    from scriptsftp.server.dispatch import NullDispatcher
-    from scriptsftp.server.login import LoginCore, build_users
-    from scriptsftp.server.session import UploadPolicy
+    from scriptsftp.server.support.config import load_config
+    from scriptsftp.server.frontends.ssh.core_link import CoreLink
+    from scriptsftp.server.contract.dispatch import NullDispatcher
+    from scriptsftp.server.core.login import LoginCore, build_users
+    from scriptsftp.server.core.session import UploadPolicy
 
     cfg = tmp_path / "scriptsftp.toml"
     cfg.write_text(user_toml("alice", password_hash=password_hashes["alice"]))

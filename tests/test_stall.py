@@ -285,7 +285,7 @@ def test_http_download_to_a_client_that_stops_reading_is_aborted(daemons):
 
 
 def test_stall_timeout_is_validated(tmp_path: Path):
-    from scriptsftp.server.config import ConfigError, load_config
+    from scriptsftp.server.support.config import ConfigError, load_config
 
     path = tmp_path / "c.toml"
     path.write_text('[server]\nstall_timeout = -1\n')

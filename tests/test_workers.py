@@ -27,7 +27,7 @@ from scriptsftp.scripting.workers import (
     WorkerPool,
     WorkerStartError,
 )
-from scriptsftp.server.events import PrePublish, PreUpload
+from scriptsftp.server.contract.events import PrePublish, PreUpload
 
 NOT_GRANTED = "capability '{}' is not granted to this binding (add it to allow = [...])"
 
@@ -890,7 +890,7 @@ def wait_for_waiting(p: WorkerPool, n: int, timeout: float = 10.0) -> None:
 
 
 def login_event(user: str) -> dict:
-    from scriptsftp.server.events import PreLogin
+    from scriptsftp.server.contract.events import PreLogin
     return PreLogin(user=user, protocol="sftp", remote_ip="10.0.0.2", session_id="s9",
                     login_method="password").to_dict()
 

@@ -14,12 +14,12 @@ from typing import Callable
 
 import pytest
 
-from scriptsftp.server.dispatch import ALLOW, Decision, FileOpener
-from scriptsftp.server.events import Event
-from scriptsftp.server.publish import Publisher
-from scriptsftp.server.session import Account, Session, UploadPolicy
-from scriptsftp.server.staging import StagingRecords
-from scriptsftp.server.vfs import Access
+from scriptsftp.server.contract.dispatch import ALLOW, Decision, FileOpener
+from scriptsftp.server.contract.events import Event
+from scriptsftp.server.core.publish import Publisher
+from scriptsftp.server.core.session import Account, Session, UploadPolicy
+from scriptsftp.server.core.staging import StagingRecords
+from scriptsftp.server.core.vfs import Access
 
 OLD = b"the good old version\n" * 1000
 

@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from scriptsftp.server.errors import LimitExceeded
-from scriptsftp.server.session import HandleBudget, Session
+from scriptsftp.server.contract.errors import LimitExceeded
+from scriptsftp.server.core.session import HandleBudget, Session
 
 
 def _sibling(core, budget: HandleBudget) -> Session:

@@ -13,9 +13,9 @@ import sqlite3
 
 import pytest
 
-from scriptsftp.server.dispatch import ALLOW
-from scriptsftp.server.errors import Failure, FsError, NoSpace
-from scriptsftp.server.storage import Storage
+from scriptsftp.server.contract.dispatch import ALLOW
+from scriptsftp.server.contract.errors import Failure, FsError, NoSpace
+from scriptsftp.server.core.storage import Storage
 
 from .conftest import OLD, Core, fail_with
 
@@ -126,7 +126,7 @@ def test_a_full_state_dir_at_publish_discards_and_frees(core: Core, monkeypatch:
     monkeypatch.setattr(core.staging, "_db", real)
     assert (core.home / "over.bin").read_bytes() == OLD
     # the record could not be dropped while the disk was full: the next start forgets it
-    from scriptsftp.server.staging import discard_leftovers
+    from scriptsftp.server.core.staging import discard_leftovers
     discard_leftovers(core.staging)
     core.assert_untouched()
 

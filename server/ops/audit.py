@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import metrics
+from scriptsftp.server.support import metrics
 
 log = logging.getLogger("scriptsftp.audit")
 

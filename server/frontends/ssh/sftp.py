@@ -36,14 +36,18 @@ from paramiko.sftp import (
 )
 from paramiko.sftp_attr import SFTPAttributes
 
-from . import paramiko_recv, paramiko_send, paramiko_speed
-from .errors import FsError, NotFound, PermissionDenied
-from .logs import BoundedLog
-from .session import DirHandle, ReadHandle, Session, WriteHandle
-from .storage import Entry
+from scriptsftp.server.frontends.ssh.paramiko_ext import recv as paramiko_recv
+
+from scriptsftp.server.frontends.ssh.paramiko_ext import send as paramiko_send
+
+from scriptsftp.server.frontends.ssh.paramiko_ext import speed as paramiko_speed
+from scriptsftp.server.contract.errors import FsError, NotFound, PermissionDenied
+from scriptsftp.server.support.logs import BoundedLog
+from scriptsftp.server.core.session import DirHandle, ReadHandle, Session, WriteHandle
+from scriptsftp.server.core.storage import Entry
 
 if TYPE_CHECKING:
-    from .ssh import SSHServer
+    from scriptsftp.server.frontends.ssh.server import SSHServer
 
 log = logging.getLogger("scriptsftp.sftp")
 

@@ -47,19 +47,19 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from . import webdav
-from .errors import FsError, IsADirectory, NotFound
-from .httputil import (
+from scriptsftp.server.frontends.http import webdav
+from scriptsftp.server.contract.errors import FsError, IsADirectory, NotFound
+from scriptsftp.server.frontends.http.util import (
     CHUNK, Ctx, HttpError, Pools, StallWatch, decode_path, etag_of, href, http_date, not_found, parse_http_date,
 )
-from .listener import listen_addresses
-from .login import Connection
-from .session import Session
+from scriptsftp.server.support.listen import listen_addresses
+from scriptsftp.server.core.login import Connection
+from scriptsftp.server.core.session import Session
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
-    from .login import LoginCore
-    from .session import ReadHandle, WriteHandle
+    from scriptsftp.server.daemon import Daemon
+    from scriptsftp.server.core.login import LoginCore
+    from scriptsftp.server.core.session import ReadHandle, WriteHandle
 
 log = logging.getLogger("scriptsftp.http")
 

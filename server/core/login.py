@@ -33,18 +33,18 @@ import paramiko
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from . import events as ev
-from . import metrics
-from .config import LoadedConfig, User
-from .defender import Defender
-from .dispatch import ALLOW, Decision, Dispatcher
-from .errors import LimitExceeded, PermissionDenied
-from .keys import parse_public_key
-from .logs import BoundedLog
-from .session import Account, HandleBudget, Session, UploadPolicy
-from .publish import Publisher
-from .staging import StagingRecords
-from .vfs import Access, FilterRule, split
+from scriptsftp.server.contract import events as ev
+from scriptsftp.server.support import metrics
+from scriptsftp.server.support.config import LoadedConfig, User
+from scriptsftp.server.ops.defender import Defender
+from scriptsftp.server.contract.dispatch import ALLOW, Decision, Dispatcher
+from scriptsftp.server.contract.errors import LimitExceeded, PermissionDenied
+from scriptsftp.server.support.keys import parse_public_key
+from scriptsftp.server.support.logs import BoundedLog
+from scriptsftp.server.core.session import Account, HandleBudget, Session, UploadPolicy
+from scriptsftp.server.core.publish import Publisher
+from scriptsftp.server.core.staging import StagingRecords
+from scriptsftp.server.core.vfs import Access, FilterRule, split
 
 log = logging.getLogger("scriptsftp.login")
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import DefenderSection
+from scriptsftp.server.support.config import DefenderSection
 
 log = logging.getLogger("scriptsftp.defender")
 

@@ -41,12 +41,18 @@ from paramiko.common import (
 )
 from paramiko.message import Message
 
-from . import logs, memory, paramiko_recv, paramiko_speed
-from .dispatch import Decision
-from .errors import CoreGone, FsError
-from .login import Connection, LoginCore
-from .session import Session
-from .ssh_refuse import refuse
+from scriptsftp.server.support import logs
+
+from scriptsftp.server.support import memory
+
+from scriptsftp.server.frontends.ssh.paramiko_ext import recv as paramiko_recv
+
+from scriptsftp.server.frontends.ssh.paramiko_ext import speed as paramiko_speed
+from scriptsftp.server.contract.dispatch import Decision
+from scriptsftp.server.contract.errors import CoreGone, FsError
+from scriptsftp.server.core.login import Connection, LoginCore
+from scriptsftp.server.core.session import Session
+from scriptsftp.server.frontends.ssh.refuse import refuse
 
 log = logging.getLogger("scriptsftp.ssh")
 
@@ -584,7 +590,7 @@ class SSHConnections:
             transport.banner_timeout = transport.handshake_timeout = self.limits.login_grace
             for key in self.host_keys:
                 transport.add_server_key(key)
-            from .sftp import SFTPHandler
+            from scriptsftp.server.frontends.ssh.sftp import SFTPHandler
 
             transport.set_subsystem_handler("sftp", SFTPHandler)
             server = SSHServer(core, conn, self.limits, self.scp_runner)

@@ -64,15 +64,15 @@ from typing import TYPE_CHECKING, Iterator
 
 import paramiko
 
-from . import paramiko_send
-from .errors import Failure, FsError, NotFound
-from .session import ReadHandle, Session, WriteHandle
-from .storage import Entry
-from .ssh import SSHLimits
-from .vfs import join, split
+from scriptsftp.server.frontends.ssh.paramiko_ext import send as paramiko_send
+from scriptsftp.server.contract.errors import Failure, FsError, NotFound
+from scriptsftp.server.core.session import ReadHandle, Session, WriteHandle
+from scriptsftp.server.core.storage import Entry
+from scriptsftp.server.frontends.ssh.server import SSHLimits
+from scriptsftp.server.core.vfs import join, split
 
 if TYPE_CHECKING:
-    from .ssh import SSHServer
+    from scriptsftp.server.frontends.ssh.server import SSHServer
 
 log = logging.getLogger("scriptsftp.scp")
 

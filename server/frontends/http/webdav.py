@@ -31,14 +31,14 @@ from xml.parsers import expat
 
 from aiohttp import web
 
-from .errors import AlreadyExists, FsError, IsADirectory, NotFound, PermissionDenied
-from .httputil import (
+from scriptsftp.server.contract.errors import AlreadyExists, FsError, IsADirectory, NotFound, PermissionDenied
+from scriptsftp.server.frontends.http.util import (
     Ctx, HttpError, child, destination_path, etag_of, href, http_date, is_dir, overwrite_flag,
     not_found, parse_http_date, read_small_body, status_line, status_of,
 )
 
 if TYPE_CHECKING:
-    from .session import Session
+    from scriptsftp.server.core.session import Session
 
 DAV = "DAV:"
 MS = "urn:schemas-microsoft-com:"

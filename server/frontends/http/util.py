@@ -19,13 +19,13 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from aiohttp import web
 
-from .errors import (
+from scriptsftp.server.contract.errors import (
     AlreadyExists, DirectoryNotEmpty, Failure, FsError, InvalidPath, IsADirectory, LimitExceeded, NoSpace,
     NotADirectory, NotFound, PermissionDenied, Vetoed,
 )
 
 if TYPE_CHECKING:
-    from .session import Session
+    from scriptsftp.server.core.session import Session
 
 T = TypeVar("T")
 

@@ -38,8 +38,10 @@ from aiohttp import web
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from . import __version__, metrics
-from .config import ConfigError, is_loopback
+from scriptsftp.server import __version__
+
+from scriptsftp.server.support import metrics
+from scriptsftp.server.support.config import ConfigError, is_loopback
 
 log = logging.getLogger("scriptsftp.admin")
 
@@ -511,7 +513,7 @@ class AdminListener:
     @staticmethod
     def event_filters(params: Any) -> dict[str, Any]:
         """Query parameters of /api/events (and the dashboard) -> AuditTrail.query arguments; ValueError if bad."""
-        from .audit import DECISIONS
+        from scriptsftp.server.ops.audit import DECISIONS
 
         q: dict[str, Any] = {"since": parse_since(params.get("since")), "user": params.get("user") or None,
                              "path": params.get("path") or None, "name": params.get("event") or None,
@@ -648,7 +650,7 @@ class AdminListener:
         return self._page(page)
 
 
-from .dashboard import render_dashboard, render_login  # noqa: E402  (dashboard imports nothing from here)
+from scriptsftp.server.ops.dashboard import render_dashboard, render_login  # noqa: E402  (dashboard imports nothing from here)
 
 
 def make_listener(daemon: Any) -> AdminListener:

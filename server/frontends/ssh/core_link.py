@@ -26,11 +26,11 @@ from typing import Any, Callable
 
 import paramiko
 
-from . import framing
-from .errors import FsError
-from .login import Connection, LoginCore
-from .session import DirHandle, FileHandle, ReadHandle, Session, WriteHandle
-from .storage import Entry
+from scriptsftp.server.contract import framing
+from scriptsftp.server.contract.errors import FsError
+from scriptsftp.server.core.login import Connection, LoginCore
+from scriptsftp.server.core.session import DirHandle, FileHandle, ReadHandle, Session, WriteHandle
+from scriptsftp.server.core.storage import Entry
 
 log = logging.getLogger("scriptsftp.ssh")
 

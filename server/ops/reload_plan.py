@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from .config import Config, ConfigError, LoadedConfig
+from scriptsftp.server.support.config import Config, ConfigError, LoadedConfig
 
 RUNNING_FILE = "running.json"
 

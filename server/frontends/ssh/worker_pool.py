@@ -28,12 +28,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import framing
-from .accounts import Account
-from .core_link import CoreLink
-from .keys import read_host_key
-from .login import LoginCore
-from .ssh import SSHLimits, accept_forever, bind_sockets, bound_names, close_listening
+from scriptsftp.server.contract import framing
+from scriptsftp.server.support.worker_accounts import Account
+from scriptsftp.server.frontends.ssh.core_link import CoreLink
+from scriptsftp.server.support.keys import read_host_key
+from scriptsftp.server.core.login import LoginCore
+from scriptsftp.server.frontends.ssh.server import SSHLimits, accept_forever, bind_sockets, bound_names, close_listening
 
 log = logging.getLogger("scriptsftp.ssh")
 
@@ -93,7 +93,7 @@ class _Worker:
                 self.process = _fork(theirs, setup, close=[ours, *(inherited or [])])
             else:
                 self.process = subprocess.Popen(
-                    [sys.executable, "-m", "scriptsftp.server.ssh_worker", str(theirs.fileno())],
+                    [sys.executable, "-m", "scriptsftp.server.frontends.ssh.worker_process", str(theirs.fileno())],
                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True, cwd="/",
                 )
         finally:
@@ -121,7 +121,10 @@ class _Worker:
 
 
 def _fork(control: socket.socket, setup: dict, close: list[socket.socket]) -> _Forked:
-    from . import ssh_worker, sftp, scp, remote_core  # noqa: F401  (imported once, shared)
+    from scriptsftp.server.frontends.ssh import worker_process as ssh_worker
+    from scriptsftp.server.frontends.ssh import sftp
+    from scriptsftp.server.frontends.ssh import scp
+    from scriptsftp.server.frontends.ssh import remote_core  # noqa: F401  (imported once, shared)
 
     gc.freeze()  # what exists now is never collected in the child: its pages stay shared
     pid = os.fork()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from .errors import InvalidPath, NotFound, PermissionDenied
+from scriptsftp.server.contract.errors import InvalidPath, NotFound, PermissionDenied
 
 STAGING_PREFIX = ".scriptsftp-part-"
 MAX_NAME_BYTES = 255

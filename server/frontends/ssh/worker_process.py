@@ -1,4 +1,4 @@
-"""An SSH worker process: ``python -m scriptsftp.server.ssh_worker FD``.
+"""An SSH worker process: ``python -m scriptsftp.server.frontends.ssh.worker_process FD``.
 
 Started by the core (ssh_workers.py) with one end of a socket pair as FD. The
 core sends, over it: the setup (host key files, limits, log format), then for
@@ -18,7 +18,11 @@ import socket
 import sys
 import threading
 
-from . import framing, logs, memory
+from scriptsftp.server.contract import framing
+
+from scriptsftp.server.support import logs
+
+from scriptsftp.server.support import memory
 
 log = logging.getLogger("scriptsftp.ssh")
 
@@ -43,10 +47,10 @@ def serve(control: socket.socket, setup: dict) -> int:
         signal.signal(sig, signal.SIG_IGN)
     from scriptsftp.scripting import jail
 
-    from .keys import host_key_from_text
-    from .remote_core import RemoteCore
-    from .scp import run_scp
-    from .ssh import SSHConnections, SSHLimits
+    from scriptsftp.server.support.keys import host_key_from_text
+    from scriptsftp.server.frontends.ssh.remote_core import RemoteCore
+    from scriptsftp.server.frontends.ssh.scp import run_scp
+    from scriptsftp.server.frontends.ssh.server import SSHConnections, SSHLimits
 
     # host keys come as text from the core: this process's account cannot read the files
     keys = [host_key_from_text(text) for text in setup["host_keys"]]

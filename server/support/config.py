@@ -20,8 +20,8 @@ from typing import Annotated, Any, Literal
 import tomli
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .events import EVENT_TYPES, VETOABLE
-from .tomlpos import KeyLines, format_loc
+from scriptsftp.server.contract.events import EVENT_TYPES, VETOABLE
+from scriptsftp.server.support.tomlpos import KeyLines, format_loc
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 PERMISSIONS = (
@@ -242,7 +242,7 @@ class AdminSection(_Model):
 
     @model_validator(mode="after")
     def _token_needed(self) -> "AdminSection":
-        # server/admin.py: the API can kick sessions and reload; off loopback it needs a token.
+        # server/ops/admin.py: the API can kick sessions and reload; off loopback it needs a token.
         if self.token_hash and not self.token_hash.startswith("$argon2id$"):
             raise ValueError("token_hash: not an argon2id hash (make one with `scriptsftp hash-password`)")
         if self.enabled and not self.token_hash and not is_loopback(self.listen):
@@ -263,7 +263,7 @@ def is_loopback(listen: str) -> bool:
 
 
 class DefenderSection(_Model):
-    """Automatic bans per source address, connection rate limits and caps (server/defender.py)."""
+    """Automatic bans per source address, connection rate limits and caps (server/ops/defender.py)."""
 
     enabled: bool = True
     """Scores and bans; the connection caps and rate limit apply even when false."""
@@ -516,7 +516,7 @@ class User(_Access):
     @field_validator("public_keys")
     @classmethod
     def _keys(cls, v: list[str]) -> list[str]:
-        from .keys import parse_public_key  # late: pulls in paramiko
+        from scriptsftp.server.support.keys import parse_public_key  # late: pulls in paramiko
 
         for i, line in enumerate(v):
             try:

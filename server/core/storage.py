@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import Failure, InvalidPath, NotFound, from_oserror
-from .vfs import STAGING_PREFIX, join
+from scriptsftp.server.contract.errors import Failure, InvalidPath, NotFound, from_oserror
+from scriptsftp.server.core.vfs import STAGING_PREFIX, join
 
 MAX_LINK_HOPS = 40
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -29,19 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from . import events as ev
-from . import metrics
-from .dispatch import Dispatcher, FileOpener
-from .errors import (
+from scriptsftp.server.contract import events as ev
+from scriptsftp.server.support import metrics
+from scriptsftp.server.contract.dispatch import Dispatcher, FileOpener
+from scriptsftp.server.contract.errors import (
     AlreadyExists, Failure, FsError, InvalidPath, IsADirectory, LimitExceeded, NoSpace, NotADirectory,
     NotFound, PermissionDenied, Vetoed, from_oserror,
 )
-from .publish import Publisher, pending_stat
-from .storage import Entry, Storage, allocated_bytes, copy_fd
-from .vfs import Access, join, split
+from scriptsftp.server.core.publish import Publisher, pending_stat
+from scriptsftp.server.core.storage import Entry, Storage, allocated_bytes, copy_fd
+from scriptsftp.server.core.vfs import Access, join, split
 
 if TYPE_CHECKING:
-    from .staging import StagingRecords
+    from scriptsftp.server.core.staging import StagingRecords
 
 log = logging.getLogger("scriptsftp.session")
 

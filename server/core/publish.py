@@ -41,15 +41,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import events as ev
-from .dispatch import ALLOW, Dispatcher, FileOpener
-from .errors import Failure, FsError, IsADirectory, NotFound, Vetoed, from_oserror
-from .storage import Resolved, Storage, copy_fd
-from .vfs import join, split
+from scriptsftp.server.contract import events as ev
+from scriptsftp.server.contract.dispatch import ALLOW, Dispatcher, FileOpener
+from scriptsftp.server.contract.errors import Failure, FsError, IsADirectory, NotFound, Vetoed, from_oserror
+from scriptsftp.server.core.storage import Resolved, Storage, copy_fd
+from scriptsftp.server.core.vfs import join, split
 
 if TYPE_CHECKING:
-    from .session import Session, UploadPolicy, WriteHandle
-    from .staging import StagedRecord, StagingRecords
+    from scriptsftp.server.core.session import Session, UploadPolicy, WriteHandle
+    from scriptsftp.server.core.staging import StagedRecord, StagingRecords
 
 log = logging.getLogger("scriptsftp.session")
 

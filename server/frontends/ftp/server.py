@@ -62,17 +62,17 @@ from pyftpdlib.exceptions import _FileReadWriteError, _GiveUpOnSendfile, _RetryE
 from pyftpdlib.ioloop import _ERRNOS_DISCONNECTED, _ERRNOS_RETRY, IOLoop
 from pyftpdlib.servers import ThreadedFTPServer
 
-from .config import ConfigError
-from .errors import (
+from scriptsftp.server.support.config import ConfigError
+from scriptsftp.server.contract.errors import (
     AlreadyExists, Failure, FsError, InvalidPath, LimitExceeded, NoSpace, NotADirectory,
 )
-from .listener import listen_addresses
-from .session import ReadHandle, Session, WriteHandle
-from .storage import Entry
+from scriptsftp.server.support.listen import listen_addresses
+from scriptsftp.server.core.session import ReadHandle, Session, WriteHandle
+from scriptsftp.server.core.storage import Entry
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
-    from .login import Connection, LoginCore
+    from scriptsftp.server.daemon import Daemon
+    from scriptsftp.server.core.login import Connection, LoginCore
 
 log = logging.getLogger("scriptsftp.ftp")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from .events import Event
+from scriptsftp.server.contract.events import Event
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import Failure, NoSpace
+from scriptsftp.server.contract.errors import Failure, NoSpace
 
 UPLOADING = "upload"
 CHECKING = "check"
@@ -114,12 +114,12 @@ def discard_leftovers(records: StagingRecords, *, keep_checking: bool = False) -
     """Delete the staged files a crash left behind; return how many were removed.
 
     With ``keep_checking``, uploads that had fully arrived and were being checked
-    are kept for :func:`scriptsftp.server.publish.recheck_leftovers`. The staging
+    are kept for :func:`scriptsftp.server.core.publish.recheck_leftovers`. The staging
     name is looked up relative to the recorded home; a home or directory that
     vanished since simply has nothing to clean."""
-    from .errors import NotFound
-    from .storage import Storage  # the same confined walk as client operations
-    from .vfs import split
+    from scriptsftp.server.contract.errors import NotFound
+    from scriptsftp.server.core.storage import Storage  # the same confined walk as client operations
+    from scriptsftp.server.core.vfs import split
 
     removed = 0
     for rec in records.leftovers():

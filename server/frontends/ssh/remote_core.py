@@ -20,12 +20,14 @@ from typing import Any
 
 import paramiko
 
-from . import errors, framing
-from .core_link import OPENDIR_PREFETCH, decode_entry
-from .dispatch import ALLOW, Decision
-from .errors import FsError
-from .session import DirHandle, ReadHandle, WriteHandle
-from .storage import Entry
+from scriptsftp.server.contract import errors
+
+from scriptsftp.server.contract import framing
+from scriptsftp.server.frontends.ssh.core_link import OPENDIR_PREFETCH, decode_entry
+from scriptsftp.server.contract.dispatch import ALLOW, Decision
+from scriptsftp.server.contract.errors import FsError
+from scriptsftp.server.core.session import DirHandle, ReadHandle, WriteHandle
+from scriptsftp.server.core.storage import Entry
 
 MAX_REPLY = 256 << 20  # a listing of a very large directory
 PROGRESS_INTERVAL = 1.0  # seconds between two byte counts of a running transfer sent to the core

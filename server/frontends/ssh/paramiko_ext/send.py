@@ -38,7 +38,7 @@ from paramiko.message import Message
 from paramiko.packet import Packetizer
 from paramiko.ssh_exception import SSHException
 
-from .paramiko_recv import keyed_hmac
+from scriptsftp.server.frontends.ssh.paramiko_ext.recv import keyed_hmac
 
 MAX_BATCH = 16  # packets per sendmsg(): 16 x 32 KiB covers one 255 KiB SFTP DATA reply
 SMALL = 4096  # packets up to this much data are joined before encryption: fewer calls beat the copy

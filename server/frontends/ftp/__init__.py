@@ -1,0 +1,1 @@
+"""frontends/ftp: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""frontends/http: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""frontends/ssh: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""frontends/ssh/paramiko_ext: see docs/architecture.md."""

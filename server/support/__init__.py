@@ -1,0 +1,1 @@
+"""support: see docs/architecture.md."""
