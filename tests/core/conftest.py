@@ -7,10 +7,11 @@ the disk, the staging records and the events afterwards. Runs in seconds.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -19,6 +20,7 @@ from scriptsftp.server.contract.events import Event
 from scriptsftp.server.core.publish import Publisher
 from scriptsftp.server.core.session import Account, Session, UploadPolicy
 from scriptsftp.server.core.staging import StagingRecords
+from scriptsftp.server.core.storage import Storage
 from scriptsftp.server.core.vfs import Access
 
 OLD = b"the good old version\n" * 1000
@@ -30,12 +32,15 @@ class RecordingDispatcher:
 
     events: list[Event] = field(default_factory=list)
     pre_hook: Callable[[Event], Decision] = lambda e: ALLOW
+    steps: list[str] = field(default_factory=list)
+    """The shared timeline (see :func:`traced`): ``event:<name>`` for each event raised."""
 
     def wants(self, event_name: str) -> bool:
         return True
 
     def pre(self, event: Event, file: FileOpener | None = None, mode: str | None = None) -> Decision:
         self.events.append(event)
+        self.steps.append(f"event:{event.name}")
         return self.pre_hook(event)
 
     def has_async(self, event: Event) -> bool:
@@ -43,6 +48,7 @@ class RecordingDispatcher:
 
     def post(self, event: Event, file: FileOpener | None = None) -> None:
         self.events.append(event)
+        self.steps.append(f"event:{event.name}")
 
     def names(self) -> list[str]:
         return [e.name for e in self.events]
@@ -91,3 +97,81 @@ def fail_with(err: int) -> Callable[..., int]:
     def failing(*args: object, **kwargs: object) -> int:
         raise OSError(err, os.strerror(err))
     return failing
+
+
+def veto(reason: str, *names: str) -> Callable[[Event], Decision]:
+    """A pre_hook that vetoes the named events (every pre-event when none is named) with ``reason``."""
+    return lambda e: Decision(False, reason) if not names or e.name in names else ALLOW
+
+
+# --- one timeline of what an operation did --------------------------------------------------
+
+#: the Storage methods that change the disk or open something on it: each becomes ``disk:<name>``
+TRACED_STORAGE = ("open_file", "open_dir_fd", "scandir", "readlink", "mkdir", "rmdir", "unlink", "rename",
+                  "chmod", "utime", "symlink")
+
+
+class _StepHandler(logging.Handler):
+    """The Session's log lines as ``log:<op> <result>`` steps."""
+
+    def __init__(self, steps: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.steps = steps
+
+    def emit(self, record: logging.LogRecord) -> None:
+        op, result = getattr(record, "op", None), getattr(record, "result", None)
+        if op and result:
+            self.steps.append(f"log:{op} {result}")
+
+
+@pytest.fixture
+def traced(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Session], list[str]]]:
+    """``traced(session)`` returns the session's dispatcher's ``steps``, to which every event
+    (``event:``), Storage operation (``disk:``), Session log line (``log:``) and refusal record
+    (``refused:<kind>``) is appended in the order they happen. The order of checks is then one
+    list to compare."""
+    handlers: list[tuple[logging.Logger, _StepHandler]] = []
+    session_log = logging.getLogger("scriptsftp.session")
+    level = session_log.level
+
+    def trace(session: Session) -> list[str]:
+        steps: list[str] = session.dispatcher.steps  # type: ignore[attr-defined]
+        for name in TRACED_STORAGE:
+            real = getattr(Storage, name)
+
+            def step(self: Storage, *args: object, _real: Callable[..., object] = real, _name: str = name,
+                     **kwargs: object) -> object:
+                result = _real(self, *args, **kwargs)
+                steps.append(f"disk:{_name}")
+                return result
+
+            monkeypatch.setattr(Storage, name, step)
+        session.refusals = lambda record, reason, kind: steps.append(f"refused:{kind}")
+        handler = _StepHandler(steps)
+        session_log.addHandler(handler)
+        session_log.setLevel(logging.INFO)
+        handlers.append((session_log, handler))
+        return steps
+
+    yield trace
+    for logger, handler in handlers:
+        logger.removeHandler(handler)
+    session_log.setLevel(level)
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    """Everything under ``roots`` that an operation could change: kind, mode, size, content,
+    link target and mtime (a directory's changes when an entry is made or removed in it, a
+    staging file included). atime is left out: reading is not touching."""
+    out: dict[str, tuple] = {}
+    for root in roots:
+        for p in [root, *sorted(root.rglob("*"))]:
+            st = p.lstat()
+            if p.is_symlink():
+                extra: object = os.readlink(p)
+            elif p.is_file():
+                extra = p.read_bytes()
+            else:
+                extra = None
+            out[str(p)] = (st.st_mode, st.st_size, st.st_mtime_ns, extra)
+    return out
