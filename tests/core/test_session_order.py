@@ -397,3 +397,43 @@ def test_invalid_paths_are_invalid_before_anything(world: World, traced: Any) ->
         with pytest.raises(InvalidPath):
             session.open_write(bad)
     assert steps == []
+
+
+# --- close: the end of a handle --------------------------------------------------------------------
+
+def test_closing_the_session_aborts_what_is_open_and_publishes_nothing(world: World, traced: Any) -> None:
+    session = world.session()
+    steps = traced(session)
+    before = snapshot(world.home)
+    upload = session.open_write("/a.dat")
+    upload.write(0, b"half of it")
+    download = session.open_read("/a.dat")
+    download.read(0, 4)
+    listing = session.opendir("/")
+    steps.clear()
+    session.close()
+    assert sorted(steps) == sorted(["disk:unlink", "log:upload aborted", "event:upload-failed",
+                                    "log:download aborted"])
+    assert steps.index("disk:unlink") < steps.index("log:upload aborted") < steps.index("event:upload-failed")
+    assert listing.done and upload.done and download.done
+    assert snapshot(world.home) == before
+    assert world.staging.leftovers() == []
+    upload.close()  # the front end's close after the session ended it: nothing more happens
+    download.close()
+    assert "event:post-upload" not in steps and "event:post-download" not in steps
+
+
+def test_a_handle_closes_once(world: World, traced: Any) -> None:
+    session = world.session()
+    steps = traced(session)
+    h = session.open_write("/new.dat")
+    h.write(0, b"x")
+    h.close()
+    h.close()
+    h.abort("late abort")
+    r = session.open_read("/new.dat")
+    r.close()
+    r.abort("late abort")
+    assert steps.count("event:post-upload") == 1 and steps.count("event:post-download") == 1
+    assert "event:upload-failed" not in steps
+    assert (world.home / "new.dat").read_bytes() == b"x"
