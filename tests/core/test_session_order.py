@@ -313,16 +313,6 @@ def test_a_permitted_operation_runs_its_steps_in_order(world: World, traced: Any
         assert all(e.target == "/b.dat" for e in events)
 
 
-@pytest.mark.parametrize("op", [op for op in OPS if op.pre], ids=[op.id for op in OPS if op.pre])
-def test_a_veto_that_allows_another_path_still_checks_the_named_one(world: World, traced: Any, op: Op) -> None:
-    """A veto hook that allows everything sees the pre-event exactly once, before the disk."""
-    session = world.session()
-    steps = traced(session)
-    op.run(session, *op.paths)
-    assert steps.count(f"event:{op.pre}") == 1
-    assert steps.index(f"event:{op.pre}") < min(i for i, s in enumerate(steps) if s.startswith("disk:"))
-
-
 def test_setstat_size_is_always_refused_and_recorded(world: World, traced: Any) -> None:
     """Truncating a published file would show a half file: refused even with every permission."""
     session = world.session()
