@@ -20,7 +20,6 @@ from scriptsftp.server.contract.events import Event
 from scriptsftp.server.core.publish import Publisher
 from scriptsftp.server.core.session import Account, Session, UploadPolicy
 from scriptsftp.server.core.staging import StagingRecords
-from scriptsftp.server.core.storage import Storage
 from scriptsftp.server.core.vfs import Access
 
 OLD = b"the good old version\n" * 1000
@@ -73,6 +72,12 @@ class Core:
         assert self.staging.leftovers() == []
 
 
+def open_staging(state_dir: Path) -> StagingRecords:
+    """The staging records of a state_dir, opened as the daemon opens them: the one place the
+    tests name how, so a change of stores touches this line only."""
+    return StagingRecords(state_dir / "staging.db")
+
+
 @pytest.fixture
 def core(tmp_path: Path) -> Core:
     home = tmp_path / "home"
@@ -80,7 +85,7 @@ def core(tmp_path: Path) -> Core:
     (home / "over.bin").write_bytes(OLD)
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    staging = StagingRecords(state_dir / "staging.db")
+    staging = open_staging(state_dir)
     dispatcher = RecordingDispatcher()
     policy = UploadPolicy(state_dir=state_dir)
     account = Account(name="alice", home=home, access=Access.build({"/": ["*"]}, [], []))
@@ -136,16 +141,17 @@ def traced(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Session], list
 
     def trace(session: Session) -> list[str]:
         steps: list[str] = session.dispatcher.steps  # type: ignore[attr-defined]
+        storage_class = type(session.storage)  # whatever implements the home's storage
         for name in TRACED_STORAGE:
-            real = getattr(Storage, name)
+            real = getattr(storage_class, name)
 
-            def step(self: Storage, *args: object, _real: Callable[..., object] = real, _name: str = name,
+            def step(self: object, *args: object, _real: Callable[..., object] = real, _name: str = name,
                      **kwargs: object) -> object:
                 result = _real(self, *args, **kwargs)
                 steps.append(f"disk:{_name}")
                 return result
 
-            monkeypatch.setattr(Storage, name, step)
+            monkeypatch.setattr(storage_class, name, step)
         session.refusals = lambda record, reason, kind: steps.append(f"refused:{kind}")
         handler = _StepHandler(steps)
         session_log.addHandler(handler)

@@ -187,7 +187,8 @@ class TablePool:
         with self.lock:
             self.calls.append((req.script.name, req.event["name"]))
         verdict = self.verdicts.get(req.script.name, "allow")
-        reason = {"veto": f"vetoed by {req.script.name}", "error": "ZeroDivisionError: division by zero"}.get(verdict, "")
+        reason = {"veto": f"vetoed by {req.script.name}",
+                  "error": "ZeroDivisionError: division by zero"}.get(verdict, "")
         return CallResult(verdict, reason, [], "exception" if verdict == "error" else None, None, 0.0)
 
 

@@ -22,9 +22,9 @@ from scriptsftp.server.contract.dispatch import ALLOW, Decision, FileOpener
 from scriptsftp.server.contract.events import Event
 from scriptsftp.server.core.publish import Publisher
 from scriptsftp.server.core.session import Session
-from scriptsftp.server.core.staging import CHECKING, UPLOADING, StagingRecords, discard_leftovers
+from scriptsftp.server.core.staging import CHECKING, UPLOADING, discard_leftovers
 
-from .conftest import OLD, Core, RecordingDispatcher, UploadPolicy
+from .conftest import OLD, Core, RecordingDispatcher, UploadPolicy, open_staging
 
 NEW = b"fully arrived, never checked\n" * 2000
 HALF = b"half of an upload"
@@ -84,7 +84,7 @@ class Restart:
     """A second life of the server on the same state_dir and homes."""
 
     def __init__(self, core: Core, on_restart: str) -> None:
-        self.staging = StagingRecords(core.state_dir / "staging.db")
+        self.staging = open_staging(core.state_dir)
         self.dispatcher = Gate()
         self.policy = UploadPolicy(state_dir=core.state_dir)
         self.publisher = Publisher(self.dispatcher, self.staging, self.policy)
@@ -143,7 +143,8 @@ def test_an_upload_caught_mid_check_is_checked_again_before_it_appears(crashed: 
     restart.settle()
     assert restart.dispatcher.modes == [None]  # every binding, sync and async: no client waits
     [event] = [e for e in restart.dispatcher.events if e.name == "pre-publish"]
-    assert (event.path, event.size, event.user, event.session_id) == ("/over.bin", len(NEW), "alice", "s1")  # type: ignore[attr-defined]
+    fields = (event.path, event.size, event.user, event.session_id)  # type: ignore[attr-defined]
+    assert fields == ("/over.bin", len(NEW), "alice", "s1")  # the event recorded before the crash
     assert restart.dispatcher.read == [NEW]
     expected = NEW if verdict.allowed else OLD
     assert (core.home / "over.bin").read_bytes() == expected
@@ -212,12 +213,11 @@ def test_an_orphan_staging_file_without_record_is_removed(core: Core) -> None:
 
 def test_records_survive_the_process(tmp_path: Path) -> None:
     """What the restart works from is on disk: a second StagingRecords sees the first's records."""
-    db = tmp_path / "staging.db"
-    first = StagingRecords(db)
+    first = open_staging(tmp_path)
     rid = first.add("alice", str(tmp_path), "/in", ".scriptsftp-part-0000000000000001", "a.bin")
     first.checking(rid, {"name": "pre-publish", "path": "/in/a.bin", "size": 3})
     first.close()
-    second = StagingRecords(db)
+    second = open_staging(tmp_path)
     try:
         [rec] = second.leftovers()
         assert (rec.id, rec.state, rec.directory, rec.final_name) == (rid, CHECKING, "/in", "a.bin")

@@ -31,7 +31,7 @@ from scriptsftp.server.core.session import Account, Session
 from scriptsftp.server.core.staging import StagingRecords
 from scriptsftp.server.core.vfs import ALL_PERMISSIONS, Access, FilterRule
 
-from .conftest import RecordingDispatcher, UploadPolicy, snapshot, veto
+from .conftest import RecordingDispatcher, UploadPolicy, open_staging, snapshot, veto
 
 CONTENT = b"the published version\n" * 100
 REASON = "not on a friday"
@@ -199,7 +199,7 @@ def _populate(root: Path) -> None:
 def staging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StagingRecords]:
     """One database for the module (opening one costs more than most tests here); every test
     asserts it left no record, so each starts from an empty one."""
-    records = StagingRecords(tmp_path_factory.mktemp("state") / "staging.db")
+    records = open_staging(tmp_path_factory.mktemp("state"))
     yield records
     records.close()
 
@@ -240,7 +240,8 @@ def _cases() -> Iterator[Any]:
                 continue
             indexes = op.named() if stage in ("path", "escape") else (op.named()[-1],)
             for index in indexes:
-                yield pytest.param(op, stage, index, id=f"{op.id}-{stage}" + (f"-arg{index}" if len(indexes) > 1 else ""))
+                suffix = f"-arg{index}" if len(indexes) > 1 else ""
+                yield pytest.param(op, stage, index, id=f"{op.id}-{stage}{suffix}")
 
 
 def _expect(op: Op, stage: str, index: int) -> tuple[type[FsError], str, list[str]]:

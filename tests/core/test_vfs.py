@@ -13,14 +13,15 @@ import fnmatch
 import os
 import posixpath
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from scriptsftp.server.contract.errors import FsError, InvalidPath, NotFound, PermissionDenied
-from scriptsftp.server.core.storage import Storage
+from scriptsftp.server.contract.dispatch import NullDispatcher
+from scriptsftp.server.core.session import Account, Session
 from scriptsftp.server.core.vfs import (
     ALL_PERMISSIONS, MAX_NAME_BYTES, MAX_PATH_BYTES, STAGING_PREFIX, Access, FilterRule, join, normalize, split,
 )
@@ -107,7 +108,7 @@ LINK_NAMES = ["in", "up", "abs_out", "rel_out", "loop", "self", "deep", "danglin
 
 
 @pytest.fixture(scope="module")
-def linked_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Storage]]:
+def linked_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Any]]:
     root = tmp_path_factory.mktemp("confinement")
     home, outside = root / "home", root / "outside"
     (home / "sub" / "x").mkdir(parents=True)
@@ -123,15 +124,18 @@ def linked_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
     (home / "loop2").symlink_to("loop")
     (home / "sub" / "back").symlink_to("../../outside")
     (home / "sub" / "home_abs").symlink_to(str(home / "sub"))
-    storage = Storage(home)
-    yield home.resolve(), outside.resolve(), storage
-    storage.close()
+    # the storage a Session opens on the home: the one every client operation walks through
+    account = Account(name="alice", home=home, access=Access.build({"/": ["*"]}, [], []))
+    session = Session(session_id="s1", account=account, protocol="sftp", remote_ip="127.0.0.1",
+                      dispatcher=NullDispatcher())
+    yield home.resolve(), outside.resolve(), session.storage
+    session.close()
 
 
 @budget(120)
 @given(st.lists(st.sampled_from(LINK_NAMES + ["back", "home_abs", "f", "loop2"]), min_size=1, max_size=7),
        st.booleans())
-def test_resolve_never_opens_a_directory_outside_the_home(linked_home: tuple[Path, Path, Storage],
+def test_resolve_never_opens_a_directory_outside_the_home(linked_home: tuple[Path, Path, Any],
                                                           parts: list[str], follow: bool) -> None:
     home, outside, storage = linked_home
     try:
@@ -150,7 +154,7 @@ def test_resolve_never_opens_a_directory_outside_the_home(linked_home: tuple[Pat
             assert "/" not in r.name
 
 
-def test_the_ways_out_are_refused_by_name(linked_home: tuple[Path, Path, Storage]) -> None:
+def test_the_ways_out_are_refused_by_name(linked_home: tuple[Path, Path, Any]) -> None:
     home, outside, storage = linked_home
     for name in ("up", "abs_out", "rel_out"):
         with pytest.raises(NotFound, match="points outside the home"):
