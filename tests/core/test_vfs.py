@@ -238,3 +238,72 @@ def test_an_allow_list_rejects_every_other_name() -> None:
         access.check_filters(("in", "run.sh"), "/in/run.sh")
     access.check_filters(("run.sh",), "/run.sh")  # only below /in
     access.check_filters(("in",), "/in")
+
+
+# --- the Session: no operation, on any path, changes anything outside the home ------------------
+
+OPERATIONS = ["mkdir", "rmdir", "remove", "rename", "write", "resume", "chmod", "utime", "symlink", "read", "list"]
+
+
+@pytest.fixture(scope="module")
+def exposed_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Session, set[int]]]:
+    root = tmp_path_factory.mktemp("exposed")
+    home, outside = root / "home", root / "outside"
+    (home / "sub").mkdir(parents=True)
+    (outside / "x").mkdir(parents=True)
+    (outside / "f").write_text("outside")
+    for name, target in {"abs_out": str(outside), "rel_out": "../outside", "up": "..",
+                         "sub/back": "../../outside", "in": "sub"}.items():
+        (home / name).symlink_to(target)
+    account = Account(name="alice", home=home, access=Access.build({"/": ["*"]}, [], []))
+    session = Session(session_id="s1", account=account, protocol="sftp", remote_ip="127.0.0.1",
+                      dispatcher=NullDispatcher())
+    planted = {p.lstat().st_ino for p in home.rglob("*") if p.is_symlink()}  # the ways out, maybe moved later
+    yield home, outside, session, planted
+    session.close()
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int, int]]:
+    return {str(p): (p.lstat().st_mode, p.lstat().st_size, p.lstat().st_mtime_ns) for p in [root, *root.rglob("*")]}
+
+
+@budget(80)
+@given(st.sampled_from(OPERATIONS),
+       st.lists(st.sampled_from(["abs_out", "rel_out", "up", "in", "sub", "back", "x", "f", "..", "new"]),
+                min_size=1, max_size=4),
+       st.lists(st.sampled_from(["abs_out", "rel_out", "up", "in", "x", "f", "..", "other"]), min_size=1, max_size=3))
+def test_no_operation_on_any_path_changes_anything_outside(
+        exposed_home: tuple[Path, Path, Session, set[int]], op: str, a: list[str], b: list[str]) -> None:
+    home, outside, session, planted = exposed_home
+    before = _tree(outside)
+    first, second = "/" + "/".join(a), "/".join(b)
+    try:
+        if op == "mkdir":
+            session.mkdir(first)
+        elif op == "rmdir":
+            session.rmdir(first)
+        elif op == "remove":
+            session.remove(first)
+        elif op == "rename":
+            session.rename(first, "/" + second, overwrite=True)
+        elif op in ("write", "resume"):
+            h = session.open_write(first, truncate=op == "write")
+            h.write(0, b"written")
+            h.close()
+        elif op == "chmod":
+            session.setstat(first, mode=0o600)
+        elif op == "utime":
+            session.setstat(first, times=(1.0, 2.0))
+        elif op == "symlink":
+            session.symlink(second, first)
+        elif op == "read":
+            session.open_read(first).close()
+        else:
+            session.listdir(first)
+    except FsError:
+        pass
+    assert _tree(outside) == before
+    for link in home.rglob("*"):
+        if link.is_symlink() and link.lstat().st_ino not in planted:
+            target = os.readlink(link)  # what the Session made points into the home
+            assert target == str(home) or target.startswith(str(home) + "/")
