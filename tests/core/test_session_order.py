@@ -430,3 +430,51 @@ def test_a_handle_closes_once(world: World, traced: Any) -> None:
     assert steps.count("event:post-upload") == 1 and steps.count("event:post-download") == 1
     assert "event:upload-failed" not in steps
     assert (world.home / "new.dat").read_bytes() == b"x"
+
+
+# --- the table covers the Session -----------------------------------------------------------------
+
+#: public Session methods that are not in OPS, and where they are tested instead
+ELSEWHERE = {
+    "realpath": "test_dotdot_never_climbs_out_of_the_home",
+    "statvfs": "test_statvfs_checks_the_path",
+    "fsetstat": "test_fsetstat_needs_the_permission_and_travels_with_the_upload",
+    "close": "test_closing_the_session_aborts_what_is_open_and_publishes_nothing",
+}
+
+
+def test_every_session_operation_is_in_the_table() -> None:
+    """A new Session operation joins OPS (and so the gauntlet), or says here where it is tested."""
+    public = {name for name, value in vars(Session).items() if callable(value) and not name.startswith("_")}
+    covered = {_called(op) for op in OPS}
+    assert public - covered - set(ELSEWHERE) == set(), "add the new operation to OPS"
+    assert set(ELSEWHERE) <= public
+
+
+def _called(op: Op) -> str:
+    """The Session method an OPS entry calls (``s.<method>(...)``)."""
+    return next(n for n in op.run.__code__.co_names if hasattr(Session, n))
+
+
+def test_statvfs_checks_the_path(world: World) -> None:
+    session = world.session(filtered=True, hide=True)
+    assert session.statvfs("/").f_bsize > 0
+    with pytest.raises(NotFound):
+        session.statvfs("/a.dat")
+    with pytest.raises(InvalidPath):
+        session.statvfs("/x\x00")
+
+
+def test_fsetstat_needs_the_permission_and_travels_with_the_upload(world: World) -> None:
+    refused = world.session(without="setstat")
+    h = refused.open_write("/new.dat")
+    with pytest.raises(PermissionDenied, match=r"permission denied \(setstat\)"):
+        refused.fsetstat(h, mode=0o600)
+    h.close()
+    allowed = world.session()
+    h = allowed.open_write("/new.dat")
+    h.write(0, b"data")
+    allowed.fsetstat(h, mode=0o640, times=(1_000_000.0, 2_000_000.0))
+    h.close()
+    st = (world.home / "new.dat").stat()
+    assert (st.st_mode & 0o777, st.st_mtime) == (0o640, 2_000_000.0)
