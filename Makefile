@@ -13,7 +13,7 @@ SOURCES := pyproject.toml $(shell find server scripting -type f \( -name '*.py' 
 PKG_STAMP  := $(VENV)/.pkg-stamp
 TEST_STAMP := $(VENV)/.deps-stamp
 
-.PHONY: all system-deps install run test bench check clean
+.PHONY: all system-deps install run test typecheck bench check clean
 
 all: test
 
@@ -44,7 +44,13 @@ run: $(PKG_STAMP)
 check: $(PKG_STAMP)
 	$(VENV)/bin/scriptsftp check -c $(CONFIG)
 
-test: install
+# mypy on the installed package (only there is server/ scriptsftp.server), the reported paths
+# turned back into the source files'; the scope and strictness are [tool.mypy] in pyproject.toml
+typecheck: install
+	$(VENV)/bin/mypy -p scriptsftp.server -p scriptsftp.scripting 2>&1 \
+	  | sed -E 's#^[^:]*site-packages/scriptsftp/##'
+
+test: install typecheck
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install

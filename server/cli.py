@@ -76,8 +76,8 @@ def check(config_path: str | None, against_running: bool) -> None:
         try:
             from scriptsftp.scripting.engine import check_scripts
         except ImportError:
-            check_scripts = None
-        if check_scripts is not None:
+            pass
+        else:
             problems = check_scripts(cfg)
     for line in problems:
         click.echo(line, err=True)

@@ -58,19 +58,19 @@ def ensure_host_keys(directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     ed_path, rsa_path = directory / "ssh_host_ed25519_key", directory / "ssh_host_rsa_key"
     if not ed_path.exists():
-        key = ed25519.Ed25519PrivateKey.generate()
+        ed_key = ed25519.Ed25519PrivateKey.generate()
         _write_private(
             ed_path,
-            key.private_bytes(
+            ed_key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
             ),
         )
         log.info("generated host key %s", ed_path)
     if not rsa_path.exists():
-        key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
         _write_private(
             rsa_path,
-            key.private_bytes(
+            rsa_key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
             ),
         )
@@ -98,8 +98,10 @@ def host_key_from_text(text: str) -> paramiko.PKey:
     import io
 
     from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
     data = text.encode()
+    loaded: PrivateKeyTypes
     try:
         loaded = serialization.load_ssh_private_key(data, password=None)
     except ValueError:

@@ -122,7 +122,7 @@ class BoundedLog:
         self._last = float("-inf")
         self._held = 0
 
-    def log(self, logger: logging.Logger, msg: str, *args: object, extra: dict | None = None,
+    def log(self, logger: logging.Logger, msg: str, *args: object, extra: dict[str, object] | None = None,
             exc_info: bool = False) -> None:
         with self._lock:
             now = time.monotonic()
