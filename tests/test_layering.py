@@ -1,0 +1,357 @@
+"""The import rules of docs/architecture.md ("Layers and imports"), checked on the source tree.
+
+The layers are only real while something fails when one is crossed. This reads every ``import``
+in server/ and scripting/ with :mod:`ast` (top level, inside functions, under ``if
+TYPE_CHECKING:``: a type-only import is still a dependency a reader and mypy must follow) and
+checks four rules:
+
+1. layers run downward: contract <- support <- core <- stores <- (frontends, ops) <- cli/daemon;
+   a module imports its own layer or a lower one;
+2. a front end imports only the contract, support, the core and its own package: never another
+   front end, ops, stores, scripting/, cli or daemon;
+3. scripting/ imports from server/ only the contract (server/contract/), and in server/ only the
+   composition root (cli, daemon) imports scripting/;
+4. no import circles among our modules.
+
+``KNOWN_VIOLATIONS`` lists the imports that break these rules today, each with what removes it.
+It only shrinks: an entry whose import is gone fails the test too, so the list cannot go stale.
+Run ``python tests/test_layering.py`` to print every violation, listed or not.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# source directory -> the package it is installed as (pyproject.toml [tool.setuptools] package-dir)
+PACKAGE_DIRS: dict[str, str] = {"server": "scriptsftp.server", "scripting": "scriptsftp.scripting"}
+
+SERVER = "scriptsftp.server"
+SCRIPTING = "scriptsftp.scripting"
+
+# Each layer of server/ and its rank: a module may import modules of its own rank or lower.
+# `scriptsftp.server` itself (the package, its __version__) sits at the bottom with the contract.
+LAYER_RANK: dict[str, int] = {
+    "contract": 0,
+    "support": 1,
+    "core": 2,
+    "stores": 3,
+    "frontends": 4,
+    "ops": 4,
+    "composition": 5,
+}
+FRONTEND_MAY_IMPORT = {"contract", "support", "core"}
+COMPOSITION_ROOT = {f"{SERVER}.cli", f"{SERVER}.daemon"}
+
+# (importer, imported) -> what removes it. Every entry is a debt of issue 17; the lead empties this
+# after merging the helpers' work. Do not add to it: fix the import instead.
+KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
+    # scripting/ reaches into server/ beyond the contract (helper F: the scripting contract; the
+    # engine is handed its config section, audit sink and worker accounts by the daemon)
+    ("scriptsftp.scripting.commands", "scriptsftp.server.support.config"): "F: command specs through the contract",
+    ("scriptsftp.scripting.engine", "scriptsftp.server.ops.audit"): "F: the daemon hands the engine an audit sink",
+    ("scriptsftp.scripting.engine", "scriptsftp.server.support.config"): "F: the engine takes its settings, not the config model",
+    ("scriptsftp.scripting.engine", "scriptsftp.server.support.worker_accounts"): "F: the daemon hands the engine its worker account",
+    ("scriptsftp.scripting.registry", "scriptsftp.server.support.config"): "F: bindings through the contract",
+    ("scriptsftp.scripting.fs_cap", "scriptsftp.server.core.publish"): "F/E: the fs capability gets a Storage/SessionPort",
+    ("scriptsftp.scripting.fs_cap", "scriptsftp.server.core.session"): "F/E: the fs capability gets a Storage/SessionPort",
+    ("scriptsftp.scripting.fs_cap", "scriptsftp.server.core.vfs"): "F/E: path confinement through the contract",
+    # the core reaches up into ops (helper D: the login core takes the defender as a port)
+    ("scriptsftp.server.core.login", "scriptsftp.server.ops.defender"): "D: login takes a ban checker, wired by the daemon",
+    # front ends that type-import the Daemon (helper C: make_listener hands a CorePort and the config section)
+    ("scriptsftp.server.frontends.ftp.server", "scriptsftp.server.daemon"): "C: the FTP listener gets its port, not the Daemon",
+    ("scriptsftp.server.frontends.http.server", "scriptsftp.server.daemon"): "C: the HTTP listener gets its port, not the Daemon",
+    # the SSH protocol worker jails itself with scripting's jail (helpers A/F: the jail moves below both)
+    ("scriptsftp.server.frontends.ssh.worker_process", "scriptsftp.scripting.jail"): "A/F: the kernel jail out of scripting/",
+    # import circles, each listed by the edge that goes away
+    ("scriptsftp.server.core.publish", "scriptsftp.server.core.session"): "E: Publisher.publish(upload, event), UploadPolicy out of session",
+    ("scriptsftp.scripting.services", "scriptsftp.scripting.engine"): "F: services get a narrow view, not the engine's internals",
+    ("scriptsftp.server.frontends.ssh.sftp", "scriptsftp.server.frontends.ssh.server"): "A: no string-keyed attributes on paramiko channels",
+}
+
+
+@dataclass(frozen=True)
+class Import:
+    """One import statement's edge between two of our modules, with where it was written."""
+
+    importer: str
+    imported: str
+    path: str
+    line: int
+
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+def module_name(path: Path, source_dir: Path, package: str) -> str:
+    """``server/core/session.py`` -> ``scriptsftp.server.core.session`` (a package's
+    ``__init__.py`` is the package itself)."""
+    parts = list(path.relative_to(source_dir).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join([package, *parts])
+
+
+def collect_modules(root: Path, package_dirs: dict[str, str]) -> dict[str, Path]:
+    modules: dict[str, Path] = {}
+    for directory, package in package_dirs.items():
+        source_dir = root / directory
+        for path in sorted(source_dir.rglob("*.py")):
+            modules[module_name(path, source_dir, package)] = path
+    return modules
+
+
+def _resolve_relative(importer: str, is_package: bool, level: int, module: str | None) -> str:
+    base = importer.split(".")
+    if not is_package:
+        base = base[:-1]
+    base = base[: len(base) - (level - 1)] if level > 1 else base
+    return ".".join(base + ([module] if module else []))
+
+
+def collect_imports(root: Path, package_dirs: dict[str, str]) -> list[Import]:
+    """Every edge importer -> imported between our own modules, from every import statement
+    anywhere in a module (``from X import name`` counts as X.name when that is a module)."""
+    modules = collect_modules(root, package_dirs)
+    edges: list[Import] = []
+    for importer, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        rel = str(path.relative_to(root))
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = (_resolve_relative(importer, is_package, node.level, node.module)
+                        if node.level else (node.module or ""))
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                           for alias in node.names]
+            for target in targets:
+                # `import a.b.c` depends on a.b.c; an unknown tail (a name, not a module) falls back
+                # to the longest prefix that is one of our modules
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != importer:
+                    edges.append(Import(importer, target, rel, node.lineno))
+    return sorted(set(edges), key=lambda e: (e.path, e.line, e.imported))
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of a server/ module (None for scripting/ and foreign modules)."""
+    if module in COMPOSITION_ROOT:
+        return "composition"
+    if module == SERVER:
+        return "contract"
+    if not module.startswith(SERVER + "."):
+        return None
+    return module.split(".")[2]
+
+
+def frontend_of(module: str) -> str | None:
+    """``scriptsftp.server.frontends.ssh.sftp`` -> ``ssh``; the bare frontends package -> ``""``."""
+    parts = module.split(".")
+    if len(parts) >= 3 and parts[2] == "frontends":
+        return parts[3] if len(parts) > 3 else ""
+    return None
+
+
+def rule_broken(edge: Import) -> str | None:
+    """Which rule this import breaks, in words, or None."""
+    src, dst = edge.importer, edge.imported
+    src_scripting, dst_scripting = src.startswith(SCRIPTING), dst.startswith(SCRIPTING)
+    if src_scripting and dst_scripting:
+        return None
+    if src_scripting:
+        if layer_of(dst) == "contract":
+            return None
+        return "scripting/ imports from server/ only the contract (server/contract/)"
+    if dst_scripting:
+        if src in COMPOSITION_ROOT:
+            return None
+        return "in server/ only the composition root (cli, daemon) imports scripting/"
+    src_layer, dst_layer = layer_of(src), layer_of(dst)
+    if src_layer not in LAYER_RANK or dst_layer not in LAYER_RANK:
+        return f"module outside the known layers ({src_layer or src} -> {dst_layer or dst}): place it in docs/architecture.md and here"
+    src_front, dst_front = frontend_of(src), frontend_of(dst)
+    if src_front is not None:
+        if dst_front is not None:
+            if dst_front in ("", src_front):
+                return None
+            return f"front ends never import each other ({src_front} -> {dst_front})"
+        if dst_layer not in FRONTEND_MAY_IMPORT:
+            return f"a front end imports only contract, support and core, not {dst_layer}"
+    if LAYER_RANK[dst_layer] > LAYER_RANK[src_layer]:
+        return f"layers run downward: {src_layer} may not import {dst_layer}"
+    if src_layer == "ops" and dst_front is not None:
+        return "ops never imports a front end (they are peers; the daemon wires both)"
+    return None
+
+
+def cycles(edges: list[Import]) -> list[list[str]]:
+    """The import circles: each strongly connected component of more than one module (Tarjan),
+    modules sorted; a module importing itself is no circle."""
+    graph: dict[str, set[str]] = {}
+    for e in edges:
+        graph.setdefault(e.importer, set()).add(e.imported)
+        graph.setdefault(e.imported, set())
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    counter = 0
+
+    def visit(v: str) -> None:
+        nonlocal counter
+        index[v] = low[v] = counter
+        counter += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10 * len(graph) + 100))
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def violations(edges: list[Import], allowed: dict[tuple[str, str], str]) -> list[str]:
+    """Every broken rule, one readable line each (file:line, the import, the rule); imports in
+    ``allowed`` are skipped, and left out of the circle search."""
+    problems: list[str] = []
+    kept = [e for e in edges if (e.importer, e.imported) not in allowed]
+    for e in kept:
+        rule = rule_broken(e)
+        if rule:
+            problems.append(f"{e.where()}: {e.importer} imports {e.imported}: {rule}")
+    for circle in cycles(kept):
+        inside = set(circle)
+        links = [f"{e.importer} -> {e.imported} ({e.where()})"
+                 for e in kept if e.importer in inside and e.imported in inside]
+        problems.append("import circle among " + ", ".join(circle) + ":\n    " + "\n    ".join(links))
+    return problems
+
+
+def stale_entries(edges: list[Import], allowed: dict[tuple[str, str], str]) -> list[str]:
+    present = {(e.importer, e.imported) for e in edges}
+    return [f"{a} -> {b}" for (a, b) in allowed if (a, b) not in present]
+
+
+# --- the real tree --------------------------------------------------------------------------
+
+
+def test_the_source_tree_keeps_the_import_rules() -> None:
+    problems = violations(collect_imports(REPO, PACKAGE_DIRS), KNOWN_VIOLATIONS)
+    assert not problems, "imports that break docs/architecture.md's layering:\n" + "\n".join(problems)
+
+
+def test_the_known_violations_list_only_shrinks() -> None:
+    stale = stale_entries(collect_imports(REPO, PACKAGE_DIRS), KNOWN_VIOLATIONS)
+    assert not stale, ("fixed, so take them off KNOWN_VIOLATIONS in tests/test_layering.py:\n"
+                       + "\n".join(stale))
+
+
+def test_every_server_module_has_a_layer() -> None:
+    """A new top-level package in server/ must be placed in the layers before it is used."""
+    unplaced = [m for m in collect_modules(REPO, PACKAGE_DIRS)
+                if m.startswith(SERVER) and layer_of(m) not in LAYER_RANK]
+    assert not unplaced, unplaced
+
+
+# --- the checker catches what it must (a checker that cannot fail is worthless) --------------
+
+
+def _plant(root: Path, files: dict[str, str]) -> list[Import]:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for directory in ("server", "scripting"):
+        (root / directory).mkdir(exist_ok=True)
+        for sub in (root / directory).rglob("*"):
+            if sub.is_dir() and not (sub / "__init__.py").exists():
+                (sub / "__init__.py").write_text("")
+        if not (root / directory / "__init__.py").exists():
+            (root / directory / "__init__.py").write_text("")
+    return collect_imports(root, PACKAGE_DIRS)
+
+
+def test_a_planted_upward_import_is_caught(tmp_path: Path) -> None:
+    edges = _plant(tmp_path, {
+        "server/core/session.py": "def f():\n    from scriptsftp.server.ops.defender import Defender\n",
+        "server/ops/defender.py": "Defender = object\n",
+    })
+    problems = violations(edges, {})
+    assert problems == [
+        "server/core/session.py:2: scriptsftp.server.core.session imports scriptsftp.server.ops.defender:"
+        " layers run downward: core may not import ops"
+    ]
+
+
+def test_a_planted_type_only_circle_is_caught(tmp_path: Path) -> None:
+    edges = _plant(tmp_path, {
+        "server/core/publish.py": "from scriptsftp.server.core import session\n",
+        "server/core/session.py": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                   "    from .publish import Publisher\n"),
+    })
+    problems = violations(edges, {})
+    assert len(problems) == 1 and problems[0].startswith(
+        "import circle among scriptsftp.server.core.publish, scriptsftp.server.core.session")
+    assert "server/core/session.py:3" in problems[0] and "server/core/publish.py:1" in problems[0]
+    # the allow-list silences exactly the listed import, and the circle goes with it
+    assert violations(edges, {("scriptsftp.server.core.session", "scriptsftp.server.core.publish"): "x"}) == []
+
+
+def test_planted_cross_front_end_and_scripting_imports_are_caught(tmp_path: Path) -> None:
+    edges = _plant(tmp_path, {
+        "server/frontends/ftp/server.py": "import scriptsftp.server.frontends.http.util\nimport scriptsftp.server.daemon\n",
+        "server/frontends/http/util.py": "",
+        "server/daemon.py": "import scriptsftp.scripting.engine\n",
+        "server/contract/events.py": "",
+        "server/support/config.py": "",
+        "scripting/engine.py": "from scriptsftp.server.contract import events\nfrom scriptsftp.server.support.config import X\n",
+    })
+    problems = violations(edges, {})
+    assert problems == [
+        "scripting/engine.py:2: scriptsftp.scripting.engine imports scriptsftp.server.support.config:"
+        " scripting/ imports from server/ only the contract (server/contract/)",
+        "server/frontends/ftp/server.py:1: scriptsftp.server.frontends.ftp.server imports"
+        " scriptsftp.server.frontends.http.util: front ends never import each other (ftp -> http)",
+        "server/frontends/ftp/server.py:2: scriptsftp.server.frontends.ftp.server imports"
+        " scriptsftp.server.daemon: a front end imports only contract, support and core, not composition",
+    ]
+
+
+def test_a_fixed_violation_left_on_the_list_is_reported(tmp_path: Path) -> None:
+    edges = _plant(tmp_path, {"server/core/session.py": ""})
+    assert stale_entries(edges, {("scriptsftp.server.core.session", "scriptsftp.server.ops.defender"): "x"}) == [
+        "scriptsftp.server.core.session -> scriptsftp.server.ops.defender"]
+
+
+if __name__ == "__main__":
+    all_edges = collect_imports(REPO, PACKAGE_DIRS)
+    found = violations(all_edges, {})
+    print("\n".join(found) or "no violations")
+    print()
+    print(f"{len(found)} violations, {len(KNOWN_VIOLATIONS)} on the known list", file=sys.stderr)
