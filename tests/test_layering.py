@@ -21,6 +21,7 @@ Run ``python tests/test_layering.py`` to print every violation, listed or not.
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,13 +262,18 @@ def stale_entries(edges: list[Import], allowed: dict[tuple[str, str], str]) -> l
 # --- the real tree --------------------------------------------------------------------------
 
 
+@functools.cache
+def _tree_imports() -> tuple[Import, ...]:
+    return tuple(collect_imports(REPO, PACKAGE_DIRS))
+
+
 def test_the_source_tree_keeps_the_import_rules() -> None:
-    problems = violations(collect_imports(REPO, PACKAGE_DIRS), KNOWN_VIOLATIONS)
+    problems = violations(list(_tree_imports()), KNOWN_VIOLATIONS)
     assert not problems, "imports that break docs/architecture.md's layering:\n" + "\n".join(problems)
 
 
 def test_the_known_violations_list_only_shrinks() -> None:
-    stale = stale_entries(collect_imports(REPO, PACKAGE_DIRS), KNOWN_VIOLATIONS)
+    stale = stale_entries(list(_tree_imports()), KNOWN_VIOLATIONS)
     assert not stale, ("fixed, so take them off KNOWN_VIOLATIONS in tests/test_layering.py:\n"
                        + "\n".join(stale))
 
