@@ -396,7 +396,7 @@ class HttpListener:
             if rng == "unsatisfiable":
                 await ctx.op(handle.abort, "requested range not satisfiable")
                 raise HttpError(416, "requested range not satisfiable", headers={"Content-Range": f"bytes */{size}"})
-            if rng is not None:
+            if isinstance(rng, tuple):
                 start, end = rng
                 status = 206
             length = end - start + 1 if size else 0

@@ -26,7 +26,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 from xml.parsers import expat
 
 from aiohttp import web
@@ -65,7 +65,7 @@ class _Refused(Exception):
     pass
 
 
-def _refuse(*_args: Any) -> None:
+def _refuse(*_args: Any) -> NoReturn:
     raise _Refused()
 
 
@@ -539,7 +539,7 @@ def _copy_move_sync(session: "Session", src: str, dst: str, *, move: bool, overw
         if move:
             session.rename(src, dst, overwrite=target is not None)
             return target is not None, []
-        errors: list[tuple[str, FsError]] = []
+        errors = []
         if source.is_dir:
             copy_tree(session, src, dst, infinite, errors)
         else:
