@@ -169,23 +169,25 @@ class AuditTrail:
     def _writer(self) -> None:
         last_retention = float("-inf")  # a first pass at start
         while True:
+            batch: list[tuple[str, tuple[Any, ...]]] = []
+            stop = False
             try:
                 item = self._queue.get(timeout=5.0)
             except queue.Empty:
-                item = ...
-            batch: list[tuple[str, tuple[Any, ...]]] = []
-            stop = item is None
-            if item is not None and item is not ...:
-                batch.append(item)  # type: ignore[arg-type]
-                while len(batch) < 500:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    batch.append(nxt)
+                pass  # nothing for 5 s: only the retention pass below
+            else:
+                stop = item is None
+                if item is not None:
+                    batch.append(item)
+                    while len(batch) < 500:
+                        try:
+                            nxt = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if nxt is None:
+                            stop = True
+                            break
+                        batch.append(nxt)
             if batch:
                 self._write(batch)
             if time.monotonic() - last_retention > RETENTION_EVERY or stop:
