@@ -13,6 +13,9 @@ checks four rules:
    composition root (cli, daemon) imports scripting/;
 4. no import circles among our modules.
 
+An import by name at run time (``importlib.import_module``) is not seen: only the composition
+root does that (the daemon loads a front end only when its section is enabled).
+
 ``KNOWN_VIOLATIONS`` lists the imports that break these rules today, each with what removes it.
 It only shrinks: an entry whose import is gone fails the test too, so the list cannot go stale.
 Run ``python tests/test_layering.py`` to print every violation, listed or not.
