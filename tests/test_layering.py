@@ -127,7 +127,6 @@ def collect_imports(root: Path, package_dirs: dict[str, str]) -> list[Import]:
         rel = str(path.relative_to(root))
         is_package = path.name == "__init__.py"
         for node in ast.walk(tree):
-            targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -135,6 +134,8 @@ def collect_imports(root: Path, package_dirs: dict[str, str]) -> list[Import]:
                         if node.level else (node.module or ""))
                 targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
                            for alias in node.names]
+            else:
+                continue
             for target in targets:
                 # `import a.b.c` depends on a.b.c; an unknown tail (a name, not a module) falls back
                 # to the longest prefix that is one of our modules
