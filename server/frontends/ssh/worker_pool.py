@@ -71,7 +71,7 @@ class _Forked:
             pass
 
 
-class _Worker:
+class SSHWorkerProcess:
     """One worker process and the socket the core commands it through.
 
     ``fork``: the first workers are forked from the daemon while it has no other
@@ -121,7 +121,7 @@ class _Worker:
 
 
 def _fork(control: socket.socket, setup: dict, close: list[socket.socket]) -> _Forked:
-    from scriptsftp.server.frontends.ssh import worker_process as ssh_worker
+    from scriptsftp.server.frontends.ssh import worker_process
     from scriptsftp.server.frontends.ssh import sftp
     from scriptsftp.server.frontends.ssh import scp
     from scriptsftp.server.frontends.ssh import remote_core  # noqa: F401  (imported once, shared)
@@ -134,7 +134,7 @@ def _fork(control: socket.socket, setup: dict, close: list[socket.socket]) -> _F
     try:
         for s in close:  # the daemon's: a held control end would hide the daemon's death
             s.close()
-        code = ssh_worker.serve(control, setup)
+        code = worker_process.serve(control, setup)
     except BaseException:
         log.exception("ssh worker failed")
     finally:
@@ -163,7 +163,7 @@ class SSHWorkerPool:
                        "deny_under": [str(state_dir.resolve())] if state_dir is not None else [],
                        # the worker drops to it itself, after its imports (jail.drop_privileges)
                        "account": [account.uid, account.gid] if account is not None else None}
-        self._workers: list[_Worker] = []
+        self._workers: list[SSHWorkerProcess] = []
         self._links: set[CoreLink] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -172,7 +172,7 @@ class SSHWorkerPool:
         try:
             for index in range(processes):
                 inherited = [*(w.control for w in self._workers), *self.sockets]
-                self._workers.append(_Worker(index, self._setup, fork=fork, inherited=inherited))
+                self._workers.append(SSHWorkerProcess(index, self._setup, fork=fork, inherited=inherited))
         except BaseException:
             self.stop_accepting()
             raise
@@ -193,12 +193,12 @@ class SSHWorkerPool:
 
     def _start_worker(self, index: int, delay: float) -> None:
         with self._lock:
-            worker = _Worker(index, self._setup, fork=False)
+            worker = SSHWorkerProcess(index, self._setup, fork=False)
             self._workers.append(worker)
         log.info("ssh worker %d started (pid %d)", index, worker.process.pid)
         threading.Thread(target=self._watch, args=(worker, delay), name=f"ssh-worker-{index}", daemon=True).start()
 
-    def _watch(self, worker: _Worker, delay: float) -> None:
+    def _watch(self, worker: SSHWorkerProcess, delay: float) -> None:
         code = worker.wait_for_exit()
         with self._lock:
             self._workers.remove(worker)
@@ -248,7 +248,7 @@ class SSHWorkerPool:
         threading.Thread(target=self._serve_link, args=(worker, link), name=f"ssh-link-{addr[0]}",
                          daemon=True).start()
 
-    def _serve_link(self, worker: _Worker, link: CoreLink) -> None:
+    def _serve_link(self, worker: SSHWorkerProcess, link: CoreLink) -> None:
         try:
             link.serve()
         finally:
@@ -257,7 +257,7 @@ class SSHWorkerPool:
                 self._links.discard(link)
                 worker.links -= 1
 
-    def _kick(self, worker: _Worker, key: int, reason: str) -> None:
+    def _kick(self, worker: SSHWorkerProcess, key: int, reason: str) -> None:
         try:
             worker.send({"kind": "kick", "key": key, "reason": reason})
         except OSError:

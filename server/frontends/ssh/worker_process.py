@@ -1,6 +1,6 @@
 """An SSH worker process: ``python -m scriptsftp.server.frontends.ssh.worker_process FD``.
 
-Started by the core (ssh_workers.py) with one end of a socket pair as FD. The
+Started by the core (worker_pool.py) with one end of a socket pair as FD. The
 core sends, over it: the setup (host key files, limits, log format), then for
 each connection the client's socket and the connection's link to the core
 (core_link.py); later kicks, ``close_all`` and ``stop``. The worker runs the
