@@ -34,6 +34,7 @@ from scriptsftp.server.core.login import LoginCore, build_users, ensure_generate
 from scriptsftp.server.core.session import UploadPolicy
 from scriptsftp.server.support.listen import Listener, listen_addresses
 from scriptsftp.server.support.listen_check import check_listen_addresses
+from scriptsftp.server.frontends.ssh import paramiko_ext
 from scriptsftp.server.frontends.ssh.server import SSHLimits, SSHListener
 from scriptsftp.server.frontends.ssh.worker_pool import SSHWorkerPool, worker_count
 from scriptsftp.server.core.publish import Publisher
@@ -112,6 +113,10 @@ class Daemon:
         # SIGHUP landing there deadlocked the loop for good. SimpleQueue.put is reentrant.
         self._reload_requested: queue.SimpleQueue[bool] = queue.SimpleQueue()
 
+        if m.sftp.enabled:
+            # paramiko's process-wide patches, after checking its version (a clear error, not a
+            # traceback); before the SSH worker processes fork, so that they inherit them
+            paramiko_ext.install()
         # first: the SSH worker processes are forked from this one while it has no other thread
         self._ssh_pool = self._ssh_worker_pool() if m.sftp.enabled else None
         ensure_generated_passwords(cfg, _password_announcer(self.state_dir))

@@ -189,7 +189,7 @@ def test_a_closed_core_link_is_one_warning_line_not_a_traceback(caplog):
 
     from paramiko import util
     from scriptsftp.server.support import logs
-    from scriptsftp.server.frontends.ssh import server as ssh
+    from scriptsftp.server.frontends.ssh.paramiko_ext import transport as ssh
     from scriptsftp.server.contract.errors import CoreGone
     from scriptsftp.server.frontends.ssh.remote_core import RemoteCore
 

@@ -21,50 +21,26 @@ What paramiko leaves to us, and why it matters:
 
 from __future__ import annotations
 
-import hmac
 import logging
 import shlex
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import paramiko
-import paramiko.util
-from paramiko.auth_handler import AuthHandler
-from paramiko.common import (
-    AUTH_FAILED, AUTH_SUCCESSFUL, DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, MSG_CHANNEL_DATA, MSG_CHANNEL_REQUEST,
-    OPEN_SUCCEEDED,
-    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED, cMSG_DISCONNECT,
-)
-from paramiko.message import Message
-
-from scriptsftp.server.support import logs
+from paramiko.common import AUTH_FAILED, AUTH_SUCCESSFUL, OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED, OPEN_SUCCEEDED
 
 from scriptsftp.server.support import memory
-
-from scriptsftp.server.frontends.ssh.paramiko_ext import recv as paramiko_recv
-
-from scriptsftp.server.frontends.ssh.paramiko_ext import speed as paramiko_speed
 from scriptsftp.server.contract.dispatch import Decision
-from scriptsftp.server.contract.errors import CoreGone, FsError
+from scriptsftp.server.contract.errors import FsError
+from scriptsftp.server.frontends.ssh.paramiko_ext.transport import ServerTransport, send_disconnect
 from scriptsftp.server.core.login import Connection, LoginCore
 from scriptsftp.server.core.session import Session
 from scriptsftp.server.frontends.ssh.refuse import refuse
 
 log = logging.getLogger("scriptsftp.ssh")
-
-# paramiko compares MACs with a pure-Python loop on every packet; the stdlib's
-# constant-time compare does the same job in C.
-paramiko.util.constant_time_bytes_eq = hmac.compare_digest
-paramiko_speed.install()
-
-DISCONNECT_BY_APPLICATION = 11
-
-
-_core_gone_log = logs.BoundedLog(logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -92,249 +68,6 @@ class SSHLimits:
         return "idle timeout"
 
 
-def _handle_request_then_start(chan: paramiko.Channel, m: Message) -> None:
-    """paramiko answers a channel request after the check_* callback returns; a worker
-    started inside the callback could finish (and send CHANNEL_CLOSE) before that answer.
-    Workers stashed on the channel start only once the answer is out."""
-    paramiko.Channel._handle_request(chan, m)
-    start = chan.__dict__.pop("_start_after_reply", None)
-    if start is not None:
-        start()
-
-
-def _feed_then_pump(chan: paramiko.Channel, m: Message) -> None:
-    """Channel data in; then, for an SFTP channel, its READs and WRITEs answered in this
-    (the transport) thread without waking the channel's own (sftp.SFTPHandler._pump)."""
-    paramiko.Channel._feed(chan, m)
-    pump = chan.__dict__.get("_scriptsftp_pump")
-    if pump is not None:
-        pump()
-
-
-class _HandshakeDeadline(paramiko_recv.BufferedPacketizer):
-    """paramiko's Packetizer starts a ``threading.Timer`` thread on every connection only
-    to raise a flag once ``handshake_timeout`` has passed; the flag is read where packets
-    are read, and the timer cancelled (an ``Event.set()``) after every packet. Starting
-    that thread sits between the client's banner and our KEXINIT, so every client waits
-    for it. A deadline read at the same places gives the same timeout without a thread.
-    (The three methods replaced are the only users of the timer; paramiko 5.1.)"""
-
-    _hs_deadline: float | None = None
-    _hs_done = False
-
-    def start_handshake(self, timeout: float) -> None:
-        if self._hs_deadline is None:
-            self._hs_deadline = time.monotonic() + float(timeout)
-
-    def handshake_timed_out(self) -> bool:
-        if self._hs_deadline is None or self._hs_done:
-            return False
-        return time.monotonic() >= self._hs_deadline
-
-    def complete_handshake(self) -> None:
-        if self._hs_deadline is not None:
-            self._hs_done = True
-
-
-class ConnectionSocket(socket.socket):
-    """A client connection as paramiko holds it: ``close()`` only shuts it down.
-
-    paramiko closes the socket from whichever thread ends the connection (the transport
-    thread on EOF, another on a kick or a shutdown) while other threads may be between
-    ``sock.fileno()`` and ``readv()``/``writev()`` on it (paramiko_recv, paramiko_send). A
-    descriptor freed there and reused by the next ``accept()`` would carry that thread's
-    bytes into, or out of, another client's connection. ``shutdown()`` wakes those threads
-    (their calls fail or read EOF) and sends the FIN; the listener frees the descriptor with
-    ``release()`` once no thread can use it."""
-
-    @classmethod
-    def adopt(cls, sock: socket.socket) -> "ConnectionSocket":
-        if isinstance(sock, cls):
-            return sock
-        return cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
-
-    def close(self) -> None:
-        try:
-            self.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def release(self) -> None:
-        super().close()
-
-
-class ServerTransport(paramiko.Transport):
-    _channel_handler_table = {**paramiko.Transport._channel_handler_table,
-                              MSG_CHANNEL_REQUEST: _handle_request_then_start,
-                              MSG_CHANNEL_DATA: _feed_then_pump}
-    _preferred_ciphers = (
-        "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr", "aes192-ctr",
-    )
-    _preferred_macs = (
-        "hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "hmac-sha2-256", "hmac-sha2-512",
-    )
-
-    _quiet_traceback = False
-
-    # paramiko's transport thread waits for the socket in slices of this many seconds, then
-    # looks whether it was closed, a keepalive or a rekey is due, the handshake overran:
-    # paramiko's 0.1 s woke every idle session ten times a second (100 idle sessions: 6% of
-    # a core). Closing shuts the socket down (ConnectionSocket), which wakes it at once.
-    _active_check_timeout = 1.0
-
-    def __init__(self, sock: socket.socket, **kwargs: object) -> None:
-        super().__init__(ConnectionSocket.adopt(sock), **kwargs)  # type: ignore[arg-type]
-        self.packetizer.__class__ = _HandshakeDeadline  # same object, no timer thread
-
-    def run(self) -> None:
-        """paramiko's transport thread; at its end, wake whoever waits for the login."""
-        try:
-            super().run()
-        finally:
-            settled = getattr(self.server_object, "settled", None)
-            if settled is not None:
-                settled.set()
-
-    def release_socket(self, wait: float = 5.0) -> None:
-        """Free the descriptor, once the transport thread is gone (see ConnectionSocket);
-        the caller has joined every other thread that writes to it."""
-        if self.ident is not None:  # started
-            self.join(wait)
-        if not self.is_alive():
-            self.sock.release()
-
-    def _log(self, level: int, msg, *args) -> None:  # type: ignore[no-untyped-def]
-        """Protocol errors of clients that never logged in (port scanners, TCP health checks,
-        broken clients) are the client's problem, not the server's: one info line, no
-        traceback. paramiko logs them as ERROR with a 20-line traceback each. Unexpected
-        exceptions ("Unknown exception") keep their ERROR and traceback, but for a closed
-        link to the core (:meth:`_core_gone`).
-
-        paramiko calls this ~30 times per connection, nearly all at DEBUG: those that
-        nobody listens to stop here."""
-        if level < logging.ERROR:
-            if self.logger.isEnabledFor(level):
-                super()._log(level, msg, *args)
-            return
-        if self._core_gone(msg):
-            return
-        if isinstance(msg, str) and msg.startswith("Socket exception"):
-            # a logged-in client that vanished (reset, broken pipe: a killed client, a
-            # dropped link) ends its session, not the server's health: sshd logs it at INFO
-            super()._log(logging.INFO, msg, *args)
-            return
-        if not self.is_authenticated():
-            if isinstance(msg, list):
-                if self._quiet_traceback:
-                    self._quiet_traceback = False
-                    level = logging.DEBUG
-            elif isinstance(msg, str) and msg.startswith(("Exception (server)", "Socket exception",
-                                                          "Error reading SSH protocol banner")):
-                self._quiet_traceback = True
-                level = logging.INFO
-        super()._log(level, msg, *args)
-
-    _core_gone_seen = False
-
-    def _core_gone(self, msg: object) -> bool:
-        """paramiko's "Unknown exception" (and the traceback after it) for a CoreGone: the
-        worker's link to the core closed under this connection (shutdown, or its login grace
-        ran out during a password check). Expected, not a bug: one bounded warning line."""
-        if isinstance(msg, list) and self._core_gone_seen:
-            self._core_gone_seen = False
-            return True
-        if isinstance(msg, str) and msg.startswith("Unknown exception") \
-                and isinstance(sys.exc_info()[1], CoreGone):
-            self._core_gone_seen = True
-            _core_gone_log.log(log, "ssh connection ended: its link to the core closed (%s)",
-                            msg[len("Unknown exception: "):200])
-            return True
-        return False
-
-    # --- AES-GCM for the clients that accept it ------------------------------------------
-    #
-    # The client's cipher preference decides (RFC 4253 7.1). OpenSSH ranks chacha20-poly1305
-    # (which paramiko lacks), then aes-ctr, then aes-gcm; so it settles on aes-ctr with a
-    # separate HMAC-SHA256, the slowest thing we offer (a 256 MiB download costs the server
-    # 0.8 s of CPU against 0.63 s with GCM). Offering only GCM to a client that lists GCM
-    # keeps it within its own configured set while getting the fast AEAD. To know the list,
-    # our KEXINIT waits for the client's; only OpenSSH clients, which are known to send theirs
-    # without waiting for ours, are asked to (anything else gets the usual immediate KEXINIT).
-    # Cost: half a round trip on connect. Rekeys are unaffected (the ciphers stay).
-
-    _GCM = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
-    _kexinit_waits = False
-
-    def _send_kex_init(self) -> None:
-        if self.server_mode and not self.initial_kex_done and not self._kexinit_waits \
-                and self.local_kex_init is None and str(self.remote_version).startswith("SSH-2.0-OpenSSH_"):
-            self._kexinit_waits = True  # sent by _negotiate_keys when the client's arrives
-            return
-        super()._send_kex_init()
-
-    def _negotiate_keys(self, m: Message) -> None:
-        if self._kexinit_waits and self.local_kex_init is None:
-            self._preferred_ciphers = self._ciphers_for(m)
-        super()._negotiate_keys(m)
-
-    def _ciphers_for(self, m: Message) -> tuple[str, ...]:
-        """Only the GCM ciphers when the client accepts one of them both ways, else the usual list."""
-        try:
-            m.get_bytes(16)  # cookie
-            m.get_list()  # kex
-            m.get_list()  # host key
-            to_server, to_client = m.get_list(), m.get_list()
-        except Exception:
-            return type(self)._preferred_ciphers  # malformed: paramiko's own parse will say so
-        finally:
-            m.rewind()
-        gcm = tuple(c for c in self._GCM if c in to_server and c in to_client)
-        return gcm or type(self)._preferred_ciphers
-
-    def _parse_newkeys(self, m: Message) -> None:
-        if self.server_mode and self.auth_handler is None:
-            self.auth_handler = _LoginAuthHandler(self)
-        super()._parse_newkeys(m)
-
-
-class _LoginAuthHandler(AuthHandler):
-    """Runs the login decision (policy, pre-login scripts) after credentials are proven.
-
-    The decision comes before USERAUTH_SUCCESS; what cannot change it (the ``login ok``
-    line, the metric, ``post-login``) comes right after, while the client reads the
-    answer. This thread handles the client's next message only once that is done."""
-
-    def _send_auth_result(self, username: str, method: str, result: int) -> None:
-        server: SSHServer = self.transport.server_object
-        if result == AUTH_SUCCESSFUL:
-            decision = server.finish_login(username, method)
-            if not decision.allowed:
-                send_disconnect(self.transport, decision.reason, DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE)
-                return
-            try:
-                super()._send_auth_result(username, method, result)
-            finally:  # allowed and counted: logged even if the answer could not be sent
-                server.announce_login(method)
-            return
-        if method == "publickey":
-            server.key_rejected(username)
-        super()._send_auth_result(username, method, result)
-
-
-def send_disconnect(transport: paramiko.Transport, reason: str, code: int = DISCONNECT_BY_APPLICATION) -> None:
-    """Close with a reason the client prints (OpenSSH: 'Received disconnect ...: reason')."""
-    try:
-        m = Message()
-        m.add_byte(cMSG_DISCONNECT)
-        m.add_int(code)
-        m.add_string(reason[:1000])
-        m.add_string("en")
-        transport._send_message(m)
-    except Exception:
-        pass
-    transport.close()
-
-
 WORKER_GRACE = 30.0  # seconds a channel thread may take to clean up after its connection ended
 
 
@@ -347,7 +80,7 @@ class SSHServer(paramiko.ServerInterface):
         self.conn = conn
         self.limits = limits
         self.scp_runner = scp_runner
-        self.transport: paramiko.Transport | None = None
+        self.transport: ServerTransport | None = None
         # channel threads (SFTP handlers, SCP runs): the connection is over once they are
         self.workers: list[threading.Thread] = []
         self._key_failures = 0
@@ -416,7 +149,7 @@ class SSHServer(paramiko.ServerInterface):
         """Channels of this connection not yet closed (paramiko forgets a channel once closed;
         the one being asked about is not there yet)."""
         transport = self.transport
-        return len(transport._channels) if transport is not None else 0
+        return transport.open_channel_count() if transport is not None else 0
 
     def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
         if name != "sftp":
@@ -444,7 +177,8 @@ class SSHServer(paramiko.ServerInterface):
         worker = threading.Thread(target=self.scp_runner, args=(channel, session, argv[1:]),
                                   name=f"scp-{self.conn.id}", daemon=True)
         self.add_worker(worker)
-        channel._start_after_reply = worker.start  # type: ignore[attr-defined]
+        assert self.transport is not None  # set before the transport starts
+        self.transport.start_after_reply(channel, worker.start)
         return True
 
     def add_worker(self, worker: threading.Thread) -> None:

@@ -41,6 +41,7 @@ from scriptsftp.server.frontends.ssh.paramiko_ext import recv as paramiko_recv
 from scriptsftp.server.frontends.ssh.paramiko_ext import send as paramiko_send
 
 from scriptsftp.server.frontends.ssh.paramiko_ext import speed as paramiko_speed
+from scriptsftp.server.frontends.ssh.paramiko_ext.transport import ServerTransport
 from scriptsftp.server.contract.errors import FsError, NotFound, PermissionDenied
 from scriptsftp.server.support.logs import BoundedLog
 from scriptsftp.server.core.session import DirHandle, ReadHandle, Session, WriteHandle
@@ -173,7 +174,7 @@ class SFTPHandler(paramiko.SFTPServer):
 
     # --- lifecycle ---------------------------------------------------------
 
-    def start_subsystem(self, name: str, transport: paramiko.Transport, channel: paramiko.Channel) -> None:
+    def start_subsystem(self, name: str, transport: ServerTransport, channel: paramiko.Channel) -> None:  # type: ignore[override]
         try:
             self.session = self.ssh.open_session("sftp")
         except FsError as exc:
@@ -190,7 +191,7 @@ class SFTPHandler(paramiko.SFTPServer):
             # From here on the transport thread answers READs and WRITEs itself (_pump) and
             # wakes this thread only for what it leaves.
             pipe.quiet = True
-            channel.__dict__["_scriptsftp_pump"] = self._pump
+            transport.set_pump(channel, self._pump)
             paramiko_recv.set_sink(transport.packetizer, channel.chanid, self._sink)
             while True:
                 with self._work:
@@ -205,7 +206,7 @@ class SFTPHandler(paramiko.SFTPServer):
             log.info("sftp channel error: %s", exc, extra={"sid": self.session.id})
         finally:
             paramiko_recv.set_sink(transport.packetizer, channel.chanid, None)
-            channel.__dict__.pop("_scriptsftp_pump", None)
+            transport.set_pump(channel, None)
             with self._work:
                 self._end()
             # sshd reports sftp-server's exit; without it OpenSSH scp (SFTP mode) exits 1. Not

@@ -47,11 +47,13 @@ def serve(control: socket.socket, setup: dict) -> int:
         signal.signal(sig, signal.SIG_IGN)
     from scriptsftp.scripting import jail
 
+    from scriptsftp.server.frontends.ssh import paramiko_ext
     from scriptsftp.server.support.keys import host_key_from_text
     from scriptsftp.server.frontends.ssh.remote_core import RemoteCore
     from scriptsftp.server.frontends.ssh.scp import run_scp
     from scriptsftp.server.frontends.ssh.server import SSHConnections, SSHLimits
 
+    paramiko_ext.install()  # a forked worker has it from the daemon already; a new program not yet
     # host keys come as text from the core: this process's account cannot read the files
     keys = [host_key_from_text(text) for text in setup["host_keys"]]
     setup = {k: v for k, v in setup.items() if k != "host_keys"}

@@ -15,7 +15,7 @@ What paramiko 5.1's ``Packetizer`` does per packet, and what is done here instea
   Here the MAC is fed views of the buffer, aes-ctr and aes-gcm decrypt from a
   view, and the message body is sliced once.
 
-Two hooks for the SFTP front end (sftp.SFTPHandler): ``set_sink`` hands a
+Two hooks for the SFTP packet stream (sftp_stream.py): ``set_sink`` hands a
 channel's data to it straight from the decrypted packet, without a ``Message``
 or the channel's pipe, and ``before_wait`` runs a callback just before the
 transport thread would block on the socket (held replies leave then).
@@ -330,10 +330,10 @@ _original_read_message = Packetizer.read_message
 
 class BufferedPacketizer(Packetizer):
     """A Packetizer that reads through the buffer. The server's transports use it
-    (ssh.ServerTransport); paramiko clients in the same process (tests, tools) keep
+    (transport.ServerTransport); paramiko clients in the same process (tests, tools) keep
     paramiko's own reader: a client closed from another thread while its reader sits
     between ``sock.fileno()`` and ``readv()`` could read from a reused descriptor, which
-    the server prevents for its own connections (ssh.ConnectionSocket)."""
+    the server prevents for its own connections (transport.ConnectionSocket)."""
 
     read_all = read_all
     read_message = read_message

@@ -5,8 +5,8 @@ byte copying, not protocol work:
 
 * ``Packetizer.read_all`` grew its result with ``bytes +=`` per ``recv``: a
   256 KiB packet arriving in many segments was copied over and over. The
-  server's transports read through ``paramiko_recv`` instead (one buffer per
-  connection, a packet size limit, copy-free decryption; see ssh.py).
+  server's transports read through ``recv.py`` instead (one buffer per
+  connection, a packet size limit, copy-free decryption; see transport.py).
 * ``Channel.in_buffer`` (a ``BufferedPipe``) keeps data in an ``array('B')``,
   appends with ``frombytes`` and removes consumed data from the *front*, so
   with a large window every read shifts everything still buffered. Here the
@@ -20,23 +20,20 @@ itself on a 32 KiB packet); ``hmac.compare_digest`` is the C constant-time
 compare. (The one-shot ``hmac.digest`` was measured too: no gain over
 paramiko's ``HMAC`` object, so it is left alone.)
 
-Behaviour (blocking, timeouts, EOF, rekey and keepalive checks) is kept line
-for line; ``tests/test_paramiko_speed.py`` checks the buffer against the
-original semantics.
+Both replacements are process-wide and applied by ``paramiko_ext.install()``,
+not by importing this module. Behaviour (blocking, timeouts, EOF, rekey and
+keepalive checks) is kept line for line; ``tests/test_paramiko_speed.py``
+checks the buffer against the original semantics.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections import deque
 
 import paramiko
-import paramiko.channel
-import paramiko.util
 from paramiko.buffered_pipe import BufferedPipe
 from paramiko.common import cMSG_CHANNEL_WINDOW_ADJUST
 from paramiko.message import Message
-
 
 
 class ChunkBuffer:
@@ -93,7 +90,7 @@ class ChunkBuffer:
 class ChunkPipe(BufferedPipe):
     """A channel's input buffer. ``quiet``: feeding does not wake the reader, who is woken
     by ``kick()`` instead (the SFTP handler, whose transport thread answers most requests
-    itself; see sftp.SFTPHandler._pump)."""
+    itself; see sftp_stream.py)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -145,16 +142,3 @@ def grant_window(chan: paramiko.Channel, consumed: int) -> None:
         m.add_int(chan.remote_chanid)
         m.add_int(ack)
         chan.transport._send_user_message(m)
-
-
-_installed = False
-
-
-def install() -> None:
-    """Apply the replacements once (idempotent)."""
-    global _installed
-    if _installed:
-        return
-    paramiko.util.constant_time_bytes_eq = hmac.compare_digest
-    paramiko.channel.BufferedPipe = ChunkPipe  # Channel.__init__ looks the name up in its module
-    _installed = True
