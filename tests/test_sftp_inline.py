@@ -181,11 +181,12 @@ def test_malformed_write_is_answered_and_the_session_goes_on(daemon, alice_key) 
 
 
 def test_crowded_means_another_connection_was_served_just_now() -> None:
-    from scriptsftp.server.frontends.ssh import sftp as front
+    from scriptsftp.server.frontends.ssh.channels import ReplyPacing
 
+    pacing = ReplyPacing()
     a, b = object(), object()
-    front._crowded(a)
-    assert front._crowded(b)  # a was answered a moment ago
-    assert not front._crowded(b)  # only b since
-    front._last_pumped[1] -= 1.0
-    assert not front._crowded(a)  # b, but long ago
+    pacing.crowded(a)
+    assert pacing.crowded(b)  # a was answered a moment ago
+    assert not pacing.crowded(b)  # only b since
+    pacing._at -= 1.0
+    assert not pacing.crowded(a)  # b, but long ago

@@ -60,7 +60,7 @@ import stat as statmod
 from dataclasses import dataclass, field
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import paramiko
 
@@ -68,11 +68,8 @@ from scriptsftp.server.frontends.ssh.paramiko_ext import send as paramiko_send
 from scriptsftp.server.contract.errors import Failure, FsError, NotFound
 from scriptsftp.server.core.session import ReadHandle, Session, WriteHandle
 from scriptsftp.server.core.storage import Entry
-from scriptsftp.server.frontends.ssh.server import SSHLimits
+from scriptsftp.server.frontends.ssh.channels import ChannelHost, SSHLimits
 from scriptsftp.server.core.vfs import join, split
-
-if TYPE_CHECKING:
-    from scriptsftp.server.frontends.ssh.server import SSHServer
 
 log = logging.getLogger("scriptsftp.scp")
 
@@ -658,17 +655,12 @@ class _Source(_Transfer):
             raise _Gone("the client stopped")
 
 
-def _ssh_server(channel: paramiko.Channel) -> "SSHServer | None":
-    return getattr(channel.get_transport(), "server_object", None)
-
-
-def run_scp(channel: paramiko.Channel, session: Session, argv: list[str]) -> None:
+def run_scp(channel: paramiko.Channel, session: Session, argv: list[str], host: ChannelHost) -> None:
     """Serve one ``scp -t``/``scp -f`` exec request; always ends the session and the channel."""
-    server = _ssh_server(channel)
     status = 1
     transfer: _Transfer | None = None
     closed_for: str | None = None  # the server gave up waiting (idle, stall)
-    peer = _Peer(channel, getattr(server, "limits", None))
+    peer = _Peer(channel, host.limits)
     try:
         try:
             options = _parse_argv(argv)
@@ -703,5 +695,4 @@ def run_scp(channel: paramiko.Channel, session: Session, argv: list[str]) -> Non
             channel.close()
         except (OSError, EOFError):
             pass  # the client's connection went away first: nothing left to close on the wire
-        if server is not None:
-            server.channel_ended(closed_for)  # the connection ends too if this was its last channel
+        host.channel_ended(closed_for)  # the connection ends too if this was its last channel

@@ -26,7 +26,6 @@ import shlex
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import paramiko
@@ -38,34 +37,17 @@ from scriptsftp.server.contract.errors import FsError
 from scriptsftp.server.frontends.ssh.paramiko_ext.transport import ServerTransport, send_disconnect
 from scriptsftp.server.core.login import Connection, LoginCore
 from scriptsftp.server.core.session import Session
+from scriptsftp.server.frontends.ssh.channels import ChannelHost, ReplyPacing, SSHLimits
 from scriptsftp.server.frontends.ssh.refuse import refuse
+from scriptsftp.server.frontends.ssh.sftp import SFTPHandler
+
+#: serves one ``scp -t``/``scp -f`` command on a channel (scp.run_scp), passed in by the
+#: composition root so that this module does not import the SCP front end
+ScpRunner = Callable[[paramiko.Channel, Session, list[str], ChannelHost], None]
+
+__all__ = ["SSHConnections", "SSHLimits", "SSHListener", "SSHServer", "ServerTransport", "send_disconnect"]
 
 log = logging.getLogger("scriptsftp.ssh")
-
-
-@dataclass(frozen=True)
-class SSHLimits:
-    max_read: int = 261120
-    max_handles: int = 256
-    idle_timeout: float = 900.0
-    login_grace: float = 30.0
-    window_size: int = 64 * 2**20
-    max_packet: int = 262144
-    stall_timeout: float = 120.0  # [server] stall_timeout: an open file with no request for this long
-    max_channels: int = 10  # [sftp] max_channels_per_connection
-    max_queued: int = 16 * 2**20  # [sftp] max_queued_bytes
-
-    def quiet_limit(self, transferring: bool) -> float:
-        """Seconds a channel may stay silent before the server closes it (0: never): the
-        idle timeout, or while a file is open the stall timeout, whichever is shorter."""
-        stall = self.stall_timeout if transferring else 0.0
-        return min((t for t in (self.idle_timeout, stall) if t), default=0.0)
-
-    def timeout_reason(self, transferring: bool) -> str:
-        """What the log, the aborted transfer and the client's disconnect say about it."""
-        if transferring and self.stall_timeout and self.stall_timeout == self.quiet_limit(True):
-            return f"stalled: no data for {self.stall_timeout:g} s"
-        return "idle timeout"
 
 
 WORKER_GRACE = 30.0  # seconds a channel thread may take to clean up after its connection ended
@@ -74,19 +56,18 @@ WORKER_GRACE = 30.0  # seconds a channel thread may take to clean up after its c
 class SSHServer(paramiko.ServerInterface):
     """paramiko's view of one connection; the decisions are the LoginCore's."""
 
-    def __init__(self, core: LoginCore, conn: Connection, limits: SSHLimits,
-                 scp_runner: Callable[[paramiko.Channel, Session, list[str]], None] | None) -> None:
+    def __init__(self, core: LoginCore, conn: Connection, limits: SSHLimits, pacing: ReplyPacing,
+                 scp_runner: ScpRunner | None) -> None:
         self.core = core
         self.conn = conn
         self.limits = limits
         self.scp_runner = scp_runner
         self.transport: ServerTransport | None = None
-        # channel threads (SFTP handlers, SCP runs): the connection is over once they are
-        self.workers: list[threading.Thread] = []
+        # what the SFTP handler and the SCP runner get of this connection
+        self.channels = ChannelHost(conn.id, limits, pacing, self.open_session, self._end_connection)
         self._key_failures = 0
         self._asked_none = self._tried_login = False
         self._refused_execs = 0
-        self._last_used = time.monotonic()  # a channel opened or ended (see idle_for)
         self.settled = threading.Event()  # logged in, or the connection ended
 
     # --- authentication -----------------------------------------------------
@@ -126,7 +107,7 @@ class SSHServer(paramiko.ServerInterface):
         return self.core.finish_login(self.conn, username, method, announce=False)
 
     def announce_login(self, method: str) -> None:
-        self._last_used = time.monotonic()  # the idle time of the connection counts from here
+        self.channels.touch()  # the idle time of the connection counts from here
         self.settled.set()
         self.core.announce_login(self.conn, method)
 
@@ -142,7 +123,7 @@ class SSHServer(paramiko.ServerInterface):
             log.info("channel refused: %d channels open (max_channels_per_connection)",
                      self.limits.max_channels, extra={"sid": self.conn.id})
             return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
-        self._last_used = time.monotonic()
+        self.channels.touch()
         return OPEN_SUCCEEDED
 
     def _open_channels(self) -> int:
@@ -174,50 +155,18 @@ class SSHServer(paramiko.ServerInterface):
         except FsError as exc:
             log.info("scp refused: %s", exc.message, extra={"sid": self.conn.id})
             return False
-        worker = threading.Thread(target=self.scp_runner, args=(channel, session, argv[1:]),
+        worker = threading.Thread(target=self.scp_runner, args=(channel, session, argv[1:], self.channels),
                                   name=f"scp-{self.conn.id}", daemon=True)
-        self.add_worker(worker)
+        self.channels.add_worker(worker)
         assert self.transport is not None  # set before the transport starts
         self.transport.start_after_reply(channel, worker.start)
         return True
 
-    def add_worker(self, worker: threading.Thread) -> None:
-        """A channel thread of this connection (finished ones are forgotten: a connection may
-        run thousands of scp commands)."""
-        self.workers = [w for w in self.workers if w.ident is None or w.is_alive()]
-        self.workers.append(worker)
-
-    def _busy(self) -> bool:
-        """A channel thread (SFTP, SCP) other than the caller is running. A channel that
-        never started a subsystem or command does not count: it cannot hold a connection."""
-        me = threading.current_thread()
-        return any(w.is_alive() and w is not me for w in self.workers)
-
-    def idle_for(self) -> float:
-        """Seconds the connection has had no running channel (0 while one runs)."""
-        return 0.0 if self._busy() else time.monotonic() - self._last_used
-
-    def channel_ended(self, closed_for: str | None = None) -> None:
-        """A channel thread is done. ``closed_for``: the server closed the channel (idle
-        timeout, stalled transfer); if it was the connection's last, the connection goes
-        too: a client that stopped talking must not hold its TCP connection, its worker
-        slot and its login for another idle_timeout."""
-        self._last_used = time.monotonic()
-        if closed_for and not self._busy() and self.transport is not None and self.transport.is_active():
-            log.info("ssh connection closed: %s", closed_for, extra={"sid": self.conn.id})
-            send_disconnect(self.transport, closed_for)
-
-    def join_workers(self, timeout: float) -> None:
-        """Wait for the channel threads to finish their cleanup (aborting unfinished uploads):
-        until then the connection still uses the session, the staging records, the scripts."""
-        deadline = time.monotonic() + timeout
-        for worker in self.workers:
-            if worker.is_alive() and worker is not threading.current_thread():
-                worker.join(max(0.0, deadline - time.monotonic()))
-            if worker.is_alive():
-                log.warning("channel thread %s still running %.0fs after its connection ended",
-                            worker.name, timeout, extra={"sid": self.conn.id})
-                return
+    def _end_connection(self, reason: str) -> None:
+        """The server closed this connection's last channel (idle, stalled): close the connection."""
+        if self.transport is not None and self.transport.is_active():
+            log.info("ssh connection closed: %s", reason, extra={"sid": self.conn.id})
+            send_disconnect(self.transport, reason)
 
     def check_channel_pty_request(self, *args: object) -> bool:
         return False
@@ -290,11 +239,12 @@ class SSHConnections:
         self,
         host_keys: list[paramiko.PKey],
         limits: SSHLimits,
-        scp_runner: Callable[[paramiko.Channel, Session, list[str]], None] | None = None,
+        scp_runner: ScpRunner | None = None,
     ) -> None:
         self.host_keys = host_keys
         self.limits = limits
         self.scp_runner = scp_runner
+        self.pacing = ReplyPacing()  # shared by this process's SFTP channels
         self.stopping = threading.Event()
         self._transports: set[paramiko.Transport] = set()
         self._lock = threading.Lock()
@@ -324,11 +274,9 @@ class SSHConnections:
             transport.banner_timeout = transport.handshake_timeout = self.limits.login_grace
             for key in self.host_keys:
                 transport.add_server_key(key)
-            from scriptsftp.server.frontends.ssh.sftp import SFTPHandler
-
-            transport.set_subsystem_handler("sftp", SFTPHandler)
-            server = SSHServer(core, conn, self.limits, self.scp_runner)
+            server = SSHServer(core, conn, self.limits, self.pacing, self.scp_runner)
             server.transport = transport
+            transport.set_subsystem_handler("sftp", SFTPHandler, server.channels)
             with self._lock:
                 if self.stopping.is_set():
                     return
@@ -350,7 +298,7 @@ class SSHConnections:
             if transport is not None:
                 transport.close()  # does nothing for a transport never started...
                 if server is not None:
-                    server.join_workers(WORKER_GRACE)
+                    server.channels.join_workers(WORKER_GRACE)
                 transport.release_socket()  # ...and nothing else writes to it now
                 with self._lock:
                     self._transports.discard(transport)
@@ -368,7 +316,7 @@ class SSHConnections:
         per idle_timeout, not per second: an idle connection costs no extra wakeups."""
         idle = self.limits.idle_timeout
         while idle and transport.is_active():
-            left = idle - server.idle_for()
+            left = idle - server.channels.idle_for()
             if left <= 0:
                 log.info("ssh connection closed: no channel open for %gs", idle, extra={"sid": server.conn.id})
                 send_disconnect(transport, "idle timeout")
@@ -398,7 +346,7 @@ class SSHListener:
         host_keys: list[paramiko.PKey],
         core: LoginCore,
         limits: SSHLimits,
-        scp_runner: Callable[[paramiko.Channel, Session, list[str]], None] | None = None,
+        scp_runner: ScpRunner | None = None,
     ) -> None:
         self.core = core
         self.connections = SSHConnections(host_keys, limits, scp_runner)

@@ -22,7 +22,7 @@ import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import paramiko
 from paramiko.sftp import (
@@ -42,13 +42,11 @@ from scriptsftp.server.frontends.ssh.paramiko_ext import send as paramiko_send
 
 from scriptsftp.server.frontends.ssh.paramiko_ext import speed as paramiko_speed
 from scriptsftp.server.frontends.ssh.paramiko_ext.transport import ServerTransport
+from scriptsftp.server.frontends.ssh.channels import ChannelHost
 from scriptsftp.server.contract.errors import FsError, NotFound, PermissionDenied
 from scriptsftp.server.support.logs import BoundedLog
 from scriptsftp.server.core.session import DirHandle, ReadHandle, Session, WriteHandle
 from scriptsftp.server.core.storage import Entry
-
-if TYPE_CHECKING:
-    from scriptsftp.server.frontends.ssh.server import SSHServer
 
 log = logging.getLogger("scriptsftp.sftp")
 
@@ -61,27 +59,10 @@ _U32_PAIR = struct.Struct(">II")
 _OFFSET_LENGTH = struct.Struct(">QI")  # what READ and WRITE carry after their handle
 HOLD_MAX = 32 * 1024  # replies held back while more requests are buffered, at most this much
 HOLD_COUNT = 16  # ... and at most this many: a client that keeps 64 requests in flight still sees steady replies
-CROWDED_WINDOW = 0.002  # another connection's requests answered this recently: the server is busy
 _DATA_HEADER = struct.Struct(">IBII")  # length, SSH_FXP_DATA, request id, data length
 
 
 _unexpected = BoundedLog(logging.ERROR)
-_last_pumped: list[Any] = [None, 0.0]  # the SFTPHandler whose requests the transport answered last, and when
-
-
-def _crowded(handler: "SFTPHandler") -> bool:
-    """True when another connection's requests were answered within CROWDED_WINDOW.
-
-    A client that waits for its replies (libssh2 sends three WRITEs, then waits) is
-    fastest when each reply leaves at once and it reads them while we write the next
-    block; but each reply is a packet, a MAC and a system call that wakes it. With other
-    connections competing for the interpreter, those are what limits throughput, so
-    small replies are then held until the transport thread would wait for more input
-    (20 parallel curl uploads: -15% server CPU; alone: 5% slower if held)."""
-    now = time.monotonic()
-    crowded = _last_pumped[0] is not handler and now - _last_pumped[1] < CROWDED_WINDOW
-    _last_pumped[0], _last_pumped[1] = handler, now
-    return crowded
 
 
 def status_of(exc: FsError) -> int:
@@ -149,11 +130,13 @@ def attrs_of(entry: Entry, name: str | None = None) -> SFTPAttributes:
 class SFTPHandler(paramiko.SFTPServer):
     """One SFTP subsystem channel = one Session."""
 
-    def __init__(self, channel: paramiko.Channel, name: str, server: "SSHServer", *args: Any, **kwargs: Any) -> None:
+    def __init__(self, channel: paramiko.Channel, name: str, server: paramiko.ServerInterface,
+                 host: ChannelHost) -> None:
         super().__init__(channel, name, server, paramiko.SFTPServerInterface)
-        self.ssh = server
-        server.add_worker(self)  # joined before the connection counts as ended
-        self.limits = server.limits
+        self.host = host
+        host.add_worker(self)  # joined before the connection counts as ended
+        self.limits = host.limits
+        self._crowded = host.pacing.crowded  # bound once: called per pumped packet
         self.session: Session | None = None
         self._handles: dict[bytes, ReadHandle | WriteHandle | DirHandle] = {}
         self._next = 1
@@ -176,7 +159,7 @@ class SFTPHandler(paramiko.SFTPServer):
 
     def start_subsystem(self, name: str, transport: ServerTransport, channel: paramiko.Channel) -> None:  # type: ignore[override]
         try:
-            self.session = self.ssh.open_session("sftp")
+            self.session = self.host.open_session("sftp")
         except FsError as exc:
             log.info("sftp refused: %s", exc.message)
             channel.close()
@@ -217,7 +200,7 @@ class SFTPHandler(paramiko.SFTPServer):
                     channel.send_exit_status(0)
                 except Exception:
                     pass
-            self.ssh.channel_ended(self._timed_out)
+            self.host.channel_ended(self._timed_out)
 
     def finish_subsystem(self) -> None:
         with self._work:
@@ -302,7 +285,7 @@ class SFTPHandler(paramiko.SFTPServer):
         exchange is running. Stops at anything else (scripts may run, a publish may take
         seconds) and returns True: the SFTP thread must be woken for it."""
         kick = False
-        self._inline_hold = _crowded(self)
+        self._inline_hold = self._crowded(self)
         try:
             if self._closed:
                 return False
