@@ -10,6 +10,7 @@ these modules replace or override private parts of it, written against paramiko
 * ``speed.py``: the chunk-queue channel buffer (``ChunkPipe``) and its helpers.
 * ``transport.py``: ``ServerTransport`` and the auth handler (kex, login decision,
   per-channel hooks, logging), ``send_disconnect``.
+* ``sftp_attrs.py``: ``SFTPAttributes``' private flags and packing.
 
 Importing any of them changes nothing in paramiko. :func:`install` applies the two
 process-wide patches (the channel buffer class, the C constant-time MAC compare) and

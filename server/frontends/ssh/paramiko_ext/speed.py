@@ -28,7 +28,10 @@ checks the buffer against the original semantics.
 
 from __future__ import annotations
 
+import socket
+import time
 from collections import deque
+from typing import Callable
 
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe
@@ -110,6 +113,32 @@ class ChunkPipe(BufferedPipe):
         with self._lock:
             self.kicked = True
             self._cv.notify_all()
+
+    def __len__(self) -> int:
+        """Bytes buffered, read without the lock (one int: an estimate at worst, which is all
+        the SFTP stream's per-packet checks need; BufferedPipe's takes the lock every time)."""
+        return self._buffer._len
+
+    def drop(self) -> None:
+        """Forget everything buffered (the queue of a channel closed for it)."""
+        with self._lock:
+            self._buffer = ChunkBuffer()  # type: ignore[assignment]
+
+    def wait_for_input(self, deadline: Callable[[], float] | None) -> None:
+        """Block until bytes are buffered, the pipe is closed or :meth:`kick` was called (the
+        kick is then cleared). ``deadline()``: the ``time.monotonic()`` after which
+        ``socket.timeout`` is raised instead, asked again after every wakeup (it moves
+        while the transport thread answers requests)."""
+        with self._lock:
+            while not (self._buffer._len or self._closed or self.kicked):
+                if deadline is not None:
+                    left = deadline() - time.monotonic()
+                    if left <= 0:
+                        raise socket.timeout()
+                    self._cv.wait(left)
+                else:
+                    self._cv.wait()
+            self.kicked = False
 
     def _buffer_frombytes(self, data: bytes) -> None:
         self._buffer.frombytes(data)
