@@ -48,7 +48,7 @@ log = logging.getLogger("scriptsftp.daemon")
 # and is imported only when its section is enabled (so pyftpdlib/aiohttp are not loaded by
 # an SFTP-only server).
 FRONT_ENDS = {
-    "ftp": "scriptsftp.server.frontends.ftp.server",
+    "ftp": "scriptsftp.server.frontends.ftp.listener",
     "http": "scriptsftp.server.frontends.http.server",
     "admin": "scriptsftp.server.ops.admin",
 }

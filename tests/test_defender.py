@@ -274,7 +274,7 @@ def test_reload_applies_new_defender_settings(daemons: DaemonFactory):
 def test_ftp_failures_ban_across_protocols(daemons: DaemonFactory):
     import ftplib
 
-    from scriptsftp.server.frontends.ftp import server as ftp_module
+    from scriptsftp.server.frontends.ftp import listener as ftp_module
 
     if not hasattr(ftp_module, "make_listener"):
         pytest.skip("the FTP front end has not landed yet")

@@ -930,7 +930,7 @@ def _passive_listener_bound_to(port: int, passive_ports: list[int]):
 
     from pyftpdlib.ioloop import Acceptor, IOLoop
 
-    from scriptsftp.server.frontends.ftp.server import _PassiveDTP
+    from scriptsftp.server.frontends.ftp.listener import PassiveDataListener as _PassiveDTP
 
     dtp = _PassiveDTP.__new__(_PassiveDTP)
     Acceptor.__init__(dtp, ioloop=IOLoop())
