@@ -18,36 +18,15 @@ import stat as statmod
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from scriptsftp.server.contract.errors import Failure, InvalidPath, NotFound, from_oserror
+from scriptsftp.server.contract.ports import Entry as Entry  # the ports' value type, re-exported
 from scriptsftp.server.core.vfs import STAGING_PREFIX, join
 
 MAX_LINK_HOPS = 40
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """What a listing or a stat returns, protocol-neutral."""
-
-    name: str
-    st: os.stat_result
-    link_target: str | None = None  # virtual, for symlinks when known
-
-    @property
-    def is_dir(self) -> bool:
-        return statmod.S_ISDIR(self.st.st_mode)
-
-    @property
-    def is_link(self) -> bool:
-        return statmod.S_ISLNK(self.st.st_mode)
-
-    @property
-    def size(self) -> int:
-        return self.st.st_size
 
 
 class Resolved:

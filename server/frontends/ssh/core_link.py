@@ -14,6 +14,15 @@ The worker is not trusted more than it must be: it parses raw client bytes. It
 gets no name it could use against another connection (sessions and handles are
 numbered per link), the client address is the one the core accepted, requests
 are JSON (framing.py), size-capped, and checked here.
+
+What a worker may ask is the core's ports (server/contract/ports.py), not a
+list kept by hand: each ``CorePort`` method is the request of the same name,
+answered by the method ``_<name>`` here, and each ``SessionPort`` method is a
+``call`` by name (:data:`SESSION_CALLS`) unless it hands out or takes a handle,
+which has a request of its own (:data:`SESSION_OWN_REQUESTS`). Both tables are
+derived at import; a port method with no way over the link fails the import
+(and tests/core/test_ports.py), so adding one to a port means serving it here or
+excluding it below with the reason.
 """
 
 from __future__ import annotations
@@ -28,9 +37,9 @@ import paramiko
 
 from scriptsftp.server.contract import framing
 from scriptsftp.server.contract.errors import FsError
+from scriptsftp.server.contract.ports import CorePort, Entry, SessionPort, keyword_options, port_methods
 from scriptsftp.server.core.login import Connection, LoginCore
-from scriptsftp.server.core.session import DirHandle, FileHandle, ReadHandle, Session, WriteHandle
-from scriptsftp.server.core.storage import Entry
+from scriptsftp.server.core.session import DirHandle, ReadHandle, Session, WriteHandle
 
 log = logging.getLogger("scriptsftp.ssh")
 
@@ -38,16 +47,35 @@ MAX_REQUEST = 1 << 20  # a path, a password, a key blob: far less
 MAX_READDIR = 1000  # entries per readdir answer, whatever the worker asks for
 OPENDIR_PREFETCH = 100  # entries sent with the opendir answer (one SFTP READDIR batch)
 
-#: Session methods a worker may call by name, with the keyword arguments each takes
-SESSION_CALLS: dict[str, frozenset[str]] = {
-    "realpath": frozenset(), "readlink": frozenset(), "statvfs": frozenset(),
-    "stat": frozenset({"follow"}), "listdir": frozenset(),
-    "mkdir": frozenset({"mode"}), "rmdir": frozenset(), "remove": frozenset(),
-    "rename": frozenset({"overwrite"}), "setstat": frozenset({"mode", "times", "size"}),
-    "symlink": frozenset(),
+_SESSION_PORT = port_methods(SessionPort)
+
+#: SessionPort methods a worker may not ``call`` by name: each hands out a handle (a
+#: number here, a descriptor there) or takes one, or ends the session, and has a request
+#: of its own (same name, or the one given) that checks what the generic call cannot
+SESSION_OWN_REQUESTS: dict[str, str] = {
+    "open_read": "open_read",      # answers a descriptor
+    "open_write": "open_write",    # answers a descriptor
+    "opendir": "opendir",          # the listing stays here; the worker reads it by number
+    "fsetstat": "fsetstat",        # takes a handle number, not a handle
+    "close": "close_session",      # by session number; the link's own bookkeeping
 }
-OPEN_WRITE_ARGS = frozenset({"truncate", "append", "exclusive", "create", "readable", "mode"})
-FSETSTAT_ARGS = frozenset({"mode", "times", "size"})
+
+#: Session methods a worker may call by name, with the keyword arguments each takes
+#: (the port method's options): every SessionPort method not excluded above
+SESSION_CALLS: dict[str, frozenset[str]] = {
+    name: keyword_options(signature) for name, signature in _SESSION_PORT.items()
+    if name not in SESSION_OWN_REQUESTS
+}
+OPEN_WRITE_ARGS = keyword_options(_SESSION_PORT["open_write"])
+FSETSTAT_ARGS = keyword_options(_SESSION_PORT["fsetstat"])
+
+#: CorePort methods that are no request of their own: the link itself carries them
+CORE_NOT_REQUESTS: dict[str, str] = {
+    "disconnect": "the worker's last message, never answered (or the link closing)",
+    "announce_login": "the core announces a login right after allowing it (finish_login)",
+}
+#: CorePort methods a worker asks by name (each answered by ``CoreLink._<name>``)
+CORE_REQUESTS: tuple[str, ...] = tuple(name for name in port_methods(CorePort) if name not in CORE_NOT_REQUESTS)
 
 
 def encode_entry(e: Entry) -> list:
@@ -89,7 +117,7 @@ class CoreLink:
         self.kick = kick
         self.conn: Connection | None = None
         self.sessions: dict[int, Session] = {}
-        self.handles: dict[int, FileHandle | DirHandle] = {}
+        self.handles: dict[int, ReadHandle | WriteHandle | DirHandle] = {}
         self._numbers = iter(range(1, 1 << 62))
         self._after_reply: Callable[[], None] | None = None
         # (user, method) pairs whose credentials the core has accepted on this link: the
@@ -247,7 +275,7 @@ class CoreLink:
             raise TypeError("readdir on a file, or a count that is not a number")
         return [encode_entry(e) for e in handle.read(max(1, min(count, MAX_READDIR)))]
 
-    def _track(self, handle: FileHandle) -> tuple[dict, int]:
+    def _track(self, handle: ReadHandle | WriteHandle) -> tuple[dict, int]:
         number = next(self._numbers)
         self.handles[number] = handle
         return {"hid": number, "path": handle.path}, handle.fd
@@ -264,7 +292,7 @@ class CoreLink:
             raise TypeError("fsetstat on a download")
         self._session(number).fsetstat(handle, **_kwargs(kwargs, FSETSTAT_ARGS))
 
-    def _counted(self, hid: int, count: object) -> FileHandle | DirHandle:
+    def _counted(self, hid: int, count: object) -> ReadHandle | WriteHandle | DirHandle:
         handle = self.handles.pop(hid)
         if isinstance(handle, WriteHandle):
             handle.written = _count(count)
@@ -286,15 +314,11 @@ class CoreLink:
     def _abort_handle(self, hid: int, reason: str, count: int) -> None:
         self._counted(hid, count).abort(str(reason)[:500])
 
-    _OPS: dict[str, Callable[..., Any]] = {
-        "connect": _connect, "protocol_error": _protocol_error,
-        "auth_methods": _auth_methods, "check_password": _check_password, "key_allowed": _key_allowed,
-        "finish_login": _finish_login,
-        "open_session": _open_session, "call": _call, "close_session": _close_session,
-        "open_read": _open_read, "open_write": _open_write, "fsetstat": _fsetstat,
-        "opendir": _opendir, "readdir": _readdir,
-        "close_handle": _close_handle, "abort_handle": _abort_handle, "progress": _progress,
-    }
+    #: request name -> handler: the ports' requests (derived, see the module docstring),
+    #: then the link's own (a session method by name, a listing's next batch, a handle's
+    #: end, a running transfer's byte count)
+    _OPS: dict[str, Callable[..., Any]] = {}
+
 
     def _end(self) -> None:
         """Whatever the worker left open is aborted (nothing half-published), then the
@@ -310,3 +334,12 @@ class CoreLink:
             conn.on_kick = None
             self.core.disconnect(conn)  # closes its sessions
         self.sessions.clear()
+
+
+CoreLink._OPS = {
+    **{name: getattr(CoreLink, f"_{name}") for name in CORE_REQUESTS},
+    **{request: getattr(CoreLink, f"_{request}") for request in SESSION_OWN_REQUESTS.values()},
+    "call": CoreLink._call, "readdir": CoreLink._readdir,
+    "close_handle": CoreLink._close_handle, "abort_handle": CoreLink._abort_handle,
+    "progress": CoreLink._progress,
+}

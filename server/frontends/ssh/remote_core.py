@@ -1,8 +1,9 @@
-"""The Session core as an SSH worker process sees it: the same calls, answered by the core.
+"""The Session core as an SSH worker process sees it: the same ports, answered by the core.
 
-ssh.py and the SFTP and SCP front ends run unchanged in a worker; what they get
-from :class:`RemoteCore` behaves like the LoginCore, Session and file handles of
-an in-process server. Every call but the data path goes to the core over the
+The SSH, SFTP and SCP front ends run unchanged in a worker; :class:`RemoteCore`
+is the ``CorePort`` and :class:`RemoteSession` the ``SessionPort`` they get
+(server/contract/ports.py; mypy checks the fit at the end of this module), with
+the file handles of an in-process server. Every call but the data path goes to the core over the
 connection's link (core_link.py), one at a time (a connection's channels share
 it). READ and WRITE use the descriptor the core opened, here, without a round
 trip; the core learns the byte count at close, where it publishes the upload, and
@@ -16,18 +17,14 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
-import paramiko
-
-from scriptsftp.server.contract import errors
-
-from scriptsftp.server.contract import framing
-from scriptsftp.server.frontends.ssh.core_link import OPENDIR_PREFETCH, decode_entry
+from scriptsftp.server.contract import errors, framing
 from scriptsftp.server.contract.dispatch import ALLOW, Decision
 from scriptsftp.server.contract.errors import FsError
+from scriptsftp.server.contract.ports import Entry, PublicKey
 from scriptsftp.server.core.session import DirHandle, ReadHandle, WriteHandle
-from scriptsftp.server.core.storage import Entry
+from scriptsftp.server.frontends.ssh.core_link import OPENDIR_PREFETCH, decode_entry
 
 MAX_REPLY = 256 << 20  # a listing of a very large directory
 PROGRESS_INTERVAL = 1.0  # seconds between two byte counts of a running transfer sent to the core
@@ -46,7 +43,7 @@ class RemoteConnection:
         self.remote_ip = remote_ip
         self.user = ""
         self.account: object | None = None
-        self.on_kick: Any = None
+        self.on_kick: Callable[[str], None] | None = None
 
 
 class RemoteCore:
@@ -130,7 +127,7 @@ class RemoteCore:
     def check_password(self, conn: RemoteConnection, name: str, password: str) -> bool:
         return bool(self.value("check_password", name, password))
 
-    def key_allowed(self, name: str, key: paramiko.PKey) -> bool:
+    def key_allowed(self, name: str, key: PublicKey) -> bool:
         return bool(self.value("key_allowed", name, key.get_name(), base64.b64encode(key.asbytes()).decode()))
 
     def finish_login(self, conn: RemoteConnection, name: str, method: str, *, announce: bool = True) -> Decision:
@@ -209,7 +206,10 @@ class RemoteSession:
         first = [decode_entry(e) for e in answer.get("first", [])]
         return RemoteDirHandle(self, answer["hid"], answer["path"], first)
 
-    def open_write(self, vpath: str, **kwargs: Any) -> "RemoteWriteHandle":
+    def open_write(self, vpath: str, *, truncate: bool = True, append: bool = False, exclusive: bool = False,
+                   create: bool = True, readable: bool = False, mode: int = 0o644) -> "RemoteWriteHandle":
+        kwargs = {"truncate": truncate, "append": append, "exclusive": exclusive, "create": create,
+                  "readable": readable, "mode": mode}
         answer, fd = self.core.call("open_write", self.number, vpath, kwargs)
         return RemoteWriteHandle(self, answer["hid"], answer["path"], _fd(fd))
 
@@ -319,6 +319,7 @@ class RemoteDirHandle(DirHandle):
     def __init__(self, session: RemoteSession, hid: int, path: str,  # noqa: D107 (no DirHandle init)
                  first: list[Entry] | None = None) -> None:
         self.session = session  # type: ignore[assignment]
+        self.remote = session
         self.hid = hid
         self.path = path
         self.started = time.monotonic()
@@ -333,7 +334,7 @@ class RemoteDirHandle(DirHandle):
             raise errors.Failure(f"{self.path}: listing closed")
         entries, self._buffered = self._buffered[:count], self._buffered[count:]
         if len(entries) < count and not self._ended:
-            more = [decode_entry(e) for e in self.session.core.value("readdir", self.hid, count - len(entries))]
+            more = [decode_entry(e) for e in self.remote.core.value("readdir", self.hid, count - len(entries))]
             self._ended = not more
             entries += more
         self.count += len(entries)
@@ -342,12 +343,25 @@ class RemoteDirHandle(DirHandle):
     def close(self) -> None:
         if not self.done:
             self.done = True
-            self.session.core.value("close_handle", self.hid, 0)
+            self.remote.core.value("close_handle", self.hid, 0)
 
     def abort(self, reason: str) -> None:
         if not self.done:
             self.done = True
             try:
-                self.session.core.value("abort_handle", self.hid, reason, 0)
+                self.remote.core.value("abort_handle", self.hid, reason, 0)
             except FsError:
                 pass  # the link is gone: the core closes what the connection left open
+
+
+if TYPE_CHECKING:  # the worker's stand-ins fit the core's ports (server/contract/ports.py)
+    from scriptsftp.server.contract.ports import CorePort, DirHandlePort, ReadHandlePort, SessionPort
+
+    def _core(core: RemoteCore) -> CorePort[RemoteConnection]:
+        return core
+
+    def _session(session: RemoteSession) -> SessionPort[RemoteWriteHandle]:
+        return session
+
+    def _handles(read: RemoteReadHandle, listing: RemoteDirHandle) -> tuple[ReadHandlePort, DirHandlePort]:
+        return read, listing

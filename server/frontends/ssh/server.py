@@ -26,7 +26,7 @@ import shlex
 import socket
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable, cast
 
 import paramiko
 from paramiko.common import AUTH_FAILED, AUTH_SUCCESSFUL, OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED, OPEN_SUCCEEDED
@@ -34,8 +34,8 @@ from paramiko.common import AUTH_FAILED, AUTH_SUCCESSFUL, OPEN_FAILED_ADMINISTRA
 from scriptsftp.server.support import memory
 from scriptsftp.server.contract.dispatch import Decision
 from scriptsftp.server.contract.errors import FsError
+from scriptsftp.server.contract.ports import ConnectionView, CorePort
 from scriptsftp.server.frontends.ssh.paramiko_ext.transport import ServerTransport, send_disconnect
-from scriptsftp.server.core.login import Connection, LoginCore
 from scriptsftp.server.core.session import Session
 from scriptsftp.server.frontends.ssh.channels import ChannelHost, ReplyPacing, SSHLimits
 from scriptsftp.server.frontends.ssh.refuse import refuse
@@ -56,7 +56,7 @@ WORKER_GRACE = 30.0  # seconds a channel thread may take to clean up after its c
 class SSHServer(paramiko.ServerInterface):
     """paramiko's view of one connection; the decisions are the LoginCore's."""
 
-    def __init__(self, core: LoginCore, conn: Connection, limits: SSHLimits, pacing: ReplyPacing,
+    def __init__(self, core: CorePort[Any], conn: ConnectionView, limits: SSHLimits, pacing: ReplyPacing,
                  scp_runner: ScpRunner | None) -> None:
         self.core = core
         self.conn = conn
@@ -175,7 +175,10 @@ class SSHServer(paramiko.ServerInterface):
         return False
 
     def open_session(self, protocol: str) -> Session:
-        return self.core.open_session(self.conn, protocol)
+        # The core's port gives a SessionPort (a RemoteSession in a worker). SFTP and SCP are
+        # still typed against the in-process Session and its handle classes (whose subclasses
+        # a worker's handles are): the cast says so until they take the ports' handle types.
+        return cast(Session, self.core.open_session(self.conn, protocol))
 
     def get_banner(self) -> tuple[str | None, str | None]:
         return (None, None)
@@ -249,7 +252,7 @@ class SSHConnections:
         self._transports: set[paramiko.Transport] = set()
         self._lock = threading.Lock()
 
-    def serve(self, client: socket.socket, addr: tuple, core: LoginCore) -> None:
+    def serve(self, client: socket.socket, addr: tuple, core: CorePort[Any]) -> None:
         # the login grace counts from here: the banner and the key exchange (paramiko
         # allows 15 s each) are part of it, or an idle socket would outlive it
         deadline = time.monotonic() + self.limits.login_grace
@@ -344,7 +347,7 @@ class SSHListener:
         self,
         addresses: list[tuple[str, int]],
         host_keys: list[paramiko.PKey],
-        core: LoginCore,
+        core: CorePort[Any],
         limits: SSHLimits,
         scp_runner: ScpRunner | None = None,
     ) -> None:

@@ -75,7 +75,7 @@ def serve(control: socket.socket, setup: dict) -> int:
         with lock:
             cores[key] = core
         try:
-            connections.serve(client, addr, core)  # type: ignore[arg-type]
+            connections.serve(client, addr, core)
         except Exception:
             log.exception("ssh connection failed")
         finally:

@@ -1,0 +1,263 @@
+"""The core's ports: what a front end may ask of the core, declared once.
+
+A front end (SSH, FTP, HTTP/WebDAV) talks to the core through two doors and
+nothing else: :class:`CorePort` for the connection and its login (connect
+decision, credentials, login decision, a session, disconnect), and
+:class:`SessionPort` for the file operations of a logged-in user. Two kinds of
+object stand behind them, and mypy checks that both fit:
+
+* in the core's process, ``LoginCore`` and ``Session`` (server/core/);
+* in an SSH worker process, ``RemoteCore`` and ``RemoteSession``
+  (server/frontends/ssh/remote_core.py), which forward each call over the
+  connection's link to the core (core_link.py). The link's table of calls a
+  worker may make by name is derived from :class:`SessionPort` (see
+  :func:`port_methods`), so a method added here is either served over the link
+  or excluded there on purpose, never forgotten.
+
+The ports are generic in the objects an implementation hands out and takes
+back: a core's connections (``C``) and a session's write handles (``W``). Each
+implementation takes only its own (a LoginCore never sees a RemoteConnection);
+a front end that does not care writes ``CorePort[Any]``.
+
+This module is part of the contract: it imports nothing from the core, the
+front ends or a protocol library, so the core, the front ends, the worker side
+and scripting/ can all import it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import stat as statmod
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, TypeVar
+
+from scriptsftp.server.contract.dispatch import Decision
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What a listing or a stat returns, protocol-neutral."""
+
+    name: str
+    st: os.stat_result
+    link_target: str | None = None  # virtual, for symlinks when known
+
+    @property
+    def is_dir(self) -> bool:
+        return statmod.S_ISDIR(self.st.st_mode)
+
+    @property
+    def is_link(self) -> bool:
+        return statmod.S_ISLNK(self.st.st_mode)
+
+    @property
+    def size(self) -> int:
+        return self.st.st_size
+
+
+class PublicKey(Protocol):
+    """A client's public key as the core compares it (paramiko's PKey is one)."""
+
+    def get_name(self) -> str: ...
+
+    def asbytes(self) -> bytes: ...
+
+
+class ConnectionView(Protocol):
+    """What a front end reads of the connection the core registered for its client.
+
+    ``on_kick`` is the front end's: the core calls it to end the connection (admin
+    kick, ban, removed user)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def protocol(self) -> str: ...
+
+    @property
+    def remote_ip(self) -> str: ...
+
+    @property
+    def user(self) -> str: ...  # "" until logged in
+
+    @property
+    def account(self) -> object | None: ...  # set once logged in (the core's; a worker sees True)
+
+    on_kick: Callable[[str], None] | None
+
+
+# --- handles ------------------------------------------------------------------------------
+
+
+class HandlePort(Protocol):
+    """An open file or listing of a session; ``close`` finishes it, ``abort`` discards it."""
+
+    path: str
+    started: float
+
+    def close(self) -> None: ...
+
+    def abort(self, reason: str) -> None: ...
+
+
+class ReadHandlePort(HandlePort, Protocol):
+    """A download. ``fd`` is readable by the front end's process (sendfile)."""
+
+    fd: int
+    sent: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def read_into(self, offset: int, buf: memoryview) -> int: ...
+
+    def fstat(self) -> os.stat_result: ...
+
+    def size(self) -> int: ...
+
+
+class WriteHandlePort(HandlePort, Protocol):
+    """An upload; ``close`` publishes it (a pre-publish veto raises there)."""
+
+    fd: int
+    written: int
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def truncate(self, size: int) -> None: ...
+
+    def fsync(self) -> None: ...
+
+    def fstat(self) -> os.stat_result: ...
+
+    def size(self) -> int: ...
+
+
+class DirHandlePort(HandlePort, Protocol):
+    """A listing read in batches: ``read(count)`` gives up to count entries, [] at the end."""
+
+    def read(self, count: int) -> list[Entry]: ...
+
+
+# --- the session and the core ---------------------------------------------------------------------
+
+C = TypeVar("C", bound=ConnectionView)
+W = TypeVar("W", bound=WriteHandlePort)
+
+
+class SessionPort(Protocol[W]):
+    """The file operations of one logged-in user, each one call (the one door to files).
+
+    Paths are virtual (inside the user's home). Errors are the contract's FsError
+    family; the front end turns them into its protocol's replies."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def protocol(self) -> str: ...
+
+    def realpath(self, vpath: str) -> str: ...
+
+    def stat(self, vpath: str, follow: bool = True) -> Entry: ...
+
+    def listdir(self, vpath: str) -> list[Entry]: ...
+
+    def opendir(self, vpath: str) -> DirHandlePort: ...
+
+    def readlink(self, vpath: str) -> str: ...
+
+    def statvfs(self, vpath: str = "/") -> os.statvfs_result: ...
+
+    def open_read(self, vpath: str) -> ReadHandlePort: ...
+
+    def open_write(self, vpath: str, *, truncate: bool = True, append: bool = False, exclusive: bool = False,
+                   create: bool = True, readable: bool = False, mode: int = 0o644) -> W: ...
+
+    def mkdir(self, vpath: str, mode: int = 0o755) -> None: ...
+
+    def rmdir(self, vpath: str) -> None: ...
+
+    def remove(self, vpath: str) -> None: ...
+
+    def rename(self, src_vpath: str, dst_vpath: str, *, overwrite: bool = False) -> None: ...
+
+    def setstat(self, vpath: str, *, mode: int | None = None, times: tuple[float, float] | None = None,
+                size: int | None = None) -> None: ...
+
+    def fsetstat(self, handle: W, *, mode: int | None = None, times: tuple[float, float] | None = None,
+                 size: int | None = None) -> None: ...
+
+    def symlink(self, target_vpath: str, link_vpath: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CorePort(Protocol[C]):
+    """A connection's way through the core, as every front end sees it.
+
+    SSH proves credentials itself in parts (which methods, this password, this key)
+    and then asks for the decision; FTP and HTTP do the same calls in one go (see
+    :class:`LocalCorePort`). A decision that refuses carries the reason the client
+    is told."""
+
+    def connect(self, protocol: str, remote_ip: str, local_port: int = 0) -> tuple[C, Decision]: ...
+
+    def disconnect(self, conn: C) -> None: ...
+
+    def protocol_error(self, conn: C, detail: str) -> None: ...
+
+    def auth_methods(self, name: str) -> list[str]: ...
+
+    def check_password(self, conn: C, name: str, password: str) -> bool: ...
+
+    def key_allowed(self, name: str, key: PublicKey) -> bool: ...
+
+    def finish_login(self, conn: C, name: str, method: str, *, announce: bool = True) -> Decision: ...
+
+    def announce_login(self, conn: C, method: str) -> None: ...
+
+    def open_session(self, conn: C, protocol: str | None = None) -> SessionPort[Any]: ...
+
+
+class LocalCorePort(CorePort[C], Protocol[C]):
+    """What the front ends served in the core's own process (FTP, HTTP) ask besides:
+    a password check that leaves the failure delay to the caller (an event loop must
+    not sleep), and the pre-auth timeout, read live (a reload changes it)."""
+
+    @property
+    def preauth_timeout(self) -> float: ...
+
+    def check_password_nowait(self, conn: C, name: str, password: str) -> tuple[bool, float]: ...
+
+
+def port_methods(port: type) -> dict[str, inspect.Signature]:
+    """The methods a Protocol declares (its own and inherited, not Protocol's machinery),
+    by name, with their signatures: what an RPC table is derived from."""
+    out: dict[str, inspect.Signature] = {}
+    for klass in reversed(port.__mro__):
+        if klass is object or klass is Protocol or not getattr(klass, "_is_protocol", False):
+            continue
+        for name, value in vars(klass).items():
+            if not name.startswith("_") and inspect.isfunction(value):
+                out[name] = inspect.signature(value)
+    return out
+
+
+def keyword_options(signature: inspect.Signature) -> frozenset[str]:
+    """The parameters of a port method a caller may pass by name: those with a default
+    (options); required ones travel by position."""
+    return frozenset(p.name for p in signature.parameters.values()
+                     if p.default is not inspect.Parameter.empty)
+
+
+__all__ = [
+    "ConnectionView", "CorePort", "DirHandlePort", "Entry", "HandlePort", "LocalCorePort", "PublicKey",
+    "ReadHandlePort", "SessionPort", "WriteHandlePort", "keyword_options", "port_methods",
+]
