@@ -31,7 +31,7 @@ from scriptsftp.server.ops.defender import Defender
 from scriptsftp.server.contract.dispatch import Dispatcher, NullDispatcher, SwappableDispatcher
 from scriptsftp.server.support.keys import ensure_host_keys, fingerprint, load_host_key
 from scriptsftp.server.core.login import LoginCore, build_users, ensure_generated_passwords
-from scriptsftp.server.core.session import UploadPolicy
+from scriptsftp.server.core.publish import UploadPolicy
 from scriptsftp.server.support.listen import Listener, listen_addresses
 from scriptsftp.server.support.listen_check import check_listen_addresses
 from scriptsftp.server.frontends.ssh import paramiko_ext

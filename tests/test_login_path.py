@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from scriptsftp.server.support.logs import TextFormatter
-from scriptsftp.server.core.storage import Storage
+from scriptsftp.server.core.storage import LocalStorage as Storage
 
 
 def test_storage_home_is_the_real_path_through_a_symlink(tmp_path):

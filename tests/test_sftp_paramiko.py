@@ -513,7 +513,7 @@ def test_chmod_never_follows_a_symlink_swapped_in_while_it_runs(sftp, d, tmp_pat
 def test_chmod_on_a_pinned_entry_refuses_a_link_even_if_a_check_saw_a_file(tmp_path, monkeypatch):
     """Storage level: whatever an earlier stat said, the mode change acts on what is there."""
     from scriptsftp.server.contract.errors import InvalidPath
-    from scriptsftp.server.core.storage import Storage
+    from scriptsftp.server.core.storage import LocalStorage as Storage
     outside = tmp_path / "outside.txt"
     outside.write_text("x")
     outside.chmod(0o600)

@@ -89,3 +89,25 @@ def from_oserror(exc: OSError, vpath: str) -> FsError:
     """Translate an OSError on a host path into a client-safe error about ``vpath``."""
     cls, text = _ERRNO.get(exc.errno or 0, (Failure, "operation failed"))
     return cls(f"{vpath}: {text}")
+
+
+class fs_errors:
+    """``with fs_errors(vpath):`` turns an ``OSError`` raised inside into the
+    :func:`from_oserror` error about ``vpath`` (the host path never reaches a client);
+    FsErrors and everything else pass through unchanged.
+
+    A class rather than a ``@contextmanager`` generator: the Session opens one per
+    operation (every STAT, OPEN, listing) and this costs two plain method calls."""
+
+    __slots__ = ("vpath",)
+
+    def __init__(self, vpath: str) -> None:
+        self.vpath = vpath
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, OSError):
+            raise from_oserror(exc, self.vpath) from None
+        return False

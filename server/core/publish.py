@@ -1,9 +1,16 @@
 """Publishing a staged upload: pre-publish checks, then an atomic rename (or rejection).
 
 Every upload is written under a hidden staging name beside its target
-(:mod:`.session`). When the client finishes, :meth:`Publisher.publish` raises
-``pre-publish`` for the staged file and only then renames it over the target.
-Nothing is ever visible under the final name unless it passed.
+(:mod:`.session`). When the client finishes, the Session describes the staged
+file (:class:`StagedUpload`) and builds its ``pre-publish`` event;
+:meth:`Publisher.publish` raises the event and only then renames the file over
+the target. Nothing is ever visible under the final name unless it passed.
+
+The seam runs one way: the Session calls the Publisher and writes the log lines
+of the client's operation; the Publisher knows no Session (it is shared by all of
+them, and its background checks outlive them) and logs only what happens after
+the client was answered. :class:`UploadPolicy` (atomic, fsync, quarantine, disk
+reserve) lives here because publishing is what it governs.
 
 Two modes, per binding (``mode`` in ``[[bindings]]``):
 
@@ -39,21 +46,63 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from scriptsftp.server.contract import events as ev
 from scriptsftp.server.contract.dispatch import ALLOW, Dispatcher, FileOpener
-from scriptsftp.server.contract.errors import Failure, FsError, IsADirectory, NotFound, Vetoed, from_oserror
-from scriptsftp.server.core.storage import Resolved, Storage, copy_fd
+from scriptsftp.server.contract.errors import (
+    Failure, FsError, IsADirectory, NoSpace, NotFound, Vetoed, from_oserror, fs_errors,
+)
+from scriptsftp.server.core.storage import LocalStorage, Resolved, Storage, StorageOpener, copy_fd, read_opener
 from scriptsftp.server.core.vfs import join, split
 
 if TYPE_CHECKING:
-    from scriptsftp.server.core.session import Session, UploadPolicy, WriteHandle
     from scriptsftp.server.core.staging import StagedRecord, StagingRecords
 
 log = logging.getLogger("scriptsftp.session")
 
 VETO_FALLBACK = "denied by a server script"
+
+
+@dataclass
+class UploadPolicy:
+    atomic: bool = True
+    quarantine: Path | None = None
+    fsync: bool = True
+    """Publish is durable: the staged file is flushed before the rename, its directory after."""
+    min_free_space: int = 0
+    """Bytes that must stay free on the home's filesystem and on ``state_dir``'s; below
+    that, new uploads are refused at once (0: no reserve)."""
+    state_dir: Path | None = None
+
+    def check_free_space(self, home_fs: os.statvfs_result, path: str, need: int = 0) -> None:
+        """Refuse an upload before it starts when a disk it needs is nearly full: a clear
+        "no space" now beats a failure half way (and a reserve keeps the state databases
+        writable, so the server can still clean up). ``need``: bytes the server itself is
+        about to write on the home's filesystem (the copy a resume starts from)."""
+        if need and home_fs.f_bavail * home_fs.f_frsize - need < self.min_free_space:
+            raise NoSpace(f"{path}: not enough free space on the server to copy the file; try again later")
+        if not self.min_free_space:
+            return
+        checks = [("the server's storage", home_fs)]
+        if self.state_dir is not None:
+            try:
+                checks.append(("the server's state storage", os.statvfs(self.state_dir)))
+            except OSError:
+                pass
+        for what, fs in checks:
+            if fs.f_bavail * fs.f_frsize < self.min_free_space:
+                raise NoSpace(f"{path}: {what} is nearly full; try again later")
+
+
+class Outcome(Enum):
+    """What :meth:`Publisher.publish` did with an upload it did not reject."""
+
+    PUBLISHED = "published"
+    """Renamed over the target now; the Session raises post-upload."""
+    PENDING = "pending"
+    """Sync checks passed, async ones decide later; the Publisher raises post-upload then."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +160,8 @@ def pending_stat(upload: PendingUpload) -> os.stat_result:
 
 @dataclass
 class StagedUpload:
-    """Where a complete staged upload lives and what it is for."""
+    """Where a complete staged upload lives and what it is for: all the Publisher needs
+    from the Session (which builds it when the client finishes the upload)."""
 
     storage: Storage
     user: str
@@ -131,12 +181,13 @@ class Publisher:
     """Runs pre-publish and publishes or rejects; one per daemon, shared by all sessions."""
 
     def __init__(
-        self, dispatcher: Dispatcher, staging: "StagingRecords | None", uploads: "UploadPolicy",
-        *, workers: int = 2, pending: PendingIndex | None = None,
+        self, dispatcher: Dispatcher, staging: "StagingRecords | None", uploads: UploadPolicy,
+        *, workers: int = 2, pending: PendingIndex | None = None, open_storage: StorageOpener = LocalStorage,
     ) -> None:
         self.dispatcher = dispatcher
         self.staging = staging
         self.uploads = uploads
+        self.open_storage = open_storage  # homes named by staging records, rechecked after a crash
         # shared with the daemon's publisher by publishers that raise no events (api.fs)
         self.pending = pending if pending is not None else PendingIndex()
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="publish-check")
@@ -145,16 +196,13 @@ class Publisher:
 
     # --- the client's side -------------------------------------------------------
 
-    def publish(self, session: "Session", handle: "WriteHandle", size: int) -> bool:
-        """Check and publish a finished upload; True if published now, False if an
-        async check decides later. Raises :class:`Vetoed` (or another FsError) if
-        the upload was rejected; the staged bytes are then already gone."""
-        assert handle.staging_name is not None
-        up = StagedUpload(session.storage, session.user, handle.path, handle.real, handle.staging_name,
-                          handle.record_id, handle.existed, size)
-        event = session._event(ev.PrePublish, path=handle.path, size=size, exists=handle.existed)
+    def publish(self, up: StagedUpload, event: ev.PrePublish) -> Outcome:
+        """Check and publish a finished upload: :attr:`Outcome.PUBLISHED` now, or
+        :attr:`Outcome.PENDING` when an async check decides later. Raises :class:`Vetoed`
+        with the script's reason (or another FsError) if the upload was rejected; the
+        staged bytes are then already gone (or quarantined)."""
         try:
-            return self._check_and_publish(up, event, session)
+            return self._check_and_publish(up, event)
         except Vetoed:
             raise  # rejected: reject() already discarded it
         except Exception as exc:
@@ -167,33 +215,28 @@ class Publisher:
             log.exception("publish %s failed", up.path, extra=_ctx(event.to_dict(), up.path))
             raise Failure(f"{up.path}: the upload could not be completed (server error)") from None
 
-    def _check_and_publish(self, up: StagedUpload, event: ev.Event, session: "Session") -> bool:
+    def _check_and_publish(self, up: StagedUpload, event: ev.PrePublish) -> Outcome:
         if self.staging is not None and up.record_id is not None:
             self.staging.checking(up.record_id, event.to_dict())
         if self.dispatcher.wants("pre-publish"):
-            decision = self.dispatcher.pre(event, _opener(up.storage, up.staged), mode="sync")
+            decision = self.dispatcher.pre(event, read_opener(up.storage, up.staged), mode="sync")
             if not decision.allowed:
                 reason = decision.reason or VETO_FALLBACK
-                session._log("publish", up.path, "vetoed", reason=reason)
                 self.reject(up, event.to_dict(), reason)
                 raise Vetoed(reason)
             if self.dispatcher.has_async(event):
-                self._start_async(up, event, session)
-                return False
+                self._start_async(up, event)
+                return Outcome.PENDING
         self.finish(up, event.to_dict())
-        return True
+        return Outcome.PUBLISHED
 
-    def _start_async(self, up: StagedUpload, event: ev.Event, session: "Session") -> None:
-        try:
-            with up.storage.resolve(up.staged, follow=False) as r:
-                st = up.storage.stat(r)
-        except OSError as exc:
-            raise from_oserror(exc, up.path) from None
+    def _start_async(self, up: StagedUpload, event: ev.PrePublish) -> None:
+        with fs_errors(up.path), up.storage.resolve(up.staged, follow=False) as r:
+            st = up.storage.stat(r)
         self.pending.add(up.storage.home, up.final,
                          PendingUpload(up.size, st.st_mtime, st.st_mode, up.record_id))
         # The session (and its storage) may close before the verdict: the check owns a storage of its own.
-        own = dataclasses.replace(up, storage=Storage(up.storage.home))
-        session._log("publish", up.path, "checking", size=up.size)
+        own = dataclasses.replace(up, storage=up.storage.reopen())
         self._submit(self._check_later, own, event.to_dict(), time.monotonic(), "async", "(async)")
 
     def _submit(self, fn: Any, *args: Any) -> None:
@@ -218,7 +261,7 @@ class Publisher:
         try:
             decision = ALLOW
             if self.dispatcher.wants("pre-publish"):
-                decision = self.dispatcher.pre(_rebuild(data), _opener(up.storage, up.staged), mode=mode)
+                decision = self.dispatcher.pre(_rebuild(data), read_opener(up.storage, up.staged), mode=mode)
             if decision.allowed:
                 try:
                     self.finish(up, data, duration=time.monotonic() - started)
@@ -260,7 +303,7 @@ class Publisher:
         if duration is not None:  # background: the front end already answered; we tell the scripts
             log.info("publish %s ok (checked in %.3fs)", up.path, duration, extra=_ctx(data, up.path))
             self._post(ev.PostUpload, data, path=up.path, size=up.size, duration=duration,
-                       file=_opener(up.storage, up.final))
+                       file=read_opener(up.storage, up.final))
 
     @staticmethod
     def _sync_directory(up: StagedUpload, dst: Resolved) -> None:
@@ -338,7 +381,7 @@ class Publisher:
             if rec.event is None:
                 continue
             try:
-                storage = Storage(Path(rec.home))
+                storage = self.open_storage(Path(rec.home))
             except OSError as exc:
                 log.error("cannot recheck %s%s: home unavailable (%s); kept for the next start",
                           rec.directory, rec.final_name, exc)
@@ -373,16 +416,6 @@ class Publisher:
         if left:
             log.warning("%d upload check(s) still running at shutdown: they run again at the next start", left)
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _opener(storage: Storage, parts: tuple[str, ...]) -> FileOpener:
-    """Reopens a file read-only through the confined walk, for scripts' ``api.file``."""
-
-    def open_ro() -> int:
-        with storage.resolve(parts, follow=False) as r:
-            return storage.open_file(r, os.O_RDONLY)
-
-    return open_ro
 
 
 _COMMON = ("session_id", "protocol", "remote_ip", "user")

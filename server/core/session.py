@@ -27,23 +27,25 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from scriptsftp.server.contract import events as ev
 from scriptsftp.server.support import metrics
 from scriptsftp.server.contract.dispatch import Dispatcher, FileOpener
 from scriptsftp.server.contract.errors import (
     AlreadyExists, Failure, FsError, InvalidPath, IsADirectory, LimitExceeded, NoSpace, NotADirectory,
-    NotFound, PermissionDenied, Vetoed, from_oserror,
+    NotFound, PermissionDenied, Vetoed, from_oserror, fs_errors,
 )
-from scriptsftp.server.core.publish import Publisher, pending_stat
-from scriptsftp.server.core.storage import Entry, Storage, allocated_bytes, copy_fd
+from scriptsftp.server.core.publish import Outcome, Publisher, StagedUpload, UploadPolicy, pending_stat
+from scriptsftp.server.core.storage import Entry, LocalStorage, Storage, allocated_bytes, copy_fd, read_opener
 from scriptsftp.server.core.vfs import Access, join, split
 
 if TYPE_CHECKING:
     from scriptsftp.server.core.staging import StagingRecords
 
 log = logging.getLogger("scriptsftp.session")
+
+AnyEvent = TypeVar("AnyEvent", bound=ev.Event)
 
 
 @dataclass(frozen=True)
@@ -59,37 +61,6 @@ class Account:
     max_sessions: int = 0
     require_tls: bool = False
     setstat_mode: str = "times"  # without the setstat permission: "refuse" | "ignore" | "times"
-
-
-@dataclass
-class UploadPolicy:
-    atomic: bool = True
-    quarantine: Path | None = None
-    fsync: bool = True
-    """Publish is durable: the staged file is flushed before the rename, its directory after."""
-    min_free_space: int = 0
-    """Bytes that must stay free on the home's filesystem and on ``state_dir``'s; below
-    that, new uploads are refused at once (0: no reserve)."""
-    state_dir: Path | None = None
-
-    def check_free_space(self, home_fs: os.statvfs_result, path: str, need: int = 0) -> None:
-        """Refuse an upload before it starts when a disk it needs is nearly full: a clear
-        "no space" now beats a failure half way (and a reserve keeps the state databases
-        writable, so the server can still clean up). ``need``: bytes the server itself is
-        about to write on the home's filesystem (the copy a resume starts from)."""
-        if need and home_fs.f_bavail * home_fs.f_frsize - need < self.min_free_space:
-            raise NoSpace(f"{path}: not enough free space on the server to copy the file; try again later")
-        if not self.min_free_space:
-            return
-        checks = [("the server's storage", home_fs)]
-        if self.state_dir is not None:
-            try:
-                checks.append(("the server's state storage", os.statvfs(self.state_dir)))
-            except OSError:
-                pass
-        for what, fs in checks:
-            if fs.f_bavail * fs.f_frsize < self.min_free_space:
-                raise NoSpace(f"{path}: {what} is nearly full; try again later")
 
 
 class HandleBudget:
@@ -190,7 +161,7 @@ class Session:
         self.protocol = protocol
         self.remote_ip = remote_ip
         self.dispatcher = dispatcher
-        self.storage = Storage(account.home)
+        self.storage: Storage = LocalStorage(account.home)
         self.staging = staging
         self.uploads = uploads or UploadPolicy()
         # shared by every session of the daemon: it knows which paths wait for an async check
@@ -210,7 +181,7 @@ class Session:
 
     # --- events -------------------------------------------------------------
 
-    def _event(self, cls: type[ev.Event], **fields: object) -> ev.Event:
+    def _event(self, cls: type[AnyEvent], **fields: Any) -> AnyEvent:
         return cls(
             session_id=self.id, protocol=self.protocol, remote_ip=self.remote_ip, user=self.user, **fields
         )
@@ -273,23 +244,11 @@ class Session:
         rights to a read-only directory, or reveal a hidden one."""
         directory = parts if on_self else parts[:-1]
         self.account.access.require(permission, directory, vpath)
-        try:
-            with self.storage.resolve(parts, follow=follow or on_self) as r:
-                real = r.parts
-        except OSError as exc:
-            raise from_oserror(exc, vpath) from None
+        with fs_errors(vpath), self.storage.resolve(parts, follow=follow or on_self) as r:
+            real = r.parts
         if real != parts:
             self.account.access.check_filters(real, vpath, metadata=permission == "list" and not on_self)
             self.account.access.require(permission, real if on_self else real[:-1], vpath)
-
-    def _opener(self, parts: tuple[str, ...]) -> FileOpener:
-        """A FileOpener for scripts: reopens the file read-only, through the same confinement."""
-
-        def open_ro() -> int:
-            with self.storage.resolve(parts) as r:
-                return self.storage.open_file(r, os.O_RDONLY)
-
-        return open_ro
 
     # --- read-only operations --------------------------------------------------
 
@@ -304,12 +263,9 @@ class Session:
         self.account.access.check_filters(parts, path, metadata=True)
         if parts:
             self._require("list", parts, path, follow=follow)
-        try:
-            with self.storage.resolve(parts, follow=follow) as r:
-                pending = self.pending.get(self.storage.home, r.parts) if parts else None
-                st = pending_stat(pending) if pending is not None else self.storage.stat(r)
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
+        with fs_errors(path), self.storage.resolve(parts, follow=follow) as r:
+            pending = self.pending.get(self.storage.home, r.parts) if parts else None
+            st = pending_stat(pending) if pending is not None else self.storage.stat(r)
         return Entry(parts[-1] if parts else "/", st)
 
     @_refusals_recorded("list")
@@ -317,12 +273,9 @@ class Session:
         parts = self._parts(vpath)
         path = join(parts)
         self._require("list", parts, path, on_self=True)
-        try:
-            with self.storage.resolve(parts) as r:
-                entries = self.storage.scandir(r)
-                real = r.parts
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
+        with fs_errors(path), self.storage.resolve(parts) as r:
+            entries = self.storage.scandir(r)
+            real = r.parts
         pending = self.pending.in_directory(self.storage.home, real)
         if pending:  # uploads waiting for an async check show with their uploaded size
             entries = [e for e in entries if e.name not in pending]
@@ -341,12 +294,9 @@ class Session:
         path = join(parts)
         self._require("list", parts, path, on_self=True)
         self._check_handle_limit()
-        try:
-            with self.storage.resolve(parts) as r:
-                fd = self.storage.open_dir_fd(r)
-                real = r.parts
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
+        with fs_errors(path), self.storage.resolve(parts) as r:
+            fd = self.storage.open_dir_fd(r)
+            real = r.parts
         try:
             entries = os.scandir(fd)
         except OSError as exc:
@@ -364,12 +314,9 @@ class Session:
         parts = self._parts(vpath)
         path = join(parts)
         self._require("list", parts, path)
-        try:
-            with self.storage.resolve(parts, follow=False) as r:
-                raw = self.storage.readlink(r)
-                target = self.storage.host_to_virtual(raw, r.parts[:-1])
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
+        with fs_errors(path), self.storage.resolve(parts, follow=False) as r:
+            raw = self.storage.readlink(r)
+            target = self.storage.host_to_virtual(raw, r.parts[:-1])
         if target is None:
             raise NotFound(f"{path}: symbolic link points outside the home")
         return join(target)
@@ -388,21 +335,15 @@ class Session:
             raise IsADirectory("/: is a directory")
         self._require("download", parts, path, follow=True)
         self._check_handle_limit()
-        try:
-            with self.storage.resolve(parts) as r:
-                self._not_pending(r.parts, path)
-                st = self.storage.stat(r)
-                if statmod.S_ISDIR(st.st_mode):
-                    raise IsADirectory(f"{path}: is a directory")
-                real = r.parts
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
-        self._pre(ev.PreDownload, self._opener(real), path=path, size=st.st_size)
-        try:
-            with self.storage.resolve(real, follow=False) as r:
-                fd = self.storage.open_file(r, os.O_RDONLY)
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
+        with fs_errors(path), self.storage.resolve(parts) as r:
+            self._not_pending(r.parts, path)
+            st = self.storage.stat(r)
+            if statmod.S_ISDIR(st.st_mode):
+                raise IsADirectory(f"{path}: is a directory")
+            real = r.parts
+        self._pre(ev.PreDownload, read_opener(self.storage, real), path=path, size=st.st_size)
+        with fs_errors(path), self.storage.resolve(real, follow=False) as r:
+            fd = self.storage.open_file(r, os.O_RDONLY)
         if not statmod.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise PermissionDenied(f"{path}: not a regular file")
@@ -430,15 +371,12 @@ class Session:
             raise IsADirectory("/: is a directory")
         self._require("upload", parts, path, follow=True)
         self._check_handle_limit()
-        try:
-            with self.storage.resolve(parts) as r:
-                try:
-                    st: os.stat_result | None = self.storage.stat(r)
-                except FileNotFoundError:
-                    st = None
-                real = r.parts
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
+        with fs_errors(path), self.storage.resolve(parts) as r:
+            try:
+                st: os.stat_result | None = self.storage.stat(r)
+            except FileNotFoundError:
+                st = None
+            real = r.parts
         if self.pending.get(self.storage.home, real) is not None:
             raise PermissionDenied(f"{path}: the previous upload of this file is still being checked; "
                                    "try again shortly")
@@ -461,11 +399,8 @@ class Session:
             return self._open_staged(path, real, exists and not truncate, append, flags, mode, exists)
         flags |= os.O_CREAT | (os.O_TRUNC if truncate else 0) | (os.O_APPEND if append else 0)
         flags |= os.O_EXCL if exclusive else 0
-        try:
-            with self.storage.resolve(real, follow=False) as r:
-                fd = self.storage.open_file(r, flags, mode)
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
+        with fs_errors(path), self.storage.resolve(real, follow=False) as r:
+            fd = self.storage.open_file(r, flags, mode)
         handle = WriteHandle(self, path, real, fd, staging_name=None, record_id=None, existed=exists)
         self._track(handle)
         return handle
@@ -528,11 +463,8 @@ class Session:
             raise AlreadyExists("/: already exists")
         self._require("mkdir", parts, path)
         self._pre(ev.PreMkdir, path=path)
-        try:
-            with self.storage.resolve(parts, follow=False) as r:
-                self.storage.mkdir(r, mode & 0o777)
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
+        with fs_errors(path), self.storage.resolve(parts, follow=False) as r:
+            self.storage.mkdir(r, mode & 0o777)
         self._log("mkdir", path, "ok")
         self._post(ev.PostMkdir, path=path)
 
@@ -543,18 +475,12 @@ class Session:
         if not parts:
             raise PermissionDenied("/: cannot remove the home directory")
         self._require("rmdir", parts, path)
-        try:
-            with self.storage.resolve(parts, follow=False) as r:
-                if not statmod.S_ISDIR(self.storage.stat(r).st_mode):
-                    raise NotADirectory(f"{path}: not a directory")
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
+        with fs_errors(path), self.storage.resolve(parts, follow=False) as r:
+            if not statmod.S_ISDIR(self.storage.stat(r).st_mode):
+                raise NotADirectory(f"{path}: not a directory")
         self._pre(ev.PreRmdir, path=path)
-        try:
-            with self.storage.resolve(parts, follow=False) as r:
-                self.storage.rmdir(r)
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
+        with fs_errors(path), self.storage.resolve(parts, follow=False) as r:
+            self.storage.rmdir(r)
         self._log("rmdir", path, "ok")
         self._post(ev.PostRmdir, path=path)
 
@@ -565,20 +491,14 @@ class Session:
         if not parts:
             raise IsADirectory("/: is a directory")
         self._require("delete", parts, path)
-        try:
-            with self.storage.resolve(parts, follow=False) as r:
-                self._not_pending(r.parts, path)
-                st = self.storage.stat(r)
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
+        with fs_errors(path), self.storage.resolve(parts, follow=False) as r:
+            self._not_pending(r.parts, path)
+            st = self.storage.stat(r)
         if statmod.S_ISDIR(st.st_mode):
             raise IsADirectory(f"{path}: is a directory")
         self._pre(ev.PreDelete, path=path, size=st.st_size)
-        try:
-            with self.storage.resolve(parts, follow=False) as r:
-                self.storage.unlink(r)
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
+        with fs_errors(path), self.storage.resolve(parts, follow=False) as r:
+            self.storage.unlink(r)
         self._log("delete", path, "ok", size=st.st_size)
         self._post(ev.PostDelete, path=path, size=st.st_size)
 
@@ -594,7 +514,7 @@ class Session:
             raise InvalidPath(f"{dst}: cannot move a directory into itself")
         self._require("rename", src_parts, src)
         self._require("rename", dst_parts, dst)
-        try:
+        with fs_errors(src):
             with self.storage.resolve(src_parts, follow=False) as r:
                 self._not_pending(r.parts, src)
                 src_st = self.storage.stat(r)
@@ -605,8 +525,6 @@ class Session:
                     dst_st: os.stat_result | None = self.storage.stat(r)
                 except FileNotFoundError:
                     dst_st = None
-        except OSError as exc:
-            raise from_oserror(exc, src) from None
         if dst_st is not None and src_parts != dst_parts:
             if not overwrite:
                 raise AlreadyExists(f"{dst}: already exists")
@@ -614,12 +532,10 @@ class Session:
                 raise IsADirectory(f"{dst}: is a directory")
             self._require("overwrite", dst_parts, dst)
         self._pre(ev.PreRename, path=src, target=dst, size=src_st.st_size, overwrite=dst_st is not None)
-        try:
+        with fs_errors(src):
             with self.storage.resolve(src_parts, follow=False) as a, \
                     self.storage.resolve(dst_parts, follow=False) as b:
                 self.storage.rename(a, b)
-        except OSError as exc:
-            raise from_oserror(exc, src) from None
         self._log("rename", src, "ok", target=dst)
         self._post(ev.PostRename, path=src, target=dst, size=src_st.st_size)
 
@@ -631,18 +547,15 @@ class Session:
         parts = self._parts(vpath)
         path = join(parts)
         mode, times = self._setstat_granted(parts, path, mode, times, on_self=not parts, follow=True)
-        try:
-            with self.storage.resolve(parts) as r:
-                if size is not None:
-                    # Truncating a published file would make a half file visible: refuse it.
-                    # (Truncating an open upload goes through its handle instead.)
-                    raise PermissionDenied(f"{path}: changing the size of a stored file is not allowed")
-                if mode is not None:
-                    self.storage.chmod(r, mode)
-                if times is not None:
-                    self.storage.utime(r, *times)
-        except OSError as exc:
-            raise from_oserror(exc, path) from None
+        with fs_errors(path), self.storage.resolve(parts) as r:
+            if size is not None:
+                # Truncating a published file would make a half file visible: refuse it.
+                # (Truncating an open upload goes through its handle instead.)
+                raise PermissionDenied(f"{path}: changing the size of a stored file is not allowed")
+            if mode is not None:
+                self.storage.chmod(r, mode)
+            if times is not None:
+                self.storage.utime(r, *times)
         self._log("setstat", path, "ok")
 
     def fsetstat(
@@ -652,15 +565,13 @@ class Session:
         """Attributes of a file being uploaded (e.g. ``put -p``); they travel with it at publish."""
         if mode is not None or times is not None:
             mode, times = self._setstat_granted(handle.real, handle.path, mode, times)
-        try:
+        with fs_errors(handle.path):
             if size is not None:
                 os.ftruncate(handle.fd, size)
             if mode is not None:
                 os.fchmod(handle.fd, mode & 0o777)
             if times is not None:
                 os.utime(handle.fd, times)
-        except OSError as exc:
-            raise from_oserror(exc, handle.path) from None
 
     def _setstat_granted(
         self, parts: tuple[str, ...], path: str, mode: int | None, times: tuple[float, float] | None, *,
@@ -703,11 +614,8 @@ class Session:
         target_parts = split(target_vpath, join(link_parts[:-1]))
         self.account.access.check_filters(target_parts, join(target_parts))
         host_target = os.path.join(str(self.storage.home), *target_parts)
-        try:
-            with self.storage.resolve(link_parts, follow=False) as r:
-                self.storage.symlink(host_target, r)
-        except OSError as exc:
-            raise from_oserror(exc, link) from None
+        with fs_errors(link), self.storage.resolve(link_parts, follow=False) as r:
+            self.storage.symlink(host_target, r)
         self._log("symlink", link, "ok", target=join(target_parts))
 
     # --- handles and lifetime ------------------------------------------------------
@@ -1033,21 +941,34 @@ class WriteHandle(FileHandle):
             size = self.size()
             os.close(self.fd)
             s.bytes_in += self.written
-            if self.staging_name is not None:
-                try:
-                    published = s.publisher.publish(s, self, size)
-                except FsError as exc:
-                    s._log("upload", self.path, "rejected", bytes=self.written, reason=exc.message)
-                    raise
-                if not published:  # async check: the publisher raises post-upload after the verdict
-                    s._log("upload", self.path, "accepted", bytes=self.written, size=size)
-                    return
+            if self.staging_name is not None and self._publish(size) is Outcome.PENDING:
+                return  # async check: the publisher raises post-upload after the verdict
             secs = time.monotonic() - self.started
             s._log("upload", self.path, "ok", bytes=self.written, size=size, secs=round(secs, 3),
                    rate=_rate(self.written, secs))
-            s._post(ev.PostUpload, s._opener(self.real), path=self.path, size=size, duration=secs)
+            s._post(ev.PostUpload, read_opener(s.storage, self.real), path=self.path, size=size, duration=secs)
         finally:
             self._release()
+
+    def _publish(self, size: int) -> Outcome:
+        """Hand the complete staged file to the publisher; the outcome's log lines are the
+        session's (the publisher logs only what it decides after the client was answered)."""
+        s = self.session
+        assert self.staging_name is not None
+        upload = StagedUpload(s.storage, s.user, self.path, self.real, self.staging_name, self.record_id,
+                              self.existed, size)
+        event = s._event(ev.PrePublish, path=self.path, size=size, exists=self.existed)
+        try:
+            outcome = s.publisher.publish(upload, event)
+        except FsError as exc:
+            if isinstance(exc, Vetoed):
+                s._log("publish", self.path, "vetoed", reason=exc.message)
+            s._log("upload", self.path, "rejected", bytes=self.written, reason=exc.message)
+            raise
+        if outcome is Outcome.PENDING:
+            s._log("publish", self.path, "checking", size=size)
+            s._log("upload", self.path, "accepted", bytes=self.written, size=size)
+        return outcome
 
     def _refuse_if_poisoned(self) -> None:
         """Close of an upload whose write failed: discard it and answer the failure."""
@@ -1071,3 +992,9 @@ class WriteHandle(FileHandle):
             s._post(ev.UploadFailed, path=self.path, size=self.written, reason=reason)
         finally:
             self._release()
+
+
+#: UploadPolicy is defined by publish.py (publishing is what it governs) and exported here
+#: too: every Session is built with one.
+__all__ = ["Account", "DirHandle", "FileHandle", "HandleBudget", "MAX_OFFSET", "ReadHandle", "RefusalSink",
+           "Session", "UploadPolicy", "WriteHandle"]

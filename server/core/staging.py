@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scriptsftp.server.contract.errors import Failure, NoSpace
+from scriptsftp.server.contract.errors import Failure, NoSpace, NotFound
+from scriptsftp.server.core.storage import LocalStorage, StorageOpener
+from scriptsftp.server.core.vfs import split
 
 UPLOADING = "upload"
 CHECKING = "check"
@@ -110,23 +112,21 @@ class StagingRecords:
             self._db.close()
 
 
-def discard_leftovers(records: StagingRecords, *, keep_checking: bool = False) -> int:
+def discard_leftovers(records: StagingRecords, *, keep_checking: bool = False,
+                      open_storage: StorageOpener = LocalStorage) -> int:
     """Delete the staged files a crash left behind; return how many were removed.
 
     With ``keep_checking``, uploads that had fully arrived and were being checked
     are kept for :func:`scriptsftp.server.core.publish.recheck_leftovers`. The staging
     name is looked up relative to the recorded home; a home or directory that
-    vanished since simply has nothing to clean."""
-    from scriptsftp.server.contract.errors import NotFound
-    from scriptsftp.server.core.storage import Storage  # the same confined walk as client operations
-    from scriptsftp.server.core.vfs import split
-
+    vanished since simply has nothing to clean. The files go through the same confined
+    walk as client operations (``open_storage`` on the recorded home)."""
     removed = 0
     for rec in records.leftovers():
         if keep_checking and rec.state == CHECKING and rec.event is not None:
             continue
         try:
-            storage = Storage(Path(rec.home))
+            storage = open_storage(Path(rec.home))
         except OSError:
             continue  # home unavailable: keep the record, try again next start
         try:

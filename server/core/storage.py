@@ -1,6 +1,13 @@
-"""Bytes on local disk, confined to one home directory.
+"""What a home is made of: the :class:`Storage` interface, and :class:`LocalStorage`, a
+directory on local disk, its first implementation.
 
-Confinement does not rely on checking a resolved path and then using it (a
+The Session and the Publisher know only :class:`Storage`. Every operation works on a
+:class:`Resolved` (an open parent directory plus a final name) that :meth:`Storage.resolve`
+produced, never on a path string: what was checked is what is used. Another backend
+(an object store) implements the same operations; it resolves to its own notion of a
+parent (a prefix) and keeps the guarantee that nothing outside the home is reachable.
+
+Confinement on local disk does not rely on checking a resolved path and then using it (a
 symlink swapped in between would escape). Every operation walks from an fd on
 the home directory, one component at a time, with ``O_NOFOLLOW``; a symlink met
 on the way is read and, if its target stays inside the home, followed by
@@ -19,7 +26,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Protocol
+
+from scriptsftp.server.contract.dispatch import FileOpener
 
 from scriptsftp.server.contract.errors import Failure, InvalidPath, NotFound, from_oserror
 from scriptsftp.server.contract.ports import Entry as Entry  # the ports' value type, re-exported
@@ -49,6 +58,104 @@ class Resolved:
         os.close(self.dir_fd)
 
 
+class Storage(Protocol):
+    """One user's home, as the core uses it. Thread-safe; every call may raise ``OSError``
+    (the Session maps it to the protocol-neutral errors) or an ``FsError`` of its own.
+
+    Operations take a :class:`Resolved` from :meth:`resolve` and act relative to its open
+    parent (the ``*at`` system calls, ``O_NOFOLLOW`` on the final name), so a symlink
+    swapped in after a check is never followed out of the home (issue 15)."""
+
+    home: Path
+    """The home's real location: the key of the pending index, the root of stored link targets."""
+
+    def close(self) -> None:
+        """Release the home; later operations raise :class:`Failure` ("session closed")."""
+        ...
+
+    def reopen(self) -> "Storage":
+        """Another storage on the same home, for work that outlives this one's session
+        (an async pre-publish check); the caller closes it."""
+        ...
+
+    def resolve(self, parts: tuple[str, ...], follow: bool = True) -> Resolved:
+        """Open the parent of ``parts`` (symlinks inside the home followed, the final one
+        only when ``follow``); a context manager that closes it again."""
+        ...
+
+    def host_to_virtual(self, target: str, base: tuple[str, ...]) -> tuple[str, ...] | None:
+        """A link target as stored → virtual components below ``base``, None if it leaves the home."""
+        ...
+
+    def stat(self, r: Resolved) -> os.stat_result:
+        """The entry itself (a link is not followed)."""
+        ...
+
+    def exists(self, r: Resolved) -> bool:
+        ...
+
+    def open_dir_fd(self, r: Resolved) -> int:
+        """A descriptor on the directory ``r`` names, for a listing read in batches."""
+        ...
+
+    def scandir(self, r: Resolved) -> list[Entry]:
+        """The whole listing, staging names left out."""
+        ...
+
+    def read_entries(self, fd: int, entries: Iterator[os.DirEntry], count: int) -> list[Entry]:
+        """Up to ``count`` more entries of a listing opened with :meth:`open_dir_fd`."""
+        ...
+
+    def open_file(self, r: Resolved, flags: int, mode: int = 0o644) -> int:
+        """A descriptor on the file ``r`` names, never through a final symlink."""
+        ...
+
+    def new_staging_name(self) -> str:
+        """A fresh hidden name for a staged upload beside its target."""
+        ...
+
+    def mkdir(self, r: Resolved, mode: int = 0o755) -> None:
+        ...
+
+    def rmdir(self, r: Resolved) -> None:
+        ...
+
+    def unlink(self, r: Resolved) -> None:
+        ...
+
+    def rename(self, src: Resolved, dst: Resolved) -> None:
+        """Atomic replace of ``dst`` (publishing an upload relies on it)."""
+        ...
+
+    def chmod(self, r: Resolved, mode: int) -> None:
+        """The entry's own mode, never a link's target; a link is refused."""
+        ...
+
+    def utime(self, r: Resolved, atime: float, mtime: float) -> None:
+        ...
+
+    def truncate(self, r: Resolved, size: int) -> None:
+        ...
+
+    def symlink(self, host_target: str, r: Resolved) -> None:
+        ...
+
+    def readlink(self, r: Resolved) -> str:
+        ...
+
+    def fsync_dir(self, r: Resolved) -> None:
+        """Make a rename in ``r``'s directory durable."""
+        ...
+
+    def statvfs(self) -> os.statvfs_result:
+        """Space on the home's filesystem (the upload reserve is checked against it)."""
+        ...
+
+
+#: how a storage is opened on a home (the Publisher reopens homes from staging records)
+StorageOpener = Callable[[Path], Storage]
+
+
 _HOME_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -66,8 +173,8 @@ def _opened_path(fd: int, home: Path) -> Path:
     return home.resolve()
 
 
-class Storage:
-    """One user's home directory. Thread-safe: it holds only an fd on the home."""
+class LocalStorage:
+    """A home that is a directory on local disk. Thread-safe: it holds only an fd on the home."""
 
     def __init__(self, home: Path) -> None:
         # Every SFTP/SCP/FTP/HTTP session makes one, on the login path. An existing home
@@ -88,6 +195,9 @@ class Storage:
             if self._home_fd >= 0:
                 os.close(self._home_fd)
                 self._home_fd = -1
+
+    def reopen(self) -> "LocalStorage":
+        return LocalStorage(self.home)
 
     def _dup_home(self) -> int:
         with self._fd_lock:
@@ -294,6 +404,17 @@ class Storage:
             os.close(fd)
 
 
+def read_opener(storage: Storage, parts: tuple[str, ...]) -> FileOpener:
+    """Reopens a file read-only through the confined walk, for scripts' ``api.file``: the
+    pre-event's file, a staged upload, a published one. ``parts`` are real (symlink-free)."""
+
+    def open_ro() -> int:
+        with storage.resolve(parts, follow=False) as r:
+            return storage.open_file(r, os.O_RDONLY)
+
+    return open_ro
+
+
 COPY_STEP = 64 << 20  # bytes per copy_file_range call: a deadline is checked between two
 
 
@@ -358,4 +479,5 @@ def allocated_bytes(fd: int) -> int:
     return os.fstat(fd).st_blocks * 512
 
 
-__all__ = ["Entry", "Resolved", "Storage", "allocated_bytes", "copy_fd"]
+__all__ = ["Entry", "LocalStorage", "Resolved", "Storage", "StorageOpener", "allocated_bytes", "copy_fd",
+           "read_opener"]

@@ -15,7 +15,7 @@ import pytest
 
 from scriptsftp.server.contract.dispatch import ALLOW
 from scriptsftp.server.contract.errors import Failure, FsError, NoSpace
-from scriptsftp.server.core.storage import Storage
+from scriptsftp.server.core.storage import LocalStorage as Storage
 
 from .conftest import OLD, Core, fail_with
 
