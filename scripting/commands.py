@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from scriptsftp.server.support.config import COMMAND_PLACEHOLDER
+from scriptsftp.server.contract.script_settings import COMMAND_PLACEHOLDER
 
 from .capabilities import CapabilityCall, CapabilityError
 
@@ -46,7 +46,7 @@ DEADLINE_MARGIN = 0.25
 EXIT_GRACE = 0.5
 
 _PLACEHOLDER = COMMAND_PLACEHOLDER
-# The template rules are checked at config load (server/support/config.py command_template_problems).
+# The template rules are checked at config load (server/contract/script_settings.py command_template_problems).
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from scriptsftp.server.support.config import Binding, LoadedConfig
+from scriptsftp.server.contract.script_settings import Binding, ScriptConfig
 
 from .workers import ScriptSource
 
@@ -103,7 +103,7 @@ class Registry:
         self.by_event = by_event
 
     @classmethod
-    def from_config(cls, cfg: LoadedConfig, scripts: dict[str, LoadedScript]) -> "Registry":
+    def from_config(cls, cfg: ScriptConfig, scripts: dict[str, LoadedScript]) -> "Registry":
         bindings = [ActiveBinding(i, b) for i, b in enumerate(cfg.model.bindings)]
         groups = {u.name: frozenset(u.groups) for u in cfg.model.users}
         return cls(bindings, scripts, groups)
