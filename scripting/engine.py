@@ -9,6 +9,12 @@ that never delays the client; what does not fit the queue is logged.
 Scripts are compiled only in workers. A changed script replaces the running
 version only once it compiled and defines the bound functions; an event already
 being dispatched finishes on the registry it started with.
+
+The engine imports nothing from ``server/`` but the contract. The daemon builds it with
+what it needs from the running server: the OS account its workers run as (``user``,
+``group``), where decisions and runs are recorded (``audit``, a ``ScriptAudit``) and how
+``api.fs`` opens sessions (``files``, a ``ScriptFiles``); it then drives it as a
+``ScriptEngineLifecycle`` (start, prepare a reload, close).
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scriptsftp.server.ops import audit
 from scriptsftp.server.contract import events as ev
-from scriptsftp.server.support.config import ConfigError, LoadedConfig
 from scriptsftp.server.contract.dispatch import ALLOW, Decision, FileOpener
+from scriptsftp.server.contract.script_settings import ConfigError, ScriptConfig
+from scriptsftp.server.contract.scripting import EventTrace, NullScriptAudit, ScriptAudit, ScriptFiles
 
 from .registry import ActiveBinding, LoadedScript, Registry, read_script, referenced_scripts
 from .services import EngineServices
@@ -39,18 +45,22 @@ ERROR_DENIAL = "server-side check failed"
 
 
 class ScriptEngine:
-    def __init__(self, cfg: LoadedConfig, state_dir: Path, *, pool: WorkerPool | None = None) -> None:
+    """The :class:`~scriptsftp.server.contract.scripting.ScriptEngineLifecycle` of a config
+    with bindings.
+
+    ``user``/``group``: the OS account the workers drop to (the daemon resolves ``[scripts]
+    user``; None: this process's own). ``audit``: where decisions and handler runs are
+    recorded. ``files``: sessions for ``api.fs`` (None: api.fs says it is not available)."""
+
+    def __init__(self, cfg: ScriptConfig, state_dir: Path, *, user: int | None = None, group: int | None = None,
+                 audit: ScriptAudit | None = None, files: ScriptFiles | None = None,
+                 pool: WorkerPool | None = None) -> None:
         sc = cfg.model.scripts
         self.cfg = cfg
         self.scripts_dir = cfg.resolve(sc.dir)
         if pool is None:
-            from scriptsftp.server.support.worker_accounts import SANDBOX_ACCOUNT, worker_account
-            account = worker_account(sc.user, SANDBOX_ACCOUNT, "[scripts] user",
-                                     allow_root=cfg.model.server.allow_root_workers)
             pool = WorkerPool(sc.workers, memory_mb=sc.memory_mb, state_dir=state_dir,
-                              login_reserve=sc.login_reserve,
-                              user=account.uid if account else None,
-                              group=account.gid if account else None)
+                              login_reserve=sc.login_reserve, user=user, group=group)
         self.pool = pool
         self._registry = Registry.from_config(cfg, {})
         self._swap = threading.Lock()
@@ -62,10 +72,12 @@ class ScriptEngine:
         # content (sha256, or the read error) of each script file that failed to load, so a
         # broken file is reported once per distinct content, not at every look at it
         self._failed: dict[str, str] = {}
-        self.services = EngineServices(self, state_dir)  # api.fs/notify/run handlers, outbox, scheduler
+        # api.fs/notify/run handlers, outbox, scheduler
+        self.services = EngineServices(pool.capabilities, state_dir, config=lambda: self.cfg,
+                                       registry=lambda: self._registry, enqueue=self._enqueue, files=files)
         self.last_error_details: dict[str, dict[str, Any]] = {}  # runtime errors: time, line, kind, event
-        self.audit: audit.AuditTrail | None = None  # set by the daemon: every decision goes to the trail
-        self.dropped = 0
+        self.audit: ScriptAudit = audit if audit is not None else NullScriptAudit()  # every decision, every run
+        self.dropped = 0  # async calls the full queue refused
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -103,10 +115,6 @@ class ScriptEngine:
             t.join(timeout=5)
         self.pool.close()
 
-    def attach_server(self, core: Any) -> None:
-        """The daemon's LoginCore, for the Sessions api.fs opens (see services.py)."""
-        self.services.attach_server(core)
-
     @property
     def outbox(self) -> Any:
         """The notification outbox (``outbox.stats()`` -> pending/failed/delivered), or None."""
@@ -117,7 +125,7 @@ class ScriptEngine:
 
     # --- loading ---------------------------------------------------------------
 
-    def _load(self, cfg: LoadedConfig, known: dict[str, LoadedScript]) -> tuple[dict[str, LoadedScript], list[str]]:
+    def _load(self, cfg: ScriptConfig, known: dict[str, LoadedScript]) -> tuple[dict[str, LoadedScript], list[str]]:
         """Compile every script the bindings name (reusing unchanged ones); check bound functions exist."""
         scripts_dir = cfg.resolve(cfg.model.scripts.dir)
         scripts: dict[str, LoadedScript] = {}
@@ -231,7 +239,7 @@ class ScriptEngine:
 
     # --- config reload (SIGHUP) ------------------------------------------------------
 
-    def prepare(self, cfg: LoadedConfig) -> "PendingReload":
+    def prepare(self, cfg: ScriptConfig) -> "PendingReload":
         """Load every script the new bindings name; raise ConfigError listing every problem.
 
         On success the engine is locked (no script swap) until the returned reload is
@@ -247,7 +255,7 @@ class ScriptEngine:
             raise
         return PendingReload(self, cfg, Registry.from_config(cfg, scripts))
 
-    def _commit(self, cfg: LoadedConfig, registry: Registry) -> None:
+    def _commit(self, cfg: ScriptConfig, registry: Registry) -> None:
         old = self._registry.scripts
         for name, script in registry.scripts.items():
             if old.get(name) is not script:
@@ -260,7 +268,7 @@ class ScriptEngine:
         if self.watcher is not None:
             self.watcher.resync()  # newly bound names are watched from their current content
 
-    def reload(self, cfg: LoadedConfig) -> bool:
+    def reload(self, cfg: ScriptConfig) -> bool:
         """New bindings from a reloaded config, swapped only if every bound script is usable."""
         try:
             pending = self.prepare(cfg)
@@ -288,7 +296,7 @@ class ScriptEngine:
     def pre(self, event: ev.Event, file: FileOpener | None = None, mode: str | None = None) -> Decision:
         reg = self._registry  # one registry for the whole chain, even if a reload swaps it meanwhile
         data = event.to_dict()
-        trace = audit.Trace(self.audit, data)  # the event's id (in its log lines), audit trail, metrics
+        trace = EventTrace(self.audit, data)  # the event's id (in its log lines), audit trail, metrics
         for binding in reg.matching(data):
             if mode is not None and binding.spec.mode != mode:
                 continue  # pre-publish: sync bindings before the reply, async ones after it
@@ -305,7 +313,7 @@ class ScriptEngine:
     def post(self, event: ev.Event, file: FileOpener | None = None) -> None:
         reg = self._registry
         data = event.to_dict()
-        trace = audit.Trace(self.audit, data)
+        trace = EventTrace(self.audit, data)
         for binding in reg.matching(data):
             script = reg.scripts.get(binding.script)
             if script is None:
@@ -321,16 +329,22 @@ class ScriptEngine:
                     fd = file()
                 except Exception as exc:
                     log.warning("%s: cannot open %s for an async handler: %s", binding.script, data.get("path"), exc)
-            try:
-                self._queue.put_nowait((binding, script, data, fd))
-            except queue.Full:
+            if not self._enqueue(binding, script, data, fd):
                 if fd is not None:
                     os.close(fd)
-                self.dropped += 1
                 log.error("async queue full (%d): %s for %s not run on %s", self._queue.maxsize,
                           binding.script, data["name"], data.get("path", ""),
                           extra=_ctx(data))
         trace.decided(None)
+
+    def _enqueue(self, binding: ActiveBinding, script: LoadedScript, data: dict[str, Any], fd: int | None) -> bool:
+        """Queue one async handler call; False (and counted in ``dropped``) when the queue is full."""
+        try:
+            self._queue.put_nowait((binding, script, data, fd))
+        except queue.Full:
+            self.dropped += 1
+            return False
+        return True
 
     def _async_loop(self) -> None:
         while True:
@@ -362,7 +376,7 @@ class ScriptEngine:
             context=self.services.context(data, file, spec.timeout or sc.timeout),
         )
         result = self.pool.call(req)
-        audit.script_ran(self.audit, data, script.source.name, spec.handler, spec.mode, result)
+        self.audit.script_ran(str(data.get("_event_id") or ""), script.source.name, spec.handler, spec.mode, result)
         ctx = _ctx(data)
         for line in result.logs:
             fields = " ".join(f"{k}={v}" for k, v in (line.fields or {}).items())
@@ -394,7 +408,7 @@ class PendingReload:
     """A prepared config reload of the engine: :meth:`commit` swaps it in, :meth:`abandon`
     drops it; either releases the engine's swap lock (exactly once)."""
 
-    def __init__(self, engine: ScriptEngine, cfg: LoadedConfig, registry: Registry) -> None:
+    def __init__(self, engine: ScriptEngine, cfg: ScriptConfig, registry: Registry) -> None:
         self._engine, self._cfg, self._registry = engine, cfg, registry
         self._open = True
 
@@ -417,18 +431,13 @@ def _ctx(data: dict[str, Any]) -> dict[str, Any]:
             "ip": data.get("remote_ip", ""), "event_id": data.get("_event_id", "")}
 
 
-def check_scripts(cfg: LoadedConfig) -> list[str]:
-    """For `scriptsftp check`: compile every bound script in a throwaway worker; list every problem."""
-    from scriptsftp.server.support.worker_accounts import SANDBOX_ACCOUNT, AccountError, worker_account
+def check_scripts(cfg: ScriptConfig, *, user: int | None = None, group: int | None = None) -> list[str]:
+    """For `scriptsftp check`: compile every bound script in a throwaway worker; list every problem.
+
+    ``user``/``group``: the account ``run`` would use (untrusted source is compiled as it)."""
     sc = cfg.model.scripts
-    try:   # untrusted source is compiled as the account `run` would use
-        account = worker_account(sc.user, SANDBOX_ACCOUNT, "[scripts] user",
-                                 allow_root=cfg.model.server.allow_root_workers)
-    except AccountError as e:
-        return [str(e)]
     with tempfile.TemporaryDirectory(prefix="scriptsftp-check-") as tmp:
-        pool = WorkerPool(1, memory_mb=sc.memory_mb, state_dir=Path(tmp),
-                          user=account.uid if account else None, group=account.gid if account else None)
+        pool = WorkerPool(1, memory_mb=sc.memory_mb, state_dir=Path(tmp), user=user, group=group)
         pool.start()
         try:
             engine = ScriptEngine(cfg, Path(tmp), pool=pool)

@@ -1,13 +1,14 @@
 """``api.fs``: a script works on the event user's files through a Session.
 
-The handler opens a :class:`~scriptsftp.server.core.session.Session` for the event's
-user, exactly as a login would, so every path goes through the same
-confinement (no ``..`` above the home, no symlink out, no staging names), the
-same permissions and filters: a script cannot do what the user could not.
+The handler asks the daemon's :class:`~scriptsftp.server.contract.scripting.ScriptFiles`
+(``server/core/script_files.py``) for a session on the event's user, opened exactly as
+a login would, so every path goes through the same confinement (no ``..`` above the
+home, no symlink out, no staging names), the same permissions and filters: a script
+cannot do what the user could not. It never builds a Session itself.
 
-The Session is given a dispatcher that raises nothing: what a script does
-never raises events (no pre-event recursion, no script triggering itself), but
-every change is logged by the Session as usual, with ``script=NAME`` added.
+Those sessions raise no events: what a script does never raises events (no pre-event
+recursion, no script triggering itself), but every change is logged by the Session as
+usual, with ``script=NAME`` added.
 
 ``fs_admin``: a binding granted ``fs_admin`` may also address the directory
 configured as ``[scripts] fs_admin_root`` (an archive or quarantine area) with
@@ -23,17 +24,13 @@ other path still goes through the user's permissions.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import stat as statmod
 from pathlib import Path
 from typing import Any, Callable
 
 from scriptsftp.server.contract import errors as fserr
-from scriptsftp.server.contract.dispatch import NullDispatcher
-from scriptsftp.server.core.publish import PendingIndex, Publisher
-from scriptsftp.server.core.session import Account, Session, UploadPolicy
-from scriptsftp.server.core.vfs import Access, join, split
+from scriptsftp.server.contract.scripting import ScriptFiles, ScriptFileSession
 
 from .capabilities import CapabilityCall, CapabilityError
 
@@ -53,53 +50,41 @@ _ETYPES: list[tuple[type[fserr.FsError], str]] = [
 ]
 
 
-class ScriptSession(Session):
-    """A Session acting for a script: same checks, log lines tagged with the script."""
-
-    script_name = ""
-
-    def _log(self, op: str, path: str, result: str, **extra: object) -> None:
-        super()._log(op, path, result, script=self.script_name, **extra)
+#: A session for a path's area: ``session(admin, own=False)``.
+SessionFor = Callable[..., ScriptFileSession]
 
 
-class ServerLink:
-    """What the fs capability needs from the running server (set by the daemon).
-
-    ``account(name)`` returns the user's current Account, or None when the
-    user does not exist or is disabled."""
-
-    def __init__(self, account: Callable[[str], Account | None], staging: Any = None,
-                 uploads: UploadPolicy | None = None, pending: PendingIndex | None = None) -> None:
-        self.account = account
-        self.staging = staging
-        self.uploads = uploads or UploadPolicy()
-        # uploads waiting for an async check: as invisible to scripts as to clients
-        self.pending = pending
+def _parents(vpath: str) -> list[str]:
+    """``/a/b/c`` (normalised) -> ``/a``, ``/a/b``, ``/a/b/c``."""
+    parts = [p for p in vpath.split("/") if p]
+    return ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 class FsCapability:
     """Parent-side handler of ``api.fs``."""
 
-    def __init__(self, link: Callable[[], ServerLink | None], admin_root: Callable[[], Path | None]) -> None:
-        self.link = link
+    def __init__(self, files: Callable[[], ScriptFiles | None], admin_root: Callable[[], Path | None]) -> None:
+        self.files = files  # None until the daemon hands its ScriptFiles (none in `scriptsftp script test`)
         self.admin_root = admin_root
 
     # --- sessions ---------------------------------------------------------------
 
     @staticmethod
-    def own_path(call: CapabilityCall) -> str | None:
+    def own_path(call: CapabilityCall, files: ScriptFiles | None) -> str | None:
         """The event's own file as a normalised virtual path, when ``own_file`` is granted."""
         path = (call.event or {}).get("path")
-        if "own_file" not in call.granted or not isinstance(path, str) or not path:
+        if "own_file" not in call.granted or not isinstance(path, str) or not path or files is None:
             return None
-        return join(split(path))
+        return files.normalize(path)
 
-    def _session(self, call: CapabilityCall, admin: bool, own: bool = False) -> Session:
-        link = self.link()
-        if link is None:
+    def _session(self, call: CapabilityCall, admin: bool, own: bool = False) -> ScriptFileSession:
+        files = self.files()
+        if files is None:
             raise CapabilityError("api.fs is not available here (no server: e.g. `scriptsftp script test`)",
                                   "NotImplementedError")
         event = call.event or {}
+        session_id = str(event.get("session_id") or "script")
+        protocol, remote_ip = str(event.get("protocol") or "script"), str(event.get("remote_ip") or "")
         if admin:
             if "fs_admin" not in call.granted:
                 raise CapabilityError("capability 'fs_admin' is not granted to this binding "
@@ -109,25 +94,18 @@ class FsCapability:
                 raise CapabilityError("admin: paths need [scripts] fs_admin_root in the config",
                                       "PermissionError")
             root.mkdir(parents=True, exist_ok=True)
-            account = Account(name="fs_admin", home=root, access=Access.build({"/": ["*"]}, [], []))
-        else:
-            user = event.get("user") or ""
-            if not user:
-                raise CapabilityError(f"api.fs needs an event with a user; this {event.get('name', '')!r} "
-                                      "event has none (schedule bindings: set users = [...])",
-                                      "PermissionError")
-            account = link.account(user)
-            if account is None:
-                raise CapabilityError(f"user {user!r} does not exist or is disabled", "PermissionError")
-            if own:  # the event's own file: every permission in the home, the user's filters kept
-                account = dataclasses.replace(account, access=account.access.with_all_permissions())
-        s = ScriptSession(
-            session_id=str(event.get("session_id") or "script"), account=account,
-            protocol=str(event.get("protocol") or "script"), remote_ip=str(event.get("remote_ip") or ""),
-            dispatcher=NullDispatcher(), staging=link.staging, uploads=link.uploads, max_handles=8,
-            publisher=Publisher(NullDispatcher(), link.staging, link.uploads, pending=link.pending),
-        )
-        s.script_name = call.script
+            return files.root_session(root, session_id=session_id, protocol=protocol, remote_ip=remote_ip,
+                                      script=call.script)
+        user = event.get("user") or ""
+        if not user:
+            raise CapabilityError(f"api.fs needs an event with a user; this {event.get('name', '')!r} "
+                                  "event has none (schedule bindings: set users = [...])",
+                                  "PermissionError")
+        # own: the event's own file: every permission in the home, the user's filters kept
+        s = files.user_session(user, every_permission=own, session_id=session_id, protocol=protocol,
+                               remote_ip=remote_ip, script=call.script)
+        if s is None:
+            raise CapabilityError(f"user {user!r} does not exist or is disabled", "PermissionError")
         return s
 
     def _path(self, value: Any, what: str = "path") -> tuple[bool, str]:
@@ -146,10 +124,10 @@ class FsCapability:
         method = getattr(self, "op_" + op, None) if op.isidentifier() else None
         if method is None:
             raise CapabilityError(f"api.fs has no operation {op!r}", "TypeError")
-        opened: list[Session] = []
-        cache: dict[tuple[bool, bool], Session] = {}
+        opened: list[ScriptFileSession] = []
+        cache: dict[tuple[bool, bool], ScriptFileSession] = {}
 
-        def session(admin: bool, own: bool = False) -> Session:
+        def session(admin: bool, own: bool = False) -> ScriptFileSession:
             key = (admin, own and not admin)
             if key not in cache:
                 cache[key] = self._session(call, *key)
@@ -157,7 +135,7 @@ class FsCapability:
             return cache[key]
 
         session.deadline = getattr(call.context, "deadline", None)  # type: ignore[attr-defined]
-        session.own_path = self.own_path(call)  # type: ignore[attr-defined]
+        session.own_path = self.own_path(call, self.files())  # type: ignore[attr-defined]
         try:
             return method(session, *args)
         except TypeError as exc:
@@ -173,7 +151,7 @@ class FsCapability:
 
     # --- operations (``session(admin)`` gives the Session for a path's area) ----------
 
-    def op_exists(self, session: Callable[[bool], Session], path: Any) -> bool:
+    def op_exists(self, session: SessionFor, path: Any) -> bool:
         admin, p = self._path(path)
         try:
             session(admin).stat(p)
@@ -181,7 +159,7 @@ class FsCapability:
             return False
         return True
 
-    def op_stat(self, session: Callable[[bool], Session], path: Any) -> dict[str, Any]:
+    def op_stat(self, session: SessionFor, path: Any) -> dict[str, Any]:
         admin, p = self._path(path)
         e = session(admin).stat(p, follow=False)
         mode = e.st.st_mode
@@ -189,20 +167,18 @@ class FsCapability:
                 "is_dir": statmod.S_ISDIR(mode), "is_file": statmod.S_ISREG(mode),
                 "is_link": statmod.S_ISLNK(mode)}
 
-    def op_listdir(self, session: Callable[[bool], Session], path: Any = "/") -> list[str]:
+    def op_listdir(self, session: SessionFor, path: Any = "/") -> list[str]:
         admin, p = self._path(path)
         names = sorted(e.name for e in session(admin).listdir(p))
         if len(names) > MAX_LIST_ENTRIES:
             raise CapabilityError(f"api.fs.listdir(): more than {MAX_LIST_ENTRIES} entries", "OverflowError")
         return names
 
-    def op_mkdir(self, session: Callable[[bool], Session], path: Any) -> None:
+    def op_mkdir(self, session: SessionFor, path: Any) -> None:
         """Create the directory and missing parents; an existing directory is fine."""
         admin, p = self._path(path)
         s = session(admin)
-        parts = split(p)
-        for i in range(1, len(parts) + 1):
-            sub = join(parts[:i])
+        for sub in _parents(self._normalize(p)):
             try:
                 if not s.stat(sub).is_dir:
                     raise CapabilityError(f"{sub}: exists and is not a directory", "NotADirectoryError")
@@ -215,13 +191,16 @@ class FsCapability:
                 if not s.stat(sub).is_dir:
                     raise
 
-    @staticmethod
-    def _own(session: Callable[..., Session], admin: bool, path: str) -> bool:
+    def _normalize(self, vpath: str) -> str:
+        files = self.files()
+        return files.normalize(vpath) if files is not None else vpath
+
+    def _own(self, session: SessionFor, admin: bool, path: str) -> bool:
         """True when ``path`` (in the home) is the event's own file and own_file is granted."""
         own = getattr(session, "own_path", None)
-        return not admin and own is not None and join(split(path)) == own
+        return not admin and own is not None and self._normalize(path) == own
 
-    def op_remove(self, session: Callable[..., Session], path: Any) -> None:
+    def op_remove(self, session: SessionFor, path: Any) -> None:
         """Remove a file, or an empty directory."""
         admin, p = self._path(path)
         s = session(admin, self._own(session, admin, p))
@@ -230,7 +209,7 @@ class FsCapability:
         else:
             s.remove(p)
 
-    def op_move(self, session: Callable[[bool], Session], src: Any, dst: Any) -> None:
+    def op_move(self, session: SessionFor, src: Any, dst: Any) -> None:
         """Rename within one area; across areas (home <-> admin:) copy then remove.
         An existing target is refused (FileExistsError)."""
         a1, p1 = self._path(src, "src")
@@ -242,14 +221,14 @@ class FsCapability:
         self._copy(session(a1, own), p1, session(a2, own), p2, getattr(session, "deadline", None))
         session(a1, own).remove(p1)
 
-    def op_copy(self, session: Callable[[bool], Session], src: Any, dst: Any) -> None:
+    def op_copy(self, session: SessionFor, src: Any, dst: Any) -> None:
         """Copy a file (published atomically); an existing target is refused."""
         a1, p1 = self._path(src, "src")
         a2, p2 = self._path(dst, "dst")
         own = self._own(session, a1, p1)
         self._copy(session(a1, own), p1, session(a2, own), p2, getattr(session, "deadline", None))
 
-    def op_read_text(self, session: Callable[[bool], Session], path: Any, max_bytes: Any = 1024 * 1024) -> str:
+    def op_read_text(self, session: SessionFor, path: Any, max_bytes: Any = 1024 * 1024) -> str:
         admin, p = self._path(path)
         if type(max_bytes) is not int or not 0 < max_bytes <= MAX_TEXT_BYTES:
             raise CapabilityError(f"api.fs.read_text(path, max_bytes): max_bytes must be an int from 1 to "
@@ -260,10 +239,10 @@ class FsCapability:
         finally:
             h.close()
         if len(data) > max_bytes:
-            raise CapabilityError(f"{join(split(p))}: larger than max_bytes={max_bytes}", "ValueError")
+            raise CapabilityError(f"{self._normalize(p)}: larger than max_bytes={max_bytes}", "ValueError")
         return data.decode("utf-8", "replace")
 
-    def op_write_text(self, session: Callable[[bool], Session], path: Any, text: Any) -> int:
+    def op_write_text(self, session: SessionFor, path: Any, text: Any) -> int:
         """Write (create or replace) a UTF-8 text file, published atomically; returns its size."""
         admin, p = self._path(path)
         if type(text) is not str:
@@ -281,7 +260,8 @@ class FsCapability:
         return len(data)
 
     @staticmethod
-    def _copy(src_s: Session, src: str, dst_s: Session, dst: str, deadline: float | None) -> None:
+    def _copy(src_s: ScriptFileSession, src: str, dst_s: ScriptFileSession, dst: str,
+              deadline: float | None) -> None:
         rh = src_s.open_read(src)
         try:
             wh = dst_s.open_write(dst, exclusive=True)

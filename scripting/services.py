@@ -7,26 +7,34 @@ notification outbox and starts its delivery thread and the scheduler when the
 engine starts, and stops them when it closes. Every handler reads the
 engine's *current* config on each call, so a reload (SIGHUP) applies to the
 next call.
+
+It gets what it needs from the engine as arguments (the current config, the
+current registry, the async queue as one ``enqueue`` call), never the engine
+itself: the engine builds the services, the services know nothing of it.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from scriptsftp.server.contract import events as ev
+from scriptsftp.server.contract.script_settings import ScriptConfig
+from scriptsftp.server.contract.scripting import ScriptFiles
 
+from .capabilities import CapabilityRegistry
 from .commands import CallInfo, RunCapability
-from .fs_cap import FsCapability, ServerLink
+from .fs_cap import FsCapability
 from .outbox import NotifyCapability, Notifier, Outbox
+from .registry import ActiveBinding, LoadedScript, Registry
 from .schedule import Scheduler, schedule_users
 
-if TYPE_CHECKING:
-    from .engine import ScriptEngine
+#: Queues one async handler call (binding, script, event data, pinned fd); False when the
+#: queue is full (the call is dropped and counted by the engine).
+Enqueue = Callable[[ActiveBinding, LoadedScript, dict[str, Any], "int | None"], bool]
 
 log = logging.getLogger("scriptsftp.scripting")
 
@@ -47,33 +55,35 @@ class _LazyNotify:
 
 
 class EngineServices:
-    def __init__(self, engine: "ScriptEngine", state_dir: Path) -> None:
-        self.engine = engine
+    def __init__(self, capabilities: CapabilityRegistry, state_dir: Path, *, config: Callable[[], ScriptConfig],
+                 registry: Callable[[], Registry], enqueue: Enqueue, files: ScriptFiles | None = None) -> None:
         self.state_dir = state_dir
-        self.link: ServerLink | None = None
+        self.config = config        # the engine's current config
+        self.registry = registry    # the engine's current registry
+        self.enqueue = enqueue
+        self.files = files          # api.fs: sessions on users' files (None: no server here)
         self.outbox: Outbox | None = None
         self.notifier: Notifier | None = None
         self.scheduler: Scheduler | None = None
         self._notify = _LazyNotify()
-        caps = engine.pool.capabilities
         for name, handler in (
-            ("fs", FsCapability(lambda: self.link, self._admin_root)),
+            ("fs", FsCapability(lambda: self.files, self._admin_root)),
             ("notify", self._notify),
-            ("run", RunCapability(lambda: self.engine.cfg.model.commands)),
+            ("run", RunCapability(lambda: self.config().model.commands)),
         ):
-            if caps.handler(name) is None:
-                caps.register(name, handler)
+            if capabilities.handler(name) is None:
+                capabilities.register(name, handler)
 
     # --- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
         self.outbox = Outbox(self.state_dir / "outbox.sqlite3")
-        self.notifier = Notifier(self.outbox, lambda: self.engine.cfg.model.notify,
-                                 lambda p: self.engine.cfg.resolve(p))
-        self._notify.handler = NotifyCapability(self.outbox, self.notifier, lambda: self.engine.cfg.model.notify)
+        self.notifier = Notifier(self.outbox, lambda: self.config().model.notify,
+                                 lambda p: self.config().resolve(p))
+        self._notify.handler = NotifyCapability(self.outbox, self.notifier, lambda: self.config().model.notify)
         self.notifier.start()
         self.scheduler = Scheduler(self._schedule_bindings, self._fire,
-                                   lambda: self.engine.cfg.model.scripts.schedule_tick)
+                                   lambda: self.config().model.scripts.schedule_tick)
         self.scheduler.start()
 
     def close(self) -> None:
@@ -85,18 +95,6 @@ class EngineServices:
         if self.outbox is not None:
             self.outbox.close()
 
-    def attach_server(self, core: Any) -> None:
-        """Called by the daemon with its LoginCore: users (current after a reload),
-        staging records and upload policy for the Sessions ``api.fs`` opens."""
-
-        def account(name: str) -> Any:
-            rec = core.users.get(name)
-            return None if rec is None or rec.disabled else rec.account
-
-        publisher = getattr(core, "publisher", None)
-        self.link = ServerLink(account, staging=core.staging, uploads=core.uploads,
-                               pending=publisher.pending if publisher is not None else None)
-
     # --- per call ---------------------------------------------------------------------
 
     def context(self, data: dict[str, Any], file: Callable[[], int] | None, timeout: float) -> CallInfo:
@@ -104,27 +102,24 @@ class EngineServices:
         return CallInfo(deadline=time.monotonic() + timeout, file=file, event=data)
 
     def _admin_root(self) -> Path | None:
-        root = self.engine.cfg.model.scripts.fs_admin_root
-        return self.engine.cfg.resolve(root) if root else None
+        cfg = self.config()
+        root = cfg.model.scripts.fs_admin_root
+        return cfg.resolve(root) if root else None
 
     # --- schedule -------------------------------------------------------------------------
 
-    def _schedule_bindings(self) -> list[Any]:
-        return list(self.engine._registry.by_event.get("schedule", ()))
+    def _schedule_bindings(self) -> list[ActiveBinding]:
+        return list(self.registry().by_event.get("schedule", ()))
 
-    def _fire(self, binding: Any, when: datetime) -> None:
-        reg = self.engine._registry
-        script = reg.scripts.get(binding.script)
+    def _fire(self, binding: ActiveBinding, when: datetime) -> None:
+        script = self.registry().scripts.get(binding.script)
         if script is None:
             return
-        users = schedule_users(list(binding.spec.users), (u.name for u in self.engine.cfg.model.users))
+        users = schedule_users(list(binding.spec.users), (u.name for u in self.config().model.users))
         for user in users:
             event = ev.Schedule(user=user, cron=binding.spec.cron, scheduled=when.timestamp())
             data = event.to_dict()
             log.info("schedule: %s fires (%s)%s", binding.script, binding.spec.cron,
                      f" for {user}" if user else "", extra={"user": user})
-            try:
-                self.engine._queue.put_nowait((binding, script, data, None))
-            except queue.Full:
-                self.engine.dropped += 1
+            if not self.enqueue(binding, script, data, None):
                 log.error("async queue full: schedule %s not run", binding.script)

@@ -78,7 +78,16 @@ def check(config_path: str | None, against_running: bool) -> None:
         except ImportError:
             pass
         else:
-            problems = check_scripts(cfg)
+            from scriptsftp.server.support.worker_accounts import AccountError, script_worker_account
+
+            try:   # untrusted source is compiled as the account `run` would use
+                account = script_worker_account(cfg.model.scripts.user,
+                                                allow_root=cfg.model.server.allow_root_workers)
+            except AccountError as e:
+                problems = [str(e)]
+            else:
+                problems = check_scripts(cfg, user=account.uid if account else None,
+                                         group=account.gid if account else None)
     for line in problems:
         click.echo(line, err=True)
     if problems:

@@ -24,11 +24,13 @@ from typing import Any, Callable
 from scriptsftp.server import __version__
 
 from scriptsftp.server.support import memory
-from scriptsftp.server.support.worker_accounts import WORKER_ACCOUNT, worker_account
-from scriptsftp.server.ops.audit import AuditTrail, RefusalRecorder
+from scriptsftp.server.support.worker_accounts import WORKER_ACCOUNT, Account, script_worker_account, worker_account
+from scriptsftp.server.ops.audit import AuditTrail, RefusalRecorder, ScriptAuditRecorder
 from scriptsftp.server.support.config import ConfigError, LoadedConfig, load_config
 from scriptsftp.server.ops.defender import Defender
-from scriptsftp.server.contract.dispatch import Dispatcher, NullDispatcher, SwappableDispatcher
+from scriptsftp.server.contract.dispatch import SwappableDispatcher
+from scriptsftp.server.contract.scripting import NullEngine, ScriptEngineLifecycle
+from scriptsftp.server.core.script_files import ScriptSessions
 from scriptsftp.server.support.keys import ensure_host_keys, fingerprint, load_host_key
 from scriptsftp.server.core.login import LoginCore, build_users, ensure_generated_passwords
 from scriptsftp.server.core.publish import UploadPolicy
@@ -100,7 +102,9 @@ TRIM_INTERVAL = 10.0
 
 
 class Daemon:
-    def __init__(self, cfg: LoadedConfig, dispatcher: Dispatcher | None = None) -> None:
+    def __init__(self, cfg: LoadedConfig, engine: ScriptEngineLifecycle | None = None) -> None:
+        """``engine``: the dispatcher behind the seam (tests); default: a ScriptEngine for the
+        config's bindings, or a NullEngine when there are none."""
         self.cfg = cfg
         m = cfg.model
         check_listen_addresses(enabled_listen_addresses(m))  # before keys, passwords, workers are made
@@ -125,14 +129,17 @@ class Daemon:
         removed = discard_leftovers(self.staging, keep_checking=m.uploads.on_restart == "recheck")
         if removed:
             log.warning("removed %d partial upload(s) left by an interrupted run", removed)
+        # an unusable [scripts] user stops the start here, before the audit trail, the defender, the core
+        script_account = (script_worker_account(m.scripts.user, allow_root=m.server.allow_root_workers)
+                          if engine is None and m.bindings else None)
         # the core, the publisher and every session hold this one object; a reload may swap
-        # what is behind it (the first binding added by SIGHUP starts the engine)
-        self.dispatch = SwappableDispatcher(dispatcher if dispatcher is not None else self._make_engine(cfg))
+        # what is behind it (the first binding added by SIGHUP starts the engine). The engine
+        # goes behind it once the core its api.fs sessions come from exists (below).
+        self._engine: ScriptEngineLifecycle = NullEngine()
+        self.dispatch = SwappableDispatcher(self._engine)
         self.pending_restart: list[str] = []  # keys changed in the file that wait for a restart
         self.audit = AuditTrail(self.state_dir / "audit.sqlite3", retention_days=m.server.audit_retention_days,
                                 max_mb=m.server.audit_max_mb)
-        if hasattr(self.engine, "audit"):
-            self.engine.audit = self.audit  # every scripted decision goes to the audit trail
         # bans, scores, connection caps: shared by every front end through the login core
         self.defender = Defender(self.state_dir / "defender.db", m.defender)
         self.publisher = Publisher(self.dispatch, self.staging, self._upload_policy(cfg), workers=m.scripts.workers)
@@ -150,8 +157,7 @@ class Daemon:
             defender=self.defender,
         )
         self.core.refusals = RefusalRecorder(self.audit)  # every refusal: an audit record
-        if hasattr(self.engine, "attach_server"):
-            self.engine.attach_server(self.core)  # api.fs opens Sessions for the event's user
+        self._set_engine(engine if engine is not None else self._make_engine(cfg, script_account))
         self.listeners: list[Listener] = []
         if m.sftp.enabled:
             self.listeners.append(self._ssh_listener())
@@ -160,16 +166,35 @@ class Daemon:
                 self.listeners.append(_front_end(name).make_listener(self))
 
     @property
-    def engine(self) -> Dispatcher:
-        """The dispatcher in use now: a ScriptEngine, or a NullDispatcher while nothing is bound."""
-        return self.dispatch.target
+    def engine(self) -> ScriptEngineLifecycle:
+        """The dispatcher in use now: a ScriptEngine, or a NullEngine while nothing is bound."""
+        return self._engine
 
-    def _make_engine(self, cfg: LoadedConfig) -> Dispatcher:
+    def _set_engine(self, engine: ScriptEngineLifecycle) -> None:
+        self._engine = engine
+        self.dispatch.target = engine
+
+    def _make_engine(self, cfg: LoadedConfig, account: Account | None) -> ScriptEngineLifecycle:
+        """The engine for ``cfg``'s bindings, wired to this daemon: its workers run as
+        ``account``, its decisions go to the audit trail, api.fs opens sessions on the core."""
         if not cfg.model.bindings:
-            return NullDispatcher()
+            return NullEngine()
         from scriptsftp.scripting.engine import ScriptEngine
 
-        return ScriptEngine(cfg, self.state_dir)
+        return ScriptEngine(cfg, self.state_dir, user=account.uid if account else None,
+                            group=account.gid if account else None,
+                            audit=ScriptAuditRecorder(self.audit), files=self._script_files())
+
+    def _script_files(self) -> ScriptSessions:
+        """api.fs: sessions for the event's user, with the users of the moment (after a reload
+        too), the staging records, the upload policy and the uploads pending a check."""
+        core = self.core
+
+        def account(name: str) -> Any:
+            rec = core.users.get(name)
+            return None if rec is None or rec.disabled else rec.account
+
+        return ScriptSessions(account, staging=core.staging, uploads=core.uploads, pending=self.publisher.pending)
 
     def _upload_policy(self, cfg: LoadedConfig) -> UploadPolicy:
         u = cfg.model.uploads
@@ -227,8 +252,7 @@ class Daemon:
             signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
             signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
             signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.put(True))
-        if hasattr(self.engine, "start"):
-            self.engine.start()
+        self.engine.start()
         write_running(self.state_dir, self.cfg, self.pending_restart)
         rechecking = self.publisher.recheck([r for r in self.staging.leftovers() if r.state == CHECKING])
         if rechecking:
@@ -303,16 +327,12 @@ class Daemon:
         """Ready the scripting side of ``cfg`` without swapping anything in; return the
         step that commits it (True) or drops it (False). ConfigError if it cannot run."""
         current = self.engine
-        if hasattr(current, "prepare"):
+        if not (isinstance(current, NullEngine) and cfg.model.bindings):
             pending = current.prepare(cfg)
             return lambda ok: pending.commit() if ok else pending.abandon()
-        if not cfg.model.bindings or not isinstance(current, NullDispatcher):
-            return lambda ok: None  # nothing bound (or a dispatcher given by a test): nothing to build
-        engine = self._make_engine(cfg)
-        if hasattr(engine, "audit"):
-            engine.audit = self.audit
-        if hasattr(engine, "attach_server"):
-            engine.attach_server(self.core)
+        # the first binding: a new engine, started now, swapped in if the rest of the reload holds
+        account = script_worker_account(cfg.model.scripts.user, allow_root=cfg.model.server.allow_root_workers)
+        engine = self._make_engine(cfg, account)
         try:
             engine.start()  # ConfigError (closing its workers) when a bound script is unusable
         except ConfigError:
@@ -324,7 +344,7 @@ class Daemon:
 
         def commit(ok: bool) -> None:
             if ok:
-                self.dispatch.target = engine
+                self._set_engine(engine)
             else:
                 engine.close()
         return commit
@@ -399,8 +419,7 @@ class Daemon:
                 listener.join(max(0.5, deadline - time.monotonic()))
         # background (async) upload checks: what does not finish in time is rechecked at the next start
         self.publisher.close(1.0)
-        if hasattr(self.engine, "close"):
-            self.engine.close()
+        self.engine.close()
         self.staging.close()
         self.audit.close()
         self.defender.close()

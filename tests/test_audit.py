@@ -13,8 +13,18 @@ import pytest
 
 from adminkit import admin_toml, binding, get, token_hash, write_script  # noqa: F401
 from conftest import close_client, paramiko_client
-from scriptsftp.server.ops.audit import AuditTrail, Trace, script_ran
+from scriptsftp.server.ops.audit import AuditTrail, ScriptAuditRecorder
 from scriptsftp.server.contract.dispatch import Decision
+from scriptsftp.server.contract.scripting import EventTrace
+
+
+def Trace(trail: AuditTrail, data: dict) -> EventTrace:
+    """What the engine does for each event, against this trail."""
+    return EventTrace(ScriptAuditRecorder(trail), data)
+
+
+def script_ran(trail: AuditTrail, data: dict, script: str, function: str, mode: str, result) -> None:
+    ScriptAuditRecorder(trail).script_ran(data["_event_id"], script, function, mode, result)
 
 NO_EXE = """
 def on_pre_publish(event, api):

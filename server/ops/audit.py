@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import secrets
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from scriptsftp.server.contract.scripting import new_event_id
 from scriptsftp.server.support import metrics
 
 log = logging.getLogger("scriptsftp.audit")
@@ -78,11 +78,6 @@ CREATE INDEX IF NOT EXISTS runs_time ON runs(time);
 """
 
 DECISIONS = ("allow", "veto", "error", "done", "denied")  # denied: refused by the server itself, no script
-
-
-def new_event_id() -> str:
-    """Sortable enough to read (time first), unique enough to key on."""
-    return f"{int(time.time() * 1000):x}-{secrets.token_hex(4)}"
 
 
 def _clip(value: Any) -> str:
@@ -327,37 +322,6 @@ class AuditTrail:
 # --- what the scripting engine calls -------------------------------------------------------------
 
 
-class Trace:
-    """One event being decided by the engine: gives it an id, then records the decision.
-
-    The id is stored in the event dict under ``_event_id``: scripts never see
-    keys that start with ``_``, and the engine's log context picks it up from
-    there, also for async handlers that run later from a queue."""
-
-    __slots__ = ("audit", "data", "id")
-
-    def __init__(self, audit: AuditTrail | None, data: dict[str, Any]) -> None:
-        self.audit = audit
-        self.data = data
-        self.id = data.get("_event_id") or new_event_id()
-        data["_event_id"] = self.id
-
-    def decided(self, decision: Any, decided_by: str = "", *, failed: bool = False) -> Any:
-        """Record a pre-event's :class:`Decision` (or None for post-events) and hand it back.
-
-        ``failed``: the denial comes from a script that failed (``on_error = "deny"``), not a veto."""
-        if decision is None:
-            verdict, reason = "done", ""
-        elif decision.allowed:
-            verdict, reason = "allow", ""
-        else:
-            verdict, reason = ("error" if failed else "veto"), decision.reason
-        metrics.event(str(self.data.get("name", "")), verdict)
-        if self.audit is not None:
-            self.audit.record_event(self.id, self.data, verdict, reason, decided_by)
-        return decision
-
-
 class RefusalRecorder:
     """Where refusals go (the Session's and the login core's ``refusals`` sink): each one an
     ``events`` row with decision ``denied``, the refusal's kind as ``decided_by``."""
@@ -369,12 +333,22 @@ class RefusalRecorder:
         self.trail.record_event(new_event_id(), {**data, "time": time.time()}, "denied", reason, decided_by=kind)
 
 
-def script_ran(audit: AuditTrail | None, data: dict[str, Any], script: str, function: str, mode: str,
-               result: Any) -> None:
-    """One handler call finished: metrics, and a run row under the event's id."""
-    metrics.script_run(script, result.duration, result.verdict, result.error_kind)
-    if audit is not None:
-        audit.record_run(str(data.get("_event_id") or ""), script, function, mode, result)
+class ScriptAuditRecorder:
+    """The engine's :class:`~scriptsftp.server.contract.scripting.ScriptAudit` (the daemon
+    hands it over): each decision and each handler run counted in the metrics and written
+    to the trail, under the event's id."""
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self.trail = trail
+
+    def event_decided(self, event_id: str, data: dict[str, Any], verdict: str, reason: str,
+                      decided_by: str) -> None:
+        metrics.event(str(data.get("name", "")), verdict)
+        self.trail.record_event(event_id, data, verdict, reason, decided_by)
+
+    def script_ran(self, event_id: str, script: str, function: str, mode: str, result: Any) -> None:
+        metrics.script_run(script, result.duration, result.verdict, result.error_kind)
+        self.trail.record_run(event_id, script, function, mode, result)
 
 
-__all__ = ["AuditTrail", "RefusalRecorder", "Trace", "script_ran", "new_event_id", "DECISIONS"]
+__all__ = ["AuditTrail", "RefusalRecorder", "ScriptAuditRecorder", "new_event_id", "DECISIONS"]

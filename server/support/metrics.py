@@ -76,12 +76,12 @@ def refusal(protocol: str, operation: str, kind: str) -> None:
 
 
 def event(name: str, decision: str) -> None:
-    """The engine decided an event (scripting/engine.py, through audit.Trace)."""
+    """The engine decided an event (scripting/engine.py, through ops/audit.py ScriptAuditRecorder)."""
     EVENTS.labels(name, decision).inc()
 
 
 def script_run(script: str, duration: float, verdict: str, error_kind: str | None) -> None:
-    """One handler call finished (scripting/engine.py, through audit.script_ran)."""
+    """One handler call finished (scripting/engine.py, through ops/audit.py ScriptAuditRecorder)."""
     SCRIPT_DURATION.labels(script).observe(duration)
     if verdict not in ("allow", "veto"):
         SCRIPT_ERRORS.labels(script, error_kind or "error").inc()

@@ -72,3 +72,10 @@ def worker_account(setting: str, default: str, key: str, *, allow_root: bool) ->
         raise AccountError(f"{key}: {name!r} is root; workers never run as root unless "
                            f"[server] allow_root_workers = true (discouraged)")
     return Account(name, pw.pw_uid, pw.pw_gid)
+
+
+def script_worker_account(scripts_user: str, *, allow_root: bool) -> Account | None:
+    """``[scripts] user``: the account script workers run as, resolved by the composition root
+    (the daemon for ``run``, the CLI for ``check``) and handed to the script engine, which
+    imports nothing from here."""
+    return worker_account(scripts_user, SANDBOX_ACCOUNT, "[scripts] user", allow_root=allow_root)
