@@ -30,7 +30,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from scriptsftp.server.contract.script_settings import COMMAND_PLACEHOLDER
 
@@ -97,7 +97,7 @@ class RunCapability:
     """Parent-side handler of ``api.run``. ``commands`` returns the current
     ``[commands]`` table (so a reload applies to the next call)."""
 
-    def __init__(self, commands: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, commands: Callable[[], Mapping[str, Any]]) -> None:
         self.commands = commands
 
     def __call__(self, call: CapabilityCall, op: str, args: list) -> Any:
