@@ -15,23 +15,23 @@ size), says hello, then serves one request at a time:
   descriptor received with SCM_RIGHTS, capability requests relayed to the
   parent while the handler runs.
 
-Messages both ways are length-prefixed JSON (4-byte big-endian length); the
-parent never unpickles anything a worker sends. The framing helpers at the
-top of this module are shared with the parent, so importing it is cheap and
-has no side effects; the heavy imports happen in :func:`main`.
+Messages both ways are length-prefixed JSON (4-byte big-endian length), framed by
+``server/contract/framing.py`` (strict: ASCII JSON objects, no NaN); the parent never
+unpickles anything a worker sends. The limits at the top of this module are shared
+with the parent, so importing it is cheap and has no side effects; the heavy imports
+happen in :func:`main`.
 """
 
 from __future__ import annotations
 
-import array
 import json
 import os
 import socket
-import struct
 import sys
 from typing import Any
 
-HEADER = struct.Struct(">I")
+from scriptsftp.server.contract import framing
+
 #: Largest frame the parent sends (script source + event, JSON-escaped).
 MAX_TO_WORKER = 16 * 1024 * 1024
 #: Largest frame a worker may send; the parent treats anything bigger as garbage.
@@ -48,29 +48,9 @@ EXIT_PROTOCOL = 70
 EXIT_SETUP = 71
 
 
-class ProtocolError(Exception):
-    """A frame that is not a well-formed protocol message."""
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"JSON constant {name} is not allowed")
-
-
-def encode_frame(obj: dict[str, Any]) -> bytes:
-    data = json.dumps(obj, ensure_ascii=True, separators=(",", ":"),
-                      allow_nan=False).encode("ascii")
-    return HEADER.pack(len(data)) + data
-
-
-def decode_payload(data: bytes) -> dict[str, Any]:
-    """Parse one frame's payload: JSON text, must be an object. Data only."""
-    try:
-        obj = json.loads(data.decode("utf-8"), parse_constant=_no_constants)
-    except (ValueError, RecursionError, UnicodeDecodeError, MemoryError) as e:
-        raise ProtocolError(f"not a JSON message ({type(e).__name__})") from None
-    if type(obj) is not dict:
-        raise ProtocolError("message is not a JSON object")
-    return obj
+#: A frame or message that is not a well-formed protocol message (the framing's own
+#: error, so a bad frame and a bad field are caught alike).
+ProtocolError = framing.MalformedMessage
 
 
 # ---------------------------------------------------------------------------
@@ -78,48 +58,39 @@ def decode_payload(data: bytes) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-class _Channel:
-    """Blocking framed channel on the worker's socket; collects passed fds."""
+class ParentChannel:
+    """The worker's blocking channel to the pool; collects the descriptors passed with
+    messages. Any trouble on it ends the process: the pool replaces a worker, it never
+    repairs one."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buf = bytearray()
+        self.frames = framing.FrameReader(MAX_TO_WORKER)
         self.fds: list[int] = []
-        self._anc = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
     def send(self, obj: dict[str, Any]) -> None:
         try:
-            self.sock.sendall(encode_frame(obj))
+            self.sock.sendall(framing.encode(obj, strict=True))
         except OSError:
             os._exit(0)  # the parent is gone
 
     def recv(self) -> dict[str, Any]:
-        buf = self.buf
         while True:
-            if len(buf) >= 4:
-                (n,) = HEADER.unpack_from(buf)
-                if n > MAX_TO_WORKER:
-                    os._exit(EXIT_PROTOCOL)
-                if len(buf) >= 4 + n:
-                    payload = bytes(buf[4:4 + n])
-                    del buf[:4 + n]
-                    try:
-                        return decode_payload(payload)
-                    except ProtocolError:
-                        os._exit(EXIT_PROTOCOL)
             try:
-                data, anc, _flags, _addr = self.sock.recvmsg(65536, self._anc,
-                                                             socket.MSG_CMSG_CLOEXEC)
+                payload = self.frames.next_frame()
+                if payload is not None:
+                    return framing.decode_object(payload)
+            except ProtocolError:
+                os._exit(EXIT_PROTOCOL)
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, framing.MAX_FDS,
+                                                           socket.MSG_CMSG_CLOEXEC)
             except OSError:
                 os._exit(0)
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-                    self.fds.extend(fds)
+            self.fds.extend(fds)
             if not data:
                 os._exit(0)  # EOF: the pool closed or retired us
-            buf += data
+            self.frames.feed(data)
 
     def take_fds(self) -> list[int]:
         fds, self.fds = self.fds, []
@@ -238,8 +209,11 @@ def _vm_size_kb(fd: int = -1) -> int:
     return 64 * 1024
 
 
-class _Worker:
-    def __init__(self, chan: _Channel) -> None:
+class HandlerRunner:
+    """The worker's request loop: compiles scripts and runs their handlers, one request
+    at a time, under the call's CPU limit."""
+
+    def __init__(self, chan: ParentChannel) -> None:
         import collections
         import gc
         import types
@@ -479,7 +453,7 @@ def _printer_factory(ctx: Any) -> Any:
 
 def main(fd: int, config: dict[str, Any]) -> None:
     sock = socket.socket(fileno=fd)
-    chan = _Channel(sock)
+    chan = ParentChannel(sock)
     try:
         info = _setup(config)
     except BaseException as e:  # noqa: BLE001
@@ -489,7 +463,7 @@ def main(fd: int, config: dict[str, Any]) -> None:
             os._exit(EXIT_SETUP)
     chan.send({"t": "hello", "pid": os.getpid(), **info})
     try:
-        _Worker(chan).serve()
+        HandlerRunner(chan).serve()
     except BaseException:  # noqa: BLE001 - an internal failure: let the pool replace us
         os._exit(EXIT_PROTOCOL)
 

@@ -14,10 +14,10 @@ by a background thread, so the next caller normally finds a worker waiting.
 
 Security notes (docs/sandbox.md has the whole model):
 
-* Worker -> server messages are length-prefixed JSON, parsed with ``json``
-  and validated field by field; nothing from a worker is ever unpickled or
-  evaluated, and file descriptors a worker might send are dropped by the
-  kernel (the server reads with plain ``recv``).
+* Worker -> server messages are length-prefixed JSON (``server/contract/framing.py``,
+  strict), parsed with ``json`` and validated field by field; nothing from a worker is
+  ever unpickled or evaluated, and file descriptors a worker might send are dropped by
+  the kernel (the server reads with plain ``recv``).
 * Frames from a worker are capped at 1 MiB; logs, reasons and errors are
   capped again here, whatever the worker claims.
 * The worker's environment is empty but for PATH, LANG and TZ; its cwd is /;
@@ -28,7 +28,6 @@ Security notes (docs/sandbox.md has the whole model):
 
 from __future__ import annotations
 
-import array
 import json
 import logging
 import os
@@ -43,6 +42,8 @@ from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
+
+from scriptsftp.server.contract import framing
 
 from . import jail
 from . import worker_main as proto
@@ -158,14 +159,17 @@ class _BadRequest(Exception):
     pass
 
 
-class _Worker:
-    __slots__ = ("proc", "sock", "pid", "buf", "calls", "known", "killed", "info", "holder")
+class WorkerProcess:
+    """The pool's handle on one worker process: its process, its end of the socketpair, the
+    scripts it has compiled, how many calls it served and for whom it works now."""
+
+    __slots__ = ("proc", "sock", "pid", "frames", "calls", "known", "killed", "info", "holder")
 
     def __init__(self, proc: subprocess.Popen, sock: socket.socket) -> None:
         self.proc = proc
         self.sock = sock
         self.pid = proc.pid
-        self.buf = bytearray()
+        self.frames = framing.FrameReader(proto.MAX_FROM_WORKER)
         self.calls = 0
         self.known: set[tuple[str, str]] = set()
         self.killed = False
@@ -173,35 +177,24 @@ class _Worker:
         self.holder: tuple[str, bool] = ("", False)  # (user, login) of the call it serves
 
     def send(self, obj: dict[str, Any], deadline: float, fd: int | None = None) -> None:
-        data = proto.encode_frame(obj)
+        data = framing.encode(obj, strict=True)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Deadline
         try:
             self.sock.settimeout(remaining)
-            if fd is None:
-                self.sock.sendall(data)
-            else:
-                rights = array.array("i", [fd]).tobytes()
-                sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
-                if sent < len(data):
-                    self.sock.sendall(memoryview(data)[sent:])
+            framing.send_frame(self.sock, data, () if fd is None else (fd,))
         except TimeoutError:
             raise _Deadline from None
         except OSError:
             raise _Gone from None
 
     def recv(self, deadline: float) -> dict[str, Any]:
-        buf = self.buf
+        frames = self.frames
         while True:
-            if len(buf) >= 4:
-                (n,) = proto.HEADER.unpack_from(buf)
-                if n > proto.MAX_FROM_WORKER:
-                    raise proto.ProtocolError(f"frame of {n} bytes exceeds the limit")
-                if len(buf) >= 4 + n:
-                    payload = bytes(buf[4:4 + n])
-                    del buf[:4 + n]
-                    return proto.decode_payload(payload)
+            payload = frames.next_frame()  # ProtocolError: a frame over the limit
+            if payload is not None:
+                return framing.decode_object(payload)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _Deadline
@@ -215,7 +208,7 @@ class _Worker:
                 raise _Gone from None
             if not data:
                 raise _Gone
-            buf += data
+            frames.feed(data)
 
     def kill(self) -> None:
         self.killed = True
@@ -278,8 +271,8 @@ class WorkerPool:
         self._env = env
 
         self._cond = threading.Condition()
-        self._all: set[_Worker] = set()
-        self._idle: deque[_Worker] = deque()
+        self._all: set[WorkerProcess] = set()
+        self._idle: deque[WorkerProcess] = deque()
         self._waiters: list[_Waiter] = []
         self._seq = 0
         self._held_by_user: dict[str, int] = {}
@@ -308,7 +301,7 @@ class WorkerPool:
         if self.capabilities.handler("store") is None:
             self.capabilities.register("store", StoreCapability(self.store))
         errors: list[BaseException] = []
-        workers: list[_Worker] = []
+        workers: list[WorkerProcess] = []
         lock = threading.Lock()
 
         def one() -> None:
@@ -409,7 +402,7 @@ class WorkerPool:
         return [sys.executable, "-I", "-c", proto.BOOTSTRAP, str(fd),
                 json.dumps(extra_paths), json.dumps(config)]
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self) -> WorkerProcess:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen(
@@ -424,7 +417,7 @@ class WorkerPool:
         with self._cond:
             self._starting[proc.pid] = proc
             closed = self._closed
-        w = _Worker(proc, parent)
+        w = WorkerProcess(proc, parent)
         try:
             if closed:
                 raise WorkerStartError("pool closed")
@@ -453,7 +446,7 @@ class WorkerPool:
                 self._starting.pop(proc.pid, None)
         return w
 
-    def _log_jail(self, w: _Worker) -> None:
+    def _log_jail(self, w: WorkerProcess) -> None:
         """Say once what the workers' jail is (and what it lacks); every escape probe (tests)."""
         report = w.info.get("jail")
         if type(report) is not dict:
@@ -475,7 +468,7 @@ class WorkerPool:
         with self._cond:
             return {w.pid: dict(w.info.get("jail") or {}) for w in self._all}
 
-    def _discard(self, w: _Worker, *, kill: bool) -> None:
+    def _discard(self, w: WorkerProcess, *, kill: bool) -> None:
         """Take *w* out of the pool for good: end and reap its process, and
         start a replacement right away (in the background)."""
         if kill:
@@ -492,7 +485,7 @@ class WorkerPool:
             self._threads.add(t)
             t.start()   # under the lock: close() never sees an unstarted thread
 
-    def _replace(self, old: _Worker, replace: bool) -> None:
+    def _replace(self, old: WorkerProcess, replace: bool) -> None:
         try:
             if replace:
                 self._spawn_into_pool()
@@ -542,7 +535,7 @@ class WorkerPool:
 
     # --- taking and giving back workers ------------------------------------------------------
 
-    def _acquire(self, deadline: float, user: str = "", login: bool = False) -> _Worker | None:
+    def _acquire(self, deadline: float, user: str = "", login: bool = False) -> WorkerProcess | None:
         """A worker for one call, in fair order rather than whoever wakes first: logins first;
         then the user holding the fewest workers (ten slow checks of one user do not queue
         ahead of another user's one); FIFO among equals. Non-login calls leave
@@ -584,7 +577,7 @@ class WorkerPool:
             return None
         return min(self._waiters, key=lambda w: (self._held_by_user.get(w.user, 0), w.seq), default=None)
 
-    def _release(self, w: _Worker, disposition: str) -> None:
+    def _release(self, w: WorkerProcess, disposition: str) -> None:
         with self._cond:
             user, login = w.holder
             n = self._held_by_user.get(user, 0) - 1
@@ -603,7 +596,7 @@ class WorkerPool:
                 return
         self._discard(w, kill=disposition == "kill" or self._closed)
 
-    def _death_cause(self, w: _Worker) -> tuple[str, str]:
+    def _death_cause(self, w: WorkerProcess) -> tuple[str, str]:
         """Why a worker's channel closed: (error_kind, detail). Reaps it."""
         try:
             rc = w.proc.wait(timeout=1.0)
@@ -723,7 +716,7 @@ class WorkerPool:
                     pass
             self._release(w, disposition)
 
-    def _exchange(self, w: _Worker, req: CallRequest, msg: dict[str, Any], fd: int | None,
+    def _exchange(self, w: WorkerProcess, req: CallRequest, msg: dict[str, Any], fd: int | None,
                   deadline: float, t0: float) -> tuple[CallResult, str]:
         name = req.script.name
         ccall: CapabilityCall | None = None

@@ -1,9 +1,15 @@
 """Length-prefixed JSON messages over a Unix socket, with file descriptors alongside.
 
-The SSH worker processes and the core talk this way (ssh_workers, core_link,
-remote_core). JSON, not pickle, in both directions: a worker parses raw network
-input from clients, so the core must never run code a compromised worker could
-craft, and JSON decodes to data only. Descriptors travel as SCM_RIGHTS on the
+Every process boundary of the server talks this way: the SSH worker processes and the
+core (worker_pool, core_link, remote_core: :func:`send`, :func:`receive`), and the
+script pool and its sandboxed workers (scripting/workers.py, scripting/worker_main.py:
+:func:`encode` with ``strict``, :class:`FrameReader`, :func:`decode_object`, since
+they read with deadlines and buffer what arrives). One frame: a 4-byte big-endian
+length, then that many bytes of JSON.
+
+JSON, not pickle, in both directions: a worker parses raw network input from clients
+(or runs a user's script), so the parent must never run code a compromised worker
+could craft, and JSON decodes to data only. Descriptors travel as SCM_RIGHTS on the
 ``sendmsg`` that carries the message, so they arrive with the message they belong
 to (the receiver reads each message's header with ``recvmsg``).
 
@@ -28,9 +34,29 @@ class LinkClosed(EOFError):
     """The other side closed the socket (or died): no more messages."""
 
 
+class MalformedMessage(ValueError):
+    """A frame that is not a well-formed message (too long, not JSON, not an object)."""
+
+
+def encode(message: Any, *, strict: bool = False) -> bytes:
+    """One whole frame (header and JSON payload) for ``message``.
+
+    ``strict``: ASCII only and no NaN/Infinity (ValueError), what :func:`decode_object`
+    accepts; the script workers' channel is strict both ways."""
+    if strict:
+        payload = json.dumps(message, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
+    else:
+        payload = json.dumps(message, separators=(",", ":")).encode()
+    return _HEADER.pack(len(payload)) + payload
+
+
 def send(sock: socket.socket, message: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
-    payload = json.dumps(message, separators=(",", ":")).encode()
-    data = _HEADER.pack(len(payload)) + payload
+    send_frame(sock, encode(message), fds)
+
+
+def send_frame(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+    """Send an encoded frame, ``fds`` with its first bytes (SCM_RIGHTS). Blocks until all
+    is sent (or the socket's timeout raises TimeoutError)."""
     if fds:
         sent = socket.send_fds(sock, [data], list(fds))
         if sent < len(data):
@@ -87,3 +113,52 @@ def close_fds(fds: list[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"JSON constant {name} is not allowed")
+
+
+def decode_object(payload: bytes) -> dict[str, Any]:
+    """One frame's payload, strictly: UTF-8 JSON text that is an object, without NaN or
+    Infinity. Data only; MalformedMessage otherwise."""
+    try:
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
+    except (ValueError, RecursionError, UnicodeDecodeError, MemoryError) as e:
+        raise MalformedMessage(f"not a JSON message ({type(e).__name__})") from None
+    if type(obj) is not dict:
+        raise MalformedMessage("message is not a JSON object")
+    return obj
+
+
+class FrameReader:
+    """Whole frames out of a stream read in pieces of any size (half a frame, or several).
+
+    For a reader that cannot stop at a frame's end (a read with a deadline takes what
+    has arrived): :meth:`feed` what was read, then take frames with :meth:`next_frame`
+    until it answers None."""
+
+    __slots__ = ("_buf", "max_size")
+
+    def __init__(self, max_size: int) -> None:
+        self._buf = bytearray()
+        self.max_size = max_size
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_frame(self) -> bytes | None:
+        """The next whole frame's payload, or None until more is fed. A frame announced
+        longer than ``max_size`` raises MalformedMessage: the stream cannot be resynchronised."""
+        buf = self._buf
+        if len(buf) < _HEADER.size:
+            return None
+        (size,) = _HEADER.unpack_from(buf)
+        if size > self.max_size:
+            raise MalformedMessage(f"frame of {size} bytes exceeds the limit")
+        end = _HEADER.size + size
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[_HEADER.size:end])
+        del buf[:end]
+        return payload
