@@ -1,8 +1,23 @@
-"""The fast unit tier: the core (Session, Publisher, staging) in-process, no daemon.
+"""The fast unit tier: the core (Session, Publisher, staging, access rules, dispatch) in-process.
 
-A Session is built on a temporary home with a recording dispatcher, so a test can
-fail a syscall exactly where it wants (``monkeypatch`` on ``os``) and look at
-the disk, the staging records and the events afterwards. Runs in seconds.
+No daemon, no sockets, no worker process: a Session is built on a temporary home with a
+:class:`RecordingDispatcher`, so a test can fail a syscall exactly where it wants
+(``monkeypatch`` on ``os``) and look at the disk, the staging records and the events afterwards.
+The whole tier runs in seconds (``pytest tests/core``).
+
+What is where:
+
+- test_session_order.py: the order of checks of every Session operation, from one table
+  (``OPS``); a new Session operation joins the table (a test fails until it does).
+- test_vetoes.py, test_pending.py, test_recheck.py: sync vetoes, async pre-publish (pending
+  names), the restart after a crash mid-check.
+- test_vfs.py: path confinement and access rules as hypothesis properties.
+- test_dispatch.py: the dispatcher contract, binding matching, the engine's decision with a
+  stand-in worker pool.
+
+The :func:`traced` fixture turns what an operation did into one list of steps: ``event:<name>``
+(dispatcher), ``disk:<method>`` (the session's storage), ``log:<op> <result>`` (the Session's
+log line) and ``refused:<kind>`` (the refusal record), in the order they happened.
 """
 
 from __future__ import annotations
@@ -17,8 +32,8 @@ import pytest
 
 from scriptsftp.server.contract.dispatch import ALLOW, Decision, FileOpener
 from scriptsftp.server.contract.events import Event
-from scriptsftp.server.core.publish import Publisher
-from scriptsftp.server.core.session import Account, Session, UploadPolicy
+from scriptsftp.server.core.publish import Publisher, UploadPolicy
+from scriptsftp.server.core.session import Account, Session
 from scriptsftp.server.core.staging import StagingRecords
 from scriptsftp.server.core.vfs import Access
 
