@@ -170,6 +170,7 @@ class SessionCommands(ControlChannel):
     listener: ConnectionTracker
     active_mode = False
     implicit_tls = False
+    stall_timeout = 120.0  # [server] stall_timeout, read by the data channel (data.py)
 
     # pyftpdlib settings
     authorizer = _NoAuthorizer()

@@ -343,7 +343,6 @@ class ControlChannel(FTPHandler):
                           cmd: str | None = None) -> None: ...
         def secure_connection(self, ssl_context: Any) -> None: ...
 
-    stall_timeout = 120.0  # [server] stall_timeout, read by the data channel
     _overlong = False
 
     @property
