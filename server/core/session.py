@@ -854,7 +854,7 @@ class WriteHandle(FileHandle):
         if self.failed is not None:
             raise type(self.failed)(self.failed.message)
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_usable()
         try:
             if not 0 <= offset <= MAX_OFFSET - len(data):
