@@ -27,7 +27,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import paramiko
 from paramiko.sftp import (
@@ -100,7 +100,7 @@ class SFTPStream(paramiko.SubsystemHandler):
         quiet = self.limits.quiet_limit(transferring=True)
         if quiet:  # a reply the client does not take (a stalled download) waits no longer than this
             channel.settimeout(quiet)
-        pipe: paramiko_speed.ChunkPipe = channel.in_buffer  # paramiko_ext.install() made it one
+        pipe = cast(paramiko_speed.ChunkPipe, channel.in_buffer)  # paramiko_ext.install() made it one
         try:
             self._send_server_version()
             # From here on the transport thread answers READs and WRITEs itself (_pump) and

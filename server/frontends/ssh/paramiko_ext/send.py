@@ -136,7 +136,7 @@ def send_data_packets(pk: Packetizer, chanid: int, chunks: Sequence[memoryview])
                 d[_P + "iv_out"] = pk._inc_iv_counter(iv)
                 sent += 14 + n + padding + 16
             else:
-                mac = mac_base.copy()
+                mac = mac_base.copy()  # type: ignore[union-attr]  # not None without AEAD
                 mac.update(_U32.pack(seq))
                 if n <= SMALL:  # a status reply: one piece to encrypt and MAC, not four
                     if etm:

@@ -112,10 +112,13 @@ class ConnectionSocket(socket.socket):
 
 
 class ServerTransport(paramiko.Transport):
-    _preferred_ciphers = (
+    """The server side of one SSH connection, as paramiko's Transport with the overrides
+    listed in the module docstring; server.SSHConnections makes one per accepted client."""
+
+    _preferred_ciphers: tuple[str, ...] = (
         "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr", "aes192-ctr",
     )
-    _preferred_macs = (
+    _preferred_macs: tuple[str, ...] = (
         "hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "hmac-sha2-256", "hmac-sha2-512",
     )
 
@@ -279,7 +282,7 @@ class ServerTransport(paramiko.Transport):
         return gcm or type(self)._preferred_ciphers
 
     def _parse_newkeys(self, m: Message) -> None:
-        if self.server_mode and self.auth_handler is None:
+        if self.server_mode and self.auth_handler is None:  # type: ignore[has-type]
             self.auth_handler = LoginAuthHandler(self)
         super()._parse_newkeys(m)
 
