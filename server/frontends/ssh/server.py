@@ -17,6 +17,12 @@ What paramiko leaves to us, and why it matters:
   decision hooks the moment paramiko is about to answer USERAUTH_SUCCESS.
 * A refusal at connect or login time is sent as SSH_MSG_DISCONNECT text,
   which OpenSSH clients print (unlike SFTP status messages).
+
+The parts of this that need paramiko's private internals (the transport, the
+auth hook, the packet reader and writer) live in paramiko_ext/, installed by the
+daemon; this module uses paramiko's public server API and ``ServerTransport``.
+Each connection's channel handlers (sftp.py, scp.py) get its ``ChannelHost``
+(channels.py) and import nothing from here.
 """
 
 from __future__ import annotations
