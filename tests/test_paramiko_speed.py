@@ -43,3 +43,28 @@ def test_reads_whole_chunks_without_copy():
     chunk = b"x" * 65536
     pipe.feed(chunk)
     assert pipe.read(65536) is chunk
+
+
+def test_wait_for_input_wakes_on_data_kick_or_close_and_times_out():
+    """What the SFTP stream waits on (sftp_stream.SFTPStream._wait_for_input)."""
+    import socket
+    import threading
+    import time
+
+    import pytest
+
+    pipe = ChunkPipe()
+    t0 = time.monotonic()
+    with pytest.raises(socket.timeout):
+        pipe.wait_for_input(lambda: t0 + 0.05)
+    assert time.monotonic() - t0 < 5
+    pipe.feed(b"abc")
+    pipe.wait_for_input(lambda: t0)  # bytes buffered: no wait, even past the deadline
+    assert len(pipe) == 3
+    pipe.drop()
+    assert len(pipe) == 0 and pipe.read_ready() is False
+    threading.Timer(0.05, pipe.kick).start()
+    pipe.wait_for_input(None)
+    assert not pipe.kicked  # the kick is taken by the wait
+    threading.Timer(0.05, pipe.close).start()
+    pipe.wait_for_input(None)
