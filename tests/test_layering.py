@@ -74,7 +74,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     # import circles, each listed by the edge that goes away
     ("scriptsftp.server.core.publish", "scriptsftp.server.core.session"): "E: Publisher.publish(upload, event), UploadPolicy out of session",
     ("scriptsftp.scripting.services", "scriptsftp.scripting.engine"): "F: services get a narrow view, not the engine's internals",
-    ("scriptsftp.server.frontends.ssh.sftp", "scriptsftp.server.frontends.ssh.server"): "A: no string-keyed attributes on paramiko channels",
 }
 
 

@@ -10,7 +10,7 @@ import paramiko
 import pytest
 
 from scriptsftp.server.frontends.ssh import paramiko_ext
-from scriptsftp.server.support.config import ConfigError
+from scriptsftp.server.contract.script_settings import ConfigError
 
 
 def test_install_refuses_a_paramiko_it_was_not_written_for(monkeypatch: pytest.MonkeyPatch) -> None:

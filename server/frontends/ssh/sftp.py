@@ -29,8 +29,9 @@ from paramiko.sftp import (
     CMD_STAT, CMD_SYMLINK, CMD_WRITE, SFTP_BAD_MESSAGE, SFTP_EOF,
     SFTP_FAILURE, SFTP_FLAG_APPEND, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_READ,
     SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_NO_SUCH_FILE, SFTP_OK, SFTP_OP_UNSUPPORTED,
-    SFTP_PERMISSION_DENIED, Message,
+    SFTP_PERMISSION_DENIED,
 )
+from paramiko.message import Message
 from paramiko.sftp_attr import SFTPAttributes
 
 from scriptsftp.server.frontends.ssh.channels import ChannelHost
@@ -221,7 +222,7 @@ class SFTPHandler(SFTPStream):
         pflags = msg.get_int()
         attr = read_attrs(msg)
         if pflags & (SFTP_FLAG_WRITE | SFTP_FLAG_APPEND):
-            mode = attr.st_mode & 0o777 if flags_of(attr) & attr.FLAG_PERMISSIONS else 0o644
+            mode = (attr.st_mode or 0) & 0o777 if flags_of(attr) & attr.FLAG_PERMISSIONS else 0o644
             handle: ReadHandle | WriteHandle = self.session.open_write(
                 path,
                 truncate=bool(pflags & SFTP_FLAG_TRUNC),
@@ -268,7 +269,7 @@ class SFTPHandler(SFTPStream):
             raise _Reply(SFTP_PERMISSION_DENIED, "handle not open for writing")
         if len(data) > self.limits.max_read + 1024:
             raise _Reply(SFTP_FAILURE, "write request too large")
-        h.write(offset, data)
+        h.write(offset, data)  # type: ignore[arg-type]  # a view of the request: the port says bytes, the file write takes any buffer
         self._reply_status(request, SFTP_OK)
 
     def _op_remove(self, request: int, msg: Message) -> None:
@@ -286,7 +287,7 @@ class SFTPHandler(SFTPStream):
         assert self.session is not None
         path = msg.get_text()
         attr = read_attrs(msg)
-        mode = attr.st_mode & 0o777 if flags_of(attr) & attr.FLAG_PERMISSIONS else 0o755
+        mode = (attr.st_mode or 0) & 0o777 if flags_of(attr) & attr.FLAG_PERMISSIONS else 0o755
         self.session.mkdir(path, mode)
         self._reply_status(request, SFTP_OK)
 

@@ -30,9 +30,10 @@ import time
 from typing import Any, Callable, cast
 
 import paramiko
+from paramiko.message import Message
 from paramiko.sftp import (
     CMD_INIT, CMD_READ, CMD_STATUS, CMD_VERSION, CMD_WRITE, SFTP_BAD_MESSAGE, SFTP_EOF, SFTP_FAILURE,
-    SFTP_NO_SUCH_FILE, SFTP_OK, SFTP_OP_UNSUPPORTED, SFTP_PERMISSION_DENIED, Message, SFTPError,
+    SFTP_NO_SUCH_FILE, SFTP_OK, SFTP_OP_UNSUPPORTED, SFTP_PERMISSION_DENIED, SFTPError,
 )
 
 from scriptsftp.server.frontends.ssh.channels import ChannelHost
@@ -76,6 +77,12 @@ class SFTPStream(paramiko.SubsystemHandler):
         self.limits = host.limits
         self._crowded = host.pacing.crowded  # bound once: called per pumped packet
         self.sock = channel
+        transport = channel.get_transport()
+        assert transport is not None  # a channel asking for a subsystem has its connection
+        # the same objects for the channel's life, looked up once (the pump reads them per packet)
+        self._pipe = cast(paramiko_speed.ChunkPipe, channel.in_buffer)  # paramiko_ext.install() made it one
+        self._clear_to_send = transport.clear_to_send  # set while no key exchange runs
+        self._packetizer = transport.packetizer
         self.sid = ""  # the session's id, for log lines, once it is open
         self._in: bytes | memoryview = b""  # SFTP bytes read from the channel and not yet parsed, from _in_pos on
         self._in_pos = 0
@@ -100,7 +107,7 @@ class SFTPStream(paramiko.SubsystemHandler):
         quiet = self.limits.quiet_limit(transferring=True)
         if quiet:  # a reply the client does not take (a stalled download) waits no longer than this
             channel.settimeout(quiet)
-        pipe = cast(paramiko_speed.ChunkPipe, channel.in_buffer)  # paramiko_ext.install() made it one
+        pipe = self._pipe
         try:
             self._send_server_version()
             # From here on the transport thread answers READs and WRITEs itself (_pump) and
@@ -171,7 +178,7 @@ class SFTPStream(paramiko.SubsystemHandler):
         finally:
             self._work.release()
         if kick:
-            self.sock.in_buffer.kick()
+            self._pipe.kick()
 
     def _sink(self, data: memoryview) -> bool:
         """Data for this channel straight from the transport's packet reader (paramiko_recv.set_sink).
@@ -180,7 +187,7 @@ class SFTPStream(paramiko.SubsystemHandler):
         before it in the channel and no key exchange runs (the window adjustment it may
         send must not wait here); otherwise False, and it goes through the channel."""
         chan = self.sock
-        if len(chan.in_buffer) or not chan.transport.clear_to_send.is_set() or self._overflow(len(data)):
+        if len(self._pipe) or not self._clear_to_send.is_set() or self._overflow(len(data)):
             return False
         if not self._work.acquire(blocking=False):
             return False
@@ -198,7 +205,7 @@ class SFTPStream(paramiko.SubsystemHandler):
         finally:
             self._work.release()
         if kick:
-            chan.in_buffer.kick()
+            self._pipe.kick()
         return True
 
     def _pump_locked(self) -> bool:
@@ -213,7 +220,7 @@ class SFTPStream(paramiko.SubsystemHandler):
         try:
             if self._closed:
                 return False
-            clear = self.sock.transport.clear_to_send
+            clear = self._clear_to_send
             while True:
                 if not clear.is_set():
                     kick = True  # key exchange: only the SFTP thread may wait for it
@@ -232,7 +239,7 @@ class SFTPStream(paramiko.SubsystemHandler):
                 if self._inline_hold and not kick:
                     # more packets may already be on their way (libssh2 sends three WRITEs,
                     # then waits): their replies join these, sent when the transport would wait
-                    paramiko_recv.before_wait(self.sock.transport.packetizer, self._flush_before_wait)
+                    paramiko_recv.before_wait(self._packetizer, self._flush_before_wait)
                 elif not self._flush_inline():
                     kick = True
         except Exception as exc:  # never into paramiko's loop: the SFTP thread meets it again
@@ -255,12 +262,11 @@ class SFTPStream(paramiko.SubsystemHandler):
     def _queued(self) -> int:
         """Request bytes received on this channel and not yet answered (read without locks:
         an estimate, which is all a bound needs)."""
-        return len(self.sock.in_buffer) + self._tail_len + len(self._in) - self._in_pos
+        return len(self._pipe) + self._tail_len + len(self._in) - self._in_pos
 
     def _replies_blocked(self) -> bool:
         """Our replies cannot leave because the client's window is closed (not a key exchange)."""
-        chan = self.sock
-        return chan.transport.clear_to_send.is_set() and chan.out_window_size < READ_REPLY_MAX + HOLD_MAX + 1024
+        return self._clear_to_send.is_set() and self.sock.out_window_size < READ_REPLY_MAX + HOLD_MAX + 1024
 
     def _overflow(self, arriving: int = 0) -> bool:
         """True once the channel is closed for its queue (and data still arriving is dropped)."""
@@ -288,7 +294,7 @@ class SFTPStream(paramiko.SubsystemHandler):
 
     def _drop_input(self) -> None:
         """Forget the bytes waiting in the channel (the queue of a channel closed for it)."""
-        self.sock.in_buffer.drop()
+        self._pipe.drop()
 
     def _flush_before_wait(self) -> None:
         """The transport thread is about to wait for the socket: the replies _pump held leave now.
@@ -304,7 +310,7 @@ class SFTPStream(paramiko.SubsystemHandler):
             self._log_unexpected(exc, "sftp reply failed")
         finally:
             self._work.release()
-        self.sock.in_buffer.kick()
+        self._pipe.kick()
 
     def _log_unexpected(self, exc: Exception, what: str) -> None:
         """A failure in the transport thread that is not the connection ending (a bug): logged
@@ -316,7 +322,7 @@ class SFTPStream(paramiko.SubsystemHandler):
         """Send held replies from the transport thread if that cannot wait; False if it would."""
         if not self._held:
             return True
-        if not (self.sock.transport.clear_to_send.is_set() and self._window_holds(0)):
+        if not (self._clear_to_send.is_set() and self._window_holds(0)):
             return False
         self._flush()
         return True

@@ -32,7 +32,7 @@ import paramiko.channel
 import paramiko.util
 
 from scriptsftp.server.frontends.ssh.paramiko_ext.speed import ChunkPipe
-from scriptsftp.server.support.config import ConfigError
+from scriptsftp.server.contract.script_settings import ConfigError
 
 #: the paramiko releases (major, minor) these patches were written and tested for
 WRITTEN_FOR = ((5, 1),)
@@ -77,8 +77,8 @@ def install() -> None:
     with _lock:
         if _installed:
             return
-        paramiko.util.constant_time_bytes_eq = hmac.compare_digest
-        paramiko.channel.BufferedPipe = ChunkPipe  # type: ignore[misc]
+        paramiko.util.constant_time_bytes_eq = hmac.compare_digest  # type: ignore[assignment]
+        paramiko.channel.BufferedPipe = ChunkPipe  # type: ignore[attr-defined]
         _installed = True
 
 

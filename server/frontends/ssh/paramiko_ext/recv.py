@@ -114,7 +114,7 @@ def fill(pk: Packetizer, n: int, check_rekey: bool = False) -> _RecvBuffer:
                 raise EOFError()
             if check_rekey and had == 0 and rb.end == rb.start and pk._Packetizer__need_rekey:  # type: ignore[attr-defined]
                 raise NeedRekeyException()
-            pk._check_keepalive()
+            pk._check_keepalive()  # type: ignore[attr-defined]
     return rb
 
 
@@ -202,7 +202,7 @@ def read_message(pk: Packetizer) -> tuple[int, Message]:
     if padding + body_start > packet_size:
         raise SSHException("Invalid packet padding")
     next_seq = (seq + 1) & xffffffff
-    if next_seq == 0 and not pk._initial_kex_done:
+    if next_seq == 0 and not pk._initial_kex_done:  # type: ignore[attr-defined]
         raise SSHException("Sequence number rolled over during initial kex!")
     d[p + "sequence_number_in"] = next_seq
     _count_received(pk, raw)
@@ -264,7 +264,7 @@ def _open_gcm(pk: Packetizer, d: dict[str, Any], engine: Any) -> tuple[bytes, in
     with memoryview(rb.data) as view:
         plain = engine.decrypt(iv, view[start + 4:start + total], view[start:start + 4])
     rb.start += total
-    d["_Packetizer__iv_in"] = pk._inc_iv_counter(iv)
+    d["_Packetizer__iv_in"] = pk._inc_iv_counter(iv)  # type: ignore[attr-defined]
     return plain, packet_size, total
 
 
@@ -322,7 +322,7 @@ def _count_received(pk: Packetizer, raw: int) -> None:
     elif d[p + "received_packets"] >= pk.REKEY_PACKETS or d[p + "received_bytes"] >= pk.REKEY_BYTES:
         d[p + "received_bytes_overflow"] = 0
         d[p + "received_packets_overflow"] = 0
-        pk._trigger_rekey()
+        pk._trigger_rekey()  # type: ignore[attr-defined]
 
 
 _original_read_message = Packetizer.read_message

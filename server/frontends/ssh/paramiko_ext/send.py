@@ -61,7 +61,7 @@ def send_all(chan: paramiko.Channel, data: bytes | bytearray | memoryview) -> No
         chunks = _reserve(chan, view)
         if not chunks:
             raise EOFError()
-        _send_user_packets(chan.transport, chan.remote_chanid, chunks)
+        _send_user_packets(chan.transport, chan.remote_chanid, chunks)  # type: ignore[arg-type]
         view = view[sum(len(c) for c in chunks):]
 
 
@@ -75,7 +75,7 @@ def _reserve(chan: paramiko.Channel, view: memoryview) -> list[memoryview]:
         while taken < len(view) and len(chunks) < MAX_BATCH:
             if chunks and chan.out_window_size <= 0:
                 break  # more would mean waiting: send what we have first
-            size = chan._wait_for_send_window(len(view) - taken)
+            size = chan._wait_for_send_window(len(view) - taken)  # type: ignore[attr-defined]
             if size <= 0:
                 break
             chunks.append(view[taken:taken + size])
@@ -88,7 +88,7 @@ def _send_user_packets(transport: paramiko.Transport, chanid: int, chunks: Seque
     start = time.time()
     while True:
         transport.clear_to_send.wait(0.1)
-        if not transport.active:
+        if not transport.active:  # type: ignore[attr-defined]
             return  # paramiko drops user packets of a dead connection the same way
         transport.clear_to_send_lock.acquire()
         if transport.clear_to_send.is_set():
@@ -133,7 +133,7 @@ def send_data_packets(pk: Packetizer, chanid: int, chunks: Sequence[memoryview])
             if aead:
                 iv = d[_P + "iv_out"]
                 bufs += (len4, engine.encrypt(iv, b"".join((head, chunk, pad)), len4))
-                d[_P + "iv_out"] = pk._inc_iv_counter(iv)
+                d[_P + "iv_out"] = pk._inc_iv_counter(iv)  # type: ignore[attr-defined]
                 sent += 14 + n + padding + 16
             else:
                 mac = mac_base.copy()  # type: ignore[union-attr]  # not None without AEAD
@@ -161,7 +161,7 @@ def send_data_packets(pk: Packetizer, chanid: int, chunks: Sequence[memoryview])
                 bufs.append(mac.digest()[:mac_size])
                 sent += 14 + n + padding + mac_size
             seq = (seq + 1) & xffffffff
-            if seq == 0 and not pk._initial_kex_done:
+            if seq == 0 and not pk._initial_kex_done:  # type: ignore[attr-defined]
                 raise SSHException("Sequence number rolled over during initial kex!")
             d[_P + "sequence_number_out"] = seq
         _write_vectored(pk, bufs)
@@ -171,7 +171,7 @@ def send_data_packets(pk: Packetizer, chanid: int, chunks: Sequence[memoryview])
                 and not d[_P + "need_rekey"]:
             d[_P + "received_bytes_overflow"] = 0
             d[_P + "received_packets_overflow"] = 0
-            pk._trigger_rekey()
+            pk._trigger_rekey()  # type: ignore[attr-defined]
 
 
 def _write_vectored(pk: Packetizer, bufs: list[bytes | memoryview]) -> None:

@@ -15,15 +15,15 @@ from paramiko.sftp_attr import SFTPAttributes
 def attrs_with_flags(flags: int) -> SFTPAttributes:
     """Empty attributes that say which fields a request carries (``flags``, as sent)."""
     attr = SFTPAttributes()
-    attr._flags = flags
+    attr._flags = flags  # type: ignore[attr-defined]
     return attr
 
 
 def flags_of(attr: SFTPAttributes) -> int:
     """The SSH_FILEXFER_ATTR_* flags of attributes read from a request."""
-    return attr._flags
+    return attr._flags  # type: ignore[attr-defined]
 
 
 def pack_attrs(msg: Message, attr: SFTPAttributes) -> None:
     """Append ``attr`` to a reply in SFTP v3's ATTRS encoding (the fields that are set)."""
-    attr._pack(msg)
+    attr._pack(msg)  # type: ignore[attr-defined]

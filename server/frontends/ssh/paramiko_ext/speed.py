@@ -97,22 +97,22 @@ class ChunkPipe(BufferedPipe):
 
     def __init__(self) -> None:
         super().__init__()
-        self._buffer = ChunkBuffer()  # type: ignore[assignment]
+        self._buffer = ChunkBuffer()
         self.quiet = False
         self.kicked = False
 
     def feed(self, data: bytes) -> None:
-        with self._lock:
-            if self._event is not None:
-                self._event.set()
+        with self._lock:  # type: ignore[attr-defined]
+            if self._event is not None:  # type: ignore[attr-defined]
+                self._event.set()  # type: ignore[attr-defined]
             self._buffer_frombytes(bytes(data))
             if not self.quiet:
-                self._cv.notify_all()
+                self._cv.notify_all()  # type: ignore[attr-defined]
 
     def kick(self) -> None:
-        with self._lock:
+        with self._lock:  # type: ignore[attr-defined]
             self.kicked = True
-            self._cv.notify_all()
+            self._cv.notify_all()  # type: ignore[attr-defined]
 
     def __len__(self) -> int:
         """Bytes buffered, read without the lock (one int: an estimate at worst, which is all
@@ -121,23 +121,23 @@ class ChunkPipe(BufferedPipe):
 
     def drop(self) -> None:
         """Forget everything buffered (the queue of a channel closed for it)."""
-        with self._lock:
-            self._buffer = ChunkBuffer()  # type: ignore[assignment]
+        with self._lock:  # type: ignore[attr-defined]
+            self._buffer = ChunkBuffer()
 
     def wait_for_input(self, deadline: Callable[[], float] | None) -> None:
         """Block until bytes are buffered, the pipe is closed or :meth:`kick` was called (the
         kick is then cleared). ``deadline()``: the ``time.monotonic()`` after which
         ``socket.timeout`` is raised instead, asked again after every wakeup (it moves
         while the transport thread answers requests)."""
-        with self._lock:
-            while not (self._buffer._len or self._closed or self.kicked):
+        with self._lock:  # type: ignore[attr-defined]
+            while not (self._buffer._len or self._closed or self.kicked):  # type: ignore[attr-defined]
                 if deadline is not None:
                     left = deadline() - time.monotonic()
                     if left <= 0:
                         raise socket.timeout()
-                    self._cv.wait(left)
+                    self._cv.wait(left)  # type: ignore[attr-defined]
                 else:
-                    self._cv.wait()
+                    self._cv.wait()  # type: ignore[attr-defined]
             self.kicked = False
 
     def _buffer_frombytes(self, data: bytes) -> None:
@@ -152,10 +152,10 @@ def recv_nowait(chan: paramiko.Channel, limit: int) -> bytes | None:
 
     Like ``Channel.recv``, it grants the peer more window as data is consumed."""
     pipe = chan.in_buffer
-    with pipe._lock:
-        if not len(pipe._buffer):
-            return None if pipe._closed else b""
-        out = pipe._buffer_tobytes(limit)
+    with pipe._lock:  # type: ignore[attr-defined]
+        if not len(pipe._buffer):  # type: ignore[attr-defined]
+            return None if pipe._closed else b""  # type: ignore[attr-defined]
+        out = pipe._buffer_tobytes(limit)  # type: ignore[attr-defined]
     grant_window(chan, len(out))
     return out
 
@@ -164,10 +164,10 @@ def grant_window(chan: paramiko.Channel, consumed: int) -> None:
     """``consumed`` bytes of the channel were taken: open the peer's window again when due
     (as ``Channel.recv`` does; may wait out a key exchange, so never from the transport
     thread while one runs)."""
-    ack = chan._check_add_window(consumed)
+    ack = chan._check_add_window(consumed)  # type: ignore[attr-defined]
     if ack > 0:
         m = Message()
         m.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
         m.add_int(chan.remote_chanid)
         m.add_int(ack)
-        chan.transport._send_user_message(m)
+        chan.transport._send_user_message(m)  # type: ignore[union-attr]

@@ -27,7 +27,7 @@ import logging
 import socket
 import sys
 import time
-from typing import Callable, Protocol
+from typing import Callable, Protocol, cast
 
 import paramiko
 from paramiko.auth_handler import AuthHandler
@@ -137,7 +137,7 @@ class ServerTransport(paramiko.Transport):
         self._after_reply: dict[paramiko.Channel, Callable[[], None]] = {}
         # paramiko's run loop calls self._channel_handler_table[ptype](chan, m): an instance
         # table of bound methods reaches this transport's registrations in one lookup
-        self._channel_handler_table = {**paramiko.Transport._channel_handler_table,
+        self._channel_handler_table = {**paramiko.Transport._channel_handler_table,  # type: ignore[attr-defined]
                                        MSG_CHANNEL_REQUEST: self._handle_request_then_start,
                                        MSG_CHANNEL_DATA: self._feed_then_pump}
 
@@ -160,20 +160,20 @@ class ServerTransport(paramiko.Transport):
             self._pumps[chan] = pump
 
     def _handle_request_then_start(self, chan: paramiko.Channel, m: Message) -> None:
-        chan._handle_request(m)
+        chan._handle_request(m)  # type: ignore[attr-defined]
         start = self._after_reply.pop(chan, None)
         if start is not None:
             start()
 
     def _feed_then_pump(self, chan: paramiko.Channel, m: Message) -> None:
-        chan._feed(m)
+        chan._feed(m)  # type: ignore[attr-defined]
         pump = self._pumps.get(chan)
         if pump is not None:
             pump()
 
     def open_channel_count(self) -> int:
         """Channels of this connection not yet closed (paramiko forgets a channel once closed)."""
-        return len(self._channels)
+        return len(self._channels)  # type: ignore[attr-defined]
 
 
     def run(self) -> None:
@@ -191,9 +191,9 @@ class ServerTransport(paramiko.Transport):
         if self.ident is not None:  # started
             self.join(wait)
         if not self.is_alive():
-            self.sock.release()
+            cast(ConnectionSocket, self.sock).release()
 
-    def _log(self, level: int, msg, *args) -> None:  # type: ignore[no-untyped-def]
+    def _log(self, level: int, msg, *args) -> None:
         """Protocol errors of clients that never logged in (port scanners, TCP health checks,
         broken clients) are the client's problem, not the server's: one info line, no
         traceback. paramiko logs them as ERROR with a 20-line traceback each. Unexpected
@@ -204,14 +204,14 @@ class ServerTransport(paramiko.Transport):
         nobody listens to stop here."""
         if level < logging.ERROR:
             if self.logger.isEnabledFor(level):
-                super()._log(level, msg, *args)
+                super()._log(level, msg, *args)  # type: ignore[misc]
             return
         if self._core_gone(msg):
             return
         if isinstance(msg, str) and msg.startswith("Socket exception"):
             # a logged-in client that vanished (reset, broken pipe: a killed client, a
             # dropped link) ends its session, not the server's health: sshd logs it at INFO
-            super()._log(logging.INFO, msg, *args)
+            super()._log(logging.INFO, msg, *args)  # type: ignore[misc]
             return
         if not self.is_authenticated():
             if isinstance(msg, list):
@@ -222,7 +222,7 @@ class ServerTransport(paramiko.Transport):
                                                           "Error reading SSH protocol banner")):
                 self._quiet_traceback = True
                 level = logging.INFO
-        super()._log(level, msg, *args)
+        super()._log(level, msg, *args)  # type: ignore[misc]
 
     _core_gone_seen = False
 
@@ -260,12 +260,12 @@ class ServerTransport(paramiko.Transport):
                 and self.local_kex_init is None and str(self.remote_version).startswith("SSH-2.0-OpenSSH_"):
             self._kexinit_waits = True  # sent by _negotiate_keys when the client's arrives
             return
-        super()._send_kex_init()
+        super()._send_kex_init()  # type: ignore[misc]
 
     def _negotiate_keys(self, m: Message) -> None:
         if self._kexinit_waits and self.local_kex_init is None:
             self._preferred_ciphers = self._ciphers_for(m)
-        super()._negotiate_keys(m)
+        super()._negotiate_keys(m)  # type: ignore[misc]
 
     def _ciphers_for(self, m: Message) -> tuple[str, ...]:
         """Only the GCM ciphers when the client accepts one of them both ways, else the usual list."""
@@ -282,9 +282,9 @@ class ServerTransport(paramiko.Transport):
         return gcm or type(self)._preferred_ciphers
 
     def _parse_newkeys(self, m: Message) -> None:
-        if self.server_mode and self.auth_handler is None:  # type: ignore[has-type]
+        if self.server_mode and self.auth_handler is None:
             self.auth_handler = LoginAuthHandler(self)
-        super()._parse_newkeys(m)
+        super()._parse_newkeys(m)  # type: ignore[misc]
 
 
 class LoginAuthHandler(AuthHandler):
@@ -295,20 +295,20 @@ class LoginAuthHandler(AuthHandler):
     answer. This thread handles the client's next message only once that is done."""
 
     def _send_auth_result(self, username: str, method: str, result: int) -> None:
-        server: LoginHooks = self.transport.server_object
+        server = cast(LoginHooks, self.transport.server_object)
         if result == AUTH_SUCCESSFUL:
             decision = server.finish_login(username, method)
             if not decision.allowed:
                 send_disconnect(self.transport, decision.reason, DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE)
                 return
             try:
-                super()._send_auth_result(username, method, result)
+                super()._send_auth_result(username, method, result)  # type: ignore[misc]
             finally:  # allowed and counted: logged even if the answer could not be sent
                 server.announce_login(method)
             return
         if method == "publickey":
             server.key_rejected(username)
-        super()._send_auth_result(username, method, result)
+        super()._send_auth_result(username, method, result)  # type: ignore[misc]
 
 
 def send_disconnect(transport: paramiko.Transport, reason: str, code: int = DISCONNECT_BY_APPLICATION) -> None:
@@ -319,7 +319,7 @@ def send_disconnect(transport: paramiko.Transport, reason: str, code: int = DISC
         m.add_int(code)
         m.add_string(reason[:1000])
         m.add_string("en")
-        transport._send_message(m)
+        transport._send_message(m)  # type: ignore[attr-defined]
     except Exception:
         pass
     transport.close()
