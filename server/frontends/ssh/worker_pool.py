@@ -122,9 +122,8 @@ class SSHWorkerProcess:
 
 def _fork(control: socket.socket, setup: dict, close: list[socket.socket]) -> _Forked:
     from scriptsftp.server.frontends.ssh import worker_process
-    from scriptsftp.server.frontends.ssh import sftp
-    from scriptsftp.server.frontends.ssh import scp
-    from scriptsftp.server.frontends.ssh import remote_core  # noqa: F401  (imported once, shared)
+    # imported here once, before the fork: the children share these pages instead of importing
+    from scriptsftp.server.frontends.ssh import remote_core, scp, sftp  # noqa: F401
 
     gc.freeze()  # what exists now is never collected in the child: its pages stay shared
     pid = os.fork()
