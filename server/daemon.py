@@ -19,14 +19,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from scriptsftp.server import __version__
 
 from scriptsftp.server.support import memory
 from scriptsftp.server.support.worker_accounts import WORKER_ACCOUNT, Account, script_worker_account, worker_account
 from scriptsftp.server.ops.audit import AuditTrail, RefusalRecorder, ScriptAuditRecorder
-from scriptsftp.server.support.config import ConfigError, LoadedConfig, load_config
+from scriptsftp.server.support.config import AdminSection, ConfigError, LoadedConfig, load_config
 from scriptsftp.server.ops.defender import Defender
 from scriptsftp.server.contract.dispatch import SwappableDispatcher
 from scriptsftp.server.contract.scripting import NullEngine, ScriptEngineLifecycle
@@ -34,7 +34,7 @@ from scriptsftp.server.core.script_files import ScriptSessions
 from scriptsftp.server.support.keys import ensure_host_keys, fingerprint, load_host_key
 from scriptsftp.server.core.login import LoginCore, build_users, ensure_generated_passwords
 from scriptsftp.server.core.publish import UploadPolicy
-from scriptsftp.server.support.listen import Listener, listen_addresses
+from scriptsftp.server.support.listen import Listener, Reconfigurable, listen_addresses
 from scriptsftp.server.support.listen_check import check_listen_addresses
 from scriptsftp.server.frontends.ssh import paramiko_ext
 from scriptsftp.server.frontends.ssh.server import SSHLimits, SSHListener
@@ -46,9 +46,9 @@ from scriptsftp.server.core.staging import CHECKING, StagingRecords, discard_lef
 log = logging.getLogger("scriptsftp.daemon")
 
 
-# Listeners beside SSH, by config section: each module has ``make_listener(daemon) -> Listener``
-# and is imported only when its section is enabled (so pyftpdlib/aiohttp are not loaded by
-# an SFTP-only server).
+# Listeners beside SSH, by config section: each module has a ``make_listener`` that takes its
+# port and its section (never the daemon; see Daemon._front_end_listener) and is imported only
+# when its section is enabled (so pyftpdlib/aiohttp are not loaded by an SFTP-only server).
 FRONT_ENDS = {
     "ftp": "scriptsftp.server.frontends.ftp.listener",
     "http": "scriptsftp.server.frontends.http.server",
@@ -163,7 +163,15 @@ class Daemon:
             self.listeners.append(self._ssh_listener())
         for name in FRONT_ENDS:
             if getattr(m, name).enabled:
-                self.listeners.append(_front_end(name).make_listener(self))
+                self.listeners.append(self._front_end_listener(name))
+
+    def _front_end_listener(self, name: str) -> Listener:
+        """FTP and HTTP get the login core (their port) and their section; the admin API its
+        own port onto this daemon (:class:`AdminView`)."""
+        module, m = _front_end(name), self.cfg.model
+        if name == "admin":
+            return module.make_listener(AdminView(self), m.admin, self.cfg)
+        return module.make_listener(self.core, getattr(m, name), m.server, self.cfg)
 
     @property
     def engine(self) -> ScriptEngineLifecycle:
@@ -396,8 +404,8 @@ class Daemon:
         self.audit.retention_days = m.server.audit_retention_days
         self.audit.max_bytes = int(m.server.audit_max_mb * 1024 * 1024)
         for listener in self.listeners:
-            if hasattr(listener, "max_upload_size"):
-                listener.max_upload_size = m.http.max_upload_size
+            if isinstance(listener, Reconfigurable):
+                listener.reconfigure(getattr(m, listener.name))
 
     def shutdown(self) -> None:
         grace = self.cfg.model.server.grace_period
@@ -430,7 +438,65 @@ class Daemon:
 
     def _busy(self) -> bool:
         """True while any session has a file open (a transfer is running)."""
-        return self.publisher.busy() or any(s._handles for c in self.core.connections() for s in c.sessions)
+        return self.publisher.busy() or any(s.open_handles() for c in self.core.connections() for s in c.sessions)
+
+
+class AdminView:
+    """The admin API's port onto the daemon (ops/admin.py AdminPort): what it may read, read
+    live (a reload swaps the config and the engine), and the reload it may ask for."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    @property
+    def started(self) -> float:
+        return self._daemon.started
+
+    @property
+    def config_path(self) -> Path:
+        return self._daemon.cfg.path
+
+    @property
+    def admin(self) -> AdminSection:
+        return self._daemon.cfg.model.admin
+
+    @property
+    def preauth_timeout(self) -> float:
+        return self._daemon.cfg.model.server.preauth_timeout
+
+    @property
+    def pending_restart(self) -> list[str]:
+        return self._daemon.pending_restart
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return self._daemon.listeners
+
+    @property
+    def core(self) -> LoginCore:
+        return self._daemon.core
+
+    @property
+    def engine(self) -> ScriptEngineLifecycle:
+        return self._daemon.engine
+
+    @property
+    def audit(self) -> AuditTrail:
+        return self._daemon.audit
+
+    @property
+    def defender(self) -> Defender:
+        return self._daemon.defender
+
+    def reload(self) -> bool:
+        return self._daemon.reload()
+
+
+if TYPE_CHECKING:  # the view fits the admin API's port
+    from scriptsftp.server.ops.admin import AdminPort
+
+    def _admin_port(view: AdminView) -> AdminPort:
+        return view
 
 
 def refuse_root(cfg: LoadedConfig) -> str | None:

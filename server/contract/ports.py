@@ -15,9 +15,10 @@ object stand behind them, and mypy checks that both fit:
   or excluded there on purpose, never forgotten.
 
 The ports are generic in the objects an implementation hands out and takes
-back: a core's connections (``C``) and a session's write handles (``W``). Each
-implementation takes only its own (a LoginCore never sees a RemoteConnection);
-a front end that does not care writes ``CorePort[Any]``.
+back: a core's connections (``C``) and sessions (``S``), a session's write
+handles (``W``). Each implementation takes only its own (a LoginCore never
+sees a RemoteConnection); a front end that does not care writes
+``CorePort[Any, Any]``.
 
 This module is part of the contract: it imports nothing from the core, the
 front ends or a protocol library, so the core, the front ends, the worker side
@@ -146,6 +147,7 @@ class DirHandlePort(HandlePort, Protocol):
 
 C = TypeVar("C", bound=ConnectionView)
 W = TypeVar("W", bound=WriteHandlePort)
+S = TypeVar("S", bound="SessionPort[Any]", covariant=True)
 
 
 class SessionPort(Protocol[W]):
@@ -199,7 +201,7 @@ class SessionPort(Protocol[W]):
     def close(self) -> None: ...
 
 
-class CorePort(Protocol[C]):
+class CorePort(Protocol[C, S]):
     """A connection's way through the core, as every front end sees it.
 
     SSH proves credentials itself in parts (which methods, this password, this key)
@@ -223,10 +225,10 @@ class CorePort(Protocol[C]):
 
     def announce_login(self, conn: C, method: str) -> None: ...
 
-    def open_session(self, conn: C, protocol: str | None = None) -> SessionPort[Any]: ...
+    def open_session(self, conn: C, protocol: str | None = None) -> S: ...
 
 
-class LocalCorePort(CorePort[C], Protocol[C]):
+class LocalCorePort(CorePort[C, S], Protocol[C, S]):
     """What the front ends served in the core's own process (FTP, HTTP) ask besides:
     a password check that leaves the failure delay to the caller (an event loop must
     not sleep), and the pre-auth timeout, read live (a reload changes it)."""

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from scriptsftp.server.core.login import Connection, LoginCore
     from scriptsftp.server.core.session import DirHandle, ReadHandle, Session, WriteHandle
 
-    def _core(core: LoginCore) -> LocalCorePort[Connection]:
+    def _core(core: LoginCore) -> LocalCorePort[Connection, Session]:
         return core
 
     def _session(session: Session) -> SessionPort[WriteHandle]:

@@ -670,6 +670,12 @@ class Session:
             on_close(self)
         self.storage.close()
 
+    def open_handles(self) -> list["FileHandle"]:
+        """The files open now (running transfers, not listings): the daemon waits for them
+        at shutdown and the admin API lists them."""
+        with self._lock:
+            return list(self._handles)
+
 
 #: the largest file offset the kernel takes (off_t); clients send 64-bit unsigned offsets
 MAX_OFFSET = 2**63 - 1

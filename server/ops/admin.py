@@ -14,6 +14,11 @@ validation and :func:`make_listener` both refuse anything else.
 Endpoints: see docs/admin.md. ``/healthz`` needs no token; the dashboard at
 ``/`` accepts the token in the Authorization header or a cookie set by the
 login form or by a one-time link from ``POST /api/login-link``.
+
+The API sees the running server only through :class:`AdminPort`, which the
+daemon provides: what it shows (uptime, listeners, connections, engine, audit,
+bans) and the two things it may do (reload; kick, through a connection's
+``on_kick``). Every read is live, since a reload swaps the config and engine.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import time
 import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, Sequence
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -40,8 +46,15 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from scriptsftp.server import __version__
 
+from scriptsftp.server.contract.dispatch import Dispatcher
 from scriptsftp.server.support import metrics
-from scriptsftp.server.support.config import ConfigError, is_loopback
+from scriptsftp.server.support.config import AdminSection, ConfigError, is_loopback
+from scriptsftp.server.support.listen import ConfigFiles, Listener
+
+if TYPE_CHECKING:
+    from scriptsftp.server.core.login import Connection
+    from scriptsftp.server.ops.audit import AuditTrail
+    from scriptsftp.server.ops.defender import Defender
 
 log = logging.getLogger("scriptsftp.admin")
 
@@ -53,6 +66,55 @@ MAX_PENDING_VERIFY = 8        # new tokens waiting for an argon2 verify; more ar
 FAILED_VERIFY_PAUSE = 0.35    # seconds the verifier rests after a wrong token
 ADMIN_IDLE_SECONDS = 60.0     # a kept-alive admin connection with no new request is closed after this
 _hasher = PasswordHasher()
+
+
+# --- the port ------------------------------------------------------------------------------
+
+
+class ConnectionRegistry(Protocol):
+    """The core's list of client connections (the LoginCore is one)."""
+
+    #: pre-auth connections closed to make room for newer ones, since start (metrics)
+    preauth_evicted: int
+
+    def connections(self) -> list[Connection]: ...
+
+
+class AdminPort(Protocol):
+    """What the admin API reads and asks of the running server (daemon.py provides it)."""
+
+    @property
+    def started(self) -> float: ...  # Unix time
+
+    @property
+    def config_path(self) -> Path: ...
+
+    @property
+    def admin(self) -> AdminSection: ...  # [admin] as running now (token_hash is live)
+
+    @property
+    def preauth_timeout(self) -> float: ...  # [server] preauth_timeout, live
+
+    @property
+    def pending_restart(self) -> list[str]: ...  # keys changed in the file, waiting for a restart
+
+    @property
+    def listeners(self) -> Sequence[Listener]: ...
+
+    @property
+    def core(self) -> ConnectionRegistry: ...
+
+    @property
+    def engine(self) -> Dispatcher: ...  # the scripting engine, or a NullDispatcher
+
+    @property
+    def audit(self) -> AuditTrail | None: ...
+
+    @property
+    def defender(self) -> Defender | None: ...
+
+    def reload(self) -> bool:
+        """Re-read the config and apply it all, or nothing; False if refused."""
 
 
 # --- the token ----------------------------------------------------------------------------
@@ -186,7 +248,7 @@ def connection_info(conn: Any) -> dict[str, Any]:
     for s in list(conn.sessions):
         bytes_in += s.bytes_in
         bytes_out += s.bytes_out
-        for h in list(getattr(s, "_handles", ())):
+        for h in s.open_handles():
             upload = hasattr(h, "written")
             n = int(getattr(h, "written", getattr(h, "sent", 0)))
             transfers.append({"path": h.path, "direction": "upload" if upload else "download", "bytes": n,
@@ -266,10 +328,10 @@ class AdminListener:
 
     name = "admin"
 
-    def __init__(self, daemon: Any, host: str, port: int) -> None:
-        self.daemon = daemon
+    def __init__(self, server: AdminPort, host: str, port: int) -> None:
+        self.server = server
         self.host, self.port = host, port
-        self.tokens = TokenChecker(lambda: self.daemon.cfg.model.admin.token_hash, is_loopback(f"{host}:{port}"))
+        self.tokens = TokenChecker(lambda: self.server.admin.token_hash, is_loopback(f"{host}:{port}"))
         self._bound: list[str] = []
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -280,7 +342,7 @@ class AdminListener:
         self._links: dict[str, float] = {}          # one-time login codes -> expiry
         self._reload_lock = threading.Lock()
         self._requested: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()  # sent a request
-        metrics.install(daemon)
+        metrics.install(server)
 
     # --- Listener protocol ---
 
@@ -333,7 +395,7 @@ class AdminListener:
 
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
             opened(handler, transport)
-            delay = float(self.daemon.cfg.model.server.preauth_timeout)
+            delay = float(self.server.preauth_timeout)
             asyncio.get_running_loop().call_later(delay, self._close_if_silent, transport)
 
         server.connection_made = connection_made
@@ -432,7 +494,7 @@ class AdminListener:
     # --- endpoints ---
 
     async def healthz(self, request: web.Request) -> web.Response:
-        pool = getattr(self.daemon.engine, "pool", None)
+        pool = getattr(self.server.engine, "pool", None)
         health = pool.health() if pool is not None and hasattr(pool, "health") else None
         if health is not None and (health.get("closed") or health.get("alive", 0) == 0):
             return web.json_response({"status": "degraded", "reason": "no script workers alive"}, status=503)
@@ -445,16 +507,16 @@ class AdminListener:
         return resp
 
     def _status(self) -> dict[str, Any]:
-        d = self.daemon
+        d = self.server
         pool = getattr(d.engine, "pool", None)
-        audit = getattr(d, "audit", None)
+        audit = d.audit
         return {
             "version": __version__,
             "started": d.started,
             "uptime": round(time.time() - d.started, 1),
-            "config": str(d.cfg.path),
+            "config": str(d.config_path),
             # keys changed in the file that the running daemon does not use yet (reload_plan.py)
-            "pending_restart": list(getattr(d, "pending_restart", [])),
+            "pending_restart": list(d.pending_restart),
             "listeners": [{"name": lst.name, "bound": lst.bound, "active": lst.active()} for lst in d.listeners],
             "sessions": len(d.core.connections()),
             "workers": pool.health() if pool is not None and hasattr(pool, "health") else None,
@@ -468,12 +530,12 @@ class AdminListener:
         return web.json_response(await self._blocking(self._status))
 
     async def sessions(self, request: web.Request) -> web.Response:
-        conns = sorted(self.daemon.core.connections(), key=lambda c: c.started)
+        conns = sorted(self.server.core.connections(), key=lambda c: c.started)
         return web.json_response([connection_info(c) for c in conns])
 
     async def kick(self, request: web.Request) -> web.Response:
         sid = request.match_info["id"]
-        conn = next((c for c in self.daemon.core.connections() if c.id == sid), None)
+        conn = next((c for c in self.server.core.connections() if c.id == sid), None)
         if conn is None:
             return _error(404, f"no session {sid!r}")
         if conn.on_kick is None:
@@ -484,7 +546,7 @@ class AdminListener:
         return web.json_response({"kicked": sid, "user": conn.user})
 
     async def scripts(self, request: web.Request) -> web.Response:
-        return web.json_response(scripts_info(self.daemon.engine))
+        return web.json_response(scripts_info(self.server.engine))
 
     def _reload(self) -> dict[str, Any]:
         collector = _LogCollector()
@@ -492,11 +554,11 @@ class AdminListener:
         with self._reload_lock:
             root.addHandler(collector)
             try:
-                ok = self.daemon.reload()
+                ok = self.server.reload()
             finally:
                 root.removeHandler(collector)
         return {"ok": bool(ok) and not collector.lines, "errors": collector.lines,
-                "pending_restart": list(getattr(self.daemon, "pending_restart", []))}
+                "pending_restart": list(self.server.pending_restart)}
 
     async def reload(self, request: web.Request) -> web.Response:
         log.info("reload requested through the admin API")
@@ -504,7 +566,7 @@ class AdminListener:
         return web.json_response(result, status=200 if result["ok"] else 422)
 
     def _query_events(self, q: dict[str, Any]) -> list[dict[str, Any]]:
-        audit = getattr(self.daemon, "audit", None)
+        audit = self.server.audit
         if audit is None:
             return []
         audit.flush(1.0)  # what was decided before this request is in the answer
@@ -536,7 +598,7 @@ class AdminListener:
         return web.json_response(await self._blocking(self._query_events, q))
 
     def _defender(self) -> Any:
-        return getattr(self.daemon, "defender", None)
+        return self.server.defender
 
     async def bans(self, request: web.Request) -> web.Response:
         defender = self._defender()
@@ -638,11 +700,11 @@ class AdminListener:
             error, q = str(exc), {"limit": 100}
         q["limit"] = min(q.get("limit", 100), 200)
         events = await self._blocking(self._query_events, q)
-        conns = sorted(self.daemon.core.connections(), key=lambda c: c.started)
+        conns = sorted(self.server.core.connections(), key=lambda c: c.started)
         page = render_dashboard(
             status=await self._blocking(self._status),
             sessions=[connection_info(c) for c in conns],
-            scripts=scripts_info(self.daemon.engine),
+            scripts=scripts_info(self.server.engine),
             events=events,
             filters={k: request.query.get(k, "") for k in ("user", "path", "decision", "since")},
             error=error,
@@ -653,14 +715,13 @@ class AdminListener:
 from scriptsftp.server.ops.dashboard import render_dashboard, render_login  # noqa: E402  (dashboard imports nothing from here)
 
 
-def make_listener(daemon: Any) -> AdminListener:
+def make_listener(server: AdminPort, a: AdminSection, files: ConfigFiles) -> AdminListener:
     """The daemon's entry point; refuses a non-loopback address without a token (a clear startup error)."""
-    a = daemon.cfg.model.admin
     if not a.token_hash and not is_loopback(a.listen):
-        raise ConfigError([f"{daemon.cfg.where(('admin', 'listen'))}: {a.listen!r} is not a loopback address "
+        raise ConfigError([f"{files.where(('admin', 'listen'))}: {a.listen!r} is not a loopback address "
                            "and [admin] token_hash is empty: set a token (`scriptsftp hash-password`)"])
     host, _, port = a.listen.rpartition(":")
-    return AdminListener(daemon, host.strip("[]"), int(port))
+    return AdminListener(server, host.strip("[]"), int(port))
 
 
-__all__ = ["make_listener", "AdminListener", "TokenChecker", "parse_since"]
+__all__ = ["make_listener", "AdminListener", "AdminPort", "ConnectionRegistry", "TokenChecker", "parse_since"]

@@ -27,11 +27,13 @@ from scriptsftp.server.frontends.ftp.data import DataConnection, TLSDataConnecti
 from scriptsftp.server.frontends.ftp.pyftpdlib_ext import (
     FTPHandler, PassiveDTP, ThreadedServer, TLS_FTPHandler,
 )
-from scriptsftp.server.support.config import ConfigError
-from scriptsftp.server.support.listen import listen_addresses
+from scriptsftp.server.support.config import ConfigError, FtpSection, ServerSection
+from scriptsftp.server.support.listen import ConfigFiles, listen_addresses
 
 if TYPE_CHECKING:
-    from scriptsftp.server.daemon import Daemon
+    from scriptsftp.server.contract.ports import LocalCorePort
+    from scriptsftp.server.core.login import Connection
+    from scriptsftp.server.core.session import Session
 
 log = logging.getLogger("scriptsftp.ftp")
 
@@ -201,24 +203,24 @@ def tls_context(certificate: str, private_key: str) -> SSL.Context:
     return ctx
 
 
-def make_listener(daemon: "Daemon") -> FTPListener:
-    """The ``[ftp]`` listener; UnsupportedPyftpdlib (a ValueError) if pyftpdlib is not 2.2.*."""
+def make_listener(core: LocalCorePort[Connection, Session], m: FtpSection, server: ServerSection,
+                  files: ConfigFiles) -> FTPListener:
+    """The listener of ``[ftp]`` (``m``) on ``core``, ``[server]`` giving the stall timeout;
+    UnsupportedPyftpdlib (a ValueError) if pyftpdlib is not 2.2.*."""
     pyftpdlib_ext.install()
-    cfg = daemon.cfg
-    m = cfg.model.ftp
     attrs: dict[str, Any] = {
-        "core": daemon.core,
+        "core": core,
         "passive_ports": passive_range(m.passive_ports),
         "masquerade_address": m.masquerade_address or None,
         "active_mode": m.active_mode,
-        "stall_timeout": cfg.model.server.stall_timeout,
+        "stall_timeout": server.stall_timeout,
     }
     base: type[SessionCommands] = _PlainHandler
     if m.tls != "off":
         try:
-            ctx = tls_context(str(cfg.resolve(m.certificate)), str(cfg.resolve(m.private_key)))
+            ctx = tls_context(str(files.resolve(m.certificate)), str(files.resolve(m.private_key)))
         except (SSL.Error, OSError) as exc:
-            raise ConfigError([f"{cfg.where(('ftp', 'certificate'))}: cannot load certificate/key: {exc}"]) from None
+            raise ConfigError([f"{files.where(('ftp', 'certificate'))}: cannot load certificate/key: {exc}"]) from None
         base = _TLSHandler
         attrs.update(ssl_context=ctx, implicit_tls=m.tls == "implicit")
     handler = type("FTPHandler", (base,), attrs)

@@ -52,13 +52,13 @@ from scriptsftp.server.contract.errors import FsError, IsADirectory, NotFound
 from scriptsftp.server.frontends.http.util import (
     CHUNK, Ctx, HttpError, Pools, StallWatch, decode_path, etag_of, href, http_date, not_found, parse_http_date,
 )
-from scriptsftp.server.support.listen import listen_addresses
+from scriptsftp.server.support.config import HttpSection, ServerSection
+from scriptsftp.server.support.listen import ConfigFiles, listen_addresses
 from scriptsftp.server.core.login import Connection
 from scriptsftp.server.core.session import Session
 
 if TYPE_CHECKING:
-    from scriptsftp.server.daemon import Daemon
-    from scriptsftp.server.core.login import LoginCore
+    from scriptsftp.server.contract.ports import LocalCorePort
     from scriptsftp.server.core.session import ReadHandle, WriteHandle
 
 log = logging.getLogger("scriptsftp.http")
@@ -118,8 +118,8 @@ def tls_context(certificate: str, private_key: str) -> ssl.SSLContext:
 class HttpListener:
     name = "http"
 
-    def __init__(self, addresses: list[tuple[str, int]], core: "LoginCore", *, tls: ssl.SSLContext | None = None,
-                 max_upload_size: int = 0, stall_timeout: float = 120.0) -> None:
+    def __init__(self, addresses: list[tuple[str, int]], core: "LocalCorePort[Connection, Session]", *,
+                 tls: ssl.SSLContext | None = None, max_upload_size: int = 0, stall_timeout: float = 120.0) -> None:
         self.core = core
         self.tls = tls
         self.max_upload_size = max_upload_size
@@ -145,6 +145,10 @@ class HttpListener:
             s.listen(128)
             s.setblocking(False)
             self.sockets.append(s)
+
+    def reconfigure(self, section: HttpSection) -> None:
+        """``[http]`` keys a reload applies live: ``max_upload_size`` (the next uploads)."""
+        self.max_upload_size = section.max_upload_size
 
     # --- Listener protocol ---------------------------------------------------------
 
@@ -618,12 +622,13 @@ def _range(request: web.BaseRequest, size: int, etag: str, mtime: float) -> tupl
     return start, min(end, size - 1)
 
 
-def make_listener(daemon: "Daemon") -> HttpListener:
-    m = daemon.cfg.model.http
+def make_listener(core: "LocalCorePort[Connection, Session]", m: HttpSection, server: ServerSection,
+                  files: ConfigFiles) -> HttpListener:
+    """The HTTP/WebDAV listener of ``[http]`` (``m``), on ``core``; ``[server]`` gives the stall timeout."""
     tls = None
     if bool(m.certificate) != bool(m.private_key):
         raise ValueError("[http] certificate and private_key must be given together")
     if m.certificate:
-        tls = tls_context(str(daemon.cfg.resolve(m.certificate)), str(daemon.cfg.resolve(m.private_key)))
-    return HttpListener(listen_addresses(m.listen), daemon.core, tls=tls, max_upload_size=m.max_upload_size,
-                        stall_timeout=daemon.cfg.model.server.stall_timeout)
+        tls = tls_context(str(files.resolve(m.certificate)), str(files.resolve(m.private_key)))
+    return HttpListener(listen_addresses(m.listen), core, tls=tls, max_upload_size=m.max_upload_size,
+                        stall_timeout=server.stall_timeout)

@@ -357,7 +357,7 @@ class RemoteDirHandle(DirHandle):
 if TYPE_CHECKING:  # the worker's stand-ins fit the core's ports (server/contract/ports.py)
     from scriptsftp.server.contract.ports import CorePort, DirHandlePort, ReadHandlePort, SessionPort
 
-    def _core(core: RemoteCore) -> CorePort[RemoteConnection]:
+    def _core(core: RemoteCore) -> CorePort[RemoteConnection, RemoteSession]:
         return core
 
     def _session(session: RemoteSession) -> SessionPort[RemoteWriteHandle]:

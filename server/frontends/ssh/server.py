@@ -32,7 +32,7 @@ import shlex
 import socket
 import threading
 import time
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 import paramiko
 from paramiko.common import AUTH_FAILED, AUTH_SUCCESSFUL, OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED, OPEN_SUCCEEDED
@@ -62,7 +62,7 @@ WORKER_GRACE = 30.0  # seconds a channel thread may take to clean up after its c
 class SSHServer(paramiko.ServerInterface):
     """paramiko's view of one connection; the decisions are the LoginCore's."""
 
-    def __init__(self, core: CorePort[Any], conn: ConnectionView, limits: SSHLimits, pacing: ReplyPacing,
+    def __init__(self, core: CorePort[Any, Any], conn: ConnectionView, limits: SSHLimits, pacing: ReplyPacing,
                  scp_runner: ScpRunner | None) -> None:
         self.core = core
         self.conn = conn
@@ -181,10 +181,7 @@ class SSHServer(paramiko.ServerInterface):
         return False
 
     def open_session(self, protocol: str) -> Session:
-        # The core's port gives a SessionPort (a RemoteSession in a worker). SFTP and SCP are
-        # still typed against the in-process Session and its handle classes (whose subclasses
-        # a worker's handles are): the cast says so until they take the ports' handle types.
-        return cast(Session, self.core.open_session(self.conn, protocol))
+        return self.core.open_session(self.conn, protocol)
 
     def get_banner(self) -> tuple[str | None, str | None]:
         return (None, None)
@@ -258,7 +255,7 @@ class SSHConnections:
         self._transports: set[paramiko.Transport] = set()
         self._lock = threading.Lock()
 
-    def serve(self, client: socket.socket, addr: tuple, core: CorePort[Any]) -> None:
+    def serve(self, client: socket.socket, addr: tuple, core: CorePort[Any, Any]) -> None:
         # the login grace counts from here: the banner and the key exchange (paramiko
         # allows 15 s each) are part of it, or an idle socket would outlive it
         deadline = time.monotonic() + self.limits.login_grace
@@ -353,7 +350,7 @@ class SSHListener:
         self,
         addresses: list[tuple[str, int]],
         host_keys: list[paramiko.PKey],
-        core: CorePort[Any],
+        core: CorePort[Any, Any],
         limits: SSHLimits,
         scp_runner: ScpRunner | None = None,
     ) -> None:
