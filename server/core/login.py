@@ -39,6 +39,7 @@ from scriptsftp.server.support.config import LoadedConfig, User
 from scriptsftp.server.ops.defender import Defender
 from scriptsftp.server.contract.dispatch import ALLOW, Decision, Dispatcher
 from scriptsftp.server.contract.errors import LimitExceeded, PermissionDenied
+from scriptsftp.server.contract.ports import PublicKey
 from scriptsftp.server.support.keys import parse_public_key
 from scriptsftp.server.support.logs import BoundedLog
 from scriptsftp.server.core.session import Account, HandleBudget, Session, UploadPolicy
@@ -574,7 +575,7 @@ class LoginCore:
                 self.verifications += 1
             log.debug("argon2 verification for %r took %.0f ms", name, (time.monotonic() - started) * 1000)
 
-    def key_allowed(self, name: str, key: paramiko.PKey) -> bool:
+    def key_allowed(self, name: str, key: PublicKey) -> bool:
         rec = self.users.get(name)
         if rec is None:
             return False

@@ -37,9 +37,10 @@ import paramiko
 
 from scriptsftp.server.contract import framing
 from scriptsftp.server.contract.errors import FsError
-from scriptsftp.server.contract.ports import CorePort, Entry, SessionPort, keyword_options, port_methods
-from scriptsftp.server.core.login import Connection, LoginCore
-from scriptsftp.server.core.session import DirHandle, ReadHandle, Session, WriteHandle
+from scriptsftp.server.contract.ports import (
+    ConnectionView, CorePort, DirHandlePort, Entry, HandlePort, ReadHandlePort, SessionPort, WriteHandlePort,
+    keyword_options, port_methods,
+)
 
 log = logging.getLogger("scriptsftp.ssh")
 
@@ -108,16 +109,20 @@ class CoreLink:
     A link that ends without a ``disconnect`` (the worker died) still aborts the
     connection's open uploads and disconnects it, as a dropped client would."""
 
-    def __init__(self, core: LoginCore, sock: socket.socket, remote: tuple[str, int], local_port: int,
+    def __init__(self, core: CorePort[Any, Any], sock: socket.socket, remote: tuple[str, int], local_port: int,
                  kick: Callable[[str], None]) -> None:
         self.core = core
         self.sock = sock
         self.remote_ip = remote[0]
         self.local_port = local_port
         self.kick = kick
-        self.conn: Connection | None = None
-        self.sessions: dict[int, Session] = {}
-        self.handles: dict[int, ReadHandle | WriteHandle | DirHandle] = {}
+        self.conn: ConnectionView | None = None
+        self.sessions: dict[int, SessionPort[Any]] = {}
+        # open handles by number (one numbering for all three): which table a number is in
+        # is what it may be used for
+        self.reads: dict[int, ReadHandlePort] = {}
+        self.writes: dict[int, WriteHandlePort] = {}
+        self.listings: dict[int, DirHandlePort] = {}
         self._numbers = iter(range(1, 1 << 62))
         self._after_reply: Callable[[], None] | None = None
         # (user, method) pairs whose credentials the core has accepted on this link: the
@@ -186,7 +191,7 @@ class CoreLink:
         self.conn = conn
         return {"id": conn.id, "allowed": decision.allowed, "reason": decision.reason}
 
-    def _need_conn(self) -> Connection:
+    def _need_conn(self) -> ConnectionView:
         if self.conn is None:
             raise TypeError("no connection yet")
         return self.conn
@@ -238,7 +243,7 @@ class CoreLink:
         self.sessions[number] = session
         return {"sid": number, "id": session.id, "user": session.user}
 
-    def _session(self, number: int) -> Session:
+    def _session(self, number: int) -> SessionPort[Any]:
         return self.sessions[number]  # KeyError: an internal error, answered as such
 
     def _call(self, number: int, method: str, args: list, kwargs: dict) -> Any:
@@ -265,48 +270,50 @@ class CoreLink:
         round trip to open and list, not three."""
         handle = self._session(number).opendir(path)
         number = next(self._numbers)
-        self.handles[number] = handle
+        self.listings[number] = handle
         first = handle.read(OPENDIR_PREFETCH)
         return {"hid": number, "path": handle.path, "first": [encode_entry(e) for e in first]}
 
     def _readdir(self, hid: int, count: object) -> list:
-        handle = self.handles[hid]
-        if not isinstance(handle, DirHandle) or not isinstance(count, int) or isinstance(count, bool):
-            raise TypeError("readdir on a file, or a count that is not a number")
+        handle = self.listings[hid]  # KeyError for a file: an internal error, answered as such
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise TypeError("a readdir count that is not a number")
         return [encode_entry(e) for e in handle.read(max(1, min(count, MAX_READDIR)))]
 
-    def _track(self, handle: ReadHandle | WriteHandle) -> tuple[dict, int]:
-        number = next(self._numbers)
-        self.handles[number] = handle
-        return {"hid": number, "path": handle.path}, handle.fd
-
     def _open_read(self, number: int, path: str) -> tuple[dict, int]:
-        return self._track(self._session(number).open_read(path))
+        handle = self._session(number).open_read(path)
+        hid = next(self._numbers)
+        self.reads[hid] = handle
+        return {"hid": hid, "path": handle.path}, handle.fd
 
     def _open_write(self, number: int, path: str, kwargs: dict) -> tuple[dict, int]:
-        return self._track(self._session(number).open_write(path, **_kwargs(kwargs, OPEN_WRITE_ARGS)))
+        handle = self._session(number).open_write(path, **_kwargs(kwargs, OPEN_WRITE_ARGS))
+        hid = next(self._numbers)
+        self.writes[hid] = handle
+        return {"hid": hid, "path": handle.path}, handle.fd
 
     def _fsetstat(self, number: int, hid: int, kwargs: dict) -> None:
-        handle = self.handles[hid]
-        if not isinstance(handle, WriteHandle):
-            raise TypeError("fsetstat on a download")
+        handle = self.writes[hid]  # KeyError for a download: an internal error, answered as such
         self._session(number).fsetstat(handle, **_kwargs(kwargs, FSETSTAT_ARGS))
 
-    def _counted(self, hid: int, count: object) -> ReadHandle | WriteHandle | DirHandle:
-        handle = self.handles.pop(hid)
-        if isinstance(handle, WriteHandle):
-            handle.written = _count(count)
-        elif isinstance(handle, ReadHandle):
-            handle.sent = _count(count)
-        return handle
+    def _counted(self, hid: int, count: object) -> HandlePort:
+        """The handle ``hid``, no longer the link's, with the worker's final byte count."""
+        if hid in self.writes:
+            write = self.writes.pop(hid)
+            write.written = _count(count)
+            return write
+        if hid in self.reads:
+            read = self.reads.pop(hid)
+            read.sent = _count(count)
+            return read
+        return self.listings.pop(hid)  # KeyError: an internal error, answered as such
 
     def _progress(self, hid: int, count: object) -> None:
         """A running transfer's byte count (about once a second): the admin API lists it."""
-        handle = self.handles.get(hid)
-        if isinstance(handle, WriteHandle):
-            handle.written = _count(count)
-        elif isinstance(handle, ReadHandle):
-            handle.sent = _count(count)
+        if hid in self.writes:
+            self.writes[hid].written = _count(count)
+        elif hid in self.reads:
+            self.reads[hid].sent = _count(count)
 
     def _close_handle(self, hid: int, count: int) -> None:
         self._counted(hid, count).close()  # publishes an upload; a veto is the reply
@@ -323,7 +330,8 @@ class CoreLink:
     def _end(self) -> None:
         """Whatever the worker left open is aborted (nothing half-published), then the
         connection is gone for the core: counts, defender slot, ``disconnect`` event."""
-        handles, self.handles = list(self.handles.values()), {}
+        handles: list[HandlePort] = [*self.reads.values(), *self.writes.values(), *self.listings.values()]
+        self.reads, self.writes, self.listings = {}, {}, {}
         for handle in handles:
             try:
                 handle.abort("connection closed before the transfer completed")
