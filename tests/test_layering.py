@@ -66,9 +66,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     ("scriptsftp.scripting.fs_cap", "scriptsftp.server.core.vfs"): "F/E: path confinement through the contract",
     # the core reaches up into ops (helper D: the login core takes the defender as a port)
     ("scriptsftp.server.core.login", "scriptsftp.server.ops.defender"): "D: login takes a ban checker, wired by the daemon",
-    # front ends that type-import the Daemon (helper C: make_listener hands a CorePort and the config section)
-    ("scriptsftp.server.frontends.ftp.listener", "scriptsftp.server.daemon"): "C: the FTP listener gets its port, not the Daemon",
-    ("scriptsftp.server.frontends.http.server", "scriptsftp.server.daemon"): "C: the HTTP listener gets its port, not the Daemon",
     # the SSH protocol worker jails itself with scripting's jail (helpers A/F: the jail moves below both)
     ("scriptsftp.server.frontends.ssh.worker_process", "scriptsftp.scripting.jail"): "A/F: the kernel jail out of scripting/",
     # import circles, each listed by the edge that goes away

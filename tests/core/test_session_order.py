@@ -440,6 +440,7 @@ ELSEWHERE = {
     "statvfs": "test_statvfs_checks_the_path",
     "fsetstat": "test_fsetstat_needs_the_permission_and_travels_with_the_upload",
     "close": "test_closing_the_session_aborts_what_is_open_and_publishes_nothing",
+    "open_handles": "test_open_handles_are_the_running_transfers",
 }
 
 
@@ -454,6 +455,17 @@ def test_every_session_operation_is_in_the_table() -> None:
 def _called(op: Op) -> str:
     """The Session method an OPS entry calls (``s.<method>(...)``)."""
     return next(n for n in op.run.__code__.co_names if hasattr(Session, n))
+
+
+def test_open_handles_are_the_running_transfers(world: World) -> None:
+    """What the daemon waits for at shutdown and the admin API lists: files, not listings."""
+    session = world.session()
+    listing = session.opendir("/")
+    upload = session.open_write("/new.dat")
+    assert session.open_handles() == [upload]
+    upload.close()
+    listing.close()
+    assert session.open_handles() == []
 
 
 def test_statvfs_checks_the_path(world: World) -> None:
