@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from scriptsftp.server.stores import StateStores
 from scriptsftp.scripting.workers import CallRequest, ScriptSource, WorkerPool
 from scriptsftp.server.contract.events import PreUpload
 
@@ -92,7 +93,7 @@ def main() -> None:
                       remote_ip="127.0.0.1", session_id="s1").to_dict()
     with tempfile.TemporaryDirectory() as state:
         t0 = time.perf_counter()
-        pool = WorkerPool(args.workers, memory_mb=256, state_dir=Path(state),
+        pool = WorkerPool(args.workers, memory_mb=256, state_dir=Path(state), stores=StateStores(Path(state)),
                           max_calls_per_worker=10**9)
         pool.start()
         print(f"start {args.workers} workers: {(time.perf_counter() - t0) * 1000:.0f} ms")

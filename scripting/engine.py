@@ -33,6 +33,7 @@ from scriptsftp.server.contract import events as ev
 from scriptsftp.server.contract.dispatch import ALLOW, Decision, FileOpener
 from scriptsftp.server.contract.script_settings import ConfigError, ScriptConfig
 from scriptsftp.server.contract.scripting import EventTrace, NullScriptAudit, ScriptAudit, ScriptFiles
+from scriptsftp.server.contract.state import StateStoreFactory
 
 from .registry import ActiveBinding, LoadedScript, Registry, read_script, referenced_scripts
 from .services import EngineServices
@@ -50,16 +51,18 @@ class ScriptEngine:
 
     ``user``/``group``: the OS account the workers drop to (the daemon resolves ``[scripts]
     user``; None: this process's own). ``audit``: where decisions and handler runs are
-    recorded. ``files``: sessions for ``api.fs`` (None: api.fs says it is not available)."""
+    recorded. ``files``: sessions for ``api.fs`` (None: api.fs says it is not available).
+    ``stores``: the databases of the script store and the outbox (None, as in ``scriptsftp
+    check``: the engine compiles and loads scripts but cannot start)."""
 
     def __init__(self, cfg: ScriptConfig, state_dir: Path, *, user: int | None = None, group: int | None = None,
                  audit: ScriptAudit | None = None, files: ScriptFiles | None = None,
-                 pool: WorkerPool | None = None) -> None:
+                 stores: StateStoreFactory | None = None, pool: WorkerPool | None = None) -> None:
         sc = cfg.model.scripts
         self.cfg = cfg
         self.scripts_dir = cfg.resolve(sc.dir)
         if pool is None:
-            pool = WorkerPool(sc.workers, memory_mb=sc.memory_mb, state_dir=state_dir,
+            pool = WorkerPool(sc.workers, memory_mb=sc.memory_mb, state_dir=state_dir, stores=stores,
                               login_reserve=sc.login_reserve, user=user, group=group)
         self.pool = pool
         self._registry = Registry.from_config(cfg, {})
@@ -74,7 +77,8 @@ class ScriptEngine:
         self._failed: dict[str, str] = {}
         # api.fs/notify/run handlers, outbox, scheduler
         self.services = EngineServices(pool.capabilities, state_dir, config=lambda: self.cfg,
-                                       registry=lambda: self._registry, enqueue=self._enqueue, files=files)
+                                       registry=lambda: self._registry, enqueue=self._enqueue, files=files,
+                                       stores=stores)
         self.last_error_details: dict[str, dict[str, Any]] = {}  # runtime errors: time, line, kind, event
         self.audit: ScriptAudit = audit if audit is not None else NullScriptAudit()  # every decision, every run
         self.dropped = 0  # async calls the full queue refused

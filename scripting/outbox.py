@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import smtplib
 import sqlite3
@@ -34,6 +33,8 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any, Callable
+
+from scriptsftp.server.contract.state import StateStoreFactory
 
 from .capabilities import CapabilityCall, CapabilityError
 
@@ -74,16 +75,9 @@ class Outbox:
     """The durable queue of notifications. Thread-safe; several processes may
     share the file (claims are leases taken in ``BEGIN IMMEDIATE``)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+    def __init__(self, stores: StateStoreFactory) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), timeout=10.0, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db = stores.connect("outbox")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:

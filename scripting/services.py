@@ -24,6 +24,7 @@ from typing import Any, Callable
 from scriptsftp.server.contract import events as ev
 from scriptsftp.server.contract.script_settings import ScriptConfig
 from scriptsftp.server.contract.scripting import ScriptFiles
+from scriptsftp.server.contract.state import StateStoreFactory
 
 from .capabilities import CapabilityRegistry
 from .commands import CallInfo, RunCapability
@@ -56,8 +57,10 @@ class _LazyNotify:
 
 class EngineServices:
     def __init__(self, capabilities: CapabilityRegistry, state_dir: Path, *, config: Callable[[], ScriptConfig],
-                 registry: Callable[[], Registry], enqueue: Enqueue, files: ScriptFiles | None = None) -> None:
+                 registry: Callable[[], Registry], enqueue: Enqueue, files: ScriptFiles | None = None,
+                 stores: StateStoreFactory | None = None) -> None:
         self.state_dir = state_dir
+        self.stores = stores        # the outbox's database (None: no outbox, the engine cannot start)
         self.config = config        # the engine's current config
         self.registry = registry    # the engine's current registry
         self.enqueue = enqueue
@@ -77,7 +80,9 @@ class EngineServices:
     # --- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
-        self.outbox = Outbox(self.state_dir / "outbox.sqlite3")
+        if self.stores is None:
+            raise RuntimeError("the engine was built without state stores: it cannot start")
+        self.outbox = Outbox(self.stores)
         self.notifier = Notifier(self.outbox, lambda: self.config().model.notify,
                                  lambda p: self.config().resolve(p))
         self._notify.handler = NotifyCapability(self.outbox, self.notifier, lambda: self.config().model.notify)

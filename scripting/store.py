@@ -14,12 +14,12 @@ crash of the server; the last transactions may be lost on power failure.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
-from pathlib import Path
 from typing import Any
+
+from scriptsftp.server.contract.state import StateStoreFactory
 
 MAX_KEY_CHARS = 256
 MAX_VALUE_BYTES = 64 * 1024
@@ -63,19 +63,10 @@ def _encode(value: Any) -> str:
 class ScriptStore:
     """Namespaced JSON key/value store in one SQLite file. Thread-safe."""
 
-    def __init__(self, path: str | os.PathLike[str], *,
-                 max_keys_per_script: int = MAX_KEYS_PER_SCRIPT) -> None:
-        self.path = Path(path)
+    def __init__(self, stores: StateStoreFactory, *, max_keys_per_script: int = MAX_KEYS_PER_SCRIPT) -> None:
         self.max_keys = max_keys_per_script
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), timeout=10.0, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db = stores.connect("script-store")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:

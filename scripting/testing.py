@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from scriptsftp.server.contract import events as ev
+from scriptsftp.server.contract.state import StateStoreFactory
 
 from .registry import read_script
 from .workers import CallRequest, CallResult, WorkerPool
@@ -44,12 +45,14 @@ def build_event(name: str, **given: Any) -> ev.Event:
 def run_script(
     script: Path, event: ev.Event, *, function: str | None = None, capabilities: frozenset[str],
     file: Path | None = None, timeout: float = 5.0, cpu_time: float = 2.0, memory_mb: int = 256,
-    state_dir: Path | None = None,
+    state_dir: Path | None = None, stores: StateStoreFactory | None = None,
 ) -> TestRun:
+    """Run ``script`` once on ``event`` in a throwaway pool; ``stores`` holds its ``api.store``
+    (the caller's throwaway one: without it, ``api.store`` is not available)."""
     source = read_script(script, script.name)
     handler = function or "on_" + event.name.replace("-", "_")
     with tempfile.TemporaryDirectory(prefix="scriptsftp-test-") as tmp:
-        pool = WorkerPool(1, memory_mb=memory_mb, state_dir=state_dir or Path(tmp))
+        pool = WorkerPool(1, memory_mb=memory_mb, state_dir=state_dir or Path(tmp), stores=stores)
         pool.start()
         try:
             compiled = pool.compile(source)

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from scriptsftp.server.contract import framing
+from scriptsftp.server.contract.state import StateStoreFactory
 
 from . import jail
 from . import worker_main as proto
@@ -233,10 +234,11 @@ class WorkerPool:
 
     ``memory_mb`` is the address space each worker may add to its baseline
     (about 25 MiB of interpreter and libraries) before allocations fail with
-    MemoryError. ``state_dir`` holds the script store (SQLite).
+    MemoryError. ``stores`` opens the script store behind ``api.store`` (without it,
+    ``api.store`` is not available); workers are denied ``state_dir``.
     """
 
-    def __init__(self, workers: int, *, memory_mb: int, state_dir: Path,
+    def __init__(self, workers: int, *, memory_mb: int, state_dir: Path, stores: StateStoreFactory | None = None,
                  max_calls_per_worker: int = 1000,
                  capabilities: CapabilityRegistry | None = None,
                  user: str | int | None = None, group: str | int | None = None,
@@ -252,6 +254,7 @@ class WorkerPool:
         self.login_reserve = max(0, min(int(login_reserve), workers - 1))
         self.memory_mb = int(memory_mb)
         self.state_dir = Path(state_dir)
+        self.stores = stores
         self.max_calls_per_worker = max(1, int(max_calls_per_worker))
         self.capabilities = capabilities if capabilities is not None else CapabilityRegistry()
         self.start_timeout = start_timeout
@@ -297,8 +300,9 @@ class WorkerPool:
             raise RuntimeError("pool already started")
         self._started = True
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = ScriptStore(self.state_dir / "script-store.sqlite3")
-        if self.capabilities.handler("store") is None:
+        if self.stores is not None:
+            self.store = ScriptStore(self.stores)
+        if self.store is not None and self.capabilities.handler("store") is None:
             self.capabilities.register("store", StoreCapability(self.store))
         errors: list[BaseException] = []
         workers: list[WorkerProcess] = []

@@ -6,6 +6,7 @@ import getpass
 import importlib.resources
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -287,9 +288,10 @@ def bans(config_path: str | None) -> None:
     import time as _time
 
     from scriptsftp.server.ops.defender import Defender
+    from scriptsftp.server.stores import StateStores
 
     cfg = _load(config_path)
-    d = Defender(cfg.resolve(cfg.model.server.state_dir) / "defender.db", cfg.model.defender)
+    d = Defender(StateStores(cfg.resolve(cfg.model.server.state_dir)), cfg.model.defender)
     try:
         for b in d.bans():
             until = _time.strftime("%Y-%m-%d %H:%M:%S UTC", _time.gmtime(b["banned_until"]))
@@ -304,9 +306,10 @@ def bans(config_path: str | None) -> None:
 def unban(config_path: str | None, ip: str) -> None:
     """Lift a ban at once (also in a running daemon: bans live in state_dir); exit 1 if IP was not banned."""
     from scriptsftp.server.ops.defender import Defender
+    from scriptsftp.server.stores import StateStores
 
     cfg = _load(config_path)
-    d = Defender(cfg.resolve(cfg.model.server.state_dir) / "defender.db", cfg.model.defender)
+    d = Defender(StateStores(cfg.resolve(cfg.model.server.state_dir)), cfg.model.defender)
     try:
         lifted = d.unban(ip)
     finally:
@@ -365,6 +368,7 @@ def script_test(script_path: Path, event_name: str, user: str, vpath: str | None
 
     Exit status: 0 allowed, 1 vetoed, 3 the script failed, 2 bad arguments."""
     from scriptsftp.scripting.testing import build_event, run_script
+    from scriptsftp.server.stores import StateStores
 
     if size is None and local_file is not None:
         size = local_file.stat().st_size
@@ -379,8 +383,9 @@ def script_test(script_path: Path, event_name: str, user: str, vpath: str | None
     if local_file is None and "read" in capabilities and event_name in FILE_EVENTS:
         click.echo(f"note:     no --file: the script's api.file has nothing to read; pass --file LOCAL "
                    f"(the bytes a {event_name} script would see)", err=True)
-    run = run_script(script_path, event, function=function, capabilities=capabilities, file=local_file,
-                     timeout=timeout, cpu_time=cpu_time)
+    with tempfile.TemporaryDirectory(prefix="scriptsftp-test-") as tmp:  # api.store: a throwaway one
+        run = run_script(script_path, event, function=function, capabilities=capabilities, file=local_file,
+                         timeout=timeout, cpu_time=cpu_time, state_dir=Path(tmp), stores=StateStores(Path(tmp)))
     click.echo(f"event:    {event_name} " + " ".join(f"{k}={v!r}" for k, v in run.event.items()
                                                    if k not in ("name", "time") and v not in (None, "")))
     r = run.result

@@ -42,6 +42,7 @@ from scriptsftp.server.frontends.ssh.worker_pool import SSHWorkerPool, worker_co
 from scriptsftp.server.core.publish import Publisher
 from scriptsftp.server.ops.reload_plan import ReloadPlan, key_label, plan_reload, write_running
 from scriptsftp.server.core.staging import CHECKING, StagingRecords, discard_leftovers
+from scriptsftp.server.stores import StateStores
 
 log = logging.getLogger("scriptsftp.daemon")
 
@@ -124,7 +125,9 @@ class Daemon:
         # first: the SSH worker processes are forked from this one while it has no other thread
         self._ssh_pool = self._ssh_worker_pool() if m.sftp.enabled else None
         ensure_generated_passwords(cfg, _password_announcer(self.state_dir))
-        self.staging = StagingRecords(self.state_dir / "staging.db")
+        # the state databases (staging, audit, bans, script store, outbox): SQLite in state_dir
+        self.stores = StateStores(self.state_dir)
+        self.staging = StagingRecords(self.stores)
         # uploads caught mid-check are checked again once the engine runs (start()), unless told otherwise
         removed = discard_leftovers(self.staging, keep_checking=m.uploads.on_restart == "recheck")
         if removed:
@@ -138,10 +141,10 @@ class Daemon:
         self._engine: ScriptEngineLifecycle = NullEngine()
         self.dispatch = SwappableDispatcher(self._engine)
         self.pending_restart: list[str] = []  # keys changed in the file that wait for a restart
-        self.audit = AuditTrail(self.state_dir / "audit.sqlite3", retention_days=m.server.audit_retention_days,
+        self.audit = AuditTrail(self.stores, retention_days=m.server.audit_retention_days,
                                 max_mb=m.server.audit_max_mb)
         # bans, scores, connection caps: shared by every front end through the login core
-        self.defender = Defender(self.state_dir / "defender.db", m.defender)
+        self.defender = Defender(self.stores, m.defender)
         self.publisher = Publisher(self.dispatch, self.staging, self._upload_policy(cfg), workers=m.scripts.workers)
         self.core = LoginCore(
             build_users(cfg),
@@ -191,7 +194,7 @@ class Daemon:
 
         return ScriptEngine(cfg, self.state_dir, user=account.uid if account else None,
                             group=account.gid if account else None,
-                            audit=ScriptAuditRecorder(self.audit), files=self._script_files())
+                            audit=ScriptAuditRecorder(self.audit), files=self._script_files(), stores=self.stores)
 
     def _script_files(self) -> ScriptSessions:
         """api.fs: sessions for the event's user, with the users of the moment (after a reload

@@ -14,6 +14,7 @@ import pytest
 from adminkit import admin_toml, binding, get, token_hash, write_script  # noqa: F401
 from conftest import close_client, paramiko_client
 from scriptsftp.server.ops.audit import AuditTrail, ScriptAuditRecorder
+from scriptsftp.server.stores import StateStores
 from scriptsftp.server.contract.dispatch import Decision
 from scriptsftp.server.contract.scripting import EventTrace
 
@@ -91,7 +92,7 @@ def _event(i: int, *, t: float | None = None, user="alice", path="/inbox/a.txt")
 
 
 def test_store_records_queries_and_is_append_only(tmp_path: Path):
-    trail = AuditTrail(tmp_path / "audit.sqlite3")
+    trail = AuditTrail(StateStores(tmp_path))
     try:
         data = _event(1)
         trace = Trace(trail, data)
@@ -119,7 +120,7 @@ def test_store_records_queries_and_is_append_only(tmp_path: Path):
 
 
 def test_retention_by_age_and_size(tmp_path: Path):
-    trail = AuditTrail(tmp_path / "audit.sqlite3", retention_days=1, max_mb=0.25)
+    trail = AuditTrail(StateStores(tmp_path), retention_days=1, max_mb=0.25)
     try:
         old = time.time() - 3 * 86400
         for i in range(5):
@@ -139,7 +140,7 @@ def test_retention_by_age_and_size(tmp_path: Path):
 
 
 def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path: Path):
-    trail = AuditTrail(tmp_path / "audit.sqlite3", queue_size=10)
+    trail = AuditTrail(StateStores(tmp_path), queue_size=10)
     release = threading.Event()
     real_write = trail._write
 

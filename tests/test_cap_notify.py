@@ -288,6 +288,7 @@ def test_outbox_survives_a_daemon_restart(daemons: DaemonFactory, smtp, alice_ke
 def test_outbox_backoff_failure_and_stats(tmp_path):
     """The delivery thread itself: retries with backoff, then 'failed' (logged, counted)."""
     from scriptsftp.scripting.outbox import Notifier, Outbox
+    from scriptsftp.server.stores import StateStores
     from scriptsftp.server.support.config import NotifySection, WebhookSection
 
     hook = WebhookReceiver(free_port(), status=500).start()
@@ -296,7 +297,7 @@ def test_outbox_backoff_failure_and_stats(tmp_path):
         cfg = NotifySection(max_attempts=3, retry_delay=0.2, webhooks={
             "bad": WebhookSection(url=f"http://127.0.0.1:{hook.port}/x", timeout=5),
             "good": WebhookSection(url=f"http://127.0.0.1:{ok.port}/y", timeout=5)})
-        box = Outbox(tmp_path / "outbox.sqlite3")
+        box = Outbox(StateStores(tmp_path))
         n = Notifier(box, lambda: cfg, lambda p: Path(p))
         box.add("webhook", "bad", {"payload": {"n": 1}}, "s.py")
         box.add("webhook", "good", {"payload": {"n": 2}}, "s.py")
@@ -326,10 +327,11 @@ def test_outbox_backoff_failure_and_stats(tmp_path):
 def test_one_handler_call_cannot_flood_the_outbox(tmp_path):
     from scriptsftp.scripting.capabilities import CapabilityCall, CapabilityError
     from scriptsftp.scripting.outbox import MAX_PER_CALL, Notifier, NotifyCapability, Outbox
+    from scriptsftp.server.stores import StateStores
     from scriptsftp.server.support.config import NotifySection, WebhookSection
 
     cfg = NotifySection(webhooks={"ops": WebhookSection(url="http://127.0.0.1:9/x")})
-    box = Outbox(tmp_path / "outbox.sqlite3")
+    box = Outbox(StateStores(tmp_path))
     cap = NotifyCapability(box, Notifier(box, lambda: cfg, Path), lambda: cfg)
     call = CapabilityCall(script="loop.py", function="f", event={}, granted=frozenset({"notify"}))
     for i in range(MAX_PER_CALL):

@@ -323,8 +323,9 @@ def test_download_once(files_daemon: Daemon, alice, alice_key, tmp_path: Path):
 def seed_store(d: Daemon, script: str, key: str, value: Any) -> None:
     """Set a key in a script's store (as earlier uploads today would have)."""
     from scriptsftp.scripting.store import ScriptStore
+    from scriptsftp.server.stores import StateStores
 
-    store = ScriptStore(d.state_dir / "script-store.sqlite3")
+    store = ScriptStore(StateStores(d.state_dir))
     try:
         store.set(script, key, value)
     finally:

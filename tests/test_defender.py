@@ -348,11 +348,12 @@ def test_burst_of_failed_logins_is_absorbed(daemons: DaemonFactory):
 def test_defender_unit_ban_time_grows_and_is_capped(tmp_path: Path):
     from scriptsftp.server.support.config import DefenderSection
     from scriptsftp.server.ops.defender import Defender
+    from scriptsftp.server.stores import StateStores
 
     now = [1000.0]
     settings = DefenderSection(threshold=2, ban_time=10.0, ban_time_multiplier=3.0, max_ban_time=50.0,
                                allow_list=["10.0.0.0/8"])
-    d = Defender(tmp_path / "defender.db", settings, clock=lambda: now[0])
+    d = Defender(StateStores(tmp_path), settings, clock=lambda: now[0])
     durations = []
     for _ in range(4):
         assert not d.record("192.0.2.1", "login_failed")
@@ -387,7 +388,7 @@ def test_defender_unit_ban_time_grows_and_is_capped(tmp_path: Path):
     assert stats["bans_total"] == 6 and stats["active_bans"] == 0 and stats["rejected_connections"] == 5
     d.close()
     # persisted: a new Defender on the same file sees the state
-    d2 = Defender(tmp_path / "defender.db", settings, clock=lambda: now[0])
+    d2 = Defender(StateStores(tmp_path), settings, clock=lambda: now[0])
     assert d2.host_info("192.0.2.2").score == 1
     d2.close()
 
@@ -396,8 +397,9 @@ def test_defender_unit_allow_list_follows_reload(tmp_path: Path):
     """The allow list remembers its answers per address: a reload must still change them."""
     from scriptsftp.server.support.config import DefenderSection
     from scriptsftp.server.ops.defender import Defender
+    from scriptsftp.server.stores import StateStores
 
-    d = Defender(tmp_path / "defender.db", DefenderSection(allow_list=["10.0.0.0/8"]))
+    d = Defender(StateStores(tmp_path), DefenderSection(allow_list=["10.0.0.0/8"]))
     for _ in range(2):  # the second round is answered from memory
         assert d.allowed_listed("10.1.2.3") and d.allowed_listed("::ffff:10.1.2.3")
         assert not d.allowed_listed("192.0.2.1") and not d.allowed_listed("not an address")
@@ -451,8 +453,9 @@ def test_defender_unit_ipv6_is_scored_and_banned_per_network(tmp_path: Path):
     score nor dodges the ban; another /64 is another host."""
     from scriptsftp.server.support.config import DefenderSection
     from scriptsftp.server.ops.defender import Defender
+    from scriptsftp.server.stores import StateStores
 
-    d = Defender(tmp_path / "defender.db", DefenderSection(threshold=3, allow_list=[]))
+    d = Defender(StateStores(tmp_path), DefenderSection(threshold=3, allow_list=[]))
     assert not d.record("2001:db8:1:2::1", "login_failed")
     assert not d.record("2001:db8:1:2:aaaa::2", "login_failed")
     assert d.record("2001:db8:1:2:ffff:ffff:ffff:ffff", "login_failed")
@@ -472,9 +475,10 @@ def test_defender_unit_ipv6_is_scored_and_banned_per_network(tmp_path: Path):
 def test_defender_unit_one_account_from_many_addresses_is_locked(tmp_path: Path):
     from scriptsftp.server.support.config import DefenderSection
     from scriptsftp.server.ops.defender import Defender
+    from scriptsftp.server.stores import StateStores
 
     now = [1000.0]
-    d = Defender(tmp_path / "defender.db",
+    d = Defender(StateStores(tmp_path),
                  DefenderSection(user_max_failures=3, user_lock_time=60, allow_list=["10.0.0.0/8"]),
                  clock=lambda: now[0])
     assert not d.record_user_failure("alice", "192.0.2.1")

@@ -22,6 +22,7 @@ import pytest
 
 from conftest import IN_CI, paramiko_client, close_client
 
+from scriptsftp.server.stores import StateStores
 from scriptsftp.scripting import jail
 from scriptsftp.scripting.workers import CallRequest, ScriptSource, WorkerPool
 
@@ -118,7 +119,7 @@ def run_checks(pool: WorkerPool, tmp_path: Path) -> None:
 def test_script_worker_jail_blocks_an_escape(tmp_path, monkeypatch):
     require_jail()
     monkeypatch.setenv(jail.TEST_ESCAPE_ENV, "1")
-    with WorkerPool(2, memory_mb=128, state_dir=tmp_path / "state") as pool:
+    with WorkerPool(2, memory_mb=128, state_dir=tmp_path / "state", stores=StateStores(tmp_path / "state")) as pool:
         reports = pool.jail_reports()
         assert len(reports) == 2
         for report in reports.values():
@@ -144,7 +145,8 @@ def test_script_workers_run_as_the_configured_account(tmp_path, monkeypatch, thr
     require_jail()
     monkeypatch.setenv(jail.TEST_ESCAPE_ENV, "1")
     acct = throwaway_account
-    with WorkerPool(2, memory_mb=128, state_dir=tmp_path / "state", user=acct.pw_name) as pool:
+    with WorkerPool(2, memory_mb=128, state_dir=tmp_path / "state", stores=StateStores(tmp_path / "state"),
+                    user=acct.pw_name) as pool:
         for pid, report in pool.jail_reports().items():
             st = status(pid)
             assert st["Uid"].split() == [str(acct.pw_uid)] * 4, st["Uid"]

@@ -162,11 +162,12 @@ def test_login_grace_defaults_to_preauth_timeout(daemons):
 def _core(tmp_path, cap: int):
     from scriptsftp.server.support.config import DefenderSection
     from scriptsftp.server.ops.defender import Defender
+    from scriptsftp.server.stores import StateStores
     from scriptsftp.server.contract.dispatch import NullDispatcher
     from scriptsftp.server.core.login import LoginCore
     from scriptsftp.server.core.session import UploadPolicy
 
-    defender = Defender(tmp_path / "defender.db", DefenderSection(max_preauth_connections=cap))
+    defender = Defender(StateStores(tmp_path), DefenderSection(max_preauth_connections=cap))
     return LoginCore({}, NullDispatcher(), staging=None, uploads=UploadPolicy(atomic=False), failure_delay=0,
                      defender=defender), defender
 

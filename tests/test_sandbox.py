@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from scriptsftp.server.stores import StateStores
 from scriptsftp.scripting import sandbox
 from scriptsftp.scripting.workers import CallRequest, CallResult, CompileResult, ScriptSource, WorkerPool
 from scriptsftp.server.contract.events import PreUpload
@@ -30,7 +31,8 @@ def make_source(text: str, name: str = "corpus.py") -> ScriptSource:
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory):
-    p = WorkerPool(2, memory_mb=128, state_dir=tmp_path_factory.mktemp("state"))
+    state_dir = tmp_path_factory.mktemp("state")
+    p = WorkerPool(2, memory_mb=128, state_dir=state_dir, stores=StateStores(state_dir))
     p.start()
     yield p
     p.close()

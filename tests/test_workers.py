@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from scriptsftp.server.stores import StateStores
 from scriptsftp.scripting.capabilities import CapabilityCall, CapabilityRegistry
 from scriptsftp.scripting.workers import (
     CallRequest,
@@ -67,7 +68,8 @@ def kib(value: str) -> int:
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory):
-    p = WorkerPool(2, memory_mb=128, state_dir=tmp_path_factory.mktemp("state"))
+    state_dir = tmp_path_factory.mktemp("state")
+    p = WorkerPool(2, memory_mb=128, state_dir=state_dir, stores=StateStores(state_dir))
     p.start()
     yield p
     p.close()
@@ -76,7 +78,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def solo(tmp_path: Path):
     """A one-worker pool: the test knows which process runs the call."""
-    p = WorkerPool(1, memory_mb=128, state_dir=tmp_path / "state")
+    p = WorkerPool(1, memory_mb=128, state_dir=tmp_path / "state", stores=StateStores(tmp_path / "state"))
     p.start()
     yield p
     p.close()
@@ -384,7 +386,7 @@ def test_waiting_for_a_worker_counts_toward_the_timeout(solo: WorkerPool) -> Non
 
 
 def test_recycle_after_max_calls(tmp_path: Path) -> None:
-    with WorkerPool(1, memory_mb=128, state_dir=tmp_path, max_calls_per_worker=3) as p:
+    with WorkerPool(1, memory_mb=128, state_dir=tmp_path, stores=StateStores(tmp_path), max_calls_per_worker=3) as p:
         pids = []
         for _ in range(7):
             assert p.call(request("def on_pre_upload(event, api):\n    pass\n")).verdict == "allow"
@@ -395,7 +397,7 @@ def test_recycle_after_max_calls(tmp_path: Path) -> None:
 
 
 def test_rpc_flood_is_stopped(tmp_path: Path) -> None:
-    with WorkerPool(1, memory_mb=128, state_dir=tmp_path, max_rpc_per_call=50) as p:
+    with WorkerPool(1, memory_mb=128, state_dir=tmp_path, stores=StateStores(tmp_path), max_rpc_per_call=50) as p:
         result = p.call(request("def on_pre_upload(event, api):\n    for i in range(1000):\n"
                                 "        api.store.get('k')\n", caps={"store"}))
         assert result.error_kind == "exception"
@@ -514,16 +516,16 @@ def test_store_is_namespaced_per_script(pool: WorkerPool) -> None:
 def test_store_persists_across_pool_restart(tmp_path: Path) -> None:
     setter = "def on_pre_upload(event, api):\n    api.store.set('last', event.path)\n    api.store.incr('n')\n"
     getter = "def on_pre_upload(event, api):\n    api.log('v', last=api.store.get('last'), n=api.store.get('n'))\n"
-    with WorkerPool(1, memory_mb=128, state_dir=tmp_path) as p:
+    with WorkerPool(1, memory_mb=128, state_dir=tmp_path, stores=StateStores(tmp_path)) as p:
         assert p.call(request(setter, name="persist.py", caps={"store"})).verdict == "allow"
-    with WorkerPool(1, memory_mb=128, state_dir=tmp_path) as p:
+    with WorkerPool(1, memory_mb=128, state_dir=tmp_path, stores=StateStores(tmp_path)) as p:
         result = p.call(request(getter, name="persist.py", caps={"store"}))
     assert result.logs[0].fields == {"last": "/inbox/a.txt", "n": 1}
 
 
 def test_concurrent_incr_is_exact(tmp_path: Path) -> None:
     text = "def on_pre_upload(event, api):\n    for i in range(5):\n        api.store.incr('hits')\n"
-    with WorkerPool(2, memory_mb=128, state_dir=tmp_path) as p:
+    with WorkerPool(2, memory_mb=128, state_dir=tmp_path, stores=StateStores(tmp_path)) as p:
         failures: list[CallResult] = []
 
         def hammer() -> None:
@@ -732,7 +734,7 @@ class FakeWorkerPool(WorkerPool):
 def test_worker_replies_are_data_only(tmp_path: Path, mode: str, expect: str | None) -> None:
     marker = tmp_path / "pwned"
     before = fd_count()
-    with FakeWorkerPool(mode, marker, state_dir=tmp_path / "state") as p:
+    with FakeWorkerPool(mode, marker, state_dir=tmp_path / "state", stores=StateStores(tmp_path / "state")) as p:
         result = p.call(request("def on_pre_upload(event, api):\n    pass\n"))
         if expect is None:
             assert result.verdict in ("allow", "veto")
@@ -766,7 +768,7 @@ def test_server_side_never_imports_pickle_for_ipc() -> None:
 
 def test_close_kills_and_reaps_everything(tmp_path: Path) -> None:
     before = fd_count()
-    p = WorkerPool(2, memory_mb=128, state_dir=tmp_path)
+    p = WorkerPool(2, memory_mb=128, state_dir=tmp_path, stores=StateStores(tmp_path))
     p.start()
     started = wait_for_store_signal(p, "started")
     results: list[CallResult] = []
@@ -834,7 +836,7 @@ def test_bad_requests_raise(pool: WorkerPool) -> None:
 def test_capability_handler_bugs_do_not_leak(tmp_path: Path) -> None:
     registry = CapabilityRegistry()
     registry.register("notify", lambda call, op, args: object() if op == "email" else 1 / 0)
-    with WorkerPool(1, memory_mb=128, state_dir=tmp_path, capabilities=registry) as p:
+    with WorkerPool(1, memory_mb=128, state_dir=tmp_path, stores=StateStores(tmp_path), capabilities=registry) as p:
         text = """
 def on_pre_upload(event, api):
     for fn in (lambda: api.notify.email('a', 'b', 'c'), lambda: api.notify.webhook('x', {})):
@@ -860,7 +862,7 @@ def _nobody_can_run_python() -> bool:
 
 @pytest.mark.skipif(not _nobody_can_run_python(), reason="needs root and an interpreter 'nobody' can run")
 def test_workers_can_run_as_another_user(tmp_path: Path) -> None:
-    with WorkerPool(1, memory_mb=128, state_dir=tmp_path, user="nobody") as p:
+    with WorkerPool(1, memory_mb=128, state_dir=tmp_path, stores=StateStores(tmp_path), user="nobody") as p:
         pid = p.worker_pids()[0]
         assert proc_status(pid)["Uid"].split()[0] == "65534"
         assert p.call(request("def on_pre_upload(event, api):\n    api.store.incr('n')\n",
@@ -898,7 +900,7 @@ def login_event(user: str) -> dict:
 def test_a_login_never_waits_behind_another_users_slow_checks(tmp_path: Path):
     """Ten uploads bound to a CPU-bound pre-upload made another user's pre-login wait 2-6 s
     and once fail ("no script worker became free within 5 s"): the login was denied."""
-    p = WorkerPool(2, memory_mb=128, state_dir=tmp_path / "state")
+    p = WorkerPool(2, memory_mb=128, state_dir=tmp_path / "state", stores=StateStores(tmp_path / "state"))
     p.start()
     try:
         slow = [threading.Thread(target=p.call, args=(request(SLOW_AND_LOGIN, timeout=20, cpu_time=5),))
@@ -916,7 +918,8 @@ def test_a_login_never_waits_behind_another_users_slow_checks(tmp_path: Path):
 
 
 def test_the_user_holding_the_fewest_workers_goes_next(tmp_path: Path):
-    p = WorkerPool(2, memory_mb=128, state_dir=tmp_path / "state", login_reserve=0)
+    p = WorkerPool(2, memory_mb=128, state_dir=tmp_path / "state", stores=StateStores(tmp_path / "state"),
+                   login_reserve=0)
     p.start()
     done: list[tuple[str, float]] = []
     lock = threading.Lock()

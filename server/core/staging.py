@@ -12,8 +12,8 @@ forgotten once it is published or discarded. A record is in one of two states:
   checked again (``[uploads] on_restart = "recheck"``) or deleted (``"discard"``);
   it is never published unchecked.
 
-Records live in SQLite, not in memory, so several server processes can later
-share them (DESIGN.md rule 10).
+Records live in the ``staging`` state database (:mod:`scriptsftp.server.contract.state`),
+not in memory, so several server processes can later share them (DESIGN.md rule 10).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from scriptsftp.server.contract.errors import Failure, NoSpace, NotFound
+from scriptsftp.server.contract.state import StateStoreFactory
 from scriptsftp.server.core.storage import LocalStorage, StorageOpener
 from scriptsftp.server.core.vfs import split
 
@@ -65,13 +66,10 @@ def _as_client_error() -> Iterator[None]:
 class StagingRecords:
     """Raises :class:`~.errors.FsError` (never ``sqlite3.Error``) from every method."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    def __init__(self, stores: StateStoreFactory) -> None:
+        self._db = stores.connect("staging")
         self._lock = threading.Lock()
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS staged (id INTEGER PRIMARY KEY, user TEXT, home TEXT,"
                 " directory TEXT, staging_name TEXT, final_name TEXT, created REAL)"

@@ -28,10 +28,10 @@ import queue
 import sqlite3
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from scriptsftp.server.contract.scripting import new_event_id
+from scriptsftp.server.contract.state import StateStoreFactory
 from scriptsftp.server.support import metrics
 
 log = logging.getLogger("scriptsftp.audit")
@@ -88,9 +88,8 @@ def _clip(value: Any) -> str:
 class AuditTrail:
     """Append-only SQLite store of events and script runs, written from a queue."""
 
-    def __init__(self, path: Path, *, retention_days: float = 90, max_mb: float = 256,
+    def __init__(self, stores: StateStoreFactory, *, retention_days: float = 90, max_mb: float = 256,
                  queue_size: int = 10000) -> None:
-        self.path = path
         self.retention_days = retention_days
         self.max_bytes = int(max_mb * 1024 * 1024)
         self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue(queue_size)
@@ -99,19 +98,15 @@ class AuditTrail:
         self._written = 0
         self.dropped = 0
         self._closed = False
-        self._db = self._open(path)
+        self._db = self._open(stores)
         self._read_lock = threading.Lock()
-        self._reader = self._open(path)
+        self._reader = self._open(stores)
         self._thread = threading.Thread(target=self._writer, name="scriptsftp-audit", daemon=True)
         self._thread.start()
 
     @staticmethod
-    def _open(path: Path) -> sqlite3.Connection:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # effective on a new file: lets retention shrink it
+    def _open(stores: StateStoreFactory) -> sqlite3.Connection:
+        db = stores.connect("audit")  # auto_vacuum=INCREMENTAL on a new file: lets retention shrink it
         db.executescript(_SCHEMA)
         if "queued" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
             db.execute("ALTER TABLE runs ADD COLUMN queued REAL NOT NULL DEFAULT 0")  # a state_dir of 0.1

@@ -28,9 +28,9 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
+from scriptsftp.server.contract.state import StateStoreFactory
 from scriptsftp.server.support.config import DefenderSection
 
 log = logging.getLogger("scriptsftp.defender")
@@ -121,16 +121,13 @@ USER_PREFIX = "user:"  # bans() and unban() name a user's password lock so
 class Defender:
     """One per daemon (``daemon.defender``); thread-safe."""
 
-    def __init__(self, path: Path, settings: DefenderSection, clock: Callable[[], float] = time.time) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, stores: StateStoreFactory, settings: DefenderSection,
+                 clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = stores.connect("bans")
         self._closed = False
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS hosts (ip TEXT PRIMARY KEY, banned_until REAL NOT NULL,"
                 " ban_count INTEGER NOT NULL, score INTEGER NOT NULL, reason TEXT NOT NULL, banned_at REAL NOT NULL)"

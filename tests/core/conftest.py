@@ -35,6 +35,7 @@ from scriptsftp.server.contract.events import Event
 from scriptsftp.server.core.publish import Publisher, UploadPolicy
 from scriptsftp.server.core.session import Account, Session
 from scriptsftp.server.core.staging import StagingRecords
+from scriptsftp.server.stores import StateStores
 from scriptsftp.server.core.vfs import Access
 
 OLD = b"the good old version\n" * 1000
@@ -90,7 +91,7 @@ class Core:
 def open_staging(state_dir: Path) -> StagingRecords:
     """The staging records of a state_dir, opened as the daemon opens them: the one place the
     tests name how, so a change of stores touches this line only."""
-    return StagingRecords(state_dir / "staging.db")
+    return StagingRecords(StateStores(state_dir))
 
 
 @pytest.fixture
