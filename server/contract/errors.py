@@ -107,7 +107,6 @@ class fs_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, OSError):
             raise from_oserror(exc, self.vpath) from None
-        return False

@@ -26,6 +26,7 @@ import stat as statmod
 import threading
 import time
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
@@ -36,7 +37,9 @@ from scriptsftp.server.contract.errors import (
     AlreadyExists, Failure, FsError, InvalidPath, IsADirectory, LimitExceeded, NoSpace, NotADirectory,
     NotFound, PermissionDenied, Vetoed, from_oserror, fs_errors,
 )
-from scriptsftp.server.core.publish import Outcome, Publisher, StagedUpload, UploadPolicy, pending_stat
+from scriptsftp.server.core.publish import (
+    Outcome, PendingUpload, Publisher, StagedUpload, UploadPolicy, pending_stat,
+)
 from scriptsftp.server.core.storage import Entry, LocalStorage, Storage, allocated_bytes, copy_fd, read_opener
 from scriptsftp.server.core.vfs import Access, join, split
 
@@ -57,7 +60,7 @@ class Account:
     access: Access
     groups: tuple[str, ...] = ()
     protocols: frozenset[str] = frozenset({"sftp", "scp", "ftp", "http"})
-    allowed_ips: tuple = ()  # ip_network objects; empty = anywhere
+    allowed_ips: tuple[IPv4Network | IPv6Network, ...] = ()  # empty = anywhere
     max_sessions: int = 0
     require_tls: bool = False
     setstat_mode: str = "times"  # without the setstat permission: "refuse" | "ignore" | "times"
@@ -103,7 +106,7 @@ class HandleBudget:
 
 
 #: a refusal is recorded as: (event-like record, reason, kind); set by the daemon (audit trail, counter)
-RefusalSink = Callable[[dict, str, str], None]
+RefusalSink = Callable[[dict[str, Any], str, str], None]
 
 
 def _refusals_recorded(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -210,7 +213,7 @@ class Session:
                        "op": op, "path": path, "result": result, **({"tls": "true"} if self.tls else {}), **extra},
             )
 
-    def _refused(self, op: str, args: tuple, exc: FsError) -> None:
+    def _refused(self, op: str, args: tuple[object, ...], exc: FsError) -> None:
         """One refused operation: a log line, and the record and count (see _refusals_recorded)."""
         kind = _refusal_kind(exc)
         path = str(args[-1] if op == "symlink" else args[0]) if args else ""
@@ -721,7 +724,7 @@ class DirHandle:
     upload waiting for its async check replaces are left out; those uploads come last."""
 
     def __init__(self, session: Session, path: str, real: tuple[str, ...], fd: int,
-                 entries: Iterator[os.DirEntry], pending: dict) -> None:
+                 entries: Iterator[os.DirEntry[str]], pending: dict[str, PendingUpload]) -> None:
         self.session = session
         self.path = path
         self.real = real
@@ -860,7 +863,7 @@ class WriteHandle(FileHandle):
         if self.failed is not None:
             raise type(self.failed)(self.failed.message)
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_usable()
         try:
             if not 0 <= offset <= MAX_OFFSET - len(data):

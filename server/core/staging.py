@@ -103,7 +103,9 @@ class StagingRecords:
             rows = self._db.execute(
                 "SELECT id, user, home, directory, staging_name, final_name, created, state, event FROM staged"
             ).fetchall()
-        return [StagedRecord(*row[:8], event=json.loads(row[8]) if row[8] else None) for row in rows]
+        return [StagedRecord(id=row[0], user=row[1], home=row[2], directory=row[3], staging_name=row[4],
+                             final_name=row[5], created=row[6], state=row[7],
+                             event=json.loads(row[8]) if row[8] else None) for row in rows]
 
     def close(self) -> None:
         with self._lock:

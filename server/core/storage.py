@@ -102,7 +102,7 @@ class Storage(Protocol):
         """The whole listing, staging names left out."""
         ...
 
-    def read_entries(self, fd: int, entries: Iterator[os.DirEntry], count: int) -> list[Entry]:
+    def read_entries(self, fd: int, entries: Iterator[os.DirEntry[str]], count: int) -> list[Entry]:
         """Up to ``count`` more entries of a listing opened with :meth:`open_dir_fd`."""
         ...
 
@@ -324,7 +324,7 @@ class LocalStorage:
         finally:
             os.close(fd)
 
-    def read_entries(self, fd: int, entries: Iterator[os.DirEntry], count: int) -> list[Entry]:
+    def read_entries(self, fd: int, entries: Iterator[os.DirEntry[str]], count: int) -> list[Entry]:
         """Up to ``count`` entries more of a listing opened on ``fd`` (``os.scandir(fd)``), each
         stat'ed now: a listing read in batches never holds more than one batch. Fewer than
         ``count`` only at the end."""
