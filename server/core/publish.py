@@ -32,7 +32,7 @@ published unchecked and never left behind.
 
 The pending index is per process (in memory, rebuilt from the staging records
 on start); when several acceptor processes share a state_dir it will have to
-move into the staging database (DESIGN.md rule 10).
+move into the staging database (docs/architecture.md rule 10).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Session: the one door to files, for every protocol (DESIGN.md rule 2).
+"""The Session: the one door to files, for every protocol (docs/architecture.md rule 2).
 
 Every file operation of every front end is a method here, and each method runs
 the same steps in the same order (SFTPGo's ``BaseConnection`` is the model):
@@ -13,6 +13,14 @@ the same steps in the same order (SFTPGo's ``BaseConnection`` is the model):
 Front ends translate their protocol into these calls and the errors back into
 their protocol's replies; they hold no policy of their own. Events are raised
 only here (and in :mod:`.login` for connection and login events).
+
+The home is a :class:`~.storage.Storage` (the interface; a :class:`~.storage.LocalStorage`
+today), and an ``OSError`` from it becomes a protocol-neutral error about the
+client's path in one place (``with fs_errors(path):``). A finished upload is
+described (:class:`~.publish.StagedUpload`) and its ``pre-publish`` event built
+here, then handed to the shared :class:`~.publish.Publisher`, which answers
+published / pending or raises :class:`Vetoed`; the log lines are written here.
+publish.py never imports this module.
 """
 
 from __future__ import annotations
@@ -68,7 +76,7 @@ class Account:
 
 class HandleBudget:
     """The handles (open files, directory listings) one user holds, over every session of
-    theirs: all connections, all protocols, SSH channels included (DESIGN.md rule 12).
+    theirs: all connections, all protocols, SSH channels included (docs/architecture.md rule 12).
 
     Each handle holds a descriptor and the daemon has one descriptor table: without a
     per-user bound, one user with many channels and connections could take the daemon to its

@@ -13,7 +13,7 @@ forgotten once it is published or discarded. A record is in one of two states:
   it is never published unchecked.
 
 Records live in the ``staging`` state database (:mod:`scriptsftp.server.contract.state`),
-not in memory, so several server processes can later share them (DESIGN.md rule 10).
+not in memory, so several server processes can later share them (docs/architecture.md rule 10).
 """
 
 from __future__ import annotations
