@@ -45,8 +45,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scriptsftp.server.contract import events as ev
@@ -67,6 +67,8 @@ VETO_FALLBACK = "denied by a server script"
 
 @dataclass
 class UploadPolicy:
+    """``[uploads]``: how every upload is staged and published, for all sessions alike."""
+
     atomic: bool = True
     quarantine: Path | None = None
     fsync: bool = True
