@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from scriptsftp.server.contract import errors as fserr
-from scriptsftp.server.contract.scripting import ScriptFiles, ScriptFileSession
+from scriptsftp.server.contract.scripting import CopyingWriteHandle, ScriptFiles, ScriptFileSession
 
 from .capabilities import CapabilityCall, CapabilityError
 
@@ -264,7 +264,7 @@ class FsCapability:
               deadline: float | None) -> None:
         rh = src_s.open_read(src)
         try:
-            wh = dst_s.open_write(dst, exclusive=True)
+            wh: CopyingWriteHandle = dst_s.open_write(dst, exclusive=True)
             try:
                 try:
                     wh.copy_from(rh.fd, deadline=deadline)  # in the kernel, holes kept

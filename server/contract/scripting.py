@@ -9,20 +9,20 @@ composition root (``server/daemon.py``, ``server/cli.py``):
 * :class:`ScriptAudit`: where the engine records each decision and each handler run
   (the audit trail and the metrics, ``server/ops/audit.py`` ``ScriptAuditRecorder``);
   :class:`EventTrace` gives an event its id and records its decision.
-* :class:`ScriptFiles`: opens a session-like object on a user's files (or on the
-  ``fs_admin`` root) for ``api.fs``, so a script goes through the same door as a client
-  (``server/core/script_files.py`` builds Sessions).
+* :class:`ScriptFiles`: opens a session (the core's ``SessionPort``, contract/ports.py)
+  on a user's files (or on the ``fs_admin`` root) for ``api.fs``, so a script goes
+  through the same door as a client (``server/core/script_files.py`` builds Sessions).
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from scriptsftp.server.contract.dispatch import Decision, Dispatcher, NullDispatcher
+from scriptsftp.server.contract.ports import SessionPort, WriteHandlePort
 from scriptsftp.server.contract.script_settings import ScriptConfig
 
 # --- audit -------------------------------------------------------------------------------------
@@ -122,60 +122,16 @@ class EventTrace:
 # --- files (api.fs) ----------------------------------------------------------------------------
 
 
-class ScriptFileEntry(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def st(self) -> os.stat_result: ...
-
-    @property
-    def is_dir(self) -> bool: ...
-
-
-class ScriptReadHandle(Protocol):
-    fd: int
-    sent: int
-
-    def read(self, offset: int, length: int) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-class ScriptWriteHandle(Protocol):
-    @property
-    def written(self) -> int: ...
-
-    def write(self, offset: int, data: bytes) -> None: ...
+class CopyingWriteHandle(WriteHandlePort, Protocol):
+    """An upload that can also be filled from a descriptor in the kernel (``api.fs.copy``)."""
 
     def copy_from(self, src: int, *, deadline: float | None = None) -> None: ...
 
-    def abort(self, reason: str) -> None: ...
 
-    def close(self) -> None: ...
-
-
-class ScriptFileSession(Protocol):
-    """The file operations ``api.fs`` uses: a Session's, with its checks and its log lines.
-    Errors are the contract's :mod:`~scriptsftp.server.contract.errors` (FsError family)."""
-
-    def stat(self, vpath: str, follow: bool = True) -> ScriptFileEntry: ...
-
-    def listdir(self, vpath: str) -> Iterable[ScriptFileEntry]: ...
-
-    def mkdir(self, vpath: str) -> None: ...
-
-    def rmdir(self, vpath: str) -> None: ...
-
-    def remove(self, vpath: str) -> None: ...
-
-    def rename(self, src_vpath: str, dst_vpath: str) -> None: ...
-
-    def open_read(self, vpath: str) -> ScriptReadHandle: ...
-
-    def open_write(self, vpath: str, *, truncate: bool = True, exclusive: bool = False) -> ScriptWriteHandle: ...
-
-    def close(self) -> None: ...
+#: The session ``api.fs`` works through: the core's :class:`SessionPort`, whose uploads are
+#: :class:`CopyingWriteHandle` (``Any`` here: the port is invariant in its handle type, and
+#: the core's Session is a ``SessionPort[WriteHandle]``).
+ScriptFileSession = SessionPort[Any]
 
 
 class ScriptFiles(Protocol):
@@ -248,7 +204,6 @@ class NullEngine(NullDispatcher):
 
 
 __all__ = [
-    "EventTrace", "NullEngine", "NullScriptAudit", "PreparedReload", "ScriptAudit",
-    "ScriptEngineLifecycle", "ScriptFileEntry", "ScriptFileSession", "ScriptFiles", "ScriptReadHandle",
-    "ScriptRunRecord", "ScriptWriteHandle", "new_event_id",
+    "CopyingWriteHandle", "EventTrace", "NullEngine", "NullScriptAudit", "PreparedReload", "ScriptAudit",
+    "ScriptEngineLifecycle", "ScriptFileSession", "ScriptFiles", "ScriptRunRecord", "new_event_id",
 ]
