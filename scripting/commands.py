@@ -181,7 +181,7 @@ def run_command(name: str, argv: list[str], *, timeout: float, max_output: int, 
     except OSError as exc:
         log.error("script %s: command %s could not start: %s", script, name, exc.strerror or exc)
         raise CapabilityError(f"command {name!r} could not start: {exc.strerror or exc}", "OSError") from None
-    out = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    out: dict[Any, bytearray] = {proc.stdout: bytearray(), proc.stderr: bytearray()}  # both pipes
     truncated = False
     timed_out = False
     sel = selectors.DefaultSelector()

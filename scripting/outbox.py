@@ -94,7 +94,7 @@ class Outbox:
                 "INSERT INTO outbox (kind, target, body, script, created, status, next_at) "
                 "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
                 (kind, target, json.dumps(body, ensure_ascii=False), script, now, now))
-            return int(cur.lastrowid)
+            return int(cur.lastrowid or 0)  # an INSERT always sets it
 
     def make_all_due(self) -> int:
         """At start: every pending message (also ones claimed by a run that died) is due now."""

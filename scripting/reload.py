@@ -20,6 +20,7 @@ from typing import Callable
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger("scriptsftp.reload")
 
@@ -43,7 +44,7 @@ class ScriptWatcher(FileSystemEventHandler):
         self._pending: dict[str, float] = {}
         self._cond = threading.Condition()
         self._stop = False
-        self._observer: Observer | None = None
+        self._observer: BaseObserver | None = None  # Observer is the platform's subclass
         self._seen: dict[str, tuple[float, int]] = {}
 
     def start(self) -> None:

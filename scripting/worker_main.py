@@ -139,7 +139,7 @@ def _setup(config: dict[str, Any]) -> dict[str, Any]:
 
     # Everything scripts may use is imported now, before the limits apply.
     from . import api, sandbox  # noqa: F401
-    import _strptime  # noqa: F401
+    import _strptime  # type: ignore[import-not-found]  # noqa: F401
     import time
     import datetime
     time.strptime("2024-01-02", "%Y-%m-%d")

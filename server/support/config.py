@@ -21,24 +21,24 @@ import tomli
 from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 
 # The scripting sections are declared in the contract (the engine reads them without importing
-# this module); they are composed into Config below and re-exported from here.
-from scriptsftp.server.contract.script_settings import (  # noqa: F401
-    CAPABILITIES,
-    COMMAND_NAMED,
-    COMMAND_PLACEHOLDER,
-    Binding,
-    CommandSection,
-    ConfigError,
-    NotifySection,
-    PositiveFloat,
-    PositiveInt,
-    ScriptsSection,
-    SmtpSection,
+# this module); they are composed into Config below and re-exported from here ("X as X").
+from scriptsftp.server.contract.script_settings import (
+    CAPABILITIES as CAPABILITIES,
+    COMMAND_NAMED as COMMAND_NAMED,
+    COMMAND_PLACEHOLDER as COMMAND_PLACEHOLDER,
+    Binding as Binding,
+    CommandSection as CommandSection,
+    ConfigError as ConfigError,
+    NotifySection as NotifySection,
+    PositiveFloat as PositiveFloat,
+    PositiveInt as PositiveInt,
+    ScriptsSection as ScriptsSection,
+    SmtpSection as SmtpSection,
     StrictModel as _Model,
-    WebhookSection,
-    check_cron,
-    command_template_problems,
-    command_template_warnings,
+    WebhookSection as WebhookSection,
+    check_cron as check_cron,
+    command_template_problems as command_template_problems,
+    command_template_warnings as command_template_warnings,
 )
 from scriptsftp.server.support.tomlpos import KeyLines, format_loc
 
