@@ -54,22 +54,11 @@ COMPOSITION_ROOT = {f"{SERVER}.cli", f"{SERVER}.daemon"}
 # (importer, imported) -> what removes it. Every entry is a debt of issue 17; the lead empties this
 # after merging the helpers' work. Do not add to it: fix the import instead.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    # scripting/ reaches into server/ beyond the contract (helper F: the scripting contract; the
-    # engine is handed its config section, audit sink and worker accounts by the daemon)
-    ("scriptsftp.scripting.commands", "scriptsftp.server.support.config"): "F: command specs through the contract",
-    ("scriptsftp.scripting.engine", "scriptsftp.server.ops.audit"): "F: the daemon hands the engine an audit sink",
-    ("scriptsftp.scripting.engine", "scriptsftp.server.support.config"): "F: the engine takes its settings, not the config model",
-    ("scriptsftp.scripting.engine", "scriptsftp.server.support.worker_accounts"): "F: the daemon hands the engine its worker account",
-    ("scriptsftp.scripting.registry", "scriptsftp.server.support.config"): "F: bindings through the contract",
-    ("scriptsftp.scripting.fs_cap", "scriptsftp.server.core.publish"): "F/E: the fs capability gets a Storage/SessionPort",
-    ("scriptsftp.scripting.fs_cap", "scriptsftp.server.core.session"): "F/E: the fs capability gets a Storage/SessionPort",
-    ("scriptsftp.scripting.fs_cap", "scriptsftp.server.core.vfs"): "F/E: path confinement through the contract",
     # the core reaches up into ops (helper D: the login core takes the defender as a port)
     ("scriptsftp.server.core.login", "scriptsftp.server.ops.defender"): "D: login takes a ban checker, wired by the daemon",
     # the SSH protocol worker jails itself with scripting's jail (helpers A/F: the jail moves below both)
     ("scriptsftp.server.frontends.ssh.worker_process", "scriptsftp.scripting.jail"): "A/F: the kernel jail out of scripting/",
     # import circles, each listed by the edge that goes away
-    ("scriptsftp.scripting.services", "scriptsftp.scripting.engine"): "F: services get a narrow view, not the engine's internals",
 }
 
 
