@@ -151,8 +151,8 @@ def _setup(config: dict[str, Any]) -> dict[str, Any]:
 
     # The kernel jail, now that every import is done and before any script source is read:
     # read-only access to the Python installation and nothing else, no new sockets or
-    # processes (scripting/jail.py). Before the rlimits: libseccomp allocates.
-    from . import jail
+    # processes (server/contract/jail.py). Before the rlimits: libseccomp allocates.
+    from scriptsftp.server.contract import jail
     status_fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC) \
         if os.path.exists("/proc/self/status") else -1   # unreadable once jailed: opened now
     # as the unprivileged account from here on, if one is configured (before any script)

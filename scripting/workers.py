@@ -23,7 +23,7 @@ Security notes (docs/sandbox.md has the whole model):
 * The worker's environment is empty but for PATH, LANG and TZ; its cwd is /;
   it runs in its own session; optionally as another account (``user=``/``group=``), to
   which it drops itself after its imports and before it reads any script; then it jails
-  itself (scripting/jail.py).
+  itself (server/contract/jail.py).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Any, Callable
 from scriptsftp.server.contract import framing
 from scriptsftp.server.contract.state import StateStoreFactory
 
-from . import jail
+from scriptsftp.server.contract import jail
 from . import worker_main as proto
 from .capabilities import KNOWN_CAPABILITIES, CapabilityCall, CapabilityRegistry, StoreCapability
 from .sandbox import MAX_SOURCE_BYTES

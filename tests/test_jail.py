@@ -1,5 +1,5 @@
 """Workers are a privilege boundary (DESIGN.md rule 11): the account they run as and their
-kernel jail (scripting/jail.py, server/support/worker_accounts.py).
+kernel jail (server/contract/jail.py, server/support/worker_accounts.py).
 
 An escape is simulated with the test-only hook SCRIPTSFTP_TEST_ESCAPE=1: right after its jail
 a worker tries what escaped code would (open /etc/passwd, write a file, create a socket, fork)
@@ -23,7 +23,7 @@ import pytest
 from conftest import IN_CI, paramiko_client, close_client
 
 from scriptsftp.server.stores import StateStores
-from scriptsftp.scripting import jail
+from scriptsftp.server.contract import jail
 from scriptsftp.scripting.workers import CallRequest, ScriptSource, WorkerPool
 
 ROOT = os.geteuid() == 0

@@ -56,8 +56,6 @@ COMPOSITION_ROOT = {f"{SERVER}.cli", f"{SERVER}.daemon"}
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     # the core reaches up into ops (helper D: the login core takes the defender as a port)
     ("scriptsftp.server.core.login", "scriptsftp.server.ops.defender"): "D: login takes a ban checker, wired by the daemon",
-    # the SSH protocol worker jails itself with scripting's jail (helpers A/F: the jail moves below both)
-    ("scriptsftp.server.frontends.ssh.worker_process", "scriptsftp.scripting.jail"): "A/F: the kernel jail out of scripting/",
     # import circles, each listed by the edge that goes away
 }
 

@@ -307,7 +307,7 @@ class RemoteWriteHandle(_ReportsToCore, WriteHandle):  # type: ignore[misc]
         self._refuse_if_poisoned()  # a write here failed: the core discards, the client gets the error
         _ReportsToCore.close(self)
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         WriteHandle.write(self, offset, data)
         self._moved()
 

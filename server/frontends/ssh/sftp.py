@@ -269,7 +269,7 @@ class SFTPHandler(SFTPStream):
             raise _Reply(SFTP_PERMISSION_DENIED, "handle not open for writing")
         if len(data) > self.limits.max_read + 1024:
             raise _Reply(SFTP_FAILURE, "write request too large")
-        h.write(offset, data)  # type: ignore[arg-type]  # a view of the request: the port says bytes, the file write takes any buffer
+        h.write(offset, data)  # a view of the request: the file write takes any buffer
         self._reply_status(request, SFTP_OK)
 
     def _op_remove(self, request: int, msg: Message) -> None:

@@ -45,7 +45,7 @@ def serve(control: socket.socket, setup: dict) -> int:
     # sent to the whole process group must not drop this worker's connections meanwhile.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    from scriptsftp.scripting import jail
+    from scriptsftp.server.contract import jail
 
     from scriptsftp.server.frontends.ssh import paramiko_ext
     from scriptsftp.server.support.keys import host_key_from_text
@@ -60,7 +60,7 @@ def serve(control: socket.socket, setup: dict) -> int:
     connections = SSHConnections(keys, SSHLimits(**setup["limits"]), scp_runner=run_scp)
     # The kernel jail, while this process has one thread and before any client byte is read:
     # no new opens but read-only Python/library dirs, no new sockets or processes. Client
-    # sockets and file descriptors come from the core over ``control`` (scripting/jail.py).
+    # sockets and file descriptors come from the core over ``control`` (server/contract/jail.py).
     # as the unprivileged account from here on, if one is configured
     report = jail.apply(setup.get("deny_under") or (), setup.get("account"))
     missing = [k for k in ("landlock", "seccomp") if not str(report.get(k)).startswith("on")]

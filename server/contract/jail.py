@@ -27,7 +27,9 @@ reads anything untrusted. Two independent layers, each applied when the kernel
   Everything else is allowed: a deny-list is weaker than an allow-list, and is
   documented as such (docs/sandbox.md).
 
-The module imports nothing from server/ (worker_main.py runs it) and nothing
+It lives in the contract beside framing.py for the same reason: both kinds of
+worker (scripting/worker_main.py and the SSH workers) apply it, and scripting/
+may import nothing else from server/. It imports nothing of ours and nothing
 heavy at import time.
 """
 
