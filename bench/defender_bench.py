@@ -49,7 +49,7 @@ PASSWORD = "bench-Secret-1"
 
 
 def write_config(tmp: Path, defender: bool, size_mb: int) -> Path:
-    from scriptsftp.server.core.login import hash_password
+    from scriptsftp.server.core.passwords import hash_password
 
     home = tmp / "home"
     home.mkdir(parents=True, exist_ok=True)

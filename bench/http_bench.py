@@ -65,7 +65,7 @@ def tmp_root(size_bytes: int, choice: str | None) -> Path:
 
 
 def write_config(root: Path, tls: tuple[Path, Path] | None) -> Path:
-    from scriptsftp.server.core.login import hash_password
+    from scriptsftp.server.core.passwords import hash_password
 
     (root / "home").mkdir()
     (root / "scripts").mkdir()

@@ -14,7 +14,7 @@ on one barrier) to the answer.
 
 Why: each argon2 verification costs ~0.15 s of CPU and 64 MiB and at most a few run at
 once, so a burst whose every login ran argon2 queued for tens of seconds and missed the
-30 s login grace. With the password cache and single flight (server/core/login.py) one
+30 s login grace. With the password cache and single flight (server/core/passwords.py) one
 verification serves the whole burst.
 
 Reported: failures (by kind), p50/p90/p99/max login time, wall time of the burst,
@@ -48,7 +48,7 @@ from defender_bench import Server as DefenderBenchServer  # noqa: E402  (one way
 
 
 def write_config(tmp: Path, args: argparse.Namespace) -> Path:
-    from scriptsftp.server.core.login import hash_password
+    from scriptsftp.server.core.passwords import hash_password
 
     (tmp / "home").mkdir(parents=True, exist_ok=True)
     cfg = tmp / "scriptsftp.toml"

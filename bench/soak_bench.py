@@ -76,7 +76,7 @@ def loopback(host: str) -> str:
 
 
 def write_config(tmp: Path) -> Path:
-    from scriptsftp.server.core.login import hash_password
+    from scriptsftp.server.core.passwords import hash_password
 
     for d in ("honest", "mallory/many", "scripts"):
         (tmp / d).mkdir(parents=True, exist_ok=True)

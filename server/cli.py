@@ -161,7 +161,7 @@ def init(directory: Path) -> None:
 @click.option("--stdin", "from_stdin", is_flag=True, help="read the password from standard input")
 def hash_password_cmd(from_stdin: bool) -> None:
     """Print an argon2id hash for a [[users]] password_hash."""
-    from scriptsftp.server.core.login import hash_password
+    from scriptsftp.server.core.passwords import hash_password
 
     if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")

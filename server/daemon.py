@@ -32,7 +32,9 @@ from scriptsftp.server.contract.dispatch import SwappableDispatcher
 from scriptsftp.server.contract.scripting import NullEngine, ScriptEngineLifecycle
 from scriptsftp.server.core.script_files import ScriptSessions
 from scriptsftp.server.support.keys import ensure_host_keys, fingerprint, load_host_key
-from scriptsftp.server.core.login import LoginCore, build_users, ensure_generated_passwords
+from scriptsftp.server.core.accounts import TomlAccountSource
+from scriptsftp.server.core.login import LoginCore
+from scriptsftp.server.core.passwords import ensure_generated_passwords
 from scriptsftp.server.core.publish import UploadPolicy
 from scriptsftp.server.support.listen import Listener, Reconfigurable, listen_addresses
 from scriptsftp.server.support.listen_check import check_listen_addresses
@@ -147,7 +149,7 @@ class Daemon:
         self.defender = Defender(self.stores, m.defender)
         self.publisher = Publisher(self.dispatch, self.staging, self._upload_policy(cfg), workers=m.scripts.workers)
         self.core = LoginCore(
-            build_users(cfg),
+            TomlAccountSource.from_config(cfg),
             self.dispatch,
             staging=self.staging,
             publisher=self.publisher,
@@ -202,7 +204,7 @@ class Daemon:
         core = self.core
 
         def account(name: str) -> Any:
-            rec = core.users.get(name)
+            rec = core.accounts.get(name)
             return None if rec is None or rec.disabled else rec.account
 
         return ScriptSessions(account, staging=core.staging, uploads=core.uploads, pending=self.publisher.pending)
@@ -326,12 +328,12 @@ class Daemon:
             return False
         try:
             ensure_generated_passwords(plan.effective, _password_announcer(self.state_dir))
-            users = build_users(plan.effective)
+            accounts = TomlAccountSource.from_config(plan.effective)
         except BaseException:
             engine_commit(False)
             raise
         engine_commit(True)
-        self._apply(plan, users)
+        self._apply(plan, accounts)
         return True
 
     def _prepare_engine(self, cfg: LoadedConfig) -> Callable[[bool], None]:
@@ -360,10 +362,10 @@ class Daemon:
                 engine.close()
         return commit
 
-    def _apply(self, plan: ReloadPlan, users: dict) -> None:
+    def _apply(self, plan: ReloadPlan, accounts: TomlAccountSource) -> None:
         """Swap in a prepared reload: nothing here can refuse it any more."""
         cfg = plan.effective
-        gone = self.core.replace_users(users)
+        gone = self.core.replace_accounts(accounts)
         for conn in gone:
             log.info("closing session of removed or disabled user %s", conn.user, extra={"sid": conn.id})
             if conn.on_kick:

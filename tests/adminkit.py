@@ -18,7 +18,7 @@ TOKEN = "admin-token-7f3a9c"
 
 @pytest.fixture(scope="session")
 def token_hash() -> str:
-    from scriptsftp.server.core.login import hash_password
+    from scriptsftp.server.core.passwords import hash_password
 
     return hash_password(TOKEN)
 

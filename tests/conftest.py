@@ -96,7 +96,7 @@ def worker_accounts() -> None:
 
 @pytest.fixture(scope="session")
 def password_hashes() -> dict[str, str]:
-    from scriptsftp.server.core.login import hash_password
+    from scriptsftp.server.core.passwords import hash_password
 
     return {"alice": hash_password(ALICE_PASSWORD), "bob": hash_password(BOB_PASSWORD)}
 

@@ -122,7 +122,7 @@ def users_toml(password_hashes: dict[str, str], extra_hashes: dict[str, str]) ->
 
 @pytest.fixture(scope="session")
 def extra_hashes() -> dict[str, str]:
-    from scriptsftp.server.core.login import hash_password
+    from scriptsftp.server.core.passwords import hash_password
 
     return {"carol": hash_password(CAROL_PASSWORD), "dave": hash_password(DAVE_PASSWORD)}
 

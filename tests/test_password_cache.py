@@ -16,7 +16,7 @@ from pathlib import Path
 import paramiko
 
 from conftest import ALICE_PASSWORD, toml_str, user_toml
-from scriptsftp.server.core.login import PasswordCache, hash_password
+from scriptsftp.server.core.passwords import PasswordCache, hash_password
 
 
 def test_hit_only_for_the_same_user_password_and_hash():
@@ -76,7 +76,7 @@ def test_a_password_changed_by_reload_is_not_let_in_from_the_cache(daemons):
 
 
 class _CountingHasher:
-    """Stands in for login._hasher: counts verifications and holds each one until released,
+    """Stands in for passwords._hasher: counts verifications and holds each one until released,
     so that every concurrent check has arrived while the first is still running."""
 
     def __init__(self, real, release: threading.Event) -> None:
@@ -96,13 +96,15 @@ class _CountingHasher:
 
 def _core(password_hashes, cache_seconds: float = 60.0):
     from scriptsftp.server.contract.dispatch import NullDispatcher
-    from scriptsftp.server.core.login import Connection, LoginCore, UserRecord
+    from scriptsftp.server.core.accounts import TomlAccountSource, UserRecord
+    from scriptsftp.server.core.connections import Connection
+    from scriptsftp.server.core.login import LoginCore
     from scriptsftp.server.core.session import Account, UploadPolicy
     from scriptsftp.server.core.vfs import Access
 
     account = Account(name="alice", home=Path("/nonexistent"), access=Access.build({}, [], []))
     users = {"alice": UserRecord(account=account, password_hash=password_hashes["alice"], keys=[], disabled=False)}
-    core = LoginCore(users, NullDispatcher(), staging=None, uploads=UploadPolicy(atomic=False),
+    core = LoginCore(TomlAccountSource(users), NullDispatcher(), staging=None, uploads=UploadPolicy(atomic=False),
                      failure_delay=0, password_cache=cache_seconds)
     return core, lambda: Connection("c", "sftp", "192.0.2.1")
 
@@ -130,7 +132,7 @@ def _burst(core, conn, passwords: list[str], counting: _CountingHasher, release:
 
 
 def _parked(core, counting: _CountingHasher) -> int:
-    flights = getattr(core, "_flights", None)  # (None before single flight: then all verify)
+    flights = getattr(core.passwords, "_flights", None)  # (None before single flight: then all verify)
     if flights is None:
         return len(counting.calls)
     with flights._lock:
@@ -139,11 +141,11 @@ def _parked(core, counting: _CountingHasher) -> int:
 
 
 def test_concurrent_logins_of_one_user_run_argon2_once(password_hashes, monkeypatch):
-    from scriptsftp.server.core import login
+    from scriptsftp.server.core import passwords
 
     release = threading.Event()
-    counting = _CountingHasher(login._hasher, release)
-    monkeypatch.setattr(login, "_hasher", counting)
+    counting = _CountingHasher(passwords._hasher, release)
+    monkeypatch.setattr(passwords, "_hasher", counting)
     core, conn = _core(password_hashes)
     results = _burst(core, conn, [ALICE_PASSWORD] * 20, counting, release)
     assert results == [True] * 20
@@ -153,11 +155,11 @@ def test_concurrent_logins_of_one_user_run_argon2_once(password_hashes, monkeypa
 
 
 def test_a_wrong_password_never_rides_on_a_right_ones_verification(password_hashes, monkeypatch):
-    from scriptsftp.server.core import login
+    from scriptsftp.server.core import passwords
 
     release = threading.Event()
-    counting = _CountingHasher(login._hasher, release)
-    monkeypatch.setattr(login, "_hasher", counting)
+    counting = _CountingHasher(passwords._hasher, release)
+    monkeypatch.setattr(passwords, "_hasher", counting)
     core, conn = _core(password_hashes)
     passwords = [ALICE_PASSWORD] * 10 + ["wrong-one"] * 5 + ["wrong-two"]
     results = _burst(core, conn, passwords, counting, release)

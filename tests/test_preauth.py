@@ -164,11 +164,12 @@ def _core(tmp_path, cap: int):
     from scriptsftp.server.ops.defender import Defender
     from scriptsftp.server.stores import StateStores
     from scriptsftp.server.contract.dispatch import NullDispatcher
+    from scriptsftp.server.core.accounts import TomlAccountSource
     from scriptsftp.server.core.login import LoginCore
     from scriptsftp.server.core.session import UploadPolicy
 
     defender = Defender(StateStores(tmp_path), DefenderSection(max_preauth_connections=cap))
-    return LoginCore({}, NullDispatcher(), staging=None, uploads=UploadPolicy(atomic=False), failure_delay=0,
+    return LoginCore(TomlAccountSource(), NullDispatcher(), staging=None, uploads=UploadPolicy(atomic=False), failure_delay=0,
                      defender=defender), defender
 
 
@@ -209,14 +210,14 @@ def test_a_full_cap_with_nothing_to_close_refuses_and_gives_the_slot_back(tmp_pa
 
 
 def test_a_logged_in_connection_no_longer_counts(tmp_path, password_hashes):
-    from scriptsftp.server.core.login import UserRecord
+    from scriptsftp.server.core.accounts import TomlAccountSource, UserRecord
     from scriptsftp.server.core.session import Account
     from scriptsftp.server.core.vfs import Access
 
     core, defender = _core(tmp_path, cap=1)
     account = Account(name="alice", home=tmp_path, access=Access.build({}, [], []), protocols=frozenset({"ftp"}))
-    core.users = {"alice": UserRecord(account=account, password_hash=password_hashes["alice"], keys=[],
-                                      disabled=False)}
+    core.accounts = TomlAccountSource({"alice": UserRecord(account=account, password_hash=password_hashes["alice"],
+                                                           keys=[], disabled=False)})
     conn, _ = core.connect("ftp", "192.0.2.9")
     assert core.check_password(conn, "alice", ALICE_PASSWORD)
     assert core.finish_login(conn, "alice", "password").allowed

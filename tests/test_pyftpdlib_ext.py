@@ -70,7 +70,7 @@ def test_the_ftp_listener_checks_before_it_builds_anything(monkeypatch: pytest.M
 def test_scriptsftp_run_prints_the_refusal_without_a_traceback(tmp_path: Path):
     from conftest import toml_str
 
-    from scriptsftp.server.core.login import hash_password
+    from scriptsftp.server.core.passwords import hash_password
 
     (tmp_path / "homes" / "alice").mkdir(parents=True)
     cfg = tmp_path / "scriptsftp.toml"

@@ -152,13 +152,14 @@ def link(tmp_path, password_hashes):
     from scriptsftp.server.support.config import load_config
     from scriptsftp.server.frontends.ssh.core_link import CoreLink
     from scriptsftp.server.contract.dispatch import NullDispatcher
-    from scriptsftp.server.core.login import LoginCore, build_users
+    from scriptsftp.server.core.accounts import TomlAccountSource
+    from scriptsftp.server.core.login import LoginCore
     from scriptsftp.server.core.session import UploadPolicy
 
     cfg = tmp_path / "scriptsftp.toml"
     cfg.write_text(user_toml("alice", password_hash=password_hashes["alice"]))
     (tmp_path / "homes" / "alice").mkdir(parents=True)
-    core = LoginCore(build_users(load_config(cfg)), NullDispatcher(), staging=None,
+    core = LoginCore(TomlAccountSource.from_config(load_config(cfg)), NullDispatcher(), staging=None,
                      uploads=UploadPolicy(atomic=False), failure_delay=0)
     ours, theirs = socket.socketpair()
     kicked: list[str] = []

@@ -1,7 +1,8 @@
-"""Protocol-neutral errors raised by the Session; each front end maps them to its replies.
+"""Protocol-neutral errors raised by the core; each front end maps them to its replies.
 
-Every error carries a message fit for the client: it names the virtual path,
-never a host path.
+The Session raises the :class:`FsError` family: every one carries a message fit
+for the client that names the virtual path, never a host path. The login core
+raises the :class:`LoginRefused` family.
 """
 
 from __future__ import annotations
@@ -66,6 +67,31 @@ class CoreGone(Failure):
     connection, e.g. when its login grace ran out while a password was being checked):
     nothing more can be asked for this connection. Expected, so logged without a traceback."""
 
+
+
+class LoginRefused(Exception):
+    """A login the core refused: ``reason`` is fit for the client (a policy or a script's
+    veto), already logged, audited and counted by the core.
+
+    ``wait``: seconds the front end holds its answer back (the failure delay). The core
+    never sleeps in a login, so a front end on an event loop holds no thread meanwhile;
+    one with a thread per connection simply sleeps."""
+
+    def __init__(self, reason: str, wait: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.wait = wait
+
+
+class BadCredentials(LoginRefused):
+    """Unknown user, wrong password, a locked or banned login: the client is told only
+    that the credentials failed (the reason, which tells more, is in the log)."""
+
+
+class TlsRequired(LoginRefused):
+    """The account takes logins only over TLS and the connection is in clear. Raised
+    before any password is checked (nothing counted), so the front end can refuse
+    before the client sends one; its reply says how to get TLS on that protocol."""
 
 _ERRNO = {
     errno.ENOENT: (NotFound, "no such file or directory"),

@@ -33,6 +33,7 @@ import stat as statmod
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, TypeVar
 
+from scriptsftp.server.contract.credentials import Credentials
 from scriptsftp.server.contract.dispatch import Decision
 
 
@@ -230,11 +231,18 @@ class CorePort(Protocol[C, S]):
 
 class LocalCorePort(CorePort[C, S], Protocol[C, S]):
     """What the front ends served in the core's own process (FTP, HTTP) ask besides:
-    a password check that leaves the failure delay to the caller (an event loop must
-    not sleep), and the pre-auth timeout, read live (a reload changes it)."""
+    the one login call (prove, decide, open the session, announce; a refusal is a
+    ``LoginRefused`` carrying the failure delay as ``wait``, which the caller waits,
+    so an event loop need not sleep), FTP's TLS question before a password is sent, a
+    password check that leaves the failure delay to the caller (HTTP, a known session
+    whose password changed), and the pre-auth timeout, read live (a reload changes it)."""
 
     @property
     def preauth_timeout(self) -> float: ...
+
+    def login(self, conn: C, credentials: Credentials) -> SessionPort[Any]: ...
+
+    def check_tls(self, conn: C, name: str) -> None: ...
 
     def check_password_nowait(self, conn: C, name: str, password: str) -> tuple[bool, float]: ...
 

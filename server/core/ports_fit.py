@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from scriptsftp.server.contract.ports import (
         DirHandlePort, LocalCorePort, ReadHandlePort, SessionPort, WriteHandlePort,
     )
-    from scriptsftp.server.core.login import Connection, LoginCore
+    from scriptsftp.server.core.connections import Connection
+    from scriptsftp.server.core.login import LoginCore
     from scriptsftp.server.core.session import DirHandle, ReadHandle, Session, WriteHandle
 
     def _core(core: LoginCore) -> LocalCorePort[Connection, Session]:

@@ -37,7 +37,10 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from OpenSSL import SSL
 
-from scriptsftp.server.contract.errors import AlreadyExists, FsError, NotADirectory
+from scriptsftp.server.contract.credentials import Credentials
+from scriptsftp.server.contract.errors import (
+    AlreadyExists, BadCredentials, FsError, LoginRefused, NotADirectory, TlsRequired,
+)
 from scriptsftp.server.core.session import Session
 from scriptsftp.server.core.storage import Entry
 from scriptsftp.server.frontends.ftp.data import Download, Upload
@@ -45,7 +48,8 @@ from scriptsftp.server.frontends.ftp.pyftpdlib_ext import ControlChannel, FilePr
 from scriptsftp.server.frontends.ftp.replies import reply_of, reply_text
 
 if TYPE_CHECKING:
-    from scriptsftp.server.core.login import Connection, LoginCore
+    from scriptsftp.server.core.connections import Connection
+    from scriptsftp.server.core.login import LoginCore
     
 log = logging.getLogger("scriptsftp.ftp")
 
@@ -315,10 +319,7 @@ class SessionCommands(ControlChannel):
 
     # --- login -------------------------------------------------------------------------
 
-    def _tls_refusal(self, name: str) -> str | None:
-        rec = self.core.users.get(name)
-        if rec is None or not rec.account.require_tls or self._tls_on():
-            return None
+    def _tls_required_reply(self) -> str:
         if getattr(self, "ssl_context", None) is None:
             return "530 TLS is required for this user, and this server offers no FTPS."
         return "530 TLS is required for this user: use FTPS (AUTH TLS before USER, or implicit FTPS)."
@@ -327,9 +328,12 @@ class SessionCommands(ControlChannel):
         if self.authenticated:
             self.respond("503 Already logged in: reconnect to log in as another user.")
             return
-        refusal = self._tls_refusal(line)
-        if refusal:  # before the password travels in clear text
-            self.respond(refusal)
+        assert self.conn is not None
+        self.conn.tls = self._tls_on()
+        try:
+            self.core.check_tls(self.conn, line)  # before the password travels in clear text
+        except TlsRequired:
+            self.respond(self._tls_required_reply())
             return
         self.username = line
         self.respond("331 Username ok, send password.")
@@ -345,21 +349,10 @@ class SessionCommands(ControlChannel):
         self.username = ""
         assert self.conn is not None
         self.conn.tls = self._tls_on()
-        refusal = self._tls_refusal(name)
-        if refusal:
-            self.respond(refusal)
-            return
-        if not self.core.check_password(self.conn, name, line):  # logs, raises login-failed, delays
-            self._login_failed("530 Authentication failed.")
-            return
-        decision = self.core.finish_login(self.conn, name, "password")
-        if not decision.allowed:
-            self._login_failed("530 " + reply_text(decision.reason))
-            return
         try:
-            self.session = self.core.open_session(self.conn, "ftp")
-        except FsError as exc:
-            self._login_failed("530 " + reply_text(exc.message))
+            self.session = self.core.login(self.conn, Credentials(name, line))
+        except LoginRefused as exc:
+            self._login_refused(exc)
             return
         self.username = name
         self.authenticated = True
@@ -367,6 +360,18 @@ class SessionCommands(ControlChannel):
             self._preauth_timer.cancel()
         self.fs = _VirtualFS(self)
         self.respond("230 Login successful.")
+
+    def _login_refused(self, exc: LoginRefused) -> None:
+        """The one place a refused login becomes FTP replies (the core has logged it)."""
+        if isinstance(exc, TlsRequired):  # not a failed attempt: no password was checked
+            self.respond(self._tls_required_reply())
+            return
+        if exc.wait:  # the failure delay; this thread serves only this connection
+            time.sleep(exc.wait)
+        if isinstance(exc, BadCredentials):
+            self._login_failed("530 Authentication failed.")
+        else:
+            self._login_failed("530 " + reply_text(exc.reason))
 
     def _login_failed(self, reply: str) -> None:
         self.attempted_logins += 1

@@ -42,19 +42,20 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from scriptsftp.server.frontends.http import webdav
-from scriptsftp.server.contract.errors import FsError, IsADirectory, NotFound
+from scriptsftp.server.contract.credentials import Credentials
+from scriptsftp.server.contract.errors import BadCredentials, FsError, IsADirectory, LoginRefused, NotFound
 from scriptsftp.server.frontends.http.util import (
     CHUNK, Ctx, HttpError, Pools, StallWatch, decode_path, etag_of, href, http_date, not_found, parse_http_date,
 )
 from scriptsftp.server.support.config import HttpSection, ServerSection
 from scriptsftp.server.support.listen import ConfigFiles, listen_addresses
-from scriptsftp.server.core.login import Connection
+from scriptsftp.server.core.connections import Connection
 from scriptsftp.server.core.session import Session
 
 if TYPE_CHECKING:
@@ -348,16 +349,15 @@ class HttpListener:
         if state.session is not None and hmac.compare_digest(state.auth_digest, digest):
             return state.session
         loop = asyncio.get_running_loop()
-        ok, wait = await loop.run_in_executor(self.pools.auth, self.core.check_password_nowait, conn, user,
-                                              password)
-        if wait:  # the failure delay, without holding an auth thread
-            await asyncio.sleep(wait)
-        if not ok:  # logged and raised as login-failed by the core
-            raise HttpError(401, "wrong user name or password", headers={"WWW-Authenticate": REALM})
+        if state.session is not None and state.session.user == user:
+            # same user, another password (changed meanwhile): prove it, keep the session
+            ok, wait = await loop.run_in_executor(self.pools.auth, self.core.check_password_nowait, conn, user,
+                                                  password)
+            if not ok:
+                await self._login_refused(BadCredentials("authentication failed", wait))
+            state.auth_digest = digest
+            return state.session
         if state.session is not None:
-            if state.session.user == user:  # same user, other valid password (changed meanwhile)
-                state.auth_digest = digest
-                return state.session
             # another user on this keep-alive connection: end the first login, start afresh
             await loop.run_in_executor(self.pools.ops, self.core.disconnect, conn)
             state.session = None
@@ -366,16 +366,22 @@ class HttpListener:
             conn, decision = await state.connected
             if not decision.allowed:
                 raise HttpError(403, decision.reason or "connection refused by a server script", close=True)
-        decision = await loop.run_in_executor(self.pools.ops, self.core.finish_login, conn, user, "password")
-        if not decision.allowed:
-            raise HttpError(403, decision.reason or "login refused", close=True)
-        try:
-            session = await loop.run_in_executor(self.pools.ops, self.core.open_session, conn)
-        except FsError as exc:
-            raise HttpError(403, exc.message, close=True) from None
+        try:  # in the auth pool: the password check is the part a flood of bad logins would fill
+            session = await loop.run_in_executor(self.pools.auth, self.core.login, conn, Credentials(user, password))
+        except LoginRefused as exc:
+            await self._login_refused(exc)
         state.session = session
         state.auth_digest = digest
         return session
+
+    async def _login_refused(self, exc: LoginRefused) -> NoReturn:
+        """The one place a refused login becomes an HTTP answer (the core has logged it).
+        The failure delay is waited here, on the loop: it holds no thread."""
+        if exc.wait:
+            await asyncio.sleep(exc.wait)
+        if isinstance(exc, BadCredentials):
+            raise HttpError(401, "wrong user name or password", headers={"WWW-Authenticate": REALM})
+        raise HttpError(403, exc.reason or "login refused", close=True)
 
     # --- GET / HEAD -----------------------------------------------------------------------
 

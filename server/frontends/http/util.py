@@ -164,9 +164,10 @@ def is_dir(st: Any) -> bool:
 class Pools:
     """Where blocking calls run, so the event loop never waits on a disk or a script.
 
-    ``auth``: password checks (argon2, and the failure delay), so a flood of bad
-    logins cannot hold the threads logged-in users need. ``ops``: calls that may
-    wait on a script verdict (connect, login, open, close/publish, namespace changes).
+    ``auth``: logins (``LoginCore.login``: the argon2 check, and ``pre-login`` scripts
+    when bound; the failure delay is waited on the loop), so a flood of bad logins
+    cannot hold the threads logged-in users need. ``ops``: calls that may wait on a
+    script verdict (connect, open, close/publish, namespace changes).
     ``io``: chunk reads and writes of open handles, never behind a script."""
 
     auth: Executor
