@@ -54,8 +54,6 @@ COMPOSITION_ROOT = {f"{SERVER}.cli", f"{SERVER}.daemon"}
 # (importer, imported) -> what removes it. Every entry is a debt of issue 17; the lead empties this
 # after merging the helpers' work. Do not add to it: fix the import instead.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    # the core reaches up into ops (helper D: the login core takes the defender as a port)
-    ("scriptsftp.server.core.login", "scriptsftp.server.ops.defender"): "D: login takes a ban checker, wired by the daemon",
     # import circles, each listed by the edge that goes away
 }
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple, Protocol
+from typing import Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 from scriptsftp.server.support.config import LoadedConfig, User
 from scriptsftp.server.core.session import Account
@@ -108,10 +108,11 @@ class TomlAccountSource:
         return list(self._records)
 
 
-def _first_set(own: list[str] | None, from_groups: list[list[str] | None], default: list[str]) -> list[str]:
+def _first_set(own: Sequence[str] | None, from_groups: Sequence[Sequence[str] | None],
+               default: list[str]) -> list[str]:
     """The user's own list if set, else the union of their groups' lists, else the default."""
     if own is not None:
-        return own
+        return list(own)
     merged = [x for g in from_groups if g is not None for x in g]
     return merged if any(g is not None for g in from_groups) else default
 

@@ -40,7 +40,7 @@ import logging
 import secrets
 import threading
 import time
-from typing import Callable, Protocol
+from typing import Protocol
 
 from scriptsftp.server.contract import events as ev
 from scriptsftp.server.contract.credentials import Credentials
@@ -55,8 +55,8 @@ from scriptsftp.server.support.logs import BoundedLog
 from scriptsftp.server.core.accounts import AccountSource
 from scriptsftp.server.core.connections import Connection, ConnectionRegistry, kick_soon
 from scriptsftp.server.core.passwords import PasswordCache, PasswordVerifier
-from scriptsftp.server.core.publish import Publisher
-from scriptsftp.server.core.session import HandleBudget, Session, UploadPolicy
+from scriptsftp.server.core.publish import Publisher, UploadPolicy
+from scriptsftp.server.core.session import HandleBudget, RefusalSink, Session
 from scriptsftp.server.core.staging import StagingRecords
 
 log = logging.getLogger("scriptsftp.login")
@@ -129,7 +129,7 @@ class LoginCore:
     ) -> None:
         self.defender = defender
         #: where refused connects, logins and operations are recorded (the daemon's audit trail)
-        self.refusals: Callable[[dict, str, str], None] | None = None
+        self.refusals: RefusalSink | None = None
         self.publisher = publisher
         #: where accounts come from; replaced whole on reload (:meth:`replace_accounts`)
         self.accounts = accounts
@@ -495,7 +495,7 @@ class LoginCore:
             session_id=conn.id, account=conn.account, protocol=protocol, remote_ip=conn.remote_ip,
             dispatcher=self.dispatcher, staging=self.staging, uploads=self.uploads, max_handles=self.max_handles,
             publisher=self.publisher, tls=conn.tls, budget=self._budget(conn.user),
-            on_close=lambda s, c=conn: self.registry.count_session(c, -1),
+            on_close=lambda _session: self.registry.count_session(conn, -1),
         )
         session.refusals = self.refusals
         conn.sessions.append(session)
