@@ -114,10 +114,6 @@ class EventTrace:
         self.audit.event_decided(self.id, self.data, verdict, reason, decided_by)
         return decision
 
-    def ran(self, script: str, function: str, mode: str, result: ScriptRunRecord) -> None:
-        """One handler call for this event finished."""
-        self.audit.script_ran(self.id, script, function, mode, result)
-
 
 # --- files (api.fs) ----------------------------------------------------------------------------
 
