@@ -52,7 +52,7 @@ from scriptsftp.server.support.config import AdminSection, ConfigError, is_loopb
 from scriptsftp.server.support.listen import ConfigFiles, Listener
 
 if TYPE_CHECKING:
-    from scriptsftp.server.core.login import Connection
+    from scriptsftp.server.core.connections import Connection
     from scriptsftp.server.ops.audit import AuditTrail
     from scriptsftp.server.ops.defender import Defender
 
@@ -74,8 +74,8 @@ _hasher = PasswordHasher()
 class ConnectionRegistry(Protocol):
     """The core's list of client connections (the LoginCore is one)."""
 
-    #: pre-auth connections closed to make room for newer ones, since start (metrics)
-    preauth_evicted: int
+    @property
+    def preauth_evicted(self) -> int: ...  # pre-auth connections closed for newer ones, since start
 
     def connections(self) -> list[Connection]: ...
 

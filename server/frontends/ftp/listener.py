@@ -32,7 +32,7 @@ from scriptsftp.server.support.listen import ConfigFiles, listen_addresses
 
 if TYPE_CHECKING:
     from scriptsftp.server.contract.ports import LocalCorePort
-    from scriptsftp.server.core.login import Connection
+    from scriptsftp.server.core.connections import Connection
     from scriptsftp.server.core.session import Session
 
 log = logging.getLogger("scriptsftp.ftp")
