@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Soak: do 20 hostile clients hurt 5 honest ones? (DESIGN.md rule 12)
+"""Soak: do 20 hostile clients hurt 5 honest ones? (docs/architecture.md rule 12)
 
     .venv/bin/python bench/soak_bench.py [--seconds 600] [--baseline-seconds 60] [--honest 5]
                                          [--hostile 20] [--size-mb 8] [--recovery 30]

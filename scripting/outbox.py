@@ -1,7 +1,7 @@
 """``api.notify``: email and webhooks, delivered from a durable outbox.
 
 A script's ``api.notify.email()`` / ``api.notify.webhook()`` only *queues* a
-message: one row in an SQLite database under ``state_dir`` (DESIGN.md rule
+message: one row in an SQLite database under ``state_dir`` (docs/architecture.md rule
 10: behind the small :class:`Outbox` interface, so it can move to PostgreSQL).
 The call returns at once; a :class:`Notifier` thread delivers, retrying with
 exponential backoff (``[notify] retry_delay`` doubling up to an hour, at most

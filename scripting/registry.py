@@ -2,7 +2,7 @@
 
 The registry is immutable once built; a reload builds a new one and the engine
 swaps the reference, so an event already being dispatched keeps the bindings
-and script versions it started with (DESIGN.md rule 8).
+and script versions it started with (docs/architecture.md rule 8).
 """
 
 from __future__ import annotations

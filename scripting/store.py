@@ -5,7 +5,7 @@ namespace (its name). Values are JSON text, size-capped. The database is in
 WAL mode with a busy timeout and read-modify-write operations (``incr``, a
 ``set`` of a new key) run in ``BEGIN IMMEDIATE`` transactions, so it stays
 exact with many server threads in this process and with several server
-processes sharing the state directory (DESIGN.md rule 10).
+processes sharing the state directory (docs/architecture.md rule 10).
 
 Durability: ``synchronous=NORMAL`` in WAL mode: a committed write survives a
 crash of the server; the last transactions may be lost on power failure.

@@ -1,6 +1,6 @@
 """The pool of sandboxed script worker processes (server side).
 
-Scripts never run in the server process (DESIGN.md rule 4). The pool keeps N
+Scripts never run in the server process (docs/architecture.md rule 4). The pool keeps N
 worker processes, each a fresh interpreter started with ``subprocess`` (no
 ``fork()`` of the multi-threaded server) and one end of a Unix socketpair
 passed with ``pass_fds``. A call takes an idle worker, sends it the request

@@ -311,7 +311,7 @@ class Daemon:
         self._trim_peak = n
 
     def reload(self) -> bool:
-        """Re-read the config and apply it all, or nothing (DESIGN.md rule 8).
+        """Re-read the config and apply it all, or nothing (docs/architecture.md rule 8).
 
         Live keys take effect now; each changed key that needs a restart is logged and
         kept at its running value (reload_plan.py). Every step that can fail (reading

@@ -1,4 +1,4 @@
-"""Fault injection: every protocol x every fault, one invariant (DESIGN.md rule 7).
+"""Fault injection: every protocol x every fault, one invariant (docs/architecture.md rule 7).
 
 An upload over an existing file is interrupted by a fault; afterwards the file is
 exactly the old version or exactly the new one, byte for byte, never anything

@@ -7,7 +7,7 @@ connection within a few seconds; every few examples that an honest second client
 logs in and lists/downloads within ``HONEST_LIMIT``; and that nothing appeared outside
 the home (a sentinel directory beside it stays empty). After each protocol's run the
 daemon must be quiet again: its process tree's CPU time stops growing, its open fds and
-RSS return near their baseline, and its log holds no traceback (DESIGN.md rules 9, 11, 12).
+RSS return near their baseline, and its log holds no traceback (docs/architecture.md rules 9, 11, 12).
 
 Examples are derandomized (the same inputs on every run) and bounded so the module runs
 in well under two minutes on two cores.

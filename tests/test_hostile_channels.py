@@ -1,4 +1,4 @@
-"""Hostile SSH clients against per-client bounds (DESIGN.md rules 11 and 12), through a real daemon.
+"""Hostile SSH clients against per-client bounds (docs/architecture.md rules 11 and 12), through a real daemon.
 
 One connection may open at most ``[sftp] max_channels_per_connection`` channels; each SSH
 channel beyond a connection's first counts in the user's ``max_sessions``; one user holds at

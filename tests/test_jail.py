@@ -1,4 +1,4 @@
-"""Workers are a privilege boundary (DESIGN.md rule 11): the account they run as and their
+"""Workers are a privilege boundary (docs/architecture.md rule 11): the account they run as and their
 kernel jail (server/contract/jail.py, server/support/worker_accounts.py).
 
 An escape is simulated with the test-only hook SCRIPTSFTP_TEST_ESCAPE=1: right after its jail

@@ -6,7 +6,7 @@ and HTTP/WebDAV against one daemon. A script bound to every connection and file
 event logs each event with all its fields; the three recordings must be equal
 except for what naturally differs: when, which connection, the protocol and
 the local port. Events are raised by the Session and the login core, never by
-a front end (DESIGN.md rules 1-3): this test is what holds them to it.
+a front end (docs/architecture.md rules 1-3): this test is what holds them to it.
 """
 
 from __future__ import annotations

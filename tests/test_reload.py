@@ -1,4 +1,4 @@
-"""SIGHUP means enforced (DESIGN.md rule 8), through a real daemon: bindings added, edited and
+"""SIGHUP means enforced (docs/architecture.md rule 8), through a real daemon: bindings added, edited and
 removed decide the next operation, also on sessions opened before the reload and with a
 transfer running; a reload that cannot apply everything applies nothing; restart keys are
 named; script status tells what runs; a broken script is logged once per content."""

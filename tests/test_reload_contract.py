@@ -1,4 +1,4 @@
-"""The reload contract, key by key (DESIGN.md rule 8): changing any config key by SIGHUP either
+"""The reload contract, key by key (docs/architecture.md rule 8): changing any config key by SIGHUP either
 takes effect or is logged as needing a restart; nothing is silent.
 
 The keys come from the pydantic models in server/support/config.py, so a key added there without a

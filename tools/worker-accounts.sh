@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The unprivileged accounts the daemon's workers run as when it runs as root
-# (docs/deploy.md, DESIGN.md rule 11): script workers as scriptsftp-sandbox
+# (docs/deploy.md, docs/architecture.md rule 11): script workers as scriptsftp-sandbox
 # ([scripts] user), SSH workers as scriptsftp-worker ([sftp] worker_user).
 # Creates those that are missing; needs root; does nothing for a normal user
 # (a daemon that is not root runs its workers as itself).

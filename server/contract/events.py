@@ -3,7 +3,7 @@
 Every event is built once by the Session core (or the login core) and is the
 same on every protocol: only the ``protocol`` field differs. Scripts receive a
 read-only copy of :meth:`Event.to_dict`, so nothing they do can change what the
-server or another script sees (DESIGN.md rule 3).
+server or another script sees (docs/architecture.md rule 3).
 
 The list of kinds and their fields is generated from these classes for
 ``scriptsftp events`` and docs/events.md, so this module is the one source of

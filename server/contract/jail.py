@@ -1,6 +1,6 @@
 """The kernel jail of worker processes (script workers and SSH workers).
 
-DESIGN.md rule 11: workers are a privilege boundary. Besides running as an
+docs/architecture.md rule 11: workers are a privilege boundary. Besides running as an
 unprivileged account (chosen by the parent, see server/support/worker_accounts.py), a worker
 calls :func:`apply` once, after it has imported what it needs and before it
 reads anything untrusted. Two independent layers, each applied when the kernel

@@ -2,7 +2,7 @@
 
 An aiohttp application on its own event loop in its own thread: nothing it
 does (a slow scrape, an audit query, a reload) runs on a transfer's thread,
-and the front ends never import it (DESIGN.md rule 1).
+and the front ends never import it (docs/architecture.md rule 1).
 
 Authentication is one bearer token whose argon2id hash is ``[admin]
 token_hash`` (``scriptsftp hash-password`` makes it). Verifying costs ~150 ms

@@ -13,7 +13,7 @@ handshake, so a banned address costs one indexed SQLite lookup per connection
 (no argon2 verification, no script run, no SSH key exchange). That is what lets
 a burst of thousands of failed logins leave other users' transfers alone.
 
-Bans and scores live in SQLite under ``state_dir`` (DESIGN.md rule 10): they
+Bans and scores live in SQLite under ``state_dir`` (docs/architecture.md rule 10): they
 survive a restart, and several server processes sharing one state_dir see the
 same bans. Counts of open connections and the per-IP token buckets are, by
 nature, per process and stay in memory.

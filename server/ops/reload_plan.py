@@ -1,6 +1,6 @@
 """What a config reload (SIGHUP) applies live and what waits for a restart, key by key.
 
-DESIGN.md rule 8: "reloaded" means enforced. Every key of the config models is
+docs/architecture.md rule 8: "reloaded" means enforced. Every key of the config models is
 classified here as applied live or needing a restart; a key in neither set is a
 bug that tests/test_reload_contract.py catches, so a new key cannot be forgotten.
 A live key may still need a restart while the running config reads it at start

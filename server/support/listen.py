@@ -3,7 +3,7 @@
 The daemon starts listeners, logs where they listen, and at shutdown stops them
 accepting, waits for running transfers, then closes what is left. SSH, FTP,
 HTTP and the admin API each provide one; nothing else about a front end is
-visible to the daemon (DESIGN.md rule 1: front ends are thin).
+visible to the daemon (docs/architecture.md rule 1: front ends are thin).
 
 A front end never sees the daemon either: its ``make_listener`` gets its port
 (server/contract/ports.py), its config section, and :class:`ConfigFiles` to

@@ -1,4 +1,4 @@
-"""Which account worker processes run as (DESIGN.md rule 11: workers never run as root).
+"""Which account worker processes run as (docs/architecture.md rule 11: workers never run as root).
 
 When the daemon runs as root, script workers run as ``[scripts] user`` and SSH
 workers as ``[sftp] worker_user`` (defaults: the dedicated system accounts
