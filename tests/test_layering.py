@@ -59,7 +59,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     ("scriptsftp.server.frontends.ftp.commands", "scriptsftp.server.core.connections"): "B: type it on the port",
     ("scriptsftp.server.frontends.ftp.commands", "scriptsftp.server.core.login"): "B: type it on the port",
     ("scriptsftp.server.frontends.ftp.commands", "scriptsftp.server.core.session"): "B: type it on the port",
-    ("scriptsftp.server.frontends.ftp.commands", "scriptsftp.server.core.storage"): "B: type it on the port",
     ("scriptsftp.server.frontends.ftp.data", "scriptsftp.server.core.session"): "B: type it on the port",
     ("scriptsftp.server.frontends.ftp.listener", "scriptsftp.server.core.connections"): "B: type it on the port",
     ("scriptsftp.server.frontends.ftp.listener", "scriptsftp.server.core.session"): "B: type it on the port",

@@ -41,8 +41,8 @@ from scriptsftp.server.contract.credentials import Credentials
 from scriptsftp.server.contract.errors import (
     AlreadyExists, BadCredentials, FsError, LoginRefused, NotADirectory, TlsRequired,
 )
+from scriptsftp.server.contract.ports import Entry
 from scriptsftp.server.core.session import Session
-from scriptsftp.server.core.storage import Entry
 from scriptsftp.server.frontends.ftp.data import Download, Upload
 from scriptsftp.server.frontends.ftp.pyftpdlib_ext import ControlChannel, FileProducer, FTPHandler
 from scriptsftp.server.frontends.ftp.replies import reply_of, reply_text
