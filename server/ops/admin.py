@@ -47,6 +47,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from scriptsftp.server import __version__
 
 from scriptsftp.server.contract.dispatch import Dispatcher
+from scriptsftp.server.core.session import ReadHandle, WriteHandle
 from scriptsftp.server.support import metrics
 from scriptsftp.server.support.config import AdminSection, ConfigError, is_loopback
 from scriptsftp.server.support.listen import ConfigFiles, Listener
@@ -240,7 +241,7 @@ def parse_since(value: str | None, now: float | None = None) -> float | None:
             from None
 
 
-def connection_info(conn: Any) -> dict[str, Any]:
+def connection_info(conn: Connection) -> dict[str, Any]:
     """What /api/sessions shows about one connection (bytes include transfers still running)."""
     now_m, now = time.monotonic(), time.time()
     transfers = []
@@ -249,8 +250,8 @@ def connection_info(conn: Any) -> dict[str, Any]:
         bytes_in += s.bytes_in
         bytes_out += s.bytes_out
         for h in s.open_handles():
-            upload = hasattr(h, "written")
-            n = int(getattr(h, "written", getattr(h, "sent", 0)))
+            upload = isinstance(h, WriteHandle)
+            n = h.written if isinstance(h, WriteHandle) else h.sent if isinstance(h, ReadHandle) else 0
             transfers.append({"path": h.path, "direction": "upload" if upload else "download", "bytes": n,
                               "seconds": round(now_m - h.started, 1)})
             if upload:
