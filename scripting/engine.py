@@ -40,6 +40,7 @@ from .services import EngineServices
 from .workers import LOGIN_EVENTS, CallRequest, CallResult, ScriptSource, WorkerPool
 
 log = logging.getLogger("scriptsftp.scripting")
+_ERROR_LINE = re.compile(r":(\d+):")  # "script.py:12: ..." in a compile error
 script_log = logging.getLogger("scriptsftp.script")
 
 ERROR_DENIAL = "server-side check failed"
@@ -123,6 +124,55 @@ class ScriptEngine:
     def outbox(self) -> Any:
         """The notification outbox (``outbox.stats()`` -> pending/failed/delivered), or None."""
         return self.services.outbox
+
+    # --- status (what the admin API and /metrics read, through the lifecycle Protocol) ---
+
+    def scripts_info(self) -> list[dict[str, Any]]:
+        """Each bound script: sha256 of the running version, when it was loaded, its bindings,
+        its status and its last error (a reload's compile error or a handler's runtime error)."""
+        reg = self._registry
+        last_errors = dict(self.last_errors)
+        details = dict(self.last_error_details)
+        bindings: dict[str, list[dict[str, Any]]] = {}
+        for bs in reg.by_event.values():
+            for b in bs:
+                spec = b.spec
+                bindings.setdefault(b.script, []).append({
+                    "event": spec.event, "function": spec.handler, "order": spec.order, "mode": spec.mode,
+                    "paths": list(spec.paths), "users": list(spec.users)})
+        out = []
+        for name in sorted(set(bindings) | set(reg.scripts)):
+            loaded = reg.scripts.get(name)
+            err = last_errors.get(name)
+            last_error = None
+            if err:
+                d = details.get(name, {})
+                line = d.get("line")
+                if line is None:
+                    m = _ERROR_LINE.search(err)
+                    line = int(m.group(1)) if m else None
+                last_error = {"message": err, "line": line, "time": d.get("time"), "kind": d.get("kind"),
+                              "event": d.get("event")}
+            out.append({
+                "name": name,
+                "status": "missing" if loaded is None else ("error" if err else "ok"),
+                "sha256": loaded.source.digest if loaded else None,
+                "loaded_at": loaded.loaded_at if loaded else None,
+                "functions": sorted(loaded.functions) if loaded else [],
+                "bindings": bindings.get(name, []),
+                "last_error": last_error,
+            })
+        return out
+
+    def worker_health(self) -> dict[str, Any] | None:
+        return self.pool.health()
+
+    def outbox_stats(self) -> dict[str, int] | None:
+        outbox = self.services.outbox
+        return outbox.stats() if outbox is not None else None
+
+    def dropped_calls(self) -> int:
+        return self.dropped
 
     def _watched_names(self) -> set[str]:
         return self._registry.script_names()

@@ -99,14 +99,25 @@ def test_script_timeouts_and_worker_restarts_are_counted(daemons, token_hash, al
 def test_collector_reads_outbox_and_defender_when_present_and_tolerates_absence():
     from prometheus_client import CollectorRegistry, generate_latest
 
+    from scriptsftp.server.contract.scripting import NullEngine
     from scriptsftp.server.support.metrics import DaemonCollector
 
     conns = [SimpleNamespace(protocol="sftp"), SimpleNamespace(protocol="ftp"), SimpleNamespace(protocol="ftp")]
     core = SimpleNamespace(connections=lambda: conns)
 
-    def render(**attrs) -> str:
+    class EngineWithOutbox(NullEngine):
+        """What the collector reads of an engine: its outbox's counts (or a failing database)."""
+
+        def __init__(self, outbox) -> None:
+            self.outbox = outbox
+
+        def outbox_stats(self):
+            return self.outbox.stats()
+
+    def render(outbox=None, **attrs) -> str:
         reg = CollectorRegistry()
-        reg.register(DaemonCollector(SimpleNamespace(core=core, started=1.0, engine=SimpleNamespace(), **attrs)))
+        engine = NullEngine() if outbox is None else EngineWithOutbox(outbox)
+        reg.register(DaemonCollector(SimpleNamespace(core=core, started=1.0, engine=engine, **attrs)))
         return generate_latest(reg).decode()
 
     bare = render()

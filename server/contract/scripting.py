@@ -176,6 +176,25 @@ class ScriptEngineLifecycle(Dispatcher, Protocol):
 
     def close(self) -> None: ...
 
+    # --- what the admin API and /metrics read (docs/architecture.md, "The ports") ---
+
+    def scripts_info(self) -> list[dict[str, Any]]:
+        """Each bound script: sha256 of the running version, when it was loaded, its
+        bindings, its status (ok / error / missing) and its last error."""
+        ...
+
+    def worker_health(self) -> dict[str, Any] | None:
+        """The script pool's counts (alive, idle, busy, starting, restarts, closed), or None."""
+        ...
+
+    def outbox_stats(self) -> dict[str, int] | None:
+        """The notification outbox's pending / failed / delivered counts, or None."""
+        ...
+
+    def dropped_calls(self) -> int:
+        """Async calls refused because the queue was full, since start."""
+        ...
+
 
 class _NothingToReload:
     def commit(self) -> None:
@@ -197,6 +216,18 @@ class NullEngine(NullDispatcher):
 
     def close(self) -> None:
         return None
+
+    def scripts_info(self) -> list[dict[str, Any]]:
+        return []
+
+    def worker_health(self) -> dict[str, Any] | None:
+        return None
+
+    def outbox_stats(self) -> dict[str, int] | None:
+        return None
+
+    def dropped_calls(self) -> int:
+        return 0
 
 
 __all__ = [

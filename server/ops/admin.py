@@ -46,7 +46,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from scriptsftp.server import __version__
 
-from scriptsftp.server.contract.dispatch import Dispatcher
+from scriptsftp.server.contract.scripting import ScriptEngineLifecycle
 from scriptsftp.server.core.session import ReadHandle, WriteHandle
 from scriptsftp.server.support import metrics
 from scriptsftp.server.support.config import AdminSection, ConfigError, is_loopback
@@ -106,7 +106,7 @@ class AdminPort(Protocol):
     def core(self) -> ConnectionRegistry: ...
 
     @property
-    def engine(self) -> Dispatcher: ...  # the scripting engine, or a NullDispatcher
+    def engine(self) -> ScriptEngineLifecycle: ...  # the scripting engine, or a NullEngine
 
     @property
     def audit(self) -> AuditTrail | None: ...
@@ -266,46 +266,6 @@ def connection_info(conn: Connection) -> dict[str, Any]:
     }
 
 
-_LINE = re.compile(r":(\d+):")
-
-
-def scripts_info(engine: Any) -> list[dict[str, Any]]:
-    """Each bound script: sha256 of the running version, when it was loaded, its bindings, its last error."""
-    reg = getattr(engine, "_registry", None)
-    if reg is None:
-        return []
-    last_errors: dict[str, str] = dict(getattr(engine, "last_errors", {}) or {})
-    details: dict[str, dict[str, Any]] = dict(getattr(engine, "last_error_details", {}) or {})
-    bindings: dict[str, list[dict[str, Any]]] = {}
-    for bs in reg.by_event.values():
-        for b in bs:
-            spec = b.spec
-            bindings.setdefault(b.script, []).append({
-                "event": spec.event, "function": spec.handler, "order": spec.order, "mode": spec.mode,
-                "paths": list(spec.paths), "users": list(spec.users)})
-    out = []
-    for name in sorted(set(bindings) | set(reg.scripts)):
-        loaded = reg.scripts.get(name)
-        err = last_errors.get(name)
-        last_error = None
-        if err:
-            d = details.get(name, {})
-            line = d.get("line")
-            if line is None:
-                m = _LINE.search(err)
-                line = int(m.group(1)) if m else None
-            last_error = {"message": err, "line": line, "time": d.get("time"), "kind": d.get("kind"),
-                          "event": d.get("event")}
-        out.append({
-            "name": name,
-            "status": "missing" if loaded is None else ("error" if err else "ok"),
-            "sha256": loaded.source.digest if loaded else None,
-            "loaded_at": loaded.loaded_at if loaded else None,
-            "functions": sorted(loaded.functions) if loaded else [],
-            "bindings": bindings.get(name, []),
-            "last_error": last_error,
-        })
-    return out
 
 
 class _LogCollector(logging.Handler):
@@ -495,8 +455,7 @@ class AdminListener:
     # --- endpoints ---
 
     async def healthz(self, request: web.Request) -> web.Response:
-        pool = getattr(self.server.engine, "pool", None)
-        health = pool.health() if pool is not None and hasattr(pool, "health") else None
+        health = self.server.engine.worker_health()
         if health is not None and (health.get("closed") or health.get("alive", 0) == 0):
             return web.json_response({"status": "degraded", "reason": "no script workers alive"}, status=503)
         return web.json_response({"status": "ok"})
@@ -509,7 +468,6 @@ class AdminListener:
 
     def _status(self) -> dict[str, Any]:
         d = self.server
-        pool = getattr(d.engine, "pool", None)
         audit = d.audit
         return {
             "version": __version__,
@@ -520,11 +478,11 @@ class AdminListener:
             "pending_restart": list(d.pending_restart),
             "listeners": [{"name": lst.name, "bound": lst.bound, "active": lst.active()} for lst in d.listeners],
             "sessions": len(d.core.connections()),
-            "workers": pool.health() if pool is not None and hasattr(pool, "health") else None,
-            "scripts": len(getattr(getattr(d.engine, "_registry", None), "scripts", {}) or {}),
+            "workers": d.engine.worker_health(),
+            "scripts": sum(s["status"] != "missing" for s in d.engine.scripts_info()),
             "audit": audit.stats() if audit is not None else None,
             # api.notify's durable outbox: pending / failed / delivered (scripting/outbox.py)
-            "outbox": outbox.stats() if (outbox := getattr(d.engine, "outbox", None)) is not None else None,
+            "outbox": d.engine.outbox_stats(),
         }
 
     async def status(self, request: web.Request) -> web.Response:
@@ -547,7 +505,7 @@ class AdminListener:
         return web.json_response({"kicked": sid, "user": conn.user})
 
     async def scripts(self, request: web.Request) -> web.Response:
-        return web.json_response(scripts_info(self.server.engine))
+        return web.json_response(self.server.engine.scripts_info())
 
     def _reload(self) -> dict[str, Any]:
         collector = _LogCollector()
@@ -705,7 +663,7 @@ class AdminListener:
         page = render_dashboard(
             status=await self._blocking(self._status),
             sessions=[connection_info(c) for c in conns],
-            scripts=scripts_info(self.server.engine),
+            scripts=self.server.engine.scripts_info(),
             events=events,
             filters={k: request.query.get(k, "") for k in ("user", "path", "decision", "since")},
             error=error,

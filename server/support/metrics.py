@@ -139,8 +139,7 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily("scriptsftp_start_time_seconds", "When the daemon started (Unix time).",
                                 value=d.started)
 
-        pool = getattr(d.engine, "pool", None)
-        health = pool.health() if pool is not None and hasattr(pool, "health") else {}
+        health = d.engine.worker_health() or {}
         if health:
             workers = GaugeMetricFamily("scriptsftp_workers", "Script worker processes by state.", labels=["state"])
             for state in ("alive", "idle", "busy", "starting"):
@@ -148,13 +147,14 @@ class DaemonCollector(Collector):
             yield workers
             yield CounterMetricFamily("scriptsftp_worker_restarts", "Script workers replaced (crash, limit, "
                                       "timeout or call budget).", value=health.get("restarts", 0))
-        dropped = getattr(d.engine, "dropped", None)
-        if isinstance(dropped, int):
-            yield CounterMetricFamily("scriptsftp_async_dropped", "Async post-event calls dropped because "
-                                      "the queue was full.", value=dropped)
+        yield CounterMetricFamily("scriptsftp_async_dropped", "Async post-event calls dropped because "
+                                  "the queue was full.", value=d.engine.dropped_calls())
 
-        outbox = getattr(d, "outbox", None) or getattr(d.engine, "outbox", None)
-        ob = _stats(outbox) if outbox is not None else {}
+        try:  # the outbox's database may fail: metrics never do
+            ob: dict[str, Any] = d.engine.outbox_stats() or {}
+        except Exception as exc:  # noqa: BLE001
+            log.warning("metrics: outbox stats failed: %s", exc)
+            ob = {}
         pending = _number(ob.get("pending"))
         failed = _number(ob.get("failed"))
         yield GaugeMetricFamily("scriptsftp_notifications_pending", "Notifications (email, webhook) waiting "
