@@ -296,6 +296,33 @@ def test_every_server_module_has_a_layer() -> None:
     assert not unplaced, unplaced
 
 
+def test_rule_citations_resolve() -> None:
+    """Code and docs cite the rules as "docs/architecture.md rule N": every N cited is one of the
+    document's numbered rules, and nothing cites the old outside file any more."""
+    import re
+
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    rules_part = doc[doc.index("## The rules of the house"):]
+    rules_part = rules_part[:rules_part.index("\n## ", 1)]
+    numbered = {int(n) for n in re.findall(r"^(\d+)\. \*\*", rules_part, re.M)}
+    assert numbered == set(range(1, 13)), numbered
+    citation = re.compile(r"(architecture|DESIGN)\.md,? rules? (\d+(?:(?:,| and| to|-)\s*\d+)*)")
+    wrong: list[str] = []
+    for top in ("server", "scripting", "tests", "docs", "bench", "tools"):
+        for path in sorted((REPO / top).rglob("*")):
+            if path.suffix not in (".py", ".md", ".sh", ".toml") or path == Path(__file__).resolve():
+                continue
+            for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                for m in citation.finditer(line):
+                    cited = {int(n) for n in re.findall(r"\d+", m.group(2))}
+                    where = f"{path.relative_to(REPO)}:{lineno}"
+                    if m.group(1) == "DESIGN":
+                        wrong.append(f"{where}: cites DESIGN.md (now docs/architecture.md)")
+                    elif not cited <= numbered:
+                        wrong.append(f"{where}: cites rule(s) {sorted(cited - numbered)}, not in docs/architecture.md")
+    assert not wrong, "\n".join(wrong)
+
+
 # --- the checker catches what it must (a checker that cannot fail is worthless) --------------
 
 

@@ -2,7 +2,7 @@
 
 Nothing here decides who may do what: paths are only *decoded* here (once,
 strictly), then handed to the Session, which normalises, confines and checks
-them exactly as for SFTP (DESIGN.md rules 1 and 2). Session errors become HTTP
+them exactly as for SFTP (docs/architecture.md rules 1 and 2). Session errors become HTTP
 statuses in one table, so every method answers the same way.
 """
 

@@ -3,7 +3,7 @@
 With ``[sftp] processes`` above 1, paramiko (key exchange, ciphers, the SFTP and
 SCP protocols, READ/WRITE data) runs in worker processes, so that SSH traffic
 uses every core instead of one GIL. Everything that decides or remembers stays
-here, in the one Session core (DESIGN.md rule 2): logins, the defender, paths,
+here, in the one Session core (docs/architecture.md rule 2): logins, the defender, paths,
 permissions, events and scripts, staging and publishing, session counts, the
 admin API's session list. Each connection's worker asks over its own socket pair
 (one thread here per connection, as an in-process connection has); a file opened

@@ -2,7 +2,7 @@
 
 The SSH layer refuses every exec request but ``scp …``, opens a Session with
 protocol ``"scp"`` and calls :func:`run_scp` in a thread with the arguments
-after ``scp``. This module only speaks the protocol (DESIGN.md rule 1): every
+after ``scp``. This module only speaks the protocol (docs/architecture.md rule 1): every
 file operation is a Session call, so SCP gets the same confinement,
 permissions, filters, events, staging and log lines as SFTP.
 

@@ -3,7 +3,7 @@
 Why: one Python process runs one thread at a time. Measured on 2 cores with 20
 parallel curl uploads, one process reached 71-78 MB/s with a fifth of the CPU
 idle and 13 CPU-s per GiB (20 transport threads contending for one GIL); two
-processes reached 123-150 MB/s at 7.5 CPU-s per GiB (DESIGN.md rule 10).
+processes reached 123-150 MB/s at 7.5 CPU-s per GiB (docs/architecture.md rule 10).
 
 How: the core accepts, so that the defender, the connection caps and the client
 address stay its own, and hands each connection to the worker serving the fewest,
