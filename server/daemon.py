@@ -44,6 +44,7 @@ from scriptsftp.server.frontends.ssh.worker_pool import SSHWorkerPool, worker_co
 from scriptsftp.server.core.publish import Publisher
 from scriptsftp.server.ops.reload_plan import ReloadPlan, key_label, plan_reload, write_running
 from scriptsftp.server.core.staging import CHECKING, StagingRecords, discard_leftovers
+from scriptsftp.server.core.storage import LocalStorage, StorageOpener
 from scriptsftp.server.stores import StateStores
 
 log = logging.getLogger("scriptsftp.daemon")
@@ -130,8 +131,12 @@ class Daemon:
         # the state databases (staging, audit, bans, script store, outbox): SQLite in state_dir
         self.stores = StateStores(self.state_dir)
         self.staging = StagingRecords(self.stores)
+        # what a home is made of: a local directory (the one Storage there is); the core, the
+        # publisher and the restart's cleanup all open homes through this one opener
+        self.open_storage: StorageOpener = LocalStorage
         # uploads caught mid-check are checked again once the engine runs (start()), unless told otherwise
-        removed = discard_leftovers(self.staging, keep_checking=m.uploads.on_restart == "recheck")
+        removed = discard_leftovers(self.staging, keep_checking=m.uploads.on_restart == "recheck",
+                                    open_storage=self.open_storage)
         if removed:
             log.warning("removed %d partial upload(s) left by an interrupted run", removed)
         # an unusable [scripts] user stops the start here, before the audit trail, the defender, the core
@@ -147,12 +152,14 @@ class Daemon:
                                 max_mb=m.server.audit_max_mb)
         # bans, scores, connection caps: shared by every front end through the login core
         self.defender = Defender(self.stores, m.defender)
-        self.publisher = Publisher(self.dispatch, self.staging, self._upload_policy(cfg), workers=m.scripts.workers)
+        self.publisher = Publisher(self.dispatch, self.staging, self._upload_policy(cfg), workers=m.scripts.workers,
+                                   open_storage=self.open_storage)
         self.core = LoginCore(
             TomlAccountSource.from_config(cfg),
             self.dispatch,
             staging=self.staging,
             publisher=self.publisher,
+            open_storage=self.open_storage,
             uploads=self._upload_policy(cfg),
             max_handles=m.sftp.max_handles,
             max_handles_per_user=m.server.max_handles_per_user,
@@ -207,7 +214,8 @@ class Daemon:
             rec = core.accounts.get(name)
             return None if rec is None or rec.disabled else rec.account
 
-        return ScriptSessions(account, staging=core.staging, uploads=core.uploads, pending=self.publisher.pending)
+        return ScriptSessions(account, staging=core.staging, uploads=core.uploads, pending=self.publisher.pending,
+                              open_storage=self.open_storage)
 
     def _upload_policy(self, cfg: LoadedConfig) -> UploadPolicy:
         u = cfg.model.uploads

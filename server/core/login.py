@@ -58,6 +58,7 @@ from scriptsftp.server.core.passwords import PasswordCache, PasswordVerifier
 from scriptsftp.server.core.publish import Publisher, UploadPolicy
 from scriptsftp.server.core.session import HandleBudget, RefusalSink, Session
 from scriptsftp.server.core.staging import StagingRecords
+from scriptsftp.server.core.storage import LocalStorage, StorageOpener
 
 log = logging.getLogger("scriptsftp.login")
 
@@ -126,7 +127,11 @@ class LoginCore:
         preauth_timeout: float = 30.0,
         defender: DefenderPort | None = None,
         publisher: Publisher | None = None,
+        open_storage: StorageOpener = LocalStorage,
     ) -> None:
+        """``open_storage``: what a home is made of (docs/architecture.md, "The ports"); the
+        daemon hands the same opener to the Publisher and to the restart's cleanup."""
+        self.open_storage = open_storage
         self.defender = defender
         #: where refused connects, logins and operations are recorded (the daemon's audit trail)
         self.refusals: RefusalSink | None = None
@@ -496,6 +501,7 @@ class LoginCore:
             dispatcher=self.dispatcher, staging=self.staging, uploads=self.uploads, max_handles=self.max_handles,
             publisher=self.publisher, tls=conn.tls, budget=self._budget(conn.user),
             on_close=lambda _session: self.registry.count_session(conn, -1),
+            storage=self.open_storage(conn.account.home),
         )
         session.refusals = self.refusals
         conn.sessions.append(session)

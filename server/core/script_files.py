@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from scriptsftp.server.contract.dispatch import NullDispatcher
+from scriptsftp.server.core.storage import LocalStorage, StorageOpener
 from scriptsftp.server.core.publish import PendingIndex, Publisher
 from scriptsftp.server.core.session import Account, Session, UploadPolicy
 from scriptsftp.server.core.vfs import Access, normalize
@@ -44,8 +45,10 @@ class ScriptSessions:
     async check, as invisible to scripts as to clients."""
 
     def __init__(self, account: Callable[[str], Account | None], *, staging: Any = None,
-                 uploads: UploadPolicy | None = None, pending: PendingIndex | None = None) -> None:
+                 uploads: UploadPolicy | None = None, pending: PendingIndex | None = None,
+                 open_storage: StorageOpener = LocalStorage) -> None:
         self.account = account
+        self.open_storage = open_storage  # the daemon's: the homes scripts touch are the clients' homes
         self.staging = staging
         self.uploads = uploads or UploadPolicy()
         self.pending = pending
@@ -73,7 +76,9 @@ class ScriptSessions:
             session_id=session_id, account=account, protocol=protocol, remote_ip=remote_ip,
             dispatcher=NullDispatcher(), staging=self.staging, uploads=self.uploads,
             max_handles=SCRIPT_MAX_HANDLES,
-            publisher=Publisher(NullDispatcher(), self.staging, self.uploads, pending=self.pending),
+            publisher=Publisher(NullDispatcher(), self.staging, self.uploads, pending=self.pending,
+                                open_storage=self.open_storage),
+            storage=self.open_storage(account.home),
         )
         s.script_name = script
         return s

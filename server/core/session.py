@@ -163,7 +163,10 @@ class Session:
         tls: bool = False,
         budget: HandleBudget | None = None,
         on_close: Callable[["Session"], None] | None = None,
+        storage: Storage | None = None,
     ) -> None:
+        """``storage``: what the home is made of, chosen by whoever opens the session (the
+        login core, from the daemon's ``StorageOpener``); a local directory by default."""
         self.id = session_id
         self.tls = tls  # only for the log: FTPS lines say tls=true
         self.refusals: RefusalSink | None = None  # set by the login core: audit trail and counter
@@ -172,7 +175,7 @@ class Session:
         self.protocol = protocol
         self.remote_ip = remote_ip
         self.dispatcher = dispatcher
-        self.storage: Storage = LocalStorage(account.home)
+        self.storage: Storage = storage if storage is not None else LocalStorage(account.home)
         self.staging = staging
         self.uploads = uploads or UploadPolicy()
         # shared by every session of the daemon: it knows which paths wait for an async check

@@ -335,3 +335,32 @@ def test_replacing_the_source_returns_the_connections_of_removed_users(world, tm
     assert world.core.replace_accounts(FakeAccounts({})) == [conn]
     assert type(_refused(world, world.conn())) is BadCredentials  # the new source decides
     session.close()
+
+
+def test_a_session_stands_on_the_storage_the_core_is_handed(world, tmp_path):
+    """The Storage seam: the login core opens each home through its ``open_storage`` (the
+    daemon's choice of backend); the session's file operations go through what it returned."""
+    from scriptsftp.server.core.storage import LocalStorage
+
+    opened: list[Path] = []
+
+    class CountingStorage(LocalStorage):
+        calls = 0
+
+        def resolve(self, parts, **kw):  # type: ignore[no-untyped-def]
+            CountingStorage.calls += 1
+            return super().resolve(parts, **kw)
+
+    def open_storage(home: Path) -> LocalStorage:
+        opened.append(home)
+        return CountingStorage(home)
+
+    world.core.open_storage = open_storage
+    (tmp_path / "hello.txt").write_text("hi\n")
+    session = world.core.login(world.conn(), Credentials("alice", PASSWORD))
+    try:
+        assert opened == [tmp_path] and isinstance(session.storage, CountingStorage)
+        assert [e.name for e in session.listdir("/")] == ["hello.txt"]
+        assert CountingStorage.calls > 0
+    finally:
+        session.close()
