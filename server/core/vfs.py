@@ -3,8 +3,8 @@
 Pure policy, no I/O. A virtual path is what the user sees: ``/`` is their home.
 The rules, in one place so every protocol applies the same ones:
 
-* Paths are normalised lexically; ``..`` never climbs above ``/`` (chroot
-  semantics). NUL, control characters, over-long names and our own staging
+* Paths are normalised lexically (server/contract/paths.py, re-exported here);
+  ``..`` never climbs above ``/`` (chroot semantics). NUL, control characters, over-long names and our own staging
   names are refused before anything touches the disk.
 * Permissions are given per virtual directory; the deepest configured
   directory that contains the entry wins. Operations on an entry (read,
@@ -20,53 +20,20 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from scriptsftp.server.contract.errors import InvalidPath, NotFound, PermissionDenied
+from scriptsftp.server.contract.errors import NotFound, PermissionDenied
+# the path rules themselves are the contract's (front ends split and join paths too); the core's
+# modules keep importing them from here, with the policy on those paths
+from scriptsftp.server.contract.paths import MAX_NAME_BYTES as MAX_NAME_BYTES
+from scriptsftp.server.contract.paths import MAX_PATH_BYTES as MAX_PATH_BYTES
+from scriptsftp.server.contract.paths import STAGING_PREFIX as STAGING_PREFIX
+from scriptsftp.server.contract.paths import check_name as check_name
+from scriptsftp.server.contract.paths import join as join
+from scriptsftp.server.contract.paths import normalize as normalize
+from scriptsftp.server.contract.paths import split as split
 
-STAGING_PREFIX = ".scriptsftp-part-"
-MAX_NAME_BYTES = 255
-MAX_PATH_BYTES = 4096
 ALL_PERMISSIONS = frozenset(
     ("list", "download", "upload", "overwrite", "delete", "rename", "mkdir", "rmdir", "setstat", "symlink")
 )
-
-
-def split(vpath: str, cwd: str = "/") -> tuple[str, ...]:
-    """Normalise ``vpath`` (relative to ``cwd``) into checked path components."""
-    if "\x00" in vpath:
-        raise InvalidPath("path contains a NUL byte")
-    if len(vpath.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
-        raise InvalidPath("path too long")
-    full = vpath if vpath.startswith("/") else cwd.rstrip("/") + "/" + vpath
-    parts: list[str] = []
-    for part in full.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if parts:
-                parts.pop()
-            continue
-        check_name(part)
-        parts.append(part)
-    return tuple(parts)
-
-
-def check_name(name: str) -> None:
-    """Refuse names no client may use: control characters, too long, staging names."""
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        raise InvalidPath(f"name too long: {name[:40]}...")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise InvalidPath("name contains control characters")
-    if name.startswith(STAGING_PREFIX):
-        # Staging files exist only for the server; to clients they do not exist at all.
-        raise NotFound("no such file or directory")
-
-
-def join(parts: tuple[str, ...]) -> str:
-    return "/" + "/".join(parts)
-
-
-def normalize(vpath: str, cwd: str = "/") -> str:
-    return join(split(vpath, cwd))
 
 
 @dataclass(frozen=True)
