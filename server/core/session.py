@@ -25,7 +25,6 @@ publish.py never imports this module.
 
 from __future__ import annotations
 
-import errno
 import functools
 import fcntl
 import logging
@@ -50,6 +49,8 @@ from scriptsftp.server.core.publish import (
 )
 from scriptsftp.server.core.storage import Entry, LocalStorage, Storage, allocated_bytes, copy_fd, read_opener
 from scriptsftp.server.core.vfs import Access, join, split
+from scriptsftp.server.support.fd_files import MAX_OFFSET as MAX_OFFSET
+from scriptsftp.server.support.fd_files import FdFile, FdReader, FdWriter
 
 if TYPE_CHECKING:
     from scriptsftp.server.core.staging import StagingRecords
@@ -691,42 +692,21 @@ class Session:
             return list(self._handles)
 
 
-#: the largest file offset the kernel takes (off_t); clients send 64-bit unsigned offsets
-MAX_OFFSET = 2**63 - 1
+class FileHandle(FdFile):
+    """A file a Session opened for a transfer: the descriptor work is support/fd_files.py's
+    (an SSH worker's handles share it); this adds the session, the real path and the tracking.
 
+    The handle stays tracked until :meth:`_release`, at the end of the close or abort
+    (after ``_finish`` marked it done), so that Session.close waits for it instead of
+    closing the storage under it."""
 
-class FileHandle:
     def __init__(self, session: Session, path: str, real: tuple[str, ...], fd: int) -> None:
+        super().__init__(path, fd)
         self.session = session
-        self.path = path
         self.real = real
-        self.fd = fd
-        self.started = time.monotonic()
-        self.done = False
-        self._lock = threading.Lock()
-
-    def fstat(self) -> os.stat_result:
-        return os.fstat(self.fd)
-
-    def size(self) -> int:
-        return os.fstat(self.fd).st_size
-
-    def _finish(self) -> bool:
-        """Mark done once; False if it already was (close after abort and vice versa).
-
-        The handle stays tracked until :meth:`_release`, at the end of the close or
-        abort, so that Session.close waits for it instead of closing the storage under it."""
-        with self._lock:
-            if self.done:
-                return False
-            self.done = True
-        return True
 
     def _release(self) -> None:
         self.session._untrack(self)
-
-    def abort(self, reason: str) -> None:
-        raise NotImplementedError
 
 
 class DirHandle:
@@ -796,33 +776,8 @@ def _rate(nbytes: int, seconds: float) -> str:
     return f"{nbytes / max(seconds, 1e-6) / 1e6:.1f}MB/s"
 
 
-class ReadHandle(FileHandle):
-    """A file open for download: positional reads, no shared offset."""
-
-    def __init__(self, session: Session, path: str, real: tuple[str, ...], fd: int) -> None:
-        super().__init__(session, path, real, fd)
-        self.sent = 0
-
-    def read(self, offset: int, length: int) -> bytes:
-        if not 0 <= offset <= MAX_OFFSET:
-            return b""  # past any end of file: EOF, as the kernel answers for a large offset
-        try:
-            data = os.pread(self.fd, length, offset)
-        except OSError as exc:
-            raise from_oserror(exc, self.path) from None
-        self.sent += len(data)
-        return data
-
-    def read_into(self, offset: int, buf: memoryview) -> int:
-        """``read()`` into the caller's buffer: the SFTP reply is built around it without a copy."""
-        if not 0 <= offset <= MAX_OFFSET:
-            return 0
-        try:
-            n = os.preadv(self.fd, [buf], offset)
-        except OSError as exc:
-            raise from_oserror(exc, self.path) from None
-        self.sent += n
-        return n
+class ReadHandle(FileHandle, FdReader):
+    """A file open for download: positional reads, no shared offset (FdReader's)."""
 
     def close(self) -> None:
         if not self._finish():
@@ -847,8 +802,9 @@ class ReadHandle(FileHandle):
                 self._release()
 
 
-class WriteHandle(FileHandle):
-    """A file open for upload. ``close()`` publishes (and may raise a veto); ``abort()`` discards."""
+class WriteHandle(FileHandle, FdWriter):
+    """A file open for upload. ``close()`` publishes (and may raise a veto); ``abort()`` discards.
+    Writes, read-back, truncate and the poisoning by a failed write are FdWriter's."""
 
     def __init__(
         self, session: Session, path: str, real: tuple[str, ...], fd: int, *,
@@ -858,59 +814,6 @@ class WriteHandle(FileHandle):
         self.staging_name = staging_name
         self.record_id = record_id
         self.existed = existed
-        self.written = 0
-        self.failed: FsError | None = None
-        """The first write error. It poisons the upload: close() then discards instead of
-        publishing, because the staged bytes are no longer what the client sent."""
-
-    def _poison(self, exc: OSError) -> FsError:
-        error = from_oserror(exc, self.path)
-        if self.failed is None:
-            self.failed = error
-        return error
-
-    def _check_usable(self) -> None:
-        """A poisoned upload refuses further writes with its first error: the client stops sooner."""
-        if self.failed is not None:
-            raise type(self.failed)(self.failed.message)
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._check_usable()
-        try:
-            if not 0 <= offset <= MAX_OFFSET - len(data):
-                # a client's 64-bit offset beyond off_t: what the kernel answers for one inside
-                # it but past the largest file (and os.pwrite would raise OverflowError)
-                raise OSError(errno.EFBIG, "file too large")
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                if n <= 0:  # a short write that makes no progress is a failure too
-                    raise OSError(errno.EIO, "short write")
-                offset += n
-                view = view[n:]
-        except OSError as exc:
-            raise self._poison(exc) from None
-        self.written += len(data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        if not 0 <= offset <= MAX_OFFSET:
-            return b""
-        try:
-            return os.pread(self.fd, length, offset)
-        except OSError as exc:
-            raise from_oserror(exc, self.path) from None
-
-    def read_into(self, offset: int, buf: memoryview) -> int:
-        """Read back the upload being written (SFTP ``w+``: clients verify what they wrote).
-        Only from a handle opened for reading too; the bytes count as no download."""
-        if fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
-            raise PermissionDenied(f"{self.path}: not open for reading")
-        if not 0 <= offset <= MAX_OFFSET:
-            return 0
-        try:
-            return os.preadv(self.fd, [buf], offset)
-        except OSError as exc:
-            raise from_oserror(exc, self.path) from None
 
     def copy_from(self, src: int, *, deadline: float | None = None) -> None:
         """Fill this upload with the whole file open at ``src``, in the kernel, holes kept
@@ -926,24 +829,6 @@ class WriteHandle(FileHandle):
                 raise
             raise self._poison(exc) from None
         self.written = os.fstat(self.fd).st_size
-
-    def truncate(self, size: int) -> None:
-        self._check_usable()
-        try:
-            os.ftruncate(self.fd, size)
-        except OSError as exc:
-            raise self._poison(exc) from None
-
-    def fsync(self) -> None:
-        os.fsync(self.fd)
-
-    def _sync(self) -> None:
-        """The bytes on disk before the rename that publishes them; a failure (EIO, ENOSPC on
-        delayed allocation) poisons the upload like a failed write."""
-        try:
-            os.fsync(self.fd)
-        except OSError as exc:
-            self._poison(exc)
 
     def close(self) -> None:
         """Complete the upload: publish it (atomic mode) and raise post-upload.
@@ -989,14 +874,6 @@ class WriteHandle(FileHandle):
             s._log("publish", self.path, "checking", size=size)
             s._log("upload", self.path, "accepted", bytes=self.written, size=size)
         return outcome
-
-    def _refuse_if_poisoned(self) -> None:
-        """Close of an upload whose write failed: discard it and answer the failure."""
-        if self.failed is None or self.done:
-            return
-        reason = f"upload failed: {self.failed.message}"
-        self.abort(reason)
-        raise type(self.failed)(reason)
 
     def abort(self, reason: str) -> None:
         """The client went away mid-transfer: nothing is published."""

@@ -23,8 +23,8 @@ from scriptsftp.server.contract import errors, framing
 from scriptsftp.server.contract.dispatch import ALLOW, Decision
 from scriptsftp.server.contract.errors import FsError
 from scriptsftp.server.contract.ports import Entry, PublicKey
-from scriptsftp.server.core.session import DirHandle, ReadHandle, WriteHandle
 from scriptsftp.server.frontends.ssh.core_link import OPENDIR_PREFETCH, decode_entry
+from scriptsftp.server.support.fd_files import FdReader, FdWriter
 
 MAX_REPLY = 256 << 20  # a listing of a very large directory
 PROGRESS_INTERVAL = 1.0  # seconds between two byte counts of a running transfer sent to the core
@@ -240,7 +240,7 @@ class _ReportsToCore:
     hid: int
     fd: int
     session: RemoteSession
-    _finish: Any  # FileHandle's
+    _finish: Callable[[], bool]  # FdFile's
     _next_report = 0.0
 
     def _count(self) -> int:
@@ -268,11 +268,13 @@ class _ReportsToCore:
                 pass  # the link is gone: the core aborts what the connection left open
 
 
-class RemoteReadHandle(_ReportsToCore, ReadHandle):  # type: ignore[misc]
-    """A download: ``read``/``read_into`` here."""
+class RemoteReadHandle(_ReportsToCore, FdReader):
+    """A download: ``read``/``read_into`` here, on the descriptor code the core's ReadHandle
+    runs too (support/fd_files.py)."""
 
     def __init__(self, session: RemoteSession, hid: int, path: str, fd: int) -> None:
-        ReadHandle.__init__(self, session, path, (), fd)  # type: ignore[arg-type]
+        FdReader.__init__(self, path, fd)
+        self.session = session
         self.hid = hid
         self._next_report = time.monotonic() + PROGRESS_INTERVAL
 
@@ -280,23 +282,24 @@ class RemoteReadHandle(_ReportsToCore, ReadHandle):  # type: ignore[misc]
         return self.sent
 
     def read(self, offset: int, length: int) -> bytes:
-        data = ReadHandle.read(self, offset, length)
+        data = FdReader.read(self, offset, length)
         self._moved()
         return data
 
     def read_into(self, offset: int, buf: memoryview) -> int:
-        n = ReadHandle.read_into(self, offset, buf)
+        n = FdReader.read_into(self, offset, buf)
         self._moved()
         return n
 
 
-class RemoteWriteHandle(_ReportsToCore, WriteHandle):  # type: ignore[misc]
-    """An upload: ``write``/``truncate``/``fsync`` here; a pre-publish veto at close comes
-    back as the Vetoed it raised in the core."""
+class RemoteWriteHandle(_ReportsToCore, FdWriter):
+    """An upload: ``write``/``truncate``/``fsync`` here, on the descriptor code the core's
+    WriteHandle runs too (support/fd_files.py); a pre-publish veto at close comes back as
+    the Vetoed it raised in the core."""
 
     def __init__(self, session: RemoteSession, hid: int, path: str, fd: int) -> None:
-        WriteHandle.__init__(self, session, path, (), fd, staging_name=None, record_id=None,  # type: ignore[arg-type]
-                             existed=False)
+        FdWriter.__init__(self, path, fd)
+        self.session = session
         self.hid = hid
         self._next_report = time.monotonic() + PROGRESS_INTERVAL
 
@@ -308,18 +311,16 @@ class RemoteWriteHandle(_ReportsToCore, WriteHandle):  # type: ignore[misc]
         _ReportsToCore.close(self)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        WriteHandle.write(self, offset, data)
+        FdWriter.write(self, offset, data)
         self._moved()
 
 
-class RemoteDirHandle(DirHandle):
+class RemoteDirHandle:
     """A listing open in the core (its descriptor stays there): each ``read`` is one batch
     fetched over the link, so neither process ever holds the whole directory."""
 
-    def __init__(self, session: RemoteSession, hid: int, path: str,  # noqa: D107 (no DirHandle init)
-                 first: list[Entry] | None = None) -> None:
-        self.session = session  # type: ignore[assignment]
-        self.remote = session
+    def __init__(self, session: RemoteSession, hid: int, path: str, first: list[Entry] | None = None) -> None:
+        self.session = session
         self.hid = hid
         self.path = path
         self.started = time.monotonic()
@@ -334,7 +335,7 @@ class RemoteDirHandle(DirHandle):
             raise errors.Failure(f"{self.path}: listing closed")
         entries, self._buffered = self._buffered[:count], self._buffered[count:]
         if len(entries) < count and not self._ended:
-            more = [decode_entry(e) for e in self.remote.core.value("readdir", self.hid, count - len(entries))]
+            more = [decode_entry(e) for e in self.session.core.value("readdir", self.hid, count - len(entries))]
             self._ended = not more
             entries += more
         self.count += len(entries)
@@ -343,19 +344,21 @@ class RemoteDirHandle(DirHandle):
     def close(self) -> None:
         if not self.done:
             self.done = True
-            self.remote.core.value("close_handle", self.hid, 0)
+            self.session.core.value("close_handle", self.hid, 0)
 
     def abort(self, reason: str) -> None:
         if not self.done:
             self.done = True
             try:
-                self.remote.core.value("abort_handle", self.hid, reason, 0)
+                self.session.core.value("abort_handle", self.hid, reason, 0)
             except FsError:
                 pass  # the link is gone: the core closes what the connection left open
 
 
 if TYPE_CHECKING:  # the worker's stand-ins fit the core's ports (server/contract/ports.py)
-    from scriptsftp.server.contract.ports import CorePort, DirHandlePort, ReadHandlePort, SessionPort
+    from scriptsftp.server.contract.ports import (
+        CorePort, DirHandlePort, ReadHandlePort, SessionPort, WriteHandlePort,
+    )
 
     def _core(core: RemoteCore) -> CorePort[RemoteConnection, RemoteSession]:
         return core
@@ -363,5 +366,6 @@ if TYPE_CHECKING:  # the worker's stand-ins fit the core's ports (server/contrac
     def _session(session: RemoteSession) -> SessionPort[RemoteWriteHandle]:
         return session
 
-    def _handles(read: RemoteReadHandle, listing: RemoteDirHandle) -> tuple[ReadHandlePort, DirHandlePort]:
-        return read, listing
+    def _handles(read: RemoteReadHandle, write: RemoteWriteHandle, listing: RemoteDirHandle) -> tuple[
+            ReadHandlePort, WriteHandlePort, DirHandlePort]:
+        return read, write, listing
