@@ -66,15 +66,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     ("scriptsftp.server.frontends.http.server", "scriptsftp.server.core.session"): "C/D: type it on the port",
     ("scriptsftp.server.frontends.http.util", "scriptsftp.server.core.session"): "C/D: type it on the port",
     ("scriptsftp.server.frontends.http.webdav", "scriptsftp.server.core.session"): "C/D: type it on the port",
-    ("scriptsftp.server.frontends.ssh.channels", "scriptsftp.server.core.session"): "A: type it on the port",
-    ("scriptsftp.server.frontends.ssh.remote_core", "scriptsftp.server.core.session"): "C: type it on the port",
-    ("scriptsftp.server.frontends.ssh.scp", "scriptsftp.server.core.session"): "A: type it on the port",
-    ("scriptsftp.server.frontends.ssh.scp", "scriptsftp.server.core.storage"): "A: type it on the port",
-    ("scriptsftp.server.frontends.ssh.scp", "scriptsftp.server.core.vfs"): "A: join/split are path helpers the contract could hold",
-    ("scriptsftp.server.frontends.ssh.server", "scriptsftp.server.core.session"): "A: type it on the port",
-    ("scriptsftp.server.frontends.ssh.sftp", "scriptsftp.server.core.session"): "A: type it on the port",
-    ("scriptsftp.server.frontends.ssh.sftp", "scriptsftp.server.core.storage"): "A: type it on the port",
-    ("scriptsftp.server.frontends.ssh.worker_pool", "scriptsftp.server.core.login"): "A/C: type it on the port",
 }
 
 

@@ -120,14 +120,18 @@ class ReadHandlePort(HandlePort, Protocol):
 
 
 class WriteHandlePort(HandlePort, Protocol):
-    """An upload; ``close`` publishes it (a pre-publish veto raises there)."""
+    """An upload; ``close`` publishes it (a pre-publish veto raises there). ``write`` takes
+    any buffer (SFTP hands it a view of the request, FTP of its receive buffer: no copy);
+    ``read_into`` reads the upload back (SFTP ``w+``), PermissionDenied unless opened readable."""
 
     fd: int
     written: int
 
-    def write(self, offset: int, data: bytes) -> None: ...
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
 
     def read(self, offset: int, length: int) -> bytes: ...
+
+    def read_into(self, offset: int, buf: memoryview) -> int: ...
 
     def truncate(self, size: int) -> None: ...
 

@@ -17,9 +17,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from scriptsftp.server.core.session import Session
+from scriptsftp.server.contract.ports import SessionPort
 
 log = logging.getLogger("scriptsftp.ssh")
 
@@ -85,7 +85,7 @@ class ChannelHost:
     for the client) when the server closed its last channel."""
 
     def __init__(self, sid: str, limits: SSHLimits, pacing: ReplyPacing,
-                 open_session: Callable[[str], Session], end_connection: Callable[[str], None]) -> None:
+                 open_session: Callable[[str], SessionPort[Any]], end_connection: Callable[[str], None]) -> None:
         self.sid = sid
         self.limits = limits
         self.pacing = pacing

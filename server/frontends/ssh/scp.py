@@ -60,16 +60,15 @@ import stat as statmod
 from dataclasses import dataclass, field
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import paramiko
 
 from scriptsftp.server.frontends.ssh.paramiko_ext import send as paramiko_send
 from scriptsftp.server.contract.errors import Failure, FsError, NotFound
-from scriptsftp.server.core.session import ReadHandle, Session, WriteHandle
-from scriptsftp.server.core.storage import Entry
+from scriptsftp.server.contract.paths import join, split
+from scriptsftp.server.contract.ports import Entry, ReadHandlePort, SessionPort, WriteHandlePort
 from scriptsftp.server.frontends.ssh.channels import ChannelHost, SSHLimits
-from scriptsftp.server.core.vfs import join, split
 
 log = logging.getLogger("scriptsftp.scp")
 
@@ -301,7 +300,7 @@ def _parse_t(line: bytes) -> tuple[float, float]:
 
 
 class _Transfer:
-    def __init__(self, peer: _Peer, session: Session, options: _Options) -> None:
+    def __init__(self, peer: _Peer, session: SessionPort[Any], options: _Options) -> None:
         self.peer = peer
         self.session = session
         self.options = options
@@ -433,7 +432,7 @@ class _Sink(_Transfer):
 
     def _receive(self, path: str, mode: int, size: int, times: tuple[float, float] | None) -> None:
         try:
-            handle = self.session.open_write(path, mode=self._mode_for(path, mode))
+            handle: WriteHandlePort = self.session.open_write(path, mode=self._mode_for(path, mode))
         except FsError as exc:
             self.fail(exc.message)  # the client skips this file's data
             return
@@ -446,7 +445,7 @@ class _Sink(_Transfer):
         finally:
             handle.abort("connection closed before the transfer completed")  # no-op once closed
 
-    def _receive_into(self, handle: WriteHandle, size: int, times: tuple[float, float] | None) -> None:
+    def _receive_into(self, handle: WriteHandlePort, size: int, times: tuple[float, float] | None) -> None:
         self.peer.ok()
         offset = 0
         write_error: FsError | None = None
@@ -610,7 +609,7 @@ class _Source(_Transfer):
         finally:
             handle.abort("connection closed before the transfer completed")  # no-op once closed
 
-    def _send_from(self, handle: ReadHandle) -> None:
+    def _send_from(self, handle: ReadHandlePort) -> None:
         st = handle.fstat()
         size = st.st_size
         if self.options.preserve and not self._send_times(st):
@@ -655,7 +654,7 @@ class _Source(_Transfer):
             raise _Gone("the client stopped")
 
 
-def run_scp(channel: paramiko.Channel, session: Session, argv: list[str], host: ChannelHost) -> None:
+def run_scp(channel: paramiko.Channel, session: SessionPort[Any], argv: list[str], host: ChannelHost) -> None:
     """Serve one ``scp -t``/``scp -f`` exec request; always ends the session and the channel."""
     status = 1
     transfer: _Transfer | None = None

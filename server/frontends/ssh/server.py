@@ -40,16 +40,15 @@ from paramiko.common import AUTH_FAILED, AUTH_SUCCESSFUL, OPEN_FAILED_ADMINISTRA
 from scriptsftp.server.support import memory
 from scriptsftp.server.contract.dispatch import Decision
 from scriptsftp.server.contract.errors import FsError
-from scriptsftp.server.contract.ports import ConnectionView, CorePort
+from scriptsftp.server.contract.ports import ConnectionView, CorePort, SessionPort
 from scriptsftp.server.frontends.ssh.paramiko_ext.transport import ServerTransport, send_disconnect
-from scriptsftp.server.core.session import Session
 from scriptsftp.server.frontends.ssh.channels import ChannelHost, ReplyPacing, SSHLimits
 from scriptsftp.server.frontends.ssh.refuse import refuse
 from scriptsftp.server.frontends.ssh.sftp import SFTPHandler
 
 #: serves one ``scp -t``/``scp -f`` command on a channel (scp.run_scp), passed in by the
 #: composition root so that this module does not import the SCP front end
-ScpRunner = Callable[[paramiko.Channel, Session, list[str], ChannelHost], None]
+ScpRunner = Callable[[paramiko.Channel, SessionPort[Any], list[str], ChannelHost], None]
 
 __all__ = ["SSHConnections", "SSHLimits", "SSHListener", "SSHServer", "ServerTransport", "send_disconnect"]
 
@@ -180,7 +179,7 @@ class SSHServer(paramiko.ServerInterface):
     def check_channel_shell_request(self, channel: paramiko.Channel) -> bool:
         return False
 
-    def open_session(self, protocol: str) -> Session:
+    def open_session(self, protocol: str) -> SessionPort[Any]:
         return self.core.open_session(self.conn, protocol)
 
     def get_banner(self) -> tuple[str | None, str | None]:

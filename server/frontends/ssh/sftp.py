@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import Any
+from typing import Any, TypeVar
 
 import paramiko
 from paramiko.sftp import (
@@ -38,9 +38,8 @@ from scriptsftp.server.frontends.ssh.channels import ChannelHost
 from scriptsftp.server.frontends.ssh.paramiko_ext.sftp_attrs import attrs_with_flags, flags_of, pack_attrs
 from scriptsftp.server.frontends.ssh.sftp_stream import SFTPStream
 from scriptsftp.server.contract.errors import FsError, NotFound, PermissionDenied
+from scriptsftp.server.contract.ports import DirHandlePort, Entry, HandlePort, ReadHandlePort, SessionPort, WriteHandlePort
 from scriptsftp.server.support.logs import BoundedLog
-from scriptsftp.server.core.session import DirHandle, ReadHandle, Session, WriteHandle
-from scriptsftp.server.core.storage import Entry
 
 log = logging.getLogger("scriptsftp.sftp")
 
@@ -49,6 +48,8 @@ _DATA_HEADER = struct.Struct(">IBII")  # length, SSH_FXP_DATA, request id, data 
 
 
 _unexpected = BoundedLog(logging.ERROR)
+
+AnyHandle = TypeVar("AnyHandle", bound=HandlePort)
 
 
 def status_of(exc: FsError) -> int:
@@ -114,7 +115,13 @@ def attrs_of(entry: Entry, name: str | None = None) -> SFTPAttributes:
 
 class SFTPHandler(SFTPStream):
     """One SFTP subsystem channel = one Session: each request one Session call, each
-    Session error one status reply (the stream, sftp_stream.SFTPStream, moves the bytes)."""
+    Session error one status reply (the stream, sftp_stream.SFTPStream, moves the bytes).
+
+    The session is a ``SessionPort`` (server/contract/ports.py): the core's Session in a
+    single-process server, a RemoteSession in an SSH worker. Its handles are kept in one
+    table per kind (downloads, uploads, listings), as core_link keeps them: the table a
+    handle's name is in says what it may do, so READ and WRITE find theirs with one dict
+    lookup and no isinstance on a per-packet path. Names are unique across the tables."""
 
     EXTENSIONS = (
         ("posix-rename@openssh.com", "1"), ("statvfs@openssh.com", "2"), ("fstatvfs@openssh.com", "2"),
@@ -124,8 +131,10 @@ class SFTPHandler(SFTPStream):
     def __init__(self, channel: paramiko.Channel, name: str, server: paramiko.ServerInterface,
                  host: ChannelHost) -> None:
         super().__init__(channel, name, server, host)
-        self.session: Session | None = None
-        self._handles: dict[bytes, ReadHandle | WriteHandle | DirHandle] = {}
+        self.session: SessionPort[Any] | None = None
+        self._reads: dict[bytes, ReadHandlePort] = {}
+        self._writes: dict[bytes, WriteHandlePort] = {}
+        self._listings: dict[bytes, DirHandlePort] = {}
         self._next = 1
 
     # --- lifecycle (hooks of SFTPStream) -------------------------------------------------
@@ -142,16 +151,17 @@ class SFTPHandler(SFTPStream):
 
     def _end(self, timed_out: str | None) -> None:
         """Channel gone: uploads never closed by the client are discarded, not published."""
-        handles, self._handles = self._handles, {}
+        handles: dict[bytes, HandlePort] = {**self._reads, **self._writes, **self._listings}
+        self._reads, self._writes, self._listings = {}, {}, {}
         reason = timed_out or "connection closed before the transfer completed"
-        for h in handles.values():
-            h.abort(reason)
+        for name in sorted(handles, key=lambda name: int(name[1:])):  # in the order they were opened
+            handles[name].abort(reason)
         if self.session is not None:
             self.session.close()
 
     def _transferring(self) -> bool:
         """A file is open: the stall timeout applies, not only the idle timeout."""
-        return any(not isinstance(h, DirHandle) for h in list(self._handles.values()))
+        return bool(self._reads or self._writes)
 
     # --- replies ------------------------------------------------------------
 
@@ -170,22 +180,37 @@ class SFTPHandler(SFTPStream):
         pack_attrs(msg, SFTPAttributes())
         self._send_packet(CMD_NAME, msg)
 
-    def _add_handle(self, obj: ReadHandle | WriteHandle | DirHandle) -> bytes:
-        if len(self._handles) >= self.limits.max_handles:
+    def _add_handle(self, table: dict[bytes, AnyHandle], obj: AnyHandle) -> bytes:
+        if len(self._reads) + len(self._writes) + len(self._listings) >= self.limits.max_handles:
             obj.abort("too many open handles")
             raise _Reply(SFTP_FAILURE, f"too many open handles (limit {self.limits.max_handles})")
         name = b"h%d" % self._next
         self._next += 1
-        self._handles[name] = obj
+        table[name] = obj
         return name
 
-    def _lookup_handle(self, msg: Message) -> Any:
-        return self._handle(msg.get_binary())
-
-    def _handle(self, name: bytes) -> Any:
-        h = self._handles.get(name)
-        if h is None:
+    def _known(self, name: bytes) -> bytes:
+        """``name``, if it is an open handle of any kind; else the request is malformed."""
+        if name not in self._reads and name not in self._writes and name not in self._listings:
             raise _Reply(SFTP_BAD_MESSAGE, "invalid handle")
+        return name
+
+    def _file(self, name: bytes, refusal: str) -> ReadHandlePort | WriteHandlePort:
+        """The download or upload called ``name``; a listing's name is refused with ``refusal``."""
+        h: ReadHandlePort | WriteHandlePort | None = self._reads.get(name)
+        if h is None:
+            h = self._writes.get(name)
+            if h is None:
+                self._known(name)
+                raise _Reply(SFTP_FAILURE, refusal)
+        return h
+
+    def _upload(self, name: bytes) -> WriteHandlePort:
+        """The upload called ``name``; another kind of handle is refused."""
+        h = self._writes.get(name)
+        if h is None:
+            self._known(name)
+            raise _Reply(SFTP_PERMISSION_DENIED, "handle not open for writing")
         return h
 
     # --- dispatch -------------------------------------------------------------
@@ -223,7 +248,7 @@ class SFTPHandler(SFTPStream):
         attr = read_attrs(msg)
         if pflags & (SFTP_FLAG_WRITE | SFTP_FLAG_APPEND):
             mode = (attr.st_mode or 0) & 0o777 if flags_of(attr) & attr.FLAG_PERMISSIONS else 0o644
-            handle: ReadHandle | WriteHandle = self.session.open_write(
+            upload: WriteHandlePort = self.session.open_write(
                 path,
                 truncate=bool(pflags & SFTP_FLAG_TRUNC),
                 append=bool(pflags & SFTP_FLAG_APPEND),
@@ -232,15 +257,20 @@ class SFTPHandler(SFTPStream):
                 readable=bool(pflags & SFTP_FLAG_READ),
                 mode=mode,
             )
+            name = self._add_handle(self._writes, upload)
         else:
-            handle = self.session.open_read(path)
-        self._reply_raw(CMD_HANDLE, request, _string(self._add_handle(handle)))
+            name = self._add_handle(self._reads, self.session.open_read(path))
+        self._reply_raw(CMD_HANDLE, request, _string(name))
 
     def _op_close(self, request: int, msg: Message) -> None:
         key = msg.get_binary()
-        h = self._handles.pop(key, None)
+        h: HandlePort | None = self._reads.pop(key, None)
         if h is None:
-            raise _Reply(SFTP_BAD_MESSAGE, "invalid handle")
+            h = self._writes.pop(key, None)
+            if h is None:
+                h = self._listings.pop(key, None)
+                if h is None:
+                    raise _Reply(SFTP_BAD_MESSAGE, "invalid handle")
         h.close()  # a WriteHandle publishes here; a veto raises and becomes the CLOSE status
         self._reply_status(request, SFTP_OK)
 
@@ -248,10 +278,10 @@ class SFTPHandler(SFTPStream):
         self._read(request, msg.get_binary(), msg.get_int64(), msg.get_int())
 
     def _read(self, request: int, handle: bytes, offset: int, length: int) -> None:
-        h = self._handle(handle)
+        h: ReadHandlePort | WriteHandlePort | None = self._reads.get(handle)
+        if h is None:  # the rare case: reading back an upload (w+), or no file at all
+            h = self._file(handle, "is a directory")
         length = min(length, self.limits.max_read)
-        if isinstance(h, DirHandle):
-            raise _Reply(SFTP_FAILURE, "is a directory")
         buf = bytearray(13 + length)  # the reply is read straight into place behind its header
         n = h.read_into(offset, memoryview(buf)[13:])
         if not n:
@@ -264,9 +294,9 @@ class SFTPHandler(SFTPStream):
         self._write(request, msg.get_binary(), msg.get_int64(), msg.get_binary())
 
     def _write(self, request: int, handle: bytes, offset: int, data: bytes | memoryview) -> None:
-        h = self._handle(handle)
-        if not isinstance(h, WriteHandle):
-            raise _Reply(SFTP_PERMISSION_DENIED, "handle not open for writing")
+        h = self._writes.get(handle)
+        if h is None:
+            h = self._upload(handle)
         if len(data) > self.limits.max_read + 1024:
             raise _Reply(SFTP_FAILURE, "write request too large")
         h.write(offset, data)  # a view of the request: the file write takes any buffer
@@ -300,13 +330,15 @@ class SFTPHandler(SFTPStream):
         assert self.session is not None
         path = msg.get_text()
         listing = self.session.opendir(path)  # read a batch per READDIR, never whole
-        self._reply_raw(CMD_HANDLE, request, _string(self._add_handle(listing)))
+        self._reply_raw(CMD_HANDLE, request, _string(self._add_handle(self._listings, listing)))
 
     def _op_readdir(self, request: int, msg: Message) -> None:
-        h = self._lookup_handle(msg)
-        if not isinstance(h, DirHandle):
+        key = msg.get_binary()
+        listing = self._listings.get(key)
+        if listing is None:
+            self._known(key)
             raise _Reply(SFTP_FAILURE, "not a directory handle")
-        batch = h.read(READDIR_BATCH)
+        batch = listing.read(READDIR_BATCH)
         if not batch:
             self._reply_status(request, SFTP_EOF)
             return
@@ -328,9 +360,7 @@ class SFTPHandler(SFTPStream):
         self._op_stat(request, msg, follow=False)
 
     def _op_fstat(self, request: int, msg: Message) -> None:
-        h = self._lookup_handle(msg)
-        if isinstance(h, DirHandle):
-            raise _Reply(SFTP_FAILURE, "not a file handle")
+        h = self._file(msg.get_binary(), "not a file handle")
         self._reply_attrs(request, SFTPAttributes.from_stat(h.fstat()))
 
     def _setstat_args(self, attr: SFTPAttributes) -> dict[str, Any]:
@@ -354,11 +384,9 @@ class SFTPHandler(SFTPStream):
 
     def _op_fsetstat(self, request: int, msg: Message) -> None:
         assert self.session is not None
-        h = self._lookup_handle(msg)
+        key = self._known(msg.get_binary())
         args = self._setstat_args(read_attrs(msg))
-        if not isinstance(h, WriteHandle):
-            raise _Reply(SFTP_PERMISSION_DENIED, "handle not open for writing")
-        self.session.fsetstat(h, **args)
+        self.session.fsetstat(self._upload(key), **args)
         self._reply_status(request, SFTP_OK)
 
     def _op_readlink(self, request: int, msg: Message) -> None:
@@ -387,7 +415,7 @@ class SFTPHandler(SFTPStream):
             if tag == "statvfs@openssh.com":
                 st = self.session.statvfs(msg.get_text())
             else:
-                self._lookup_handle(msg)
+                self._known(msg.get_binary())
                 st = self.session.statvfs("/")
             flag = (1 if st.f_flag & 1 else 0) | (2 if st.f_flag & 2 else 0)
             payload = struct.pack(
@@ -396,9 +424,10 @@ class SFTPHandler(SFTPStream):
             )
             self._reply_raw(CMD_EXTENDED_REPLY, request, payload)
         elif tag == "fsync@openssh.com":
-            h = self._lookup_handle(msg)
-            if isinstance(h, WriteHandle):
-                h.fsync()
+            key = self._known(msg.get_binary())
+            upload = self._writes.get(key)
+            if upload is not None:
+                upload.fsync()
             self._reply_status(request, SFTP_OK)
         elif tag == "limits@openssh.com":
             payload = struct.pack(

@@ -27,12 +27,13 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from scriptsftp.server.contract import framing
+from scriptsftp.server.contract.ports import CorePort
 from scriptsftp.server.support.worker_accounts import Account
 from scriptsftp.server.frontends.ssh.core_link import CoreLink
 from scriptsftp.server.support.keys import read_host_key
-from scriptsftp.server.core.login import LoginCore
 from scriptsftp.server.frontends.ssh.server import SSHLimits, accept_forever, bind_sockets, bound_names, close_listening
 
 log = logging.getLogger("scriptsftp.ssh")
@@ -154,7 +155,7 @@ class SSHWorkerPool:
         ``account``: the unprivileged account the workers run as (None: this process's).
         They cannot read the host key files (0600, the daemon's): the key text is read here
         and handed over in the setup message; ``state_dir`` is kept out of their jail."""
-        self.core: LoginCore | None = None
+        self.core: CorePort[Any, Any] | None = None
         self.account = account
         self.sockets = bind_sockets(addresses)
         self._setup = {"kind": "setup", "host_keys": [read_host_key(p) for p in host_keys],
