@@ -16,9 +16,10 @@ import time
 import paramiko
 import pytest
 from paramiko.sftp import (
-    CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSETSTAT, CMD_HANDLE, CMD_INIT, CMD_MKDIR, CMD_OPEN,
-    CMD_READ, CMD_SETSTAT, CMD_STATUS, CMD_VERSION, CMD_WRITE, SFTP_BAD_MESSAGE, SFTP_FLAG_CREATE, SFTP_FLAG_READ,
-    SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_OK, SFTP_OP_UNSUPPORTED, int64,
+    CMD_ATTRS, CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSETSTAT, CMD_FSTAT, CMD_HANDLE, CMD_INIT,
+    CMD_MKDIR, CMD_OPEN, CMD_OPENDIR, CMD_READ, CMD_READDIR, CMD_SETSTAT, CMD_STATUS, CMD_VERSION, CMD_WRITE,
+    SFTP_BAD_MESSAGE, SFTP_FLAG_CREATE, SFTP_FLAG_READ, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, SFTP_OK, SFTP_OP_UNSUPPORTED,
+    int64,
 )
 
 from conftest import ALICE_PASSWORD, close_client, paramiko_client, user_toml
@@ -252,6 +253,45 @@ def test_garbage_handle_and_write_to_read_handle(sftp, raw, d):
     code, _ = _status(*raw.request(CMD_WRITE, handle, int64(0), b"overwrite"))
     assert code == 3  # SSH_FX_PERMISSION_DENIED
     assert (d.home("alice") / "ro.txt").read_text() == "read only"
+
+
+def test_each_request_answers_for_the_kind_of_handle_it_names(raw, d):
+    """Downloads, uploads and listings are kept apart (a table per kind in sftp.py): a request
+    on the wrong kind is refused with its reply, on a name that is no handle BAD_MESSAGE."""
+    raw.init()
+    home = d.home("alice")
+    (home / "kinds").mkdir(exist_ok=True)
+    (home / "kinds" / "r.txt").write_text("read me")
+
+    def handle_of(t: int, *fields: object) -> bytes:
+        rt, data = raw.request(t, *fields)
+        assert rt == CMD_HANDLE
+        return _take_string(data)[0]
+
+    download = handle_of(CMD_OPEN, "/kinds/r.txt", SFTP_FLAG_READ, 0)
+    upload = handle_of(CMD_OPEN, "/kinds/w.txt", SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC, 0)
+    listing = handle_of(CMD_OPENDIR, "/kinds")
+    failure, denied, bad = 4, 3, 5
+    assert _status(*raw.request(CMD_READ, listing, int64(0), 10)) == (failure, "is a directory")
+    code, text = _status(*raw.request(CMD_READ, upload, int64(0), 10))  # not opened readable (w+)
+    assert code == denied and "not open for reading" in text
+    for h in (download, listing):
+        assert _status(*raw.request(CMD_WRITE, h, int64(0), b"x")) == (denied, "handle not open for writing")
+        assert _status(*raw.request(CMD_FSETSTAT, h, 0)) == (denied, "handle not open for writing")
+    assert _status(*raw.request(CMD_READDIR, download)) == (failure, "not a directory handle")
+    assert _status(*raw.request(CMD_FSTAT, listing)) == (failure, "not a file handle")
+    assert _status(*raw.request(CMD_EXTENDED, "fsync@openssh.com", download))[0] == SFTP_OK  # nothing to sync
+    assert raw.request(CMD_READ, download, int64(0), 10) == (CMD_DATA, struct.pack(">I", 7) + b"read me")
+    assert raw.request(CMD_FSTAT, upload)[0] == CMD_ATTRS
+    for t, fields in ((CMD_READ, (int64(0), 10)), (CMD_WRITE, (int64(0), b"x")), (CMD_READDIR, ()),
+                      (CMD_FSTAT, ()), (CMD_FSETSTAT, (0,)), (CMD_CLOSE, ())):
+        assert _status(*raw.request(t, b"h999", *fields)) == (bad, "invalid handle"), t
+    for tag in ("fsync@openssh.com", "fstatvfs@openssh.com"):
+        assert _status(*raw.request(CMD_EXTENDED, tag, b"h999")) == (bad, "invalid handle"), tag
+    for h in (download, upload, listing):
+        assert _status(*raw.request(CMD_CLOSE, h))[0] == SFTP_OK
+        assert _status(*raw.request(CMD_CLOSE, h)) == (bad, "invalid handle")
+    assert (home / "kinds" / "w.txt").read_bytes() == b""
 
 
 # --- handles ------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 The SSH, SFTP and SCP front ends run unchanged in a worker; :class:`RemoteCore`
 is the ``CorePort`` and :class:`RemoteSession` the ``SessionPort`` they get
-(server/contract/ports.py; mypy checks the fit at the end of this module), with
-the file handles of an in-process server. Every call but the data path goes to the core over the
+(server/contract/ports.py; mypy checks the fit at the end of this module, handles
+included). Every call but the data path goes to the core over the
 connection's link (core_link.py), one at a time (a connection's channels share
 it). READ and WRITE use the descriptor the core opened, here, without a round
-trip; the core learns the byte count at close, where it publishes the upload, and
-meanwhile about once a second while bytes move (the admin API's session list).
+trip, through the same code as the core's own handles (support/fd_files.py: this
+module may not import the core); the core learns the byte count at close, where it
+publishes the upload, and meanwhile about once a second while bytes move (the admin
+API's session list).
 """
 
 from __future__ import annotations

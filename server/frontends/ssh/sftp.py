@@ -271,7 +271,7 @@ class SFTPHandler(SFTPStream):
                 h = self._listings.pop(key, None)
                 if h is None:
                     raise _Reply(SFTP_BAD_MESSAGE, "invalid handle")
-        h.close()  # a WriteHandle publishes here; a veto raises and becomes the CLOSE status
+        h.close()  # an upload publishes here; a veto raises and becomes the CLOSE status
         self._reply_status(request, SFTP_OK)
 
     def _op_read(self, request: int, msg: Message) -> None:
