@@ -97,14 +97,6 @@ class ParentChannel:
         return fds
 
 
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 class _Limits:
     """Per-call CPU limits: RLIMIT_CPU (whole seconds) + ITIMER_PROF (precise)."""
 
@@ -247,7 +239,7 @@ class HandlerRunner:
                 else:
                     os._exit(EXIT_PROTOCOL)
             finally:
-                _close_fds(fds)
+                framing.close_fds(fds)
                 self.limits.arm(IDLE_CPU_ALLOWANCE)
 
     # --- compile ----------------------------------------------------------------

@@ -34,6 +34,8 @@ def throwaway_user():
         if IN_CI:
             pytest.fail("this test needs root to create a throwaway account")
         pytest.skip("needs root to create a throwaway account")
+    # a run killed half way (Ctrl-C, a timeout) can leave the account and its processes behind
+    subprocess.run(["pkill", "-KILL", "-u", USER], capture_output=True)
     subprocess.run(["userdel", "-r", USER], capture_output=True)
     subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", USER], check=True)
     yield pwd.getpwnam(USER)
