@@ -31,10 +31,12 @@ import inspect
 import os
 import stat as statmod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
 from scriptsftp.server.contract.credentials import Credentials
 from scriptsftp.server.contract.dispatch import Decision
+from scriptsftp.server.contract.errors import FsError
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,17 @@ class ConnectionView(Protocol):
     on_kick: Callable[[str], None] | None
 
 
+class LocalConnectionView(ConnectionView, Protocol):
+    """What a front end in the core's own process (FTP, HTTP) also reads and writes of its
+    connection: the local port a reconnect is registered on, and whether TLS secures it
+    (FTP sets ``tls`` before each login step; the core logs it and ``require_tls`` asks it)."""
+
+    tls: bool
+
+    @property
+    def local_port(self) -> int: ...
+
+
 # --- handles ------------------------------------------------------------------------------
 
 
@@ -122,10 +135,16 @@ class ReadHandlePort(HandlePort, Protocol):
 class WriteHandlePort(HandlePort, Protocol):
     """An upload; ``close`` publishes it (a pre-publish veto raises there). ``write`` takes
     any buffer (SFTP hands it a view of the request, FTP of its receive buffer: no copy);
-    ``read_into`` reads the upload back (SFTP ``w+``), PermissionDenied unless opened readable."""
+    ``read_into`` reads the upload back (SFTP ``w+``), PermissionDenied unless opened readable.
+
+    ``failed`` is the first write error, which poisons the upload (``close`` discards
+    it), so a front end can answer with it (FTP's 452)."""
 
     fd: int
     written: int
+
+    @property
+    def failed(self) -> FsError | None: ...
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
 
@@ -206,6 +225,36 @@ class SessionPort(Protocol[W]):
     def close(self) -> None: ...
 
 
+class AccessView(Protocol):
+    """A user's permissions as a front end shows them (FTP's MLSx ``perm`` fact)."""
+
+    def permissions_at(self, directory: tuple[str, ...]) -> frozenset[str]: ...
+
+
+class AccountView(Protocol):
+    """What a front end in the core's process reads of the logged-in account: whether
+    its data must be protected (FTP's PROT P), its permissions, its home (the key
+    WebDAV's locks are held under, shared by every session of that home)."""
+
+    @property
+    def home(self) -> Path: ...
+
+    @property
+    def require_tls(self) -> bool: ...
+
+    @property
+    def access(self) -> AccessView: ...
+
+
+class LocalSessionPort(SessionPort[W], Protocol[W]):
+    """A session as the front ends in the core's own process (FTP, HTTP) see it: the
+    :class:`SessionPort` and its account. The SSH workers' sessions have no account
+    (it stays in the core), so this is not part of :class:`SessionPort`."""
+
+    @property
+    def account(self) -> AccountView: ...
+
+
 class CorePort(Protocol[C, S]):
     """A connection's way through the core, as every front end sees it.
 
@@ -272,6 +321,7 @@ def keyword_options(signature: inspect.Signature) -> frozenset[str]:
 
 
 __all__ = [
-    "ConnectionView", "CorePort", "DirHandlePort", "Entry", "HandlePort", "LocalCorePort", "PublicKey",
-    "ReadHandlePort", "SessionPort", "WriteHandlePort", "keyword_options", "port_methods",
+    "AccessView", "AccountView", "ConnectionView", "CorePort", "DirHandlePort", "Entry", "HandlePort",
+    "LocalConnectionView", "LocalCorePort", "LocalSessionPort", "PublicKey", "ReadHandlePort", "SessionPort",
+    "WriteHandlePort", "keyword_options", "port_methods",
 ]

@@ -2,7 +2,8 @@
 
 ``LoginCore`` is the ``LocalCorePort`` the daemon hands to FTP and HTTP (and the
 ``CorePort`` behind the SSH workers' links); ``Session`` is the ``SessionPort``
-every front end works through. A method that drifts from its port (a renamed
+every front end works through (the ``LocalSessionPort`` FTP and HTTP see, with its
+account), ``Connection`` the ``LocalConnectionView`` they read and set ``tls`` on. A method that drifts from its port (a renamed
 option, a changed return type) fails the type check here, not a worker at run time.
 The worker-side stand-ins are checked the same way at the end of
 server/frontends/ssh/remote_core.py.
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from scriptsftp.server.contract.ports import (
-        DirHandlePort, LocalCorePort, ReadHandlePort, SessionPort, WriteHandlePort,
+        DirHandlePort, LocalConnectionView, LocalCorePort, LocalSessionPort, ReadHandlePort, SessionPort,
+        WriteHandlePort,
     )
     from scriptsftp.server.core.connections import Connection
     from scriptsftp.server.core.login import LoginCore
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
 
     def _session(session: Session) -> SessionPort[WriteHandle]:
         return session
+
+    def _local(conn: Connection, session: Session) -> tuple[LocalConnectionView, LocalSessionPort[WriteHandle]]:
+        return conn, session
 
     def _handles(read: ReadHandle, write: WriteHandle, listing: DirHandle) -> tuple[
             ReadHandlePort, WriteHandlePort, DirHandlePort]:
