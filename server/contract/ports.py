@@ -161,6 +161,22 @@ class WriteHandlePort(HandlePort, Protocol):
     def size(self) -> int: ...
 
 
+class CopyingWriteHandle(WriteHandlePort, Protocol):
+    """An upload that can also be filled from a descriptor in the kernel, holes kept
+    (``api.fs.copy``, WebDAV COPY). The core's uploads are; an SSH worker's need not be."""
+
+    def copy_from(self, src: int, *, deadline: float | None = None) -> None: ...
+
+
+class LocalWriteHandle(CopyingWriteHandle, Protocol):
+    """An upload as a front end in the core's own process (HTTP) sees it: it can be filled
+    in the kernel, and ``existed`` says whether it replaces a file (HTTP's 204 rather than
+    201). An SSH worker's uploads need neither."""
+
+    @property
+    def existed(self) -> bool: ...
+
+
 class DirHandlePort(HandlePort, Protocol):
     """A listing read in batches: ``read(count)`` gives up to count entries, [] at the end."""
 
@@ -321,7 +337,7 @@ def keyword_options(signature: inspect.Signature) -> frozenset[str]:
 
 
 __all__ = [
-    "AccessView", "AccountView", "ConnectionView", "CorePort", "DirHandlePort", "Entry", "HandlePort",
-    "LocalConnectionView", "LocalCorePort", "LocalSessionPort", "PublicKey", "ReadHandlePort", "SessionPort",
-    "WriteHandlePort", "keyword_options", "port_methods",
+    "AccessView", "AccountView", "ConnectionView", "CopyingWriteHandle", "CorePort", "DirHandlePort", "Entry",
+    "HandlePort", "LocalConnectionView", "LocalCorePort", "LocalSessionPort", "LocalWriteHandle", "PublicKey", "ReadHandlePort",
+    "SessionPort", "WriteHandlePort", "keyword_options", "port_methods",
 ]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 from scriptsftp.server.contract.dispatch import Decision, Dispatcher, NullDispatcher
-from scriptsftp.server.contract.ports import SessionPort, WriteHandlePort
+from scriptsftp.server.contract.ports import CopyingWriteHandle, SessionPort
 from scriptsftp.server.contract.script_settings import ScriptConfig
 
 # --- audit -------------------------------------------------------------------------------------
@@ -116,12 +116,6 @@ class EventTrace:
 
 
 # --- files (api.fs) ----------------------------------------------------------------------------
-
-
-class CopyingWriteHandle(WriteHandlePort, Protocol):
-    """An upload that can also be filled from a descriptor in the kernel (``api.fs.copy``)."""
-
-    def copy_from(self, src: int, *, deadline: float | None = None) -> None: ...
 
 
 #: The session ``api.fs`` works through: the core's :class:`SessionPort`, whose uploads are

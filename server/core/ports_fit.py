@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from scriptsftp.server.contract.ports import (
-        DirHandlePort, LocalConnectionView, LocalCorePort, LocalSessionPort, ReadHandlePort, SessionPort,
-        WriteHandlePort,
+        DirHandlePort, LocalConnectionView, LocalCorePort, LocalSessionPort, LocalWriteHandle, ReadHandlePort,
+        SessionPort, WriteHandlePort,
     )
     from scriptsftp.server.core.connections import Connection
     from scriptsftp.server.core.login import LoginCore
@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     def _session(session: Session) -> SessionPort[WriteHandle]:
         return session
 
-    def _local(conn: Connection, session: Session) -> tuple[LocalConnectionView, LocalSessionPort[WriteHandle]]:
-        return conn, session
+    def _local(conn: Connection, session: Session, upload: WriteHandle) -> tuple[
+            LocalConnectionView, LocalSessionPort[WriteHandle], LocalWriteHandle]:
+        return conn, session, upload
 
     def _handles(read: ReadHandle, write: WriteHandle, listing: DirHandle) -> tuple[
             ReadHandlePort, WriteHandlePort, DirHandlePort]:
