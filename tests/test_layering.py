@@ -56,12 +56,6 @@ COMPOSITION_ROOT = {f"{SERVER}.cli", f"{SERVER}.daemon"}
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     # front ends typed on the core's classes (Session, its handles, Entry, Connection, LoginCore)
     # instead of the contract's ports (SessionPort, *HandlePort, Entry, ConnectionView, CorePort)
-    ("scriptsftp.server.frontends.ftp.commands", "scriptsftp.server.core.connections"): "B: type it on the port",
-    ("scriptsftp.server.frontends.ftp.commands", "scriptsftp.server.core.login"): "B: type it on the port",
-    ("scriptsftp.server.frontends.ftp.commands", "scriptsftp.server.core.session"): "B: type it on the port",
-    ("scriptsftp.server.frontends.ftp.data", "scriptsftp.server.core.session"): "B: type it on the port",
-    ("scriptsftp.server.frontends.ftp.listener", "scriptsftp.server.core.connections"): "B: type it on the port",
-    ("scriptsftp.server.frontends.ftp.listener", "scriptsftp.server.core.session"): "B: type it on the port",
     ("scriptsftp.server.frontends.http.server", "scriptsftp.server.core.connections"): "C/D: type it on the port",
     ("scriptsftp.server.frontends.http.server", "scriptsftp.server.core.session"): "C/D: type it on the port",
     ("scriptsftp.server.frontends.http.util", "scriptsftp.server.core.session"): "C/D: type it on the port",

@@ -6,7 +6,9 @@ errors become one reply line (replies.py): ``550 <message>`` (a script's veto
 reason included), ``553`` for a refused name, ``452`` for a full disk, ``451``
 for a local failure.
 
-* Login goes through the LoginCore (same users, events and limits as SFTP);
+* Login goes through the core's port (``LocalCorePort``: the same users, events
+  and limits as SFTP); the connection, session and handles are the contract's
+  ports too (server/contract/ports.py), never the core's classes;
   ``connect`` scripts run in the connection's own thread, not the acceptor's.
 * ``AUTH TLS`` drops whatever the client pipelined in plaintext after it
   (pyftpdlib #315, the STARTTLS command-injection class, CVE-2011-1575).
@@ -33,7 +35,7 @@ import posixpath
 import secrets
 import stat as statmod
 import time
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from OpenSSL import SSL
 
@@ -41,16 +43,13 @@ from scriptsftp.server.contract.credentials import Credentials
 from scriptsftp.server.contract.errors import (
     AlreadyExists, BadCredentials, FsError, LoginRefused, NotADirectory, TlsRequired,
 )
-from scriptsftp.server.contract.ports import Entry
-from scriptsftp.server.core.session import Session
+from scriptsftp.server.contract.ports import (
+    Entry, LocalConnectionView, LocalCorePort, LocalSessionPort, WriteHandlePort,
+)
 from scriptsftp.server.frontends.ftp.data import Download, Upload
 from scriptsftp.server.frontends.ftp.pyftpdlib_ext import ControlChannel, FileProducer, FTPHandler
 from scriptsftp.server.frontends.ftp.replies import reply_of, reply_text
 
-if TYPE_CHECKING:
-    from scriptsftp.server.core.connections import Connection
-    from scriptsftp.server.core.login import LoginCore
-    
 log = logging.getLogger("scriptsftp.ftp")
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -170,7 +169,7 @@ class SessionCommands(ControlChannel):
     """FTP commands as Session calls; listener.py puts it before FTPHandler or TLS_FTPHandler."""
 
     # set per listener by make_listener
-    core: "LoginCore"
+    core: LocalCorePort[Any, Any]
     listener: ConnectionTracker
     active_mode = False
     implicit_tls = False
@@ -186,9 +185,9 @@ class SessionCommands(ControlChannel):
     proto_cmds = {k: v for k, v in FTPHandler.proto_cmds.items() if k not in FS_COMMANDS_NOT_OFFERED}
 
     authenticated: bool  # pyftpdlib's; set here by ftp_PASS
-    conn: "Connection | None" = None
+    conn: LocalConnectionView | None = None
     rename_from: str | None = None  # RNFR's path, for the RNTO that must follow
-    session: Session | None = None
+    session: LocalSessionPort[WriteHandlePort] | None = None
     _greet_in_thread = False
     _ended = False
     _preauth_timer: Any = None
@@ -382,7 +381,7 @@ class SessionCommands(ControlChannel):
 
     # --- directories and names --------------------------------------------------------
 
-    def _s(self) -> Session:
+    def _s(self) -> LocalSessionPort[WriteHandlePort]:
         assert self.session is not None
         return self.session
 

@@ -12,8 +12,9 @@
   ``426``; the control connection stays open.
 
 The file objects pyftpdlib reads from and writes into (:class:`Download`,
-:class:`Upload`) wrap the Session's read and write handles; the pyftpdlib
-internals these rely on are in pyftpdlib_ext.
+:class:`Upload`) wrap the session's read and write handles, typed on the
+contract's handle ports (server/contract/ports.py), never the core's classes;
+the pyftpdlib internals these rely on are in pyftpdlib_ext.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from typing import Any
 
 from scriptsftp.server.contract.errors import FsError, NoSpace
-from scriptsftp.server.core.session import ReadHandle, WriteHandle
+from scriptsftp.server.contract.ports import ReadHandlePort, WriteHandlePort
 from scriptsftp.server.frontends.ftp.pyftpdlib_ext import (
     ControlChannel, DataChannel, TLS_DTPHandler, close_after_tls_error,
 )
@@ -38,10 +39,10 @@ log = logging.getLogger("scriptsftp.ftp")
 
 
 class Download:
-    """A file object over a Session ReadHandle: positional reads; ``fileno`` lets
+    """A file object over a session's read handle: positional reads; ``fileno`` lets
     pyftpdlib use sendfile() on plain binary transfers."""
 
-    def __init__(self, handle: ReadHandle, offset: int) -> None:
+    def __init__(self, handle: ReadHandlePort, offset: int) -> None:
         self.handle = handle
         self.name = handle.path
         self.pos = offset
@@ -77,10 +78,10 @@ class Download:
 
 
 class Upload:
-    """A file object over a Session WriteHandle. ``close()`` discards the upload:
+    """A file object over a session's write handle. ``close()`` discards the upload:
     only :meth:`finish`, called when the data channel ended cleanly, publishes."""
 
-    def __init__(self, handle: WriteHandle, offset: int, announced: int | None = None) -> None:
+    def __init__(self, handle: WriteHandlePort, offset: int, announced: int | None = None) -> None:
         self.handle = handle
         self.name = handle.path
         self.pos = offset

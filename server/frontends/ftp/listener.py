@@ -32,8 +32,6 @@ from scriptsftp.server.support.listen import ConfigFiles, listen_addresses
 
 if TYPE_CHECKING:
     from scriptsftp.server.contract.ports import LocalCorePort
-    from scriptsftp.server.core.connections import Connection
-    from scriptsftp.server.core.session import Session
 
 log = logging.getLogger("scriptsftp.ftp")
 
@@ -203,7 +201,7 @@ def tls_context(certificate: str, private_key: str) -> SSL.Context:
     return ctx
 
 
-def make_listener(core: LocalCorePort[Connection, Session], m: FtpSection, server: ServerSection,
+def make_listener(core: LocalCorePort[Any, Any], m: FtpSection, server: ServerSection,
                   files: ConfigFiles) -> FTPListener:
     """The listener of ``[ftp]`` (``m``) on ``core``, ``[server]`` giving the stall timeout;
     UnsupportedPyftpdlib (a ValueError) if pyftpdlib is not 2.2.*."""
