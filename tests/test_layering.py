@@ -53,14 +53,7 @@ COMPOSITION_ROOT = {f"{SERVER}.cli", f"{SERVER}.daemon"}
 
 # (importer, imported) -> what removes it. Every entry is a debt of issue 17; the lead empties this
 # after merging the helpers' work. Do not add to it: fix the import instead.
-KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    # front ends typed on the core's classes (Session, its handles, Entry, Connection, LoginCore)
-    # instead of the contract's ports (SessionPort, *HandlePort, Entry, ConnectionView, CorePort)
-    ("scriptsftp.server.frontends.http.server", "scriptsftp.server.core.connections"): "C/D: type it on the port",
-    ("scriptsftp.server.frontends.http.server", "scriptsftp.server.core.session"): "C/D: type it on the port",
-    ("scriptsftp.server.frontends.http.util", "scriptsftp.server.core.session"): "C/D: type it on the port",
-    ("scriptsftp.server.frontends.http.webdav", "scriptsftp.server.core.session"): "C/D: type it on the port",
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

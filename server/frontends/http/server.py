@@ -6,6 +6,9 @@ verdict, disk reads and writes) runs in bounded thread pools (see
 :class:`~.httputil.Pools`), so a slow script or a slow disk never stalls other
 clients.
 
+* The core, a connection, a session and its handles are the contract's ports
+  (server/contract/ports.py: ``LocalCorePort``, ``LocalConnectionView``,
+  :data:`~.util.HttpSession`, the handle ports), never the core's classes.
 * Login: HTTP Basic on every request, checked by the LoginCore like an SFTP
   password. A TCP connection is one LoginCore connection (``connect`` and
   ``disconnect`` events at its start and end); its first authenticated request
@@ -15,9 +18,9 @@ clients.
   of the credentials, and new connections are cheap because the login core
   remembers verified passwords (``[server] password_cache``); policy and
   ``pre-login`` still run for every new connection.
-* ``GET``/``HEAD`` stream a ReadHandle (Range, ETag, Last-Modified,
+* ``GET``/``HEAD`` stream a read handle (Range, ETag, Last-Modified,
   conditional requests); ``PUT`` streams the body chunk by chunk into the
-  staged WriteHandle and answers only when the Session has published it, so a
+  staged write handle and answers only when the Session has published it, so a
   pre-publish veto is a ``403`` carrying the script's reason. A directory GET
   gives a JSON listing (``Accept: application/json`` or ``?format=json``) or a
   small HTML page.
@@ -51,16 +54,16 @@ from scriptsftp.server.frontends.http import webdav
 from scriptsftp.server.contract.credentials import Credentials
 from scriptsftp.server.contract.errors import BadCredentials, FsError, IsADirectory, LoginRefused, NotFound
 from scriptsftp.server.frontends.http.util import (
-    CHUNK, Ctx, HttpError, Pools, StallWatch, decode_path, etag_of, href, http_date, not_found, parse_http_date,
+    CHUNK, Ctx, HttpError, HttpSession, Pools, StallWatch, decode_path, etag_of, href, http_date, not_found,
+    parse_http_date,
 )
 from scriptsftp.server.support.config import HttpSection, ServerSection
 from scriptsftp.server.support.listen import ConfigFiles, listen_addresses
-from scriptsftp.server.core.connections import Connection
-from scriptsftp.server.core.session import Session
 
 if TYPE_CHECKING:
-    from scriptsftp.server.contract.ports import LocalCorePort
-    from scriptsftp.server.core.session import ReadHandle, WriteHandle
+    from scriptsftp.server.contract.ports import (
+        LocalConnectionView, LocalCorePort, LocalWriteHandle, ReadHandlePort, WriteHandlePort,
+    )
 
 log = logging.getLogger("scriptsftp.http")
 
@@ -81,8 +84,8 @@ class _ConnState:
     """One TCP connection: its LoginCore connection and, once logged in, its Session."""
 
     handler: RequestHandler
-    connected: "asyncio.Future[tuple[Connection, Any]]"
-    session: Session | None = None
+    connected: "asyncio.Future[tuple[LocalConnectionView, Any]]"
+    session: HttpSession | None = None
     auth_digest: bytes = b""
     busy: int = 0
     lost: bool = False
@@ -119,7 +122,7 @@ def tls_context(certificate: str, private_key: str) -> ssl.SSLContext:
 class HttpListener:
     name = "http"
 
-    def __init__(self, addresses: list[tuple[str, int]], core: "LocalCorePort[Connection, Session]", *,
+    def __init__(self, addresses: list[tuple[str, int]], core: "LocalCorePort[Any, Any]", *,
                  tls: ssl.SSLContext | None = None, max_upload_size: int = 0, stall_timeout: float = 120.0) -> None:
         self.core = core
         self.tls = tls
@@ -237,14 +240,14 @@ class HttpListener:
                  extra={"ip": state.ip})
         state.handler.force_close()
 
-    def _connect(self, handler: RequestHandler, ip: str, port: int) -> tuple[Connection, Any]:
+    def _connect(self, handler: RequestHandler, ip: str, port: int) -> tuple[LocalConnectionView, Any]:
         """LoginCore connect (defender, ``connect`` event), in a pool thread."""
         conn, decision = self.core.connect("http", ip, port)
         # the core ends a connection this way (user removed on reload, address banned)
         conn.on_kick = lambda reason: self._call(lambda: self._kick(handler, conn, reason))
         return conn, decision
 
-    def _kick(self, handler: RequestHandler, conn: Connection, reason: str) -> None:
+    def _kick(self, handler: RequestHandler, conn: LocalConnectionView, reason: str) -> None:
         log.info("closing HTTP connection: %s", reason, extra={"sid": conn.id, "user": conn.user})
         handler.force_close()
 
@@ -344,7 +347,8 @@ class HttpListener:
         digest = hmac.new(self._secret, raw, hashlib.sha256).digest()
         return user, password, digest
 
-    async def _authenticate(self, request: web.BaseRequest, state: _ConnState, conn: Connection) -> Session:
+    async def _authenticate(self, request: web.BaseRequest, state: _ConnState,
+                            conn: LocalConnectionView) -> HttpSession:
         user, password, digest = self._credentials(request)
         if state.session is not None and hmac.compare_digest(state.auth_digest, digest):
             return state.session
@@ -395,7 +399,7 @@ class HttpListener:
             return not_modified
         if head:
             return web.Response(headers=_file_headers(st, ctx.vpath, st.st_size))
-        handle: ReadHandle = await ctx.op(ctx.session.open_read, ctx.vpath)  # pre-download may veto
+        handle: ReadHandlePort = await ctx.op(ctx.session.open_read, ctx.vpath)  # pre-download may veto
         pending: asyncio.Future[bytes] | None = None
         watch: StallWatch | None = None
         try:
@@ -489,7 +493,7 @@ class HttpListener:
         if limit and length is not None and length > limit:
             raise HttpError(413, f"upload larger than the server's limit of {limit} bytes", close=True)
         try:
-            handle: WriteHandle = await ctx.op(ctx.session.open_write, ctx.vpath)  # pre-upload may veto
+            handle: LocalWriteHandle = await ctx.op(ctx.session.open_write, ctx.vpath)  # pre-upload may veto
         except IsADirectory as exc:
             raise HttpError(405, exc.message) from None
         except NotFound as exc:
@@ -538,7 +542,7 @@ class HttpListener:
         return web.Response(status=204 if handle.existed else 201)
 
 
-def _write_all(handle: "WriteHandle", offset: int, chunks: list[bytes]) -> None:
+def _write_all(handle: "WriteHandlePort", offset: int, chunks: list[bytes]) -> None:
     """Write received chunks as they came (no joining copy), in a pool thread."""
     for chunk in chunks:
         handle.write(offset, chunk)
@@ -628,7 +632,7 @@ def _range(request: web.BaseRequest, size: int, etag: str, mtime: float) -> tupl
     return start, min(end, size - 1)
 
 
-def make_listener(core: "LocalCorePort[Connection, Session]", m: HttpSection, server: ServerSection,
+def make_listener(core: "LocalCorePort[Any, Any]", m: HttpSection, server: ServerSection,
                   files: ConfigFiles) -> HttpListener:
     """The HTTP/WebDAV listener of ``[http]`` (``m``), on ``core``; ``[server]`` gives the stall timeout."""
     tls = None

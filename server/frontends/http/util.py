@@ -14,7 +14,7 @@ import functools
 import stat as statmod
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from aiohttp import web
@@ -23,11 +23,14 @@ from scriptsftp.server.contract.errors import (
     AlreadyExists, DirectoryNotEmpty, Failure, FsError, InvalidPath, IsADirectory, LimitExceeded, NoSpace,
     NotADirectory, NotFound, PermissionDenied, Vetoed,
 )
-
-if TYPE_CHECKING:
-    from scriptsftp.server.core.session import Session
+from scriptsftp.server.contract.ports import LocalSessionPort, LocalWriteHandle
 
 T = TypeVar("T")
+
+#: The session an HTTP request acts through: the core's port with its account (WebDAV keys
+#: its locks on the home), whose uploads can be filled in the kernel (WebDAV COPY) and know
+#: whether they replace a file (PUT's 204 or 201).
+HttpSession = LocalSessionPort[LocalWriteHandle]
 
 #: bytes per read/write call handed to the thread pool (large enough that the
 #: round trip to the pool costs nothing next to the copy)
@@ -180,7 +183,7 @@ class Ctx:
     """One authenticated request: the Session it acts through and the decoded path."""
 
     request: web.BaseRequest
-    session: "Session"
+    session: HttpSession
     vpath: str
     pools: Pools
     locks: Any = None

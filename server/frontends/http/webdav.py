@@ -26,19 +26,16 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn
 from xml.parsers import expat
 
 from aiohttp import web
 
 from scriptsftp.server.contract.errors import AlreadyExists, FsError, IsADirectory, NotFound, PermissionDenied
 from scriptsftp.server.frontends.http.util import (
-    Ctx, HttpError, child, destination_path, etag_of, href, http_date, is_dir, overwrite_flag,
+    Ctx, HttpError, HttpSession, child, destination_path, etag_of, href, http_date, is_dir, overwrite_flag,
     not_found, parse_http_date, read_small_body, status_line, status_of,
 )
-
-if TYPE_CHECKING:
-    from scriptsftp.server.core.session import Session
 
 DAV = "DAV:"
 MS = "urn:schemas-microsoft-com:"
@@ -247,7 +244,7 @@ ALLPROP = ["displayname", "resourcetype", "getcontentlength", "getlastmodified",
 class _Props:
     """Fills property elements for one resource; False means 'no such property here' (404)."""
 
-    def __init__(self, session: "Session", locks: LockManager, home: str) -> None:
+    def __init__(self, session: HttpSession, locks: LockManager, home: str) -> None:
         self.session = session
         self.locks = locks
         self.home = home
@@ -295,7 +292,7 @@ class _Props:
         return True
 
 
-def _propfind_sync(session: "Session", locks: LockManager, vpath: str, depth: int, mode: str,
+def _propfind_sync(session: HttpSession, locks: LockManager, vpath: str, depth: int, mode: str,
                    wanted: list[str]) -> bytes:
     """Stat the resource (and its members for depth 1) and build the multistatus."""
     vpath = session.realpath(vpath)
@@ -432,7 +429,7 @@ async def mkcol(ctx: Ctx) -> web.StreamResponse:
 # --- DELETE, COPY, MOVE (tree walks, blocking, run in the ops pool) ------------------
 
 
-def delete_tree(session: "Session", vpath: str) -> list[tuple[str, FsError]]:
+def delete_tree(session: HttpSession, vpath: str) -> list[tuple[str, FsError]]:
     """Remove a file, or a directory and all it holds, through the Session.
 
     A member that cannot go is reported and its parents stay; everything else
@@ -446,7 +443,7 @@ def delete_tree(session: "Session", vpath: str) -> list[tuple[str, FsError]]:
     return errors
 
 
-def _delete_dir(session: "Session", vpath: str, errors: list[tuple[str, FsError]]) -> bool:
+def _delete_dir(session: HttpSession, vpath: str, errors: list[tuple[str, FsError]]) -> bool:
     try:
         entries = session.listdir(vpath)
     except FsError as exc:
@@ -472,7 +469,7 @@ def _delete_dir(session: "Session", vpath: str, errors: list[tuple[str, FsError]
     return ok
 
 
-def copy_file(session: "Session", src: str, dst: str) -> None:
+def copy_file(session: HttpSession, src: str, dst: str) -> None:
     """A download of ``src`` and an upload to ``dst`` (staged, published on success)."""
     rh = session.open_read(src)
     try:
@@ -491,7 +488,7 @@ def copy_file(session: "Session", src: str, dst: str) -> None:
     wh.close()
 
 
-def copy_tree(session: "Session", src: str, dst: str, infinite: bool, errors: list[tuple[str, FsError]]) -> None:
+def copy_tree(session: HttpSession, src: str, dst: str, infinite: bool, errors: list[tuple[str, FsError]]) -> None:
     session.mkdir(dst)
     if not infinite:
         return
@@ -510,14 +507,14 @@ def copy_tree(session: "Session", src: str, dst: str, infinite: bool, errors: li
             errors.append((s, exc))
 
 
-def _exists(session: "Session", vpath: str) -> Any:
+def _exists(session: HttpSession, vpath: str) -> Any:
     try:
         return session.stat(vpath, follow=False)
     except NotFound:
         return None
 
 
-def _copy_move_sync(session: "Session", src: str, dst: str, *, move: bool, overwrite: bool,
+def _copy_move_sync(session: HttpSession, src: str, dst: str, *, move: bool, overwrite: bool,
                     infinite: bool) -> tuple[bool, list[tuple[str, FsError]]]:
     """Returns (destination existed, member errors)."""
     src, dst = session.realpath(src), session.realpath(dst)
@@ -605,7 +602,7 @@ def _timeout(request: web.BaseRequest) -> int:
     return DEFAULT_LOCK_SECONDS
 
 
-def _create_empty(session: "Session", vpath: str) -> None:
+def _create_empty(session: HttpSession, vpath: str) -> None:
     """LOCK on an unmapped URL creates an empty file (RFC 4918 9.10.4), as an ordinary upload."""
     session.open_write(vpath, exclusive=True).close()
 
