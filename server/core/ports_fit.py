@@ -3,8 +3,9 @@
 ``LoginCore`` is the ``LocalCorePort`` the daemon hands to FTP and HTTP (and the
 ``CorePort`` behind the SSH workers' links); ``Session`` is the ``SessionPort``
 every front end works through (the ``LocalSessionPort`` FTP and HTTP see, with its
-account), ``Connection`` the ``LocalConnectionView`` they read and set ``tls`` on. A method that drifts from its port (a renamed
-option, a changed return type) fails the type check here, not a worker at run time.
+account), ``Connection`` the ``LocalConnectionView`` they read and set ``tls`` on.
+A method that drifts from its port (a renamed option, a changed return type) fails
+the type check here, not a worker at run time.
 The worker-side stand-ins are checked the same way at the end of
 server/frontends/ssh/remote_core.py.
 """

@@ -168,7 +168,9 @@ class ConnectionTracker(Protocol):
 class SessionCommands(ControlChannel):
     """FTP commands as Session calls; listener.py puts it before FTPHandler or TLS_FTPHandler."""
 
-    # set per listener by make_listener
+    # set per listener by make_listener. The port is invariant in its connection and session
+    # types (LoginCore's are Connection and Session): the core is LocalCorePort[Any, Any] and
+    # what we keep of it (conn, session) is typed on the contract's views below.
     core: LocalCorePort[Any, Any]
     listener: ConnectionTracker
     active_mode = False
