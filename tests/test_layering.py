@@ -16,8 +16,8 @@ checks four rules:
 An import by name at run time (``importlib.import_module``) is not seen: only the composition
 root does that (the daemon loads a front end only when its section is enabled).
 
-``KNOWN_VIOLATIONS`` lists the imports that break these rules today, each with what removes it.
-It only shrinks: an entry whose import is gone fails the test too, so the list cannot go stale.
+``KNOWN_VIOLATIONS`` would list imports that break these rules, each with what removes it; it
+is empty, and only shrinks: an entry whose import is gone fails the test too.
 Run ``python tests/test_layering.py`` to print every violation, listed or not.
 """
 
@@ -51,8 +51,8 @@ LAYER_RANK: dict[str, int] = {
 FRONTEND_MAY_IMPORT = {"contract", "support"}
 COMPOSITION_ROOT = {f"{SERVER}.cli", f"{SERVER}.daemon"}
 
-# (importer, imported) -> what removes it. Every entry is a debt of issue 17; the lead empties this
-# after merging the helpers' work. Do not add to it: fix the import instead.
+# (importer, imported) -> what removes it. Empty since issue 17 put every front end on the ports:
+# every rule holds. Do not add to it to get a change in; fix the import instead.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {}
 
 
