@@ -169,7 +169,7 @@ class CallContext:
         reply = self._rpc({"t": "rpc", "cap": cap, "op": op, "args": args})
         if reply.get("ok") is True:
             return reply.get("value")
-        exc = RPC_EXCEPTIONS.get(reply.get("etype"), RuntimeError)
+        exc = RPC_EXCEPTIONS.get(str(reply.get("etype")), RuntimeError)
         raise exc(_safe_str(reply.get("error", "capability call failed"), MAX_ERROR_CHARS))
 
     def file(self) -> "ScriptFile":
@@ -234,6 +234,7 @@ class ScriptApi:
     """The ``api`` argument of every handler."""
 
     __slots__ = ("_ctx",)
+    _ctx: CallContext  # set once in __init__ (object.__setattr__: the façade refuses assignment)
     _script_label = "api"
 
     def __init__(self, ctx: CallContext) -> None:
@@ -317,6 +318,8 @@ class ScriptFile:
     """``api.file``: the event's file, read-only, streamed."""
 
     __slots__ = ("_ctx", "_fd")
+    _ctx: CallContext
+    _fd: int
     _script_label = "api.file"
 
     def __init__(self, ctx: CallContext, fd: int) -> None:
@@ -456,6 +459,7 @@ class StoreStub:
     """``api.store``: persistent per-script key/value (capability ``store``)."""
 
     __slots__ = ("_ctx",)
+    _ctx: CallContext
     _script_label = "api.store"
 
     def __init__(self, ctx: CallContext) -> None:
@@ -499,6 +503,7 @@ class StoreStub:
 
 class _RemoteStub:
     __slots__ = ("_ctx",)
+    _ctx: CallContext
     _cap = ""
 
     def __init__(self, ctx: CallContext) -> None:

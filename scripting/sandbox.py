@@ -137,7 +137,7 @@ class _ScriptPolicy(RestrictingNodeTransformer):
                          "(use functions, dicts and lists)")
         return node
 
-    def visit_keyword(self, node: ast.keyword) -> ast.AST:
+    def visit_keyword(self, node: ast.keyword) -> Any:  # RestrictedPython's visitors: a node, a list or None
         # f(_getattr_=x) / f(_secret=1): hidden parameters are not reachable.
         if node.arg is not None and node.arg.startswith("_"):
             self.error(node, f'keyword argument "{node.arg}" is not allowed '
@@ -183,12 +183,12 @@ class _ScriptPolicy(RestrictingNodeTransformer):
         if module not in ALLOWED_MODULES:
             self.error(node, "ImportError: " + not_allowed_module_message(module or ""))
 
-    def visit_Import(self, node: ast.Import) -> ast.AST:
+    def visit_Import(self, node: ast.Import) -> Any:  # RestrictedPython's visitors: a node, a list or None
         for alias in node.names:
             self._check_module(node, alias.name)
         return super().visit_Import(node)
 
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST:
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> Any:  # RestrictedPython's visitors: a node, a list or None
         if node.level:
             self.error(node, "relative imports are not allowed in scripts")
         else:
@@ -370,6 +370,7 @@ class _ReadOnly:
     """What ``_write_`` returns for objects scripts may not modify."""
 
     __slots__ = ("_target",)
+    _target: Any  # set once in __init__ (the class refuses assignment)
 
     def __init__(self, target: Any) -> None:
         object.__setattr__(self, "_target", target)
@@ -806,7 +807,7 @@ def _itertools_module() -> dict[str, Any]:
     def from_iterable(iterables):
         return it.chain.from_iterable(map(guarded_iter, guarded_iter(iterables)))
 
-    members["chain"].from_iterable = from_iterable  # type: ignore[attr-defined]
+    members["chain"].from_iterable = from_iterable
     return members
 
 
