@@ -9,6 +9,7 @@ in test_reload.py (bindings, users, limits, log settings) and the suites of thei
 
 from __future__ import annotations
 
+import datetime
 import json
 import signal
 import typing
@@ -32,6 +33,8 @@ def _value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, datetime.date):
+        return v.isoformat()
     if isinstance(v, str):
         return json.dumps(v)
     if isinstance(v, list):
@@ -75,6 +78,7 @@ def base_config(daemons: DaemonFactory) -> dict[str, Any]:
         "scripts": {"dir": "scripts"},
         "notify": {"webhooks": {"hook": {"url": "http://127.0.0.1:9/x"}}},
         "commands": {"echo": {"argv": ["/bin/echo", "--", "{0}"]}},
+        "folders": [{"name": "shared", "path": "shared"}],
         "groups": [{"name": "staff"}],
         "users": [{"name": "alice", **user, "password_hash": daemons.hashes["alice"], "groups": ["staff"]}],
         "bindings": [{"event": "post-upload", "script": "ok.py"}],
@@ -100,6 +104,9 @@ CHANGES: dict[str, Any] = {
     "commands": {"echo": {"argv": ["/bin/echo", "{0}"]}},
     "groups": [{"name": "staff"}, {"name": "other"}],
     "users": "CHANGE_ENTRY", "bindings": "CHANGE_ENTRY",
+    "folders": "CHANGE_ENTRY",
+    "accounts.database": "postgresql://scriptsftp@127.0.0.1:1/none", "accounts.home_owner": "nobody",
+    "accounts.quota_thresholds": [50],
 }
 
 #: One change per field of each kind of entry (users, groups, bindings, commands, webhooks).
@@ -108,10 +115,18 @@ ENTRY_CHANGES: dict[str, dict[str, Any]] = {
               "generate_password": True, "public_keys": [], "home": "homes/alice2", "groups": [],
               "permissions": {"/": ["list"]}, "protocols": ["sftp"], "allowed_ips": ["127.0.0.0/8"],
               "filters": [{"path": "/", "denied": ["*.tmp"]}], "max_sessions": 3, "disabled": True,
-              "require_tls": True, "setstat_mode": "refuse"},
+              "require_tls": True, "setstat_mode": "refuse", "quota_size": 1000, "quota_files": 10,
+              "bandwidth_up": 1000, "bandwidth_down": 1000, "transfer_up_daily": 10**6,
+              "transfer_down_daily": 10**6, "home_folders": ["/inbox"], "folders": {"/shared": "shared"},
+              "password_max_age": 30, "disabled_reason": "left", "expires": datetime.date(2030, 1, 1)},
     "groups": {"name": "staff2", "permissions": {"/": ["list"]}, "protocols": ["sftp"],
                "allowed_ips": ["127.0.0.0/8"], "filters": [{"path": "/", "denied": ["*.tmp"]}],
-               "setstat_mode": "ignore"},
+               "setstat_mode": "ignore", "quota_size": 1000, "quota_files": 10,
+               "bandwidth_up": 1000, "bandwidth_down": 1000, "transfer_up_daily": 10**6,
+               "transfer_down_daily": 10**6, "home_folders": ["/inbox"], "folders": {"/shared": "shared"},
+               "password_max_age": 30},
+    "folders": {"name": "shared2", "path": "shared2", "quota_size": 1000, "quota_files": 10,
+                "permissions": {"/": ["list"]}, "description": "partners' drop"},
     "bindings": {"event": "post-download", "script": "ok2.py", "function": "on_post_upload", "users": ["alice"],
                  "groups": ["staff"], "paths": ["/in/**"], "protocols": ["sftp"], "min_size": 1,
                  "max_size": 10, "order": 5, "mode": "async", "timeout": 3.0, "cpu_time": 1.0,
@@ -120,7 +135,8 @@ ENTRY_CHANGES: dict[str, dict[str, Any]] = {
                  "allow_dash_args": True},
     "notify.webhooks": {"url": "http://127.0.0.1:9/z", "timeout": 3.0, "headers": {"X-A": "b"}},
 }
-ENTRY_MODELS = {"users": C.User, "groups": C.Group, "bindings": C.Binding, "commands": C.CommandSection,
+ENTRY_MODELS = {"users": C.User, "groups": C.Group, "folders": C.Folder, "bindings": C.Binding,
+                "commands": C.CommandSection,
                 "notify.webhooks": C.WebhookSection}
 
 

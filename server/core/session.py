@@ -48,6 +48,7 @@ from scriptsftp.server.core.publish import (
     Outcome, PendingUpload, Publisher, StagedUpload, UploadPolicy, pending_stat,
 )
 from scriptsftp.server.core.storage import Entry, LocalStorage, Storage, allocated_bytes, copy_fd, read_opener
+from scriptsftp.server.core.limits import Mount, Quota, Rates
 from scriptsftp.server.core.vfs import Access, join, split
 from scriptsftp.server.support.fd_files import MAX_OFFSET as MAX_OFFSET
 from scriptsftp.server.support.fd_files import FdFile, FdReader, FdWriter
@@ -73,6 +74,10 @@ class Account:
     max_sessions: int = 0
     require_tls: bool = False
     setstat_mode: str = "times"  # without the setstat permission: "refuse" | "ignore" | "times"
+    quota: Quota = Quota()  # of the home; each mount has its folder's own
+    folders: tuple[Mount, ...] = ()  # virtual folders, deepest vpath first
+    rates: Rates = Rates()
+    home_folders: tuple[str, ...] = ()  # virtual paths made in the home (account creation, login)
 
 
 class HandleBudget:

@@ -51,7 +51,9 @@ LIVE = frozenset({
     "notify.smtp.host", "notify.smtp.port", "notify.smtp.starttls", "notify.smtp.username",
     "notify.smtp.password", "notify.smtp.sender", "notify.smtp.ca_file", "notify.smtp.timeout",
     "notify.webhooks", "notify.max_attempts", "notify.retry_delay",
-    "commands", "groups", "users", "bindings",
+    "commands", "groups", "users", "bindings", "folders",
+    "accounts.watch_interval", "accounts.kick_on_disable", "accounts.password_max_age",
+    "accounts.quota_thresholds", "accounts.create_homes", "accounts.home_mode", "accounts.home_owner",
 })
 
 #: Keys whose new value is used only after a restart (listeners, processes, paths opened at start).
@@ -67,6 +69,7 @@ RESTART = frozenset({
     "uploads.atomic", "uploads.quarantine", "uploads.on_restart", "uploads.fsync", "uploads.min_free_space",
     "scripts.dir", "scripts.user", "scripts.workers", "scripts.login_reserve", "scripts.memory_mb",
     "scripts.reload", "scripts.async_queue",
+    "accounts.database",
 })
 
 def _ssh_reads_preauth_timeout(running: Config) -> bool:
@@ -110,7 +113,7 @@ def key_label(key: str) -> str:
     """How a log line names a key: ``[ftp] tls``, ``[notify.smtp] host``, ``[[users]]``."""
     section, _, name = key.rpartition(".")
     if not section:
-        return f"[[{key}]]" if key in ("users", "groups", "bindings") else f"[{key}]"
+        return f"[[{key}]]" if key in ("users", "groups", "bindings", "folders") else f"[{key}]"
     return f"[{section}] {name}"
 
 

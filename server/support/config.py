@@ -11,6 +11,7 @@ config dir can be moved as a whole.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
 import re
@@ -302,8 +303,18 @@ def _check_networks(nets: list[str]) -> list[str]:
     return nets
 
 
+USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
+FOLDER_NAME = USER_NAME
+
+#: a size in bytes, written as a number or "10GiB", "500MB"; 0 means no limit
+Bytes = Annotated[ByteSize, Field(ge=0)]
+
+
 class _Access(_Model):
-    """What users and groups share: where they may go and from where."""
+    """What users and groups share: where they may go and from where, and their limits.
+
+    For the limits and lists below, None means "not set here": a user's own value wins,
+    else the first of their groups (in the order listed) that sets it, else the default."""
 
     permissions: dict[str, list[str]] = {}
     protocols: list[Literal["sftp", "scp", "ftp", "http"]] | None = None
@@ -313,6 +324,41 @@ class _Access(_Model):
     """Without the setstat permission: "refuse" a mode or time change; "ignore" it (answer
     success, change nothing); "times" (default) apply time changes, ignore mode changes.
     Clients set times after every upload (rclone, WinSCP, FileZilla, scp -p)."""
+    quota_size: Bytes | None = None
+    """Bytes the home may hold (published files; virtual folders count apart); 0: no limit."""
+    quota_files: Annotated[int, Field(ge=0)] | None = None
+    """Files the home may hold; 0: no limit."""
+    bandwidth_up: Bytes | None = None
+    """Bytes/s of uploads over all the user's sessions and protocols together; 0: no limit."""
+    bandwidth_down: Bytes | None = None
+    """Bytes/s of downloads over all the user's sessions and protocols together; 0: no limit."""
+    transfer_up_daily: Bytes | None = None
+    """Bytes the user may upload per day (UTC); 0: no limit."""
+    transfer_down_daily: Bytes | None = None
+    """Bytes the user may download per day (UTC); 0: no limit."""
+    home_folders: list[str] | None = None
+    """Directories made in the home when the account is created and checked at each login."""
+    folders: dict[str, str] = {}
+    """Virtual folders: virtual path -> folder name (``[[folders]]`` or `scriptsftp folder add`).
+    Groups' mounts add up; the user's own entry for a path replaces a group's."""
+    password_max_age: Annotated[int, Field(ge=0)] | None = None
+    """Days a password stays valid after it is set; 0: forever (default: [accounts] password_max_age)."""
+
+    @field_validator("home_folders")
+    @classmethod
+    def _home_folders(cls, v: list[str] | None) -> list[str] | None:
+        return v if v is None else [_check_vpath(p) for p in v]
+
+    @field_validator("folders")
+    @classmethod
+    def _mounts(cls, v: dict[str, str]) -> dict[str, str]:
+        for vpath, name in v.items():
+            _check_vpath(vpath)
+            if vpath.rstrip("/") == "":
+                raise ValueError("a folder cannot be mounted at '/' (that is the home)")
+            if not FOLDER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid folder name")
+        return v
 
     @field_validator("permissions")
     @classmethod
@@ -329,7 +375,6 @@ class Group(_Access):
     name: Annotated[str, Field(min_length=1)]
 
 
-USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
 
 
 class User(_Access):
@@ -346,7 +391,11 @@ class User(_Access):
     max_sessions: Annotated[int, Field(ge=0)] = 0
     """0 = unlimited."""
     disabled: bool = False
+    disabled_reason: str = ""
+    """Shown to the client where the protocol carries it (FTP 530, HTTP 403) and in the log."""
     require_tls: bool = False
+    expires: datetime.date | datetime.datetime | None = None
+    """The account refuses logins from this date (00:00 UTC) or time on."""
 
     @field_validator("name")
     @classmethod
@@ -383,6 +432,64 @@ class User(_Access):
         return self
 
 
+class Folder(_Model):
+    """A directory outside every home, mounted into users' trees at a virtual path
+    (``folders = { "/shared" = "NAME" }`` on a user or group)."""
+
+    name: str
+    path: str
+    """The directory on the server; relative paths are relative to the config file."""
+    quota_size: Bytes = ByteSize(0)
+    """Bytes the folder may hold, over every user who mounts it; 0: no limit."""
+    quota_files: Annotated[int, Field(ge=0)] = 0
+    """Files the folder may hold; 0: no limit."""
+    permissions: dict[str, list[str]] = {}
+    """Permissions inside the folder, by path relative to its root ("/" is the folder
+    itself); a user's or group's own entry for a path below the mount point wins."""
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not FOLDER_NAME.match(v):
+            raise ValueError(f"{v!r} is not a valid folder name (letters, digits, _ . @ -; at most 64)")
+        return v
+
+    @field_validator("permissions")
+    @classmethod
+    def _perm(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        return _check_permissions(v)
+
+
+class AccountsSection(_Model):
+    """Where accounts beyond the file's ``[[users]]`` live, and the policies of all accounts."""
+
+    database: str = ""
+    """Empty: SQLite (accounts.sqlite3 in state_dir); or "postgresql://user@host/db"."""
+    watch_interval: Annotated[float, Field(gt=0, le=60)] = 0.5
+    """Seconds between the daemon's looks for account changes made by the CLI, the API or
+    another node (disabling a user ends their sessions within this time)."""
+    kick_on_disable: bool = True
+    """Disabling, expiring or deleting a user ends their open sessions."""
+    password_max_age: Annotated[int, Field(ge=0)] = 0
+    """Days a password stays valid after it is set, for users and groups that do not say; 0: forever."""
+    quota_thresholds: list[Annotated[int, Field(gt=0, le=100)]] = [80, 95]
+    """Percentages of a quota whose crossing raises the ``quota-threshold`` event."""
+    create_homes: bool = True
+    """Make a missing home (and its ``home_folders``) at account creation and at login."""
+    home_mode: Annotated[int, Field(ge=0, le=0o7777)] = 0o750
+    """Mode of homes and home_folders made by the server (TOML takes 0o750)."""
+    home_owner: str = ""
+    """User (name or uid) that owns the homes the server makes, when it runs as root; empty: the daemon's."""
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, v: str) -> str:
+        if v and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be empty (SQLite in state_dir) or a postgresql:// URL")
+        return v
+
+
 class Config(_Model):
     server: ServerSection = ServerSection()
     sftp: SftpSection = SftpSection()
@@ -394,6 +501,8 @@ class Config(_Model):
     scripts: ScriptsSection = ScriptsSection()
     notify: NotifySection = NotifySection()
     commands: dict[str, CommandSection] = {}
+    accounts: AccountsSection = AccountsSection()
+    folders: list[Folder] = []
     groups: list[Group] = []
     users: list[User] = []
     bindings: list[Binding] = []
@@ -490,6 +599,19 @@ def _cross_check(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
         if name in seen:
             problems.append((("groups", i, "name"), f"group {name!r} is defined twice"))
         seen.add(name)
+    folders: set[str] = set()
+    for i, folder in entries("folders"):
+        name = folder.get("name")
+        if isinstance(name, str):
+            if name in folders:
+                problems.append((("folders", i, "name"), f"folder {name!r} is defined twice"))
+            folders.add(name)
+    for section in ("groups", "users"):
+        for i, entry in entries(section):
+            mounts = entry.get("folders")
+            for vpath, folder_name in (mounts.items() if isinstance(mounts, dict) else ()):
+                if isinstance(folder_name, str) and folder_name not in folders:
+                    problems.append(((section, i, "folders", vpath), f"unknown folder {folder_name!r}"))
     users: set[str] = set()
     for i, user in entries("users"):
         name = user.get("name")
