@@ -46,6 +46,11 @@ from scriptsftp.server.ops.reload_plan import ReloadPlan, key_label, plan_reload
 from scriptsftp.server.core.staging import CHECKING, StagingRecords, discard_leftovers
 from scriptsftp.server.core.storage import LocalStorage, StorageOpener
 from scriptsftp.server.stores import StateStores
+from scriptsftp.server.stores.accounts_db import (
+    AccountDb, AccountError, DatabaseAccountSource, MergedAccountSource, file_names_of, name_conflicts,
+)
+from scriptsftp.server.stores.sql import redact_url
+from scriptsftp.server.ops.account_watch import AccountWatcher
 
 log = logging.getLogger("scriptsftp.daemon")
 
@@ -130,6 +135,9 @@ class Daemon:
         ensure_generated_passwords(cfg, _password_announcer(self.state_dir))
         # the state databases (staging, audit, bans, script store, outbox): SQLite in state_dir
         self.stores = StateStores(self.state_dir)
+        # accounts beyond the file's [[users]]: SQLite in state_dir, or PostgreSQL (after the
+        # SSH workers forked: a PostgreSQL pool runs threads)
+        self.account_db = _open_account_db(cfg)
         self.staging = StagingRecords(self.stores)
         # what a home is made of: a local directory (the one Storage there is); the core, the
         # publisher and the restart's cleanup all open homes through this one opener
@@ -155,7 +163,7 @@ class Daemon:
         self.publisher = Publisher(self.dispatch, self.staging, self._upload_policy(cfg), workers=m.scripts.workers,
                                    open_storage=self.open_storage)
         self.core = LoginCore(
-            TomlAccountSource.from_config(cfg),
+            self._account_source(cfg),
             self.dispatch,
             staging=self.staging,
             publisher=self.publisher,
@@ -169,6 +177,11 @@ class Daemon:
             defender=self.defender,
         )
         self.core.refusals = RefusalRecorder(self.audit)  # every refusal: an audit record
+        # changes made by the CLI, the API or another node reach open sessions within a tick
+        self.account_watch = AccountWatcher(
+            self.account_db, interval=lambda: self.cfg.model.accounts.watch_interval,
+            on_user=self._account_changed, on_any=self._accounts_changed)
+        self.core.on_login = self.account_watch.note_login
         self._set_engine(engine if engine is not None else self._make_engine(cfg, script_account))
         self.listeners: list[Listener] = []
         if m.sftp.enabled:
@@ -176,6 +189,30 @@ class Daemon:
         for name in FRONT_ENDS:
             if getattr(m, name).enabled:
                 self.listeners.append(self._front_end_listener(name))
+
+    def _account_source(self, cfg: LoadedConfig) -> MergedAccountSource:
+        """The file's users, then the database's; a name in both refuses the start or reload."""
+        conflicts = name_conflicts(cfg, self.account_db)
+        if conflicts:
+            raise ConfigError(conflicts)
+        return MergedAccountSource(TomlAccountSource.from_config(cfg), DatabaseAccountSource(self.account_db, cfg))
+
+    def _account_changed(self, name: str) -> None:
+        self._close_gone(self.core.account_changed(name))
+
+    def _accounts_changed(self) -> None:
+        """A group or folder changed: every connected user is read again."""
+        self._close_gone(self.core.replace_accounts(self.core.accounts))
+
+    def _close_gone(self, gone: list[Any]) -> None:
+        """End the sessions of users removed or disabled (unless ``[accounts] kick_on_disable``
+        is off: then they keep what they have until they leave)."""
+        if not self.cfg.model.accounts.kick_on_disable:
+            return
+        for conn in gone:
+            log.info("closing session of removed or disabled user %s", conn.user, extra={"sid": conn.id})
+            if conn.on_kick:
+                conn.on_kick("your account was removed or disabled")
 
     def _front_end_listener(self, name: str) -> Listener:
         """FTP and HTTP get the login core (their port) and their section; the admin API its
@@ -274,6 +311,7 @@ class Daemon:
             signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
             signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.put(True))
         self.engine.start()
+        self.account_watch.start()
         write_running(self.state_dir, self.cfg, self.pending_restart)
         rechecking = self.publisher.recheck([r for r in self.staging.leftovers() if r.state == CHECKING])
         if rechecking:
@@ -336,7 +374,13 @@ class Daemon:
             return False
         try:
             ensure_generated_passwords(plan.effective, _password_announcer(self.state_dir))
-            accounts = TomlAccountSource.from_config(plan.effective)
+            accounts = self._account_source(plan.effective)
+        except ConfigError as exc:
+            engine_commit(False)
+            for line in exc.problems:
+                log.error("reload refused: %s", line)
+            log.error("configuration not reloaded: the running configuration stays")
+            return False
         except BaseException:
             engine_commit(False)
             raise
@@ -370,11 +414,12 @@ class Daemon:
                 engine.close()
         return commit
 
-    def _apply(self, plan: ReloadPlan, accounts: TomlAccountSource) -> None:
+    def _apply(self, plan: ReloadPlan, accounts: MergedAccountSource) -> None:
         """Swap in a prepared reload: nothing here can refuse it any more."""
         cfg = plan.effective
+        self.account_db.file_names = file_names_of(cfg)
         gone = self.core.replace_accounts(accounts)
-        for conn in gone:
+        for conn in gone:  # a reload that removes a user from the file ends their sessions, always
             log.info("closing session of removed or disabled user %s", conn.user, extra={"sid": conn.id})
             if conn.on_kick:
                 conn.on_kick("your account was removed or disabled")
@@ -440,6 +485,8 @@ class Daemon:
                 listener.join(max(0.5, deadline - time.monotonic()))
         # background (async) upload checks: what does not finish in time is rechecked at the next start
         self.publisher.close(1.0)
+        self.account_watch.stop()
+        self.account_db.close()
         self.engine.close()
         self.staging.close()
         self.audit.close()
@@ -452,6 +499,18 @@ class Daemon:
     def _busy(self) -> bool:
         """True while any session has a file open (a transfer is running)."""
         return self.publisher.busy() or any(s.open_handles() for c in self.core.connections() for s in c.sessions)
+
+
+def _open_account_db(cfg: LoadedConfig) -> AccountDb:
+    """The account database, its schema brought up to date; a database that cannot be
+    opened stops the start with one line, as a bad configuration does."""
+    try:
+        return AccountDb.open(cfg)
+    except AccountError as exc:
+        raise ConfigError([f"{cfg.path}:1: [accounts] database: {exc}"]) from None
+    except Exception as exc:  # sqlite3.Error, psycopg's OperationalError, a pool timeout
+        where = cfg.model.accounts.database and redact_url(cfg.model.accounts.database) or "state_dir"
+        raise ConfigError([f"{cfg.path}:1: [accounts] database: cannot open {where}: {exc}"]) from None
 
 
 class AdminView:

@@ -40,7 +40,7 @@ import logging
 import secrets
 import threading
 import time
-from typing import Protocol
+from typing import Callable, Iterable, Protocol
 
 from scriptsftp.server.contract import events as ev
 from scriptsftp.server.contract.credentials import Credentials
@@ -52,7 +52,7 @@ from scriptsftp.server.contract.errors import (
 from scriptsftp.server.support import metrics
 from scriptsftp.server.support.config import DefenderSection
 from scriptsftp.server.support.logs import BoundedLog
-from scriptsftp.server.core.accounts import AccountSource
+from scriptsftp.server.core.accounts import AccountSource, UserRecord
 from scriptsftp.server.core.connections import Connection, ConnectionRegistry, kick_soon
 from scriptsftp.server.core.passwords import PasswordCache, PasswordVerifier
 from scriptsftp.server.core.publish import Publisher, UploadPolicy
@@ -135,6 +135,8 @@ class LoginCore:
         self.defender = defender
         #: where refused connects, logins and operations are recorded (the daemon's audit trail)
         self.refusals: RefusalSink | None = None
+        #: told the name of each user who logs in (the daemon dates last logins off this path)
+        self.on_login: Callable[[str], None] | None = None
         self.publisher = publisher
         #: where accounts come from; replaced whole on reload (:meth:`replace_accounts`)
         self.accounts = accounts
@@ -478,6 +480,8 @@ class LoginCore:
         """A login the decision allowed: log it, count it, raise ``post-login``."""
         log.info("login ok (%s)", method, extra=conn.log_context(user=conn.user))
         metrics.auth(conn.protocol, method, True)
+        if self.on_login is not None:
+            self.on_login(conn.user)
         if self.dispatcher.wants("post-login"):
             self.dispatcher.post(ev.PostLogin(
                 session_id=conn.id, protocol=conn.protocol, remote_ip=conn.remote_ip, user=conn.user,
@@ -521,11 +525,21 @@ class LoginCore:
         """A new account source (SIGHUP). Live sessions get the new permissions at once;
         connections of users removed or disabled are returned for closing."""
         self.accounts = accounts
+        return self._refresh(conn for conn in self.connections() if conn.user)
+
+    def account_changed(self, name: str) -> list[Connection]:
+        """One account changed in its source (the database, by the CLI, the API or another
+        node): its open sessions get the new definition at once (permissions, quotas, limits);
+        if it is gone or disabled, its connections are returned for closing."""
+        return self._refresh(conn for conn in self.connections() if conn.user == name)
+
+    def _refresh(self, conns: Iterable[Connection]) -> list[Connection]:
         gone = []
-        for conn in self.connections():
-            if not conn.user:
-                continue
-            rec = accounts.get(conn.user)
+        records: dict[str, UserRecord | None] = {}  # one read per user, not per connection
+        for conn in conns:
+            if conn.user not in records:
+                records[conn.user] = self.accounts.get(conn.user)
+            rec = records[conn.user]
             if rec is None or rec.disabled:
                 gone.append(conn)
                 continue

@@ -1,0 +1,203 @@
+"""One SQL database, SQLite or PostgreSQL, behind the same few calls.
+
+The account database runs the same statements on both engines: they are written
+with ``?`` placeholders and a handful of dialect words in braces (``{id}``,
+``{greatest}``), which :class:`Dialect` fills in. Work happens in transactions
+(:meth:`SqlDatabase.transaction`): SQLite's ``BEGIN IMMEDIATE`` takes the write lock
+at once (two writers never deadlock on an upgrade from read to write); PostgreSQL
+runs each transaction on a pooled connection.
+
+Connections are per thread for SQLite (WAL: readers run in parallel with the one
+writer) and from a bounded pool for PostgreSQL (a server process per connection is
+too dear to keep one per thread of a busy daemon).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+from scriptsftp.server.stores.sqlite import open_sqlite
+
+Row = tuple[Any, ...]
+
+
+class Cursor(Protocol):
+    """What a transaction offers: statements with ``?`` placeholders, rows as tuples."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> "Cursor": ...
+
+    def fetchone(self) -> Row | None: ...
+
+    def fetchall(self) -> list[Row]: ...
+
+    @property
+    def rowcount(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """The words that differ between the engines, by the name used in braces."""
+
+    name: str
+    words: dict[str, str]
+
+    def render(self, sql: str) -> str:
+        return sql.format(**self.words)
+
+
+SQLITE = Dialect("sqlite", {
+    "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    "greatest": "max",
+})
+POSTGRESQL = Dialect("postgresql", {
+    "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    "greatest": "GREATEST",
+})
+
+#: a password in a PostgreSQL URL, hidden in messages and logs
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
+def redact_url(url: str) -> str:
+    return _URL_PASSWORD.sub(r"\1***@", url)
+
+
+class SqlDatabase(Protocol):
+    dialect: Dialect
+
+    #: for messages: the file, or the URL without its password
+    where: str
+
+    def transaction(self) -> Any:
+        """A context manager yielding a :class:`Cursor`; commits on success, rolls back on error."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SqliteDatabase:
+    """A SQLite file; one connection per thread."""
+
+    dialect = SQLITE
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = str(path)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._connect()  # create the file now: a bad state_dir fails at start, not at first login
+
+    def _connect(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = open_sqlite(self.path, busy_timeout=10.0, private=True)
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+            with self._lock:
+                self._all.append(db)
+        return db
+
+    @contextmanager
+    def transaction(self) -> Iterator[Cursor]:
+        db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield _SqliteCursor(db.cursor())
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._all:
+                try:
+                    db.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+        self._local = threading.local()
+
+
+class _SqliteCursor:
+    def __init__(self, cur: sqlite3.Cursor) -> None:
+        self._cur = cur
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> "_SqliteCursor":
+        self._cur.execute(sql, tuple(params))
+        return self
+
+    def fetchone(self) -> Row | None:
+        row: Row | None = self._cur.fetchone()
+        return row
+
+    def fetchall(self) -> list[Row]:
+        return list(self._cur.fetchall())
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+
+class PostgresDatabase:
+    """A PostgreSQL database through psycopg 3, connections from a bounded pool."""
+
+    dialect = POSTGRESQL
+
+    def __init__(self, url: str, *, max_connections: int = 8, timeout: float = 10.0) -> None:
+        import psycopg
+        import psycopg_pool
+
+        self.where = redact_url(url)
+        # one plain connection first: an unreachable server or a refused login fails now with
+        # the server's own reason, not as a pool timeout some seconds later
+        psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
+        self._pool = psycopg_pool.ConnectionPool(
+            url, min_size=1, max_size=max_connections, timeout=timeout, open=False,
+            kwargs={"autocommit": False}, name="scriptsftp-accounts",
+        )
+        self._pool.open(wait=True, timeout=timeout)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Cursor]:
+        with self._pool.connection() as conn:  # commits at the end, rolls back on an exception
+            with conn.cursor() as cur:
+                yield _PostgresCursor(cur)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class _PostgresCursor:
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> "_PostgresCursor":
+        # "?" never appears in our statements except as a placeholder
+        self._cur.execute(sql.replace("%", "%%").replace("?", "%s"), tuple(params))
+        return self
+
+    def fetchone(self) -> Row | None:
+        row = self._cur.fetchone()
+        return None if row is None else tuple(row)
+
+    def fetchall(self) -> list[Row]:
+        return [tuple(r) for r in self._cur.fetchall()]
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cur.rowcount)
+
+
+def open_database(url: str, sqlite_path: Path) -> SqlDatabase:
+    """``url`` empty: the SQLite file; else a ``postgresql://`` URL."""
+    if url:
+        return PostgresDatabase(url)
+    return SqliteDatabase(sqlite_path)
