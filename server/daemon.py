@@ -198,11 +198,19 @@ class Daemon:
         return MergedAccountSource(TomlAccountSource.from_config(cfg), DatabaseAccountSource(self.account_db, cfg))
 
     def _account_changed(self, name: str) -> None:
+        self._accounts.forget(name)
         self._close_gone(self.core.account_changed(name))
 
     def _accounts_changed(self) -> None:
         """A group or folder changed: every connected user is read again."""
-        self._close_gone(self.core.replace_accounts(self.core.accounts))
+        self._accounts.forget()
+        self._close_gone(self.core.replace_accounts(self._accounts))
+
+    @property
+    def _accounts(self) -> MergedAccountSource:
+        accounts = self.core.accounts
+        assert isinstance(accounts, MergedAccountSource)  # what _account_source made
+        return accounts
 
     def _close_gone(self, gone: list[Any]) -> None:
         """End the sessions of users removed or disabled (unless ``[accounts] kick_on_disable``

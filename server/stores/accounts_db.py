@@ -22,6 +22,7 @@ transaction each, at start or by ``scriptsftp db upgrade``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from pydantic import BaseModel, ValidationError
 from scriptsftp.server.support.config import Folder, Group, LoadedConfig, User
 from scriptsftp.server.core.accounts import UserRecord, build_record
 from scriptsftp.server.stores.sql import Cursor, SqlDatabase, open_database
+
+log = logging.getLogger("scriptsftp.accounts")
 
 SQLITE_FILE = "accounts.sqlite3"
 DUMP_FORMAT = "scriptsftp-accounts"
@@ -757,16 +760,56 @@ def file_names_of(cfg: LoadedConfig) -> dict[str, dict[str, str]]:
 
 class DatabaseAccountSource:
     """The accounts of the database, as the login core reads them: one user by primary
-    key per login (with their groups and folders), so a change is seen by the next login."""
+    key (with their groups and folders), so a change is seen by the next login.
 
-    def __init__(self, db: AccountDb, cfg: LoadedConfig) -> None:
+    One login asks for its user several times (TLS, lock, password, decision, session);
+    a record read is kept for ``cache_seconds`` (at most the watch interval, and dropped
+    by :meth:`forget` when the change feed names the user), so a login costs one read
+    and a change is never seen later than the watcher sees it. Absent users are not kept:
+    a user just added logs in at once."""
+
+    def __init__(self, db: AccountDb, cfg: LoadedConfig, *, cache_seconds: float | None = None) -> None:
         self.db = db
         self._resolve: Callable[[str], Path] = cfg.resolve
         self._policy = cfg.model.accounts
         self._file_groups = {g.name: g for g in cfg.model.groups}
         self._file_folders = {f.name: f for f in cfg.model.folders}
+        self.cache_seconds = min(1.0, cfg.model.accounts.watch_interval) if cache_seconds is None else cache_seconds
+        self._cache: dict[str, tuple[float, UserRecord]] = {}
+        self._failing = False
+
+    def forget(self, name: str | None = None) -> None:
+        """Drop the kept record of ``name`` (every record: None)."""
+        if name is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(name, None)
 
     def get(self, name: str) -> UserRecord | None:
+        now = time.monotonic()
+        kept = self._cache.get(name)
+        if kept is not None and kept[0] > now:
+            return kept[1]
+        try:
+            rec = self._read(name)
+        except Exception as exc:  # the database is down: its users cannot log in, the file's still can
+            if not self._failing:
+                log.error("account database unavailable (%s): logins of its users fail until it is back: %s",
+                          self.db.db.where, exc)
+            self._failing = True
+            return None
+        if self._failing:
+            log.info("account database available again (%s)", self.db.db.where)
+            self._failing = False
+        if rec is None:
+            self._cache.pop(name, None)
+        else:
+            if len(self._cache) > 10000:
+                self._cache.clear()
+            self._cache[name] = (now + self.cache_seconds, rec)
+        return rec
+
+    def _read(self, name: str) -> UserRecord | None:
         stored = self.db.get_user(name)
         if stored is None:
             return None
@@ -803,6 +846,11 @@ class MergedAccountSource:
     def __init__(self, file: Any, database: DatabaseAccountSource | None) -> None:
         self.file = file
         self.database = database
+
+    def forget(self, name: str | None = None) -> None:
+        """The change feed named ``name`` (None: a group or folder): read it again next time."""
+        if self.database is not None:
+            self.database.forget(name)
 
     def get(self, name: str) -> UserRecord | None:
         rec: UserRecord | None = self.file.get(name)
