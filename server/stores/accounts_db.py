@@ -762,20 +762,22 @@ class DatabaseAccountSource:
     """The accounts of the database, as the login core reads them: one user by primary
     key (with their groups and folders), so a change is seen by the next login.
 
-    One login asks for its user several times (TLS, lock, password, decision, session);
-    a record read is kept for ``cache_seconds`` (at most the watch interval, and dropped
-    by :meth:`forget` when the change feed names the user), so a login costs one read
-    and a change is never seen later than the watcher sees it. Absent users are not kept:
-    a user just added logs in at once."""
+    One login asks for its user several times (TLS, lock, password, decision, session),
+    and building a record (validation, key parsing, the groups' and folders' reads) costs
+    more than the reads. So a record is kept with the change feed's last id at the time
+    it was read, and used again only while that id is still the last one: one indexed
+    ``max(id)`` per ask, and a change anywhere is seen by the very next ask. Absent users
+    are not kept."""
 
-    def __init__(self, db: AccountDb, cfg: LoadedConfig, *, cache_seconds: float | None = None) -> None:
+    MAX_KEPT = 10000
+
+    def __init__(self, db: AccountDb, cfg: LoadedConfig) -> None:
         self.db = db
         self._resolve: Callable[[str], Path] = cfg.resolve
         self._policy = cfg.model.accounts
         self._file_groups = {g.name: g for g in cfg.model.groups}
         self._file_folders = {f.name: f for f in cfg.model.folders}
-        self.cache_seconds = min(1.0, cfg.model.accounts.watch_interval) if cache_seconds is None else cache_seconds
-        self._cache: dict[str, tuple[float, UserRecord]] = {}
+        self._cache: dict[str, tuple[int, UserRecord]] = {}
         self._failing = False
 
     def forget(self, name: str | None = None) -> None:
@@ -786,11 +788,11 @@ class DatabaseAccountSource:
             self._cache.pop(name, None)
 
     def get(self, name: str) -> UserRecord | None:
-        now = time.monotonic()
-        kept = self._cache.get(name)
-        if kept is not None and kept[0] > now:
-            return kept[1]
         try:
+            version = self.db.last_change()
+            kept = self._cache.get(name)
+            if kept is not None and kept[0] == version:
+                return kept[1]
             rec = self._read(name)
         except Exception as exc:  # the database is down: its users cannot log in, the file's still can
             if not self._failing:
@@ -804,9 +806,9 @@ class DatabaseAccountSource:
         if rec is None:
             self._cache.pop(name, None)
         else:
-            if len(self._cache) > 10000:
+            if len(self._cache) >= self.MAX_KEPT:
                 self._cache.clear()
-            self._cache[name] = (now + self.cache_seconds, rec)
+            self._cache[name] = (version, rec)
         return rec
 
     def _read(self, name: str) -> UserRecord | None:
