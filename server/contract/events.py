@@ -41,10 +41,12 @@ class Event:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PathEvent(Event):
-    """Events about one file or directory: ``path`` is virtual (as the user sees it)."""
+    """Events about one file or directory: ``path`` is virtual (as the user sees it);
+    ``folder`` names the virtual folder it is in (empty in the home)."""
 
     path: str = ""
     size: int | None = None
+    folder: str = ""
 
 
 # --- connection and login -------------------------------------------------

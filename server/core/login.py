@@ -59,6 +59,7 @@ from scriptsftp.server.core.publish import Publisher, UploadPolicy
 from scriptsftp.server.core.session import HandleBudget, RefusalSink, Session
 from scriptsftp.server.core.staging import StagingRecords
 from scriptsftp.server.core.storage import LocalStorage, StorageOpener
+from scriptsftp.server.core.mounts import open_account_storage
 
 log = logging.getLogger("scriptsftp.login")
 
@@ -505,7 +506,7 @@ class LoginCore:
             dispatcher=self.dispatcher, staging=self.staging, uploads=self.uploads, max_handles=self.max_handles,
             publisher=self.publisher, tls=conn.tls, budget=self._budget(conn.user),
             on_close=lambda _session: self.registry.count_session(conn, -1),
-            storage=self.open_storage(conn.account.home),
+            storage=open_account_storage(self.open_storage, conn.account),
         )
         session.refusals = self.refusals
         conn.sessions.append(session)

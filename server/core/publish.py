@@ -420,7 +420,7 @@ class Publisher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-_COMMON = ("session_id", "protocol", "remote_ip", "user")
+_COMMON = ("session_id", "protocol", "remote_ip", "user", "folder")  # as the pre-publish had them
 
 
 def _common(data: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from scriptsftp.server.contract.dispatch import NullDispatcher
 from scriptsftp.server.core.storage import LocalStorage, StorageOpener
+from scriptsftp.server.core.mounts import open_account_storage
 from scriptsftp.server.core.publish import PendingIndex, Publisher
 from scriptsftp.server.core.session import Account, Session, UploadPolicy
 from scriptsftp.server.core.vfs import Access, normalize
@@ -78,7 +79,7 @@ class ScriptSessions:
             max_handles=SCRIPT_MAX_HANDLES,
             publisher=Publisher(NullDispatcher(), self.staging, self.uploads, pending=self.pending,
                                 open_storage=self.open_storage),
-            storage=self.open_storage(account.home),
+            storage=open_account_storage(self.open_storage, account),
         )
         s.script_name = script
         return s

@@ -49,6 +49,7 @@ from scriptsftp.server.core.publish import (
 )
 from scriptsftp.server.core.storage import Entry, LocalStorage, Storage, allocated_bytes, copy_fd, read_opener
 from scriptsftp.server.core.limits import Mount, Quota, Rates
+from scriptsftp.server.core.mounts import boundary_refusal, find_mount, folder_name, mounts_under
 from scriptsftp.server.core.vfs import Access, join, split
 from scriptsftp.server.support.fd_files import MAX_OFFSET as MAX_OFFSET
 from scriptsftp.server.support.fd_files import FdFile, FdReader, FdWriter
@@ -182,6 +183,9 @@ class Session:
         self.remote_ip = remote_ip
         self.dispatcher = dispatcher
         self.storage: Storage = storage if storage is not None else LocalStorage(account.home)
+        # the virtual folders the storage was opened with: a reload that changes the
+        # account's folders applies at its next login, never under an open session
+        self.mounts: tuple[Mount, ...] = account.folders
         self.staging = staging
         self.uploads = uploads or UploadPolicy()
         # shared by every session of the daemon: it knows which paths wait for an async check
@@ -202,6 +206,8 @@ class Session:
     # --- events -------------------------------------------------------------
 
     def _event(self, cls: type[AnyEvent], **fields: Any) -> AnyEvent:
+        if self.mounts and "path" in fields and issubclass(cls, ev.PathEvent):
+            fields["folder"] = folder_name(find_mount(self.mounts, split(str(fields["path"]))))
         return cls(
             session_id=self.id, protocol=self.protocol, remote_ip=self.remote_ip, user=self.user, **fields
         )
@@ -270,6 +276,27 @@ class Session:
             self.account.access.check_filters(real, vpath, metadata=permission == "list" and not on_self)
             self.account.access.require(permission, real if on_self else real[:-1], vpath)
 
+    def _pending_at(self, real: tuple[str, ...]) -> PendingUpload | None:
+        """The upload waiting for its async check at ``real``, keyed where it is published
+        (a virtual folder's root for a path in one, :meth:`Storage.locate`)."""
+        storage, inside = self.storage.locate(real)
+        return self.pending.get(storage.home, inside)
+
+    def _pending_in(self, directory: tuple[str, ...]) -> dict[str, PendingUpload]:
+        storage, inside = self.storage.locate(directory)
+        return self.pending.in_directory(storage.home, inside)
+
+    def _not_a_mount_point(self, parts: tuple[str, ...], path: str, what: str) -> None:
+        """A mount point, or a directory holding one, is not the user's to remove or move."""
+        if mounts_under(self.mounts, parts):
+            raise PermissionDenied(f"{path}: a virtual folder is mounted here; it cannot be {what}")
+
+    def _same_folder(self, a: tuple[str, ...], b: tuple[str, ...], path: str, what: str) -> None:
+        """Rename and link stay inside one folder (or the home): they are refused across a
+        boundary with a message, not failed half way by the filesystem (EXDEV)."""
+        if self.mounts and folder_name(find_mount(self.mounts, a)) != folder_name(find_mount(self.mounts, b)):
+            raise boundary_refusal(path, what)
+
     # --- read-only operations --------------------------------------------------
 
     def realpath(self, vpath: str) -> str:
@@ -284,7 +311,7 @@ class Session:
         if parts:
             self._require("list", parts, path, follow=follow)
         with fs_errors(path), self.storage.resolve(parts, follow=follow) as r:
-            pending = self.pending.get(self.storage.home, r.parts) if parts else None
+            pending = self._pending_at(r.parts) if parts else None
             st = pending_stat(pending) if pending is not None else self.storage.stat(r)
         return Entry(parts[-1] if parts else "/", st)
 
@@ -296,7 +323,7 @@ class Session:
         with fs_errors(path), self.storage.resolve(parts) as r:
             entries = self.storage.scandir(r)
             real = r.parts
-        pending = self.pending.in_directory(self.storage.home, real)
+        pending = self._pending_in(real)
         if pending:  # uploads waiting for an async check show with their uploaded size
             entries = [e for e in entries if e.name not in pending]
             entries += [Entry(name, pending_stat(u)) for name, u in pending.items()]
@@ -323,7 +350,7 @@ class Session:
             os.close(fd)
             raise from_oserror(exc, path) from None
         # uploads waiting for an async check show with their uploaded size, after the rest
-        pending = {name: upload for name, upload in self.pending.in_directory(self.storage.home, real).items()
+        pending = {name: upload for name, upload in self._pending_in(real).items()
                    if not self.account.access.hidden(real, name)}
         handle = DirHandle(self, path, real, fd, entries, pending)
         self._track(handle)
@@ -342,8 +369,8 @@ class Session:
         return join(target)
 
     def statvfs(self, vpath: str = "/") -> os.statvfs_result:
-        self._parts(vpath)
-        return self.storage.statvfs()
+        parts = self._parts(vpath)
+        return self.storage.locate(parts)[0].statvfs()
 
     # --- reading --------------------------------------------------------------
 
@@ -397,7 +424,7 @@ class Session:
             except FileNotFoundError:
                 st = None
             real = r.parts
-        if self.pending.get(self.storage.home, real) is not None:
+        if self._pending_at(real) is not None:
             raise PermissionDenied(f"{path}: the previous upload of this file is still being checked; "
                                    "try again shortly")
         exists = st is not None
@@ -411,7 +438,7 @@ class Session:
                 raise AlreadyExists(f"{path}: already exists")
             self._require("overwrite", parts, path, follow=True)
         kind = "append" if append else ("write" if truncate or not exists else "resume")
-        self.uploads.check_free_space(self.storage.statvfs(), path)
+        self.uploads.check_free_space(self.storage.locate(real)[0].statvfs(), path)
         self._pre(ev.PreUpload, path=path, size=st.st_size if st and not truncate else 0, mode=kind, exists=exists)
 
         flags = (os.O_RDWR if readable else os.O_WRONLY)
@@ -432,8 +459,9 @@ class Session:
         staging_name = self.storage.new_staging_name()
         directory = real[:-1]
         record_id = None
-        if self.staging is not None:
-            record_id = self.staging.add(self.user, str(self.storage.home), join(directory), staging_name, real[-1])
+        if self.staging is not None:  # recorded where it is published: a folder's root for a path in one
+            where, inside = self.storage.locate(directory)
+            record_id = self.staging.add(self.user, str(where.home), join(inside), staging_name, real[-1])
         fd = -1
         try:
             with self.storage.resolve(directory + (staging_name,), follow=False) as r:
@@ -460,7 +488,7 @@ class Session:
         with self.storage.resolve(real, follow=False) as r:
             src = self.storage.open_file(r, os.O_RDONLY)
         try:
-            self.uploads.check_free_space(self.storage.statvfs(), path, need=allocated_bytes(src))
+            self.uploads.check_free_space(self.storage.locate(real)[0].statvfs(), path, need=allocated_bytes(src))
             copy_fd(src, fd)
         finally:
             os.close(src)
@@ -470,7 +498,7 @@ class Session:
 
     def _not_pending(self, real: tuple[str, ...], path: str) -> None:
         """An upload waiting for its async check is not there yet for download, rename or delete."""
-        if self.pending.get(self.storage.home, real) is not None:
+        if self._pending_at(real) is not None:
             raise NotFound(f"{path}: no such file")
 
     # --- namespace operations ---------------------------------------------------
@@ -495,6 +523,7 @@ class Session:
         if not parts:
             raise PermissionDenied("/: cannot remove the home directory")
         self._require("rmdir", parts, path)
+        self._not_a_mount_point(parts, path, "removed")
         with fs_errors(path), self.storage.resolve(parts, follow=False) as r:
             if not statmod.S_ISDIR(self.storage.stat(r).st_mode):
                 raise NotADirectory(f"{path}: not a directory")
@@ -534,12 +563,15 @@ class Session:
             raise InvalidPath(f"{dst}: cannot move a directory into itself")
         self._require("rename", src_parts, src)
         self._require("rename", dst_parts, dst)
+        self._not_a_mount_point(src_parts, src, "renamed")
+        self._not_a_mount_point(dst_parts, dst, "replaced")
+        self._same_folder(src_parts, dst_parts, src, "rename")
         with fs_errors(src):
             with self.storage.resolve(src_parts, follow=False) as r:
                 self._not_pending(r.parts, src)
                 src_st = self.storage.stat(r)
             with self.storage.resolve(dst_parts, follow=False) as r:
-                if self.pending.get(self.storage.home, r.parts) is not None:
+                if self._pending_at(r.parts) is not None:
                     raise PermissionDenied(f"{dst}: an upload to this name is still being checked")
                 try:
                     dst_st: os.stat_result | None = self.storage.stat(r)
@@ -633,7 +665,9 @@ class Session:
         self._require("symlink", link_parts, link)
         target_parts = split(target_vpath, join(link_parts[:-1]))
         self.account.access.check_filters(target_parts, join(target_parts))
-        host_target = os.path.join(str(self.storage.home), *target_parts)
+        self._same_folder(link_parts, target_parts, link, "link")
+        where, inside = self.storage.locate(target_parts)  # stored as a path in the folder it points into
+        host_target = os.path.join(str(where.home), *inside)
         with fs_errors(link), self.storage.resolve(link_parts, follow=False) as r:
             self.storage.symlink(host_target, r)
         self._log("symlink", link, "ok", target=join(target_parts))
@@ -826,7 +860,7 @@ class WriteHandle(FileHandle, FdWriter):
         reserve. A failure poisons the upload like a failed write."""
         self._check_usable()
         s = self.session
-        s.uploads.check_free_space(s.storage.statvfs(), self.path, need=allocated_bytes(src))
+        s.uploads.check_free_space(s.storage.locate(self.real)[0].statvfs(), self.path, need=allocated_bytes(src))
         try:
             copy_fd(src, self.fd, deadline=deadline)
         except OSError as exc:
@@ -865,7 +899,8 @@ class WriteHandle(FileHandle, FdWriter):
         session's (the publisher logs only what it decides after the client was answered)."""
         s = self.session
         assert self.staging_name is not None
-        upload = StagedUpload(s.storage, s.user, self.path, self.real, self.staging_name, self.record_id,
+        where, inside = s.storage.locate(self.real)  # published in the folder that holds it
+        upload = StagedUpload(where, s.user, self.path, inside, self.staging_name, self.record_id,
                               self.existed, size)
         event = s._event(ev.PrePublish, path=self.path, size=size, exists=self.existed)
         try:

@@ -78,6 +78,13 @@ class Storage(Protocol):
         (an async pre-publish check); the caller closes it."""
         ...
 
+    def locate(self, parts: tuple[str, ...]) -> tuple["Storage", tuple[str, ...]]:
+        """The storage that holds ``parts`` and the parts within it: this one for a plain
+        home, a virtual folder's own for a path in one (core/mounts.py). Uploads are staged
+        and published there, and pending ones keyed by its ``home``, so the rename stays on
+        one filesystem and every user who mounts a folder sees the same pending files."""
+        ...
+
     def resolve(self, parts: tuple[str, ...], follow: bool = True) -> Resolved:
         """Open the parent of ``parts`` (symlinks inside the home followed, the final one
         only when ``follow``); a context manager that closes it again."""
@@ -206,6 +213,9 @@ class LocalStorage:
             return os.dup(self._home_fd)
 
     # --- resolution -------------------------------------------------------
+
+    def locate(self, parts: tuple[str, ...]) -> tuple["LocalStorage", tuple[str, ...]]:
+        return self, parts
 
     def resolve(self, parts: tuple[str, ...], follow: bool = True) -> Resolved:
         """Open the parent directory of ``parts``; follow a final symlink when ``follow``.
