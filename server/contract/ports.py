@@ -270,6 +270,12 @@ class LocalSessionPort(SessionPort[W], Protocol[W]):
     @property
     def account(self) -> AccountView: ...
 
+    def check_removable(self, vpath: str) -> None:
+        """Raise what :meth:`rmdir` would refuse whatever the directory holds (the home, a
+        virtual folder's mount point or a directory holding one): a tree delete asks first,
+        so it never empties what it could not remove."""
+        ...
+
 
 class CorePort(Protocol[C, S]):
     """A connection's way through the core, as every front end sees it.

@@ -533,6 +533,17 @@ class Session:
         self._log("rmdir", path, "ok")
         self._post(ev.PostRmdir, path=path)
 
+    @_refusals_recorded("rmdir")
+    def check_removable(self, vpath: str) -> None:
+        """What :meth:`rmdir` refuses however empty the directory: asked by a tree delete
+        (WebDAV DELETE, a MOVE over a collection) before it removes anything, so a shared
+        folder is never emptied by a request that could not remove it anyway."""
+        parts = split(vpath)
+        path = join(parts)
+        if not parts:
+            raise PermissionDenied("/: cannot remove the home directory")
+        self._not_a_mount_point(parts, path, "removed")
+
     @_refusals_recorded("delete")
     def remove(self, vpath: str) -> None:
         parts = self._parts(vpath)

@@ -179,6 +179,9 @@ def test_mount_points_cannot_be_removed_or_moved(world: World) -> None:
                     (lambda: s.rmdir("/a"), PermissionDenied),  # would pull the deep mount's parent away
                     (lambda: s.rename("/shared", "/elsewhere"), PermissionDenied),
                     (lambda: s.rename("/a", "/z"), PermissionDenied),
+                    (lambda: s.check_removable("/shared"), PermissionDenied),  # a tree delete asks first
+                    (lambda: s.check_removable("/a"), PermissionDenied),
+                    (lambda: s.check_removable("/"), PermissionDenied),
                     (lambda: s.mkdir("/shared"), AlreadyExists),
                     (lambda: s.remove("/shared"), IsADirectory)):
         with pytest.raises(exc):
@@ -188,6 +191,8 @@ def test_mount_points_cannot_be_removed_or_moved(world: World) -> None:
         s.rename("/over.txt", "/shared", overwrite=True)
     assert (world.team / "keep.txt").read_text() == "keep" and (world.home / "over.txt").exists()
     assert world.dispatcher.names().count("pre-rmdir") == 0
+    s.mkdir("/shared/sub")
+    s.check_removable("/shared/sub")  # inside the folder: an ordinary directory
 
 
 def test_rename_and_link_across_a_boundary_are_refused_with_a_message(world: World) -> None:

@@ -437,6 +437,7 @@ def delete_tree(session: HttpSession, vpath: str) -> list[tuple[str, FsError]]:
     entry = session.stat(vpath, follow=False)
     errors: list[tuple[str, FsError]] = []
     if entry.is_dir:
+        session.check_removable(vpath)  # a virtual folder is refused before it is emptied
         _delete_dir(session, session.realpath(vpath), errors)
     else:
         session.remove(vpath)
