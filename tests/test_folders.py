@@ -353,3 +353,114 @@ def test_http_write_corpus_through_a_folder(world, untouched, path):
         r = request(d, method, where, body, headers)
         assert r.status >= 400, (method, where, headers, r.status, r.body[:200])
     assert not (outside / "evil.txt").exists()
+
+
+# --- staging, async checks, a crash, quarantine and api.fs in a folder ----------------------------------
+
+CHECK = """
+import time
+
+HOLD = {hold}
+
+def on_pre_publish(event, api):
+    end = time.time() + HOLD
+    while time.time() < end:
+        pass
+    if b"VIRUS" in api.file.read(65536):
+        api.veto("infected: " + event.path)
+
+def on_post_upload(event, api):
+    if not event.path.endswith(".in"):
+        return
+    api.fs.copy(event.path, event.path + ".copy")
+    try:
+        api.fs.move(event.path, "/moved-out.txt")
+    except PermissionError as exc:
+        api.log("move refused: " + str(exc))
+"""
+
+
+def _checked_daemon(daemons, alice_key, bob_key, mode: str, hold: float, uploads: str = ""):
+    (daemons.root / "scripts").mkdir(parents=True, exist_ok=True)
+    (daemons.root / "scripts" / "check.py").write_text(CHECK.format(hold=hold))
+    binds = f"""
+[[bindings]]
+event = "pre-publish"
+script = "check.py"
+mode = "{mode}"
+allow = ["read"]
+timeout = {hold + 20}
+cpu_time = {hold + 10}
+
+[[bindings]]
+event = "post-upload"
+script = "check.py"
+allow = ["fs"]
+"""
+    users = (user_toml("alice", keys=[alice_key], folders='{ "/shared" = "team" }')
+             + user_toml("bob", keys=[bob_key], folders='{ "/team" = "team" }'))
+    folders = '\n[[folders]]\nname = "team"\npath = "folders/team"\npermissions = { "/" = ["*"] }\n'
+    return daemons.start(binds + (f"\n[uploads]\n{uploads}\n" if uploads else "") + folders, users=users)
+
+
+def _staged(directory: Path) -> list[str]:
+    return [n for n in os.listdir(directory) if n.startswith(STAGING)] if directory.exists() else []
+
+
+def test_async_check_in_a_folder_is_pending_for_every_user_and_rechecked_after_a_crash(daemons, alice_key, bob_key):
+    d = _checked_daemon(daemons, alice_key, bob_key, "async", hold=30.0)  # no verdict in this run
+    team = daemons.root / "folders" / "team"
+    alice = paramiko_client(d, "alice", key=alice_key)
+    bob = paramiko_client(d, "bob", key=bob_key)
+    try:
+        mark = len(d.lines)
+        sftp_put(alice, "/shared/late.txt", b"clean data\n")  # answered before the verdict
+        d.wait_log(r"publish /shared/late\.txt checking", start=mark)
+        # pending in the folder, for bob as well: its size shows, its bytes do not
+        assert bob.stat("/team/late.txt").st_size == len(b"clean data\n")
+        assert "late.txt" in bob.listdir("/team")
+        with pytest.raises(FileNotFoundError):
+            bob.open("/team/late.txt").read()
+        with pytest.raises(PermissionError, match="still being checked"):
+            sftp_put(bob, "/team/late.txt", b"bob's")
+    finally:
+        d.kill()
+        for c in (alice, bob):
+            c.get_channel().get_transport().close()
+    assert not (team / "late.txt").exists() and len(_staged(team)) == 1  # staged in the folder ...
+    assert _staged(d.home("alice")) == []  # ... never in the home
+    (daemons.root / "scripts" / "check.py").write_text(CHECK.format(hold=0.0))
+    d2 = daemons.start(config=d.config)
+    d2.wait_log(r"checking again 1 upload\(s\)")
+    d2.wait_log(r"publish /shared/late\.txt ok", timeout=60)
+    assert (team / "late.txt").read_bytes() == b"clean data\n"
+    assert _staged(team) == []
+
+
+def test_vetoed_upload_in_a_folder_goes_to_quarantine(daemons, alice_key, bob_key):
+    d = _checked_daemon(daemons, alice_key, bob_key, "sync", hold=0.0, uploads='quarantine = "quarantine"')
+    team = daemons.root / "folders" / "team"
+    alice = paramiko_client(d, "alice", key=alice_key)
+    try:
+        with pytest.raises(PermissionError, match="infected: /shared/bad.txt"):
+            sftp_put(alice, "/shared/bad.txt", b"VIRUS inside")
+    finally:
+        close_client(alice)
+    assert not (team / "bad.txt").exists() and _staged(team) == []
+    [kept] = os.listdir(daemons.root / "quarantine" / "alice")
+    assert (daemons.root / "quarantine" / "alice" / kept).read_bytes() == b"VIRUS inside"
+
+
+def test_api_fs_works_in_a_folder_and_stops_at_its_boundary(daemons, alice_key, bob_key):
+    d = _checked_daemon(daemons, alice_key, bob_key, "sync", hold=0.0)
+    team = daemons.root / "folders" / "team"
+    alice = paramiko_client(d, "alice", key=alice_key)
+    mark = len(d.lines)
+    try:
+        sftp_put(alice, "/shared/report.in", b"payload")
+    finally:
+        close_client(alice)
+    d.wait_log(r"check\.py: move refused: .*across a virtual folder boundary", start=mark, timeout=30)
+    assert (team / "report.in.copy").read_bytes() == b"payload"  # a copy inside the folder
+    assert (team / "report.in").read_bytes() == b"payload"  # the move out was refused
+    assert not (d.home("alice") / "moved-out.txt").exists()
