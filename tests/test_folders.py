@@ -61,6 +61,7 @@ def world(module_daemons, alice_key, bob_key, password_hashes):
     (root / "folders").mkdir()
     plant_hostile_home(root / "folders" / "hostile", outside, SECRET, MARKER)
     os.symlink(str(root / "folders" / "hostile" / "sub"), root / "folders" / "hostile" / "abs_inside")
+    (root / "folders" / "team").mkdir()
     (root / "scripts").mkdir(parents=True, exist_ok=True)
     (root / "scripts" / "rec.py").write_text(RECORD)
     binds = "".join(f'\n[[bindings]]\nevent = "{e}"\nscript = "rec.py"\nfunction = "record"\n' for e in RECORDED)
@@ -191,6 +192,20 @@ def test_http_and_webdav_in_a_folder(d, team):
     assert (team / name / "w.txt").read_bytes() == b"over http"
     assert (team / name / "c.txt").read_bytes() == b"over http"
     assert not (d.home("alice") / "w.txt").exists()
+
+
+def test_client_killed_mid_upload_in_a_folder_leaves_the_old_version(d, team, alice_key):
+    name = f"{fresh()}.bin"
+    (team / name).write_bytes(b"version 1")
+    client = paramiko_client(d, "alice", key=alice_key)
+    mark = len(d.lines)
+    f = client.open(f"/shared/{name}", "w")
+    f.write(os.urandom(300_000))
+    f.flush()
+    client.get_channel().get_transport().close()  # gone mid-upload, no CLOSE
+    d.wait_log(rf"upload /shared/{re.escape(name)} aborted", start=mark, timeout=30)
+    assert (team / name).read_bytes() == b"version 1"
+    assert not any(p.name.startswith(STAGING) for p in team.iterdir())
 
 
 # --- shared between users ----------------------------------------------------------------------------

@@ -342,3 +342,34 @@ def test_a_closed_session_opens_no_folder(world: World) -> None:
     assert isinstance(s.storage, MountedStorage)
     with pytest.raises(FsError):
         s.storage.locate(("shared", "x"))
+
+
+def test_the_disk_reserve_is_checked_on_the_folders_filesystem(world: World) -> None:
+    """A folder may sit on another disk than the home: an upload there is refused when
+    that disk is nearly full, and one in the home is not."""
+    from scriptsftp.server.contract.errors import NoSpace
+
+    world.policy.min_free_space = 1 << 20
+    s = world.session()
+    folder, _ = s.storage.locate(("shared", "x"))
+    real = folder.statvfs()
+    full = os.statvfs_result((real.f_bsize, real.f_frsize, real.f_blocks, 0, 0, real.f_files, real.f_ffree,
+                              real.f_favail, real.f_flag, real.f_namemax))
+    folder.statvfs = lambda: full  # type: ignore[method-assign]
+    with pytest.raises(NoSpace, match="nearly full"):
+        s.open_write("/shared/big.bin")
+    assert s.statvfs("/shared").f_bavail == 0 and s.statvfs("/").f_bavail > 0
+    put(s, "/home.bin", b"fits")
+    assert os.listdir(world.team) == []
+
+
+def test_an_aborted_upload_in_a_folder_leaves_nothing(world: World) -> None:
+    s = world.session()
+    put(s, "/shared/keep.txt", b"old")
+    h = s.open_write("/shared/keep.txt")
+    h.write(0, b"new and half")
+    h.abort("connection lost")
+    assert os.listdir(world.team) == ["keep.txt"] and (world.team / "keep.txt").read_bytes() == b"old"
+    assert world.staging.leftovers() == []
+    failed = [e for e in world.dispatcher.events if e.name == "upload-failed"]
+    assert [(e.path, e.folder) for e in failed] == [("/shared/keep.txt", "team")]  # type: ignore[attr-defined]
