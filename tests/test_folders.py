@@ -370,6 +370,36 @@ def test_http_write_corpus_through_a_folder(world, untouched, path):
     assert not (outside / "evil.txt").exists()
 
 
+# --- a folder from the account database -----------------------------------------------------------------
+
+
+def test_a_folder_in_the_database_is_mounted_at_the_next_login(daemons, alice_key):
+    """Made while the daemon runs (as `scriptsftp folder add` and `user add` would): no reload."""
+    from scriptsftp.server.stores.accounts_db import AccountDb
+    from scriptsftp.server.stores.sql import SqliteDatabase
+    from scriptsftp.server.support.config import Folder, User
+
+    d = daemons.start()
+    drop = daemons.root / "drop"
+    db = AccountDb(SqliteDatabase(daemons.root / "state" / "accounts.sqlite3"))
+    try:
+        db.add_folder(Folder(name="drop", path=str(drop), permissions={"/": ["list", "upload"]}), "test")
+        db.add_user(User.model_validate({"name": "carol", "home": str(daemons.root / "homes" / "carol"),
+                                         "public_keys": [alice_key.public_line], "permissions": {"/": ["*"]},
+                                         "folders": {"/drop": "drop"}}, strict=False), "test")
+        carol = paramiko_client(d, "carol", key=alice_key)
+        try:
+            assert "drop" in carol.listdir("/")
+            sftp_put(carol, "/drop/in.csv", b"1,2\n")
+            with pytest.raises(PermissionError):
+                carol.open("/drop/in.csv").read()  # the folder's permissions: upload, no download
+        finally:
+            close_client(carol)
+    finally:
+        db.close()
+    assert (drop / "in.csv").read_bytes() == b"1,2\n"
+
+
 # --- staging, async checks, a crash, quarantine and api.fs in a folder ----------------------------------
 
 CHECK = """
