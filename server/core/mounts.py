@@ -15,7 +15,8 @@ A mount behaves like a bind mount that no path crosses except by its name:
   refused like one that leaves the home (what lies under a mount point in the storage
   below is shadowed and never reachable).
 - A mount point shows as a directory in its parent's listing, whether or not the storage
-  below has an entry of that name (the entry it would shadow is left out). The parents
+  below has an entry of that name (the entry it would shadow is left out); a directory
+  reached through a link shows none, as the mount is not reachable that way. The parents
   of a deep mount point (``/a/b`` of ``/a/b/shared``) are made when the storage opens.
 - Rename and link across a boundary, and removing or renaming a mount point or a
   directory above one, are refused by the Session (:func:`mounts_under`) with a message
@@ -103,13 +104,15 @@ class MountedResolved(Resolved):
     ``parts`` are virtual from the user's root; ``inner`` is what ``owner`` resolved (its
     parts relative to its own root) and what the operation is handed."""
 
-    __slots__ = ("inner", "owner", "mount")
+    __slots__ = ("inner", "owner", "mount", "named")
 
-    def __init__(self, inner: Resolved, owner: Storage, mount: Mount | None, parts: tuple[str, ...]) -> None:
+    def __init__(self, inner: Resolved, owner: Storage, mount: Mount | None, parts: tuple[str, ...],
+                 named: tuple[str, ...]) -> None:
         super().__init__(inner.dir_fd, inner.name, parts)
         self.inner = inner
         self.owner = owner
         self.mount = mount
+        self.named = named  # as the client named it: ``parts`` differ when a link was followed
 
     def __exit__(self, *exc: object) -> None:
         self.inner.__exit__(*exc)
@@ -174,7 +177,7 @@ class MountedStorage:
         if find_mount(self.mounts, real) is not mount:
             inner.__exit__(None, None, None)
             raise NotFound(f"{join(parts)}: symbolic link points across a virtual folder boundary")
-        return MountedResolved(inner, owner, mount, real)
+        return MountedResolved(inner, owner, mount, real, parts)
 
     def host_to_virtual(self, target: str, base: tuple[str, ...]) -> tuple[str, ...] | None:
         mount = find_mount(self.mounts, base)
@@ -193,16 +196,20 @@ class MountedStorage:
 
     # --- listings: mount points show in their parents -------------------------------
 
-    def _mount_entries(self, directory: tuple[str, ...]) -> list[Entry]:
-        """The mount points directly in ``directory``, each with its folder root's stat."""
+    def _mount_entries(self, r: MountedResolved) -> list[Entry]:
+        """The mount points directly in the directory ``r``, each with its folder root's stat.
+        None in a directory reached through a link: the mounts are not reachable that way."""
         out: dict[str, Entry] = {}
+        directory = r.parts
+        if r.named != directory:
+            return []
         n = len(directory)
         for mount in self.mounts:
             if len(mount.vpath) != n + 1 or mount.vpath[:n] != directory or mount.vpath[-1] in out:
                 continue
             try:
-                with self.resolve(mount.vpath) as r:
-                    out[mount.vpath[-1]] = Entry(mount.vpath[-1], self.stat(r))
+                with self.resolve(mount.vpath) as root:
+                    out[mount.vpath[-1]] = Entry(mount.vpath[-1], self.stat(root))
             except (OSError, Failure, NotFound) as exc:
                 log.warning("virtual folder %s (%s) unavailable: %s", mount.folder, mount.root, exc)
         return list(out.values())
@@ -210,7 +217,7 @@ class MountedStorage:
     def scandir(self, r: Resolved) -> list[Entry]:
         m = self._of(r)
         entries = m.owner.scandir(m.inner)
-        extra = self._mount_entries(r.parts)
+        extra = self._mount_entries(m)
         if not extra:
             return entries
         shadowed = {e.name for e in extra}
@@ -219,7 +226,7 @@ class MountedStorage:
     def open_dir_fd(self, r: Resolved) -> int:
         m = self._of(r)
         fd = m.owner.open_dir_fd(m.inner)
-        extra = self._mount_entries(r.parts)
+        extra = self._mount_entries(m)
         with self._lock:  # a reused descriptor number replaces a listing that ended unread
             self._listings[fd] = _Listing(m.owner, extra, frozenset(e.name for e in extra))
         return fd

@@ -373,3 +373,18 @@ def test_an_aborted_upload_in_a_folder_leaves_nothing(world: World) -> None:
     assert world.staging.leftovers() == []
     failed = [e for e in world.dispatcher.events if e.name == "upload-failed"]
     assert [(e.path, e.folder) for e in failed] == [("/shared/keep.txt", "team")]  # type: ignore[attr-defined]
+
+
+def test_a_directory_reached_through_a_link_shows_no_mount_points(world: World) -> None:
+    """A mount is reached by its own path only: a home link to its parent lists the home's
+    directory as it is, and the mount point's name through the link is not the folder."""
+    (world.team / "t.txt").write_text("t")
+    os.symlink(str(world.home / "a" / "b"), world.home / "ab")
+    s = world.session()
+    assert [e.name for e in s.listdir("/a/b")] == ["deep"]
+    assert s.listdir("/ab") == []
+    h = s.opendir("/ab")
+    assert h.read(10) == []
+    h.close()
+    with pytest.raises(NotFound):
+        s.listdir("/ab/deep")
