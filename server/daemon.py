@@ -33,6 +33,7 @@ from scriptsftp.server.contract.scripting import NullEngine, ScriptEngineLifecyc
 from scriptsftp.server.core.script_files import ScriptSessions
 from scriptsftp.server.support.keys import ensure_host_keys, fingerprint, load_host_key
 from scriptsftp.server.core.accounts import TomlAccountSource
+from scriptsftp.server.core.homes import HomePolicy
 from scriptsftp.server.core.login import LoginCore
 from scriptsftp.server.core.passwords import ensure_generated_passwords
 from scriptsftp.server.core.publish import UploadPolicy
@@ -182,6 +183,7 @@ class Daemon:
             self.account_db, interval=lambda: self.cfg.model.accounts.watch_interval,
             on_user=self._account_changed, on_any=self._accounts_changed)
         self.core.on_login = self.account_watch.note_login
+        self._apply_account_policy(cfg)
         self._set_engine(engine if engine is not None else self._make_engine(cfg, script_account))
         self.listeners: list[Listener] = []
         if m.sftp.enabled:
@@ -198,29 +200,21 @@ class Daemon:
         return MergedAccountSource(TomlAccountSource.from_config(cfg), DatabaseAccountSource(self.account_db, cfg))
 
     def _account_changed(self, name: str) -> None:
+        """The change feed named ``name``: the core reads it again and ends its sessions if
+        it is gone, disabled or expired (``[accounts] kick_on_disable``)."""
         self._accounts.forget(name)
-        self._close_gone(self.core.account_changed(name))
+        self.core.account_changed(name)
 
     def _accounts_changed(self) -> None:
         """A group or folder changed: every connected user is read again."""
         self._accounts.forget()
-        self._close_gone(self.core.replace_accounts(self._accounts))
+        self.core.accounts_changed()
 
     @property
     def _accounts(self) -> MergedAccountSource:
         accounts = self.core.accounts
         assert isinstance(accounts, MergedAccountSource)  # what _account_source made
         return accounts
-
-    def _close_gone(self, gone: list[Any]) -> None:
-        """End the sessions of users removed or disabled (unless ``[accounts] kick_on_disable``
-        is off: then they keep what they have until they leave)."""
-        if not self.cfg.model.accounts.kick_on_disable:
-            return
-        for conn in gone:
-            log.info("closing session of removed or disabled user %s", conn.user, extra={"sid": conn.id})
-            if conn.on_kick:
-                conn.on_kick("your account was removed or disabled")
 
     def _front_end_listener(self, name: str) -> Listener:
         """FTP and HTTP get the login core (their port) and their section; the admin API its
@@ -334,6 +328,7 @@ class Daemon:
         """Block until SIGTERM/SIGINT (call :meth:`start` first, which installs the handlers); SIGHUP reloads."""
         while not self.stopping.is_set():
             self._trim_tick()
+            self.core.end_expired()  # an account that expires while connected is ended within 0.5 s
             try:
                 self._reload_requested.get(timeout=0.5)
             except queue.Empty:
@@ -467,11 +462,18 @@ class Daemon:
         self.core.failure_delay = m.server.login_failure_delay
         self.core.preauth_timeout = m.server.preauth_timeout  # FTP, HTTP: new connections on
         self.core.max_handles_per_user = m.server.max_handles_per_user
+        self._apply_account_policy(cfg)
         self.audit.retention_days = m.server.audit_retention_days
         self.audit.max_bytes = int(m.server.audit_max_mb * 1024 * 1024)
         for listener in self.listeners:
             if isinstance(listener, Reconfigurable):
                 listener.reconfigure(getattr(m, listener.name))
+
+    def _apply_account_policy(self, cfg: LoadedConfig) -> None:
+        """``[accounts] kick_on_disable``, ``create_homes``, ``home_mode``, ``home_owner``."""
+        a = cfg.model.accounts
+        self.core.kick_on_disable = a.kick_on_disable
+        self.core.homes = HomePolicy(create=a.create_homes, mode=a.home_mode, owner=a.home_owner)
 
     def shutdown(self) -> None:
         grace = self.cfg.model.server.grace_period

@@ -72,7 +72,7 @@ def test_disabling_a_user_ends_their_open_session_and_edits_apply_to_it(daemons:
         assert refused, "the permission change did not reach the open session"
         start = len(daemon.lines)
         db.set_disabled("carol", True, "contract ended", "test")
-        daemon.wait_log(r"closing session of removed or disabled user carol", timeout=5, start=start)
+        daemon.wait_log(r"closing session of carol: account disabled: contract ended", timeout=5, start=start)
         deadline = time.monotonic() + 5
         while transport.is_active() and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -44,6 +44,8 @@ class Connection:
     tls: bool = False
     #: sessions (SSH channels; one for FTP and HTTP) open now: see LoginCore.open_session
     open_sessions: int = 0
+    #: when the account logged in here expires (epoch; None: never): LoginCore.end_expired
+    expires: float | None = None
 
     def log_context(self, **more: object) -> dict[str, object]:
         ctx: dict[str, object] = {"sid": self.id, "proto": self.protocol, "ip": self.remote_ip, **more}

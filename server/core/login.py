@@ -13,8 +13,10 @@ steps, in this order, for every protocol:
 2. prove: an address banned meanwhile, a user whose password logins are locked,
    an unknown user, a wrong password: :class:`BadCredentials` (logged, scored by
    the defender, ``login-failed`` raised, the failure delay as ``wait``);
-3. decide: banned address, account disabled, protocol and allowed networks, the
-   ``pre-login`` scripts, ``max_sessions``: :class:`LoginRefused` with the reason;
+3. decide: banned address, the account's state (disabled with its reason, expired,
+   a password past its max age for a password login: :mod:`.account_policy`), protocol
+   and allowed networks, the ``pre-login`` scripts, the home (made or checked:
+   :mod:`.homes`), ``max_sessions``: :class:`LoginRefused` with the reason;
 4. the Session is opened;
 5. announce: the ``login ok`` line, the metric and ``post-login``, none of which
    can refuse the login any more.
@@ -40,7 +42,7 @@ import logging
 import secrets
 import threading
 import time
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Protocol
 
 from scriptsftp.server.contract import events as ev
 from scriptsftp.server.contract.credentials import Credentials
@@ -52,8 +54,10 @@ from scriptsftp.server.contract.errors import (
 from scriptsftp.server.support import metrics
 from scriptsftp.server.support.config import DefenderSection
 from scriptsftp.server.support.logs import BoundedLog
+from scriptsftp.server.core import account_policy
 from scriptsftp.server.core.accounts import AccountSource, UserRecord
 from scriptsftp.server.core.connections import Connection, ConnectionRegistry, kick_soon
+from scriptsftp.server.core.homes import HomeMissing, HomePolicy, ensure_home
 from scriptsftp.server.core.passwords import PasswordCache, PasswordVerifier
 from scriptsftp.server.core.publish import Publisher, UploadPolicy
 from scriptsftp.server.core.session import HandleBudget, RefusalSink, Session
@@ -153,6 +157,12 @@ class LoginCore:
         self.registry = ConnectionRegistry()
         #: seconds a connection may take to log in; front ends close it after that
         self.preauth_timeout = preauth_timeout
+        #: [accounts] kick_on_disable: an account removed, disabled or expired ends its sessions
+        self.kick_on_disable = True
+        #: [accounts] create_homes, home_mode, home_owner (the daemon sets them, reload too)
+        self.homes = HomePolicy()
+        #: what "now" is for expiry dates and password ages (tests move it)
+        self.clock: Callable[[], float] = time.time
 
     # --- connections -------------------------------------------------------
 
@@ -408,13 +418,14 @@ class LoginCore:
 
     # --- the login decision ---------------------------------------------------
 
-    def policy_refusal(self, conn: Connection, name: str) -> str | None:
-        """Why this user may not log in here and now, or None."""
+    def policy_refusal(self, conn: Connection, name: str, method: str) -> str | None:
+        """Why this user may not log in here and now with ``method``, or None."""
         rec = self.accounts.get(name)
         if rec is None:
             return "unknown user"
-        if rec.disabled:
-            return "account disabled"
+        refusal = account_policy.login_refusal(rec, method, self.clock())
+        if refusal is not None:
+            return refusal
         acct = rec.account
         # One SSH listener serves SFTP and SCP: a login there needs either one; which
         # channel the user may then open is checked in open_session.
@@ -454,7 +465,7 @@ class LoginCore:
         if self.defender is not None and self.defender.is_banned(conn.remote_ip):
             refusal: str | None = "address banned after repeated failures"
         else:
-            refusal = self.policy_refusal(conn, name)
+            refusal = self.policy_refusal(conn, name, method)
         if refusal is None and self.dispatcher.wants("pre-login"):
             decision = self.dispatcher.pre(ev.PreLogin(
                 session_id=conn.id, protocol=conn.protocol, remote_ip=conn.remote_ip, user=name,
@@ -467,7 +478,11 @@ class LoginCore:
         if refusal is None:
             if rec is None:  # gone by a reload while pre-login ran
                 refusal = "unknown user"
-            elif not self.registry.count_login(conn, name, rec.account.max_sessions):
+            else:
+                refusal = self._home_refusal(conn, rec)
+        if refusal is None:
+            assert rec is not None
+            if not self.registry.count_login(conn, name, rec.account.max_sessions):
                 refusal = f"too many sessions for this user (limit {rec.account.max_sessions})"
         if refusal is not None:
             self._login_failed(conn, name, method, refusal, scored=False, audited=not vetoed)
@@ -475,6 +490,22 @@ class LoginCore:
         assert rec is not None
         conn.user = name
         conn.account = rec.account
+        conn.expires = rec.expires
+        return None
+
+    def _home_refusal(self, conn: Connection, rec: UserRecord) -> str | None:
+        """Make the home and its ``home_folders`` (``[accounts] create_homes``), or check
+        that it is there: after the scripts allowed the login, so a refused login makes
+        nothing. The client learns only that the home is unusable; the log says why."""
+        try:
+            ensure_home(rec.account, self.homes)
+        except HomeMissing as exc:
+            log.error("%s (create_homes is off)", exc, extra=conn.log_context(user=rec.account.name))
+            return "home directory missing: ask your administrator"
+        except (OSError, LookupError) as exc:
+            log.error("cannot make the home %s: %s", rec.account.home, exc,
+                      extra=conn.log_context(user=rec.account.name))
+            return "home directory unavailable: ask your administrator"
         return None
 
     def announce_login(self, conn: Connection, method: str) -> None:
@@ -526,25 +557,65 @@ class LoginCore:
         """A new account source (SIGHUP). Live sessions get the new permissions at once;
         connections of users removed or disabled are returned for closing."""
         self.accounts = accounts
-        return self._refresh(conn for conn in self.connections() if conn.user)
-
-    def account_changed(self, name: str) -> list[Connection]:
-        """One account changed in its source (the database, by the CLI, the API or another
-        node): its open sessions get the new definition at once (permissions, quotas, limits);
-        if it is gone or disabled, its connections are returned for closing."""
-        return self._refresh(conn for conn in self.connections() if conn.user == name)
-
-    def _refresh(self, conns: Iterable[Connection]) -> list[Connection]:
         gone = []
         records: dict[str, UserRecord | None] = {}  # one read per user, not per connection
-        for conn in conns:
+        for conn in self.connections():
+            if not conn.user:
+                continue
             if conn.user not in records:
                 records[conn.user] = self.accounts.get(conn.user)
             rec = records[conn.user]
             if rec is None or rec.disabled:
                 gone.append(conn)
                 continue
-            conn.account = rec.account
-            for s in conn.sessions:
-                s.account = rec.account
+            self._refresh(conn, rec)
         return gone
+
+    def _refresh(self, conn: Connection, rec: UserRecord) -> None:
+        """A logged-in connection gets its account's new settings at once (permissions,
+        quotas, limits, expiry)."""
+        conn.account = rec.account
+        conn.expires = rec.expires
+        for s in conn.sessions:
+            s.account = rec.account
+
+    # --- accounts changed while their users are connected ----------------------------
+
+    def account_changed(self, name: str) -> list[Connection]:
+        """``name``'s account changed (the database's change feed, the CLI, the API, another
+        node): read it again. Its open connections get the new settings; if it is gone,
+        disabled or expired and ``kick_on_disable`` is on, they are ended instead (one log
+        line each, with the reason, which the client gets where its protocol carries one)
+        and returned. A password that aged meanwhile ends nothing: it was good when proven."""
+        mine = [c for c in self.connections() if c.user == name and c.account is not None]
+        if not mine:
+            return []
+        rec = self.accounts.get(name)
+        reason = account_policy.unusable(rec, self.clock())
+        if reason is None or not self.kick_on_disable:
+            if rec is not None:
+                for conn in mine:
+                    self._refresh(conn, rec)
+                    if reason is not None:  # left open (kick_on_disable off): not looked at again
+                        conn.expires = None
+            return []
+        for conn in mine:
+            log.info("closing session of %s: %s", name, reason, extra=conn.log_context(user=name))
+            metrics.refusal(conn.protocol, "session", "account")
+            conn.expires = None  # ended once, not again at every tick while it closes
+            kick_soon(conn, f"session ended: {reason}", f"kick-{conn.id}")
+        return mine
+
+    def accounts_changed(self) -> list[Connection]:
+        """Something many accounts share changed (a group, a folder): every connected user
+        is read again, as by :meth:`account_changed`."""
+        names = sorted({c.user for c in self.connections() if c.user})
+        return [conn for name in names for conn in self.account_changed(name)]
+
+    def end_expired(self) -> list[Connection]:
+        """End the connections whose account expired since they logged in (the daemon calls
+        this every half second): only those whose expiry passed are looked up again, so
+        the tick costs nothing while no one expires."""
+        now = self.clock()
+        due = {c.user for c in self.connections() if c.expires is not None and c.expires <= now}
+        return [conn for name in sorted(due) for conn in self.account_changed(name)]
