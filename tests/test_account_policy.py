@@ -111,3 +111,76 @@ def test_an_account_that_expires_while_connected_is_ended(daemons):
         ftp.close()
         sftp.get_channel().get_transport().close()
         close_client(bob)
+
+
+# --- accounts of the database: a recorded password change, a change feed ---------------------
+
+
+def _db(d):
+    from scriptsftp.server.stores.accounts_db import AccountDb
+    from scriptsftp.server.stores.sql import SqliteDatabase
+
+    return AccountDb(SqliteDatabase(d.root / "state" / "accounts.sqlite3"))
+
+
+def _carol(daemons, d, *, password_changed: float, **extra) -> dict:
+    return {"format": "scriptsftp-accounts", "version": 1, "users": [{
+        "name": "carol", "home": str(d.root / "homes" / "carol"), "permissions": {"/": ["*"]},
+        "password_hash": daemons.hashes["alice"], "public_keys": [daemons.alice_key.public_line], **extra,
+        "_meta": {"password_changed": password_changed}}]}
+
+
+def test_a_password_past_its_max_age_refuses_password_logins_until_it_is_changed(daemons):
+    d = daemons.start(FTP_EXTRA + HTTP_EXTRA, users=_users(daemons))
+    db = _db(d)
+    try:
+        changed = time.time() - 31 * 86400
+        db.import_(_carol(daemons, d, password_changed=changed, password_max_age=30), "test")
+        day = time.strftime("%Y-%m-%d", time.gmtime(changed + 30 * 86400))
+        expected = f"password expired on {day}: ask your administrator for a new one"
+        assert _ftp_refusal(d, "carol", ALICE_PASSWORD) == f"530 {expected}"
+        got = request(d, "GET", "/", user="carol", password=ALICE_PASSWORD)
+        assert got.status == 403 and expected in got.text
+        d.wait_log(rf"proto=ftp .*login failed for 'carol' \(password\): {expected}")
+        # a key still opens the account
+        sftp_batch(d, "pwd\n", daemons.alice_key, "carol", check=True)
+        # a new password (the CLI's `user passwd`) is good again at once
+        db.set_password("carol", daemons.hashes["bob"], "test")
+        deadline = time.monotonic() + 5
+        while True:
+            c = ftplib.FTP()
+            c.connect("127.0.0.1", d.ports["ftp"], timeout=30)
+            try:
+                c.login("carol", BOB_PASSWORD)
+                break
+            except ftplib.error_perm:
+                assert time.monotonic() < deadline, "the new password did not reach the daemon"
+            finally:
+                c.close()
+    finally:
+        db.close()
+
+
+def test_disabling_a_database_user_ends_their_sessions_with_the_reason(daemons):
+    d = daemons.start(FTP_EXTRA, users=_users(daemons))
+    db = _db(d)
+    try:
+        db.import_(_carol(daemons, d, password_changed=time.time()), "test")
+        ftp = ftplib.FTP()
+        ftp.connect("127.0.0.1", d.ports["ftp"], timeout=30)
+        ftp.login("carol", ALICE_PASSWORD)
+        sftp = paramiko_client(d, "carol", key=daemons.alice_key)
+        transport = sftp.get_channel().get_transport()
+        mark = len(d.lines)
+        db.set_disabled("carol", True, "invoice unpaid", "test")
+        d.wait_log(r"proto=ftp .*closing session of carol: account disabled: invoice unpaid", start=mark)
+        ftp.sock.settimeout(10)
+        assert ftp.getline() == "421 session ended: account disabled: invoice unpaid"
+        deadline = time.monotonic() + 10
+        while transport.is_active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not transport.is_active()
+        assert _ftp_refusal(d, "carol", ALICE_PASSWORD) == "530 account disabled: invoice unpaid"
+        ftp.close()
+    finally:
+        db.close()
