@@ -45,8 +45,9 @@ SCRIPT_ERRORS = Counter("scriptsftp_script_errors", "Handler calls that failed, 
 SCRIPT_TIMEOUTS = Counter("scriptsftp_script_timeouts", "Handler calls stopped for exceeding their wall-clock "
                           "or CPU limit, by script.", ["script"], registry=REGISTRY)
 REFUSALS = Counter("scriptsftp_refusals", "Operations and logins refused by the server itself (not by a script), "
-                   "by protocol, operation (upload, download, delete, ..., login, connect) and kind "
-                   "(permission, filter, limit, space, policy, defender).", ["protocol", "operation", "kind"],
+                   "by protocol, operation (upload, download, delete, ..., login, connect, session: one ended "
+                   "because its account changed) and kind (permission, filter, limit, space, policy, defender, "
+                   "account).", ["protocol", "operation", "kind"],
                    registry=REGISTRY)
 AUDIT_DROPPED = Counter("scriptsftp_audit_dropped", "Audit records dropped because the write queue was full.",
                         registry=REGISTRY)
