@@ -473,7 +473,7 @@ class Daemon:
         """``[accounts] kick_on_disable``, ``create_homes``, ``home_mode``, ``home_owner``."""
         a = cfg.model.accounts
         self.core.kick_on_disable = a.kick_on_disable
-        self.core.homes = HomePolicy(create=a.create_homes, mode=a.home_mode, owner=a.home_owner)
+        self.core.homes = HomePolicy.of(a)
 
     def shutdown(self) -> None:
         grace = self.cfg.model.server.grace_period

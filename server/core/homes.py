@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scriptsftp.server.core.session import Account
+from scriptsftp.server.support.config import AccountsSection
 from scriptsftp.server.core.vfs import split
 
 log = logging.getLogger("scriptsftp.homes")
@@ -49,6 +50,12 @@ class HomePolicy:
     create: bool = True
     mode: int = 0o750
     owner: str = ""  # user name or uid; empty: whoever the daemon runs as
+
+    @classmethod
+    def of(cls, section: AccountsSection) -> "HomePolicy":
+        """The policy of the configuration (the daemon at login; the CLI and the API when
+        they create an account: ``ensure_home(build_record(...).account, HomePolicy.of(...))``)."""
+        return cls(create=section.create_homes, mode=section.home_mode, owner=section.home_owner)
 
 
 @dataclass
