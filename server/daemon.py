@@ -32,7 +32,7 @@ from scriptsftp.server.contract.dispatch import SwappableDispatcher
 from scriptsftp.server.contract.scripting import NullEngine, ScriptEngineLifecycle
 from scriptsftp.server.core.script_files import ScriptSessions
 from scriptsftp.server.support.keys import ensure_host_keys, fingerprint, load_host_key
-from scriptsftp.server.core.accounts import TomlAccountSource
+from scriptsftp.server.core.accounts import TomlAccountSource, UserRecord
 from scriptsftp.server.core.homes import HomePolicy
 from scriptsftp.server.core.login import LoginCore
 from scriptsftp.server.core.passwords import ensure_generated_passwords
@@ -48,7 +48,7 @@ from scriptsftp.server.core.staging import CHECKING, StagingRecords, discard_lef
 from scriptsftp.server.core.storage import LocalStorage, StorageOpener
 from scriptsftp.server.stores import StateStores
 from scriptsftp.server.stores.accounts_db import (
-    AccountDb, AccountError, DatabaseAccountSource, MergedAccountSource, file_names_of, name_conflicts,
+    AccountDb, AccountError, StoredUser, DatabaseAccountSource, MergedAccountSource, file_names_of, name_conflicts,
 )
 from scriptsftp.server.stores.sql import redact_url
 from scriptsftp.server.ops.account_watch import AccountWatcher
@@ -570,8 +570,35 @@ class AdminView:
     def defender(self) -> Defender:
         return self._daemon.defender
 
+    @property
+    def accounts(self) -> "AccountsOfDaemon":
+        return AccountsOfDaemon(self._daemon)
+
     def reload(self) -> bool:
         return self._daemon.reload()
+
+
+class AccountsOfDaemon:
+    """The accounts page's lookup (ops/accounts_page.py AccountLookup): the running
+    config's users, the database's, each read by primary key."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def file_user_names(self) -> list[str]:
+        return [u.name for u in self._daemon.cfg.model.users]
+
+    def database_user_names(self) -> list[str]:
+        return self._daemon.account_db.user_names()
+
+    def record(self, name: str) -> UserRecord | None:
+        return self._daemon.core.accounts.get(name)
+
+    def stored_user(self, name: str) -> StoredUser | None:
+        return self._daemon.account_db.get_user(name)
+
+    def usage(self, scope: str) -> tuple[int, int] | None:
+        return self._daemon.account_db.usage(scope)
 
 
 if TYPE_CHECKING:  # the view fits the admin API's port

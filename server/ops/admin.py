@@ -54,6 +54,7 @@ from scriptsftp.server.support.listen import ConfigFiles, Listener
 
 if TYPE_CHECKING:
     from scriptsftp.server.core.connections import Connection
+    from scriptsftp.server.ops.accounts_page import AccountLookup
     from scriptsftp.server.ops.audit import AuditTrail
     from scriptsftp.server.ops.defender import Defender
 
@@ -113,6 +114,9 @@ class AdminPort(Protocol):
 
     @property
     def defender(self) -> Defender | None: ...
+
+    @property
+    def accounts(self) -> AccountLookup: ...  # the file's and the database's users, for the accounts page
 
     def reload(self) -> bool:
         """Re-read the config and apply it all, or nothing; False if refused."""
@@ -405,6 +409,7 @@ class AdminListener:
         r.add_delete("/api/bans/{ip}", self.unban)
         r.add_post("/api/login-link", self.login_link)
         r.add_get("/", self.dashboard)
+        r.add_get("/accounts", self.accounts_page)
         r.add_post("/login", self.login_form)
         r.add_get("/login/{code}", self.login_code)
         r.add_post("/logout", self.logout)
@@ -645,12 +650,15 @@ class AdminListener:
         resp.headers["Referrer-Policy"] = "no-referrer"
         return resp
 
+    async def _dashboard_allowed(self, request: web.Request) -> bool:
+        """The dashboard's pages take the login cookie or the bearer token."""
+        if self._cookie_ok(request):
+            return True
+        token = _bearer(request)
+        return (token is not None or not self.tokens.required) and await self.tokens.check(token)
+
     async def dashboard(self, request: web.Request) -> web.Response:
-        allowed = self._cookie_ok(request)
-        if not allowed:
-            token = _bearer(request)
-            allowed = (token is not None or not self.tokens.required) and await self.tokens.check(token)
-        if not allowed:
+        if not await self._dashboard_allowed(request):
             return self._page(render_login(), 401)
         error = ""
         try:
@@ -671,7 +679,23 @@ class AdminListener:
         return self._page(page)
 
 
-from scriptsftp.server.ops.dashboard import render_dashboard, render_login  # noqa: E402  (dashboard imports nothing from here)
+    async def accounts_page(self, request: web.Request) -> web.Response:
+        """Read-only: one page of users (?page=N&q=TEXT), each read by primary key."""
+        if not await self._dashboard_allowed(request):
+            return self._page(render_login(), 401)
+        raw = request.query.get("page", "1")
+        number = int(raw) if raw.isdigit() and len(raw) < 7 else 1
+        connected: dict[str, int] = {}
+        for conn in self.server.core.connections():
+            if conn.user:
+                connected[conn.user] = connected.get(conn.user, 0) + 1
+        page = await self._blocking(lambda: accounts_page(self.server.accounts, connected, page=number,
+                                                          query=request.query.get("q", ""), now=time.time()))
+        return self._page(render_accounts(page))
+
+
+from scriptsftp.server.ops.accounts_page import accounts_page  # noqa: E402
+from scriptsftp.server.ops.dashboard import render_accounts, render_dashboard, render_login  # noqa: E402  (dashboard imports nothing from here)
 
 
 def make_listener(server: AdminPort, a: AdminSection, files: ConfigFiles) -> AdminListener:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import html
 import time
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import urlencode
+
+if TYPE_CHECKING:
+    from scriptsftp.server.ops.accounts_page import AccountRow, AccountsPage
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -19,6 +22,7 @@ h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.6em}
 table{border-collapse:collapse;width:100%}th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;
 vertical-align:top}th{background:#f3f3f3}.veto,.error,.missing{color:#a00;font-weight:bold}
 .ok,.allow{color:#070}.muted{color:#777}code{font-size:12px}form.filters input{margin-right:.6em}
+nav a{margin-right:1em}.pager a,.pager span{margin-right:.8em}
 """
 
 
@@ -61,6 +65,10 @@ def render_login(message: str = "") -> str:
 <p class="muted">The token whose argon2id hash is <code>[admin] token_hash</code>.</p>""")
 
 
+_NAV = ('<nav><a href="/">Overview</a><a href="/accounts">Accounts</a></nav>'
+        '<form method="post" action="/logout"><button type="submit">Log out</button></form>')
+
+
 def render_dashboard(*, status: dict[str, Any], sessions: list[dict[str, Any]], scripts: list[dict[str, Any]],
                      events: list[dict[str, Any]], filters: dict[str, str], error: str = "") -> str:
     parts = [f"<h1>scriptsftp {_e(status.get('version'))}</h1>"]
@@ -69,7 +77,7 @@ def render_dashboard(*, status: dict[str, Any], sessions: list[dict[str, Any]], 
     parts.append(f'<p id="status">up {_e(int(status.get("uptime", 0)))} s; listening: {listeners}; '
                  f'script workers: {_e(workers.get("alive", "-"))} alive, {_e(workers.get("busy", "-"))} busy, '
                  f'{_e(workers.get("restarts", "-"))} restarts</p>')
-    parts.append('<form method="post" action="/logout"><button type="submit">Log out</button></form>')
+    parts.append(_NAV)
 
     rows = []
     for s in sessions:
@@ -126,3 +134,63 @@ def render_dashboard(*, status: dict[str, Any], sessions: list[dict[str, Any]], 
     parts.append(_table(["time", "event", "user", "path", "decision", "reason", "scripts", "id"], rows,
                         "no events match"))
     return _doc("scriptsftp admin", "".join(parts))
+
+
+# --- accounts ---------------------------------------------------------------------------------
+
+#: the CSS class of each account state (red for what refuses logins)
+_STATE_CLASS = {"active": "ok", "disabled": "veto", "expired": "veto", "password expired": "error",
+                "removed": "missing"}
+
+
+def _quota_use(row: AccountRow) -> str:
+    """'1.5 MiB of 10.0 GiB (15%) · 3 of 100 files (3%)'; a part without a limit shows the use alone."""
+    if row.used is None:
+        return '<span class="muted">—</span>'
+    size, files = row.used
+    size_text = _size(size)
+    if row.quota.size:
+        size_text += f" of {_size(row.quota.size)} ({size * 100 // row.quota.size}%)"
+    files_text = f"{files} of {row.quota.files} files ({files * 100 // row.quota.files}%)" if row.quota.files \
+        else f"{files} files"
+    return f"{_e(size_text)} · {_e(files_text)}"
+
+
+def _last_login(row: AccountRow) -> str:
+    now = f"connected now ({row.connections})" if row.connections else ""
+    if row.last_login is not None:
+        when = _e(_when(row.last_login))
+        return f"{when}<br><span class=ok>{_e(now)}</span>" if now else when
+    return f"<span class=ok>{_e(now)}</span>" if now else '<span class="muted">—</span>'
+
+
+def _page_link(page: AccountsPage, number: int, text: str) -> str:
+    query = {"page": str(number), **({"q": page.query} if page.query else {})}
+    return f'<a href="/accounts?{_e(urlencode(query))}">{_e(text)}</a>'
+
+
+def render_accounts(page: AccountsPage) -> str:
+    """The accounts page: read-only, one page of users by name (ops/accounts_page.py)."""
+    parts = ["<h1>Accounts</h1>", _NAV,
+             '<form class="filters" method="get" action="/accounts">'
+             f'<label>name contains <input name="q" value="{_e(page.query)}" maxlength="64"></label>'
+             '<button type="submit">Search</button></form>']
+    rows = []
+    for row in page.rows:
+        detail = f"<br><span class=muted>{_e(row.detail)}</span>" if row.detail else ""
+        rows.append(f'<tr class="account" data-name="{_e(row.name)}"><td>{_e(row.name)}</td><td>{_e(row.origin)}</td>'
+                    f'<td class="{_STATE_CLASS.get(row.state, "")}">{_e(row.state)}{detail}</td>'
+                    f"<td>{_quota_use(row)}</td><td>{_last_login(row)}</td></tr>")
+    parts.append(f'<h2 id="count">{_e(page.total)} user{"" if page.total == 1 else "s"}'
+                 + (f" matching {_e(repr(page.query))}" if page.query else "") + "</h2>")
+    parts.append(_table(["user", "source", "status", "quota use", "last login"], rows,
+                        "no user matches" if page.query else "no users"))
+    pager = [f'<span id="page">page {_e(page.page)} of {_e(page.pages)}</span>']
+    if page.page > 1:
+        pager.append(_page_link(page, 1, "« first"))
+        pager.append(_page_link(page, page.page - 1, "‹ previous"))
+    if page.page < page.pages:
+        pager.append(_page_link(page, page.page + 1, "next ›"))
+        pager.append(_page_link(page, page.pages, "last »"))
+    parts.append(f'<p class="pager">{"".join(pager)}</p>')
+    return _doc("scriptsftp: accounts", "".join(parts))
