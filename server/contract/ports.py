@@ -183,6 +183,76 @@ class DirHandlePort(HandlePort, Protocol):
     def read(self, count: int) -> list[Entry]: ...
 
 
+# --- bandwidth ----------------------------------------------------------------------------
+
+
+#: the most bytes a throttled transfer moves per take, and the least: a tenth of a second's
+#: worth of its rate in between, so that no single take waits long at any rate
+THROTTLE_CHUNK_MAX = 256 * 1024
+THROTTLE_CHUNK_MIN = 4 * 1024
+
+
+def throttle_chunk(rate: int) -> int:
+    """How many bytes a transfer limited to ``rate`` bytes/s should move per take (a read,
+    a send, an SSH worker's purchase of tokens): a tenth of a second's worth, between
+    :data:`THROTTLE_CHUNK_MIN` and :data:`THROTTLE_CHUNK_MAX`. Both sides of the SSH worker
+    link agree on it, which is why it is here."""
+    return max(THROTTLE_CHUNK_MIN, min(rate // 10, THROTTLE_CHUNK_MAX))
+
+
+class ThrottlePort(Protocol):
+    """One user's bandwidth in one direction, shared by all their sessions on every protocol
+    (one token bucket per user and direction; ``bandwidth_up``/``bandwidth_down``).
+
+    ``rate`` is bytes/s now, 0 for no limit: a front end reads it per chunk and pays nothing
+    more while it is 0. A limited transfer either blocks (``take``: SFTP and SCP, which
+    have a thread per channel) or charges what it moved and waits without a thread
+    (``charge`` then ``wait_for`` until it answers 0: FTP's I/O loop, HTTP's event loop).
+    A change of the rate (reload, account database) reaches waiters at once."""
+
+    @property
+    def rate(self) -> int: ...
+
+    @property
+    def chunk(self) -> int: ...  # throttle_chunk(rate): bytes to move per take
+
+    def take(self, n: int, deadline: float | None) -> None: ...  # LimitExceeded past the deadline
+
+    def charge(self, n: int) -> float: ...  # a mark: wait_for(mark) is 0 once the n bytes may move
+
+    def wait_for(self, mark: float) -> float: ...  # seconds still to wait at the current rate
+
+
+class _Unlimited:
+    """A ThrottlePort that never limits: what a front end holds before a session gives it the
+    user's buckets."""
+
+    rate = 0
+    chunk = THROTTLE_CHUNK_MAX
+
+    def take(self, n: int, deadline: float | None) -> None:
+        return None
+
+    def charge(self, n: int) -> float:
+        return 0.0
+
+    def wait_for(self, mark: float) -> float:
+        return 0.0
+
+
+UNLIMITED: ThrottlePort = _Unlimited()
+
+
+class BandwidthPort(Protocol):
+    """A session's user's two buckets: ``up`` (uploads), ``down`` (downloads)."""
+
+    @property
+    def up(self) -> ThrottlePort: ...
+
+    @property
+    def down(self) -> ThrottlePort: ...
+
+
 # --- the session and the core ---------------------------------------------------------------------
 
 C = TypeVar("C", bound=ConnectionView)
@@ -204,6 +274,9 @@ class SessionPort(Protocol[W]):
 
     @property
     def protocol(self) -> str: ...
+
+    @property
+    def bandwidth(self) -> BandwidthPort: ...  # the user's, shared with all their sessions
 
     def realpath(self, vpath: str) -> str: ...
 
@@ -343,7 +416,9 @@ def keyword_options(signature: inspect.Signature) -> frozenset[str]:
 
 
 __all__ = [
-    "AccessView", "AccountView", "ConnectionView", "CopyingWriteHandle", "CorePort", "DirHandlePort", "Entry",
-    "HandlePort", "LocalConnectionView", "LocalCorePort", "LocalSessionPort", "LocalWriteHandle", "PublicKey", "ReadHandlePort",
-    "SessionPort", "WriteHandlePort", "keyword_options", "port_methods",
+    "AccessView", "AccountView", "BandwidthPort", "ConnectionView", "CopyingWriteHandle", "CorePort",
+    "DirHandlePort", "Entry", "HandlePort", "keyword_options", "LocalConnectionView", "LocalCorePort",
+    "LocalSessionPort", "LocalWriteHandle", "port_methods", "PublicKey", "ReadHandlePort", "SessionPort",
+    "throttle_chunk", "THROTTLE_CHUNK_MAX", "THROTTLE_CHUNK_MIN", "ThrottlePort", "UNLIMITED",
+    "WriteHandlePort",
 ]

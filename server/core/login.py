@@ -56,6 +56,7 @@ from scriptsftp.server.support.config import DefenderSection
 from scriptsftp.server.support.logs import BoundedLog
 from scriptsftp.server.core import account_policy
 from scriptsftp.server.core.accounts import AccountSource, UserRecord
+from scriptsftp.server.core.bandwidth import BandwidthLimits
 from scriptsftp.server.core.connections import Connection, ConnectionRegistry, kick_soon
 from scriptsftp.server.core.homes import HomeMissing, HomePolicy, ensure_home
 from scriptsftp.server.core.passwords import PasswordCache, PasswordVerifier
@@ -151,6 +152,8 @@ class LoginCore:
         self.max_handles = max_handles
         self.max_handles_per_user = max_handles_per_user  # [server] max_handles_per_user (reload applies it)
         self._budgets: dict[str, HandleBudget] = {}
+        #: each user's bandwidth buckets, shared by all their sessions (``bandwidth_up``/``_down``)
+        self.bandwidth = BandwidthLimits()
         self.failure_delay = failure_delay
         self.passwords = PasswordVerifier(password_cache, max_parallel_hashes)
         self._budgets_lock = threading.Lock()
@@ -537,7 +540,7 @@ class LoginCore:
             dispatcher=self.dispatcher, staging=self.staging, uploads=self.uploads, max_handles=self.max_handles,
             publisher=self.publisher, tls=conn.tls, budget=self._budget(conn.user),
             on_close=lambda _session: self.registry.count_session(conn, -1),
-            storage=open_account_storage(self.open_storage, conn.account),
+            storage=open_account_storage(self.open_storage, conn.account), bandwidth=self.bandwidth.of(conn.user),
         )
         session.refusals = self.refusals
         conn.sessions.append(session)

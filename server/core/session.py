@@ -48,6 +48,7 @@ from scriptsftp.server.core.publish import (
     Outcome, PendingUpload, Publisher, StagedUpload, UploadPolicy, pending_stat,
 )
 from scriptsftp.server.core.storage import Entry, LocalStorage, Storage, allocated_bytes, copy_fd, read_opener
+from scriptsftp.server.core.bandwidth import UserBandwidth
 from scriptsftp.server.core.limits import Mount, Quota, Rates
 from scriptsftp.server.core.mounts import boundary_refusal, find_mount, folder_name, mounts_under
 from scriptsftp.server.core.vfs import Access, join, split
@@ -171,12 +172,16 @@ class Session:
         budget: HandleBudget | None = None,
         on_close: Callable[["Session"], None] | None = None,
         storage: Storage | None = None,
+        bandwidth: UserBandwidth | None = None,
     ) -> None:
         """``storage``: what the home is made of, chosen by whoever opens the session (the
-        login core, from the daemon's ``StorageOpener``); a local directory by default."""
+        login core, from the daemon's ``StorageOpener``); a local directory by default.
+        ``bandwidth``: the user's buckets, shared with their other sessions (the login core's
+        :class:`~.bandwidth.BandwidthLimits`); this session's own by default."""
         self.id = session_id
         self.tls = tls  # only for the log: FTPS lines say tls=true
         self.refusals: RefusalSink | None = None  # set by the login core: audit trail and counter
+        self.bandwidth = bandwidth if bandwidth is not None else UserBandwidth()
         self.account = account
         self.user = account.name
         self.protocol = protocol
@@ -202,6 +207,18 @@ class Session:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._closed = False
+
+    @property
+    def account(self) -> Account:
+        return self._account
+
+    @account.setter
+    def account(self, account: Account) -> None:
+        """The account as the core knows it now (login, then each reload or database change
+        that the login core applies to live sessions): its rates go to the user's buckets
+        here, so that running transfers follow a changed limit without a step of their own."""
+        self._account = account
+        self.bandwidth.set(account.rates)
 
     # --- events -------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from scriptsftp.server.frontends.ssh.core_link import (
 from scriptsftp.server.frontends.ssh.remote_core import RemoteCore, RemoteSession
 
 #: requests of the link that are no port method: a session call by name, a listing's next
-#: batch, the end of a handle, a running transfer's byte count
-LINK_OWN = {"call", "readdir", "close_handle", "abort_handle", "progress"}
+#: batch, the end of a handle, a running transfer's byte count, a purchase of bandwidth
+LINK_OWN = {"call", "readdir", "close_handle", "abort_handle", "progress", "bandwidth"}
 
 
 def test_every_session_port_method_is_a_call_or_a_request_of_its_own():

@@ -566,7 +566,7 @@ class SessionCommands(ControlChannel):
             handle.abort("REST position beyond the end of the file")
             self.respond(f"554 REST position ({rest}) > file size ({size}).")
             return
-        f = Download(handle, rest)
+        f = Download(handle, rest, self._s().bandwidth.down)
         self.push_dtp_data(FileProducer(f, self.transfer_type), isproducer=True, file=f, cmd="RETR")
 
     @_replies
@@ -589,7 +589,7 @@ class SessionCommands(ControlChannel):
                 except FsError:
                     handle.abort("could not cut the copy at the REST position")
                     raise
-        self._receive(Upload(handle, offset, announced), "APPE" if append else "STOR")
+        self._receive(Upload(handle, offset, announced, self._s().bandwidth.up), "APPE" if append else "STOR")
 
     @_replies
     def ftp_STOU(self, line: str) -> None:
@@ -611,7 +611,7 @@ class SessionCommands(ControlChannel):
         else:
             self.respond("450 No usable unique file name found.")
             return
-        self._receive(Upload(handle, 0, announced), "STOU", f"FILE: {name}")
+        self._receive(Upload(handle, 0, announced, self._s().bandwidth.up), "STOU", f"FILE: {name}")
 
     def _receive(self, f: Upload, cmd: str, text: str = "") -> None:
         if self.data_channel is not None:

@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from scriptsftp.server.contract.errors import FsError, NoSpace
-from scriptsftp.server.contract.ports import ReadHandlePort, WriteHandlePort
+from scriptsftp.server.contract.ports import UNLIMITED, ReadHandlePort, ThrottlePort, WriteHandlePort
 from scriptsftp.server.frontends.ftp.pyftpdlib_ext import (
     ControlChannel, DataChannel, TLS_DTPHandler, close_after_tls_error,
 )
@@ -42,11 +42,12 @@ class Download:
     """A file object over a session's read handle: positional reads; ``fileno`` lets
     pyftpdlib use sendfile() on plain binary transfers."""
 
-    def __init__(self, handle: ReadHandlePort, offset: int) -> None:
+    def __init__(self, handle: ReadHandlePort, offset: int, throttle: ThrottlePort = UNLIMITED) -> None:
         self.handle = handle
         self.name = handle.path
         self.pos = offset
         self.closed = False
+        self.throttle = throttle  # the user's download bandwidth, shared with all their sessions
 
     def read(self, n: int = -1) -> bytes:
         try:
@@ -81,12 +82,14 @@ class Upload:
     """A file object over a session's write handle. ``close()`` discards the upload:
     only :meth:`finish`, called when the data channel ended cleanly, publishes."""
 
-    def __init__(self, handle: WriteHandlePort, offset: int, announced: int | None = None) -> None:
+    def __init__(self, handle: WriteHandlePort, offset: int, announced: int | None = None,
+                 throttle: ThrottlePort = UNLIMITED) -> None:
         self.handle = handle
         self.name = handle.path
         self.pos = offset
         self.closed = False
         self.announced = announced  # the file size the client promised with ALLO, if it did
+        self.throttle = throttle  # the user's upload bandwidth, shared with all their sessions
 
     def write(self, data: bytes | memoryview) -> None:
         try:
@@ -113,6 +116,11 @@ class Upload:
             return None
         return f"received {self.pos} bytes, ALLO announced {self.announced}"
 
+
+#: the longest one sleep of a connection's thread while its transfer waits for the user's bandwidth
+BANDWIDTH_RECHECK = 0.25
+#: the largest TLS record: what a paced TLS transfer still receives at once
+TLS_RECORD = 16 * 1024
 
 # How long a cleanly ended upload waits for the control connection to show that the
 # client died: the two connections' FINs leave a killed client together but may be
@@ -156,6 +164,7 @@ class DataConnection(DataChannel):
         self.timeout = max(self._stall / 4, 0.05) if self._stall else 0
         self._quiet_since = time.monotonic()
         self._moved = 0
+        self._owed: float | None = None  # the bucket's mark for the bytes moved last (see may_move)
         super().__init__(sock, cmd_channel)
         if not self.connected:
             # Reset before we got to it: pyftpdlib drops it silently, leaving a
@@ -165,6 +174,48 @@ class DataConnection(DataChannel):
     def upload_target(self) -> Upload | None:
         f = self.file_obj
         return f if isinstance(f, Upload) else None
+
+    # --- the user's bandwidth (hooks of DataChannel) ----------------------------------------
+
+    @property
+    def throttle(self) -> ThrottlePort:
+        """The bucket of the file's direction; a listing is not paced."""
+        f = self.file_obj
+        return f.throttle if isinstance(f, (Upload, Download)) else UNLIMITED
+
+    def move_limit(self, size: int) -> int:
+        """At most the bytes one take may move at the user's rate (throttle_chunk), but whole
+        TLS records: a record left half-read in the TLS layer would wait for more input."""
+        t = self.throttle
+        if not t.rate:
+            return size
+        return min(size, max(t.chunk, TLS_RECORD if self._data_wrapper is not None or
+                             not isinstance(self.socket, socket.socket) else 0))
+
+    def moved(self, n: int) -> None:
+        """``n`` bytes were received or sent: charged to the user's bucket. What it owes for
+        them is waited for before the next bytes move (:meth:`may_move`)."""
+        t = self.throttle
+        if t.rate and n > 0:
+            self._owed = t.charge(n)
+
+    def may_move(self) -> bool:
+        """Whether the next bytes may move now. While the user's bucket still owes for the
+        last ones, this connection's thread sleeps (at most BANDWIDTH_RECHECK at a time,
+        so ABOR, the stall timer and a changed rate are seen between two sleeps) and False
+        sends it back round the I/O loop, which calls again: the socket stays ready."""
+        mark = self._owed
+        if mark is None:
+            return True
+        t = self.throttle
+        wait = t.wait_for(mark)
+        if wait > 0:
+            time.sleep(min(wait, BANDWIDTH_RECHECK))
+            wait = t.wait_for(mark)
+            if wait > 0:
+                return False
+        self._owed = None
+        return True
 
     def handle_timeout(self) -> None:
         """A transfer that moved no byte for ``[server] stall_timeout`` is aborted (an upload

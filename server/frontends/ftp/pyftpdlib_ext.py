@@ -185,6 +185,28 @@ class DataChannel(DTPHandler):
         pyftpdlib's way, a new bytes object per read)."""
         return None
 
+    # pacing (the user's bandwidth): asked before bytes move, told after, on every data path
+    # below (our receive, pyftpdlib's receive and send, sendfile); unpaced by default
+
+    def may_move(self) -> bool:
+        """False: not now; the I/O loop will call again."""
+        return True
+
+    def move_limit(self, size: int) -> int:
+        """The most bytes to receive or send in one call."""
+        return size
+
+    def moved(self, n: int) -> None:
+        """``n`` bytes were received or sent."""
+
+    def send(self, data: bytes | memoryview) -> int:
+        """pyftpdlib's send (downloads without sendfile: TLS, ASCII), paced."""
+        if not self.may_move():
+            return 0
+        sent: int = super().send(data[:self.move_limit(len(data))])
+        self.moved(sent)
+        return sent
+
     def initiate_sendfile(self) -> None:
         """Downloads: one *blocking* sendfile() of up to 16 MiB per trip round the
         I/O loop (as vsftpd does), so the kernel paces the transfer instead of a
@@ -197,9 +219,11 @@ class DataChannel(DTPHandler):
             self._sndtimeo_set = True
         filefd = self._filefd
         assert filefd is not None  # pyftpdlib sends with sendfile() only from a file
+        if not self.may_move():
+            return
         sock.setblocking(True)
         try:
-            sent = os.sendfile(self._fileno, filefd, self._offset, SENDFILE_CHUNK)
+            sent = os.sendfile(self._fileno, filefd, self._offset, self.move_limit(SENDFILE_CHUNK))
         except OSError as err:
             if err.errno in ftp_ioloop._ERRNOS_RETRY or err.errno == errno.EBUSY:
                 return
@@ -218,6 +242,7 @@ class DataChannel(DTPHandler):
         else:
             self._offset += sent
             self.tot_bytes_sent += sent
+            self.moved(sent)
 
     def _read(self, read: Callable[[], Any]) -> Any:
         """AsyncChat.recv's error handling around ``read()``, except that a reset is
@@ -240,11 +265,17 @@ class DataChannel(DTPHandler):
         return got
 
     def recv(self, buffer_size: int) -> bytes:
-        return self._read(lambda: self.socket.recv(buffer_size)) or b""
+        """pyftpdlib's receive (uploads in ASCII or over TLS), paced like ours."""
+        size = self.move_limit(buffer_size)
+        data: bytes = self._read(lambda: self.socket.recv(size)) or b""
+        self.moved(len(data))
+        return data
 
     def handle_read(self) -> None:
         """Binary uploads on a plain socket: recv_into one reused buffer and write
         from it, instead of a new bytes object per read (pyftpdlib's way)."""
+        if not self.may_move():
+            return
         f = self.upload_target()
         if self._data_wrapper is not None or f is None or not isinstance(self.socket, socket.socket):
             super().handle_read()
@@ -252,8 +283,9 @@ class DataChannel(DTPHandler):
         if self._buf is None:
             self._buf = bytearray(self.ac_in_buffer_size)
         buf = self._buf
+        size = self.move_limit(len(buf))
         try:
-            n = self._read(lambda: self.socket.recv_into(buf))
+            n = self._read(lambda: self.socket.recv_into(buf, size))
         except ftp_exceptions._RetryError:
             return
         except OSError:
@@ -262,6 +294,7 @@ class DataChannel(DTPHandler):
         if n is None:
             return
         self.tot_bytes_received += n
+        self.moved(n)
         try:
             f.write(memoryview(buf)[:n])
         except OSError as err:

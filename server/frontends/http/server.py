@@ -54,8 +54,8 @@ from scriptsftp.server.frontends.http import webdav
 from scriptsftp.server.contract.credentials import Credentials
 from scriptsftp.server.contract.errors import BadCredentials, FsError, IsADirectory, LoginRefused, NotFound
 from scriptsftp.server.frontends.http.util import (
-    CHUNK, Ctx, HttpError, HttpSession, Pools, StallWatch, decode_path, etag_of, href, http_date, not_found,
-    parse_http_date,
+    CHUNK, Ctx, HttpError, HttpSession, Pools, StallWatch, decode_path, etag_of, href, http_date, not_found, paced,
+    parse_http_date, read_size,
 )
 from scriptsftp.server.support.config import HttpSection, ServerSection
 from scriptsftp.server.support.listen import ConfigFiles, listen_addresses
@@ -422,8 +422,9 @@ class HttpListener:
             watch = StallWatch(ctx.request, self.stall_timeout)
             await resp.prepare(ctx.request)
             pos, remaining = start, length
+            down = ctx.session.bandwidth.down  # the user's, shared with all their sessions
             if remaining:
-                pending = ctx.io(handle.read, pos, min(CHUNK, remaining))
+                pending = ctx.io(handle.read, pos, read_size(down, remaining))
             while remaining:
                 assert pending is not None
                 data = await pending
@@ -433,7 +434,8 @@ class HttpListener:
                 pos += len(data)
                 remaining -= len(data)
                 if remaining:  # read the next chunk while this one is sent
-                    pending = ctx.io(handle.read, pos, min(CHUNK, remaining))
+                    pending = ctx.io(handle.read, pos, read_size(down, remaining))
+                await paced(down, len(data))
                 await resp.write(data)
                 watch.touch()
             await resp.write_eof()
@@ -506,10 +508,14 @@ class HttpListener:
         batch: list[bytes] = []
         batched = 0
         watch = StallWatch(req, self.stall_timeout)
+        up = ctx.session.bandwidth.up  # the user's, shared with all their sessions
         try:
             while True:
-                data = await req.content.readany()
+                # limited: one take's worth at a time (readany may give megabytes), read on
+                # only once the user's bucket allows
+                data = await (req.content.read(up.chunk) if up.rate else req.content.readany())
                 watch.touch()
+                await paced(up, len(data))
                 if data:
                     batch.append(data)
                     batched += len(data)

@@ -23,7 +23,7 @@ from scriptsftp.server.contract.errors import (
     AlreadyExists, DirectoryNotEmpty, Failure, FsError, InvalidPath, IsADirectory, LimitExceeded, NoSpace,
     NotADirectory, NotFound, PermissionDenied, Vetoed,
 )
-from scriptsftp.server.contract.ports import LocalSessionPort, LocalWriteHandle
+from scriptsftp.server.contract.ports import LocalSessionPort, LocalWriteHandle, ThrottlePort
 
 T = TypeVar("T")
 
@@ -245,6 +245,28 @@ def overwrite_flag(request: web.BaseRequest) -> bool:
     if value not in ("T", "F"):
         raise HttpError(400, "Overwrite header must be T or F")
     return value == "T"
+
+
+#: the longest one sleep of a transfer waiting for the user's bandwidth before it looks
+#: at the rate again (a limit changed meanwhile applies from there)
+BANDWIDTH_RECHECK = 0.25
+
+
+async def paced(throttle: ThrottlePort, n: int) -> None:
+    """Wait on the event loop, holding no thread, until the user's bucket lets ``n`` bytes
+    move (``bandwidth_up``/``_down``, shared with every session of the user). Costs one
+    attribute read for an unlimited user. A wait longer than the stall timeout shows as a
+    stall (StallWatch), as any transfer that moves nothing for that long."""
+    if not throttle.rate or n <= 0:
+        return
+    mark = throttle.charge(n)
+    while (wait := throttle.wait_for(mark)) > 0:
+        await asyncio.sleep(min(wait, BANDWIDTH_RECHECK))
+
+
+def read_size(throttle: ThrottlePort, remaining: int) -> int:
+    """Bytes of a download to read next: CHUNK, or one take's worth while the user is limited."""
+    return min(throttle.chunk if throttle.rate else CHUNK, remaining)
 
 
 class StallWatch:

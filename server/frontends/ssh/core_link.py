@@ -38,8 +38,8 @@ import paramiko
 from scriptsftp.server.contract import framing
 from scriptsftp.server.contract.errors import FsError
 from scriptsftp.server.contract.ports import (
-    ConnectionView, CorePort, DirHandlePort, Entry, HandlePort, ReadHandlePort, SessionPort, WriteHandlePort,
-    keyword_options, port_methods,
+    BandwidthPort, ConnectionView, CorePort, DirHandlePort, Entry, HandlePort, ReadHandlePort, SessionPort,
+    WriteHandlePort, keyword_options, port_methods,
 )
 
 log = logging.getLogger("scriptsftp.ssh")
@@ -47,6 +47,7 @@ log = logging.getLogger("scriptsftp.ssh")
 MAX_REQUEST = 1 << 20  # a path, a password, a key blob: far less
 MAX_READDIR = 1000  # entries per readdir answer, whatever the worker asks for
 OPENDIR_PREFETCH = 100  # entries sent with the opendir answer (one SFTP READDIR batch)
+MAX_PURCHASE = 16 << 20  # bytes of bandwidth a worker may buy at once, whatever it asks for
 
 _SESSION_PORT = port_methods(SessionPort)
 
@@ -123,6 +124,8 @@ class CoreLink:
         self.reads: dict[int, ReadHandlePort] = {}
         self.writes: dict[int, WriteHandlePort] = {}
         self.listings: dict[int, DirHandlePort] = {}
+        # the user's bandwidth buckets (every session of a connection is the same user's)
+        self.bandwidth: BandwidthPort | None = None
         self._numbers = iter(range(1, 1 << 62))
         self._after_reply: Callable[[], None] | None = None
         # (user, method) pairs whose credentials the core has accepted on this link: the
@@ -241,7 +244,31 @@ class CoreLink:
         session = self.core.open_session(self._need_conn(), protocol)
         number = next(self._numbers)
         self.sessions[number] = session
-        return {"sid": number, "id": session.id, "user": session.user}
+        self.bandwidth = session.bandwidth
+        return {"sid": number, "id": session.id, "user": session.user, "rates": self._rates()}
+
+    def _rates(self) -> list[int]:
+        """The user's bandwidth limits now, [up, down] bytes/s: a worker learns a changed one
+        from the answer to its next progress report or token purchase."""
+        bw = self.bandwidth
+        return [bw.up.rate, bw.down.rate] if bw is not None else [0, 0]
+
+    def _bandwidth(self, direction: object, n: object, mark: object) -> list:
+        """A worker's purchase of ``n`` bytes of the user's bandwidth (``mark`` None), or its
+        question how long the bytes it bought up to ``mark`` must still wait. Never waits
+        here: the worker sleeps, so the link stays free for the connection's other calls.
+        Answer: [mark, seconds to wait, up rate, down rate]."""
+        bw = self.bandwidth
+        if bw is None:
+            raise TypeError("no session yet")
+        if direction not in ("up", "down"):
+            raise TypeError(f"bandwidth direction {direction!r}")
+        throttle = bw.up if direction == "up" else bw.down
+        if mark is None:
+            mark = throttle.charge(min(_count(n), MAX_PURCHASE))
+        elif not isinstance(mark, (int, float)) or isinstance(mark, bool):
+            raise TypeError(f"bandwidth mark {mark!r}")
+        return [mark, throttle.wait_for(float(mark)), *self._rates()]
 
     def _session(self, number: int) -> SessionPort[Any]:
         return self.sessions[number]  # KeyError: an internal error, answered as such
@@ -308,12 +335,15 @@ class CoreLink:
             return read
         return self.listings.pop(hid)  # KeyError: an internal error, answered as such
 
-    def _progress(self, hid: int, count: object) -> None:
-        """A running transfer's byte count (about once a second): the admin API lists it."""
+    def _progress(self, hid: int, count: object) -> list[int]:
+        """A running transfer's byte count (about once a second): the admin API lists it.
+        The answer is the user's bandwidth limits now, so a transfer that began unlimited
+        is paced within a second of a limit set meanwhile."""
         if hid in self.writes:
             self.writes[hid].written = _count(count)
         elif hid in self.reads:
             self.reads[hid].sent = _count(count)
+        return self._rates()
 
     def _close_handle(self, hid: int, count: int) -> None:
         self._counted(hid, count).close()  # publishes an upload; a veto is the reply
@@ -323,7 +353,7 @@ class CoreLink:
 
     #: request name -> handler: the ports' requests (derived, see the module docstring),
     #: then the link's own (a session method by name, a listing's next batch, a handle's
-    #: end, a running transfer's byte count)
+    #: end, a running transfer's byte count, a purchase of the user's bandwidth)
     _OPS: dict[str, Callable[..., Any]] = {}
 
 
@@ -349,5 +379,5 @@ CoreLink._OPS = {
     **{request: getattr(CoreLink, f"_{request}") for request in SESSION_OWN_REQUESTS.values()},
     "call": CoreLink._call, "readdir": CoreLink._readdir,
     "close_handle": CoreLink._close_handle, "abort_handle": CoreLink._abort_handle,
-    "progress": CoreLink._progress,
+    "progress": CoreLink._progress, "bandwidth": CoreLink._bandwidth,
 }

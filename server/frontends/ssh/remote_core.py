@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any, Callable
 from scriptsftp.server.contract import errors, framing
 from scriptsftp.server.contract.dispatch import ALLOW, Decision
 from scriptsftp.server.contract.errors import FsError
-from scriptsftp.server.contract.ports import Entry, PublicKey
+from scriptsftp.server.contract.ports import Entry, PublicKey, throttle_chunk
 from scriptsftp.server.frontends.ssh.core_link import OPENDIR_PREFETCH, decode_entry
 from scriptsftp.server.support.fd_files import FdReader, FdWriter
 
 MAX_REPLY = 256 << 20  # a listing of a very large directory
 PROGRESS_INTERVAL = 1.0  # seconds between two byte counts of a running transfer sent to the core
+RECHECK = 0.25  # seconds a transfer waiting for bandwidth sleeps before it asks the core again
 
 _ERRORS: dict[str, type[FsError]] = {
     name: cls for name, cls in vars(errors).items() if isinstance(cls, type) and issubclass(cls, FsError)
@@ -54,6 +55,7 @@ class RemoteCore:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.conn: RemoteConnection | None = None
+        self.bandwidth = RemoteBandwidth(self)  # the user's; its rates come with the core's answers
         self._lock = threading.Lock()
         self._closed = False
 
@@ -96,11 +98,13 @@ class RemoteCore:
             if self._closed:
                 return
             framing.send(self.sock, {"op": "progress", "args": [hid, count]})
-            framing.receive(self.sock, MAX_REPLY, alternating=True)
+            reply, _ = framing.receive(self.sock, MAX_REPLY, alternating=True)
         except (OSError, ValueError):
             self._closed = True
+            return
         finally:
             self._lock.release()
+        self.bandwidth.update(reply.get("ok"))  # the user's limits now: one set meanwhile applies
 
     # --- LoginCore --------------------------------------------------------------
 
@@ -147,6 +151,7 @@ class RemoteCore:
 
     def open_session(self, conn: RemoteConnection, protocol: str | None = None) -> "RemoteSession":
         answer = self.value("open_session", protocol or conn.protocol)
+        self.bandwidth.update(answer.get("rates"))
         return RemoteSession(self, answer["sid"], answer["id"], answer["user"], protocol or conn.protocol)
 
 
@@ -160,6 +165,10 @@ class RemoteSession:
         self.user = user
         self.protocol = protocol
         self._closed = False
+
+    @property
+    def bandwidth(self) -> "RemoteBandwidth":
+        return self.core.bandwidth
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self.core.value("call", self.number, method, list(args), kwargs)
@@ -233,6 +242,72 @@ def _fd(fd: int | None) -> int:
     if fd is None:
         raise errors.Failure("the server did not open the file")
     return fd
+
+
+class RemoteThrottle:
+    """The user's bucket in one direction (a ``ThrottlePort``), which lives in the core, as
+    a worker's transfers spend it: bytes are bought from the core a chunk at a time
+    (``throttle_chunk`` of the rate, 4-256 KiB) and spent here, so a limited transfer costs
+    one round trip per chunk and an unlimited one none at all (``rate`` is 0: the front end
+    does not call). The core never waits for a purchase: it answers how long the bytes must
+    wait, and this thread sleeps, asking again every :data:`RECHECK` seconds so that a rate
+    changed meanwhile applies. ``rate`` is the last one the core told (every purchase, every
+    progress report, every session opened)."""
+
+    def __init__(self, core: RemoteCore, direction: str) -> None:
+        self.core = core
+        self.direction = direction
+        self.rate = 0
+        self._bought = 0  # bytes paid for and not yet moved, shared by the connection's transfers
+        self._lock = threading.Lock()
+
+    @property
+    def chunk(self) -> int:
+        return throttle_chunk(self.rate)
+
+    def charge(self, n: int) -> float:
+        return float(self._ask(n, None)[0])
+
+    def wait_for(self, mark: float) -> float:
+        return float(self._ask(0, mark)[1])
+
+    def _ask(self, n: int, mark: float | None) -> tuple[float, float]:
+        answer = self.core.value("bandwidth", self.direction, n, mark)
+        self.core.bandwidth.update(answer[2:])
+        return answer[0], answer[1]
+
+    def take(self, n: int, deadline: float | None) -> None:
+        with self._lock:
+            if self._bought >= n:
+                self._bought -= n
+                return
+            need, self._bought = n - self._bought, 0
+        buy = max(need, self.chunk)
+        mark, wait = self._ask(buy, None)
+        while wait > 0:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise errors.LimitExceeded(
+                    f"bandwidth limit of {self.rate} bytes/s: the transfer could not move {n} bytes "
+                    "within the stall timeout")
+            time.sleep(min(wait, RECHECK, deadline - now if deadline is not None else RECHECK))
+            wait = self.wait_for(mark)
+        with self._lock:
+            self._bought += buy - need
+
+
+class RemoteBandwidth:
+    """The connection's user's two buckets (a ``BandwidthPort``) as the worker sees them."""
+
+    def __init__(self, core: RemoteCore) -> None:
+        self.up = RemoteThrottle(core, "up")
+        self.down = RemoteThrottle(core, "down")
+
+    def update(self, rates: object) -> None:
+        """The limits the core sent ([up, down] bytes/s); anything else is ignored."""
+        if isinstance(rates, list) and len(rates) == 2 and all(
+                isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rates):
+            self.up.rate, self.down.rate = rates
 
 
 class _ReportsToCore:
@@ -359,7 +434,7 @@ class RemoteDirHandle:
 
 if TYPE_CHECKING:  # the worker's stand-ins fit the core's ports (server/contract/ports.py)
     from scriptsftp.server.contract.ports import (
-        CorePort, DirHandlePort, ReadHandlePort, SessionPort, WriteHandlePort,
+        BandwidthPort, CorePort, DirHandlePort, ReadHandlePort, SessionPort, ThrottlePort, WriteHandlePort,
     )
 
     def _core(core: RemoteCore) -> CorePort[RemoteConnection, RemoteSession]:
@@ -371,3 +446,6 @@ if TYPE_CHECKING:  # the worker's stand-ins fit the core's ports (server/contrac
     def _handles(read: RemoteReadHandle, write: RemoteWriteHandle, listing: RemoteDirHandle) -> tuple[
             ReadHandlePort, WriteHandlePort, DirHandlePort]:
         return read, write, listing
+
+    def _bandwidth(bandwidth: RemoteBandwidth, throttle: RemoteThrottle) -> tuple[BandwidthPort, ThrottlePort]:
+        return bandwidth, throttle

@@ -57,6 +57,7 @@ import getopt
 import logging
 import socket
 import stat as statmod
+import time
 from dataclasses import dataclass, field
 
 from contextlib import contextmanager
@@ -67,7 +68,7 @@ import paramiko
 from scriptsftp.server.frontends.ssh.paramiko_ext import send as paramiko_send
 from scriptsftp.server.contract.errors import Failure, FsError, NotFound
 from scriptsftp.server.contract.paths import join, split
-from scriptsftp.server.contract.ports import Entry, ReadHandlePort, SessionPort, WriteHandlePort
+from scriptsftp.server.contract.ports import Entry, ReadHandlePort, SessionPort, ThrottlePort, WriteHandlePort
 from scriptsftp.server.frontends.ssh.channels import ChannelHost, SSHLimits
 
 log = logging.getLogger("scriptsftp.scp")
@@ -305,6 +306,14 @@ class _Transfer:
         self.session = session
         self.options = options
         self.errors = 0
+        bandwidth = session.bandwidth  # the user's buckets, shared with all their sessions
+        self.up, self.down = bandwidth.up, bandwidth.down
+
+    def pace(self, throttle: ThrottlePort, n: int) -> None:
+        """Wait until the user's bucket lets ``n`` more bytes move (at most the stall timeout)."""
+        if throttle.rate:
+            stall = self.peer.limits.stall_timeout
+            throttle.take(n, time.monotonic() + stall if stall else None)
 
     def fail(self, message: str) -> None:
         """A per-file error: counted, logged, sent as ``\\x01`` (the transfer goes on)."""
@@ -452,6 +461,7 @@ class _Sink(_Transfer):
         for chunk in self.peer.data(size):
             if write_error is None:
                 try:
+                    self.pace(self.up, len(chunk))
                     handle.write(offset, chunk)
                 except FsError as exc:
                     write_error = exc  # keep reading: the stream must stay in step
@@ -622,10 +632,11 @@ class _Source(_Transfer):
         offset = 0
         read_error: FsError | None = None
         while offset < size:
-            n = min(CHUNK, size - offset)
+            n = min(self.down.chunk if self.down.rate else CHUNK, size - offset)
             data = b""
             if read_error is None:
                 try:
+                    self.pace(self.down, n)
                     data = handle.read(offset, n)
                 except FsError as exc:
                     read_error = exc

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from typing import Any, TypeVar
 
 import paramiko
@@ -147,6 +148,8 @@ class SFTPHandler(SFTPStream):
             channel.close()
             return False
         self.sid = self.session.id
+        bandwidth = self.session.bandwidth  # the user's buckets, shared with all their sessions
+        self._up, self._down = bandwidth.up, bandwidth.down
         return True
 
     def _end(self, timed_out: str | None) -> None:
@@ -162,6 +165,11 @@ class SFTPHandler(SFTPStream):
     def _transferring(self) -> bool:
         """A file is open: the stall timeout applies, not only the idle timeout."""
         return bool(self._reads or self._writes)
+
+    def _deadline(self) -> float | None:
+        """How long a READ or WRITE may wait for the user's bandwidth: the stall timeout."""
+        stall = self.limits.stall_timeout
+        return time.monotonic() + stall if stall else None
 
     # --- replies ------------------------------------------------------------
 
@@ -283,10 +291,13 @@ class SFTPHandler(SFTPStream):
             h = self._file(handle, "is a directory")
         length = min(length, self.limits.max_read)
         buf = bytearray(13 + length)  # the reply is read straight into place behind its header
+        limited = self._down.rate  # read first: the read may learn of a new limit (a worker's progress report)
         n = h.read_into(offset, memoryview(buf)[13:])
         if not n:
             self._reply_status(request, SFTP_EOF)
             return
+        if limited:  # the reply leaves once the user's bucket allows it
+            self._down.take(n, self._deadline())
         _DATA_HEADER.pack_into(buf, 0, n + 9, CMD_DATA, request, n)
         self._write_all(memoryview(buf)[:13 + n])
 
@@ -299,6 +310,8 @@ class SFTPHandler(SFTPStream):
             h = self._upload(handle)
         if len(data) > self.limits.max_read + 1024:
             raise _Reply(SFTP_FAILURE, "write request too large")
+        if self._up.rate:  # the write (and its reply, so the client's next) waits for the user's bucket
+            self._up.take(len(data), self._deadline())
         h.write(offset, data)  # a view of the request: the file write takes any buffer
         self._reply_status(request, SFTP_OK)
 

@@ -36,6 +36,7 @@ from paramiko.sftp import (
     SFTP_NO_SUCH_FILE, SFTP_OK, SFTP_OP_UNSUPPORTED, SFTP_PERMISSION_DENIED, SFTPError,
 )
 
+from scriptsftp.server.contract.ports import UNLIMITED, ThrottlePort
 from scriptsftp.server.frontends.ssh.channels import ChannelHost
 from scriptsftp.server.frontends.ssh.paramiko_ext import recv as paramiko_recv
 from scriptsftp.server.frontends.ssh.paramiko_ext import send as paramiko_send
@@ -98,6 +99,10 @@ class SFTPStream(paramiko.SubsystemHandler):
         self._last_request = time.monotonic()
         self._timed_out: str | None = None  # why the server closed the channel (idle, stall, queue), if it did
         self._overflowed = False  # closed for queueing more than max_queued request bytes
+        # the user's bandwidth (the subclass sets the session's): while either is limited,
+        # READ and WRITE are answered by the channel's thread, which may wait for it
+        self._up: ThrottlePort = UNLIMITED
+        self._down: ThrottlePort = UNLIMITED
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -221,6 +226,8 @@ class SFTPStream(paramiko.SubsystemHandler):
             if self._closed:
                 return False
             clear = self._clear_to_send
+            # a READ or WRITE may wait for the user's bandwidth: never in this thread
+            up, down = self._up, self._down
             while True:
                 if not clear.is_set():
                     kick = True  # key exchange: only the SFTP thread may wait for it
@@ -231,7 +238,8 @@ class SFTPStream(paramiko.SubsystemHandler):
                         break
                     continue
                 t, size = head
-                if t not in _INLINE or not self._window_holds(READ_REPLY_MAX if t == CMD_READ else 1024):
+                if t not in _INLINE or up.rate or down.rate or not self._window_holds(
+                        READ_REPLY_MAX if t == CMD_READ else 1024):
                     kick = True
                     break
                 self._answer()
