@@ -138,6 +138,7 @@ def http_get(c: http.client.HTTPConnection, path: str) -> bytes:
 
 def assert_shared(elapsed: float, total: int, transfers: int) -> None:
     floor = (total - BURST - transfers * CHUNK) / RATE
+    print(f"{transfers} transfers, {total} bytes at {RATE} bytes/s: {elapsed:.2f}s (ideal {total / RATE:.2f}s)")
     assert elapsed >= floor, f"{total} bytes in {elapsed:.2f}s: faster than {RATE} bytes/s allows (>= {floor:.2f}s)"
     ceiling = 1.5 * total / RATE + 3
     assert elapsed <= ceiling, f"{total} bytes in {elapsed:.2f}s: far slower than {RATE} bytes/s (<= {ceiling:.2f}s)"
@@ -214,6 +215,24 @@ def test_two_sftp_connections_in_different_ssh_workers_and_an_http_put_share_one
     assert_shared(max(t.took["one"], t.took["two"], t.took["http"]), 3 * MiB, 3)
     assert (d.home() / "w1" / "a.bin").read_bytes() == data[0]
     assert (d.home() / "c.bin").read_bytes() == data[2]
+
+
+def test_in_process_ssh_connections_share_one_bucket(daemons):
+    """``[sftp] processes = 1``: SFTP served in the daemon's own process, on the core's bucket."""
+    d = daemons.start(users=users(daemons), sftp_extra="processes = 1")
+    d.home().mkdir(parents=True, exist_ok=True)
+    one, two = sftp(d), sftp(d)
+    data = [os.urandom(3 * MiB // 2) for _ in range(2)]
+    try:
+        t = Timed()
+        t.add("one", lambda: one.putfo(io.BytesIO(data[0]), "a.bin"))
+        t.add("two", lambda: two.putfo(io.BytesIO(data[1]), "b.bin"))
+        elapsed = t.run()
+    finally:
+        close_client(one), close_client(two)
+    assert "ssh worker" not in d.log_text()
+    assert_shared(elapsed, 3 * MiB, 2)
+    assert (d.home() / "b.bin").read_bytes() == data[1]
 
 
 def test_scp_upload_is_paced(d, alice_key, tmp_path):
@@ -377,3 +396,48 @@ def test_a_limit_set_by_reload_slows_a_running_upload_within_a_second(daemons):
         close_client(client)
     assert rate_after[0] < 3 * SLOW, f"{rate_after[0]:.0f} bytes/s after a limit of {SLOW}"
 
+
+
+def test_a_limit_lifted_in_the_account_database_frees_a_running_download(daemons, alice_key):
+    """The account database (no reload): the watcher hands the changed account to the open
+    session, whose running download (in an SSH worker) is freed within a second."""
+    from scriptsftp.server.stores.accounts_db import AccountDb
+    from scriptsftp.server.stores.sql import SqliteDatabase
+    from scriptsftp.server.support.config import User
+
+    d = daemons.start()
+    home = d.root / "homes" / "carol"
+    home.mkdir(parents=True)
+    data = os.urandom(8 * MiB)
+    (home / "big.bin").write_bytes(data)
+    db = AccountDb(SqliteDatabase(d.root / "state" / "accounts.sqlite3"))
+    try:
+        db.add_user(User.model_validate({"name": "carol", "home": str(home), "public_keys": [alice_key.public_line],
+                                         "permissions": {"/": ["*"]}, "bandwidth_down": SLOW}, strict=False), "test")
+        client = paramiko_client(d, "carol", key=alice_key)
+        got = bytearray()
+
+        def download() -> None:
+            with client.open("big.bin", "rb") as f:
+                while chunk := f.read(32768):
+                    got.extend(chunk)
+
+        t = threading.Thread(target=download, daemon=True)
+        t.start()
+        try:
+            deadline = time.monotonic() + 10
+            while len(got) < 64 * 1024 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert 0 < len(got) < MiB
+            stored = db.get_user("carol")
+            assert stored is not None
+            db.update_user(stored.user.model_copy(update={"bandwidth_down": 0}), "test")
+            lifted = time.monotonic()
+            t.join(30)
+            assert not t.is_alive()
+            assert time.monotonic() - lifted < 6, f"{len(got)} bytes {time.monotonic() - lifted:.1f}s after the change"
+            assert bytes(got) == data
+        finally:
+            close_client(client)
+    finally:
+        db.close()
