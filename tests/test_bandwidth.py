@@ -29,12 +29,14 @@ import threading
 import time
 from typing import Callable
 
+import paramiko
 import pytest
 
 from conftest import (
     ALICE_PASSWORD, BOB_PASSWORD, SSH_OPTS, close_client, paramiko_client, require_tool, user_toml,
 )
 from httpkit import HTTP_EXTRA, basic
+from test_ftp import tls_files  # noqa: F401 (a fixture: a self-signed certificate for FTPS)
 
 RATE = 1 << 20  # bytes/s
 MiB = 1 << 20
@@ -441,3 +443,83 @@ def test_a_limit_lifted_in_the_account_database_frees_a_running_download(daemons
             close_client(client)
     finally:
         db.close()
+
+
+# --- edges ---------------------------------------------------------------------------------------
+
+
+def test_an_sftp_write_that_cannot_move_within_the_stall_timeout_ends_the_channel_and_publishes_nothing(daemons):
+    """4 KiB/s and a 2 s stall timeout: a 64 KiB WRITE would wait 15 s. The channel closes as
+    for a stalled transfer (its last one: paramiko reports the connection dropped); the log
+    names the bandwidth limit."""
+    d = daemons.start(users=users(daemons, up=4096, down=0), server_extra="stall_timeout = 2")
+    d.home().mkdir(parents=True, exist_ok=True)
+    client = sftp(d)
+    started = time.monotonic()
+    try:
+        with pytest.raises(paramiko.SSHException, match="connection dropped"):
+            with client.open("slow.bin", "wb") as f:
+                f.write(os.urandom(64 * 1024))
+                f.flush()
+    finally:
+        close_client(client)
+    assert time.monotonic() - started < 10
+    d.wait_log(r"bandwidth limit of 4096 bytes/s: the transfer could not move \d+ bytes within the stall timeout")
+    d.wait_log(r"upload /slow.bin aborted")
+    assert sorted(p.name for p in d.home().iterdir()) == []  # nothing published, no staging file left
+
+
+def test_a_killed_client_stops_spending_the_users_bandwidth(d):
+    """An SFTP client killed mid-upload (its requests still queued at the server) costs the
+    user's next transfer no more than a moment: the queued writes are not paced for nobody."""
+    client = sftp(d)
+    transport = client.get_channel().get_transport()
+
+    def upload() -> None:
+        try:
+            client.putfo(io.BytesIO(os.urandom(8 * MiB)), "killed.bin")
+        except Exception:
+            pass  # its connection is cut under it
+
+    t = threading.Thread(target=upload, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not list(d.home().glob(".scriptsftp-part-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    transport.sock.shutdown(2)  # the client is gone, its pipelined WRITEs still in the server's queue
+    transport.close()
+    d.wait_log(r"upload /killed.bin aborted", timeout=15)
+    t.join(10)
+    data = os.urandom(MiB)
+    other = sftp(d)
+    try:
+        t2 = Timed()
+        t2.add("next", lambda: other.putfo(io.BytesIO(data), "next.bin"))
+        elapsed = t2.run()
+    finally:
+        close_client(other)
+    assert (MiB - BURST - CHUNK) / RATE <= elapsed < 3 * MiB / RATE, f"the next upload took {elapsed:.2f}s"
+    assert (d.home() / "next.bin").read_bytes() == data
+    assert not (d.home() / "killed.bin").exists()
+
+
+def test_ftps_transfers_are_paced_too(daemons, tls_files):
+    """FTP over TLS (PROT P): no sendfile, pyftpdlib's own send and receive, whole TLS records."""
+    from test_ftp import ftp_section, ftps
+
+    d = daemons.start(ftp_section("explicit", *tls_files) + "\n", users=users(daemons))
+    d.home().mkdir(parents=True, exist_ok=True)
+    data = os.urandom(2 * MiB)
+    c = ftps(d)
+    try:
+        t = Timed()
+        t.add("up", lambda: c.storbinary("STOR tls.bin", io.BytesIO(data)))
+        assert_shared(t.run(), len(data), 1)
+        got = bytearray()
+        t = Timed()
+        t.add("down", lambda: c.retrbinary("RETR tls.bin", got.extend))
+        assert_shared(t.run(), len(data), 1)
+    finally:
+        c.quit()
+    assert bytes(got) == data and (d.home() / "tls.bin").read_bytes() == data

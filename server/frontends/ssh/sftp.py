@@ -18,6 +18,7 @@ a file alive after a script vetoed or deleted the other.
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 import time
 from typing import Any, TypeVar
@@ -38,8 +39,10 @@ from paramiko.sftp_attr import SFTPAttributes
 from scriptsftp.server.frontends.ssh.channels import ChannelHost
 from scriptsftp.server.frontends.ssh.paramiko_ext.sftp_attrs import attrs_with_flags, flags_of, pack_attrs
 from scriptsftp.server.frontends.ssh.sftp_stream import SFTPStream
-from scriptsftp.server.contract.errors import FsError, NotFound, PermissionDenied
-from scriptsftp.server.contract.ports import DirHandlePort, Entry, HandlePort, ReadHandlePort, SessionPort, WriteHandlePort
+from scriptsftp.server.contract.errors import FsError, LimitExceeded, NotFound, PermissionDenied
+from scriptsftp.server.contract.ports import (
+    DirHandlePort, Entry, HandlePort, ReadHandlePort, SessionPort, ThrottlePort, WriteHandlePort,
+)
 from scriptsftp.server.support.logs import BoundedLog
 
 log = logging.getLogger("scriptsftp.sftp")
@@ -166,10 +169,19 @@ class SFTPHandler(SFTPStream):
         """A file is open: the stall timeout applies, not only the idle timeout."""
         return bool(self._reads or self._writes)
 
-    def _deadline(self) -> float | None:
-        """How long a READ or WRITE may wait for the user's bandwidth: the stall timeout."""
+    def _pace(self, throttle: ThrottlePort, n: int) -> None:
+        """Wait until the user's bucket lets ``n`` more bytes move. Not for a client that is
+        gone (the requests it left queued would spend the user's bandwidth for nothing); and
+        not past the stall timeout: a READ or WRITE that cannot move within it is a stalled
+        transfer, and the channel closes as for one (its uploads discarded, never published)."""
+        if self.sock.closed:
+            raise EOFError("channel closed")
         stall = self.limits.stall_timeout
-        return time.monotonic() + stall if stall else None
+        try:
+            throttle.take(n, time.monotonic() + stall if stall else None)
+        except LimitExceeded as exc:
+            log.info("sftp %s", exc.message, extra={"sid": self.sid})
+            raise socket.timeout(exc.message) from None
 
     # --- replies ------------------------------------------------------------
 
@@ -297,7 +309,7 @@ class SFTPHandler(SFTPStream):
             self._reply_status(request, SFTP_EOF)
             return
         if limited:  # the reply leaves once the user's bucket allows it
-            self._down.take(n, self._deadline())
+            self._pace(self._down, n)
         _DATA_HEADER.pack_into(buf, 0, n + 9, CMD_DATA, request, n)
         self._write_all(memoryview(buf)[:13 + n])
 
@@ -311,7 +323,7 @@ class SFTPHandler(SFTPStream):
         if len(data) > self.limits.max_read + 1024:
             raise _Reply(SFTP_FAILURE, "write request too large")
         if self._up.rate:  # the write (and its reply, so the client's next) waits for the user's bucket
-            self._up.take(len(data), self._deadline())
+            self._pace(self._up, len(data))
         h.write(offset, data)  # a view of the request: the file write takes any buffer
         self._reply_status(request, SFTP_OK)
 
