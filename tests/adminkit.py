@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import pytest
 
+import openapi_check
 from conftest import Daemon, DaemonFactory, toml_str
 
 TOKEN = "admin-token-7f3a9c"
@@ -43,9 +44,8 @@ def binding(event: str, script: str, **kw: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def call(d: Daemon, method: str, path: str, *, token: str | None = TOKEN, data: bytes | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
-    """(status, parsed JSON or text, headers) of one admin API request; never raises on HTTP errors."""
+def _raw(d: Daemon, method: str, path: str, token: str | None, data: bytes | None,
+         headers: dict[str, str] | None) -> tuple[int, bytes, dict[str, str]]:
     req = urllib.request.Request(f"http://127.0.0.1:{d.ports['admin']}{path}", method=method,
                                  data=data if data is not None else (b"" if method == "POST" else None))
     if token is not None:
@@ -54,10 +54,41 @@ def call(d: Daemon, method: str, path: str, *, token: str | None = TOKEN, data: 
         req.add_header(k, v)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
-            status, body, hdrs = resp.status, resp.read(), dict(resp.headers)
+            return resp.status, resp.read(), dict(resp.headers)
     except urllib.error.HTTPError as exc:
-        status, body, hdrs = exc.code, exc.read(), dict(exc.headers)
-    text = body.decode("utf-8", "replace")
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+_documents: dict[tuple[int, int], Any] = {}
+
+
+def openapi(d: Daemon, token: str | None = TOKEN) -> Any:
+    """The validator built from the daemon's own /api/openapi.json (fetched once per daemon)."""
+    key = (d.proc.pid, d.ports["admin"])
+    if key not in _documents:
+        for candidate in dict.fromkeys((token, TOKEN, None)):
+            status, body, _ = _raw(d, "GET", "/api/openapi.json", candidate, None, None)
+            if status == 200:
+                _documents[key] = openapi_check.load(json.loads(body))
+                break
+        else:
+            raise AssertionError(f"the daemon serves no /api/openapi.json ({status}: {body[:200]!r})")
+    return _documents[key]
+
+
+def call(d: Daemon, method: str, path: str, *, token: str | None = TOKEN, data: bytes | None = None,
+         headers: dict[str, str] | None = None, body: Any = None) -> tuple[int, Any, dict[str, str]]:
+    """(status, parsed JSON or text, headers) of one admin API request; never raises on HTTP errors.
+    ``body``: sent as JSON. Every answer of the API is checked against the daemon's OpenAPI
+    document (openapi_check.py): one it does not describe fails the test."""
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **(headers or {})}
+    status, raw, hdrs = _raw(d, method, path, token, data, headers)
+    if openapi_check.documented(path):
+        openapi_check.check_response(openapi(d, token), f"http://127.0.0.1:{d.ports['admin']}", method, path,
+                                     status, hdrs, raw)
+    text = raw.decode("utf-8", "replace")
     if hdrs.get("Content-Type", "").startswith("application/json"):
         return status, json.loads(text), hdrs
     return status, text, hdrs

@@ -95,6 +95,7 @@ CHANGES: dict[str, Any] = {
     "ftp.tls": "explicit", "ftp.certificate": "other.pem", "ftp.private_key": "other.key",
     "http.listen": "127.0.0.1:1", "http.certificate": "c.pem", "http.private_key": "k.pem",
     "admin.listen": "127.0.0.1:1", "admin.token_hash": "ALICE_HASH",
+    "admin.tokens": [{"name": "reader", "token_hash": "BOB_HASH", "scope": "read"}],
     "uploads.quarantine": "quarantine", "uploads.on_restart": "discard",
     "defender.allow_list": ["127.0.0.0/8"],
     "scripts.dir": "scripts2", "scripts.fs_admin_root": "adminroot", "scripts.schedule_tick": 30.0,
@@ -173,6 +174,10 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _resolve(daemons: DaemonFactory, value: Any) -> Any:
+    if isinstance(value, list):
+        return [_resolve(daemons, v) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve(daemons, v) for k, v in value.items()}
     return {"ALICE_HASH": daemons.hashes["alice"], "BOB_HASH": daemons.hashes["bob"]}.get(value, value) \
         if isinstance(value, str) else value
 

@@ -4,12 +4,12 @@ An aiohttp application on its own event loop in its own thread: nothing it
 does (a slow scrape, an audit query, a reload) runs on a transfer's thread,
 and the front ends never import it (docs/architecture.md rule 1).
 
-Authentication is one bearer token whose argon2id hash is ``[admin]
-token_hash`` (``scriptsftp hash-password`` makes it). Verifying costs ~150 ms
-of CPU, so the result is cached per token digest (a SHA-256 of the hash and
-the token, compared in constant time) and verifications run one at a time
-off the event loop. Without a token the API only listens on loopback; config
-validation and :func:`make_listener` both refuse anything else.
+Authentication is by named bearer tokens with a scope (read: GET only; write:
+everything), each kept as an argon2id hash: ``[[admin.tokens]]``, and ``[admin]
+token_hash`` as the write token "admin" (admin_tokens.py verifies and caches
+them). A read token on any other method gets 403. Without a token the API only
+listens on loopback; config validation and :func:`make_listener` both refuse
+anything else.
 
 Endpoints: see docs/admin.md. ``/healthz`` needs no token; the dashboard at
 ``/`` accepts the token in the Authorization header or a cookie set by the
@@ -24,9 +24,8 @@ bans) and the two things it may do (reload; kick, through a connection's
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import ipaddress
+import json
 import logging
 import re
 import secrets
@@ -34,20 +33,18 @@ import socket
 import threading
 import time
 import weakref
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, Sequence
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 
 from scriptsftp.server import __version__
 
 from scriptsftp.server.contract.scripting import ScriptEngineLifecycle
 from scriptsftp.server.core.session import ReadHandle, WriteHandle
+from scriptsftp.server.ops import openapi
+from scriptsftp.server.ops.admin_tokens import GRANT, TokenChecker
 from scriptsftp.server.support import metrics
 from scriptsftp.server.support.config import AdminSection, ConfigError, is_loopback
 from scriptsftp.server.support.listen import ConfigFiles, Listener
@@ -64,10 +61,8 @@ COOKIE = "scriptsftp_admin"
 WEB_SESSION_TTL = 8 * 3600.0
 LINK_TTL = 120.0
 MAX_WEB_SESSIONS = 256
-MAX_PENDING_VERIFY = 8        # new tokens waiting for an argon2 verify; more are refused at once
-FAILED_VERIFY_PAUSE = 0.35    # seconds the verifier rests after a wrong token
+MAX_BODY = 64 * 1024          # request bodies (account definitions are far smaller); 413 beyond
 ADMIN_IDLE_SECONDS = 60.0     # a kept-alive admin connection with no new request is closed after this
-_hasher = PasswordHasher()
 
 
 # --- the port ------------------------------------------------------------------------------
@@ -92,7 +87,7 @@ class AdminPort(Protocol):
     def config_path(self) -> Path: ...
 
     @property
-    def admin(self) -> AdminSection: ...  # [admin] as running now (token_hash is live)
+    def admin(self) -> AdminSection: ...  # [admin] as running now (token_hash and tokens are live)
 
     @property
     def preauth_timeout(self) -> float: ...  # [server] preauth_timeout, live
@@ -122,65 +117,7 @@ class AdminPort(Protocol):
         """Re-read the config and apply it all, or nothing; False if refused."""
 
 
-# --- the token ----------------------------------------------------------------------------
-
-
-class TokenChecker:
-    """Is this bearer token the one whose hash is configured? Cached, constant-time, one verify at a time."""
-
-    def __init__(self, get_hash: Callable[[], str], loopback: bool) -> None:
-        self._get_hash = get_hash
-        self._loopback = loopback
-        self._good: dict[str, bytes] = {}          # token_hash -> digest of the token that verified
-        self._bad: OrderedDict[bytes, None] = OrderedDict()
-        self._lock = threading.Lock()
-        self._pending = 0
-        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="scriptsftp-admin-verify")
-
-    @property
-    def required(self) -> bool:
-        return bool(self._get_hash())
-
-    async def check(self, token: str | None) -> bool:
-        stored = self._get_hash()
-        if not stored:
-            return self._loopback  # no token configured: only ever reachable from this host
-        if not token:
-            return False
-        digest = hashlib.sha256(stored.encode() + b"\0" + token.encode("utf-8", "replace")).digest()
-        with self._lock:
-            good = self._good.get(stored)
-            if good is not None and hmac.compare_digest(good, digest):
-                return True
-            if digest in self._bad or self._pending >= MAX_PENDING_VERIFY:
-                return False  # known wrong, or a flood of new tokens: refuse without spending CPU
-            self._pending += 1
-        try:
-            ok = await asyncio.get_running_loop().run_in_executor(self._verifier, _verify, stored, token)
-        finally:
-            with self._lock:
-                self._pending -= 1
-        with self._lock:
-            if ok:
-                self._good = {stored: digest}
-            else:
-                self._bad[digest] = None
-                while len(self._bad) > 1024:
-                    self._bad.popitem(last=False)
-        return ok
-
-    def close(self) -> None:
-        self._verifier.shutdown(wait=False, cancel_futures=True)
-
-
-def _verify(stored: str, token: str) -> bool:
-    try:
-        return _hasher.verify(stored, token)
-    except (VerificationError, InvalidHashError):
-        # Runs on the one verifier thread: pausing here caps wrong-token guesses at a few per
-        # second, so a flood costs a fraction of one core instead of all of it.
-        time.sleep(FAILED_VERIFY_PAUSE)
-        return False
+# --- the caller ---------------------------------------------------------------------------
 
 
 def _loopback_name(host: str | None) -> bool:
@@ -296,7 +233,7 @@ class AdminListener:
     def __init__(self, server: AdminPort, host: str, port: int) -> None:
         self.server = server
         self.host, self.port = host, port
-        self.tokens = TokenChecker(lambda: self.server.admin.token_hash, is_loopback(f"{host}:{port}"))
+        self.tokens = TokenChecker(lambda: self.server.admin.all_tokens(), is_loopback(f"{host}:{port}"))
         self._bound: list[str] = []
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -307,7 +244,7 @@ class AdminListener:
         self._links: dict[str, float] = {}          # one-time login codes -> expiry
         self._reload_lock = threading.Lock()
         self._requested: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()  # sent a request
-        metrics.install(server)
+        self._document: bytes | None = None  # /api/openapi.json, made on first request
 
     # --- Listener protocol ---
 
@@ -316,6 +253,7 @@ class AdminListener:
         return list(self._bound)
 
     def start(self) -> None:
+        metrics.install(self.server)
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.create_server((self.host, self.port), family=family, reuse_port=False)
         self._sock = sock
@@ -329,7 +267,7 @@ class AdminListener:
             self._loop = loop
             asyncio.set_event_loop(loop)
             try:
-                self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False,
+                self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
                                              keepalive_timeout=ADMIN_IDLE_SECONDS)
                 loop.run_until_complete(self._runner.setup())
                 self._bound_first_request(self._runner.server)
@@ -348,7 +286,8 @@ class AdminListener:
         if errors:
             raise errors[0]
         if not self.tokens.required:
-            log.warning("admin API on %s has no token_hash: anyone on this host can use it", self._bound[0])
+            log.warning("admin API on %s has no token (token_hash, tokens): anyone on this host can use it",
+                        self._bound[0])
 
     def _bound_first_request(self, server: Any) -> None:
         """aiohttp waits for ever for a connection's first request (keepalive_timeout counts
@@ -394,11 +333,13 @@ class AdminListener:
 
     # --- app ---
 
-    def _app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024)
+    def build_app(self) -> web.Application:
+        """Every route of the listener (tests/test_openapi.py holds them to openapi.OPERATIONS)."""
+        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
         r = app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/metrics", self.metrics)
+        r.add_get("/api/openapi.json", self.openapi)
         r.add_get("/api/status", self.status)
         r.add_get("/api/sessions", self.sessions)
         r.add_delete("/api/sessions/{id}", self.kick)
@@ -432,9 +373,14 @@ class AdminListener:
                 token = _bearer(request)
                 if self.tokens.required and token is None:
                     return self._unauthorized("missing bearer token (Authorization: Bearer TOKEN)")
-                if not await self.tokens.check(token):
+                grant = await self.tokens.check(token)
+                if grant is None:
                     log.warning("admin API: wrong token from %s for %s %s", request.remote, request.method, path)
                     return self._unauthorized("wrong token")
+                if not grant.allows(request.method):
+                    log.warning("admin API: read-only token %r refused %s %s", grant.name, request.method, path)
+                    return _error(403, f"token {grant.name!r} is read-only (scope \"read\": GET requests only)")
+                request[GRANT] = grant
             try:
                 resp = await handler(request)
             except web.HTTPException:
@@ -464,6 +410,11 @@ class AdminListener:
         if health is not None and (health.get("closed") or health.get("alive", 0) == 0):
             return web.json_response({"status": "degraded", "reason": "no script workers alive"}, status=503)
         return web.json_response({"status": "ok"})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        if self._document is None:
+            self._document = json.dumps(openapi.document(__version__), separators=(",", ":")).encode()
+        return web.Response(body=self._document, content_type="application/json")
 
     async def metrics(self, request: web.Request) -> web.Response:
         body, ctype = await self._blocking(metrics.exposition)
@@ -628,7 +579,7 @@ class AdminListener:
     async def login_form(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
         token = str(form.get("token", ""))
-        if not token or not await self.tokens.check(token):
+        if not token or await self.tokens.check(token) is None:
             log.warning("dashboard: wrong token from %s", request.remote)
             return self._page(render_login("wrong token"), 401)
         resp = web.HTTPSeeOther("/")
@@ -655,7 +606,7 @@ class AdminListener:
         if self._cookie_ok(request):
             return True
         token = _bearer(request)
-        return (token is not None or not self.tokens.required) and await self.tokens.check(token)
+        return (token is not None or not self.tokens.required) and await self.tokens.check(token) is not None
 
     async def dashboard(self, request: web.Request) -> web.Response:
         if not await self._dashboard_allowed(request):
@@ -700,11 +651,11 @@ from scriptsftp.server.ops.dashboard import render_accounts, render_dashboard, r
 
 def make_listener(server: AdminPort, a: AdminSection, files: ConfigFiles) -> AdminListener:
     """The daemon's entry point; refuses a non-loopback address without a token (a clear startup error)."""
-    if not a.token_hash and not is_loopback(a.listen):
+    if not a.all_tokens() and not is_loopback(a.listen):
         raise ConfigError([f"{files.where(('admin', 'listen'))}: {a.listen!r} is not a loopback address "
-                           "and [admin] token_hash is empty: set a token (`scriptsftp hash-password`)"])
+                           "and [admin] has no token_hash or tokens: set a token (`scriptsftp hash-password`)"])
     host, _, port = a.listen.rpartition(":")
     return AdminListener(server, host.strip("[]"), int(port))
 
 
-__all__ = ["make_listener", "AdminListener", "AdminPort", "ConnectionRegistry", "TokenChecker", "parse_since"]
+__all__ = ["make_listener", "AdminListener", "AdminPort", "ConnectionRegistry", "GRANT", "TokenChecker", "parse_since"]

@@ -179,20 +179,68 @@ class HttpSection(_Model):
     _listen = field_validator("listen")(_listen_validator)
 
 
+LEGACY_TOKEN_NAME = "admin"
+"""What ``[admin] token_hash`` is called: a write token, and the actor of the changes made with it."""
+
+
+def _check_token_hash(v: str) -> str:
+    if v and not v.startswith("$argon2id$"):
+        raise ValueError("not an argon2id hash (make one with `scriptsftp hash-password`)")
+    return v
+
+
+class AdminToken(_Model):
+    """One named bearer token of the admin API (``[[admin.tokens]]``). Only its argon2id hash
+    is kept; its name is the actor recorded for every account change made with it."""
+
+    name: str
+    token_hash: Annotated[str, Field(min_length=1)]
+    scope: Literal["read", "write"] = "read"
+    """read: GET requests only (status, sessions, events, accounts); write: everything."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}", v):
+            raise ValueError(f"{v!r} is not a valid token name (letters, digits, _ . @ -; at most 64)")
+        return v
+
+    @field_validator("token_hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        return _check_token_hash(v)
+
+
 class AdminSection(_Model):
     enabled: bool = False
     listen: str = "127.0.0.1:8081"
     token_hash: str = ""
+    """The hash of a write token named "admin" (kept from before named tokens; ``tokens`` may sit beside it)."""
+    tokens: list[AdminToken] = []
+    """Named tokens with a scope; any of them makes the API require a token."""
 
     _listen = field_validator("listen")(_listen_validator)
+
+    def all_tokens(self) -> list[AdminToken]:
+        """Every token the API accepts: ``token_hash`` as the write token "admin", then ``tokens``."""
+        legacy = [AdminToken(name=LEGACY_TOKEN_NAME, token_hash=self.token_hash, scope="write")] \
+            if self.token_hash else []
+        return legacy + list(self.tokens)
 
     @model_validator(mode="after")
     def _token_needed(self) -> "AdminSection":
         # server/ops/admin.py: the API can kick sessions and reload; off loopback it needs a token.
-        if self.token_hash and not self.token_hash.startswith("$argon2id$"):
-            raise ValueError("token_hash: not an argon2id hash (make one with `scriptsftp hash-password`)")
-        if self.enabled and not self.token_hash and not is_loopback(self.listen):
-            raise ValueError(f"listen {self.listen!r} is not a loopback address: set token_hash "
+        if self.token_hash:
+            try:
+                _check_token_hash(self.token_hash)
+            except ValueError as exc:
+                raise ValueError(f"token_hash: {exc}") from None
+        names = [t.name for t in self.all_tokens()]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            taken = " (token_hash is the token named \"admin\")" if name == LEGACY_TOKEN_NAME and self.token_hash else ""
+            raise ValueError(f"tokens: the name {name!r} is used twice{taken}")
+        if self.enabled and not names and not is_loopback(self.listen):
+            raise ValueError(f"listen {self.listen!r} is not a loopback address: set token_hash or tokens "
                              "(`scriptsftp hash-password`) or listen on 127.0.0.1")
         return self
 

@@ -1,0 +1,216 @@
+"""The shapes of the admin API's JSON, as pydantic models, so /api/openapi.json is generated
+from them (openapi.py) instead of copied by hand.
+
+The account bodies are not here: they are the configuration's own models (``config.User``,
+``Group``, ``Folder``), so a key the file accepts is one the API accepts, with the same
+validation and the same messages. What is here are the replies of the other endpoints and
+the bits the account endpoints add around the config models (stamps, keys, passwords).
+The handlers build plain dicts; tests/test_admin_accounts.py and tests/test_openapi.py
+validate every reply they receive against the document, which is how a drift between a
+handler and its model shows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Reply(BaseModel):
+    # Replies may grow a field without breaking a client: the document says so (no
+    # additionalProperties: false), only the request bodies are strict.
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorReply(_Reply):
+    """Every refusal: a sentence for a human, and per field what is wrong with a body."""
+
+    error: str
+    fields: dict[str, str] = Field(default_factory=dict,
+                                   description="Per field of the request body (dotted path), what is wrong.")
+
+
+class Health(_Reply):
+    status: Literal["ok", "degraded"]
+    reason: str = ""
+
+
+class ListenerInfo(_Reply):
+    name: str
+    bound: list[str]
+    active: int
+
+
+class Status(_Reply):
+    version: str
+    started: float
+    uptime: float
+    config: str
+    pending_restart: list[str] = Field(description="Keys changed in the file that wait for a restart.")
+    listeners: list[ListenerInfo]
+    sessions: int
+    workers: dict[str, Any] | None
+    scripts: int
+    audit: dict[str, int] | None
+    outbox: dict[str, int] | None
+
+
+class Transfer(_Reply):
+    path: str
+    direction: Literal["upload", "download"]
+    bytes: int
+    seconds: float
+
+
+class SessionInfo(_Reply):
+    id: str
+    protocol: str
+    remote_ip: str
+    user: str | None
+    started: float
+    seconds: float
+    channels: list[str]
+    bytes_in: int
+    bytes_out: int
+    transfers: list[Transfer]
+
+
+class Kicked(_Reply):
+    kicked: str
+    user: str | None
+
+
+class ScriptBinding(_Reply):
+    event: str
+    function: str | None
+    order: int
+    mode: str
+    paths: list[str]
+    users: list[str]
+
+
+class ScriptError(_Reply):
+    message: str
+    line: int | None
+    time: float | None
+    kind: str | None
+    event: str | None
+
+
+class ScriptInfo(_Reply):
+    name: str
+    status: Literal["ok", "error", "missing"]
+    sha256: str | None
+    loaded_at: float | None
+    functions: list[str]
+    bindings: list[ScriptBinding]
+    last_error: ScriptError | None
+
+
+class ReloadResult(_Reply):
+    ok: bool
+    errors: list[str]
+    pending_restart: list[str]
+
+
+class ScriptRun(_Reply):
+    time: float
+    script: str
+    function: str
+    mode: str
+    verdict: str
+    reason: str
+    duration: float
+    error_kind: str | None
+    error_line: int | None
+    logs: list[Any]
+    queued: float
+
+
+class AuditEvent(_Reply):
+    id: str
+    time: float
+    name: str
+    session_id: str
+    protocol: str
+    remote_ip: str
+    user: str
+    path: str
+    target: str
+    size: int | None
+    decision: str
+    reason: str
+    decided_by: str
+    runs: list[ScriptRun]
+
+
+class Ban(_Reply):
+    ip: str = Field(description="An address, a network, or user:NAME for a user's password lock.")
+    score: float
+    banned_until: float
+    ban_count: int
+    reason: str
+
+
+class Unbanned(_Reply):
+    unbanned: str
+
+
+class LoginLink(_Reply):
+    path: str
+    url: str
+    expires_in: float
+
+
+# --- around the account models ------------------------------------------------------------
+
+
+class Stamps(_Reply):
+    """When and by whom an account entry was made and last changed (``api:TOKEN``, ``cli:USER``, ``import``)."""
+
+    created_at: float
+    created_by: str
+    updated_at: float
+    updated_by: str
+
+
+class UserStamps(Stamps):
+    password_changed: float | None
+    last_login: float | None
+    has_password: bool
+
+
+class PasswordBody(BaseModel):
+    """A new password (hashed by the server with argon2id; never stored or logged as sent),
+    or a hash made elsewhere with ``scriptsftp hash-password``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    password: str | None = Field(default=None, min_length=1, max_length=1024)
+    password_hash: str | None = None
+
+
+class DisableBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="", max_length=1000,
+                        description="Shown to the client where the protocol carries it, and logged.")
+
+
+class KeyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(max_length=16384, description='One OpenSSH public key line, e.g. "ssh-ed25519 AAAA… comment".')
+
+
+class KeyInfo(_Reply):
+    fingerprint: str = Field(description='"SHA256:…" as ssh-keygen -l prints it.')
+    key: str
+
+
+#: every model the document's components hold, by the name it has there
+REPLY_MODELS: tuple[type[BaseModel], ...] = (
+    ErrorReply, Health, Status, SessionInfo, Kicked, ScriptInfo, ReloadResult, AuditEvent, Ban, Unbanned,
+    LoginLink, UserStamps, Stamps, PasswordBody, DisableBody, KeyBody, KeyInfo,
+)
