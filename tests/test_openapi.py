@@ -82,6 +82,11 @@ def test_account_bodies_come_from_the_config_models():
         assert schemas[f"{name}Create"]["additionalProperties"] is False  # unknown keys are refused
         reply = set(schemas[name]["properties"])
         assert not reply & set(openapi.SECRET_FIELDS), name
+    # the field docstrings of the config models explain the fields in the document too
+    doc = openapi.document(__version__)["components"]["schemas"]
+    if "UserCreate" in doc:
+        assert "no limit" in doc["UserCreate"]["properties"]["quota_size"]["description"]
+    assert openapi.field_docs(User)["quota_files"] == "Files the home may hold; 0: no limit."
 
 
 def test_the_daemon_serves_the_document_to_any_token(daemons, token_hash):  # noqa: F811

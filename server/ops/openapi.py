@@ -17,8 +17,11 @@ checks it on every reply.
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import re
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +29,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from scriptsftp.server.ops import api_models as M
-from scriptsftp.server.support.config import Folder, Group, User
+from scriptsftp.server.support.config import Filter, Folder, Group, User
 
 OPENAPI_VERSION = "3.1.0"
 REF = "#/components/schemas/{model}"
@@ -181,11 +184,40 @@ def _schema_of(model: type[BaseModel]) -> dict[str, Any]:
     return schema
 
 
+def field_docs(model: type[BaseModel]) -> dict[str, str]:
+    """The docstring under each field of ``model`` and its bases (the config models document
+    their keys that way), so the document explains a field as docs/configuration.md does."""
+    docs: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls is BaseModel:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt, after in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[stmt.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _describe_fields(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    for name, doc in field_docs(model).items():
+        prop = schema.get("properties", {}).get(name)
+        if prop is not None and "description" not in prop:
+            prop["description"] = doc
+
+
 def _account_schemas() -> dict[str, Any]:
     """User, Group and Folder in their three forms (create, patch, reply), from the config models."""
     _, top = models_json_schema([(User, "validation"), (Group, "validation"), (Folder, "validation")],
                                 ref_template=REF)
     defs: dict[str, Any] = dict(top.get("$defs", {}))
+    for model in (User, Group, Folder, Filter):
+        _describe_fields(defs[model.__name__], model)
     out: dict[str, Any] = {k: v for k, v in defs.items() if k not in ("User", "Group", "Folder")}
     for model, extra in ((User, M.UserStamps), (Group, M.Stamps), (Folder, M.Stamps)):
         name = model.__name__
