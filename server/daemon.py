@@ -574,6 +574,10 @@ class AdminView:
     def accounts(self) -> "AccountsOfDaemon":
         return AccountsOfDaemon(self._daemon)
 
+    @property
+    def account_db(self) -> AccountDb:
+        return self._daemon.account_db
+
     def reload(self) -> bool:
         return self._daemon.reload()
 

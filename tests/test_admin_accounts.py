@@ -7,6 +7,7 @@ daemon's /api/openapi.json (openapi_check.py).
 from __future__ import annotations
 
 import subprocess
+import urllib.parse
 
 import pytest
 
@@ -99,3 +100,123 @@ def test_token_configuration_errors_name_the_key(daemons, token_hash, scoped_has
                                + f'[[admin.tokens]]\nname = "a"\ntoken_hash = {reader}\n')
     proc = subprocess.run([str(BIN), "check", "-c", str(cfg)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- accounts over the API -----------------------------------------------------------------------
+
+
+def _api_daemon(daemons, token_hash, scoped_hashes):  # noqa: F811
+    return daemons.start(admin_toml(token_hash, bindings=tokens_toml(scoped_hashes)))
+
+
+def _changes(d) -> list[tuple[str, str, str, str]]:
+    """(actor, kind, name, action) of the account database's change feed, read as another process would."""
+    from scriptsftp.server.stores.accounts_db import AccountDb
+    from scriptsftp.server.stores.sql import SqliteDatabase
+
+    db = AccountDb(SqliteDatabase(d.root / "state" / "accounts.sqlite3"))
+    try:
+        return [(c.actor, c.kind, c.name, c.action) for c in db.changes_since(0)]
+    finally:
+        db.close()
+
+
+def _write(d, method: str, path: str, body=None, **kw):
+    return call(d, method, path, token=WRITE_TOKEN, body=body, **kw)
+
+
+def test_a_user_created_over_the_api_logs_in_with_openssh_at_once_and_follows_every_change(
+        daemons, token_hash, scoped_hashes, alice_key, bob_key, tmp_path):  # noqa: F811
+    import time
+
+    from conftest import paramiko_client, sftp_batch
+
+    d = _api_daemon(daemons, token_hash, scoped_hashes)
+    home = d.root / "homes" / "carol"
+    password = "carol-Pass-42 with spaces"
+    status, body, headers = _write(d, "POST", "/api/users", {
+        "name": "carol", "home": str(home), "public_keys": [alice_key.public_line],
+        "permissions": {"/": ["*"]}, "quota_size": "1GiB", "password": password})
+    created = time.monotonic()
+    assert status == 201, body
+    assert headers["Location"] == "/api/users/carol"
+    proc = sftp_batch(d, "put /etc/hostname h.txt\nls\n", alice_key, user="carol")
+    started_within = time.monotonic() - created
+    assert proc.returncode == 0, (proc.stdout, proc.stderr, d.log_text()[-3000:])
+    assert started_within < 1.0 + 2.0  # the first attempt, right after the 201 (the rest is sftp's own start)
+    assert (home / "h.txt").read_bytes() == open("/etc/hostname", "rb").read()
+    assert body["has_password"] is True and body["quota_size"] == 2**30
+    assert body["created_by"] == body["updated_by"] == "api:provisioning"
+    assert "password_hash" not in body and "password" not in body
+    assert password not in d.log_text()
+
+    # the read token sees it, and may change nothing
+    assert get(d, "/api/users/carol", token=READ_TOKEN)["home"] == str(home)
+    assert [u["name"] for u in get(d, "/api/users", token=READ_TOKEN)] == ["carol"]  # alice and bob are the file's
+    for method, path in (("PATCH", "/api/users/carol"), ("DELETE", "/api/users/carol"),
+                         ("POST", "/api/users/carol/disable"), ("PUT", "/api/users/carol/password")):
+        assert call(d, method, path, token=READ_TOKEN, body={})[0] == 403, (method, path)
+
+    # the password, set over the API, works for a password login; a new one replaces it at once
+    client = paramiko_client(d, "carol", password=password)
+    client.get_channel().get_transport().close()
+    assert _write(d, "PUT", "/api/users/carol/password", {"password": "renewed-Pass-7"})[0] == 204
+    with pytest.raises(Exception):
+        paramiko_client(d, "carol", password=password)
+    client = paramiko_client(d, "carol", password="renewed-Pass-7")
+    client.get_channel().get_transport().close()
+    assert get(d, "/api/users/carol")["password_changed"] >= body["created_at"]
+
+    # PATCH changes only what it names; null resets an inherited value
+    status, patched, _ = _write(d, "PATCH", "/api/users/carol", {"quota_files": 10, "quota_size": None})
+    assert status == 200 and patched["quota_files"] == 10 and patched["quota_size"] is None
+    assert patched["public_keys"] == [alice_key.public_line] and patched["has_password"] is True
+
+    # disable (with the reason the client is told where it can be), enable
+    status, disabled, _ = _write(d, "POST", "/api/users/carol/disable", {"reason": "contract ended"})
+    assert status == 200 and disabled["disabled"] is True and disabled["disabled_reason"] == "contract ended"
+    assert sftp_batch(d, "ls\n", alice_key, user="carol").returncode != 0
+    status, enabled, _ = _write(d, "POST", "/api/users/carol/enable")
+    assert status == 200 and enabled["disabled"] is False and enabled["disabled_reason"] == ""
+    assert sftp_batch(d, "ls\n", alice_key, user="carol").returncode == 0
+
+    # keys: added (Location names the fingerprint, '/' and '+' encoded), used, removed
+    keys = get(d, "/api/users/carol/keys")
+    assert [k["key"] for k in keys] == [alice_key.public_line] and keys[0]["fingerprint"].startswith("SHA256:")
+    assert sftp_batch(d, "ls\n", bob_key, user="carol").returncode != 0
+    status, added, headers = _write(d, "POST", "/api/users/carol/keys", {"key": bob_key.public_line})
+    assert status == 201 and added["fingerprint"].startswith("SHA256:"), added
+    fp = added["fingerprint"]
+    assert headers["Location"] == "/api/users/carol/keys/" + urllib.parse.quote(fp, safe="")
+    assert sftp_batch(d, "ls\n", bob_key, user="carol").returncode == 0
+    status, again, _ = _write(d, "POST", "/api/users/carol/keys", {"key": bob_key.public_line})
+    assert status == 409 and fp in again["error"]
+    assert _write(d, "DELETE", headers["Location"])[0] == 204
+    assert sftp_batch(d, "ls\n", bob_key, user="carol").returncode != 0
+    status, gone, _ = _write(d, "DELETE", headers["Location"])
+    assert status == 404 and "no key" in gone["error"]
+    # the fingerprint without its SHA256: prefix, as some tools print it
+    status, added, _ = _write(d, "POST", "/api/users/carol/keys", {"key": bob_key.public_line})
+    bare = urllib.parse.quote(added["fingerprint"].removeprefix("SHA256:"), safe="")
+    assert _write(d, "DELETE", f"/api/users/carol/keys/{bare}")[0] == 204
+
+    # PUT replaces the definition; the password stays (replies never carry it to send back)
+    current = get(d, "/api/users/carol")
+    definition = {k: v for k, v in current.items() if k not in (
+        "created_at", "created_by", "updated_at", "updated_by", "password_changed", "last_login", "has_password")}
+    status, replaced, _ = _write(d, "PUT", "/api/users/carol", {**definition, "max_sessions": 3})
+    assert status == 200 and replaced["max_sessions"] == 3 and replaced["has_password"] is True
+    assert replaced["last_login"] is not None  # logins above were recorded
+    client = paramiko_client(d, "carol", password="renewed-Pass-7")
+    client.get_channel().get_transport().close()
+
+    # delete: gone for the API and for logins
+    assert _write(d, "DELETE", "/api/users/carol")[0] == 204
+    assert call(d, "GET", "/api/users/carol")[0] == 404
+    assert sftp_batch(d, "ls\n", alice_key, user="carol").returncode != 0
+
+    actions = [(actor, action) for actor, kind, name, action in _changes(d) if name == "carol"]
+    assert ("api:provisioning", "add") in actions and ("api:provisioning", "delete") in actions
+    assert {a for a, _ in actions} == {"api:provisioning"}
+    assert {"password", "disable", "enable", "key-add", "key-remove", "update"} <= {x for _, x in actions}
+    assert "renewed-Pass-7" not in d.log_text() and password not in d.log_text()

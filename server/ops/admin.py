@@ -18,7 +18,8 @@ login form or by a one-time link from ``POST /api/login-link``.
 The API sees the running server only through :class:`AdminPort`, which the
 daemon provides: what it shows (uptime, listeners, connections, engine, audit,
 bans) and the two things it may do (reload; kick, through a connection's
-``on_kick``). Every read is live, since a reload swaps the config and engine.
+``on_kick``), and the account database whose users, groups and folders
+admin_accounts.py serves. Every read is live, since a reload swaps the config and engine.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from scriptsftp.server import __version__
 from scriptsftp.server.contract.scripting import ScriptEngineLifecycle
 from scriptsftp.server.core.session import ReadHandle, WriteHandle
 from scriptsftp.server.ops import openapi
+from scriptsftp.server.ops.admin_accounts import AccountRoutes
 from scriptsftp.server.ops.admin_tokens import GRANT, TokenChecker
 from scriptsftp.server.support import metrics
 from scriptsftp.server.support.config import AdminSection, ConfigError, is_loopback
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from scriptsftp.server.ops.accounts_page import AccountLookup
     from scriptsftp.server.ops.audit import AuditTrail
     from scriptsftp.server.ops.defender import Defender
+    from scriptsftp.server.stores.accounts_db import AccountDb
 
 log = logging.getLogger("scriptsftp.admin")
 
@@ -112,6 +115,9 @@ class AdminPort(Protocol):
 
     @property
     def accounts(self) -> AccountLookup: ...  # the file's and the database's users, for the accounts page
+
+    @property
+    def account_db(self) -> AccountDb: ...  # the account database behind /api/users, /api/groups, /api/folders
 
     def reload(self) -> bool:
         """Re-read the config and apply it all, or nothing; False if refused."""
@@ -354,6 +360,7 @@ class AdminListener:
         r.add_post("/login", self.login_form)
         r.add_get("/login/{code}", self.login_code)
         r.add_post("/logout", self.logout)
+        AccountRoutes(lambda: self.server.account_db, self._blocking).add_to(r)
         return app
 
     @web.middleware

@@ -163,7 +163,7 @@ ACCOUNT_OPERATIONS: tuple[Operation, ...] = (
     *_crud("folder", "folders", "folders", ""),
 )
 
-OPERATIONS = SERVER_OPERATIONS  # + ACCOUNT_OPERATIONS once the account database is in
+OPERATIONS = SERVER_OPERATIONS + ACCOUNT_OPERATIONS
 
 #: the one thing every refusal carries
 _REFUSAL_TEXT = {
