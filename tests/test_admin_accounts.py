@@ -220,3 +220,141 @@ def test_a_user_created_over_the_api_logs_in_with_openssh_at_once_and_follows_ev
     assert {a for a, _ in actions} == {"api:provisioning"}
     assert {"password", "disable", "enable", "key-add", "key-remove", "update"} <= {x for _, x in actions}
     assert "renewed-Pass-7" not in d.log_text() and password not in d.log_text()
+
+
+@pytest.fixture(scope="module")
+def api(module_daemons, password_hashes, host_keys):
+    """One daemon for the refusal tests below (each uses names of its own)."""
+    from scriptsftp.server.core.passwords import hash_password
+
+    hashes = {"reader": hash_password(READ_TOKEN), "provisioning": hash_password(WRITE_TOKEN)}
+    folders = '[[folders]]\nname = "filed"\npath = "filed"\n\n[[groups]]\nname = "filegroup"\n\n'
+    return module_daemons.start(admin_toml(hash_password(TOKEN), bindings=tokens_toml(hashes) + folders))
+
+
+def test_bodies_are_validated_field_by_field(api):
+    d = api
+    home = str(d.root / "homes" / "v")
+
+    def refused(body, path="/api/users", method="POST", status=400):
+        code, answer, _ = _write(d, method, path, body)
+        assert code == status, (body, code, answer)
+        return answer
+
+    answer = refused({"name": "v1", "home": home, "colour": "blue", "quota_size": -1,
+                      "permissions": {"/": ["fly"]}})
+    assert answer["fields"]["colour"] == "unknown key"
+    assert "quota_size" in answer["fields"]
+    assert "unknown permission 'fly'" in answer["fields"]["permissions"]
+    assert answer["error"].startswith("invalid user: ")
+    assert refused({"name": "v1"})["fields"]["home"] == "Field required"
+    assert "not a valid user name" in refused({"name": "../etc", "home": home})["fields"]["name"]
+    assert "not a valid user name" in refused({"name": "x" * 65, "home": home})["fields"]["name"]
+    answer = refused({"name": "v1", "home": home, "password_hash_file": "/etc/shadow", "generate_password": True})
+    assert set(answer["fields"]) == {"password_hash_file", "generate_password"}
+    answer = refused({"name": "v1", "home": home, "password": "a", "password_hash": "$argon2id$x"})
+    assert answer["fields"]["password"] == "give password or password_hash, not both"
+    assert "1 to 1024" in refused({"name": "v1", "home": home, "password": "p" * 1025})["fields"]["password"]
+    assert "1 to 1024" in refused({"name": "v1", "home": home, "password": 12345})["fields"]["password"]
+    assert "argon2id" in refused({"name": "v1", "home": home, "password_hash": "plain"})["fields"]["password_hash"]
+    assert "key 0" in refused({"name": "v1", "home": home, "public_keys": ["ssh-ed25519 AAAA"]})["fields"]["public_keys"]
+    assert "expires" in refused({"name": "v1", "home": home, "expires": "next tuesday"})["fields"]
+    # references are checked by the database: an unknown group or folder names itself
+    assert "nosuchgroup" in refused({"name": "v1", "home": home, "groups": ["nosuchgroup"]})["error"]
+    assert "nosuchfolder" in refused({"name": "v1", "home": home, "folders": {"/x": "nosuchfolder"}})["error"]
+    # not a JSON object
+    for raw in (b"", b"not json", b"[1, 2]", b'"text"', b"\xff\xfe"):
+        status, answer, _ = call(d, "POST", "/api/users", token=WRITE_TOKEN, data=raw,
+                                 headers={"Content-Type": "application/json"})
+        assert status == 400 and answer["error"], (raw, answer)
+    # larger than the listener takes
+    status, answer, _ = _write(d, "POST", "/api/users", {"name": "v1", "home": home, "description": "x" * 70000})
+    assert status == 413 and "larger than" in answer["error"]
+    # the URL names the account: a body naming another is refused, not a rename
+    assert _write(d, "POST", "/api/users", {"name": "v2", "home": home})[0] == 201
+    answer = refused({"name": "other", "home": home}, "/api/users/v2", "PUT")
+    assert "renaming is not supported" in answer["error"]
+    answer = refused({"quota_files": -3}, "/api/users/v2", "PATCH")
+    assert "quota_files" in answer["fields"]
+    assert refused({"reason": 5}, "/api/users/v2/disable", "POST")["fields"]["reason"]
+    assert refused({"key": "ssh-dss AAAA"}, "/api/users/v2/keys", "POST")["fields"]["key"]
+    assert refused({}, "/api/users/v2/password", "PUT")["fields"]["password"]
+    assert refused({"password_hash": "nope"}, "/api/users/v2/password", "PUT")["fields"]["password_hash"]
+    assert [u["name"] for u in get(d, "/api/users") if u["name"].startswith("v")] == ["v2"]
+    assert get(d, "/api/users/v2")["has_password"] is False
+
+
+def test_names_taken_in_use_defined_in_the_file_or_unknown(api):
+    d = api
+    home = str(d.root / "homes" / "n")
+    assert _write(d, "POST", "/api/users", {"name": "n1", "home": home})[0] == 201
+    status, answer, _ = _write(d, "POST", "/api/users", {"name": "n1", "home": home})
+    assert status == 409 and "'n1' already exists" in answer["error"]
+    # alice is the configuration file's: the API says where, and changes nothing there
+    config = str(d.config)
+    status, answer, _ = _write(d, "POST", "/api/users", {"name": "alice", "home": home})
+    assert status == 409 and f"{config}:" in answer["error"], answer
+    for method, path, body in (("PUT", "/api/users/alice", {"home": home}), ("PATCH", "/api/users/alice", {}),
+                               ("DELETE", "/api/users/alice", None), ("POST", "/api/users/alice/disable", None),
+                               ("PUT", "/api/users/alice/password", {"password": "x"}),
+                               ("POST", "/api/users/alice/keys", {"key": d.root.joinpath("x").as_posix()}),
+                               ("DELETE", "/api/groups/filegroup", None), ("PATCH", "/api/folders/filed", {})):
+        status, answer, _ = _write(d, method, path, body)
+        if status == 400:
+            continue  # the body was refused first (an invalid key line)
+        assert status == 409 and f"{config}:" in answer["error"] and "configuration file" in answer["error"], \
+            (method, path, status, answer)
+    status, answer, _ = call(d, "GET", "/api/users/alice")
+    assert status == 404 and "configuration file" in answer["error"]
+    # unknown names, hostile or not, are 404 (never a path, never a traceback)
+    for name in ("nobody", "..", "../../etc/passwd", "a/b", "x" * 3000, "é\u202e", "%00", "a b", "*"):
+        quoted = urllib.parse.quote(name, safe="")
+        for kind in ("users", "groups", "folders"):
+            status, answer, _ = call(d, "GET", f"/api/{kind}/{quoted}")
+            assert status == 404, (kind, name, status, answer)
+            assert _write(d, "DELETE", f"/api/{kind}/{quoted}")[0] == 404
+        assert _write(d, "PATCH", f"/api/users/{quoted}", {"quota_files": 1})[0] in (400, 404)
+        assert call(d, "GET", f"/api/users/{quoted}/keys")[0] == 404
+        assert _write(d, "DELETE", f"/api/users/n1/keys/{quoted}")[0] == 404
+    assert "Traceback" not in d.log_text()
+
+
+def test_groups_and_folders_and_what_refers_to_them(api):
+    d = api
+    status, group, headers = _write(d, "POST", "/api/groups", {"name": "partners", "quota_size": "500MB",
+                                                               "permissions": {"/inbox": ["list", "upload"]}})
+    assert status == 201 and headers["Location"] == "/api/groups/partners", group
+    assert group["quota_size"] == 500_000_000 and group["created_by"] == "api:provisioning"
+    status, folder, headers = _write(d, "POST", "/api/folders", {"name": "exchange", "path": str(d.root / "exchange"),
+                                                                 "quota_files": 100, "description": "drop"})
+    assert status == 201 and headers["Location"] == "/api/folders/exchange", folder
+    assert _write(d, "POST", "/api/folders", {"name": "exchange", "path": "/x"})[0] == 409
+    home = str(d.root / "homes" / "g1")
+    status, user, _ = _write(d, "POST", "/api/users", {"name": "g1", "home": home, "groups": ["partners"],
+                                                        "folders": {"/exchange": "exchange"}})
+    assert status == 201, user
+    # in use: neither goes while g1 names them
+    status, answer, _ = _write(d, "DELETE", "/api/groups/partners")
+    assert status == 409 and "g1" in answer["error"], answer
+    status, answer, _ = _write(d, "DELETE", "/api/folders/exchange")
+    assert status == 409 and "g1" in answer["error"], answer
+    # PATCH and PUT
+    status, group, _ = _write(d, "PATCH", "/api/groups/partners", {"bandwidth_down": "1MiB"})
+    assert status == 200 and group["bandwidth_down"] == 2**20 and group["quota_size"] == 500_000_000
+    status, group, _ = _write(d, "PUT", "/api/groups/partners", {"home_folders": ["/inbox", "/outbox"]})
+    assert status == 200 and group["quota_size"] is None and group["home_folders"] == ["/inbox", "/outbox"]
+    status, folder, _ = _write(d, "PATCH", "/api/folders/exchange", {"permissions": {"/": ["list"]}})
+    assert status == 200 and folder["permissions"] == {"/": ["list"]} and folder["quota_files"] == 100
+    assert [g["name"] for g in get(d, "/api/groups", token=READ_TOKEN)] == ["partners"]
+    assert [f["name"] for f in get(d, "/api/folders", token=READ_TOKEN)] == ["exchange"]
+    assert _write(d, "POST", "/api/groups", {"name": "bad", "quota_size": "lots"})[0] == 400
+    assert "path" in _write(d, "POST", "/api/folders", {"name": "nopath"})[1]["fields"]
+    # once g1 lets go, both can be deleted
+    assert _write(d, "PATCH", "/api/users/g1", {"groups": [], "folders": {}})[0] == 200
+    assert _write(d, "DELETE", "/api/groups/partners")[0] == 204
+    assert _write(d, "DELETE", "/api/folders/exchange")[0] == 204
+    assert call(d, "GET", "/api/groups/partners")[0] == 404
+    assert call(d, "GET", "/api/folders/exchange")[0] == 404
+    kinds = {(kind, name, action) for actor, kind, name, action in _changes(d) if actor == "api:provisioning"}
+    assert {("group", "partners", "add"), ("group", "partners", "delete"), ("folder", "exchange", "add"),
+            ("folder", "exchange", "delete")} <= kinds

@@ -111,11 +111,30 @@ def validate(model: type[Model], data: Mapping[str, Any], what: str) -> Model:
     except ValidationError as exc:
         fields: dict[str, str] = {}
         for err in exc.errors():
-            key = format_loc(tuple(err["loc"])) if err["loc"] else "(body)"
+            loc = _input_loc(err["loc"], data)
+            key = format_loc(loc) if loc else "(body)"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
             fields[key] = f"{fields[key]}; {msg}" if key in fields else msg
         summary = "; ".join(f"{k}: {v}" for k, v in fields.items())
         raise Refusal(400, f"invalid {what}: {summary}", fields) from None
+
+
+def _input_loc(loc: tuple[int | str, ...], data: Any) -> tuple[int | str, ...]:
+    """The part of a pydantic error location that names the body's own keys: the tags pydantic
+    adds for each member of a union (``expires.date``, ``expires.datetime``) are dropped, so
+    both alternatives' messages land on the field the client sent."""
+    out: list[int | str] = []
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        elif isinstance(data, dict):
+            data = None  # a key that is missing: name it
+        else:
+            continue  # a union member's tag under a value, not a key of the input
+        out.append(part)
+    return tuple(out)
 
 
 def _stamps(changed: Any) -> dict[str, Any]:
