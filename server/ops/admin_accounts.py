@@ -326,8 +326,9 @@ class AccountRoutes:
         if (body.password is None) == (body.password_hash is None):
             raise Refusal(400, "invalid password: give password or password_hash (one of them)",
                           {"password": "give password or password_hash (one of them)"})
-        if body.password_hash is not None:
-            validate(User, {"name": name, "home": "/", "password_hash": body.password_hash}, "password")
+        if body.password_hash is not None and not body.password_hash.startswith("$argon2id$"):
+            raise Refusal(400, "invalid password: password_hash: not an argon2id hash (scriptsftp hash-password)",
+                          {"password_hash": "not an argon2id hash (scriptsftp hash-password)"})
         self._in_file("user", name)
         await self._stored_user(name)
         password_hash = body.password_hash if body.password is None else await self._hash(body.password)
