@@ -358,3 +358,28 @@ def test_groups_and_folders_and_what_refers_to_them(api):
     kinds = {(kind, name, action) for actor, kind, name, action in _changes(d) if actor == "api:provisioning"}
     assert {("group", "partners", "add"), ("group", "partners", "delete"), ("folder", "exchange", "add"),
             ("folder", "exchange", "delete")} <= kinds
+
+
+def test_racing_creates_and_a_client_gone_mid_body(api):
+    """Eight clients create the same user at once: one 201, seven 409, never a 500. A client
+    that announces a body and leaves mid-way costs nothing: the next request is served."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = api
+    body = {"name": "race", "home": str(d.root / "homes" / "race"), "password": "race-Pass-1"}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: _write(d, "POST", "/api/users", body), range(8)))
+    statuses = sorted(status for status, _, _ in answers)
+    assert statuses == [201] + [409] * 7, [(s, b) for s, b, _ in answers]
+    assert all("already exists" in b["error"] for s, b, _ in answers if s == 409)
+
+    for announced, sent in ((50_000, b'{"name": "half'), (10**9, b"x" * 1000)):
+        with socket.create_connection(("127.0.0.1", d.ports["admin"]), timeout=10) as s:
+            s.sendall(b"POST /api/users HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + WRITE_TOKEN.encode()
+                      + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(announced).encode()
+                      + b"\r\n\r\n" + sent)
+    assert call(d, "GET", "/api/users/race")[0] == 200
+    assert call(d, "GET", "/api/users/half")[0] == 404
+    text = d.log_text()
+    assert "Traceback" not in text, text[text.find("Traceback") - 300:][:3000]

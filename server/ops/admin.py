@@ -45,7 +45,7 @@ from scriptsftp.server import __version__
 from scriptsftp.server.contract.scripting import ScriptEngineLifecycle
 from scriptsftp.server.core.session import ReadHandle, WriteHandle
 from scriptsftp.server.ops import openapi
-from scriptsftp.server.ops.admin_accounts import AccountRoutes
+from scriptsftp.server.ops.admin_accounts import MAX_BODY, AccountRoutes
 from scriptsftp.server.ops.admin_tokens import GRANT, TokenChecker
 from scriptsftp.server.support import metrics
 from scriptsftp.server.support.config import AdminSection, ConfigError, is_loopback
@@ -64,7 +64,6 @@ COOKIE = "scriptsftp_admin"
 WEB_SESSION_TTL = 8 * 3600.0
 LINK_TTL = 120.0
 MAX_WEB_SESSIONS = 256
-MAX_BODY = 64 * 1024          # request bodies (account definitions are far smaller); 413 beyond
 ADMIN_IDLE_SECONDS = 60.0     # a kept-alive admin connection with no new request is closed after this
 
 

@@ -84,12 +84,21 @@ def _no_content() -> web.Response:
     return web.Response(status=204)
 
 
+MAX_BODY = 64 * 1024  # account definitions are far smaller; the listener is built with this limit
+
+
 async def _body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
-    """The request's JSON object; a Refusal for anything else (413 past the listener's limit)."""
+    """The request's JSON object; a Refusal for anything else: 413 past MAX_BODY (at once when
+    the announced length says so), 400 when the client leaves before its body is complete."""
+    too_large = Refusal(413, f"the body is larger than {MAX_BODY} bytes")
+    if (request.content_length or 0) > MAX_BODY:
+        raise too_large
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise Refusal(413, f"the body is larger than {request.app._client_max_size} bytes") from None
+        raise too_large from None
+    except (ConnectionResetError, asyncio.IncompleteReadError):
+        raise Refusal(400, "the connection closed before the body was complete") from None
     if not raw.strip():
         if optional:
             return {}
@@ -450,4 +459,4 @@ class AccountRoutes:
         return handler
 
 
-__all__ = ["AccountRoutes", "Refusal", "validate", "user_reply"]
+__all__ = ["AccountRoutes", "MAX_BODY", "Refusal", "validate", "user_reply"]
