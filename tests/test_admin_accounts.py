@@ -143,7 +143,9 @@ def test_a_user_created_over_the_api_logs_in_with_openssh_at_once_and_follows_ev
     proc = sftp_batch(d, "put /etc/hostname h.txt\nls\n", alice_key, user="carol")
     started_within = time.monotonic() - created
     assert proc.returncode == 0, (proc.stdout, proc.stderr, d.log_text()[-3000:])
-    assert started_within < 1.0 + 2.0  # the first attempt, right after the 201 (the rest is sftp's own start)
+    # the first attempt, no retry, no reload: the whole sftp run (login, put, ls) ends within 1 s of
+    # the 201 (0.15 s here; the login is one read of the database by primary key)
+    assert started_within < 1.0, started_within
     assert (home / "h.txt").read_bytes() == open("/etc/hostname", "rb").read()
     assert body["has_password"] is True and body["quota_size"] == 2**30
     assert body["created_by"] == body["updated_by"] == "api:provisioning"
