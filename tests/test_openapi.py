@@ -102,3 +102,29 @@ def test_the_daemon_serves_the_document_to_any_token(daemons, token_hash):  # no
     status, text, _ = call(d, "GET", "/metrics")
     assert status == 200 and "scriptsftp" in text
     assert TOKEN not in d.log_text()
+
+
+def test_the_validator_catches_a_missing_location_an_undocumented_status_and_a_leaked_hash():
+    """openapi_check is what every admin test relies on: it must refuse what the document forbids."""
+    import pytest
+
+    import openapi_check
+
+    api = openapi_check.load(openapi.document(__version__))
+    stamps = {"created_at": 1.0, "created_by": "api:x", "updated_at": 1.0, "updated_by": "api:x"}
+    group = json.dumps({"name": "g", **stamps}).encode()
+    json_type = {"Content-Type": "application/json"}
+    openapi_check.check_response(api, "http://h", "POST", "/api/groups", 201,
+                                 {**json_type, "Location": "/api/groups/g"}, group)
+    with pytest.raises(AssertionError, match="Location"):
+        openapi_check.check_response(api, "http://h", "POST", "/api/groups", 201, json_type, group)
+    with pytest.raises(AssertionError):
+        openapi_check.check_response(api, "http://h", "GET", "/api/groups/g", 418, json_type, group)
+    user = {"name": "u", "home": "/h", "password_changed": None, "last_login": None, "has_password": True, **stamps}
+    openapi_check.check_response(api, "http://h", "GET", "/api/users/u", 200, json_type, json.dumps(user).encode())
+    for secret in ({"password_hash": "$argon2id$v=19$x"}, {"password": "p"}):
+        with pytest.raises(AssertionError):
+            openapi_check.check_response(api, "http://h", "GET", "/api/users/u", 200, json_type,
+                                         json.dumps({**user, **secret}).encode())
+    with pytest.raises(AssertionError, match="PathNotFound|not found"):
+        openapi_check.check_response(api, "http://h", "GET", "/api/undocumented", 200, json_type, b"{}")
