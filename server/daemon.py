@@ -33,7 +33,7 @@ from scriptsftp.server.contract.scripting import NullEngine, ScriptEngineLifecyc
 from scriptsftp.server.core.script_files import ScriptSessions
 from scriptsftp.server.support.keys import ensure_host_keys, fingerprint, load_host_key
 from scriptsftp.server.core.accounts import TomlAccountSource, UserRecord
-from scriptsftp.server.core.homes import HomePolicy
+from scriptsftp.server.core.homes import HomePolicy, ensure_home
 from scriptsftp.server.core.login import LoginCore
 from scriptsftp.server.core.passwords import ensure_generated_passwords
 from scriptsftp.server.core.publish import UploadPolicy
@@ -577,6 +577,12 @@ class AdminView:
     @property
     def account_db(self) -> AccountDb:
         return self._daemon.account_db
+
+    def make_home(self, name: str) -> None:
+        """An account just created: its home and home_folders as a login would make them."""
+        rec = self._daemon.core.accounts.get(name)
+        if rec is not None:
+            ensure_home(rec.account, self._daemon.core.homes)
 
     def reload(self) -> bool:
         return self._daemon.reload()

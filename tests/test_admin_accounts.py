@@ -136,9 +136,10 @@ def test_a_user_created_over_the_api_logs_in_with_openssh_at_once_and_follows_ev
     password = "carol-Pass-42 with spaces"
     status, body, headers = _write(d, "POST", "/api/users", {
         "name": "carol", "home": str(home), "public_keys": [alice_key.public_line],
-        "permissions": {"/": ["*"]}, "quota_size": "1GiB", "password": password})
+        "permissions": {"/": ["*"]}, "quota_size": "1GiB", "password": password, "home_folders": ["/in", "/out"]})
     created = time.monotonic()
     assert status == 201, body
+    assert (home / "in").is_dir() and (home / "out").is_dir()  # made at creation, before any login
     assert headers["Location"] == "/api/users/carol"
     proc = sftp_batch(d, "put /etc/hostname h.txt\nls\n", alice_key, user="carol")
     started_within = time.monotonic() - created

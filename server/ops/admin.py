@@ -118,6 +118,10 @@ class AdminPort(Protocol):
     @property
     def account_db(self) -> AccountDb: ...  # the account database behind /api/users, /api/groups, /api/folders
 
+    def make_home(self, name: str) -> None:
+        """Make a new account's home and home_folders per [accounts]; OSError, LookupError
+        (an unknown home_owner) or HomeMissing (create_homes off) when it cannot."""
+
     def reload(self) -> bool:
         """Re-read the config and apply it all, or nothing; False if refused."""
 
@@ -359,7 +363,8 @@ class AdminListener:
         r.add_post("/login", self.login_form)
         r.add_get("/login/{code}", self.login_code)
         r.add_post("/logout", self.logout)
-        AccountRoutes(lambda: self.server.account_db, self._blocking).add_to(r)
+        AccountRoutes(lambda: self.server.account_db, self._blocking,
+                      lambda name: self.server.make_home(name)).add_to(r)
         return app
 
     @web.middleware

@@ -5,7 +5,9 @@ the daemon hands over (``AdminPort.accounts``), with the calling token's name as
 (``api:NAME``), so the change feed says who did what; the daemon's account watcher applies
 the change (kicks, password cache) like any other, whoever made it.
 
-Bodies are the configuration's own models (``config.User``, ``Group``, ``Folder``), which
+A user created here gets their home and ``home_folders`` at once (``[accounts]
+create_homes``), as a login would make them; a failure there is logged and left to the
+login, which checks the home again. Bodies are the configuration's own models (``config.User``, ``Group``, ``Folder``), which
 reject unknown keys: a 400 names each bad field with the same message ``scriptsftp check``
 gives for the file. A password arrives only in a body, is hashed here (argon2id, a few at a
 time) and is never logged nor sent back: replies drop ``password_hash``. Database refusals
@@ -185,9 +187,11 @@ def _normal_fingerprint(value: str) -> str:
 class AccountRoutes:
     """The /api/users, /api/groups and /api/folders handlers, bound to the daemon's database."""
 
-    def __init__(self, database: Callable[[], AccountDb], blocking: Blocking) -> None:
+    def __init__(self, database: Callable[[], AccountDb], blocking: Blocking,
+                 make_home: Callable[[str], None]) -> None:
         self._database = database
         self._blocking = blocking
+        self._make_home = make_home
 
     def add_to(self, router: web.UrlDispatcher) -> None:
         u = self._answer
@@ -288,6 +292,11 @@ class AccountRoutes:
         user = await self._user_from(await _body(request), "user")
         stored = await self._db(self._database().add_user, user, self._actor(request))
         self._changed(request, "user", user.name, "added")
+        try:
+            await self._blocking(self._make_home, user.name)
+        except Exception as exc:  # noqa: BLE001 - the account stands; each login makes or checks it again
+            log.warning("user %s: home %s not made at creation: %s (the login will try again)", user.name,
+                        user.home, exc)
         return _reply(201, user_reply(stored), _location("users", user.name))
 
     def _same_name(self, data: dict[str, Any], name: str, kind: str) -> dict[str, Any]:

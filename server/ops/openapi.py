@@ -35,7 +35,8 @@ OPENAPI_VERSION = "3.1.0"
 REF = "#/components/schemas/{model}"
 
 #: routes of the admin listener that are HTML pages for a browser, not API (the dashboard)
-NOT_DOCUMENTED = frozenset({("GET", "/"), ("POST", "/login"), ("GET", "/login/{code}"), ("POST", "/logout")})
+NOT_DOCUMENTED = frozenset({("GET", "/"), ("GET", "/accounts"), ("POST", "/login"), ("GET", "/login/{code}"),
+                            ("POST", "/logout")})
 
 #: user fields an API call never sets: they name files of the server
 FILE_ONLY_USER_FIELDS = ("password_hash_file", "generate_password")
