@@ -35,8 +35,6 @@ from scriptsftp.server.ops.openapi import FILE_ONLY_USER_FIELDS
 from scriptsftp.server.stores.accounts_db import (
     AccountDb,
     AccountError,
-    AccountExists,
-    AccountInUse,
     AccountInvalid,
     NoSuchAccount,
     StoredFolder,
@@ -70,9 +68,7 @@ def _refusal(exc: AccountError) -> Refusal:
         return Refusal(404, str(exc))
     if isinstance(exc, AccountInvalid):
         return Refusal(400, str(exc))
-    if isinstance(exc, (AccountExists, AccountInUse)):
-        return Refusal(409, str(exc))
-    return Refusal(409, str(exc))
+    return Refusal(409, str(exc))  # AccountExists, AccountInUse, and any other clash with what is stored
 
 
 def _reply(status: int, body: Any, location: str | None = None) -> web.Response:
