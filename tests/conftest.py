@@ -269,6 +269,35 @@ def daemon(daemons: DaemonFactory) -> Daemon:
     return daemons.start()
 
 
+# --- PostgreSQL ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """A throwaway PostgreSQL cluster for the whole session (tests/pgkit.py): a temp dir, a free
+    port, stopped and removed at the end; never the system's cluster. Skips on a laptop without
+    PostgreSQL, fails in CI (make test installs Debian's postgresql package as root)."""
+    from pgkit import PgCluster, PostgresMissing, find_bindir
+
+    try:
+        bindir = find_bindir()
+    except PostgresMissing as exc:
+        if IN_CI:
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    cluster = PgCluster.start(bindir)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_dsn(pg) -> str:
+    """A new empty database in the session's cluster, for one test (dropped after it)."""
+    dsn = pg.new_database()
+    yield dsn
+    pg.drop_database(dsn)
+
+
 # --- clients -------------------------------------------------------------------
 
 SSH_OPTS = [

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the system tools the test suite drives as real clients (and the real
-# peers it tests against: clamd, Chromium), if missing. Only `make test` needs
+# peers it tests against: clamd, Chromium, a PostgreSQL server), if missing. Only `make test` needs
 # them; the daemon itself (`make run`) needs nothing but Python.
 # Uses apt-get when run as root (CI, fresh machines); otherwise says what is missing.
 set -euo pipefail
@@ -18,6 +18,10 @@ command -v clamdscan >/dev/null || [ -x /usr/bin/clamdscan ] || need+=(clamdscan
 command -v chromium >/dev/null || need+=(chromium)
 command -v cadaver >/dev/null || need+=(cadaver)
 command -v systemd-analyze >/dev/null || need+=(systemd)   # tests verify conf/scriptsftp.service
+# PostgreSQL: the account database's tests start their own throwaway cluster (tests/pgkit.py) from
+# the server binaries, which Debian keeps off PATH in /usr/lib/postgresql/VERSION/bin
+pg_installed() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null; }
+pg_installed || need+=(postgresql)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   echo "installing system packages: ${need[*]}"
@@ -27,6 +31,14 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   # clamav-daemon's package starts a system clamd wanting a signature download
   # this machine cannot do; tests run their own clamd on a test database.
   if command -v systemctl >/dev/null; then systemctl disable --now clamav-daemon clamav-freshclam >/dev/null 2>&1 || true; fi
+  # postgresql's package creates and starts a system cluster the tests never use (they run their
+  # own on a free port): stop it only when we installed it just now, never one already in service
+  if [[ " ${need[*]} " == *" postgresql "* ]]; then
+    if command -v systemctl >/dev/null; then systemctl disable --now postgresql >/dev/null 2>&1 || true; fi
+    if command -v pg_lsclusters >/dev/null; then
+      pg_lsclusters -h 2>/dev/null | while read -r ver name _; do pg_ctlcluster "$ver" "$name" stop >/dev/null 2>&1 || true; done
+    fi
+  fi
 else
   echo "missing system packages: ${need[*]} (install them, e.g. sudo apt-get install ${need[*]})" >&2
   exit 1

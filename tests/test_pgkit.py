@@ -1,0 +1,41 @@
+"""The throwaway PostgreSQL cluster the account database's tests run on (tests/pgkit.py).
+
+It must be ours alone: not the system's cluster or port, reached as an unprivileged role with a
+password over TCP (what a daemon's ``[accounts] database`` DSN does), one clean database per test.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import psycopg
+import pytest
+
+
+def test_the_cluster_is_a_throwaway_of_our_own(pg) -> None:
+    assert pg.port != 5432
+    assert pg.root.is_relative_to(Path(tempfile.gettempdir()))
+    assert (pg.datadir / "PG_VERSION").exists()
+    assert Path(pg.psql("SHOW data_directory").strip()) == pg.datadir
+    with psycopg.connect(pg.dsn) as con:
+        role = con.execute("SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    assert role == ("scriptsftp", False)
+
+
+def test_each_test_database_starts_empty_and_apart(pg, pg_dsn: str) -> None:
+    other = pg.new_database()
+    try:
+        with psycopg.connect(pg_dsn) as con:
+            con.execute("CREATE TABLE mine (x int)")
+        with psycopg.connect(other) as con:
+            tables = con.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()
+        assert tables == (0,)
+    finally:
+        pg.drop_database(other)
+
+
+def test_a_wrong_password_is_refused(pg) -> None:
+    wrong = pg.dsn.replace(pg.password, "not-the-password")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(wrong, connect_timeout=5)
