@@ -298,6 +298,28 @@ def pg_dsn(pg) -> str:
     pg.drop_database(dsn)
 
 
+ACCOUNT_ENGINES = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=ACCOUNT_ENGINES)
+def accounts_database(request: pytest.FixtureRequest) -> str:
+    """``[accounts] database`` for one test, once per engine: "" (SQLite in state_dir) and the
+    URL of a new database in the session's PostgreSQL cluster (dropped after the test). A test
+    that takes it runs on both engines; put it in the config (``accounts_toml``) or open
+    ``stores.sql.open_database(url, sqlite_path)`` with it."""
+    if request.param == "sqlite":
+        return ""
+    cluster = request.getfixturevalue("pg")
+    dsn = cluster.new_database()
+    request.addfinalizer(lambda: cluster.drop_database(dsn))
+    return dsn
+
+
+def accounts_toml(database: str) -> str:
+    """The ``[accounts]`` table naming ``database`` (empty: SQLite in state_dir)."""
+    return f"\n[accounts]\ndatabase = {toml_str(database)}\n"
+
+
 # --- clients -------------------------------------------------------------------
 
 SSH_OPTS = [

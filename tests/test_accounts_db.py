@@ -1,7 +1,8 @@
 """The account database (server/stores/accounts_db.py): what every writer relies on.
 
-Runs on SQLite; the ``account_db`` fixture is the one place that chooses the engine,
-so the same tests run on PostgreSQL where the fixture is parametrised for it."""
+Every test runs twice, on SQLite and on a real PostgreSQL (conftest's ``accounts_database``:
+the session's throwaway cluster, a new database per test); the ``account_db`` fixture and
+``_config`` are where the engine is chosen."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Keys
+from conftest import Keys, accounts_toml
 from scriptsftp.server.core.accounts import TomlAccountSource
 from scriptsftp.server.stores.accounts_db import (
     SCHEMA_VERSION, AccountDb, AccountExists, AccountInUse, AccountInvalid, DatabaseAccountSource,
     MergedAccountSource, NoSuchAccount, SchemaTooNew, name_conflicts,
 )
-from scriptsftp.server.stores.sql import SqliteDatabase
+from scriptsftp.server.stores.sql import open_database
 from scriptsftp.server.support.config import Folder, Group, User, load_config
 
 HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaA"
@@ -25,11 +26,33 @@ HASH2 = HASH.replace("aGFz", "bGFz")
 
 
 @pytest.fixture
-def account_db(tmp_path: Path):
-    db = AccountDb(SqliteDatabase(tmp_path / "accounts.sqlite3"))
+def account_db(tmp_path: Path, accounts_database: str):
+    """An empty account database, once on SQLite and once on PostgreSQL (conftest's accounts_database)."""
+    db = AccountDb(open_database(accounts_database, tmp_path / "accounts.sqlite3"))
     db.upgrade()
     yield db
     db.close()
+
+
+@pytest.fixture
+def new_account_db(tmp_path: Path, accounts_database: str, request: pytest.FixtureRequest):
+    """More empty account databases on account_db's engine: ``new_account_db("other")``."""
+    made: list[AccountDb] = []
+
+    def make(name: str) -> AccountDb:
+        url = ""
+        if accounts_database:
+            cluster = request.getfixturevalue("pg")
+            url = cluster.new_database()
+            request.addfinalizer(lambda: cluster.drop_database(url))
+        db = AccountDb(open_database(url, tmp_path / f"{name}.sqlite3"))
+        made.append(db)
+        db.upgrade()
+        return db
+
+    yield make
+    for db in made:
+        db.close()
 
 
 def user(name: str = "acme", **kw) -> User:
@@ -147,7 +170,7 @@ def test_usage_is_exact_under_concurrent_writers_and_never_negative(account_db: 
     assert account_db.transfer_usage("acme", "2026-12-08") == (0, 0)
 
 
-def test_export_import_round_trips(account_db: AccountDb, tmp_path: Path, alice_key: Keys):
+def test_export_import_round_trips(account_db: AccountDb, new_account_db, alice_key: Keys):
     account_db.add_folder(Folder(name="shared", path="/srv/shared", permissions={"/": ["list"]}), "a")
     account_db.add_group(Group(name="partners", folders={"/shared": "shared"}), "a")
     account_db.add_user(user(password_hash=HASH, public_keys=[alice_key.public_line], groups=["partners"],
@@ -155,8 +178,7 @@ def test_export_import_round_trips(account_db: AccountDb, tmp_path: Path, alice_
     dump = account_db.export()
     text = json.dumps(dump, sort_keys=True)
     assert "password_hash_file" not in text
-    other = AccountDb(SqliteDatabase(tmp_path / "other.sqlite3"))
-    other.upgrade()
+    other = new_account_db("other")
     assert other.import_(json.loads(text), "import") == {"added": 3, "replaced": 0}
     assert json.dumps(other.export(), sort_keys=True) == text
     with pytest.raises(AccountExists):
@@ -164,8 +186,7 @@ def test_export_import_round_trips(account_db: AccountDb, tmp_path: Path, alice_
     assert other.import_(dump, "import", replace=True) == {"added": 0, "replaced": 3}
     broken = json.loads(text)
     broken["users"].append({"name": "x", "home": "/h", "groups": ["nope"]})
-    fresh = AccountDb(SqliteDatabase(tmp_path / "fresh.sqlite3"))
-    fresh.upgrade()
+    fresh = new_account_db("fresh")
     with pytest.raises(AccountInvalid, match="unknown group 'nope'"):
         fresh.import_(broken, "import")
     assert fresh.list_users() == [] and fresh.list_folders() == []  # all or nothing
@@ -182,14 +203,15 @@ def test_the_schema_is_versioned(account_db: AccountDb, tmp_path: Path):
         account_db.upgrade()
 
 
-def _config(tmp_path: Path, body: str):
+def _config(tmp_path: Path, body: str, database: str = ""):
     path = tmp_path / "conf.toml"
-    path.write_text(f'[server]\nstate_dir = "state"\n{body}')
+    path.write_text(f'[server]\nstate_dir = "state"\n{accounts_toml(database)}\n{body}')
     return load_config(path)
 
 
-def test_file_names_are_refused_and_conflicts_name_both_places(tmp_path: Path):
-    cfg = _config(tmp_path, '[[groups]]\nname = "staff"\n\n[[users]]\nname = "alice"\nhome = "h"\n')
+def test_file_names_are_refused_and_conflicts_name_both_places(tmp_path: Path, accounts_database: str):
+    cfg = _config(tmp_path, '[[groups]]\nname = "staff"\n\n[[users]]\nname = "alice"\nhome = "h"\n',
+                  accounts_database)
     db = AccountDb.open(cfg)
     try:
         with pytest.raises(AccountExists, match=r"conf.toml:\d+"):
@@ -206,11 +228,12 @@ def test_file_names_are_refused_and_conflicts_name_both_places(tmp_path: Path):
         db.close()
 
 
-def test_the_merged_source_builds_database_users_like_file_users(tmp_path: Path, alice_key: Keys):
+def test_the_merged_source_builds_database_users_like_file_users(tmp_path: Path, alice_key: Keys,
+                                                                 accounts_database: str):
     cfg = _config(tmp_path, '[[folders]]\nname = "shared"\npath = "shared"\nquota_size = 1000\n\n'
                             '[[groups]]\nname = "staff"\npermissions = { "/" = ["list"] }\n'
                             'folders = { "/shared" = "shared" }\nquota_files = 7\n\n'
-                            '[[users]]\nname = "alice"\nhome = "h"\n')
+                            '[[users]]\nname = "alice"\nhome = "h"\n', accounts_database)
     db = AccountDb.open(cfg)
     try:
         db.add_user(user("bob", groups=["staff"], password_hash=HASH, public_keys=[alice_key.public_line],
