@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -183,6 +184,9 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+#: PostgreSQL advisory lock keys (per database): one migration at a time, one account write at a time
+UPGRADE_LOCK = 7318849
+ACCOUNT_WRITES_LOCK = 7318850
 
 #: keys of config.User kept in their own columns, not in the definition's JSON
 _USER_OWN_COLUMNS = {"name", "password_hash", "public_keys"}
@@ -234,6 +238,19 @@ class AccountDb:
     def close(self) -> None:
         self.db.close()
 
+    @contextmanager
+    def _writing(self) -> Iterator[Cursor]:
+        """A transaction that changes accounts. Writers take turns, on PostgreSQL as SQLite's
+        ``BEGIN IMMEDIATE`` makes them: a check made inside ("is the name free?", "is the
+        group in use?") still holds at the commit, so two processes adding one name get one
+        user and one AccountExists (not the driver's unique violation, nor a deadlock), and
+        change ids commit in the order they are drawn. Usage counters do not take the turn:
+        each is one atomic upsert."""
+        with self.db.transaction() as cur:
+            if self.db.dialect.name == "postgresql":
+                cur.execute("SELECT pg_advisory_xact_lock(?)", (ACCOUNT_WRITES_LOCK,))
+            yield cur
+
     # --- schema ---------------------------------------------------------------------------------
 
     def schema_version(self) -> int:
@@ -261,7 +278,7 @@ class AccountDb:
         for version, statements in MIGRATIONS:
             with self.db.transaction() as cur:
                 if self.db.dialect.name == "postgresql":
-                    cur.execute("SELECT pg_advisory_xact_lock(7318849)")  # one upgrader at a time
+                    cur.execute("SELECT pg_advisory_xact_lock(?)", (UPGRADE_LOCK,))  # one upgrader at a time
                 current = self._version(cur)
                 if current > SCHEMA_VERSION:
                     raise SchemaTooNew(f"{self.db.where}: the account database has schema {current}, newer "
@@ -314,7 +331,7 @@ class AccountDb:
 
     def add_user(self, user: User, actor: str) -> StoredUser:
         user = self._check_user(user)
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             if self._exists(cur, "account_users", user.name):
                 raise AccountExists(f"user {user.name!r} already exists")
             self._check_references(cur, "user", user.name, user.groups, user.folders)
@@ -333,7 +350,7 @@ class AccountDb:
 
     def update_user(self, user: User, actor: str) -> StoredUser:
         user = self._check_user(user)
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             old = self._get_user(cur, user.name)
             if old is None:
                 raise NoSuchAccount(f"no user {user.name!r}")
@@ -354,7 +371,7 @@ class AccountDb:
         return stored
 
     def delete_user(self, name: str, actor: str) -> None:
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             if cur.execute("DELETE FROM account_users WHERE name = ?", (name,)).rowcount == 0:
                 raise NoSuchAccount(f"no user {name!r}")
             cur.execute("DELETE FROM account_references WHERE owner_kind = 'user' AND owner_name = ?", (name,))
@@ -369,7 +386,7 @@ class AccountDb:
                                (password_hash, time.time()))
 
     def set_disabled(self, name: str, disabled: bool, reason: str, actor: str) -> None:
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             old = self._get_user(cur, name)
             if old is None:
                 raise NoSuchAccount(f"no user {name!r}")
@@ -380,7 +397,7 @@ class AccountDb:
 
     def add_key(self, name: str, key_line: str, actor: str) -> str:
         fingerprint = _fingerprint(key_line)
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             if not self._exists(cur, "account_users", name):
                 raise NoSuchAccount(f"no user {name!r}")
             if cur.execute("SELECT 1 FROM user_keys WHERE user_name = ? AND fingerprint = ?",
@@ -395,7 +412,7 @@ class AccountDb:
         return fingerprint
 
     def remove_key(self, name: str, fingerprint: str, actor: str) -> None:
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             if not self._exists(cur, "account_users", name):
                 raise NoSuchAccount(f"no user {name!r}")
             if cur.execute("DELETE FROM user_keys WHERE user_name = ? AND fingerprint = ?",
@@ -408,7 +425,7 @@ class AccountDb:
         """Last login times, written in one transaction (the daemon batches them off the login path)."""
         if not logins:
             return
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             for name, at in sorted(logins.items()):
                 cur.execute("UPDATE account_users SET last_login = ? WHERE name = ?", (at, name))
 
@@ -427,7 +444,7 @@ class AccountDb:
 
     def _set_user_columns(self, name: str, actor: str, action: str, assignments: str,
                           values: tuple[Any, ...]) -> None:
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             n = cur.execute(f"UPDATE account_users SET {assignments}, updated_at = ?, updated_by = ? WHERE name = ?",
                             (*values, time.time(), actor, name)).rowcount
             if n == 0:
@@ -459,7 +476,7 @@ class AccountDb:
 
     def add_group(self, group: Group, actor: str) -> StoredGroup:
         group = _validated(Group, group.model_dump(), f"group {group.name!r}")
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             self._add_entry(cur, "group", "account_groups", group.name, _definition(group, {"name"}), actor)
             self._check_references(cur, "group", group.name, (), group.folders)
             self._write_references(cur, "group", group.name, (), group.folders)
@@ -469,7 +486,7 @@ class AccountDb:
 
     def update_group(self, group: Group, actor: str) -> StoredGroup:
         group = _validated(Group, group.model_dump(), f"group {group.name!r}")
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             self._check_references(cur, "group", group.name, (), group.folders)
             self._update_entry(cur, "group", "account_groups", group.name, _definition(group, {"name"}), actor)
             self._write_references(cur, "group", group.name, (), group.folders)
@@ -478,7 +495,7 @@ class AccountDb:
         return stored
 
     def delete_group(self, name: str, actor: str) -> None:
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             self._refuse_in_use(cur, "group", name)
             self._delete_entry(cur, "group", "account_groups", name, actor)
             cur.execute("DELETE FROM account_references WHERE owner_kind = 'group' AND owner_name = ?", (name,))
@@ -495,7 +512,7 @@ class AccountDb:
 
     def add_folder(self, folder: Folder, actor: str) -> StoredFolder:
         folder = _validated(Folder, folder.model_dump(), f"folder {folder.name!r}")
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             self._add_entry(cur, "folder", "account_folders", folder.name, _definition(folder, {"name"}), actor)
         stored = self.get_folder(folder.name)
         assert stored is not None
@@ -503,14 +520,14 @@ class AccountDb:
 
     def update_folder(self, folder: Folder, actor: str) -> StoredFolder:
         folder = _validated(Folder, folder.model_dump(), f"folder {folder.name!r}")
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             self._update_entry(cur, "folder", "account_folders", folder.name, _definition(folder, {"name"}), actor)
         stored = self.get_folder(folder.name)
         assert stored is not None
         return stored
 
     def delete_folder(self, name: str, actor: str) -> None:
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             self._refuse_in_use(cur, "folder", name)
             self._delete_entry(cur, "folder", "account_folders", name, actor)
             cur.execute("DELETE FROM quota_usage WHERE scope = ?", (f"folder:{name}",))
@@ -630,9 +647,8 @@ class AccountDb:
     # --- change feed ----------------------------------------------------------------------------
 
     def _log(self, cur: Cursor, actor: str, kind: Kind, name: str, action: str, detail: str = "") -> None:
-        if self.db.dialect.name == "postgresql":
-            # writers take turns, so ids commit in order and a reader polling "id > last" misses none
-            cur.execute("LOCK TABLE account_changes IN EXCLUSIVE MODE")
+        # only called inside _writing(): writers take turns, so ids commit in order and a reader
+        # polling "id > last" (the watcher, DatabaseAccountSource's kept records) misses none
         cur.execute("INSERT INTO account_changes (at, actor, kind, name, action, detail) VALUES (?, ?, ?, ?, ?, ?)",
                     (time.time(), actor, kind, name, action, detail))
 
@@ -687,7 +703,7 @@ class AccountDb:
                 parsed[section].append((_validated(cls, data, f"{section}[{i}]"), meta))
         counts = {"added": 0, "replaced": 0}
         now = time.time()
-        with self.db.transaction() as cur:
+        with self._writing() as cur:
             order: tuple[tuple[str, str, Kind], ...] = (
                 ("folders", "account_folders", "folder"), ("groups", "account_groups", "group"),
                 ("users", "account_users", "user"))
