@@ -144,6 +144,16 @@ class PgCluster:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def restart(self) -> None:
+        """Stop the server (fast: clients are cut off) and start it again on the same port, as
+        an upgrade or a failover does to the clients of a real one."""
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+        self._run([str(self.bindir / "pg_ctl"), "stop", "-D", str(self.datadir), "-m", "fast", "-w", "-t", "30"])
+        if not self._pg_ctl_start():
+            raise RuntimeError("PostgreSQL test cluster did not restart; its log:\n" + self._log_tail())
+
     def new_database(self, prefix: str = "t") -> str:
         """A new empty database owned by the test role; returns its DSN."""
         name = f"{prefix}_{secrets.token_hex(6)}"

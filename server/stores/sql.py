@@ -159,9 +159,13 @@ class PostgresDatabase:
         # one plain connection first: an unreachable server or a refused login fails now with
         # the server's own reason, not as a pool timeout some seconds later
         psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
+        # check: a connection is tried (an empty query) before it is lent. A server restart or
+        # failover breaks every pooled connection at once, and unchecked the pool would lend
+        # them one by one, each failing a login as if its account were gone.
         self._pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=max_connections, timeout=timeout, open=False,
             kwargs={"autocommit": False}, name="scriptsftp-accounts",
+            check=psycopg_pool.ConnectionPool.check_connection,
         )
         self._pool.open(wait=True, timeout=timeout)
 
