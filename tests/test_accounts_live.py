@@ -1,7 +1,8 @@
 """Accounts in the database reach a running daemon without SIGHUP (issue 18, item 2).
 
 The daemon and the writer are separate processes sharing the database, as the CLI, the
-REST API and a second node are: the test writes with its own AccountDb on the same file."""
+REST API and a second node are: the test writes with its own AccountDb on the same database.
+Each test runs with the daemon on SQLite and on PostgreSQL (conftest's accounts_database)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DaemonFactory, Keys, paramiko_client, sftp_batch
+from conftest import DaemonFactory, Keys, accounts_toml, paramiko_client, sftp_batch
 from scriptsftp.server.stores.accounts_db import AccountDb
-from scriptsftp.server.stores.sql import SqliteDatabase
+from scriptsftp.server.stores.sql import open_database
 from scriptsftp.server.support.config import Group, User
 
 
-def _db(daemon_root: Path) -> AccountDb:
-    return AccountDb(SqliteDatabase(daemon_root / "state" / "accounts.sqlite3"))
+def _db(daemon_root: Path, database: str) -> AccountDb:
+    """The daemon's account database (``database``: its [accounts] database), opened apart."""
+    return AccountDb(open_database(database, daemon_root / "state" / "accounts.sqlite3"))
 
 
 def _carol(home: Path, key: Keys, **kw) -> User:
@@ -25,11 +27,12 @@ def _carol(home: Path, key: Keys, **kw) -> User:
                                 "permissions": {"/": ["*"]}, **kw}, strict=False)
 
 
-def test_a_user_added_while_the_daemon_runs_logs_in_at_once(daemons: DaemonFactory, alice_key: Keys):
-    daemon = daemons.start()
+def test_a_user_added_while_the_daemon_runs_logs_in_at_once(daemons: DaemonFactory, alice_key: Keys,
+                                                            accounts_database: str):
+    daemon = daemons.start(accounts_toml(accounts_database))
     home = daemon.root / "homes" / "carol"
     home.mkdir(parents=True)
-    db = _db(daemon.root)
+    db = _db(daemon.root, accounts_database)
     try:
         refused = sftp_batch(daemon, "ls\n", alice_key, user="carol")
         assert refused.returncode != 0
@@ -44,11 +47,12 @@ def test_a_user_added_while_the_daemon_runs_logs_in_at_once(daemons: DaemonFacto
         db.close()
 
 
-def test_disabling_a_user_ends_their_open_session_and_edits_apply_to_it(daemons: DaemonFactory, alice_key: Keys):
-    daemon = daemons.start()
+def test_disabling_a_user_ends_their_open_session_and_edits_apply_to_it(daemons: DaemonFactory, alice_key: Keys,
+                                                                        accounts_database: str):
+    daemon = daemons.start(accounts_toml(accounts_database))
     home = daemon.root / "homes" / "carol"
     home.mkdir(parents=True)
-    db = _db(daemon.root)
+    db = _db(daemon.root, accounts_database)
     try:
         db.add_group(Group(name="readers"), "test")
         db.add_user(_carol(home, alice_key), "test")
@@ -84,16 +88,17 @@ def test_disabling_a_user_ends_their_open_session_and_edits_apply_to_it(daemons:
         db.close()
 
 
-def test_a_name_in_the_file_and_the_database_refuses_the_start(daemons: DaemonFactory, alice_key: Keys):
-    daemon = daemons.start()
+def test_a_name_in_the_file_and_the_database_refuses_the_start(daemons: DaemonFactory, alice_key: Keys,
+                                                               accounts_database: str):
+    daemon = daemons.start(accounts_toml(accounts_database))
     daemon.stop()
-    db = _db(daemon.root)
+    db = _db(daemon.root, accounts_database)
     try:
         db.add_user(_carol(daemon.root / "homes" / "carol", alice_key), "test")
     finally:
         db.close()
     users = daemons.default_users() + '\n[[users]]\nname = "carol"\nhome = "homes/carol"\n'
-    config = daemons.write_config(users=users)
+    config = daemons.write_config(accounts_toml(accounts_database), users=users)
     failed = daemons.start(config=config, wait=False)
     assert failed.proc.wait(timeout=30) == 2
     failed.wait_log(r"scriptsftp\.toml:\d+: users: user 'carol' is defined both here and in the account database")
