@@ -69,6 +69,17 @@ def _run_as() -> pwd.struct_passwd | None:
                           "to run the test cluster as (initdb refuses root)")
 
 
+def _cluster_parent(owner: pwd.struct_passwd | None) -> str:
+    """Where the cluster's temp dir goes: $TMPDIR unless the cluster's account could not reach
+    it (a root-only TMPDIR) or the socket's path would pass the kernel's 107 bytes."""
+    parent = Path(tempfile.gettempdir()).resolve()
+    if len(str(parent)) > 60:
+        return "/tmp"
+    if owner is not None and any(not os.stat(p).st_mode & 0o001 for p in [parent, *parent.parents]):
+        return "/tmp"
+    return str(parent)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -114,7 +125,7 @@ class PgCluster:
         another process took the port between our probe and the server's bind)."""
         bindir = bindir or find_bindir()
         owner = _run_as()
-        root = Path(tempfile.mkdtemp(prefix="scriptsftp-pg-"))
+        root = Path(tempfile.mkdtemp(prefix="scriptsftp-pg-", dir=_cluster_parent(owner)))
         try:
             if owner is not None:
                 os.chown(root, owner.pw_uid, owner.pw_gid)
@@ -155,9 +166,17 @@ class PgCluster:
             raise RuntimeError("PostgreSQL test cluster did not restart; its log:\n" + self._log_tail())
 
     def new_database(self, prefix: str = "t") -> str:
-        """A new empty database owned by the test role; returns its DSN."""
+        """A new empty database owned by the test role; returns its DSN. It sorts text by ICU's
+        en-US, as a server set up in English does (not by code point, as C and SQLite do), so
+        a statement that leaves order to the collation shows it; without ICU, the cluster's."""
+        import psycopg
+
         name = f"{prefix}_{secrets.token_hex(6)}"
-        self.psql(f'CREATE DATABASE "{name}" OWNER {ROLE} TEMPLATE template0')
+        try:
+            self.psql(f'CREATE DATABASE "{name}" OWNER {ROLE} TEMPLATE template0 '
+                      "LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+        except psycopg.errors.FeatureNotSupported:  # a server built without ICU
+            self.psql(f'CREATE DATABASE "{name}" OWNER {ROLE} TEMPLATE template0')
         return self.dsn_for(name)
 
     def drop_database(self, dsn: str) -> None:

@@ -286,3 +286,27 @@ def _other_key_line() -> str:
 
     return Ed25519PrivateKey.generate().public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def test_listings_are_in_the_same_order_on_both_engines(db_url: tuple[str, Path]) -> None:
+    """By code point, as SQLite compares text, whatever the PostgreSQL database's collation (the
+    test cluster's databases use ICU's en-US, as a server set up in English would): an export
+    made on one engine is byte for byte the export of its import on the other."""
+    from scriptsftp.server.support.config import Folder, Group
+
+    names = ["a_b", "aB", "Ab", "a-c", "ab", "B", "a.z", "Z0", "a@b"]
+    db = _open(*map(str, db_url))
+    try:
+        for name in names:
+            db.add_folder(Folder(name=name, path=f"/srv/{name}"), "test")
+            db.add_group(Group(name=name, folders={"/f": name}), "test")
+            db.add_user(User(name=name, home=f"/srv/homes/{name}", groups=[name, "a_b"]), "test")
+        expected = sorted(names)
+        assert [u.user.name for u in db.list_users()] == expected
+        assert db.user_names() == expected
+        assert [g.group.name for g in db.list_groups()] == expected
+        assert [f.folder.name for f in db.list_folders()] == expected
+        with pytest.raises(Exception, match="still used by " + ", ".join(f"user '{n}'" for n in expected[:5])):
+            db.delete_group("a_b", "test")
+    finally:
+        db.close()

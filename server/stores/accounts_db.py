@@ -238,6 +238,11 @@ class AccountDb:
     def close(self) -> None:
         self.db.close()
 
+    @property
+    def _bytewise(self) -> str:
+        """ORDER BY's collation for names: by code point on both engines (see sql.Dialect)."""
+        return self.db.dialect.words["bytewise"]
+
     @contextmanager
     def _writing(self) -> Iterator[Cursor]:
         """A transaction that changes accounts. Writers take turns, on PostgreSQL as SQLite's
@@ -322,12 +327,13 @@ class AccountDb:
                 keys.setdefault(user_name, []).append(line)
             rows = cur.execute(
                 "SELECT name, definition, password_hash, password_changed, last_login, created_at, created_by, "
-                "updated_at, updated_by FROM account_users ORDER BY name").fetchall()
+                f"updated_at, updated_by FROM account_users ORDER BY name {self._bytewise}").fetchall()
         return [self._user_from(r[0], r[1:], keys.get(r[0], [])) for r in rows]
 
     def user_names(self) -> list[str]:
         with self.db.transaction() as cur:
-            return [r[0] for r in cur.execute("SELECT name FROM account_users ORDER BY name").fetchall()]
+            rows = cur.execute(f"SELECT name FROM account_users ORDER BY name {self._bytewise}").fetchall()
+        return [r[0] for r in rows]
 
     def add_user(self, user: User, actor: str) -> StoredUser:
         user = self._check_user(user)
@@ -538,7 +544,7 @@ class AccountDb:
 
     def _list_entries(self, cur: Cursor, table: str) -> list[tuple[Any, ...]]:
         return cur.execute(f"SELECT name, definition, created_at, created_by, updated_at, updated_by FROM {table} "
-                           "ORDER BY name").fetchall()
+                           f"ORDER BY name {self._bytewise}").fetchall()
 
     def _add_entry(self, cur: Cursor, kind: Kind, table: str, name: str, definition: str, actor: str) -> None:
         where = self.file_names.get(kind + "s", {}).get(name)
@@ -565,7 +571,8 @@ class AccountDb:
 
     def _refuse_in_use(self, cur: Cursor, kind: Kind, name: str) -> None:
         rows = cur.execute("SELECT owner_kind, owner_name FROM account_references WHERE target_kind = ? "
-                           "AND target_name = ? ORDER BY owner_kind DESC, owner_name LIMIT 6", (kind, name)).fetchall()
+                           f"AND target_name = ? ORDER BY owner_kind DESC, owner_name {self._bytewise} LIMIT 6",
+                           (kind, name)).fetchall()
         if rows:
             users = ", ".join(f"{k} {n!r}" for k, n in rows[:5]) + (", …" if len(rows) > 5 else "")
             raise AccountInUse(f"{kind} {name!r} is still used by {users}")

@@ -51,13 +51,17 @@ class Dialect:
         return sql.format(**self.words)
 
 
+# bytewise: text ordered by code point (what SQLite does by default) whatever the PostgreSQL
+# database's collation, so listings and dumps come out in one order on both engines
 SQLITE = Dialect("sqlite", {
     "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
     "greatest": "max",
+    "bytewise": "COLLATE BINARY",
 })
 POSTGRESQL = Dialect("postgresql", {
     "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
     "greatest": "GREATEST",
+    "bytewise": 'COLLATE "C"',
 })
 
 #: a password in a PostgreSQL URL, hidden in messages and logs
