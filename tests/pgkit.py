@@ -155,15 +155,23 @@ class PgCluster:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def restart(self) -> None:
-        """Stop the server (fast: clients are cut off) and start it again on the same port, as
-        an upgrade or a failover does to the clients of a real one."""
+    def stop_server(self) -> None:
+        """Stop the server (fast: clients are cut off), keeping the cluster for start_server."""
         if self._admin is not None:
             self._admin.close()
             self._admin = None
         self._run([str(self.bindir / "pg_ctl"), "stop", "-D", str(self.datadir), "-m", "fast", "-w", "-t", "30"])
+
+    def start_server(self) -> None:
+        """Start a stopped server again, on the same port."""
         if not self._pg_ctl_start():
-            raise RuntimeError("PostgreSQL test cluster did not restart; its log:\n" + self._log_tail())
+            raise RuntimeError("PostgreSQL test cluster did not start again; its log:\n" + self._log_tail())
+
+    def restart(self) -> None:
+        """Stop the server (fast: clients are cut off) and start it again on the same port, as
+        an upgrade or a failover does to the clients of a real one."""
+        self.stop_server()
+        self.start_server()
 
     def new_database(self, prefix: str = "t") -> str:
         """A new empty database owned by the test role; returns its DSN. It sorts text by ICU's

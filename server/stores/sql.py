@@ -155,11 +155,15 @@ class PostgresDatabase:
 
     dialect = POSTGRESQL
 
+    #: seconds a transaction waits for a connection while the server is known to be away
+    OUTAGE_TIMEOUT = 1.0
+
     def __init__(self, url: str, *, max_connections: int = 8, timeout: float = 10.0) -> None:
         import psycopg
         import psycopg_pool
 
         self.where = redact_url(url)
+        self._unreachable = False
         # one plain connection first: an unreachable server or a refused login fails now with
         # the server's own reason, not as a pool timeout some seconds later
         psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
@@ -175,9 +179,25 @@ class PostgresDatabase:
 
     @contextmanager
     def transaction(self) -> Iterator[Cursor]:
-        with self._pool.connection() as conn:  # commits at the end, rolls back on an exception
-            with conn.cursor() as cur:
-                yield _PostgresCursor(cur)
+        """``timeout`` (10 s) is how long a transaction waits for a busy pool. Once a wait has
+        failed for want of the server, the next ones wait ``OUTAGE_TIMEOUT`` until one gets a
+        connection again: while PostgreSQL is down, a login of a database user (or of a name
+        nobody has) is refused in a second instead of holding a login slot for ten."""
+        import psycopg
+        import psycopg_pool
+
+        try:
+            conn = self._pool.getconn(timeout=self.OUTAGE_TIMEOUT if self._unreachable else None)
+        except (psycopg_pool.PoolTimeout, psycopg.OperationalError):
+            self._unreachable = True
+            raise
+        self._unreachable = False
+        try:
+            with conn:  # commits at the end, rolls back on an exception (as pool.connection() does)
+                with conn.cursor() as cur:
+                    yield _PostgresCursor(cur)
+        finally:
+            self._pool.putconn(conn)
 
     def close(self) -> None:
         self._pool.close()
