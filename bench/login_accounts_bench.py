@@ -56,7 +56,7 @@ import paramiko  # noqa: E402
 BIN = Path(sys.executable).with_name("scriptsftp")
 PASSWORD = "bench-Secret-1"
 sys.path.insert(0, str(ROOT / "tests"))
-from pgkit import PgCluster  # noqa: E402  (the tests' throwaway cluster: a temp dir, a free port)
+from pgkit import PgCluster, sweep_leftovers  # noqa: E402  (the tests' throwaway cluster: a temp dir, a free port)
 
 
 @dataclass
@@ -227,6 +227,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     password_hash = hash_password(PASSWORD)
     populations = sorted(int(n) for n in args.users.split(","))
     engines = args.engines.split(",")
+    if "postgresql" in engines:
+        sweep_leftovers()  # clusters of killed runs (this bench's or the tests')
     cluster = PgCluster.start() if "postgresql" in engines else None
     columns: list[Column] = []
     with tempfile.TemporaryDirectory(prefix="login-accounts-") as tmp:

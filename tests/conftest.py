@@ -277,7 +277,7 @@ def pg():
     """A throwaway PostgreSQL cluster for the whole session (tests/pgkit.py): a temp dir, a free
     port, stopped and removed at the end; never the system's cluster. Skips on a laptop without
     PostgreSQL, fails in CI (make test installs Debian's postgresql package as root)."""
-    from pgkit import PgCluster, PostgresMissing, find_bindir
+    from pgkit import PgCluster, PostgresMissing, find_bindir, sweep_leftovers
 
     try:
         bindir = find_bindir()
@@ -285,6 +285,7 @@ def pg():
         if IN_CI:
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+    sweep_leftovers()
     cluster = PgCluster.start(bindir)
     yield cluster
     cluster.stop()

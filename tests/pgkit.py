@@ -33,6 +33,9 @@ from urllib.parse import quote
 ROLE = "scriptsftp"
 #: a database the cluster's owner uses to create and drop the tests' databases
 ADMIN_DB = "postgres"
+#: the temp dirs' prefix, and the file in each naming the process that started the cluster
+PREFIX = "scriptsftp-pg-"
+OWNER_FILE = "started-by.pid"
 
 
 class PostgresMissing(RuntimeError):
@@ -125,8 +128,9 @@ class PgCluster:
         another process took the port between our probe and the server's bind)."""
         bindir = bindir or find_bindir()
         owner = _run_as()
-        root = Path(tempfile.mkdtemp(prefix="scriptsftp-pg-", dir=_cluster_parent(owner)))
+        root = Path(tempfile.mkdtemp(prefix=PREFIX, dir=_cluster_parent(owner)))
         try:
+            (root / OWNER_FILE).write_text(f"{os.getpid()}\n")  # for sweep_leftovers, if we die
             if owner is not None:
                 os.chown(root, owner.pw_uid, owner.pw_gid)
             cluster = cls(bindir, root, 0, secrets.token_urlsafe(18), owner)
@@ -255,6 +259,34 @@ def _as_owner(owner: pwd.struct_passwd | None) -> dict[str, object]:
         return {}
     env = {"PATH": "/usr/bin:/bin", "HOME": owner.pw_dir or "/", "LC_ALL": "C"}
     return {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": [], "env": env}
+
+
+def sweep_leftovers() -> list[Path]:
+    """Stop and remove the clusters whose starter died without stopping them (a test run
+    killed by a timeout or ^C twice): the postmaster outlives pytest otherwise. Clusters of
+    live runs, ours or other users', are left alone."""
+    swept: list[Path] = []
+    parents = {Path(tempfile.gettempdir()).resolve(), Path("/tmp")}
+    for root in sorted(p for parent in parents for p in parent.glob(PREFIX + "*")):
+        try:
+            pid = int((root / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or being made right now
+        try:
+            os.kill(pid, 0)
+            continue  # its run is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, someone else's
+        owner = pwd.getpwuid(root.stat().st_uid) if os.geteuid() == 0 and root.stat().st_uid != 0 else None
+        try:
+            _kill_leftover(root, find_bindir(), owner)
+        except (OSError, subprocess.SubprocessError, PostgresMissing):
+            continue
+        shutil.rmtree(root, ignore_errors=True)
+        swept.append(root)
+    return swept
 
 
 def _kill_leftover(root: Path, bindir: Path, owner: pwd.struct_passwd | None) -> None:

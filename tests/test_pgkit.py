@@ -39,3 +39,37 @@ def test_a_wrong_password_is_refused(pg) -> None:
     wrong = pg.dsn.replace(pg.password, "not-the-password")
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(wrong, connect_timeout=5)
+
+
+def test_a_cluster_whose_run_was_killed_is_swept_by_the_next(pg) -> None:
+    """pytest killed outright leaves its postmaster running; the next run's fixture stops it
+    and removes its dir, and leaves live runs' clusters (this session's) alone."""
+    import subprocess
+    import sys
+
+    from pgkit import sweep_leftovers
+
+    starter = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, pgkit; c = pgkit.PgCluster.start(); "
+                               "print(c.root, flush=True); time.sleep(600)"],
+        cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True)
+    try:
+        root = Path(starter.stdout.readline().strip())
+        postmaster = int((root / "data" / "postmaster.pid").read_text().split()[0])
+    finally:
+        starter.kill()
+        starter.wait()
+    assert _running(postmaster)  # nobody stopped it
+    assert root in sweep_leftovers()
+    assert not root.exists()
+    assert not _running(postmaster)
+    assert pg.root.exists() and pg.psql("SELECT 1") == "1\n"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a daemonised postmaster is reaped by init, whenever it gets to it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
