@@ -15,7 +15,7 @@ import pytest
 
 def test_the_cluster_is_a_throwaway_of_our_own(pg) -> None:
     assert pg.port != 5432
-    assert pg.root.is_relative_to(Path(tempfile.gettempdir()))
+    assert any(pg.root.is_relative_to(p) for p in (Path(tempfile.gettempdir()).resolve(), Path("/tmp")))
     assert (pg.datadir / "PG_VERSION").exists()
     assert Path(pg.psql("SHOW data_directory").strip()) == pg.datadir
     with psycopg.connect(pg.dsn) as con:
