@@ -654,8 +654,12 @@ class AccountDb:
     # --- change feed ----------------------------------------------------------------------------
 
     def _log(self, cur: Cursor, actor: str, kind: Kind, name: str, action: str, detail: str = "") -> None:
-        # only called inside _writing(): writers take turns, so ids commit in order and a reader
-        # polling "id > last" (the watcher, DatabaseAccountSource's kept records) misses none
+        # called inside _writing(): writers take turns, so ids commit in order and a reader
+        # polling "id > last" (the watcher, DatabaseAccountSource's kept records) misses none.
+        # The turn is taken here too (a no-op when held): a writer that forgot _writing() keeps
+        # the feed in order, though not its own checks
+        if self.db.dialect.name == "postgresql":
+            cur.execute("SELECT pg_advisory_xact_lock(?)", (ACCOUNT_WRITES_LOCK,))
         cur.execute("INSERT INTO account_changes (at, actor, kind, name, action, detail) VALUES (?, ?, ?, ?, ?, ?)",
                     (time.time(), actor, kind, name, action, detail))
 
