@@ -43,6 +43,7 @@ from scriptsftp.server.frontends.ssh import paramiko_ext
 from scriptsftp.server.frontends.ssh.server import SSHLimits, SSHListener
 from scriptsftp.server.frontends.ssh.worker_pool import SSHWorkerPool, worker_count
 from scriptsftp.server.core.publish import Publisher
+from scriptsftp.server.core.quota import QuotaHolder, Quotas
 from scriptsftp.server.ops.reload_plan import ReloadPlan, key_label, plan_reload, write_running
 from scriptsftp.server.core.staging import CHECKING, StagingRecords, discard_leftovers
 from scriptsftp.server.core.storage import LocalStorage, StorageOpener
@@ -161,8 +162,11 @@ class Daemon:
                                 max_mb=m.server.audit_max_mb)
         # bans, scores, connection caps: shared by every front end through the login core
         self.defender = Defender(self.stores, m.defender)
+        # usage and daily transfers, counted at publish and delete against [accounts] quotas
+        # (the account database keeps them, so the CLI's quota scan and other nodes share them)
+        self.quotas = Quotas(self.account_db, m.accounts.quota_thresholds)
         self.publisher = Publisher(self.dispatch, self.staging, self._upload_policy(cfg), workers=m.scripts.workers,
-                                   open_storage=self.open_storage)
+                                   open_storage=self.open_storage, quotas=self.quotas)
         self.core = LoginCore(
             self._account_source(cfg),
             self.dispatch,
@@ -184,6 +188,7 @@ class Daemon:
             on_user=self._account_changed, on_any=self._accounts_changed)
         self.core.on_login = self.account_watch.note_login
         self._apply_account_policy(cfg)
+        self.quotas.accounts = self._account_of  # uploads rechecked after a restart count too
         self._set_engine(engine if engine is not None else self._make_engine(cfg, script_account))
         self.listeners: list[Listener] = []
         if m.sftp.enabled:
@@ -244,6 +249,10 @@ class Daemon:
                             group=account.gid if account else None,
                             audit=ScriptAuditRecorder(self.audit), files=self._script_files(), stores=self.stores)
 
+    def _account_of(self, name: str) -> QuotaHolder | None:
+        rec = self.core.accounts.get(name)
+        return None if rec is None else rec.account
+
     def _script_files(self) -> ScriptSessions:
         """api.fs: sessions for the event's user, with the users of the moment (after a reload
         too), the staging records, the upload policy and the uploads pending a check."""
@@ -254,7 +263,7 @@ class Daemon:
             return None if rec is None or rec.disabled else rec.account
 
         return ScriptSessions(account, staging=core.staging, uploads=core.uploads, pending=self.publisher.pending,
-                              open_storage=self.open_storage)
+                              open_storage=self.open_storage, quotas=self.quotas)
 
     def _upload_policy(self, cfg: LoadedConfig) -> UploadPolicy:
         u = cfg.model.uploads
@@ -463,6 +472,7 @@ class Daemon:
         self.core.preauth_timeout = m.server.preauth_timeout  # FTP, HTTP: new connections on
         self.core.max_handles_per_user = m.server.max_handles_per_user
         self._apply_account_policy(cfg)
+        self.quotas.thresholds = tuple(sorted(set(m.accounts.quota_thresholds)))
         self.audit.retention_days = m.server.audit_retention_days
         self.audit.max_bytes = int(m.server.audit_max_mb * 1024 * 1024)
         for listener in self.listeners:

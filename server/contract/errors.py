@@ -58,6 +58,13 @@ class LimitExceeded(FsError):
     pass
 
 
+class QuotaExceeded(NoSpace):
+    """An account's or a folder's quota (size, files, or bytes moved per day) would be
+    passed: no space *for this user*, which is what every protocol already has a reply
+    for (FTP 552 "exceeded storage allocation", HTTP 507, an SFTP failure with the
+    message); ``message`` says which quota and its limit."""
+
+
 class Failure(FsError):
     pass
 

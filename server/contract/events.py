@@ -216,6 +216,22 @@ class PostRmdir(PathEvent):
     summary: ClassVar[str] = "A directory was removed."
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuotaThreshold(Event):
+    name: ClassVar[str] = "quota-threshold"
+    summary: ClassVar[str] = (
+        "A published upload made a quota's use cross one of [accounts] quota_thresholds (once per"
+        " crossing, upwards). `user` published it; `folder` names the virtual folder whose quota it"
+        " is (\"\": the user's home); `kind` is \"size\" (bytes) or \"files\"; `percent` is the"
+        " threshold crossed; `used` and `limit` are in bytes or files."
+    )
+    folder: str = ""
+    kind: str = "size"
+    percent: int = 0
+    used: int = 0
+    limit: int = 0
+
+
 # --- server-wide -------------------------------------------------------------
 
 
@@ -259,7 +275,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         Connect, PreLogin, PostLogin, LoginFailed, UserLocked, Disconnect,
         PreUpload, PrePublish, PostUpload, UploadFailed,
         PreDownload, PostDownload, PreDelete, PostDelete,
-        PreRename, PostRename, PreMkdir, PostMkdir, PreRmdir, PostRmdir,
+        PreRename, PostRename, PreMkdir, PostMkdir, PreRmdir, PostRmdir, QuotaThreshold,
         Schedule, Startup, Shutdown, ScriptError,
     )
 }

@@ -60,6 +60,40 @@ class Entry:
         return self.st.st_size
 
 
+@dataclass(frozen=True, slots=True)
+class TransferLimit:
+    """How far one transfer may go before a quota stops it, fixed by the core when it opens
+    the file and enforced by whichever process moves the bytes (an SSH worker moves them on
+    its own copy of the descriptor, with no round trip per packet).
+
+    ``end``: the largest size an upload may make its file (the space its scope has left,
+    plus the size of the file it replaces); ``moved``: the bytes this transfer may move
+    (what is left of the user's daily transfer quota). None: no such limit. The reasons
+    are the client's messages when one is reached."""
+
+    end: int | None = None
+    moved: int | None = None
+    end_reason: str = ""
+    moved_reason: str = ""
+
+    def stopped(self, reason: str) -> bool:
+        """Whether a transfer ended for ``reason`` was stopped by one of these quotas (an SSH
+        worker reports an upload it stopped by the reason it gave its client)."""
+        return any(r and r in reason for r in (self.end_reason, self.moved_reason))
+
+    def to_wire(self) -> list[object]:
+        """For the worker link (JSON)."""
+        return [self.end, self.moved, self.end_reason, self.moved_reason]
+
+    @classmethod
+    def from_wire(cls, value: object) -> "TransferLimit | None":
+        if not isinstance(value, list) or len(value) != 4:
+            return None
+        end, moved, end_reason, moved_reason = value
+        return cls(end if isinstance(end, int) else None, moved if isinstance(moved, int) else None,
+                   str(end_reason), str(moved_reason))
+
+
 class PublicKey(Protocol):
     """A client's public key as the core compares it (paramiko's PKey is one)."""
 
@@ -122,6 +156,7 @@ class ReadHandlePort(HandlePort, Protocol):
 
     fd: int
     sent: int
+    limit: TransferLimit | None  # the daily download quota left (None: unlimited); no sendfile past it
 
     def read(self, offset: int, length: int) -> bytes: ...
 
@@ -142,11 +177,14 @@ class WriteHandlePort(HandlePort, Protocol):
 
     fd: int
     written: int
+    limit: TransferLimit | None  # quotas: how large the file may grow, how many bytes may come
 
     @property
     def failed(self) -> FsError | None: ...
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def expect(self, size: int) -> None: ...  # the size the client announced: QuotaExceeded now, not half way
 
     def read(self, offset: int, length: int) -> bytes: ...
 

@@ -54,6 +54,7 @@ from scriptsftp.server.contract.dispatch import ALLOW, Dispatcher, FileOpener
 from scriptsftp.server.contract.errors import (
     Failure, FsError, IsADirectory, NoSpace, NotFound, Vetoed, from_oserror, fs_errors,
 )
+from scriptsftp.server.core.quota import Quotas, Scope
 from scriptsftp.server.core.storage import LocalStorage, Resolved, Storage, StorageOpener, copy_fd, read_opener
 from scriptsftp.server.core.vfs import join, split
 
@@ -173,6 +174,7 @@ class StagedUpload:
     record_id: int | None
     existed: bool
     size: int
+    scope: Scope | None = None  # whose quota it counts against (None: no accounting)
 
     @property
     def staged(self) -> tuple[str, ...]:
@@ -185,8 +187,10 @@ class Publisher:
     def __init__(
         self, dispatcher: Dispatcher, staging: "StagingRecords | None", uploads: UploadPolicy,
         *, workers: int = 2, pending: PendingIndex | None = None, open_storage: StorageOpener = LocalStorage,
+        quotas: Quotas | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        self.quotas = quotas  # usage is counted here, at the rename, and nowhere before it
         self.staging = staging
         self.uploads = uploads
         self.open_storage = open_storage  # homes named by staging records, rechecked after a crash
@@ -281,15 +285,16 @@ class Publisher:
 
     def finish(self, up: StagedUpload, data: dict[str, Any], *, duration: float | None = None) -> None:
         """Rename the staged file over the target; post-upload when it was a background check."""
+        crossed: list[ev.QuotaThreshold] = []
         try:
             with up.storage.resolve(up.staged, follow=False) as src, \
                     up.storage.resolve(up.final, follow=False) as dst:
-                try:
-                    if statmod.S_ISDIR(up.storage.stat(dst).st_mode):
-                        raise IsADirectory(f"{up.path}: a directory now has this name")
-                except FileNotFoundError:
-                    pass
-                up.storage.rename(src, dst)
+                if self.quotas is not None and up.scope is not None:
+                    with self.quotas.guard(up.scope):
+                        crossed = self._rename_counted(up, src, dst, self.quotas, up.scope, data)
+                else:
+                    self._replaceable(up, dst)
+                    up.storage.rename(src, dst)
                 if self.uploads.fsync:
                     self._sync_directory(up, dst)
         except (OSError, FsError) as exc:
@@ -302,10 +307,36 @@ class Publisher:
         self._forget(up.record_id)
         # settled before anyone is told (log line, post-upload): the path is plainly there now
         self.pending.remove(up.storage.home, up.final)
+        for threshold in crossed:
+            if self.dispatcher.wants(threshold.name):
+                self.dispatcher.post(threshold)
         if duration is not None:  # background: the front end already answered; we tell the scripts
             log.info("publish %s ok (checked in %.3fs)", up.path, duration, extra=_ctx(data, up.path))
             self._post(ev.PostUpload, data, path=up.path, size=up.size, duration=duration,
                        file=read_opener(up.storage, up.final))
+
+    @staticmethod
+    def _replaceable(up: StagedUpload, dst: Resolved) -> int | None:
+        """The size of the published file the upload replaces (None: none, or not a regular
+        file); a directory that took the name meanwhile refuses the publish."""
+        try:
+            st = up.storage.stat(dst)
+        except FileNotFoundError:
+            return None
+        if statmod.S_ISDIR(st.st_mode):
+            raise IsADirectory(f"{up.path}: a directory now has this name")
+        return st.st_size if statmod.S_ISREG(st.st_mode) else None
+
+    def _rename_counted(self, up: StagedUpload, src: Resolved, dst: Resolved, quotas: Quotas, scope: Scope,
+                        data: dict[str, Any]) -> list[ev.QuotaThreshold]:
+        """The rename with its accounting, under the scope's lock: what it replaces is read
+        here, not when the upload began (another upload of the path may have been published
+        since), and the exact quota check is made on it."""
+        replaced = self._replaceable(up, dst)
+        size = up.storage.stat(src).st_size
+        quotas.check_publish(scope, up.path, size, replaced)
+        up.storage.rename(src, dst)
+        return quotas.count(scope, size - (replaced or 0), 0 if replaced is not None else 1, _common(data))
 
     @staticmethod
     def _sync_directory(up: StagedUpload, dst: Resolved) -> None:
@@ -390,8 +421,10 @@ class Publisher:
                 continue
             data = dict(rec.event)
             final = split(rec.directory) + (rec.final_name,)
-            up = StagedUpload(storage, rec.user, str(data.get("path") or join(final)), final, rec.staging_name,
-                              rec.id, bool(data.get("exists")), int(data.get("size") or 0))
+            path = str(data.get("path") or join(final))
+            scope = self.quotas.scope_for(rec.user, split(path)) if self.quotas is not None else None
+            up = StagedUpload(storage, rec.user, path, final, rec.staging_name,
+                              rec.id, bool(data.get("exists")), int(data.get("size") or 0), scope)
             try:
                 with storage.resolve(up.staged, follow=False) as r:
                     st = storage.stat(r)

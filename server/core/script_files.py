@@ -22,6 +22,7 @@ from scriptsftp.server.contract.dispatch import NullDispatcher
 from scriptsftp.server.core.storage import LocalStorage, StorageOpener
 from scriptsftp.server.core.mounts import open_account_storage
 from scriptsftp.server.core.publish import PendingIndex, Publisher
+from scriptsftp.server.core.quota import Quotas
 from scriptsftp.server.core.session import Account, Session, UploadPolicy
 from scriptsftp.server.core.vfs import Access, normalize
 
@@ -47,8 +48,9 @@ class ScriptSessions:
 
     def __init__(self, account: Callable[[str], Account | None], *, staging: Any = None,
                  uploads: UploadPolicy | None = None, pending: PendingIndex | None = None,
-                 open_storage: StorageOpener = LocalStorage) -> None:
+                 open_storage: StorageOpener = LocalStorage, quotas: Quotas | None = None) -> None:
         self.account = account
+        self.quotas = quotas  # a script's uploads and deletes in a user's home count as the user's
         self.open_storage = open_storage  # the daemon's: the homes scripts touch are the clients' homes
         self.staging = staging
         self.uploads = uploads or UploadPolicy()
@@ -64,7 +66,7 @@ class ScriptSessions:
             return None
         if every_permission:  # the event's own file (own_file): every permission in the home, filters kept
             account = dataclasses.replace(account, access=account.access.with_all_permissions())
-        return self._open(account, session_id, protocol, remote_ip, script)
+        return self._open(account, session_id, protocol, remote_ip, script, self.quotas)
 
     def root_session(self, root: Path, *, session_id: str, protocol: str, remote_ip: str,
                      script: str) -> ScriptSession:
@@ -72,13 +74,14 @@ class ScriptSessions:
         return self._open(account, session_id, protocol, remote_ip, script)
 
     def _open(self, account: Account, session_id: str, protocol: str, remote_ip: str,
-              script: str) -> ScriptSession:
+              script: str, quotas: Quotas | None = None) -> ScriptSession:
+        """``quotas``: None for a root session, which is no user's and counts against nothing."""
         s = ScriptSession(
             session_id=session_id, account=account, protocol=protocol, remote_ip=remote_ip,
             dispatcher=NullDispatcher(), staging=self.staging, uploads=self.uploads,
             max_handles=SCRIPT_MAX_HANDLES,
             publisher=Publisher(NullDispatcher(), self.staging, self.uploads, pending=self.pending,
-                                open_storage=self.open_storage),
+                                open_storage=self.open_storage, quotas=quotas),
             storage=open_account_storage(self.open_storage, account),
         )
         s.script_name = script

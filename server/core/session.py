@@ -42,15 +42,19 @@ from scriptsftp.server.support import metrics
 from scriptsftp.server.contract.dispatch import Dispatcher, FileOpener
 from scriptsftp.server.contract.errors import (
     AlreadyExists, Failure, FsError, InvalidPath, IsADirectory, LimitExceeded, NoSpace, NotADirectory,
-    NotFound, PermissionDenied, Vetoed, from_oserror, fs_errors,
+    NotFound, PermissionDenied, QuotaExceeded, Vetoed, from_oserror, fs_errors,
 )
+from scriptsftp.server.contract.ports import TransferLimit
 from scriptsftp.server.core.publish import (
     Outcome, PendingUpload, Publisher, StagedUpload, UploadPolicy, pending_stat,
 )
-from scriptsftp.server.core.storage import Entry, LocalStorage, Storage, allocated_bytes, copy_fd, read_opener
+from scriptsftp.server.core.storage import (
+    Entry, LocalStorage, Resolved, Storage, allocated_bytes, copy_fd, read_opener,
+)
 from scriptsftp.server.core.bandwidth import UserBandwidth
 from scriptsftp.server.core.limits import Mount, Quota, Rates
 from scriptsftp.server.core.mounts import boundary_refusal, find_mount, folder_name, mounts_under
+from scriptsftp.server.core.quota import Quotas, Scope, scope_of
 from scriptsftp.server.core.vfs import Access, join, split
 from scriptsftp.server.support.fd_files import MAX_OFFSET as MAX_OFFSET
 from scriptsftp.server.support.fd_files import FdFile, FdReader, FdWriter
@@ -146,6 +150,8 @@ def _refusals_recorded(op: str) -> Callable[[Callable[..., Any]], Callable[..., 
 
 
 def _refusal_kind(exc: FsError) -> str:
+    if isinstance(exc, QuotaExceeded):
+        return "quota"
     if isinstance(exc, LimitExceeded):
         return "limit"
     if isinstance(exc, NoSpace):
@@ -196,6 +202,7 @@ class Session:
         # shared by every session of the daemon: it knows which paths wait for an async check
         self.publisher = publisher or Publisher(dispatcher, staging, self.uploads)
         self.pending = self.publisher.pending
+        self.quotas: Quotas | None = self.publisher.quotas  # None: nothing counted, nothing limited
         self.max_handles = max_handles
         self.budget = budget  # the user's handles over all sessions (None: this session's bound only)
         self._on_close = on_close  # the login core's count of the user's sessions
@@ -405,6 +412,7 @@ class Session:
             if statmod.S_ISDIR(st.st_mode):
                 raise IsADirectory(f"{path}: is a directory")
             real = r.parts
+        left = self._transfer_left("down", path)
         self._pre(ev.PreDownload, read_opener(self.storage, real), path=path, size=st.st_size)
         with fs_errors(path), self.storage.resolve(real, follow=False) as r:
             fd = self.storage.open_file(r, os.O_RDONLY)
@@ -412,6 +420,8 @@ class Session:
             os.close(fd)
             raise PermissionDenied(f"{path}: not a regular file")
         handle = ReadHandle(self, path, real, fd)
+        if left is not None:
+            handle.limit = TransferLimit(moved=left, moved_reason=Quotas.transfer_reason(self.account.rates, "down"))
         self._track(handle)
         return handle
 
@@ -456,18 +466,44 @@ class Session:
             self._require("overwrite", parts, path, follow=True)
         kind = "append" if append else ("write" if truncate or not exists else "resume")
         self.uploads.check_free_space(self.storage.locate(real)[0].statvfs(), path)
+        replaced = st.st_size if st is not None and statmod.S_ISREG(st.st_mode) else None
+        scope, limit = self._upload_quota(real, path, replaced)
         self._pre(ev.PreUpload, path=path, size=st.st_size if st and not truncate else 0, mode=kind, exists=exists)
 
         flags = (os.O_RDWR if readable else os.O_WRONLY)
         if self.uploads.atomic:
-            return self._open_staged(path, real, exists and not truncate, append, flags, mode, exists)
-        flags |= os.O_CREAT | (os.O_TRUNC if truncate else 0) | (os.O_APPEND if append else 0)
-        flags |= os.O_EXCL if exclusive else 0
-        with fs_errors(path), self.storage.resolve(real, follow=False) as r:
-            fd = self.storage.open_file(r, flags, mode)
-        handle = WriteHandle(self, path, real, fd, staging_name=None, record_id=None, existed=exists)
-        self._track(handle)
+            handle = self._open_staged(path, real, exists and not truncate, append, flags, mode, exists)
+        else:
+            flags |= os.O_CREAT | (os.O_TRUNC if truncate else 0) | (os.O_APPEND if append else 0)
+            flags |= os.O_EXCL if exclusive else 0
+            with fs_errors(path), self.storage.resolve(real, follow=False) as r:
+                fd = self.storage.open_file(r, flags, mode)
+            handle = WriteHandle(self, path, real, fd, staging_name=None, record_id=None, existed=exists)
+            handle.replaced = replaced
+            self._track(handle)
+        handle.scope, handle.limit = scope, limit
         return handle
+
+    def _upload_quota(self, real: tuple[str, ...], path: str,
+                      replaced: int | None) -> tuple[Scope | None, TransferLimit | None]:
+        """Whose quota an upload counts against, and how far it may go: refused here, before
+        any script runs and any byte is staged, when the scope or the day's uploads are at
+        their limit (docs/accounts.md "Quotas")."""
+        if self.quotas is None:
+            return None, None
+        scope = scope_of(self.account, real)
+        return scope, self.quotas.limits(scope, path, replaced, self.user, self.account.rates)
+
+    def _transfer_left(self, direction: str, path: str) -> int | None:
+        if self.quotas is None:
+            return None
+        return self.quotas.transfer_limit(self.user, self.account.rates, direction, path)
+
+    def _transferred(self, up: int = 0, down: int = 0) -> None:
+        """Count a finished or aborted transfer's bytes on the day, for users with a daily quota."""
+        rates = self.account.rates
+        if self.quotas is not None and ((up and rates.up_daily) or (down and rates.down_daily)):
+            self.quotas.transferred(self.user, up if rates.up_daily else 0, down if rates.down_daily else 0)
 
     def _open_staged(
         self, path: str, real: tuple[str, ...], keep_content: bool, append: bool, flags: int, mode: int,
@@ -575,9 +611,22 @@ class Session:
             raise IsADirectory(f"{path}: is a directory")
         self._pre(ev.PreDelete, path=path, size=st.st_size)
         with fs_errors(path), self.storage.resolve(parts, follow=False) as r:
-            self.storage.unlink(r)
+            if self.quotas is None:
+                self.storage.unlink(r)
+            else:
+                self._unlink_counted(r, self.quotas)
         self._log("delete", path, "ok", size=st.st_size)
         self._post(ev.PostDelete, path=path, size=st.st_size)
+
+    def _unlink_counted(self, r: Resolved, quotas: Quotas) -> None:
+        """Unlink and subtract what goes, read again under the scope's lock (the file may
+        have been replaced since the checks and the pre-delete scripts)."""
+        scope = scope_of(self.account, r.parts)
+        with quotas.guard(scope):
+            st = self.storage.stat(r)
+            self.storage.unlink(r)
+            if statmod.S_ISREG(st.st_mode):
+                quotas.count(scope, -st.st_size, -1)
 
     @_refusals_recorded("rename")
     def rename(self, src_vpath: str, dst_vpath: str, *, overwrite: bool = False) -> None:
@@ -615,9 +664,30 @@ class Session:
         with fs_errors(src):
             with self.storage.resolve(src_parts, follow=False) as a, \
                     self.storage.resolve(dst_parts, follow=False) as b:
-                self.storage.rename(a, b)
+                if self.quotas is None:
+                    self.storage.rename(a, b)
+                else:
+                    self._rename_counted(a, b, dst, self.quotas)
         self._log("rename", src, "ok", target=dst)
         self._post(ev.PostRename, path=src, target=dst, size=src_st.st_size)
+
+    def _rename_counted(self, a: Resolved, b: Resolved, dst: str, quotas: Quotas) -> None:
+        """A rename within one scope changes its usage only by the file it replaces, read
+        under the scope's lock; across scopes (out of or into a virtual folder) it is refused,
+        as moving between two folders' directories would be."""
+        scope = scope_of(self.account, a.parts)
+        if scope_of(self.account, b.parts).key != scope.key:
+            raise Failure(f"{dst}: cannot move across folders; copy it, then delete the original")
+        with quotas.guard(scope):
+            moving = self.storage.stat(a)
+            try:
+                st: os.stat_result | None = self.storage.stat(b)
+            except FileNotFoundError:
+                st = None
+            self.storage.rename(a, b)
+            if st is not None and statmod.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) != (
+                    moving.st_dev, moving.st_ino):  # onto itself (or a hard link of it): nothing goes
+                quotas.count(scope, -st.st_size, -1)
 
     @_refusals_recorded("setstat")
     def setstat(
@@ -645,6 +715,8 @@ class Session:
         """Attributes of a file being uploaded (e.g. ``put -p``); they travel with it at publish."""
         if mode is not None or times is not None:
             mode, times = self._setstat_granted(handle.real, handle.path, mode, times)
+        if size is not None and handle.limit is not None:
+            handle._within(handle.limit, size, 0)
         with fs_errors(handle.path):
             if size is not None:
                 os.ftruncate(handle.fd, size)
@@ -854,6 +926,7 @@ class ReadHandle(FileHandle, FdReader):
             secs = time.monotonic() - self.started
             s = self.session
             s.bytes_out += self.sent
+            s._transferred(down=self.sent)
             s._log("download", self.path, "ok", bytes=self.sent, secs=round(secs, 3), rate=_rate(self.sent, secs))
             s._post(ev.PostDownload, path=self.path, size=self.sent, bytes=self.sent, duration=secs)
         finally:
@@ -864,6 +937,7 @@ class ReadHandle(FileHandle, FdReader):
             try:
                 os.close(self.fd)
                 self.session.bytes_out += self.sent
+                self.session._transferred(down=self.sent)
                 self.session._log("download", self.path, "aborted", bytes=self.sent, reason=reason)
             finally:
                 self._release()
@@ -881,6 +955,8 @@ class WriteHandle(FileHandle, FdWriter):
         self.staging_name = staging_name
         self.record_id = record_id
         self.existed = existed
+        self.scope: Scope | None = None  # whose quota the published file counts against
+        self.replaced: int | None = None  # without staging: the size of the file written over
 
     def copy_from(self, src: int, *, deadline: float | None = None) -> None:
         """Fill this upload with the whole file open at ``src``, in the kernel, holes kept
@@ -888,6 +964,8 @@ class WriteHandle(FileHandle, FdWriter):
         reserve. A failure poisons the upload like a failed write."""
         self._check_usable()
         s = self.session
+        if self.limit is not None:
+            self._within(self.limit, os.fstat(src).st_size, 0)  # bytes the network never carries
         s.uploads.check_free_space(s.storage.locate(self.real)[0].statvfs(), self.path, need=allocated_bytes(src))
         try:
             copy_fd(src, self.fd, deadline=deadline)
@@ -913,7 +991,10 @@ class WriteHandle(FileHandle, FdWriter):
             size = self.size()
             os.close(self.fd)
             s.bytes_in += self.written
-            if self.staging_name is not None and self._publish(size) is Outcome.PENDING:
+            s._transferred(up=self.written)
+            if self.staging_name is None:
+                self._count_in_place(size)
+            elif self._publish(size) is Outcome.PENDING:
                 return  # async check: the publisher raises post-upload after the verdict
             secs = time.monotonic() - self.started
             s._log("upload", self.path, "ok", bytes=self.written, size=size, secs=round(secs, 3),
@@ -929,7 +1010,7 @@ class WriteHandle(FileHandle, FdWriter):
         assert self.staging_name is not None
         where, inside = s.storage.locate(self.real)  # published in the folder that holds it
         upload = StagedUpload(where, s.user, self.path, inside, self.staging_name, self.record_id,
-                              self.existed, size)
+                              self.existed, size, self.scope)
         event = s._event(ev.PrePublish, path=self.path, size=size, exists=self.existed)
         try:
             outcome = s.publisher.publish(upload, event)
@@ -943,16 +1024,30 @@ class WriteHandle(FileHandle, FdWriter):
             s._log("upload", self.path, "accepted", bytes=self.written, size=size)
         return outcome
 
+    def _count_in_place(self, size: int) -> None:
+        """Without staging (``[uploads] atomic = false``) the file changed where it is, whole
+        or not: counted as it stands, against what it was when the upload began."""
+        quotas, scope = self.session.quotas, self.scope
+        if quotas is not None and scope is not None:
+            with quotas.guard(scope):
+                quotas.count(scope, size - (self.replaced or 0), 0 if self.existed else 1)
+
     def abort(self, reason: str) -> None:
         """The client went away mid-transfer: nothing is published."""
         if not self._finish():
             return
         try:
             s = self.session
+            size = self.size() if self.staging_name is None else 0
             os.close(self.fd)
             s.bytes_in += self.written
+            s._transferred(up=self.written)
             if self.staging_name is not None:
                 s._discard_staged(self.real[:-1], self.staging_name, self.record_id)
+            else:
+                self._count_in_place(size)
+            if isinstance(self.failed, QuotaExceeded) or (self.limit is not None and self.limit.stopped(reason)):
+                s._refused("upload", (self.path,), QuotaExceeded(reason))
             s._log("upload", self.path, "aborted", bytes=self.written, reason=reason)
             s._post(ev.UploadFailed, path=self.path, size=self.written, reason=reason)
         finally:

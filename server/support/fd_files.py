@@ -20,7 +20,8 @@ import os
 import threading
 import time
 
-from scriptsftp.server.contract.errors import FsError, PermissionDenied, from_oserror
+from scriptsftp.server.contract.errors import FsError, PermissionDenied, QuotaExceeded, from_oserror
+from scriptsftp.server.contract.ports import TransferLimit
 
 #: the largest file offset the kernel takes (off_t); clients send 64-bit unsigned offsets
 MAX_OFFSET = 2**63 - 1
@@ -29,6 +30,9 @@ MAX_OFFSET = 2**63 - 1
 class FdFile:
     """An open file of a transfer: its virtual path (for messages), its descriptor, when it
     started, and whether it is finished (closed or aborted, once)."""
+
+    limit: TransferLimit | None = None
+    """Quotas this transfer runs under, set by the core at open (None: none)."""
 
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
@@ -65,6 +69,8 @@ class FdReader(FdFile):
     def read(self, offset: int, length: int) -> bytes:
         if not 0 <= offset <= MAX_OFFSET:
             return b""  # past any end of file: EOF, as the kernel answers for a large offset
+        if self.limit is not None:
+            length = self._allowed(offset, length)
         try:
             data = os.pread(self.fd, length, offset)
         except OSError as exc:
@@ -76,12 +82,27 @@ class FdReader(FdFile):
         """``read()`` into the caller's buffer: the SFTP reply is built around it without a copy."""
         if not 0 <= offset <= MAX_OFFSET:
             return 0
+        if self.limit is not None:
+            buf = buf[:self._allowed(offset, len(buf))]
         try:
             n = os.preadv(self.fd, [buf], offset)
         except OSError as exc:
             raise from_oserror(exc, self.path) from None
         self.sent += n
         return n
+
+    def _allowed(self, offset: int, length: int) -> int:
+        """How much of a read the daily download quota lets through: a short read up to it
+        (clients ask again), then the refusal; a read at the end of the file stays EOF."""
+        assert self.limit is not None
+        if self.limit.moved is None:
+            return length
+        left = self.limit.moved - self.sent
+        if left > 0:
+            return min(length, left)
+        if length and os.pread(self.fd, 1, offset):
+            raise QuotaExceeded(f"{self.path}: {self.limit.moved_reason}")
+        return 0
 
 
 class FdWriter(FdFile):
@@ -110,6 +131,8 @@ class FdWriter(FdFile):
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_usable()
+        if self.limit is not None:
+            self._within(self.limit, offset + len(data), len(data))
         try:
             if not 0 <= offset <= MAX_OFFSET - len(data):
                 # a client's 64-bit offset beyond off_t: what the kernel answers for one inside
@@ -146,8 +169,29 @@ class FdWriter(FdFile):
         except OSError as exc:
             raise from_oserror(exc, self.path) from None
 
+    def _within(self, limit: TransferLimit, end: int, moving: int) -> None:
+        """Refuse a write or truncate that a quota does not allow: it poisons the upload (the
+        client's file would be cut short), which is then discarded, the old version kept."""
+        if limit.end is not None and end > limit.end:
+            reason = limit.end_reason
+        elif limit.moved is not None and self.written + moving > limit.moved:
+            reason = limit.moved_reason
+        else:
+            return
+        self.failed = error = QuotaExceeded(f"{self.path}: {reason}")
+        raise error
+
+    def expect(self, size: int) -> None:
+        """The client announced the size it will send (HTTP ``Content-Length``): refused now,
+        before any byte, when a quota would stop it on the way."""
+        self._check_usable()
+        if self.limit is not None:
+            self._within(self.limit, size, size)
+
     def truncate(self, size: int) -> None:
         self._check_usable()
+        if self.limit is not None:
+            self._within(self.limit, size, 0)
         try:
             os.ftruncate(self.fd, size)
         except OSError as exc:

@@ -19,6 +19,7 @@ the pyftpdlib internals these rely on are in pyftpdlib_ext.
 
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import socket
@@ -64,6 +65,9 @@ class Download:
         self.pos = pos
 
     def fileno(self) -> int:
+        """No sendfile() under a daily download quota: the kernel would send past it."""
+        if self.handle.limit is not None:
+            raise OSError(errno.EOPNOTSUPP, "the download quota is counted by read()")
         return self.handle.fd
 
     def finish(self, wire_bytes: int, sendfile: bool) -> None:

@@ -7,7 +7,7 @@ command or a transfer.
 
 from __future__ import annotations
 
-from scriptsftp.server.contract.errors import Failure, FsError, InvalidPath, LimitExceeded, NoSpace
+from scriptsftp.server.contract.errors import Failure, FsError, InvalidPath, LimitExceeded, NoSpace, QuotaExceeded
 
 
 def reply_text(text: str) -> str:
@@ -19,6 +19,8 @@ def reply_of(exc: FsError) -> str:
     """The FTP reply line for a Session error (RFC 959 codes)."""
     if isinstance(exc, InvalidPath):
         code = 553  # file name not allowed
+    elif isinstance(exc, QuotaExceeded):
+        code = 552  # exceeded storage allocation
     elif isinstance(exc, NoSpace):
         code = 452
     elif isinstance(exc, LimitExceeded):

@@ -55,7 +55,7 @@ from scriptsftp.server.contract.credentials import Credentials
 from scriptsftp.server.contract.errors import BadCredentials, FsError, IsADirectory, LoginRefused, NotFound
 from scriptsftp.server.frontends.http.util import (
     CHUNK, Ctx, HttpError, HttpSession, Pools, StallWatch, decode_path, etag_of, href, http_date, not_found, paced,
-    parse_http_date, read_size,
+    parse_http_date, read_size, status_of,
 )
 from scriptsftp.server.support.config import HttpSection, ServerSection
 from scriptsftp.server.support.listen import ConfigFiles, listen_addresses
@@ -500,6 +500,12 @@ class HttpListener:
             raise HttpError(405, exc.message) from None
         except NotFound as exc:
             raise await not_found(ctx, exc) from None
+        if length is not None:
+            try:
+                handle.expect(length)  # over a quota: 507 before the body (and before 100 Continue)
+            except FsError as exc:
+                await ctx.op(handle.abort, exc.message)
+                raise HttpError(status_of(exc), exc.message, close=True) from None
         if req.headers.get("Expect", "").lower() == "100-continue" and req.version >= (1, 1):
             # only now: a refused upload is answered before the client sends its body
             await req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

@@ -97,6 +97,12 @@ def _kwargs(raw: object, allowed: frozenset[str]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}  # times: JSON has no tuple
 
 
+def _limit(handle: ReadHandlePort | WriteHandlePort) -> dict[str, object]:
+    """The quotas a transfer runs under go with its descriptor: the worker moves the bytes,
+    so the worker stops them (the core checks the upload again when it publishes)."""
+    return {} if handle.limit is None else {"limit": handle.limit.to_wire()}
+
+
 def _count(raw: object) -> int:
     if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
         raise TypeError(f"byte count {raw!r}")
@@ -311,13 +317,13 @@ class CoreLink:
         handle = self._session(number).open_read(path)
         hid = next(self._numbers)
         self.reads[hid] = handle
-        return {"hid": hid, "path": handle.path}, handle.fd
+        return {"hid": hid, "path": handle.path, **_limit(handle)}, handle.fd
 
     def _open_write(self, number: int, path: str, kwargs: dict) -> tuple[dict, int]:
         handle = self._session(number).open_write(path, **_kwargs(kwargs, OPEN_WRITE_ARGS))
         hid = next(self._numbers)
         self.writes[hid] = handle
-        return {"hid": hid, "path": handle.path}, handle.fd
+        return {"hid": hid, "path": handle.path, **_limit(handle)}, handle.fd
 
     def _fsetstat(self, number: int, hid: int, kwargs: dict) -> None:
         handle = self.writes[hid]  # KeyError for a download: an internal error, answered as such

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from scriptsftp.server.contract import errors, framing
 from scriptsftp.server.contract.dispatch import ALLOW, Decision
 from scriptsftp.server.contract.errors import FsError
-from scriptsftp.server.contract.ports import Entry, PublicKey, throttle_chunk
+from scriptsftp.server.contract.ports import Entry, PublicKey, TransferLimit, throttle_chunk
 from scriptsftp.server.frontends.ssh.core_link import OPENDIR_PREFETCH, decode_entry
 from scriptsftp.server.support.fd_files import FdReader, FdWriter
 
@@ -210,7 +210,9 @@ class RemoteSession:
 
     def open_read(self, vpath: str) -> "RemoteReadHandle":
         answer, fd = self.core.call("open_read", self.number, vpath)
-        return RemoteReadHandle(self, answer["hid"], answer["path"], _fd(fd))
+        handle = RemoteReadHandle(self, answer["hid"], answer["path"], _fd(fd))
+        handle.limit = TransferLimit.from_wire(answer.get("limit"))
+        return handle
 
     def opendir(self, vpath: str) -> "RemoteDirHandle":
         answer = self.core.value("opendir", self.number, vpath)
@@ -222,7 +224,9 @@ class RemoteSession:
         kwargs = {"truncate": truncate, "append": append, "exclusive": exclusive, "create": create,
                   "readable": readable, "mode": mode}
         answer, fd = self.core.call("open_write", self.number, vpath, kwargs)
-        return RemoteWriteHandle(self, answer["hid"], answer["path"], _fd(fd))
+        handle = RemoteWriteHandle(self, answer["hid"], answer["path"], _fd(fd))
+        handle.limit = TransferLimit.from_wire(answer.get("limit"))
+        return handle
 
     def fsetstat(self, handle: "RemoteWriteHandle", *, mode: int | None = None,
                  times: tuple[float, float] | None = None, size: int | None = None) -> None:
