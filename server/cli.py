@@ -406,4 +406,8 @@ def script_test(script_path: Path, event_name: str, user: str, vpath: str | None
     sys.exit(3)
 
 
+from scriptsftp.server.ops.quota_cli import quota  # noqa: E402  (its own module: `scriptsftp quota ...`)
+
+main.add_command(quota)
+
 __all__ = ["main"]

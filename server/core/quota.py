@@ -268,7 +268,7 @@ class Quotas:
             self.ledger.add_transfer(user, utc_day(), up, down)
 
 
-def recount(root: os.PathLike[str] | str, skip: Sequence[str] = ()) -> tuple[int, int]:
+def recount(root: os.PathLike[str] | str, skip: Sequence[os.PathLike[str] | str] = ()) -> tuple[int, int]:
     """What a scope holds on disk: bytes and count of the regular files under ``root``,
     as the ledger counts them: staged uploads (hidden names) left out, symlinks neither
     followed nor counted, and ``skip`` (host paths: other scopes' directories inside this
