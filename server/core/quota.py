@@ -20,6 +20,7 @@ process that moves the bytes enforces), and at the rename, exactly, under the sc
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import stat as statmod
 import threading
@@ -28,10 +29,12 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 from contextlib import contextmanager
 
 from scriptsftp.server.contract import events as ev
-from scriptsftp.server.contract.errors import QuotaExceeded
+from scriptsftp.server.contract.errors import Failure, QuotaExceeded
 from scriptsftp.server.contract.ports import TransferLimit
 from scriptsftp.server.core.limits import Mount, Quota, Rates
 from scriptsftp.server.core.vfs import STAGING_PREFIX
+
+log = logging.getLogger("scriptsftp.quota")
 
 
 class UsageLedger(Protocol):
@@ -180,7 +183,7 @@ class Quotas:
         q = scope.quota
         if not q.limited:
             return None
-        size, files = self.ledger.usage(scope.key)
+        size, files = self._usage(scope, path)
         if q.files and replaced is None and files >= q.files:
             raise QuotaExceeded(f"{path}: quota exceeded: {scope.where()} holds {files} files, "
                                 f"the limit is {q.files}")
@@ -192,6 +195,15 @@ class Quotas:
                                 f"the limit is {human(q.size)}")
         return room
 
+    def _usage(self, scope: Scope, path: str) -> tuple[int, int]:
+        """The ledger's figures for a check; a ledger that cannot answer (the database gone)
+        refuses the upload rather than let a quota pass unchecked."""
+        try:
+            return self.ledger.usage(scope.key)
+        except Exception as exc:
+            log.error("quota of %s cannot be read: %s", scope.key, exc)
+            raise Failure(f"{path}: the quota cannot be checked now; try again later") from None
+
     def size_reason(self, scope: Scope) -> str:
         return f"quota exceeded: {scope.where()} may hold {human(scope.quota.size)}"
 
@@ -201,7 +213,7 @@ class Quotas:
         q = scope.quota
         if not q.limited:
             return
-        size, files = self.ledger.usage(scope.key)
+        size, files = self._usage(scope, path)
         grow = new_size - (replaced or 0)
         if q.size and grow > 0 and size + grow > q.size:
             raise QuotaExceeded(f"{path}: quota exceeded: {scope.where()} may hold {human(q.size)} "
@@ -218,7 +230,14 @@ class Quotas:
         ``who``: the session fields of the event (session_id, protocol, remote_ip, user)."""
         if not bytes_delta and not files_delta:
             return []
-        size, files = self.ledger.add_usage(scope.key, bytes_delta, files_delta)
+        try:
+            size, files = self.ledger.add_usage(scope.key, bytes_delta, files_delta)
+        except Exception as exc:
+            # the file changed already and must not be reported as failed: the figure is off
+            # until the next `scriptsftp quota scan`, which the line says
+            log.error("quota usage of %s not updated (%+d bytes, %+d files): %s; run `scriptsftp quota scan`",
+                      scope.key, bytes_delta, files_delta, exc)
+            return []
         q = scope.quota
         if not self.thresholds or not q.limited:
             return []
@@ -242,7 +261,11 @@ class Quotas:
         daily = rates.up_daily if direction == "up" else rates.down_daily
         if not daily:
             return None
-        up, down = self.ledger.transfer_usage(user, utc_day())
+        try:
+            up, down = self.ledger.transfer_usage(user, utc_day())
+        except Exception as exc:
+            log.error("daily transfer of %s cannot be read: %s", user, exc)
+            raise Failure(f"{path}: the transfer quota cannot be checked now; try again later") from None
         left = daily - (up if direction == "up" else down)
         if left <= 0:
             raise QuotaExceeded(f"{path}: {self.transfer_reason(rates, direction)}")
@@ -265,7 +288,10 @@ class Quotas:
         """Bytes a finished or aborted transfer moved, on today's count (every byte moved
         counts, whether or not the upload was published)."""
         if up or down:
-            self.ledger.add_transfer(user, utc_day(), up, down)
+            try:
+                self.ledger.add_transfer(user, utc_day(), up, down)
+            except Exception as exc:
+                log.error("daily transfer of %s not counted (%d up, %d down): %s", user, up, down, exc)
 
 
 def recount(root: os.PathLike[str] | str, skip: Sequence[os.PathLike[str] | str] = ()) -> tuple[int, int]:

@@ -287,3 +287,25 @@ def test_the_memory_ledger_never_goes_below_zero() -> None:
     assert ledger.add_transfer("x", "2026-01-01", 5, 0) == (5, 0)
     ledger.set_usage("user:x", 7, 2)
     assert ledger.usage("user:x") == (7, 2)
+
+
+class BrokenLedger(MemoryLedger):
+    """A database that went away."""
+
+    def usage(self, scope: str) -> tuple[int, int]:
+        raise ConnectionError("server closed the connection")
+
+    def add_usage(self, scope: str, bytes_delta: int, files_delta: int) -> tuple[int, int]:
+        raise ConnectionError("server closed the connection")
+
+
+def test_a_ledger_that_cannot_answer_refuses_limited_uploads_but_never_fails_a_publish(tmp_path: Path) -> None:
+    c = QuotaCore(tmp_path, Quota())
+    c.quotas.ledger = c.ledger = BrokenLedger()
+    s = c.session()
+    c.upload("/free", b"x" * 10, s)  # no quota: no check; the count fails, the upload does not
+    assert (c.home / "free").read_bytes() == b"x" * 10
+    c.account = Account(name="alice", home=c.home, access=c.account.access, quota=Quota(size=100))
+    with pytest.raises(Failure, match="quota cannot be checked now"):
+        c.session().open_write("/limited")
+    c.close()
