@@ -354,8 +354,12 @@ def test_the_daily_transfer_quotas_stop_an_upload_and_a_download_on_the_way(daem
         f.storbinary("STOR /up3.bin", io.BytesIO(b"x" * 15000))
         with pytest.raises(ftplib.error_perm, match=r"^552 .*daily upload quota of 58.6 KiB reached"):
             f.storbinary("STOR /up4.bin", io.BytesIO(b"x" * 15000))
+        with pytest.raises(ftplib.error_perm, match=r"^552 /big\.bin: daily download quota"):
+            f.retrbinary("RETR /big.bin", lambda b: None)  # the day's downloads are used up
     finally:
         f.close()
+    r = request(d, "GET", "/big.bin")
+    assert r.status == 507 and "daily download quota of 48.8 KiB reached" in r.text
     assert sorted(p.name for p in home.iterdir()) == ["big.bin", "up1.bin", "up3.bin"]
 
 

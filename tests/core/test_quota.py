@@ -170,6 +170,18 @@ def test_a_write_past_the_quota_poisons_the_upload_and_keeps_the_old_version(q: 
     q.assert_exact()
 
 
+def test_a_write_far_past_the_end_is_refused_before_it_makes_a_sparse_file(q: QuotaCore) -> None:
+    s = q.session()
+    h = s.open_write("/holes")
+    with pytest.raises(QuotaExceeded):
+        h.write(2**62, b"x")  # a hostile offset: no hole of exabytes is made, the upload is poisoned
+    with pytest.raises(QuotaExceeded):
+        h.write(0, b"x")
+    h.abort("client gone")
+    assert not (q.home / "holes").exists()
+    q.assert_exact()
+
+
 def test_a_truncate_past_the_quota_is_refused_too(q: QuotaCore) -> None:
     s = q.session()
     h = s.open_write("/sparse")
