@@ -24,7 +24,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from conftest import ALICE_PASSWORD, BIN, SSH_OPTS, close_client, paramiko_client, require_tool, sftp_put
+from conftest import (
+    ALICE_PASSWORD, BIN, BOB_PASSWORD, SSH_OPTS, close_client, paramiko_client, require_tool, sftp_put, user_toml,
+)
 from httpkit import HTTP_EXTRA, basic, request
 
 FTP_EXTRA = '\n[ftp]\nenabled = true\nlisten = "127.0.0.1:0"\npassive_ports = ""\n'
@@ -373,3 +375,34 @@ def test_crossing_a_threshold_raises_the_event_for_scripts(daemons, alice_key):
         close_client(c)
     d.wait_log(r"THRESHOLD size 50 600 1000 folder=")
     assert "THRESHOLD size 90" not in d.log_text()
+
+
+def test_a_folder_quota_is_shared_by_every_user_who_mounts_it(daemons, alice_key, bob_key, password_hashes):
+    (daemons.root / "folders" / "team").mkdir(parents=True)
+    (daemons.root / "scripts").mkdir(parents=True, exist_ok=True)
+    (daemons.root / "scripts" / "quota.py").write_text(VETO_SCRIPT)
+    users = (user_toml("alice", keys=[alice_key], password_hash=password_hashes["alice"],
+                       folders='{ "/shared" = "team" }')
+             + user_toml("bob", keys=[bob_key], password_hash=password_hashes["bob"],
+                         folders='{ "/team" = "team" }'))
+    folder = ('\n[[folders]]\nname = "team"\npath = "folders/team"\nquota_size = 1000\nquota_files = 10\n'
+              'permissions = { "/" = ["*"] }\n')
+    d = daemons.start(BINDINGS + HTTP_EXTRA + folder, users=users)
+    a = paramiko_client(d, key=alice_key)
+    try:
+        sftp_put(a, "/shared/a.bin", b"a" * 600)
+        sftp_put(a, "/mine.bin", b"m" * 5000)  # the home has no quota; the folder's is not touched
+    finally:
+        close_client(a)
+    # bob mounts the same folder elsewhere: alice's bytes count against him too
+    r = request(d, "PUT", "/team/b.bin", b"b" * 500, user="bob", password=BOB_PASSWORD)
+    assert r.status == 507 and "quota exceeded: folder team may hold 1000 bytes" in r.text, r.text
+    assert request(d, "PUT", "/team/b.bin", b"b" * 400, user="bob", password=BOB_PASSWORD).status == 201
+    d.wait_log(r"user=bob .*THRESHOLD size 95 1000 1000 folder=team")  # 60% -> 100%: 80 and 95 crossed
+    d.wait_log(r"user=bob .*THRESHOLD size 80 1000 1000 folder=team")
+    r = request(d, "PUT", "/team/c.bin", b"c", user="bob", password=BOB_PASSWORD)
+    assert r.status == 507 and "folder team holds 1000 bytes" in r.text
+    scans = {s["scope"]: s for s in quota_scan(d)}
+    assert scans["folder:team"]["before"] == scans["folder:team"]["after"] == {"bytes": 1000, "files": 2}
+    assert scans["user:alice"]["after"] == {"bytes": 5000, "files": 1}  # the folder is not in her home's count
+    assert scans["user:alice"]["before"] == scans["user:alice"]["after"]

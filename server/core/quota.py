@@ -32,6 +32,7 @@ from scriptsftp.server.contract import events as ev
 from scriptsftp.server.contract.errors import Failure, QuotaExceeded
 from scriptsftp.server.contract.ports import TransferLimit
 from scriptsftp.server.core.limits import Mount, Quota, Rates
+from scriptsftp.server.core.mounts import find_mount
 from scriptsftp.server.core.vfs import STAGING_PREFIX
 
 log = logging.getLogger("scriptsftp.quota")
@@ -115,16 +116,8 @@ class Scope:
         return f"folder {self.folder}" if self.folder else "your home"
 
 
-def mount_of(account: QuotaHolder, parts: Sequence[str]) -> Mount | None:
-    """The mount a path lies in (mounts are deepest first, so the first prefix wins)."""
-    for mount in account.folders:
-        if tuple(parts[:len(mount.vpath)]) == mount.vpath:
-            return mount
-    return None
-
-
 def scope_of(account: QuotaHolder, parts: Sequence[str]) -> Scope:
-    mount = mount_of(account, parts)
+    mount = find_mount(account.folders, tuple(parts))
     if mount is not None:
         return Scope(f"folder:{mount.folder}", mount.folder, mount.quota)
     return Scope(f"user:{account.name}", "", account.quota)
@@ -238,9 +231,18 @@ class Quotas:
             log.error("quota usage of %s not updated (%+d bytes, %+d files): %s; run `scriptsftp quota scan`",
                       scope.key, bytes_delta, files_delta, exc)
             return []
+        try:
+            return self._crossed(scope, size, files, bytes_delta, files_delta, who or {})
+        except Exception:  # never fail a change that happened over an event it raises
+            log.exception("quota-threshold of %s not raised", scope.key)
+            return []
+
+    def _crossed(self, scope: Scope, size: int, files: int, bytes_delta: int, files_delta: int,
+                 who: dict[str, Any]) -> list[ev.QuotaThreshold]:
         q = scope.quota
         if not self.thresholds or not q.limited:
             return []
+        session = {k: who[k] for k in ("session_id", "protocol", "remote_ip", "user") if k in who}
         out: list[ev.QuotaThreshold] = []
         for kind, limit, now, delta in (("size", q.size, size, bytes_delta), ("files", q.files, files, files_delta)):
             if not limit or delta <= 0:
@@ -249,7 +251,7 @@ class Quotas:
             for percent in self.thresholds:
                 mark = limit * percent / 100
                 if before < mark <= now:
-                    out.append(ev.QuotaThreshold(**(who or {}), folder=scope.folder, kind=kind, percent=percent,
+                    out.append(ev.QuotaThreshold(**session, folder=scope.folder, kind=kind, percent=percent,
                                                  used=now, limit=limit))
         return out
 
@@ -318,5 +320,5 @@ def recount(root: os.PathLike[str] | str, skip: Sequence[os.PathLike[str] | str]
     return size, files
 
 
-__all__ = ["MemoryLedger", "QuotaHolder", "Quotas", "Scope", "UsageLedger", "human", "mount_of", "recount", "scope_of",
+__all__ = ["MemoryLedger", "QuotaHolder", "Quotas", "Scope", "UsageLedger", "human", "recount", "scope_of",
            "utc_day"]

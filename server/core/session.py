@@ -667,17 +667,14 @@ class Session:
                 if self.quotas is None:
                     self.storage.rename(a, b)
                 else:
-                    self._rename_counted(a, b, dst, self.quotas)
+                    self._rename_counted(a, b, self.quotas)
         self._log("rename", src, "ok", target=dst)
         self._post(ev.PostRename, path=src, target=dst, size=src_st.st_size)
 
-    def _rename_counted(self, a: Resolved, b: Resolved, dst: str, quotas: Quotas) -> None:
-        """A rename within one scope changes its usage only by the file it replaces, read
-        under the scope's lock; across scopes (out of or into a virtual folder) it is refused,
-        as moving between two folders' directories would be."""
+    def _rename_counted(self, a: Resolved, b: Resolved, quotas: Quotas) -> None:
+        """A rename changes its scope's usage only by the file it replaces, read under the
+        scope's lock (a rename never crosses a folder boundary: ``_same_folder``)."""
         scope = scope_of(self.account, a.parts)
-        if scope_of(self.account, b.parts).key != scope.key:
-            raise Failure(f"{dst}: cannot move across folders; copy it, then delete the original")
         with quotas.guard(scope):
             moving = self.storage.stat(a)
             try:

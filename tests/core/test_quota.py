@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from scriptsftp.server.contract.errors import Failure, QuotaExceeded, Vetoed
+from scriptsftp.server.contract.errors import Failure, PermissionDenied, QuotaExceeded, Vetoed
 from scriptsftp.server.contract.events import QuotaThreshold
 from scriptsftp.server.core.limits import Mount, Quota, Rates
 from scriptsftp.server.core.publish import Publisher, UploadPolicy
@@ -107,7 +107,7 @@ def test_publish_counts_the_new_size_less_the_replaced_one_and_delete_subtracts(
 def test_a_rename_across_scopes_is_refused_and_counts_nothing(q: QuotaCore) -> None:
     s = q.session()
     q.upload("/a", b"x" * 10, s)
-    with pytest.raises(Failure, match="across folders"):
+    with pytest.raises(PermissionDenied, match="folder boundary"):
         s.rename("/a", "/shared/a")
     assert (q.home / "a").exists()
     q.assert_exact()
