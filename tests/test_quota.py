@@ -362,6 +362,8 @@ def test_the_daily_transfer_quotas_stop_an_upload_and_a_download_on_the_way(daem
         f.close()
     r = request(d, "GET", "/big.bin")
     assert r.status == 507 and "daily download quota of 48.8 KiB reached" in r.text
+    # both SFTP downloads are refusals on record: the one stopped on the way, the one refused at open
+    wait_lines(d, r"proto=sftp .*\] download /big\.bin denied .*kind=quota", 2)
     assert sorted(p.name for p in home.iterdir()) == ["big.bin", "up1.bin", "up3.bin"]
 
 

@@ -919,6 +919,7 @@ class ReadHandle(FileHandle, FdReader):
         if not self._finish():
             return
         try:
+            stopped = self._stopped_by_quota()
             os.close(self.fd)
             secs = time.monotonic() - self.started
             s = self.session
@@ -926,18 +927,31 @@ class ReadHandle(FileHandle, FdReader):
             s._transferred(down=self.sent)
             s._log("download", self.path, "ok", bytes=self.sent, secs=round(secs, 3), rate=_rate(self.sent, secs))
             s._post(ev.PostDownload, path=self.path, size=self.sent, bytes=self.sent, duration=secs)
+            if stopped is not None:
+                s._refused("download", (self.path,), stopped)
         finally:
             self._release()
 
     def abort(self, reason: str) -> None:
         if self._finish():
             try:
+                stopped = self._stopped_by_quota()
                 os.close(self.fd)
                 self.session.bytes_out += self.sent
                 self.session._transferred(down=self.sent)
                 self.session._log("download", self.path, "aborted", bytes=self.sent, reason=reason)
+                if stopped is not None:
+                    self.session._refused("download", (self.path,), stopped)
             finally:
                 self._release()
+
+    def _stopped_by_quota(self) -> QuotaExceeded | None:
+        """A download that used up the day's quota with bytes of the file left: the reads
+        past it were refused (in whichever process served them), recorded here as a refusal."""
+        limit = self.limit
+        if limit is None or limit.moved is None or self.sent < limit.moved or os.fstat(self.fd).st_size <= self.sent:
+            return None
+        return QuotaExceeded(f"{self.path}: {limit.moved_reason}")
 
 
 class WriteHandle(FileHandle, FdWriter):
