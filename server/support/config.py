@@ -331,6 +331,14 @@ def _check_vpath(v: str) -> str:
     return v
 
 
+def _check_dir(v: str) -> str:
+    """A home or a folder's directory: "" would be the configuration file's directory
+    (its keys and password files), and a NUL no system call takes."""
+    if not v.strip() or "\x00" in v:
+        raise ValueError(f"{v!r} must name a directory")
+    return v
+
+
 def _check_permissions(perms: dict[str, list[str]]) -> dict[str, list[str]]:
     for vpath, names in perms.items():
         _check_vpath(vpath)
@@ -351,11 +359,20 @@ def _check_networks(nets: list[str]) -> list[str]:
     return nets
 
 
-USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
+#: \Z, not $: "$" also matches before a final newline, and "alice\n" is not alice
+USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\Z")
 FOLDER_NAME = USER_NAME
 
+#: the largest count a limit may hold: a SQL BIGINT, and a float the token bucket and the
+#: quota arithmetic compute with (10**400 from a JSON dump raised OverflowError at login)
+COUNT_MAX = 2**63 - 1
+#: days a password may last: a few centuries, so its end is still a date
+PASSWORD_DAYS_MAX = 1_000_000
+
 #: a size in bytes, written as a number or "10GiB", "500MB"; 0 means no limit
-Bytes = Annotated[ByteSize, Field(ge=0)]
+Bytes = Annotated[ByteSize, Field(ge=0, le=COUNT_MAX)]
+#: a count (files, sessions); 0 means no limit
+Count = Annotated[int, Field(ge=0, le=COUNT_MAX)]
 
 
 class _Access(_Model):
@@ -374,7 +391,7 @@ class _Access(_Model):
     Clients set times after every upload (rclone, WinSCP, FileZilla, scp -p)."""
     quota_size: Bytes | None = None
     """Bytes the home may hold (published files; virtual folders count apart); 0: no limit."""
-    quota_files: Annotated[int, Field(ge=0)] | None = None
+    quota_files: Count | None = None
     """Files the home may hold; 0: no limit."""
     bandwidth_up: Bytes | None = None
     """Bytes/s of uploads over all the user's sessions and protocols together; 0: no limit."""
@@ -389,7 +406,7 @@ class _Access(_Model):
     folders: dict[str, str] = {}
     """Virtual folders: virtual path -> folder name (``[[folders]]`` or `scriptsftp folder add`).
     Groups' mounts add up; the user's own entry for a path replaces a group's."""
-    password_max_age: Annotated[int, Field(ge=0)] | None = None
+    password_max_age: Annotated[int, Field(ge=0, le=PASSWORD_DAYS_MAX)] | None = None
     """Days a password stays valid after it is set; 0: forever (default: [accounts] password_max_age)."""
 
     @field_validator("home_folders")
@@ -436,7 +453,7 @@ class User(_Access):
     public_keys: list[str] = []
     home: str
     groups: list[str] = []
-    max_sessions: Annotated[int, Field(ge=0)] = 0
+    max_sessions: Count = 0
     """0 = unlimited."""
     disabled: bool = False
     disabled_reason: str = ""
@@ -451,6 +468,11 @@ class User(_Access):
         if not USER_NAME.match(v):
             raise ValueError(f"{v!r} is not a valid user name (letters, digits, _ . @ -; at most 64)")
         return v
+
+    @field_validator("home")
+    @classmethod
+    def _home(cls, v: str) -> str:
+        return _check_dir(v)
 
     @field_validator("password_hash")
     @classmethod
@@ -489,7 +511,7 @@ class Folder(_Model):
     """The directory on the server; relative paths are relative to the config file."""
     quota_size: Bytes = ByteSize(0)
     """Bytes the folder may hold, over every user who mounts it; 0: no limit."""
-    quota_files: Annotated[int, Field(ge=0)] = 0
+    quota_files: Count = 0
     """Files the folder may hold; 0: no limit."""
     permissions: dict[str, list[str]] = {}
     """Permissions inside the folder, by path relative to its root ("/" is the folder
@@ -502,6 +524,11 @@ class Folder(_Model):
         if not FOLDER_NAME.match(v):
             raise ValueError(f"{v!r} is not a valid folder name (letters, digits, _ . @ -; at most 64)")
         return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _check_dir(v)
 
     @field_validator("permissions")
     @classmethod
@@ -519,7 +546,7 @@ class AccountsSection(_Model):
     another node (disabling a user ends their sessions within this time)."""
     kick_on_disable: bool = True
     """Disabling, expiring or deleting a user ends their open sessions."""
-    password_max_age: Annotated[int, Field(ge=0)] = 0
+    password_max_age: Annotated[int, Field(ge=0, le=PASSWORD_DAYS_MAX)] = 0
     """Days a password stays valid after it is set, for users and groups that do not say; 0: forever."""
     quota_thresholds: list[Annotated[int, Field(gt=0, le=100)]] = [80, 95]
     """Percentages of a quota whose crossing raises the ``quota-threshold`` event."""

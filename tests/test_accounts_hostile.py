@@ -1,0 +1,122 @@
+"""Issue 18 under attack: what reaches the server through the account database (the CLI,
+the API, an imported dump, SQL typed by hand) where the TOML file's reader never looked,
+and changes that race a login.
+
+Fast and in-process: the login core with an account source that answers from a dict and a
+dispatcher that lets a test act while ``pre-login`` runs (as a script that takes its time
+would let the watcher act), and the account database on a SQLite file in tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from argon2 import PasswordHasher
+
+from scriptsftp.server.contract import events as ev
+from scriptsftp.server.contract.credentials import Credentials
+from scriptsftp.server.contract.dispatch import ALLOW, Decision, FileOpener
+from scriptsftp.server.contract.errors import LoginRefused
+from scriptsftp.server.core import account_policy
+from scriptsftp.server.core.accounts import UserRecord, build_record
+from scriptsftp.server.core.bandwidth import UserBandwidth
+from scriptsftp.server.core.login import LoginCore
+from scriptsftp.server.core.session import Account, UploadPolicy
+from scriptsftp.server.core.vfs import Access
+from scriptsftp.server.stores.accounts_db import AccountDb, AccountInvalid
+from scriptsftp.server.stores.sql import SqliteDatabase
+from scriptsftp.server.support.config import AccountsSection, Folder, User
+
+PASSWORD = "Right-Horse-Battery-7"
+
+
+@pytest.fixture(scope="module")
+def password_hash() -> str:
+    return PasswordHasher(time_cost=1, memory_cost=256, parallelism=1).hash(PASSWORD)
+
+
+@pytest.fixture
+def account_db(tmp_path: Path):
+    db = AccountDb(SqliteDatabase(tmp_path / "accounts.sqlite3"))
+    db.upgrade()
+    yield db
+    db.close()
+
+
+def _dump(**sections: list[dict]) -> dict:
+    return {"format": "scriptsftp-accounts", "version": 1, **sections}
+
+
+# --- names ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["alice\n", "alice\nlogin ok (password) user=root", "shared\n"])
+def test_a_name_with_a_trailing_newline_is_refused_on_import(account_db: AccountDb, name: str):
+    """``$`` matches before a final newline: "alice\\n" passed the name rule, so an import
+    (or the API) could add a second "alice" that logs, listings and the dashboard show as
+    the first, and that forges a log line of its own."""
+    with pytest.raises(AccountInvalid, match="not a valid"):
+        account_db.import_(_dump(users=[{"name": name, "home": "/srv/h"}]), "import")
+    with pytest.raises(AccountInvalid, match="not a valid"):
+        account_db.import_(_dump(folders=[{"name": name, "path": "/srv/f"}]), "import")
+    assert account_db.list_users() == [] and account_db.list_folders() == []
+
+
+def test_the_dump_format_is_what_export_writes(account_db: AccountDb):
+    """The dumps above are refused for their names, not their header."""
+    assert account_db.import_(_dump(users=[{"name": "alice", "home": "/srv/h"}]), "import")["added"] == 1
+    assert {k: v for k, v in account_db.export().items() if k in ("format", "version")} == {
+        "format": "scriptsftp-accounts", "version": 1}
+
+
+# --- numbers no login can use -----------------------------------------------------------------
+
+
+HUGE = 10 ** 400  # JSON carries it; Python's int takes it; a float does not
+
+
+@pytest.mark.parametrize("key", ["bandwidth_up", "bandwidth_down", "quota_size", "transfer_up_daily",
+                                 "password_max_age", "quota_files", "max_sessions"])
+def test_a_number_past_what_the_server_computes_with_is_refused_on_import(account_db: AccountDb, key: str):
+    """A rate of 10**400 bytes/s made the user's token bucket raise OverflowError at every
+    login (int * float), and a password_max_age of 10**400 days made the dashboard's
+    accounts page fail for everyone: refused when it is written, naming the key."""
+    with pytest.raises(AccountInvalid, match=key):
+        account_db.import_(_dump(users=[{"name": "alice", "home": "/srv/h", key: HUGE}]), "import")
+    assert account_db.list_users() == []
+
+
+def test_the_largest_numbers_accepted_still_work(tmp_path: Path):
+    """At the bound: the bucket takes the rate, the policy computes the password's end."""
+    big = 2 ** 63 - 1
+    user = User.model_validate({"name": "alice", "home": "h", "bandwidth_up": big, "bandwidth_down": big,
+                                "quota_size": big, "password_max_age": 10 ** 6}, strict=False)
+    rec = build_record(user, {}, {}, lambda p: tmp_path / p, AccountsSection(), password_hash="$argon2id$x",
+                       password_changed=0.0, origin="test")
+    UserBandwidth(rec.account.rates)
+    assert account_policy.status(rec, 1e9) == ("active", "")
+
+
+# --- paths ------------------------------------------------------------------------------------
+
+
+def test_an_empty_home_or_folder_path_is_refused(account_db: AccountDb):
+    """An empty path resolves to the configuration file's directory (TLS keys, password
+    files, the config itself): a home or a folder there is a typo, never a wish."""
+    with pytest.raises(AccountInvalid, match="home"):
+        account_db.import_(_dump(users=[{"name": "alice", "home": ""}]), "import")
+    with pytest.raises(AccountInvalid, match="path"):
+        account_db.import_(_dump(folders=[{"name": "shared", "path": ""}]), "import")
+    with pytest.raises(AccountInvalid, match="home"):
+        account_db.import_(_dump(users=[{"name": "alice", "home": "/srv/\x00h"}]), "import")
+
+
+def test_a_dump_is_read_as_json_of_bounded_depth(account_db: AccountDb):
+    """A dump is JSON the CLI parses before import: a name of a million characters is one
+    refusal, not a row."""
+    with pytest.raises(AccountInvalid, match="not a valid"):
+        account_db.import_(json.loads(json.dumps(_dump(users=[{"name": "a" * 1_000_000, "home": "/h"}]))), "i")
