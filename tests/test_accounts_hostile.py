@@ -120,3 +120,75 @@ def test_a_dump_is_read_as_json_of_bounded_depth(account_db: AccountDb):
     refusal, not a row."""
     with pytest.raises(AccountInvalid, match="not a valid"):
         account_db.import_(json.loads(json.dumps(_dump(users=[{"name": "a" * 1_000_000, "home": "/h"}]))), "i")
+
+
+# --- a change racing a login ------------------------------------------------------------------
+
+
+class Accounts:
+    def __init__(self, records: dict[str, UserRecord]) -> None:
+        self.records = records
+
+    def get(self, name: str) -> UserRecord | None:
+        return self.records.get(name)
+
+    def names(self) -> list[str]:
+        return list(self.records)
+
+
+@dataclass
+class SlowPreLogin:
+    """A dispatcher whose pre-login runs ``meanwhile`` (what happens while a script thinks)."""
+
+    meanwhile: Callable[[], None] = lambda: None
+    seen: list[str] = field(default_factory=list)
+
+    def wants(self, event_name: str) -> bool:
+        return True
+
+    def pre(self, event: ev.Event, file: FileOpener | None = None, mode: str | None = None) -> Decision:
+        self.seen.append(event.name)
+        if isinstance(event, ev.PreLogin):
+            self.meanwhile()
+        return ALLOW
+
+    def has_async(self, event: ev.Event) -> bool:
+        return False
+
+    def post(self, event: ev.Event, file: FileOpener | None = None) -> None:
+        self.seen.append(event.name)
+
+    def names(self) -> list[str]:
+        return []
+
+
+def _record(home: Path, password_hash: str, **state: object) -> UserRecord:
+    acct = Account(name="alice", home=home, access=Access.build({"/": ["*"]}, [], []),
+                   protocols=frozenset({"ftp", "http", "sftp", "scp"}))
+    state.setdefault("disabled", False)
+    return UserRecord(account=acct, password_hash=password_hash, keys=[], **state)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"disabled": True, "disabled_reason": "left the company"}, "account disabled: left the company"),
+    ({"expires": 1.0}, "account expired on 1970-01-01"),
+])
+def test_an_account_disabled_while_pre_login_runs_is_refused(tmp_path: Path, password_hash: str, change, reason):
+    """The watcher ends the sessions of a disabled user, but a login still in pre-login has
+    no user yet, so it is not among them; the decision read the account again after the
+    scripts and took the disabled one as good: the session lived on, disabled."""
+    accounts = Accounts({"alice": _record(tmp_path, password_hash)})
+    events = SlowPreLogin()
+    core = LoginCore(accounts, events, staging=None, uploads=UploadPolicy(atomic=False), failure_delay=0,
+                     password_cache=0)  # type: ignore[arg-type]
+
+    def disable() -> None:
+        accounts.records["alice"] = _record(tmp_path, password_hash, **change)
+        assert core.account_changed("alice") == []  # the watcher's turn: nobody to kick yet
+    events.meanwhile = disable
+    conn, _ = core.connect("ftp", "192.0.2.5")
+    with pytest.raises(LoginRefused) as caught:
+        core.login(conn, Credentials("alice", PASSWORD))
+    assert caught.value.reason == reason
+    assert conn.user == "" and conn.sessions == [] and not conn.login_counted
+    assert events.seen[-1] == "login-failed"

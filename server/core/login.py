@@ -482,7 +482,9 @@ class LoginCore:
             if rec is None:  # gone by a reload while pre-login ran
                 refusal = "unknown user"
             else:
-                refusal = self._home_refusal(conn, rec)
+                # disabled or expired meanwhile: the watcher's kick missed this connection,
+                # which has no user until the decision ends
+                refusal = account_policy.login_refusal(rec, method, self.clock()) or self._home_refusal(conn, rec)
         if refusal is None:
             assert rec is not None
             if not self.registry.count_login(conn, name, rec.account.max_sessions):
