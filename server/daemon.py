@@ -483,7 +483,7 @@ class Daemon:
         """``[accounts] kick_on_disable``, ``create_homes``, ``home_mode``, ``home_owner``."""
         a = cfg.model.accounts
         self.core.kick_on_disable = a.kick_on_disable
-        self.core.homes = HomePolicy.of(a)
+        self.core.homes = HomePolicy.of(a, fenced=(self.state_dir,))
 
     def shutdown(self) -> None:
         grace = self.cfg.model.server.grace_period

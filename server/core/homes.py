@@ -43,6 +43,11 @@ class HomeMissing(Exception):
     """The home does not exist and ``create_homes`` is off."""
 
 
+class HomeFenced(Exception):
+    """The home or one of the account's folders holds, or lies in, a directory of the
+    server's own (``state_dir``: host keys, the account database, staging records)."""
+
+
 @dataclass(frozen=True)
 class HomePolicy:
     """``[accounts] create_homes``, ``home_mode``, ``home_owner``."""
@@ -50,12 +55,16 @@ class HomePolicy:
     create: bool = True
     mode: int = 0o750
     owner: str = ""  # user name or uid; empty: whoever the daemon runs as
+    #: the server's own directories (state_dir): no home or folder may hold or lie in one,
+    #: whoever wrote the account (a database row is checked by nothing else)
+    fenced: tuple[Path, ...] = ()
 
     @classmethod
-    def of(cls, section: AccountsSection) -> "HomePolicy":
+    def of(cls, section: AccountsSection, *, fenced: tuple[Path, ...] = ()) -> "HomePolicy":
         """The policy of the configuration (the daemon at login; the CLI and the API when
         they create an account: ``ensure_home(build_record(...).account, HomePolicy.of(...))``)."""
-        return cls(create=section.create_homes, mode=section.home_mode, owner=section.home_owner)
+        return cls(create=section.create_homes, mode=section.home_mode, owner=section.home_owner,
+                   fenced=tuple(Path(os.path.realpath(p)) for p in fenced))
 
 
 @dataclass
@@ -89,8 +98,10 @@ def owner_ids(owner: str) -> tuple[int, int] | None:
 def ensure_home(account: Account, policy: HomePolicy) -> HomeReport:
     """Make ``account``'s home and ``home_folders`` as the module says.
 
-    Raises :class:`HomeMissing` (no home, and not ours to make), ``LookupError`` (an
+    Raises :class:`HomeFenced` (a home or folder over the server's own files: nothing is
+    made), :class:`HomeMissing` (no home, and not ours to make), ``LookupError`` (an
     unknown ``home_owner``) or ``OSError`` (the home cannot be made or opened)."""
+    check_fence(account, policy.fenced)
     report = HomeReport()
     home = account.home
     try:
@@ -112,6 +123,20 @@ def ensure_home(account: Account, policy: HomePolicy) -> HomeReport:
     for vpath, why in report.skipped:
         log.warning("home folder %s of %s left alone: %s", vpath, account.name, why)
     return report
+
+
+def check_fence(account: Account, fenced: tuple[Path, ...]) -> None:
+    """Raise :class:`HomeFenced` if the home or a folder of ``account`` is one of ``fenced``,
+    holds one (a home of "/" would serve the account database's hashes) or lies inside
+    one. Paths are compared with their links resolved, as the kernel will open them."""
+    if not fenced:
+        return
+    roots = [("home", account.home), *((f"folder {m.folder}", m.root) for m in account.folders)]
+    for what, root in roots:
+        real = Path(os.path.realpath(root))
+        for wall in fenced:
+            if real == wall or wall.is_relative_to(real) or real.is_relative_to(wall):
+                raise HomeFenced(f"{what} {root} overlaps the server's state directory {wall}")
 
 
 def _make_home(home: Path, policy: HomePolicy, report: HomeReport) -> int:

@@ -58,7 +58,7 @@ from scriptsftp.server.core import account_policy
 from scriptsftp.server.core.accounts import AccountSource, UserRecord
 from scriptsftp.server.core.bandwidth import BandwidthLimits
 from scriptsftp.server.core.connections import Connection, ConnectionRegistry, kick_soon
-from scriptsftp.server.core.homes import HomeMissing, HomePolicy, ensure_home
+from scriptsftp.server.core.homes import HomeFenced, HomeMissing, HomePolicy, ensure_home
 from scriptsftp.server.core.passwords import PasswordCache, PasswordVerifier
 from scriptsftp.server.core.publish import Publisher, UploadPolicy
 from scriptsftp.server.core.session import HandleBudget, RefusalSink, Session
@@ -504,6 +504,9 @@ class LoginCore:
         nothing. The client learns only that the home is unusable; the log says why."""
         try:
             ensure_home(rec.account, self.homes)
+        except HomeFenced as exc:
+            log.error("login refused: %s", exc, extra=conn.log_context(user=rec.account.name))
+            return "home directory unavailable: ask your administrator"
         except HomeMissing as exc:
             log.error("%s (create_homes is off)", exc, extra=conn.log_context(user=rec.account.name))
             return "home directory missing: ask your administrator"
