@@ -115,6 +115,34 @@ def test_an_empty_home_or_folder_path_is_refused(account_db: AccountDb):
         account_db.import_(_dump(users=[{"name": "alice", "home": "/srv/\x00h"}]), "import")
 
 
+@pytest.mark.parametrize("mounts", [{"/..": "shared"}, {"//": "shared"}, {"/a/..": "shared"}, {"/./": "shared"}])
+def test_a_mount_point_that_normalizes_to_the_root_is_refused(account_db: AccountDb, mounts):
+    """The rule was "not '/'" on the raw string: "/.." passed and build_record normalized it
+    to "/", a folder mounted over the whole home."""
+    account_db.add_folder(Folder(name="shared", path="/srv/shared"), "a")
+    with pytest.raises(AccountInvalid, match="cannot be mounted at '/'"):
+        account_db.import_(_dump(users=[{"name": "alice", "home": "/srv/h", "folders": mounts}]), "import")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("folders", {"/in\x01box": "shared"}),
+    ("home_folders", ["/in\x1bbox"]),
+    ("home_folders", ["/.scriptsftp-part-x"]),
+    ("permissions", {"/in\x7fbox": ["list"]}),
+    ("filters", [{"path": "/a\nb", "denied": ["*.exe"]}]),
+    ("home_folders", ["/" + "a/" * 3000]),
+    ("home_folders", ["/" + "a" * 300]),
+])
+def test_a_virtual_path_no_client_could_use_is_refused(account_db: AccountDb, tmp_path: Path, key, value):
+    """Control characters, staging names and lengths past the Session's bounds: the TOML
+    reader let them through too, and build_record raised InvalidPath at every login of the
+    user (from the database: "account database unavailable" in the log, for one row)."""
+    account_db.add_folder(Folder(name="shared", path="/srv/shared"), "a")
+    with pytest.raises(AccountInvalid, match=key):
+        account_db.import_(_dump(users=[{"name": "alice", "home": "/srv/h", key: value}]), "import")
+    assert account_db.list_users() == []
+
+
 def test_a_dump_is_read_as_json_of_bounded_depth(account_db: AccountDb):
     """A dump is JSON the CLI parses before import: a name of a million characters is one
     refusal, not a row."""

@@ -23,6 +23,8 @@ from pydantic import ByteSize, Field, ValidationError, field_validator, model_va
 
 # The scripting sections are declared in the contract (the engine reads them without importing
 # this module); they are composed into Config below and re-exported from here ("X as X").
+from scriptsftp.server.contract.errors import FsError, NotFound
+from scriptsftp.server.contract.paths import split
 from scriptsftp.server.contract.script_settings import (
     CAPABILITIES as CAPABILITIES,
     COMMAND_NAMED as COMMAND_NAMED,
@@ -326,8 +328,17 @@ class Filter(_Model):
 
 
 def _check_vpath(v: str) -> str:
+    """A virtual path the Session can take: the account database's rows meet no other
+    check before build_record normalizes them (a control character there raised at
+    every login of the user, "/.." passed as a mount point and became "/")."""
     if not v.startswith("/") or "\x00" in v:
-        raise ValueError(f"{v!r} must be a virtual path starting with '/'")
+        raise ValueError(f"{v[:80]!r} must be a virtual path starting with '/'")
+    try:
+        split(v)
+    except NotFound:
+        raise ValueError(f"{v[:80]!r} names the server's staging files, which no client can reach") from None
+    except FsError as exc:
+        raise ValueError(f"{v[:80]!r}: {exc.message}") from None
     return v
 
 
@@ -419,7 +430,7 @@ class _Access(_Model):
     def _mounts(cls, v: dict[str, str]) -> dict[str, str]:
         for vpath, name in v.items():
             _check_vpath(vpath)
-            if vpath.rstrip("/") == "":
+            if not split(vpath):  # "/", but also "//", "/.." and "/a/.."
                 raise ValueError("a folder cannot be mounted at '/' (that is the home)")
             if not FOLDER_NAME.match(name):
                 raise ValueError(f"{name!r} is not a valid folder name")
