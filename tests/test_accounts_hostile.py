@@ -220,3 +220,43 @@ def test_an_account_disabled_while_pre_login_runs_is_refused(tmp_path: Path, pas
     assert caught.value.reason == reason
     assert conn.user == "" and conn.sessions == [] and not conn.login_counted
     assert events.seen[-1] == "login-failed"
+
+
+# --- a writer holding the database ------------------------------------------------------------
+
+
+def test_a_login_read_never_waits_for_a_writer(tmp_path: Path):
+    """Every read took SQLite's write lock (BEGIN IMMEDIATE): while an import of many
+    users (one transaction) or any writer held it, each login of a database user waited
+    up to the 10 s busy timeout and then was refused as "database unavailable", and
+    logins queued behind each other. WAL lets readers read the last commit meanwhile."""
+    import sqlite3
+    import time
+
+    from scriptsftp.server.stores.accounts_db import DatabaseAccountSource
+    from scriptsftp.server.support.config import load_config
+
+    conf = tmp_path / "conf.toml"
+    conf.write_text('[server]\nstate_dir = "state"\n')
+    cfg = load_config(conf)
+    db = AccountDb.open(cfg)
+    try:
+        db.add_user(User.model_validate({"name": "bob", "home": "/srv/bob"}, strict=False), "a")
+        source = DatabaseAccountSource(db, cfg)
+        writer = sqlite3.connect(str(db.db.path), isolation_level=None)  # type: ignore[attr-defined]
+        writer.execute("BEGIN IMMEDIATE")  # an import in progress
+        writer.execute("INSERT INTO account_users (name, definition, created_at, created_by, updated_at, "
+                       "updated_by) VALUES ('carol', '{\"home\": \"/srv/carol\"}', 0, 'x', 0, 'x')")
+        try:
+            started = time.monotonic()
+            bob = source.get("bob")
+            assert source.get("carol") is None  # not committed: not seen
+            assert db.changes_since(0) and db.user_names() == ["bob"]  # the watcher and the names
+            elapsed = time.monotonic() - started
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+        assert bob is not None and bob.account.name == "bob"
+        assert elapsed < 1.0, f"reads waited {elapsed:.1f}s for a writer"
+    finally:
+        db.close()

@@ -299,7 +299,7 @@ class AccountDb:
     # --- users ----------------------------------------------------------------------------------
 
     def get_user(self, name: str) -> StoredUser | None:
-        with self.db.transaction() as cur:
+        with self.db.read() as cur:
             return self._get_user(cur, name)
 
     def _get_user(self, cur: Cursor, name: str) -> StoredUser | None:
@@ -320,7 +320,7 @@ class AccountDb:
         return StoredUser(user, Changed(row[4], row[5], row[6], row[7]), row[2], row[3])
 
     def list_users(self) -> list[StoredUser]:
-        with self.db.transaction() as cur:
+        with self.db.read() as cur:
             keys: dict[str, list[str]] = {}
             for user_name, line in cur.execute(
                     "SELECT user_name, key_line FROM user_keys ORDER BY user_name, position").fetchall():
@@ -331,7 +331,7 @@ class AccountDb:
         return [self._user_from(r[0], r[1:], keys.get(r[0], [])) for r in rows]
 
     def user_names(self) -> list[str]:
-        with self.db.transaction() as cur:
+        with self.db.read() as cur:
             rows = cur.execute(f"SELECT name FROM account_users ORDER BY name {self._bytewise}").fetchall()
         return [r[0] for r in rows]
 
@@ -471,12 +471,12 @@ class AccountDb:
     # --- groups and folders ---------------------------------------------------------------------
 
     def get_group(self, name: str) -> StoredGroup | None:
-        with self.db.transaction() as cur:
+        with self.db.read() as cur:
             row = self._get_entry(cur, "account_groups", name)
         return None if row is None else StoredGroup(_load(Group, name, row[0]), Changed(*row[1:]))
 
     def list_groups(self) -> list[StoredGroup]:
-        with self.db.transaction() as cur:
+        with self.db.read() as cur:
             rows = self._list_entries(cur, "account_groups")
         return [StoredGroup(_load(Group, r[0], r[1]), Changed(*r[2:])) for r in rows]
 
@@ -507,12 +507,12 @@ class AccountDb:
             cur.execute("DELETE FROM account_references WHERE owner_kind = 'group' AND owner_name = ?", (name,))
 
     def get_folder(self, name: str) -> StoredFolder | None:
-        with self.db.transaction() as cur:
+        with self.db.read() as cur:
             row = self._get_entry(cur, "account_folders", name)
         return None if row is None else StoredFolder(_load(Folder, name, row[0]), Changed(*row[1:]))
 
     def list_folders(self) -> list[StoredFolder]:
-        with self.db.transaction() as cur:
+        with self.db.read() as cur:
             rows = self._list_entries(cur, "account_folders")
         return [StoredFolder(_load(Folder, r[0], r[1]), Changed(*r[2:])) for r in rows]
 
@@ -606,7 +606,7 @@ class AccountDb:
     # --- usage ledger ---------------------------------------------------------------------------
 
     def usage(self, scope: str) -> tuple[int, int]:
-        with self.db.transaction() as cur:
+        with self.db.read() as cur:
             row = cur.execute("SELECT bytes, files FROM quota_usage WHERE scope = ?", (scope,)).fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
@@ -632,12 +632,12 @@ class AccountDb:
 
     def all_usage(self) -> dict[str, tuple[int, int]]:
         """Every scope's totals (status pages), one query."""
-        with self.db.transaction() as cur:
+        with self.db.read() as cur:
             return {r[0]: (int(r[1]), int(r[2])) for r in
                     cur.execute("SELECT scope, bytes, files FROM quota_usage").fetchall()}
 
     def transfer_usage(self, user: str, day: str) -> tuple[int, int]:
-        with self.db.transaction() as cur:
+        with self.db.read() as cur:
             row = cur.execute("SELECT up, down FROM transfer_usage WHERE user_name = ? AND day = ?",
                               (user, day)).fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)
@@ -664,12 +664,12 @@ class AccountDb:
                     (time.time(), actor, kind, name, action, detail))
 
     def last_change(self) -> int:
-        with self.db.transaction() as cur:
+        with self.db.read() as cur:
             row = cur.execute("SELECT max(id) FROM account_changes").fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
     def changes_since(self, after: int, limit: int = 1000) -> list[Change]:
-        with self.db.transaction() as cur:
+        with self.db.read() as cur:
             rows = cur.execute("SELECT id, at, actor, kind, name, action, detail FROM account_changes "
                                "WHERE id > ? ORDER BY id LIMIT ?", (after, limit)).fetchall()
         return [Change(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]

@@ -82,6 +82,11 @@ class SqlDatabase(Protocol):
         """A context manager yielding a :class:`Cursor`; commits on success, rolls back on error."""
         ...
 
+    def read(self) -> Any:
+        """As :meth:`transaction`, for statements that only read: it never waits for a
+        writer (a login must not queue behind an import), and sees the last commit."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -107,6 +112,17 @@ class SqliteDatabase:
             with self._lock:
                 self._all.append(db)
         return db
+
+    @contextmanager
+    def read(self) -> Iterator[Cursor]:
+        """A deferred transaction: WAL readers take no lock a writer holds, so a read
+        answers from the last commit at once instead of waiting out busy_timeout."""
+        db = self._connect()
+        db.execute("BEGIN")
+        try:
+            yield _SqliteCursor(db.cursor())
+        finally:
+            db.execute("COMMIT")
 
     @contextmanager
     def transaction(self) -> Iterator[Cursor]:
@@ -198,6 +214,10 @@ class PostgresDatabase:
                     yield _PostgresCursor(cur)
         finally:
             self._pool.putconn(conn)
+
+    def read(self) -> Any:
+        """PostgreSQL's readers never wait for writers: a read is a transaction."""
+        return self.transaction()
 
     def close(self) -> None:
         self._pool.close()
