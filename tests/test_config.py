@@ -101,6 +101,7 @@ CASES = [
     ("bad listen", '[http]\nlisten = "localhost"\n', "localhost", "http.listen", r"is not HOST:PORT"),
     ("not argon2", None, "password_hash", "users[1].password_hash", r"must be an argon2id hash"),
     ("bad user name", None, 'name = "bad name"', "users[1].name", r"not a valid user name"),
+    ("user name ending in a newline", None, 'name = "bob\\n"', "users[1].name", r"not a valid user name"),
     ("missing home", None, "[[users]]", "users[1].home", r"Field required"),
     ("unknown event", '[[bindings]]\nevent = "pre-lunch"\nscript = "x.py"\n', "pre-lunch", "bindings[0].event",
      r"unknown event 'pre-lunch'"),
@@ -118,6 +119,7 @@ USER_EXTRA = {
     "bad protocol": 'name = "bob"\nhome = "h/bob"\nprotocols = ["sftp", "gopher"]\n',
     "not argon2": 'name = "bob"\nhome = "h/bob"\npassword_hash = "hunter2"\n',
     "bad user name": 'name = "bad name"\nhome = "h/bob"\n',
+    "user name ending in a newline": 'name = "bob\\n"\nhome = "h/bob"\n',
     "missing home": 'name = "bob"\n',
 }
 
