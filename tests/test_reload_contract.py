@@ -107,6 +107,7 @@ CHANGES: dict[str, Any] = {
     "users": "CHANGE_ENTRY", "bindings": "CHANGE_ENTRY",
     "folders": "CHANGE_ENTRY",
     "accounts.database": "postgresql://scriptsftp@127.0.0.1:1/none", "accounts.home_owner": "nobody",
+    "accounts.home_base": "homes2",
     "accounts.quota_thresholds": [50],
 }
 

@@ -54,6 +54,7 @@ LIVE = frozenset({
     "commands", "groups", "users", "bindings", "folders",
     "accounts.watch_interval", "accounts.kick_on_disable", "accounts.password_max_age",
     "accounts.quota_thresholds", "accounts.create_homes", "accounts.home_mode", "accounts.home_owner",
+    "accounts.home_base",
 })
 
 #: Keys whose new value is used only after a restart (listeners, processes, paths opened at start).

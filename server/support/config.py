@@ -567,6 +567,9 @@ class AccountsSection(_Model):
     """Mode of homes and home_folders made by the server (TOML takes 0o750)."""
     home_owner: str = ""
     """User (name or uid) that owns the homes the server makes, when it runs as root; empty: the daemon's."""
+    home_base: str = "../data"
+    """Where `scriptsftp user add` (and the API) put a new user's home when none is given:
+    ``home_base/NAME``; relative to the config file's directory, like ``state_dir``."""
 
     @field_validator("database")
     @classmethod
