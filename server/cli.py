@@ -336,6 +336,12 @@ def backup(config_path: str | None, dest: Path) -> None:
     click.echo(f"backed up {len(written)} files to {dest}")
 
 
+from scriptsftp.server.ops.accounts_cli import COMMANDS as ACCOUNT_COMMANDS  # noqa: E402 - after main
+
+for _command in ACCOUNT_COMMANDS:  # user, group, folder, accounts, db
+    main.add_command(_command)
+
+
 @main.group()
 def script() -> None:
     """Work with scripts without a running server."""
