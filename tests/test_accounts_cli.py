@@ -233,6 +233,13 @@ def test_a_config_that_does_not_load_exits_2(tmp_path: Path):
     assert proc.returncode == 2 and "no_such_key" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_an_unreachable_database_exits_6_without_its_password(config: Path):
+    url = "postgresql://acct:Pg-secret-3@127.0.0.1:1/none"  # nothing listens on port 1
+    config.write_text(config.read_text().replace("[accounts]\n", f'[accounts]\ndatabase = "{url}"\n'))
+    line = refused(in_process(config, "user", "list"), 6, "cannot be used")
+    assert "Pg-secret-3" not in line
+
+
 def test_a_password_never_reaches_the_process_list_or_a_file(config: Path, daemons):
     proc = subprocess.Popen([str(BIN), "user", "add", "carol", "--password-stdin", "-c", str(config)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -119,7 +119,8 @@ class Accounts:
     def refuse_file_entry(self, section: str, name: str) -> None:
         where = self.file_entry(section, name)
         if where:
-            fail(Exit.EXISTS, f"{section[:-1]} {name!r} is defined in the configuration file ({where}): change it there")
+            fail(Exit.EXISTS,
+                 f"{section[:-1]} {name!r} is defined in the configuration file ({where}): change it there")
 
 
 def load(config_path: str | None) -> LoadedConfig:
