@@ -387,6 +387,12 @@ def test_a_user_added_while_the_daemon_runs_logs_in_at_once(daemons, alice_key: 
     run(d.config, "user", "passwd", "carol", "--password-stdin", stdin="Brand-new-9\n", check=True)
     assert sftp_batch_password(d, "ls\n", PASSWORD, tmp_path, user="carol").returncode != 0
     assert sftp_batch_password(d, "ls\n", "Brand-new-9", tmp_path, user="carol").returncode == 0
+    # neither password is in the daemon's log, its audit trail or any database of state_dir
+    for secret in (PASSWORD, "Brand-new-9"):
+        assert secret not in d.log_text()
+        for path in d.state_dir.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
 
 
 def test_disabling_a_user_ends_their_open_session(daemons, alice_key: Keys):
