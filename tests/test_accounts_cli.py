@@ -90,6 +90,7 @@ def test_add_show_set_list_delete_a_user(config: Path, alice_key: Keys):
     rows = as_json(run(config, "user", "list", "--json"))
     assert [(r["name"], r["origin"].rsplit(":", 1)[0]) for r in rows] == [
         ("alice", str(config)), ("bob", str(config)), ("carol", "database")]
+    assert [r["home"] for r in rows] == [str(config.parent / "homes" / n) for n in ("alice", "bob", "carol")]
     table = run(config, "user", "list", check=True).stdout.splitlines()
     assert table[0].split()[:2] == ["NAME", "STATUS"] and table[3].split()[:2] == ["carol", "active"]
 

@@ -312,8 +312,8 @@ def user_list(as_json: bool, config_path: str | None) -> None:
     """List every user, the configuration file's and the database's, by name."""
     now = time.time()
     with opened(config_path) as acc:
-        rows = [user_row(u, acc.file_entry("users", u.name) or "file", last_login=None, now=now)
-                for u in acc.cfg.model.users]
+        rows = [user_row(u, acc.file_entry("users", u.name) or "file", home=str(acc.cfg.resolve(u.home)),
+                         last_login=None, now=now) for u in acc.cfg.model.users]
         rows += [user_row(s.user, DATABASE, last_login=s.last_login, now=now) for s in acc.db.list_users()]
     rows.sort(key=lambda r: r["name"])
     emit(as_json, rows, table_lines(rows, USER_COLUMNS))
@@ -363,14 +363,15 @@ def user_delete(name: str, as_json: bool, config_path: str | None) -> None:
 @click.argument("name")
 @click.option("--password-stdin", is_flag=True, help="read the password from standard input (one line); "
               "without it the password is asked twice on the terminal")
+@json_option
 @config_option
-def user_passwd(name: str, password_stdin: bool, config_path: str | None) -> None:
+def user_passwd(name: str, password_stdin: bool, as_json: bool, config_path: str | None) -> None:
     """Set NAME's password (never given on the command line)."""
     password = read_password(password_stdin)
     with opened(config_path) as acc:
         acc.refuse_file_entry("users", name)
         acc.db.set_password(name, hashed(password), acc.actor)
-    click.echo(f"changed the password of user {name}")
+    emit(as_json, {"name": name, "password": True}, [f"changed the password of user {name}"])
 
 
 @user_group.group("key")
