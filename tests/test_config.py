@@ -102,6 +102,9 @@ CASES = [
     ("not argon2", None, "password_hash", "users[1].password_hash", r"must be an argon2id hash"),
     ("bad user name", None, 'name = "bad name"', "users[1].name", r"not a valid user name"),
     ("user name ending in a newline", None, 'name = "bob\\n"', "users[1].name", r"not a valid user name"),
+    ("control character in a path", None, r"\u0001", "users[1].permissions",
+     r"name contains control characters"),
+    ("staging name in a path", None, "home_folders", "users[1].home_folders", r"no such file"),
     ("missing home", None, "[[users]]", "users[1].home", r"Field required"),
     ("unknown event", '[[bindings]]\nevent = "pre-lunch"\nscript = "x.py"\n', "pre-lunch", "bindings[0].event",
      r"unknown event 'pre-lunch'"),
@@ -120,6 +123,8 @@ USER_EXTRA = {
     "not argon2": 'name = "bob"\nhome = "h/bob"\npassword_hash = "hunter2"\n',
     "bad user name": 'name = "bad name"\nhome = "h/bob"\n',
     "user name ending in a newline": 'name = "bob\\n"\nhome = "h/bob"\n',
+    "control character in a path": 'name = "bob"\nhome = "h/bob"\npermissions = { "/a\\u0001b" = ["list"] }\n',
+    "staging name in a path": 'name = "bob"\nhome = "h/bob"\nhome_folders = ["/.scriptsftp-part-x"]\n',
     "missing home": 'name = "bob"\n',
 }
 
