@@ -15,7 +15,8 @@ The exit status is part of the interface (docs/accounts.md, "Command line"):
     3  the name exists already: in the database, or in the configuration file (FILE:LINE named)
     4  in use: a group or folder that users or groups still name
     5  invalid: a value, a key, a permission, a reference to an unknown group or folder
-    6  the account database cannot be used (unreachable, locked, made by a newer scriptsftp)
+    6  the account database cannot be used (unreachable, locked, made by a newer scriptsftp),
+       or the export file cannot be written
 
 A refusal is one line on stderr, ``scriptsftp: ...``, never a traceback (docs/architecture.md
 rule 9). Passwords come from standard input (``--password-stdin``) or a terminal prompt,
