@@ -69,6 +69,8 @@ def test_add_show_set_list_delete_a_user(config: Path, alice_key: Keys):
     assert added["permissions"] == {"/": ["list", "download"], "/inbox": ["*"]}
     assert added["quota_size"] == 10 * 2**30 and added["quota_files"] == 1000
     assert added["home_folders"] == ["/inbox", "/outbox"] and added["expires"] == "2099-12-31"
+    home = config.parent / "homes" / "carol"  # made at once, with its home folders, 0750
+    assert [stat.S_IMODE((home / d).stat().st_mode) for d in ("", "inbox", "outbox")] == [0o750] * 3
     assert added["password"] is False and added["created_by"] == added["updated_by"]
     assert added["created_by"].startswith("cli:")
     fingerprint = subprocess.run(["ssh-keygen", "-lf", str(alice_key.private) + ".pub"], capture_output=True,
@@ -109,6 +111,24 @@ def test_add_show_set_list_delete_a_user(config: Path, alice_key: Keys):
 
 
 ALICE = 'name = "alice"'
+
+
+def test_a_home_is_made_without_following_a_planted_link(config: Path, tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    home = tmp_path / "existing"
+    home.mkdir(mode=0o700)
+    (home / "inbox").symlink_to(outside)
+    proc = in_process(config, "user", "add", "dave", "--home", str(home), "--home-folder", "/inbox",
+                      "--home-folder", "/outbox")
+    assert proc.returncode == 0, proc.stderr
+    assert "home folder /inbox left alone" in proc.stderr and "made " + str(home) + " with /outbox" in proc.stdout
+    assert list(outside.iterdir()) == []
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700  # an existing home keeps its mode
+    # with [accounts] create_homes = false nothing is made (the login refuses a missing home)
+    config.write_text(config.read_text().replace("[accounts]\n", "[accounts]\ncreate_homes = false\n"))
+    proc = in_process(config, "user", "add", "erin", "--home-folder", "/inbox")
+    assert proc.returncode == 0 and not (config.parent / "homes" / "erin").exists()
 
 
 def _line_of(config: Path, text: str) -> int:

@@ -246,6 +246,31 @@ def _show_user(acc: Accounts, name: str) -> dict[str, Any]:
     fail(Exit.NOT_FOUND, f"no user {name!r}")
 
 
+def make_home(acc: Accounts, name: str) -> list[str]:
+    """A new user's home and home_folders, made now with ``[accounts] create_homes`` (the
+    login makes what is missing too, so a failure here warns and does not undo the user).
+    Returns the lines to print."""
+    from scriptsftp.server.core.homes import HomePolicy, ensure_home
+    from scriptsftp.server.stores.accounts_db import DatabaseAccountSource
+
+    policy = HomePolicy.of(acc.cfg.model.accounts)
+    record = DatabaseAccountSource(acc.db, acc.cfg).get(name)
+    if not policy.create or record is None:
+        return []
+    try:
+        report = ensure_home(record.account, policy)
+    except (OSError, LookupError) as exc:
+        click.echo(f"scriptsftp: warning: user {name!r} added, but their home was not made (the first login "
+                   f"tries again): {exc}", err=True)
+        return []
+    for vpath, why in report.skipped:
+        click.echo(f"scriptsftp: warning: user {name!r}: home folder {vpath} left alone: {why}", err=True)
+    folders = [vpath for vpath in report.made if vpath != "/"]
+    if not report.made:
+        return []
+    return [f"made {record.account.home}" + (f" with {', '.join(folders)}" if folders else "")]
+
+
 @user_group.command("add")
 @click.argument("name")
 @click.option("--password-stdin", is_flag=True, help="read the password from standard input (one line)")
@@ -253,7 +278,8 @@ def _show_user(acc: Accounts, name: str) -> dict[str, Any]:
 @json_option
 @config_option
 def user_add(name: str, password_stdin: bool, as_json: bool, config_path: str | None, **opts: Any) -> None:
-    """Add user NAME to the account database (home: --home, else [accounts] home_base/NAME)."""
+    """Add user NAME to the account database (home: --home, else [accounts] home_base/NAME; made
+    with its home folders when [accounts] create_homes)."""
     with opened(config_path) as acc:
         acc.refuse_file_entry("users", name)
         data = edited({"name": name}, USER_FIELDS, opts)
@@ -262,8 +288,9 @@ def user_add(name: str, password_stdin: bool, as_json: bool, config_path: str | 
         if password_stdin:
             user = user.model_copy(update={"password_hash": hashed(read_password(True))})
         acc.db.add_user(user, acc.actor)
+        made = make_home(acc, name)
         view = _show_user(acc, name)
-    emit(as_json, view, [f"added user {name} (home {view['home']})"])
+    emit(as_json, view, [f"added user {name} (home {view['home']})", *made])
 
 
 @user_group.command("set")
