@@ -11,7 +11,10 @@ logs in with OpenSSH sftp at once, and disabling them ends their open session.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import resource
+import select
 import stat
 import subprocess
 import time
@@ -290,6 +293,43 @@ def test_a_password_never_reaches_the_process_list_or_a_file(config: Path, daemo
     refused(run(config, "user", "passwd", "carol"), 2, "--password-stdin")
     refused(run(config, "user", "passwd", "carol", "--password-stdin", stdin=""), 5, "no password")
     refused(run(config, "user", "passwd", "carol", "--password-stdin", stdin="\n"), 5, "empty password")
+
+
+def _read_until(fd: int, text: bytes, timeout: float = 60) -> bytes:
+    """What the terminal showed, up to and including ``text`` (bounded, never a sleep)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text not in seen:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"no {text!r} on the terminal; it showed {seen!r}")
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the other side closed
+            chunk = b""
+        if not chunk:
+            raise AssertionError(f"the terminal closed before {text!r}; it showed {seen!r}")
+        seen += chunk
+    return seen
+
+
+def test_passwd_asks_twice_on_a_terminal_and_echoes_nothing(config: Path):
+    run(config, "user", "add", "carol", check=True)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command on a terminal of its own
+        os.execv(str(BIN), [str(BIN), "user", "passwd", "carol", "-c", str(config)])
+    try:
+        shown = _read_until(fd, b"Password: ")
+        os.write(fd, PASSWORD.encode() + b"\n")
+        shown += _read_until(fd, b"Again: ")
+        os.write(fd, PASSWORD.encode() + b"\n")
+        shown += _read_until(fd, b"changed the password of user carol")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert PASSWORD.encode() not in shown  # not echoed
+    assert as_json(run(config, "user", "show", "carol", "--json"))["password"] is True
 
 
 def test_export_imports_into_a_fresh_database_byte_for_byte(config: Path, alice_key: Keys, bob_key: Keys,
