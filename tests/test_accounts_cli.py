@@ -74,6 +74,7 @@ def test_add_show_set_list_delete_a_user(config: Path, alice_key: Keys):
     assert added["home_folders"] == ["/inbox", "/outbox"] and added["expires"] == "2099-12-31"
     home = config.parent / "homes" / "carol"  # made at once, with its home folders, 0750
     assert [stat.S_IMODE((home / d).stat().st_mode) for d in ("", "inbox", "outbox")] == [0o750] * 3
+    assert added["usage"] == {"size": 0, "files": 0, "quota_size": 10 * 2**30, "quota_files": 1000}
     assert added["password"] is False and added["created_by"] == added["updated_by"]
     assert added["created_by"].startswith("cli:")
     fingerprint = subprocess.run(["ssh-keygen", "-lf", str(alice_key.private) + ".pub"], capture_output=True,
@@ -397,6 +398,7 @@ def test_groups_and_folders(config: Path, tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.chdir(tmp_path)
     made = as_json(in_process(config, "folder", "add", "drop", "--path", "drop", "--quota-size", "5GiB", "--json"))
     assert made["path"] == str(tmp_path / "drop")  # relative to where the command runs
+    assert made["usage"] == {"size": 0, "files": 0}
     as_json(in_process(config, "group", "add", "partners", "--folder", "/drop=drop", "--home-folder", "/inbox",
                 "--password-max-age", "90", "--json"))
     changed = as_json(in_process(config, "group", "set", "partners", "--json", "--folder", "/drop=",

@@ -52,9 +52,10 @@ def status_of(user: User, now: float) -> str:
 
 def user_view(user: User, origin: str, *, stamps: Stamps = Stamps(), password_changed: float | None = None,
               last_login: float | None = None, record: UserRecord | None = None,
-              now: float | None = None) -> dict[str, Any]:
+              usage: tuple[int, int] | None = None, now: float | None = None) -> dict[str, Any]:
     """A user as ``user show --json`` prints it: status first, the definition's keys as set
-    (limits not set are inherited from groups), keys with their fingerprints, history."""
+    (limits not set are inherited from groups), keys with their fingerprints, history, and
+    what the home holds against the quota in force (their own or their groups')."""
     from scriptsftp.server.support.keys import fingerprint, parse_public_key  # late: pulls in paramiko
 
     now = time.time() if now is None else now
@@ -69,6 +70,10 @@ def user_view(user: User, origin: str, *, stamps: Stamps = Stamps(), password_ch
     view["password_expires"] = (password_changed + max_age * 86400
                                 if password_changed is not None and max_age and view["password"] else None)
     view["keys"] = [{"fingerprint": fingerprint(parse_public_key(line)), "line": line} for line in user.public_keys]
+    if usage is not None:
+        quota = record.account.quota if record is not None else None
+        view["usage"] = {"size": usage[0], "files": usage[1],
+                         "quota_size": quota.size if quota else 0, "quota_files": quota.files if quota else 0}
     view.update(stamps.as_dict())
     view["last_login"] = last_login
     return view
@@ -84,11 +89,14 @@ def user_row(user: User, origin: str, *, last_login: float | None, now: float,
             "home": home or user.home, "last_login": last_login}
 
 
-def entry_view(model: BaseModel, origin: str, stamps: Stamps = Stamps()) -> dict[str, Any]:
-    """A group or folder as ``show --json`` prints it."""
+def entry_view(model: BaseModel, origin: str, stamps: Stamps = Stamps(),
+               usage: tuple[int, int] | None = None) -> dict[str, Any]:
+    """A group or folder as ``show --json`` prints it (a folder with what it holds)."""
     body = definition(model)
     view: dict[str, Any] = {"name": body.pop("name"), "origin": origin}
     view.update(body)
+    if usage is not None:
+        view["usage"] = {"size": usage[0], "files": usage[1]}
     view.update(stamps.as_dict())
     return view
 

@@ -238,11 +238,12 @@ def _show_user(acc: Accounts, name: str) -> dict[str, Any]:
     if stored is not None:
         record = DatabaseAccountSource(acc.db, acc.cfg).get(name)
         return user_view(stored.user, DATABASE, stamps=Stamps.of(stored), password_changed=stored.password_changed,
-                         last_login=stored.last_login, record=record)
+                         last_login=stored.last_login, record=record, usage=acc.db.usage(f"user:{name}"))
     where = acc.file_entry("users", name)
     for user in acc.cfg.model.users:
         if user.name == name and where:
-            return user_view(user, where, record=TomlAccountSource.from_config(acc.cfg).get(name))
+            return user_view(user, where, record=TomlAccountSource.from_config(acc.cfg).get(name),
+                             usage=acc.db.usage(f"user:{name}"))
     fail(Exit.NOT_FOUND, f"no user {name!r}")
 
 
@@ -466,13 +467,18 @@ def _show_entry(acc: Accounts, kind: str, name: str) -> dict[str, Any]:
     stored = acc.db.get_group(name) if kind == "group" else acc.db.get_folder(name)
     if stored is not None:
         model = stored.group if kind == "group" else stored.folder  # type: ignore[union-attr]
-        return entry_view(model, DATABASE, Stamps.of(getattr(stored, "changed", stored)))
+        return entry_view(model, DATABASE, Stamps.of(getattr(stored, "changed", stored)), usage_of(acc, kind, name))
     where = acc.file_entry(kind + "s", name)
     entries: Sequence[Group | Folder] = acc.cfg.model.groups if kind == "group" else acc.cfg.model.folders
     for entry in entries:
         if entry.name == name and where:
-            return entry_view(entry, where)
+            return entry_view(entry, where, usage=usage_of(acc, kind, name))
     fail(Exit.NOT_FOUND, f"no {kind} {name!r}")
+
+
+def usage_of(acc: Accounts, kind: str, name: str) -> tuple[int, int] | None:
+    """A folder's bytes and files from the usage ledger; groups hold nothing themselves."""
+    return acc.db.usage(f"folder:{name}") if kind == "folder" else None
 
 
 def _entry_commands(group: click.Group, kind: str, model: type[Group] | type[Folder],
