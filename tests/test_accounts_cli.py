@@ -354,6 +354,7 @@ def test_export_imports_into_a_fresh_database_byte_for_byte(config: Path, alice_
     fresh = config.with_name("fresh.toml")
     fresh.write_text(config.read_text().replace('state_dir = "state"', 'state_dir = "state-fresh"'))
     counts = as_json(run(fresh, "accounts", "import", str(dump), "--json"))
+    assert stat.S_IMODE((config.parent / "state-fresh").stat().st_mode) == 0o700  # made as the daemon makes it
     assert counts.get("added") == 4
     again = tmp_path / "again.json"
     run(fresh, "accounts", "export", str(again), check=True)

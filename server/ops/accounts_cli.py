@@ -133,6 +133,13 @@ def load(config_path: str | None) -> LoadedConfig:
         sys.exit(int(Exit.USAGE))
 
 
+def private_state_dir(cfg: LoadedConfig) -> None:
+    """Make a missing state_dir 0700, as the daemon does: a command run before the first
+    start must not leave it open to everyone (the SQLite file would make it 0755)."""
+    if not cfg.model.accounts.database:
+        cfg.resolve(cfg.model.server.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
 @contextmanager
 def opened(config_path: str | None) -> Iterator[Accounts]:
     """The account database of the config at ``config_path``, with every refusal inside
@@ -141,6 +148,7 @@ def opened(config_path: str | None) -> Iterator[Accounts]:
 
     cfg = load(config_path)
     with refusals():
+        private_state_dir(cfg)
         db = AccountDb.open(cfg)
         try:
             yield Accounts(cfg, db, actor())
@@ -664,6 +672,7 @@ def db_upgrade(as_json: bool, config_path: str | None) -> None:
 
     cfg = load(config_path)
     with refusals():  # opened as it is: AccountDb.open would upgrade it, or refuse an old schema
+        private_state_dir(cfg)
         db = AccountDb(open_database(cfg.model.accounts.database,
                                      cfg.resolve(cfg.model.server.state_dir) / SQLITE_FILE), file_names_of(cfg))
         try:
