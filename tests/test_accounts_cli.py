@@ -271,7 +271,11 @@ def test_a_password_never_reaches_the_process_list_or_a_file(config: Path, daemo
     proc = subprocess.Popen([str(BIN), "user", "add", "carol", "--password-stdin", "-c", str(config)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        deadline = time.monotonic() + 30
+        cmdline = b""
+        while b"--password-stdin" not in cmdline and time.monotonic() < deadline:  # until exec is done
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            time.sleep(0.01)
         environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
         out, err = proc.communicate(PASSWORD + "\n", timeout=120)
     finally:

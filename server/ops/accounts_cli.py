@@ -313,15 +313,17 @@ def user_set(name: str, password_stdin: bool, unset: tuple[str, ...], as_json: b
     """Change user NAME: only the options given change (a list given replaces the list)."""
     if nothing_given(USER_FIELDS, opts, unset, password_stdin):
         fail(Exit.USAGE, "user set: nothing to change (see --help)")
+    new_hash = hashed(read_password(True)) if password_stdin else None  # before the read: a short window
     with opened(config_path) as acc:
         acc.refuse_file_entry("users", name)
         stored = acc.db.get_user(name)
         if stored is None:
             fail(Exit.NOT_FOUND, f"no user {name!r}")
+        # read, change, write back: two `set`s of one user at the same instant, the later wins
         data = edited(editable(stored.user), USER_FIELDS, opts, unset)
         user = validated(User, data, f"user {name!r}")
-        if password_stdin:
-            user = user.model_copy(update={"password_hash": hashed(read_password(True))})
+        if new_hash is not None:
+            user = user.model_copy(update={"password_hash": new_hash})
         acc.db.update_user(user, acc.actor)
         view = _show_user(acc, name)
     emit(as_json, view, [f"changed user {name}"])
