@@ -5,7 +5,9 @@ What a script relies on is asserted exactly: the exit status of every kind of re
 1 not found, 2 usage, 3 exists, 4 in use, 5 invalid; docs/accounts.md "Command line"), one
 line on stderr, the JSON printed, a password that never reaches the process list or a file,
 and an export that imports back byte for byte. With a daemon: a user added by the command
-logs in with OpenSSH sftp at once, and disabling them ends their open session.
+logs in with OpenSSH sftp at once, and disabling them ends their open session. Tests taking
+``config`` or ``accounts_database`` run twice: on SQLite and on the session's PostgreSQL cluster;
+an export from SQLite imports into PostgreSQL byte for byte.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from conftest import BIN, Keys, close_client, paramiko_client, require_tool, sftp_batch, sftp_batch_password
+from conftest import BIN, Keys, close_client, paramiko_client, require_tool, sftp_batch, sftp_batch_password, \
+    toml_str
 
 PASSWORD = "cli-Secret-7f3e9a"
 ACCOUNTS = '[accounts]\nhome_base = "homes"\nwatch_interval = 0.2\n\n[[groups]]\nname = "staff"\n'
@@ -53,9 +56,21 @@ def as_json(proc: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(proc.stdout)
 
 
+def accounts_in(database: str) -> str:
+    """ACCOUNTS with ``[accounts] database`` (empty: SQLite in state_dir)."""
+    return ACCOUNTS.replace("[accounts]\n", f"[accounts]\ndatabase = {toml_str(database)}\n")
+
+
 @pytest.fixture
-def config(daemons) -> Path:
-    """A config (not started): alice, bob and the group staff in the file, [accounts] home_base = homes."""
+def config(daemons, accounts_database: str) -> Path:
+    """A config (not started): alice, bob and the group staff in the file, [accounts] home_base = homes;
+    once with the database on SQLite, once on PostgreSQL (conftest's accounts_database)."""
+    return daemons.write_config(accounts_in(accounts_database))
+
+
+@pytest.fixture
+def sqlite_config(daemons) -> Path:
+    """The same config, on SQLite only: for what is about the file in state_dir."""
     return daemons.write_config(ACCOUNTS)
 
 
@@ -260,7 +275,8 @@ def test_a_config_that_does_not_load_exits_2(tmp_path: Path):
     assert proc.returncode == 2 and "no_such_key" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_an_unreachable_database_exits_6_without_its_password(config: Path):
+def test_an_unreachable_database_exits_6_without_its_password(sqlite_config: Path):
+    config = sqlite_config
     url = "postgresql://acct:Pg-secret-3@127.0.0.1:1/none"  # nothing listens on port 1
     config.write_text(config.read_text().replace("[accounts]\n", f'[accounts]\ndatabase = "{url}"\n'))
     line = refused(in_process(config, "user", "list"), 6, "cannot be used")
@@ -336,8 +352,9 @@ def test_passwd_asks_twice_on_a_terminal_and_echoes_nothing(config: Path):
     assert as_json(run(config, "user", "show", "carol", "--json"))["password"] is True
 
 
-def test_export_imports_into_a_fresh_database_byte_for_byte(config: Path, alice_key: Keys, bob_key: Keys,
+def test_export_imports_into_a_fresh_database_byte_for_byte(sqlite_config: Path, alice_key: Keys, bob_key: Keys,
                                                             tmp_path: Path, daemons):
+    config = sqlite_config
     run(config, "folder", "add", "drop", "--path", str(tmp_path / "drop"), "--quota-files", "50",
         "--perm", "/=list,upload", "--description", "partners' drop — ünïcode", check=True)
     run(config, "group", "add", "partners", "--folder", "/drop=drop", "--bandwidth-up", "1MiB", check=True)
@@ -376,6 +393,21 @@ def test_export_imports_into_a_fresh_database_byte_for_byte(config: Path, alice_
     assert as_json(run(fresh, "accounts", "import", str(dump), "--replace", "--json")).get("replaced") == 4
     refused(run(fresh, "accounts", "import", "-", stdin="{not json"), 5, "not JSON")
     refused(run(fresh, "accounts", "import", "-", stdin="[]"), 5)
+
+
+def test_an_export_from_sqlite_imports_into_postgresql_byte_for_byte(sqlite_config: Path, pg_dsn: str,
+                                                                      alice_key: Keys, tmp_path: Path):
+    """Moving SQLite -> PostgreSQL is an export, a change of [accounts] database and an import."""
+    config = sqlite_config
+    run(config, "group", "add", "partners", "--quota-size", "1GiB", check=True)
+    run(config, "user", "add", "carol", "--key", alice_key.public_line, "--group", "partners", "--group", "staff",
+        "--password-stdin", stdin=PASSWORD + "\n", check=True)
+    dump = run(config, "accounts", "export", "-", check=True).stdout
+    on_pg = config.with_name("pg.toml")
+    on_pg.write_text(config.read_text().replace("[accounts]\n", f"[accounts]\ndatabase = {toml_str(pg_dsn)}\n"))
+    assert as_json(run(on_pg, "accounts", "import", "-", "--json", stdin=dump)) == {"added": 2, "replaced": 0}
+    assert run(on_pg, "accounts", "export", "-", check=True).stdout == dump
+    assert as_json(run(on_pg, "user", "show", "carol", "--json"))["groups"] == ["partners", "staff"]
 
 
 def test_db_upgrade_reports_what_it_applied(config: Path):
@@ -427,8 +459,10 @@ def cpu_of(config: Path, *args: str, out: Path) -> tuple[int, float]:
     return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
-def test_user_list_stays_fast_with_10000_users(config: Path, alice_key: Keys, password_hashes, tmp_path: Path):
+def test_user_list_stays_fast_with_10000_users(sqlite_config: Path, alice_key: Keys, password_hashes,
+                                               tmp_path: Path):
     """Listing 10,000 users costs at most about a second of CPU more than listing two."""
+    config = sqlite_config
     listing = tmp_path / "list.txt"
     code, small = cpu_of(config, "user", "list", out=listing)
     assert code == 0
@@ -445,9 +479,10 @@ def test_user_list_stays_fast_with_10000_users(config: Path, alice_key: Keys, pa
 
 # --- with a daemon -------------------------------------------------------------------------------
 
-def test_a_user_added_while_the_daemon_runs_logs_in_at_once(daemons, alice_key: Keys, tmp_path: Path):
+def test_a_user_added_while_the_daemon_runs_logs_in_at_once(daemons, accounts_database: str, alice_key: Keys,
+                                                            tmp_path: Path):
     require_tool("sftp")
-    d = daemons.start(ACCOUNTS)
+    d = daemons.start(accounts_in(accounts_database))
     run(d.config, "user", "add", "carol", "--key", alice_key.public_line, "--perm", "/=*", "--password-stdin",
         stdin=PASSWORD + "\n", check=True)
     # the very first try, right after the command returns: no reload, no wait, no retry
@@ -467,8 +502,8 @@ def test_a_user_added_while_the_daemon_runs_logs_in_at_once(daemons, alice_key: 
                 assert secret.encode() not in path.read_bytes(), path
 
 
-def test_disabling_a_user_ends_their_open_session(daemons, alice_key: Keys):
-    d = daemons.start(ACCOUNTS)
+def test_disabling_a_user_ends_their_open_session(daemons, accounts_database: str, alice_key: Keys):
+    d = daemons.start(accounts_in(accounts_database))
     run(d.config, "user", "add", "carol", "--key", alice_key.public_line, "--perm", "/=*", check=True)
     client = paramiko_client(d, "carol", key=alice_key)
     try:
@@ -487,8 +522,8 @@ def test_disabling_a_user_ends_their_open_session(daemons, alice_key: Keys):
     assert sftp_batch(d, "ls\n", alice_key, user="carol").returncode == 0
 
 
-def test_a_deleted_user_cannot_log_in_and_their_files_stay(daemons, alice_key: Keys):
-    d = daemons.start(ACCOUNTS)
+def test_a_deleted_user_cannot_log_in_and_their_files_stay(daemons, accounts_database: str, alice_key: Keys):
+    d = daemons.start(accounts_in(accounts_database))
     run(d.config, "user", "add", "carol", "--key", alice_key.public_line, "--perm", "/=*", check=True)
     assert sftp_batch(d, "mkdir kept\n", alice_key, user="carol").returncode == 0
     run(d.config, "user", "delete", "carol", check=True)
