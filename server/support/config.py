@@ -43,8 +43,6 @@ from scriptsftp.server.contract.script_settings import (
     command_template_problems as command_template_problems,
     command_template_warnings as command_template_warnings,
 )
-from scriptsftp.server.contract.errors import FsError
-from scriptsftp.server.contract.paths import split
 from scriptsftp.server.support.tomlpos import KeyLines, format_loc
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
