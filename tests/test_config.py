@@ -298,7 +298,7 @@ def test_events_lists_every_event_with_fields():
                 "pre-publish",
                 "post-upload", "upload-failed", "pre-download", "post-download", "pre-delete", "post-delete",
                 "pre-rename", "post-rename", "pre-mkdir", "post-mkdir", "pre-rmdir", "post-rmdir", "schedule",
-                "startup", "shutdown", "script-error"]
+                "startup", "shutdown", "script-error", "quota-threshold"]
     assert sorted(n for n, _ in names) == sorted(expected)
     veto = {n for n, v in names if v == "can veto"}
     assert veto == {n for n in expected if n.startswith("pre-")} | {"connect"}
@@ -308,6 +308,7 @@ def test_events_lists_every_event_with_fields():
             assert f"{f}: " in fields[n], (n, fields[n])
     assert "target: " in fields["pre-rename"]
     assert "path: " in fields["pre-upload"] and "size: " in fields["pre-upload"]
+    assert "folder: " in fields["pre-upload"] and "percent: " in fields["quota-threshold"]
 
 
 def test_version_and_help():
