@@ -104,7 +104,7 @@ CASES = [
     ("user name ending in a newline", None, 'name = "bob\\n"', "users[1].name", r"not a valid user name"),
     ("control character in a path", None, r"\u0001", "users[1].permissions",
      r"name contains control characters"),
-    ("staging name in a path", None, "home_folders", "users[1].home_folders", r"no such file"),
+    ("staging name in a path", None, "home_folders", "users[1].home_folders", r"names the server.s staging files"),
     ("missing home", None, "[[users]]", "users[1].home", r"Field required"),
     ("unknown event", '[[bindings]]\nevent = "pre-lunch"\nscript = "x.py"\n', "pre-lunch", "bindings[0].event",
      r"unknown event 'pre-lunch'"),
