@@ -5,7 +5,8 @@ byte when the home is full, on the way when the file does not fit; the previous 
 stays. The ledger stays exact after a mix of uploads, overwrites, vetoes, aborts (killed
 clients) and deletes over the four protocols: ``scriptsftp quota scan`` (which sets the
 ledger from the disk and prints both) finds nothing to correct. Daily transfer quotas stop
-an upload and a download on the way; quota-threshold reaches a script.
+an upload and a download on the way; quota-threshold reaches a script. The refusals and the
+exact ledger run on both account engines (the ledger lives in the account database).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import paramiko
 import pytest
 
 from conftest import (
-    ALICE_PASSWORD, BIN, BOB_PASSWORD, SSH_OPTS, close_client, paramiko_client, require_tool, sftp_put, user_toml,
+    ALICE_PASSWORD, BIN, BOB_PASSWORD, SSH_OPTS, accounts_toml, close_client, paramiko_client, require_tool, sftp_put, user_toml,
 )
 from httpkit import HTTP_EXTRA, basic, request
 
@@ -100,9 +101,9 @@ def wait_lines(d, pattern: str, count: int, timeout: float = 30.0) -> None:
 # --- refusals on every protocol -------------------------------------------------------------
 
 
-def test_quota_exceeded_refuses_an_upload_on_every_protocol_with_the_reason(daemons, alice_key):
+def test_quota_exceeded_refuses_an_upload_on_every_protocol_with_the_reason(daemons, alice_key, accounts_database):
     require_tool("scp")
-    d = start(daemons, "quota_size = 10000\nquota_files = 100")
+    d = start(daemons, "quota_size = 10000\nquota_files = 100", accounts_toml(accounts_database))
     home = d.home("alice")
     c = paramiko_client(d, key=alice_key)
     try:
@@ -314,9 +315,9 @@ def http_mix(d, rng: random.Random, count: int) -> int:
     return mix.aborts
 
 
-def test_the_ledger_stays_exact_after_a_thousand_mixed_operations(daemons, alice_key, tmp_path):
+def test_the_ledger_stays_exact_after_a_thousand_mixed_operations(daemons, alice_key, tmp_path, accounts_database):
     require_tool("scp")
-    d = start(daemons, "quota_size = 1000000000\nquota_files = 100000")
+    d = start(daemons, "quota_size = 1000000000\nquota_files = 100000", accounts_toml(accounts_database))
     rng = random.Random(18)
     aborts = sftp_mix(d, alice_key, rng, 450) + ftp_mix(d, rng, 210) + http_mix(d, rng, 320)
     scp_mix(d, alice_key, rng, 20, tmp_path / "scp")

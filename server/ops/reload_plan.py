@@ -70,7 +70,7 @@ RESTART = frozenset({
     "uploads.atomic", "uploads.quarantine", "uploads.on_restart", "uploads.fsync", "uploads.min_free_space",
     "scripts.dir", "scripts.user", "scripts.workers", "scripts.login_reserve", "scripts.memory_mb",
     "scripts.reload", "scripts.async_queue",
-    "accounts.database",
+    "accounts.database", "cluster.node", "cluster.database", "cluster.trusted_proxies",
 })
 
 def _ssh_reads_preauth_timeout(running: Config) -> bool:

@@ -579,6 +579,40 @@ class AccountsSection(_Model):
         return v
 
 
+class ClusterSection(_Model):
+    """Several daemons acting as one server (docs/cluster.md): this node's name, the
+    PostgreSQL database they share, and the load balancers allowed to tell a client's
+    address. Empty (the default): one node, state in state_dir."""
+
+    node: str = ""
+    """This node's name in logs, the audit trail and ``cluster status``; empty: the host name."""
+    database: str = ""
+    """The PostgreSQL database the nodes share ("postgresql://user@host/db"); empty: none."""
+    trusted_proxies: list[str] = []
+    """Networks whose connections may carry a PROXY protocol header (SSH, FTP, HTTP) or an
+    ``X-Forwarded-For`` header (HTTP) naming the real client; from anywhere else such a
+    header is refused."""
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        if v and not USER_NAME.match(v):
+            raise ValueError("letters, digits and _ . @ - only, at most 64 characters")
+        return v
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, v: str) -> str:
+        if v and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be empty (one node) or a postgresql:// URL")
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        return _check_networks(v)
+
+
 class Config(_Model):
     server: ServerSection = ServerSection()
     sftp: SftpSection = SftpSection()
@@ -591,6 +625,7 @@ class Config(_Model):
     notify: NotifySection = NotifySection()
     commands: dict[str, CommandSection] = {}
     accounts: AccountsSection = AccountsSection()
+    cluster: ClusterSection = ClusterSection()
     folders: list[Folder] = []
     groups: list[Group] = []
     users: list[User] = []
