@@ -164,6 +164,33 @@ def test_below_the_free_space_reserve_uploads_are_refused_before_any_byte(core: 
     assert (core.home / "over.bin").read_bytes() == NEW
 
 
+def test_a_state_dir_below_the_reserve_refuses_uploads_too(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reserve is kept on state_dir as well as on the home: with the home roomy and only
+    state_dir nearly full, an upload is refused up front, naming the state storage."""
+    real = os.statvfs
+    state = os.fspath(core.state_dir)
+
+    def statvfs(path: object) -> os.statvfs_result:
+        got = real(path)  # type: ignore[arg-type]
+        if os.fspath(path) != state:  # type: ignore[call-overload]
+            return got
+        return os.statvfs_result((got.f_bsize, got.f_frsize, got.f_blocks, 0, 0, got.f_files, got.f_ffree,
+                                  got.f_favail, got.f_flag, got.f_namemax))
+
+    core.policy.min_free_space = 1
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    assert os.statvfs(core.home).f_bavail > 0
+    with pytest.raises(NoSpace, match="/over.bin: the server's state storage is nearly full; try again later"):
+        core.session.open_write("/over.bin")
+    assert "pre-upload" not in core.dispatcher.names()
+    core.assert_untouched()
+    monkeypatch.undo()
+    h = core.session.open_write("/over.bin")  # space back: taken again, nothing to restart
+    h.write(0, NEW)
+    h.close()
+    assert (core.home / "over.bin").read_bytes() == NEW
+
+
 def test_close_after_a_clean_upload_still_publishes(core: Core) -> None:
     h = core.session.open_write("/over.bin")
     h.write(0, NEW)
