@@ -24,6 +24,9 @@ Faults:
 - ``state-full``: state_dir is a small tmpfs, filled up before the upload; once
   the filler is deleted the daemon takes uploads again by itself.
 
+Beside the matrix: below ``[uploads] min_free_space`` every protocol refuses an upload
+before its first byte, with the reply docs/faults.md gives (no root needed).
+
 The full-disk faults mount tmpfs, so they need root: they skip elsewhere, but
 fail in CI (where the tests run as root). Client stalls are covered elsewhere.
 """
@@ -31,7 +34,9 @@ fail in CI (where the tests run as root). Client stalls are covered elsewhere.
 from __future__ import annotations
 
 import errno
+import ftplib
 import hashlib
+import http.client
 import os
 import re
 import signal
@@ -44,8 +49,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALICE_PASSWORD, IN_CI, SSH_OPTS, DaemonFactory, require_tool, user_toml
-from httpkit import HTTP_EXTRA, request
+from conftest import (
+    ALICE_PASSWORD, IN_CI, SSH_OPTS, DaemonFactory, close_client, paramiko_client, require_tool, user_toml,
+)
+from httpkit import HTTP_EXTRA, basic, request
 from test_ftp import ftp_section, tls_files  # noqa: F401  (tls_files: a fixture used here)
 
 STAGING = ".scriptsftp-part-"
@@ -572,3 +579,59 @@ FAULT_CASES = {
     "worker-kill": case_worker_kill,
     "state-full": case_state_full,
 }
+
+
+# --- the free-space reserve: refused before any byte, on every protocol ----------------------
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_below_the_free_space_reserve_every_protocol_refuses_up_front(daemons, alice_key, tmp_path, processes):
+    """``[uploads] min_free_space`` larger than any disk: every upload is refused when it starts,
+    with what docs/faults.md says each client sees, and the old version stays. No root needed."""
+    require_tool("scp")
+    d = daemons.start('[ftp]\nenabled = true\nlisten = "127.0.0.1:0"\npassive_ports = ""\n' + HTTP_EXTRA
+                      + '\n[uploads]\nmin_free_space = "1000TiB"\n', sftp_extra=f"processes = {processes}")
+    home = d.home("alice")
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "keep.bin").write_bytes(b"old")
+    nearly_full = "/keep.bin: the server's storage is nearly full; try again later"
+
+    c = paramiko_client(d, key=alice_key)  # SFTP: the OPEN fails with the reason
+    try:
+        with pytest.raises(IOError, match=re.escape(nearly_full)):
+            c.open("/keep.bin", "w")
+    finally:
+        close_client(c)
+
+    local = tmp_path / "local.bin"
+    local.write_bytes(b"new" * 1000)
+    proc = subprocess.run(["scp", "-O", "-i", str(alice_key.private), "-P", str(d.port), *SSH_OPTS, str(local),
+                           "alice@127.0.0.1:/keep.bin"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and nearly_full in proc.stderr, proc.stderr
+
+    f = ftplib.FTP()
+    f.connect("127.0.0.1", d.ports["ftp"], timeout=30)
+    try:
+        f.login("alice", ALICE_PASSWORD)
+        f.voidcmd("TYPE I")
+        with pytest.raises(ftplib.error_temp, match="^452 " + re.escape(nearly_full)):
+            f.transfercmd("STOR /keep.bin")  # the reply to STOR, before a data connection is used
+        assert f.voidcmd("NOOP").startswith("200")
+    finally:
+        f.close()
+
+    conn = http.client.HTTPConnection("127.0.0.1", d.ports["http"], timeout=30)
+    try:  # HTTP: 507 before the body (the client waits for 100-continue and sends nothing)
+        conn.putrequest("PUT", "/keep.bin")
+        conn.putheader("Authorization", basic())
+        conn.putheader("Content-Length", "3000")
+        conn.putheader("Expect", "100-continue")
+        conn.endheaders()
+        r = conn.getresponse()
+        assert r.status == 507 and nearly_full in r.read().decode(), r.status
+    finally:
+        conn.close()
+
+    assert (home / "keep.bin").read_bytes() == b"old"
+    assert part_files(home) == []
+    assert staged_records(d.state_dir) == []
