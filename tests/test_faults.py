@@ -18,6 +18,8 @@ Faults:
 - ``enospc``: the home is a small tmpfs; a 24 MiB upload over a 4 MiB file
   runs out of space half way. Afterwards a smaller upload fits, without restart.
 - ``client-kill``: the client (its whole process group) gets SIGKILL mid-upload.
+- ``client-stall``: the client (its whole process group) gets SIGSTOP mid-upload, its
+  connections left open and silent; the daemon gives up after ``[server] stall_timeout``.
 - ``daemon-kill``: the daemon gets SIGKILL mid-upload.
 - ``worker-kill``: the SSH worker process serving the upload gets SIGKILL
   (only SFTP/scp with ``processes = 2``).
@@ -28,7 +30,8 @@ Beside the matrix: below ``[uploads] min_free_space`` every protocol refuses an 
 before its first byte, with the reply docs/faults.md gives (no root needed).
 
 The full-disk faults mount tmpfs, so they need root: they skip elsewhere, but
-fail in CI (where the tests run as root). Client stalls are covered elsewhere.
+fail in CI (where the tests run as root). tests/test_stall.py covers stalls in more
+detail (downloads, the replies, idle SSH connections).
 """
 
 from __future__ import annotations
@@ -64,11 +67,12 @@ HOME_TMPFS = "16m"
 STATE_TMPFS = "16m"
 RATE_KBIT = 32_000  # throttled clients: ~4 MB/s, so a fault surely lands mid-transfer
 STAGED_BEFORE_FAULT = 1 * MiB  # how far the staged file grows before the fault strikes
+STALL = 3  # [server] stall_timeout of the rigs: far longer than any pause of a throttled client
 
 SSH_PROTOCOLS = ("sftp-p1", "sftp-p2", "scp-legacy", "scp-sftp")
 PROTOCOLS = (*SSH_PROTOCOLS, "ftp", "ftps", "http", "webdav")
 WORKER_PROTOCOLS = ("sftp-p2", "scp-legacy", "scp-sftp")  # SSH served by worker processes
-FAULTS = ("enospc", "client-kill", "daemon-kill", "worker-kill", "state-full")
+FAULTS = ("enospc", "client-kill", "client-stall", "daemon-kill", "worker-kill", "state-full")
 
 CASES = [
     pytest.param(proto, fault, id=f"{proto}-{fault}")
@@ -213,7 +217,7 @@ class Rig:
         # no free-space reserve: the disk really fills mid-upload (the reserve refuses uploads up front)
         self.config = self.factory.write_config(
             ftp_section("explicit", *tls) + HTTP_EXTRA + "\n[uploads]\nmin_free_space = 0\n", users=users,
-            sftp_extra=f"processes = {processes}")
+            server_extra=f"stall_timeout = {STALL}", sftp_extra=f"processes = {processes}")
         for u in ("alice", "tiny"):
             (srv / "homes" / u).mkdir(parents=True, exist_ok=True)
         try:
@@ -515,6 +519,23 @@ def case_client_kill(rig, proto, user, name, payloads, tmp, old):
     assert verdict == "aborted", f"a killed client's upload was logged as {verdict}"
 
 
+def case_client_stall(rig, proto, user, name, payloads, tmp, old):
+    d = rig.d
+    mark = len(d.lines)
+    up = Upload(rig, proto, user, payloads.big, name, tmp, throttle=True)
+    try:
+        wait_staged(d.home(user))
+        os.killpg(up.proc.pid, signal.SIGSTOP)  # frozen: its connections stay open, and silent
+        verdict = d.wait_log(rf'upload /{re.escape(name)} (\w+) .*reason="stalled: no data for {STALL:g} s"',
+                             start=mark, timeout=STALL + 30).group(1)
+    finally:
+        up.kill()  # SIGKILL ends a stopped process too
+    up.wait()
+    assert_old_or_new(rig, user, name, old, file_sha(payloads.big))
+    assert file_sha(rig.d.home(user) / name) == old
+    assert verdict == "aborted", f"a stalled client's upload was logged as {verdict}"
+
+
 def case_daemon_kill(rig, proto, user, name, payloads, tmp, old):
     d = rig.d
     workers = worker_pids(d)
@@ -575,6 +596,7 @@ def case_state_full(rig, proto, user, name, payloads, tmp, old):
 FAULT_CASES = {
     "enospc": case_enospc,
     "client-kill": case_client_kill,
+    "client-stall": case_client_stall,
     "daemon-kill": case_daemon_kill,
     "worker-kill": case_worker_kill,
     "state-full": case_state_full,
