@@ -73,8 +73,11 @@ def test_a_failed_fsync_poisons_the_upload(core: Core, monkeypatch: pytest.Monke
 
 def test_publish_is_write_fsync_rename_fsync_directory_then_forget(
         core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The staging record follows the same order: marked complete ("check again after a
+    crash") only once the bytes are on disk, dropped only once the rename is."""
     calls: list[str] = []
-    real_fsync, real_rename, real_remove = os.fsync, Storage.rename, core.staging.remove
+    real_fsync, real_rename = os.fsync, Storage.rename
+    real_checking, real_remove = core.staging.checking, core.staging.remove
 
     def fsync(fd: int) -> None:
         import stat
@@ -85,6 +88,10 @@ def test_publish_is_write_fsync_rename_fsync_directory_then_forget(
         calls.append("rename")
         real_rename(self, src, dst)  # type: ignore[arg-type]
 
+    def checking(record_id: int, event: dict[str, object]) -> None:
+        calls.append("record complete")
+        real_checking(record_id, event)
+
     def remove(record_id: int) -> None:
         calls.append("forget record")
         real_remove(record_id)
@@ -93,9 +100,10 @@ def test_publish_is_write_fsync_rename_fsync_directory_then_forget(
     h.write(0, NEW)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(Storage, "rename", rename)
+    monkeypatch.setattr(core.staging, "checking", checking)
     monkeypatch.setattr(core.staging, "remove", remove)
     h.close()
-    assert calls == ["fsync file", "rename", "fsync dir", "forget record"]
+    assert calls == ["fsync file", "record complete", "rename", "fsync dir", "forget record"]
     assert (core.home / "over.bin").read_bytes() == NEW
 
 
