@@ -119,6 +119,40 @@ def test_store_records_queries_and_is_append_only(tmp_path: Path):
         trail.close()
 
 
+def test_queue_time_is_recorded_apart_from_the_run_and_shown(tmp_path: Path):
+    """Issue 15 item 4: the wait for a free worker is its own column (``queued``, part of
+    ``duration``), so a crowded pool is told from a slow script; a state_dir made before
+    the column existed gets it at open."""
+    import sqlite3
+    from scriptsftp.server.ops.admin_client import format_events
+    old = sqlite3.connect(tmp_path / "audit.sqlite3")  # the runs table as it was before the column
+    old.execute("CREATE TABLE runs (event_id TEXT NOT NULL, time REAL NOT NULL, script TEXT NOT NULL,"
+                " function TEXT NOT NULL, mode TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT NOT NULL"
+                " DEFAULT '', duration REAL NOT NULL, error_kind TEXT, error_line INTEGER,"
+                " logs TEXT NOT NULL DEFAULT '[]')")
+    old.commit()
+    old.close()
+    trail = AuditTrail(StateStores(tmp_path))
+    try:
+        data = _event(1)
+        trace = Trace(trail, data)
+        crowded = _result(duration=2.5)
+        crowded.queued = 2.0
+        script_ran(trail, data, "slow.py", "on_pre_upload", "sync", crowded)
+        script_ran(trail, data, "quick.py", "on_pre_upload", "sync", _result(duration=0.01))  # no queued
+        trace.decided(Decision(True))
+        assert trail.flush(5)
+        runs = trail.query()[0]["runs"]
+        assert [(r["script"], r["duration"], r["queued"]) for r in runs] == [
+            ("slow.py", 2.5, 2.0), ("quick.py", 0.01, 0.0)]
+        lines = format_events(trail.query())
+        assert any("slow.py:on_pre_upload allow (2500.0 ms, 2000.0 ms of it waiting for a worker)" in ln
+                   for ln in lines), lines
+        assert any("quick.py:on_pre_upload allow (10.0 ms)" in ln for ln in lines), lines
+    finally:
+        trail.close()
+
+
 def test_retention_by_age_and_size(tmp_path: Path):
     trail = AuditTrail(StateStores(tmp_path), retention_days=1, max_mb=0.25)
     try:
