@@ -220,3 +220,30 @@ def test_malformed_requests_get_400_and_one_short_log_line_not_tracebacks(daemon
     assert "ERROR" not in d.log_text()
     assert d.log_text().count("malformed HTTP request refused") == 1  # then one line per 10 s, with a count
     assert request(d, "GET", "/").status in (200, 207)
+
+
+def test_unexpected_handler_errors_are_one_bounded_line_not_a_traceback_each(caplog):
+    """Issue 15 item 8, the class: any exception aiohttp logs for a request (a handler's bug,
+    answered 500 as "Error handling request"), not only a malformed request, is bounded: the
+    first with its traceback, then one line per 10 s with a count, whatever a client sends."""
+    import logging
+    import sys
+
+    from scriptsftp.server.support.logs import MalformedHttpFilter
+
+    f = MalformedHttpFilter()
+    aiohttp_log = logging.getLogger("aiohttp.server")
+    caplog.set_level(logging.INFO, logger="scriptsftp.http")
+    for i in range(50):
+        try:
+            raise RuntimeError(f"bug hit by request {i}")
+        except RuntimeError:
+            record = aiohttp_log.makeRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                                            "Error handling request", (), sys.exc_info())
+        assert f.filter(record) is False  # never printed as aiohttp's own traceback
+    plain = aiohttp_log.makeRecord("aiohttp.server", logging.WARNING, __file__, 1, "no exception", (), None)
+    assert f.filter(plain) is True  # records without an exception are aiohttp's to print
+    lines = [r for r in caplog.records if r.name == "scriptsftp.http"]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].levelno == logging.ERROR and lines[0].exc_info is not None
+    assert lines[0].getMessage() == "HTTP request failed: Error handling request"

@@ -452,3 +452,35 @@ def test_script_vetoes_are_printed_by_scp(daemons, alice_key, tmp_path):
     assert "secret stays here" in proc.stderr
     assert sorted(p.name for p in dest.iterdir()) == ["open.txt"]
     assert [p.name for p in home.rglob(".scriptsftp-part-*")] == []
+
+
+def test_an_unexpected_error_is_one_bounded_log_line_not_a_traceback_per_channel(monkeypatch, caplog):
+    """Issue 15 item 8, the class: a bug an scp command hits is logged with its traceback
+    once, then one line per 10 s with a count, however many channels a client opens."""
+    import logging
+    from types import SimpleNamespace
+
+    from scriptsftp.server.frontends.ssh import scp as scp_module
+    from scriptsftp.server.support.logs import BoundedLog
+
+    monkeypatch.setattr(scp_module, "_unexpected", BoundedLog(logging.ERROR))
+
+    def bug(argv):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(scp_module, "_parse_argv", bug)
+    ended = []
+
+    class Channel:
+        def settimeout(self, t): pass
+        def send_exit_status(self, status): ended.append(status)
+        def close(self): pass
+
+    session = SimpleNamespace(id="s1", close=lambda: None)
+    host = SimpleNamespace(limits=None, channel_ended=lambda why: None)
+    caplog.set_level(logging.INFO, logger="scriptsftp.scp")
+    for _ in range(30):
+        scp_module.run_scp(Channel(), session, ["scp", "-t", "x"], host)
+    assert ended == [1] * 30  # each command still ends, with a failure status
+    failed = [r for r in caplog.records if r.getMessage().startswith("scp failed")]
+    assert len(failed) == 1 and failed[0].exc_info is not None

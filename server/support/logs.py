@@ -13,6 +13,7 @@ import logging
 import sys
 import threading
 import time
+from typing import Any
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -95,18 +96,25 @@ class MalformedHttpFilter(logging.Filter):
     """aiohttp logs a malformed request (a header line too long, too many headers, garbage)
     as an ERROR with a traceback: any client, logged in or not, could fill the log with
     them. Such a record becomes one bounded INFO line without the traceback; the client
-    already got its 400."""
+    already got its 400. Any other exception aiohttp logs (a handler's bug, answered 500,
+    "Error handling request") is bounded too: the first with its traceback, then one line
+    per 10 s with a count, however many requests a client sends that hit it."""
 
     def __init__(self) -> None:
         super().__init__()
         self._bounded = BoundedLog(logging.INFO)
+        self._unexpected = BoundedLog(logging.ERROR)
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is None or type(exc).__module__ != "aiohttp.http_exceptions":
+        if exc is None:
             return True
+        http = logging.getLogger("scriptsftp.http")
+        if type(exc).__module__ != "aiohttp.http_exceptions":
+            self._unexpected.log(http, "HTTP request failed: %s", record.getMessage()[:200], exc_info=record.exc_info)
+            return False
         first = str(getattr(exc, "message", "") or exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        self._bounded.log(logging.getLogger("scriptsftp.http"), "malformed HTTP request refused (400): %s", first)
+        self._bounded.log(http, "malformed HTTP request refused (400): %s", first)
         return False
 
 
@@ -123,7 +131,7 @@ class BoundedLog:
         self._held = 0
 
     def log(self, logger: logging.Logger, msg: str, *args: object, extra: dict[str, object] | None = None,
-            exc_info: bool = False) -> None:
+            exc_info: Any = False) -> None:
         with self._lock:
             now = time.monotonic()
             if now - self._last < self.every:

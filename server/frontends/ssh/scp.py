@@ -70,8 +70,12 @@ from scriptsftp.server.contract.errors import Failure, FsError, NotFound
 from scriptsftp.server.contract.paths import join, split
 from scriptsftp.server.contract.ports import Entry, ReadHandlePort, SessionPort, ThrottlePort, WriteHandlePort
 from scriptsftp.server.frontends.ssh.channels import ChannelHost, SSHLimits
+from scriptsftp.server.support.logs import BoundedLog
 
 log = logging.getLogger("scriptsftp.scp")
+#: a bug a client's command hits: its traceback once, then a line per 10 s with a count,
+#: however many channels the client opens to hit it again
+_unexpected = BoundedLog(logging.ERROR)
 
 CHUNK = 256 * 1024
 MAX_LINE = 4096
@@ -690,7 +694,7 @@ def run_scp(channel: paramiko.Channel, session: SessionPort[Any], argv: list[str
             status = 0 if exc.clean and transfer is not None and not transfer.errors else 1
             closed_for = str(exc) if isinstance(exc, _TimedOut) else None
     except Exception:
-        log.exception("scp failed", extra={"sid": session.id})
+        _unexpected.log(log, "scp failed", extra={"sid": session.id}, exc_info=True)
         try:
             peer.error("internal server error", fatal=True)
         except Exception:

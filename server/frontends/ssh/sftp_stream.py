@@ -42,8 +42,10 @@ from scriptsftp.server.frontends.ssh.paramiko_ext import recv as paramiko_recv
 from scriptsftp.server.frontends.ssh.paramiko_ext import send as paramiko_send
 from scriptsftp.server.frontends.ssh.paramiko_ext import speed as paramiko_speed
 from scriptsftp.server.frontends.ssh.paramiko_ext.transport import ServerTransport
+from scriptsftp.server.support.logs import BoundedLog
 
 log = logging.getLogger("scriptsftp.sftp")
+_unexpected = BoundedLog(logging.ERROR)  # a bug in the transport thread: a traceback once, then a count
 
 SFTP_VERSION = 3
 RECV_SIZE = 1 << 20  # channel bytes taken per read: every pipelined request already there
@@ -322,9 +324,10 @@ class SFTPStream(paramiko.SubsystemHandler):
 
     def _log_unexpected(self, exc: Exception, what: str) -> None:
         """A failure in the transport thread that is not the connection ending (a bug): logged
-        with its traceback; the SFTP thread, woken, meets the connection's state itself."""
+        with its traceback (once, then a line per 10 s with a count: a client could hit it with
+        every packet); the SFTP thread, woken, meets the connection's state itself."""
         if not isinstance(exc, (EOFError, OSError, SFTPError)):
-            log.exception(what, extra={"sid": self.sid})
+            _unexpected.log(log, what, extra={"sid": self.sid}, exc_info=True)
 
     def _flush_inline(self) -> bool:
         """Send held replies from the transport thread if that cannot wait; False if it would."""
