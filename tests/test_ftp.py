@@ -1162,3 +1162,47 @@ cpu_time = 60.0
     assert (d.home("alice") / "big.bin").stat().st_size == 2**30
     rss = _rss_peak_kb(d.proc.pid)
     assert rss < 150 * 1024, f"daemon peak RSS {rss} kB"
+
+
+def test_site_chmod_and_mfmt_never_follow_a_symlink_swapped_in_while_they_run(ftpd, tmp_path):
+    """Issue 15 item 2 through another protocol: SITE CHMOD and MFMT on /f in a loop while
+    /f is replaced, again and again, by a symlink to a file outside every home (the daemon
+    runs as root here). The mode and times of the outside file never change."""
+    import stat as statmod
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours\n")
+    outside.chmod(0o600)
+    os.utime(outside, (1_000_000_000, 1_000_000_000))
+    home = ftpd.home("alice")
+    f, link, tmp = home / "race-f", home / "race-link", home / "race-tmp"
+    f.write_text("mine\n")
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            os.symlink(outside, link)
+            os.replace(link, f)  # the link takes the name atomically
+            tmp.write_text("mine\n")
+            os.replace(tmp, f)
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    c = ftp(ftpd)
+    swapper.start()
+    done = refused = 0
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            for cmd in ("SITE CHMOD 666 race-f", "MFMT 20200102030405 race-f"):
+                try:
+                    c.sendcmd(cmd)
+                    done += 1
+                except (ftplib.error_perm, ftplib.error_temp):  # 550 a link out; 451 it changed mid-walk
+                    refused += 1
+    finally:
+        stop.set()
+        swapper.join()
+        c.quit()
+    assert statmod.S_IMODE(outside.stat().st_mode) == 0o600
+    assert outside.stat().st_mtime == 1_000_000_000
+    assert done and refused  # both sides of the race were hit
