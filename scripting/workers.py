@@ -134,11 +134,13 @@ LOGIN_EVENTS = frozenset({"connect", "pre-login"})
 
 @dataclass(eq=False)
 class _Waiter:
-    """A call waiting for a worker: whose, of which class, and since when (for FIFO ties)."""
+    """A call waiting for a worker: whose, of which class, for which binding (script and
+    function), and since when (for FIFO ties)."""
 
     user: str
     login: bool
     seq: int
+    binding: str = ""
 
 
 class WorkerStartError(RuntimeError):
@@ -175,7 +177,7 @@ class WorkerProcess:
         self.known: set[tuple[str, str]] = set()
         self.killed = False
         self.info: dict[str, Any] = {}
-        self.holder: tuple[str, bool] = ("", False)  # (user, login) of the call it serves
+        self.holder: tuple[str, bool, str] = ("", False, "")  # (user, login, binding) of the call it serves
 
     def send(self, obj: dict[str, Any], deadline: float, fd: int | None = None) -> None:
         data = framing.encode(obj, strict=True)
@@ -279,6 +281,7 @@ class WorkerPool:
         self._waiters: list[_Waiter] = []
         self._seq = 0
         self._held_by_user: dict[str, int] = {}
+        self._held_by_binding: dict[str, int] = {}
         self._held_other = 0  # workers held by calls that are not logins
         self._starting: dict[int, subprocess.Popen] = {}
         self._pending = 0
@@ -539,14 +542,17 @@ class WorkerPool:
 
     # --- taking and giving back workers ------------------------------------------------------
 
-    def _acquire(self, deadline: float, user: str = "", login: bool = False) -> WorkerProcess | None:
+    def _acquire(self, deadline: float, user: str = "", login: bool = False,
+                 binding: str = "") -> WorkerProcess | None:
         """A worker for one call, in fair order rather than whoever wakes first: logins first;
         then the user holding the fewest workers (ten slow checks of one user do not queue
-        ahead of another user's one); FIFO among equals. Non-login calls leave
+        ahead of another user's one); among those, the binding holding the fewest (a user's
+        slow pre-upload checks do not queue ahead of their other events, nor one slow
+        scheduled script ahead of another); FIFO among equals. Non-login calls leave
         ``login_reserve`` workers free."""
         with self._cond:
             self._seq += 1
-            me = _Waiter(user, login, self._seq)
+            me = _Waiter(user, login, self._seq, binding)
             self._waiters.append(me)
             try:
                 while True:
@@ -554,8 +560,9 @@ class WorkerPool:
                         return None
                     if self._idle and self._next_waiter() is me:
                         w = self._idle.pop()
-                        w.holder = (user, login)
+                        w.holder = (user, login, binding)
                         self._held_by_user[user] = self._held_by_user.get(user, 0) + 1
+                        self._held_by_binding[binding] = self._held_by_binding.get(binding, 0) + 1
                         self._held_other += 0 if login else 1
                         return w
                     remaining = deadline - time.monotonic()
@@ -579,16 +586,18 @@ class WorkerPool:
             return logins[0]
         if self._held_other >= self.size - self.login_reserve:
             return None
-        return min(self._waiters, key=lambda w: (self._held_by_user.get(w.user, 0), w.seq), default=None)
+        return min(self._waiters, default=None, key=lambda w: (
+            self._held_by_user.get(w.user, 0), self._held_by_binding.get(w.binding, 0), w.seq))
 
     def _release(self, w: WorkerProcess, disposition: str) -> None:
         with self._cond:
-            user, login = w.holder
-            n = self._held_by_user.get(user, 0) - 1
-            if n > 0:
-                self._held_by_user[user] = n
-            else:
-                self._held_by_user.pop(user, None)
+            user, login, binding = w.holder
+            for held, key in ((self._held_by_user, user), (self._held_by_binding, binding)):
+                n = held.get(key, 0) - 1
+                if n > 0:
+                    held[key] = n
+                else:
+                    held.pop(key, None)
             self._held_other -= 0 if login else 1
             self._cond.notify_all()
             self._calls += 1
@@ -678,7 +687,8 @@ class WorkerPool:
         }
 
         event_name = str(req.event.get("name", ""))
-        w = self._acquire(deadline, str(req.event.get("user") or ""), event_name in LOGIN_EVENTS)
+        w = self._acquire(deadline, str(req.event.get("user") or ""), event_name in LOGIN_EVENTS,
+                          f"{name}:{req.function}")
         queued = time.monotonic() - t0
         if w is None:
             with self._cond:

@@ -948,3 +948,34 @@ def test_the_user_holding_the_fewest_workers_goes_next(tmp_path: Path):
     assert order.index("other") <= 3, order
     queued_other = next(q for u, q in done if u == "other")
     assert queued_other < 1.5, done
+
+
+def test_the_binding_holding_the_fewest_workers_goes_next(tmp_path: Path):
+    """Per-binding fairness (issue 15 item 4): one user's uploads bound to a slow check do not
+    queue ahead of the same user's call to another binding."""
+    p = WorkerPool(2, memory_mb=128, state_dir=tmp_path / "state", stores=StateStores(tmp_path / "state"),
+                   login_reserve=0)
+    p.start()
+    done: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def call(script: str) -> None:
+        r = p.call(request(SLOW_AND_LOGIN, name=script, timeout=30, cpu_time=5))
+        assert r.verdict == "allow", r
+        with lock:
+            done.append((script, r.queued))
+
+    try:
+        bulk = [threading.Thread(target=call, args=("slow.py",)) for _ in range(6)]
+        for t in bulk:
+            t.start()
+        wait_for_waiting(p, 4)  # two of slow.py's calls run, four wait; all of them alice's
+        other = threading.Thread(target=call, args=("other.py",))
+        other.start()
+        for t in bulk + [other]:
+            t.join()
+    finally:
+        p.close()
+    order = [s for s, _ in done]
+    assert order.index("other.py") <= 3, order
+    assert next(q for s, q in done if s == "other.py") < 1.5, done
