@@ -332,3 +332,108 @@ def test_a_storm_of_sighups_never_wedges_the_daemon(daemons: DaemonFactory):
     d.signal(signal.SIGHUP)
     d.wait_log(r"\[server\] password_cache changed: applied", start=mark, timeout=30)
     assert d.stop(timeout=20) == 0
+
+
+# --- the bar: groups, folders, quotas, commands and webhooks edited by SIGHUP under a running transfer ---
+
+TAG_AND_HOOK = """
+def on_post_upload(event, api):
+    r = api.run("tag", event.path)
+    api.log("TAG " + r.stdout)
+    api.notify.webhook("ops", {"path": event.path})
+"""
+
+
+def _partner_config(daemons: DaemonFactory, *, group: str, command: str, hook_port: int,
+                    folders: str = "", mount: bool = False, quota: str = "") -> None:
+    """alice takes every right from her group ``partners`` (her own permissions are empty)."""
+    daemons.write_config(
+        binding("post-upload", "tag.py", paths=["/inbox/*"], allow=["run", "notify"])
+        + f'\n[commands.tag]\nargv = ["printf", "{command}:%s", "{{0}}"]\n'
+        + f'\n[notify.webhooks.ops]\nurl = "http://127.0.0.1:{hook_port}/ops"\n'
+        + folders
+        + (f'\n[[groups]]\nname = "partners"\npermissions = {group}\n{quota}\n' if group else ""),
+        users=user_toml("alice", keys=[daemons.alice_key], permissions="{}",
+                        groups='["partners"]' if group else "[]", folders='{ "/shared" = "team" }' if mount else "{}"))
+
+
+def test_groups_folders_quotas_commands_and_webhooks_changed_under_a_running_transfer(daemons: DaemonFactory):
+    from test_cap_notify import WebhookReceiver, free_port
+
+    hooks = [WebhookReceiver(free_port()).start(), WebhookReceiver(free_port()).start()]
+    write_script(daemons, "tag.py", TAG_AND_HOOK)
+    upload_only = '{ "/" = ["list"], "/inbox" = ["*"] }'
+    _partner_config(daemons, group=upload_only, command="v1", hook_port=hooks[0].port)
+    d = daemons.start(config=daemons.root / "scriptsftp.toml")
+    (d.home("alice") / "inbox").mkdir(parents=True)
+    (daemons.root / "folders" / "team").mkdir(parents=True)
+    alice = paramiko_client(d, "alice", key=daemons.alice_key)
+    try:
+        upload(alice, "/inbox/a.txt")
+        d.wait_log(r"TAG v1:/inbox/a\.txt")
+        assert json.loads(hooks[0].inbox.wait(1)[0]["body"]) == {"path": "/inbox/a.txt"}
+        with pytest.raises(PermissionError):
+            upload(alice, "/top.txt")  # the group gives / list only
+
+        running = alice.open("/inbox/running.bin", "w")  # spans every reload below
+        running.write(b"r" * 1000)
+
+        # the group edited (every right), the command and the webhook edited
+        _partner_config(daemons, group='{ "/" = ["*"] }', command="v2", hook_port=hooks[1].port)
+        mark = reload(d)
+        for label in (r"\[\[groups\]\]", r"\[commands\]", r"\[notify\] webhooks"):
+            d.wait_log(label + " changed: applied", start=mark)
+        upload(alice, "/top.txt")  # the same session, decided by the edited group
+        upload(alice, "/inbox/b.txt")
+        d.wait_log(r"TAG v2:/inbox/b\.txt", start=mark)
+        assert json.loads(hooks[1].inbox.wait(1)[0]["body"]) == {"path": "/inbox/b.txt"}
+        assert len(hooks[0].inbox.items) == 1  # the old URL got nothing more
+
+        # a quota on the group: the next upload is refused with the reason
+        _partner_config(daemons, group='{ "/" = ["*"] }', command="v2", hook_port=hooks[1].port,
+                        quota="quota_size = 10")
+        reload(d, r"\[\[groups\]\] changed: applied")
+        with pytest.raises(IOError, match="quota exceeded"):
+            upload(alice, "/inbox/c.txt")
+
+        # a folder added and mounted: the next login has it; the open session keeps the mounts it
+        # logged in with, and says so (docs/accounts.md "Virtual folders")
+        folders = '\n[[folders]]\nname = "team"\npath = "folders/team"\npermissions = { "/" = ["*"] }\n'
+        _partner_config(daemons, group='{ "/" = ["*"] }', command="v2", hook_port=hooks[1].port, folders=folders,
+                        mount=True)
+        mark = reload(d)
+        d.wait_log(r"\[\[folders\]\] changed: applied", start=mark)
+        d.wait_log(r"virtual folders of alice changed: this session keeps those it logged in with", start=mark)
+        with pytest.raises(FileNotFoundError):
+            upload(alice, "/shared/t.txt")
+        mounted = paramiko_client(d, "alice", key=daemons.alice_key)
+        upload(mounted, "/shared/t.txt", b"x" * 100)
+        assert (daemons.root / "folders" / "team" / "t.txt").read_bytes() == b"x" * 100
+        assert not (d.home("alice") / "shared").exists()
+
+        # the mount removed and a quota put on the home: the session that still has the mount
+        # writes into the folder, so the folder's quota (none) decides, not the full home's
+        _partner_config(daemons, group='{ "/" = ["*"] }', command="v2", hook_port=hooks[1].port,
+                        quota="quota_size = 10", folders=folders)
+        mark = reload(d, r"\[\[users\]\] changed: applied")
+        d.wait_log(r"virtual folders of alice changed", start=mark)
+        upload(mounted, "/shared/u.txt", b"y" * 100)
+        assert (daemons.root / "folders" / "team" / "u.txt").read_bytes() == b"y" * 100
+        with pytest.raises(IOError, match="quota exceeded: your home"):
+            upload(mounted, "/inbox/e.txt")
+        close_client(mounted)
+
+        # the group removed: alice keeps her session but has no right left
+        _partner_config(daemons, group="", command="v2", hook_port=hooks[1].port)
+        reload(d, r"\[\[groups\]\] changed: applied")
+        with pytest.raises(PermissionError):
+            upload(alice, "/inbox/d.txt")
+
+        # the transfer that spanned it all finishes: it was allowed when it started
+        running.write(b"s" * 1000)
+        running.close()
+        assert (d.home("alice") / "inbox" / "running.bin").stat().st_size == 2000
+    finally:
+        close_client(alice)
+        for hook in hooks:
+            hook.stop()

@@ -42,6 +42,7 @@ import logging
 import secrets
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Protocol
 
 from scriptsftp.server.contract import events as ev
@@ -59,6 +60,7 @@ from scriptsftp.server.core.accounts import AccountSource, UserRecord
 from scriptsftp.server.core.bandwidth import BandwidthLimits
 from scriptsftp.server.core.connections import Connection, ConnectionRegistry, kick_soon
 from scriptsftp.server.core.homes import HomeFenced, HomeMissing, HomePolicy, ensure_home
+from scriptsftp.server.core.limits import Mount
 from scriptsftp.server.core.passwords import PasswordCache, PasswordVerifier
 from scriptsftp.server.core.publish import Publisher, UploadPolicy
 from scriptsftp.server.core.session import HandleBudget, RefusalSink, Session
@@ -67,6 +69,11 @@ from scriptsftp.server.core.storage import LocalStorage, StorageOpener
 from scriptsftp.server.core.mounts import open_account_storage
 
 log = logging.getLogger("scriptsftp.login")
+
+
+def _mounted(mounts: tuple[Mount, ...]) -> set[tuple[tuple[str, ...], str, Path]]:
+    """Where each folder is mounted and what it is (its quota aside, which applies live)."""
+    return {(m.vpath, m.folder, m.root) for m in mounts}
 
 # a flood of idle sockets: one line every few seconds, with a count, not one per socket
 _evictions = BoundedLog(logging.INFO)
@@ -581,11 +588,18 @@ class LoginCore:
 
     def _refresh(self, conn: Connection, rec: UserRecord) -> None:
         """A logged-in connection gets its account's new settings at once (permissions,
-        quotas, limits, expiry)."""
+        quotas, limits, expiry). Its virtual folders are not: a session keeps the mounts
+        its storage was opened with until the next login, which one line says when they
+        change (docs/accounts.md "Virtual folders")."""
+        before = _mounted(conn.account.folders) if conn.account is not None else None
         conn.account = rec.account
         conn.expires = rec.expires
         for s in conn.sessions:
             s.account = rec.account
+        now = _mounted(rec.account.folders)
+        if before is not None and before != now and any(_mounted(s.mounts) != now for s in conn.sessions):
+            log.info("virtual folders of %s changed: this session keeps those it logged in with "
+                     "until the next login", conn.user, extra=conn.log_context())
 
     # --- accounts changed while their users are connected ----------------------------
 

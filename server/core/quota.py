@@ -116,10 +116,14 @@ class Scope:
         return f"folder {self.folder}" if self.folder else "your home"
 
 
-def scope_of(account: QuotaHolder, parts: Sequence[str]) -> Scope:
-    mount = find_mount(account.folders, tuple(parts))
+def scope_of(account: QuotaHolder, parts: Sequence[str], mounts: Sequence[Mount] | None = None) -> Scope:
+    """``mounts``: where the path's bytes go when that is not the account's own mounts (a
+    session keeps the mounts it logged in with while a reload changes the account's); the
+    quotas are always the account's of now (a folder no longer mounted keeps the last one)."""
+    mount = find_mount(account.folders if mounts is None else tuple(mounts), tuple(parts))
     if mount is not None:
-        return Scope(f"folder:{mount.folder}", mount.folder, mount.quota)
+        quota = next((m.quota for m in account.folders if m.folder == mount.folder), mount.quota)
+        return Scope(f"folder:{mount.folder}", mount.folder, quota)
     return Scope(f"user:{account.name}", "", account.quota)
 
 

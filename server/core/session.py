@@ -491,7 +491,7 @@ class Session:
         their limit (docs/accounts.md "Quotas")."""
         if self.quotas is None:
             return None, None
-        scope = scope_of(self.account, real)
+        scope = scope_of(self.account, real, self.mounts)
         return scope, self.quotas.limits(scope, path, replaced, self.user, self.account.rates)
 
     def _transfer_left(self, direction: str, path: str) -> int | None:
@@ -621,7 +621,7 @@ class Session:
     def _unlink_counted(self, r: Resolved, quotas: Quotas) -> None:
         """Unlink and subtract what goes, read again under the scope's lock (the file may
         have been replaced since the checks and the pre-delete scripts)."""
-        scope = scope_of(self.account, r.parts)
+        scope = scope_of(self.account, r.parts, self.mounts)
         with quotas.guard(scope):
             st = self.storage.stat(r)
             self.storage.unlink(r)
@@ -674,7 +674,7 @@ class Session:
     def _rename_counted(self, a: Resolved, b: Resolved, quotas: Quotas) -> None:
         """A rename changes its scope's usage only by the file it replaces, read under the
         scope's lock (a rename never crosses a folder boundary: ``_same_folder``)."""
-        scope = scope_of(self.account, a.parts)
+        scope = scope_of(self.account, a.parts, self.mounts)
         with quotas.guard(scope):
             moving = self.storage.stat(a)
             try:
