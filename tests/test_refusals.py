@@ -67,3 +67,54 @@ def test_policy_and_defender_refusals_are_audited(daemons, token_hash, alice_key
         paramiko_client(d, "bob", key=daemons.bob_key)
     rows = get(d, "/api/events?decision=denied")
     assert any(r["name"] == "login" and r["user"] == "bob" and r["decided_by"] == "policy" for r in rows), rows
+
+
+def test_a_refused_download_and_a_filtered_upload_leave_a_trace(daemons, token_hash, bob_key):  # noqa: F811
+    """The partner's refused get (permission) and an upload a filter refuses: a log line each,
+    a denied record each (decided_by names the kind) and a count each."""
+    from conftest import user_toml
+
+    users = daemons.default_users().split("[[users]]\nname = \"bob\"")[0] + user_toml(
+        "bob", keys=[bob_key], permissions='{ "/" = ["list"], "/inbox" = ["*"] }',
+        filters='[{ path = "/inbox", denied = ["*.exe"] }]')
+    d = daemons.start(admin_toml(token_hash), users=users)
+    home = d.home("bob")
+    (home / "inbox").mkdir(parents=True, exist_ok=True)
+    (home / "readme.txt").write_text("read me\n")
+    c = paramiko_client(d, "bob", key=bob_key)
+    try:
+        with pytest.raises(IOError):
+            c.getfo("/readme.txt", io.BytesIO())
+        with pytest.raises(IOError):
+            c.putfo(io.BytesIO(b"MZ"), "/inbox/tool.exe")
+        c.putfo(io.BytesIO(b"fine"), "/inbox/ok.txt")
+    finally:
+        close_client(c)
+    d.wait_log(r"user=bob proto=sftp .*\] download /readme\.txt denied .*kind=permission")
+    d.wait_log(r"user=bob proto=sftp .*\] upload /inbox/tool\.exe denied .*kind=filter")
+    rows = get(d, "/api/events?user=bob&decision=denied")
+    got = {(r["name"], r["path"], r["decided_by"]) for r in rows}
+    assert {("download", "/readme.txt", "permission"), ("upload", "/inbox/tool.exe", "filter")} <= got, got
+    assert not any(r["path"] == "/inbox/ok.txt" for r in rows)
+    metrics = get(d, "/metrics")
+    assert 'scriptsftp_refusals_total{kind="permission",operation="download",protocol="sftp"} 1.0' in metrics
+    assert 'scriptsftp_refusals_total{kind="filter",operation="upload",protocol="sftp"} 1.0' in metrics
+    assert not (home / "inbox" / "tool.exe").exists()
+
+
+def test_a_defender_refusal_is_logged_audited_and_counted(daemons, token_hash):  # noqa: F811
+    from test_defender import LEGIT_ONLY, defender_toml, refusal_text, sock_from
+
+    d = daemons.start(admin_toml(token_hash) + defender_toml(allow_list=LEGIT_ONLY, max_connections_per_ip=1,
+                                                             score_limit_exceeded=0))
+    held = sock_from(d, "127.0.0.7")
+    try:
+        d.wait_log(r"connect 127\.0\.0\.7")
+        assert "too many connections from 127.0.0.7 (limit 1)" in refusal_text(d, "127.0.0.7")
+    finally:
+        held.close()
+    d.wait_log(r"connect refused: too many connections from 127\.0\.0\.7 \(limit 1\)")
+    rows = [r for r in get(d, "/api/events?decision=denied") if r["decided_by"] == "defender"]
+    assert rows and rows[0]["name"] == "connect" and rows[0]["remote_ip"] == "127.0.0.7", rows
+    assert "too many connections from 127.0.0.7" in rows[0]["reason"]
+    assert 'scriptsftp_refusals_total{kind="defender",operation="connect",protocol="sftp"} 1.0' in get(d, "/metrics")
