@@ -568,7 +568,7 @@ class AccountsSection(_Model):
     home_owner: str = ""
     """User (name or uid) that owns the homes the server makes, when it runs as root; empty: the daemon's."""
     home_base: str = "../data"
-    """Where `scriptsftp user add` (and the API) put a new user's home when none is given:
+    """Where `scriptsftp user add` puts a new user's home without --home (the API requires home):
     ``home_base/NAME``; relative to the config file's directory, like ``state_dir``."""
 
     @field_validator("database")
