@@ -12,6 +12,7 @@ import asyncio
 import email
 import email.policy
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -340,6 +341,33 @@ def test_route_archive(cap_daemon: Daemon, alice, receivers: "Receivers"):
     assert archived.read_bytes() == b"%PDF-1.7 invoice one"
     # the user cannot reach the archive: it is outside the home
     assert "archive" not in alice.listdir("/")
+
+
+def test_route_archive_for_an_upload_only_partner(daemons: DaemonFactory, receivers: "Receivers", alice_key):
+    """The recipe as shipped works for a partner who may only upload into /inbox/invoices (no
+    download, no delete): its binding is granted own_file, so the move is the server's."""
+    from conftest import user_toml
+
+    install(daemons, "route_archive.py")
+    doc = snippet("route_archive.py")
+    receivers.notify_patch(doc)
+    doc["scripts"]["fs_admin_root"] = "archive-root"
+    users = user_toml("drop", keys=[alice_key], permissions='{ "/" = ["list"], "/inbox/invoices" = ["list", "upload"] }')
+    d = daemons.start(merged_toml(doc), users=users)
+    mkdirs(d, "drop", "/inbox/invoices")
+    sftp = paramiko_client(d, "drop", key=alice_key)
+    try:
+        put(sftp, "/inbox/invoices/INV-9.pdf", b"%PDF-1.7 invoice nine")
+        m = d.wait_log(r"route_archive\.py: archived path=/inbox/invoices/INV-9\.pdf "
+                       r"to=(/archive/drop/\d{4}/\d\d/INV-9\.pdf)", timeout=30)
+        assert (d.root / "archive-root" / m.group(1).lstrip("/")).read_bytes() == b"%PDF-1.7 invoice nine"
+        assert sftp.listdir("/inbox/invoices") == []
+        with pytest.raises(IOError):  # the partner's own rights are unchanged: no delete
+            sftp.putfo(io.BytesIO(b"x"), "/inbox/invoices/notes.txt")
+            sftp.remove("/inbox/invoices/notes.txt")
+        receivers.got.mail("[sftp] new invoice from drop: INV-9.pdf", log=d)
+    finally:
+        close_client(sftp)
 
 
 # 10. notify_upload.py ----------------------------------------------------------------------
