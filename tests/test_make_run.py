@@ -85,3 +85,14 @@ def _make_run(throwaway_user: pwd.struct_passwd, tmp_path: Path) -> None:
     assert "missing system packages" not in text
     assert "listening sftp on 127.0.0.1:2222" in text
     assert (clone / "var" / "host_keys").stat().st_uid == throwaway_user.pw_uid
+
+    # installed once: the next `make run` installs nothing until the source changes
+    def installed_package_is_current() -> bool:
+        q = subprocess.run(["su", USER, "-s", "/bin/bash", "-c", "cd " + str(clone) + " && exec env -i "
+                            + " ".join(f"{k}={v}" for k, v in env.items()) + " make -q .venv/.pkg-stamp"],
+                           capture_output=True, text=True, timeout=60)
+        assert q.returncode in (0, 1), q.stdout + q.stderr
+        return q.returncode == 0
+    assert installed_package_is_current()
+    os.utime(clone / "server" / "daemon.py")  # a source file edited
+    assert not installed_package_is_current()
