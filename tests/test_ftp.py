@@ -1209,3 +1209,19 @@ def test_site_chmod_and_mfmt_never_follow_a_symlink_swapped_in_while_they_run(ft
     assert statmod.S_IMODE(outside.stat().st_mode) == 0o600
     assert outside.stat().st_mtime == 1_000_000_000
     assert done and refused  # both sides of the race were hit
+
+
+def test_ftps_lines_say_tls_and_plain_ftp_lines_do_not(ftpd):
+    """FTPS and plain FTP both logged proto=ftp with nothing to tell them apart (issue 16 item 11)."""
+    mark = len(ftpd.lines)
+    secure = ftps(ftpd)
+    assert stor(secure, "/tls-line.txt", b"over tls").startswith("226")
+    secure.quit()
+    plain = ftp(ftpd)
+    assert stor(plain, "/plain-line.txt", b"in clear").startswith("226")
+    plain.quit()
+    for name, tls in (("tls-line", True), ("plain-line", False)):
+        line = ftpd.wait_log(rf"proto=ftp .*upload /{name}\.txt ok", start=mark).string
+        assert ("tls=true" in line) == tls, line
+    logins = [x for x in ftpd.lines[mark:] if "login ok" in x and "proto=ftp" in x]
+    assert any("tls=true" in x for x in logins) and any("tls=true" not in x for x in logins), logins

@@ -322,3 +322,47 @@ def test_script_test_says_what_is_missing_instead_of_pretending(tmp_path):
     assert "note:     no --file: the script's api.file has nothing to read; pass --file LOCAL" in out.stderr
     assert "api.fs is not available here: `scriptsftp script test` runs the script offline" in out.stdout
     assert "not available yet" not in out.stdout + out.stderr
+
+
+def test_json_lines_keep_api_log_fields_as_keys_and_name_their_logger_once(daemons: DaemonFactory, alice_key):
+    """In JSON logs api.log's fields were text inside msg, and some lines named their logger
+    twice ('notify: notify: ...', 'scripting: scripting: ...'); rclone's hash probes logged one
+    'exec refused' INFO line each (issue 16 item 11)."""
+    import io
+    import json
+
+    import paramiko
+
+    from conftest import close_client
+
+    write_script(daemons, "s.py", """
+        def on_post_upload(event, api):
+            api.log("seen", path=event.path, size=event.size)
+            api.notify.webhook("ops", {"path": event.path})
+    """)
+    extra = (binding("post-upload", "s.py", allow=["notify"])
+             + '\n[notify]\nretry_delay = 300\n\n[notify.webhooks.ops]\nurl = "http://127.0.0.1:9/ops"\ntimeout = 2\n')
+    d = daemons.start(extra, server_extra='log_format = "json"')
+    d.home("alice").mkdir(parents=True, exist_ok=True)
+    client = paramiko_client(d, key=alice_key)
+    try:
+        client.putfo(io.BytesIO(b"abcd"), "/a.txt")
+        transport = client.get_channel().get_transport()
+        for probe in ("md5sum /a.txt", "sha1sum /a.txt", "echo 'hi'"):  # what rclone asks
+            channel = transport.open_session()
+            try:
+                channel.exec_command(probe)
+            except paramiko.SSHException:
+                pass
+            channel.close()
+    finally:
+        close_client(client)
+    d.wait_log(r'"msg": "webhook \d+ to ops attempt 1 failed')
+    records = [json.loads(x) for x in d.lines if x.startswith("{")]
+    seen = next(r for r in records if r["msg"] == "s.py: seen")
+    assert seen["fields"] == {"path": "/a.txt", "size": 4}, seen
+    for r in records:
+        short = r["logger"].rsplit(".", 1)[-1]
+        assert not r["msg"].startswith(f"{short}: {short}:") and not r["msg"].startswith(f"{short}:"), r
+    probes = [r for r in records if "exec refused" in r["msg"]]
+    assert len(probes) == 1 and probes[0]["level"] == "info", probes
