@@ -75,6 +75,7 @@ def base_config(daemons: DaemonFactory) -> dict[str, Any]:
                    "grace_period": 5.0},
         "sftp": {"listen": "127.0.0.1:0", "processes": 1},
         "ftp": {"certificate": "ftp.pem", "private_key": "ftp.key"},
+        "admin": {"tokens": [{"name": "reader", "token_hash": daemons.hashes["alice"], "scope": "read"}]},
         "scripts": {"dir": "scripts"},
         "notify": {"webhooks": {"hook": {"url": "http://127.0.0.1:9/x"}}},
         "commands": {"echo": {"argv": ["/bin/echo", "--", "{0}"]}},
@@ -111,7 +112,7 @@ CHANGES: dict[str, Any] = {
     "accounts.quota_thresholds": [50],
 }
 
-#: One change per field of each kind of entry (users, groups, bindings, commands, webhooks).
+#: One change per field of each kind of entry (users, groups, folders, bindings, commands, webhooks, admin tokens).
 ENTRY_CHANGES: dict[str, dict[str, Any]] = {
     "users": {"name": "alice2", "password_hash": "BOB_HASH", "password_hash_file": "hashfile",
               "generate_password": True, "public_keys": [], "home": "homes/alice2", "groups": [],
@@ -136,10 +137,11 @@ ENTRY_CHANGES: dict[str, dict[str, Any]] = {
     "commands": {"argv": ["/bin/true"], "timeout": 5.0, "max_output": 10, "stdin": "file",
                  "allow_dash_args": True},
     "notify.webhooks": {"url": "http://127.0.0.1:9/z", "timeout": 3.0, "headers": {"X-A": "b"}},
+    "admin.tokens": {"name": "reader2", "token_hash": "BOB_HASH", "scope": "write"},
 }
 ENTRY_MODELS = {"users": C.User, "groups": C.Group, "folders": C.Folder, "bindings": C.Binding,
                 "commands": C.CommandSection,
-                "notify.webhooks": C.WebhookSection}
+                "notify.webhooks": C.WebhookSection, "admin.tokens": C.AdminToken}
 
 
 def _default(key: str) -> Any:
