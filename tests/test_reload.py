@@ -403,7 +403,7 @@ def test_groups_folders_quotas_commands_and_webhooks_changed_under_a_running_tra
                         mount=True)
         mark = reload(d)
         d.wait_log(r"\[\[folders\]\] changed: applied", start=mark)
-        d.wait_log(r"virtual folders of alice changed: this session keeps those it logged in with", start=mark)
+        d.wait_log(r"home or virtual folders of alice changed: this session keeps those it logged in", start=mark)
         with pytest.raises(FileNotFoundError):
             upload(alice, "/shared/t.txt")
         mounted = paramiko_client(d, "alice", key=daemons.alice_key)
@@ -416,7 +416,7 @@ def test_groups_folders_quotas_commands_and_webhooks_changed_under_a_running_tra
         _partner_config(daemons, group='{ "/" = ["*"] }', command="v2", hook_port=hooks[1].port,
                         quota="quota_size = 10", folders=folders)
         mark = reload(d, r"\[\[users\]\] changed: applied")
-        d.wait_log(r"virtual folders of alice changed", start=mark)
+        d.wait_log(r"home or virtual folders of alice changed", start=mark)
         upload(mounted, "/shared/u.txt", b"y" * 100)
         assert (daemons.root / "folders" / "team" / "u.txt").read_bytes() == b"y" * 100
         with pytest.raises(IOError, match="quota exceeded: your home"):
@@ -437,3 +437,25 @@ def test_groups_folders_quotas_commands_and_webhooks_changed_under_a_running_tra
         close_client(alice)
         for hook in hooks:
             hook.stop()
+
+
+def test_a_home_moved_by_sighup_applies_at_the_next_login_and_says_so(daemons: DaemonFactory):
+    d = daemons.start()
+    d.home("alice").mkdir(parents=True, exist_ok=True)
+    alice = paramiko_client(d, "alice", key=daemons.alice_key)
+    try:
+        moved = daemons.root / "homes" / "alice-new"
+        users = user_toml("alice", home="homes/alice-new", keys=[daemons.alice_key]) \
+            + user_toml("bob", keys=[daemons.bob_key])
+        daemons.write_config(users=users)
+        mark = reload(d, r"\[\[users\]\] changed: applied")
+        d.wait_log(r"home or virtual folders of alice changed: this session keeps those it logged in with "
+                   r"until the next login", start=mark)
+        upload(alice, "/old-session.txt")  # the open session stays on the home it opened
+        assert (d.home("alice") / "old-session.txt").exists()
+        fresh = paramiko_client(d, "alice", key=daemons.alice_key)
+        upload(fresh, "/new-session.txt")
+        close_client(fresh)
+        assert (moved / "new-session.txt").exists() and not (d.home("alice") / "new-session.txt").exists()
+    finally:
+        close_client(alice)

@@ -71,9 +71,10 @@ from scriptsftp.server.core.mounts import open_account_storage
 log = logging.getLogger("scriptsftp.login")
 
 
-def _mounted(mounts: tuple[Mount, ...]) -> set[tuple[tuple[str, ...], str, Path]]:
-    """Where each folder is mounted and what it is (its quota aside, which applies live)."""
-    return {(m.vpath, m.folder, m.root) for m in mounts}
+def _opened_on(home: Path, mounts: tuple[Mount, ...]) -> tuple[Path, set[tuple[tuple[str, ...], str, Path]]]:
+    """What a session's storage is opened on: the home, and where each folder is mounted and
+    what it is (their quotas aside, which apply live)."""
+    return home, {(m.vpath, m.folder, m.root) for m in mounts}
 
 # a flood of idle sockets: one line every few seconds, with a count, not one per socket
 _evictions = BoundedLog(logging.INFO)
@@ -588,17 +589,18 @@ class LoginCore:
 
     def _refresh(self, conn: Connection, rec: UserRecord) -> None:
         """A logged-in connection gets its account's new settings at once (permissions,
-        quotas, limits, expiry). Its virtual folders are not: a session keeps the mounts
-        its storage was opened with until the next login, which one line says when they
-        change (docs/accounts.md "Virtual folders")."""
-        before = _mounted(conn.account.folders) if conn.account is not None else None
+        quotas, limits, expiry). Its home and virtual folders are not: a session keeps the
+        storage it was opened on until the next login, which one line says when they change
+        (docs/accounts.md "Virtual folders")."""
+        old = conn.account
         conn.account = rec.account
         conn.expires = rec.expires
         for s in conn.sessions:
             s.account = rec.account
-        now = _mounted(rec.account.folders)
-        if before is not None and before != now and any(_mounted(s.mounts) != now for s in conn.sessions):
-            log.info("virtual folders of %s changed: this session keeps those it logged in with "
+        now = _opened_on(rec.account.home, rec.account.folders)
+        if old is not None and _opened_on(old.home, old.folders) != now \
+                and any(_opened_on(s.home_opened, s.mounts) != now for s in conn.sessions):
+            log.info("home or virtual folders of %s changed: this session keeps those it logged in with "
                      "until the next login", conn.user, extra=conn.log_context())
 
     # --- accounts changed while their users are connected ----------------------------

@@ -194,6 +194,9 @@ class Session:
         self.remote_ip = remote_ip
         self.dispatcher = dispatcher
         self.storage: Storage = storage if storage is not None else LocalStorage(account.home)
+        # the home the storage was opened on: like the mounts below, a reload that moves the
+        # account's home applies at its next login, never under an open session
+        self.home_opened: Path = account.home
         # the virtual folders the storage was opened with: a reload that changes the
         # account's folders applies at its next login, never under an open session
         self.mounts: tuple[Mount, ...] = account.folders
