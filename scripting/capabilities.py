@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .store import ScriptStore, StoreError
+from .store import ScriptStore, StoreError, StoreUnavailable
 
 log = logging.getLogger("scriptsftp.scripting.capabilities")
 
@@ -136,6 +136,8 @@ class StoreCapability:
                 return self.store.incr(ns, args[0], args[1])
             if op == "delete" and len(args) == 1:
                 return self.store.delete(ns, args[0])
+        except StoreUnavailable as e:
+            raise CapabilityError(str(e), "RuntimeError") from None
         except StoreError as e:
             raise CapabilityError(str(e), "ValueError") from None
         raise CapabilityError(f"api.store has no operation {op!r} taking {len(args)} argument(s)",

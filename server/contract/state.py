@@ -6,29 +6,95 @@ Five stores keep state between requests and restarts: the staging records
 (``bans``), the scripts' key/value store (``script-store``) and the notification
 outbox (``outbox``). None of them opens a file itself: each is handed a
 :class:`StateStoreFactory` and asks it for its database by name. The daemon makes
-the one factory (``scriptsftp.server.stores.StateStores``: SQLite files in
-``state_dir``) and hands it down, to scripting/ too, which may import only this
-contract from server/.
+the one factory (``scriptsftp.server.stores.StateStores``) and hands it down, to
+scripting/ too, which may import only this contract from server/.
 
-This is where PostgreSQL plugs in when several nodes form one server: a second
-factory whose ``connect`` reaches the shared database, chosen by the daemon; the
-stores do not change where they get their connection from. Today the connection
-is SQLite's (``sqlite3.Connection``, autocommit, usable from any thread under the
-store's own lock) and the stores' SQL is SQLite's.
+A store gets its database one of two ways:
+
+- :meth:`StateStoreFactory.database` (``bans``, ``script-store``): an
+  :class:`SqlDatabase`, SQLite in ``state_dir`` on one node or the PostgreSQL
+  database of ``[cluster] database`` that every node shares. The store's statements
+  are one set for both engines (``?`` placeholders, the few words that differ in
+  braces, filled by its :class:`Dialect`), and its schema is a list of numbered
+  migrations the factory applies before handing the database over.
+- :meth:`StateStoreFactory.connect` (``staging``, ``audit``, ``outbox``, not shared
+  yet): this node's SQLite file, a ``sqlite3.Connection``.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, Sequence
 
 #: the databases a factory knows, by the name a store asks for
 StateName = Literal["staging", "audit", "bans", "script-store", "outbox"]
 
+Row = tuple[Any, ...]
+
+#: a store's schema: (version, statements), append only; a released one is never edited
+Migrations = Sequence[tuple[int, Sequence[str]]]
+
+
+class Cursor(Protocol):
+    """What a transaction offers: statements with ``?`` placeholders, rows as tuples."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> "Cursor": ...
+
+    def fetchone(self) -> Row | None: ...
+
+    def fetchall(self) -> list[Row]: ...
+
+    @property
+    def rowcount(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """The words that differ between the engines, by the name used in braces."""
+
+    name: str
+    words: dict[str, str]
+
+    def render(self, sql: str) -> str:
+        return sql.format(**self.words)
+
+
+class SqlDatabase(Protocol):
+    dialect: Dialect
+
+    #: for messages: the file, or the URL without its password
+    where: str
+
+    #: the exceptions that mean "the database failed" (unreachable, broken, full), whatever
+    #: the engine: a store catches these, never a driver's by name
+    errors: tuple[type[BaseException], ...]
+
+    def transaction(self) -> Any:
+        """A context manager yielding a :class:`Cursor`; commits on success, rolls back on error."""
+        ...
+
+    def read(self) -> Any:
+        """As :meth:`transaction`, for statements that only read."""
+        ...
+
+    def close(self) -> None: ...
+
 
 class StateStoreFactory(Protocol):
+    #: this node's name ([cluster] node, else the host name)
+    node: str
+
     def connect(self, name: StateName) -> sqlite3.Connection:
-        """A new connection to the database ``name``, ready to use: created if missing,
-        journal, durability and lock wait set as that database needs. Autocommit
-        (``BEGIN`` is explicit), not bound to a thread; the caller closes it."""
+        """A new connection to this node's SQLite database ``name``, ready to use: created
+        if missing, journal, durability and lock wait set as that database needs.
+        Autocommit (``BEGIN`` is explicit), not bound to a thread; the caller closes it."""
+        ...
+
+    def database(self, name: StateName, migrations: Migrations) -> SqlDatabase:
+        """The database ``name``, its schema brought to the last of ``migrations`` (each
+        applied once, in its own transaction; nodes starting together wait for each
+        other): the shared PostgreSQL database when this server is a cluster and ``name``
+        is shared, else this node's SQLite file. Usable from any thread; the caller
+        closes it."""
         ...

@@ -20,36 +20,10 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Sequence
 
+from scriptsftp.server.contract.state import Cursor, Dialect, Row, SqlDatabase
 from scriptsftp.server.stores.sqlite import open_sqlite
-
-Row = tuple[Any, ...]
-
-
-class Cursor(Protocol):
-    """What a transaction offers: statements with ``?`` placeholders, rows as tuples."""
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> "Cursor": ...
-
-    def fetchone(self) -> Row | None: ...
-
-    def fetchall(self) -> list[Row]: ...
-
-    @property
-    def rowcount(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """The words that differ between the engines, by the name used in braces."""
-
-    name: str
-    words: dict[str, str]
-
-    def render(self, sql: str) -> str:
-        return sql.format(**self.words)
-
 
 # bytewise: text ordered by code point (what SQLite does by default) whatever the PostgreSQL
 # database's collation, so listings and dumps come out in one order on both engines
@@ -57,11 +31,15 @@ SQLITE = Dialect("sqlite", {
     "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
     "greatest": "max",
     "bytewise": "COLLATE BINARY",
+    "without_rowid": "WITHOUT ROWID",
+    "for_update": "",
 })
 POSTGRESQL = Dialect("postgresql", {
     "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
     "greatest": "GREATEST",
     "bytewise": 'COLLATE "C"',
+    "without_rowid": "",
+    "for_update": "FOR UPDATE",
 })
 
 #: a password in a PostgreSQL URL, hidden in messages and logs
@@ -72,28 +50,11 @@ def redact_url(url: str) -> str:
     return _URL_PASSWORD.sub(r"\1***@", url)
 
 
-class SqlDatabase(Protocol):
-    dialect: Dialect
-
-    #: for messages: the file, or the URL without its password
-    where: str
-
-    def transaction(self) -> Any:
-        """A context manager yielding a :class:`Cursor`; commits on success, rolls back on error."""
-        ...
-
-    def read(self) -> Any:
-        """As :meth:`transaction`, for statements that only read: it never waits for a
-        writer (a login must not queue behind an import), and sees the last commit."""
-        ...
-
-    def close(self) -> None: ...
-
-
 class SqliteDatabase:
     """A SQLite file; one connection per thread."""
 
     dialect = SQLITE
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -166,19 +127,58 @@ class _SqliteCursor:
         return self._cur.rowcount
 
 
+class SqliteStateDatabase:
+    """A state store's SQLite file in ``state_dir``: one connection, one lock, as the stores
+    had it before they could be shared (the speed of a single node does not change).
+    ``read`` runs its statements in autocommit; ``transaction`` takes the write lock at
+    once (``BEGIN IMMEDIATE``), so a read-modify-write stays exact with several processes
+    on one file. Not reentrant: a store never nests them."""
+
+    dialect = SQLITE
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+
+    def __init__(self, db: sqlite3.Connection, where: str) -> None:
+        self._db = db
+        self.where = where
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def read(self) -> Iterator[Cursor]:
+        with self._lock:
+            yield _SqliteCursor(self._db.cursor())
+
+    @contextmanager
+    def transaction(self) -> Iterator[Cursor]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqliteCursor(self._db.cursor())
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
 class PostgresDatabase:
     """A PostgreSQL database through psycopg 3, connections from a bounded pool."""
 
     dialect = POSTGRESQL
+    errors: tuple[type[BaseException], ...]
 
     #: seconds a transaction waits for a connection while the server is known to be away
     OUTAGE_TIMEOUT = 1.0
 
-    def __init__(self, url: str, *, max_connections: int = 8, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, *, max_connections: int = 8, timeout: float = 10.0,
+                 name: str = "scriptsftp-accounts") -> None:
         import psycopg
         import psycopg_pool
 
         self.where = redact_url(url)
+        self.errors = (psycopg.Error, psycopg_pool.PoolTimeout)
         self._unreachable = False
         # one plain connection first: an unreachable server or a refused login fails now with
         # the server's own reason, not as a pool timeout some seconds later
@@ -188,7 +188,7 @@ class PostgresDatabase:
         # them one by one, each failing a login as if its account were gone.
         self._pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=max_connections, timeout=timeout, open=False,
-            kwargs={"autocommit": False}, name="scriptsftp-accounts",
+            kwargs={"autocommit": False}, name=name,
             check=psycopg_pool.ConnectionPool.check_connection,
         )
         self._pool.open(wait=True, timeout=timeout)

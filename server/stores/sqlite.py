@@ -8,9 +8,8 @@ read-modify-write) and usable from any thread (each store serialises its own
 calls). What differs between them is an explicit argument of :func:`open_sqlite`,
 and the table :data:`DATABASES` says which database takes which.
 
-A second backend (PostgreSQL, for several nodes sharing one state) is a second
-:class:`~scriptsftp.server.contract.state.StateStoreFactory` beside
-:class:`StateStores`; the daemon picks one.
+:class:`~.state.StateStores` opens them; with ``[cluster] database`` the shared ones are
+PostgreSQL instead (:mod:`.state`).
 """
 
 from __future__ import annotations
@@ -63,19 +62,4 @@ DATABASES: dict[StateName, SQLiteDatabase] = {
 }
 
 
-class StateStores:
-    """The state databases of one server: SQLite files in ``state_dir``."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = Path(state_dir)
-
-    def path(self, name: StateName) -> Path:
-        return self.state_dir / DATABASES[name].file
-
-    def connect(self, name: StateName) -> sqlite3.Connection:
-        db = DATABASES[name]
-        return open_sqlite(self.path(name), busy_timeout=db.busy_timeout, private=db.private,
-                           auto_vacuum=db.auto_vacuum)
-
-
-__all__ = ["DATABASES", "SQLiteDatabase", "StateStores", "open_sqlite"]
+__all__ = ["DATABASES", "SQLiteDatabase", "open_sqlite"]
