@@ -8,12 +8,16 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from scriptsftp.server import __version__
 from scriptsftp.server.support.config import ConfigError, LoadedConfig, default_config_path, load_config
 from scriptsftp.server.contract.events import EVENT_TYPES, describe_fields
+
+if TYPE_CHECKING:
+    from scriptsftp.server.ops.defender import Defender
 
 CONFIG_HELP = "config file (default: $SCRIPTSFTP_CONFIG, else ./conf/scriptsftp.toml)"
 
@@ -281,17 +285,30 @@ def reload(config_path: str | None, token_file: Path | None) -> None:
         click.echo(f"{key_label(key)} changed: takes effect after a restart")
 
 
+def _defender(cfg: LoadedConfig) -> "Defender":
+    """The defender's bans, where the daemon keeps them (state_dir, or the cluster's shared
+    database); a database that cannot be opened: one line, exit 6."""
+    from scriptsftp.server.ops.defender import Defender
+    from scriptsftp.server.stores import StateStores
+    from scriptsftp.server.stores.sql import redact_url
+
+    stores = StateStores.for_config(cfg)
+    try:
+        return Defender(stores, cfg.model.defender)
+    except Exception as exc:  # sqlite3.Error, psycopg's OperationalError, a pool timeout
+        where = redact_url(stores.url) if stores.url else str(stores.path("bans"))
+        click.echo(f"scriptsftp: cannot open the bans database {where}: {redact_url(str(exc))}", err=True)
+        sys.exit(6)
+
+
 @main.command()
 @click.option("-c", "--config", "config_path", help=CONFIG_HELP)
 def bans(config_path: str | None) -> None:
     """List addresses the defender has banned (read from state_dir; the daemon may run)."""
     import time as _time
 
-    from scriptsftp.server.ops.defender import Defender
-    from scriptsftp.server.stores import StateStores
-
     cfg = _load(config_path)
-    d = Defender(StateStores(cfg.resolve(cfg.model.server.state_dir)), cfg.model.defender)
+    d = _defender(cfg)
     try:
         for b in d.bans():
             until = _time.strftime("%Y-%m-%d %H:%M:%S UTC", _time.gmtime(b["banned_until"]))
@@ -305,11 +322,8 @@ def bans(config_path: str | None) -> None:
 @click.argument("ip")
 def unban(config_path: str | None, ip: str) -> None:
     """Lift a ban at once (also in a running daemon: bans live in state_dir); exit 1 if IP was not banned."""
-    from scriptsftp.server.ops.defender import Defender
-    from scriptsftp.server.stores import StateStores
-
     cfg = _load(config_path)
-    d = Defender(StateStores(cfg.resolve(cfg.model.server.state_dir)), cfg.model.defender)
+    d = _defender(cfg)
     try:
         lifted = d.unban(ip)
     finally:

@@ -135,8 +135,10 @@ class Daemon:
         # first: the SSH worker processes are forked from this one while it has no other thread
         self._ssh_pool = self._ssh_worker_pool() if m.sftp.enabled else None
         ensure_generated_passwords(cfg, _password_announcer(self.state_dir))
-        # the state databases (staging, audit, bans, script store, outbox): SQLite in state_dir
-        self.stores = StateStores(self.state_dir)
+        # the state databases (staging, audit, bans, script store, outbox): SQLite in state_dir;
+        # with [cluster] database, the bans and the script store in the PostgreSQL database
+        # every node shares (opened by the stores, after the SSH workers forked)
+        self.stores = StateStores.for_config(cfg)
         # accounts beyond the file's [[users]]: SQLite in state_dir, or PostgreSQL (after the
         # SSH workers forked: a PostgreSQL pool runs threads)
         self.account_db = _open_account_db(cfg)
@@ -161,7 +163,7 @@ class Daemon:
         self.audit = AuditTrail(self.stores, retention_days=m.server.audit_retention_days,
                                 max_mb=m.server.audit_max_mb)
         # bans, scores, connection caps: shared by every front end through the login core
-        self.defender = Defender(self.stores, m.defender)
+        self.defender = _open_defender(cfg, self.stores)
         # usage and daily transfers, counted at publish and delete against [accounts] quotas
         # (the account database keeps them, so the CLI's quota scan and other nodes share them)
         self.quotas = Quotas(self.account_db, m.accounts.quota_thresholds)
@@ -531,6 +533,18 @@ def _open_account_db(cfg: LoadedConfig) -> AccountDb:
     except Exception as exc:  # sqlite3.Error, psycopg's OperationalError, a pool timeout
         where = cfg.model.accounts.database and redact_url(cfg.model.accounts.database) or "state_dir"
         raise ConfigError([f"{cfg.path}:1: [accounts] database: cannot open {where}: {exc}"]) from None
+
+
+def _open_defender(cfg: LoadedConfig, stores: StateStores) -> Defender:
+    """The defender on its bans database; a shared database that cannot be opened stops the
+    start with one line (the URL's password hidden)."""
+    try:
+        return Defender(stores, cfg.model.defender)
+    except Exception as exc:  # psycopg's OperationalError, a pool timeout, sqlite3.Error
+        if not stores.shared("bans"):
+            raise
+        raise ConfigError([f"{cfg.path}:1: [cluster] database: cannot open {redact_url(stores.url)}: "
+                           f"{redact_url(str(exc))}"]) from None
 
 
 class AdminView:
