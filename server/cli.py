@@ -297,7 +297,8 @@ def _defender(cfg: LoadedConfig) -> "Defender":
         return Defender(stores, cfg.model.defender)
     except Exception as exc:  # sqlite3.Error, psycopg's OperationalError, a pool timeout
         where = redact_url(stores.url) if stores.url else str(stores.path("bans"))
-        click.echo(f"scriptsftp: cannot open the bans database {where}: {redact_url(str(exc))}", err=True)
+        click.echo(f"scriptsftp: cannot open the bans database {where}: {redact_url(' '.join(str(exc).split()))}",
+                   err=True)
         sys.exit(6)
 
 

@@ -544,7 +544,7 @@ def _open_defender(cfg: LoadedConfig, stores: StateStores) -> Defender:
         if not stores.shared("bans"):
             raise
         raise ConfigError([f"{cfg.path}:1: [cluster] database: cannot open {redact_url(stores.url)}: "
-                           f"{redact_url(str(exc))}"]) from None
+                           f"{redact_url(' '.join(str(exc).split()))}"]) from None
 
 
 class AdminView:

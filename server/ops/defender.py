@@ -24,7 +24,7 @@ every node of a cluster shares (``[cluster] database``, docs/cluster.md):
   it causes are one transaction under a per-address advisory lock, so two nodes
   crossing the threshold at once make one ban.
 - a connection check never waits for the network: each node keeps the active bans
-  in memory, read whole from the shared table every :data:`BAN_REFRESH` seconds by a
+  in memory, read whole from the shared table every :data:`BAN_REFRESH` (0.25) seconds by a
   background thread (and its own bans at once), so a ban (or an unban) made on one
   node takes effect on every other within ``BAN_REFRESH`` plus one query, under a
   second.
@@ -62,7 +62,7 @@ _PRUNE_EVERY = 60.0  # seconds between clean-ups of expired scores and forgotten
 _REFUSAL_LOG_EVERY = 10.0  # at most one "refused" log line per address and reason in this time
 
 #: seconds between two reads of the active bans from a shared database (cluster)
-BAN_REFRESH = 0.5
+BAN_REFRESH = 0.25
 #: PostgreSQL advisory lock class (with the address): one score of an address at a time
 SCORE_LOCK = 7318852
 
@@ -81,7 +81,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         'CREATE TABLE IF NOT EXISTS user_locks ("user" TEXT PRIMARY KEY, locked_until DOUBLE PRECISION NOT NULL,'
         " failures INTEGER NOT NULL, reason TEXT NOT NULL, locked_at DOUBLE PRECISION NOT NULL)",
     ]),
-    # the active bans are read whole by every node of a cluster twice a second
+    # the active bans are read whole by every node of a cluster four times a second
     (2, ["CREATE INDEX IF NOT EXISTS hosts_banned_until ON hosts (banned_until)"]),
 ]
 
