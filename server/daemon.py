@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from scriptsftp.server import __version__
 
@@ -30,6 +30,7 @@ from scriptsftp.server.support.config import AdminSection, ConfigError, LoadedCo
 from scriptsftp.server.ops.defender import Defender
 from scriptsftp.server.contract.dispatch import SwappableDispatcher
 from scriptsftp.server.contract.scripting import NullEngine, ScriptEngineLifecycle
+from scriptsftp.server.contract.state import StateName
 from scriptsftp.server.core.script_files import ScriptSessions
 from scriptsftp.server.support.keys import ensure_host_keys, fingerprint, load_host_key
 from scriptsftp.server.core.accounts import TomlAccountSource, UserRecord
@@ -160,10 +161,10 @@ class Daemon:
         self._engine: ScriptEngineLifecycle = NullEngine()
         self.dispatch = SwappableDispatcher(self._engine)
         self.pending_restart: list[str] = []  # keys changed in the file that wait for a restart
-        self.audit = AuditTrail(self.stores, retention_days=m.server.audit_retention_days,
-                                max_mb=m.server.audit_max_mb)
+        self.audit = _open_shared(cfg, self.stores, "audit", lambda: AuditTrail(
+            self.stores, retention_days=m.server.audit_retention_days, max_mb=m.server.audit_max_mb))
         # bans, scores, connection caps: shared by every front end through the login core
-        self.defender = _open_defender(cfg, self.stores)
+        self.defender = _open_shared(cfg, self.stores, "bans", lambda: Defender(self.stores, m.defender))
         # usage and daily transfers, counted at publish and delete against [accounts] quotas
         # (the account database keeps them, so the CLI's quota scan and other nodes share them)
         self.quotas = Quotas(self.account_db, m.accounts.quota_thresholds)
@@ -535,13 +536,16 @@ def _open_account_db(cfg: LoadedConfig) -> AccountDb:
         raise ConfigError([f"{cfg.path}:1: [accounts] database: cannot open {where}: {exc}"]) from None
 
 
-def _open_defender(cfg: LoadedConfig, stores: StateStores) -> Defender:
-    """The defender on its bans database; a shared database that cannot be opened stops the
+T = TypeVar("T")
+
+
+def _open_shared(cfg: LoadedConfig, stores: StateStores, name: StateName, open_store: Callable[[], T]) -> T:
+    """A state store on its database; a shared database that cannot be opened stops the
     start with one line (the URL's password hidden)."""
     try:
-        return Defender(stores, cfg.model.defender)
+        return open_store()
     except Exception as exc:  # psycopg's OperationalError, a pool timeout, sqlite3.Error
-        if not stores.shared("bans"):
+        if not stores.shared(name):
             raise
         raise ConfigError([f"{cfg.path}:1: [cluster] database: cannot open {redact_url(stores.url)}: "
                            f"{redact_url(' '.join(str(exc).split()))}"]) from None

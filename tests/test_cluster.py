@@ -4,11 +4,13 @@ with its own state_dir and node name: what they share (docs/cluster.md, "What is
 - 1,000 events spread over both nodes, each an ``api.store.incr`` of one key: exactly 1,000.
 - A client banned on node A is refused by node B within a second; ``scriptsftp unban`` on
   B's config lifts it on A.
+- One audit trail: ``scriptsftp events`` on one node shows both nodes' events, each with its node.
 - A node whose shared database cannot be reached does not start (one line, no password).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from adminkit import TOKEN, admin_toml, token_hash  # noqa: F401 (a fixture)
 from conftest import BIN, DaemonFactory, sftp_batch, toml_str
 from test_defender import LEGIT_ONLY, defender_toml, fail_password, refusal_text, transport_from
 from test_scripting import binding, write_script
@@ -111,6 +114,35 @@ def test_a_client_banned_on_one_node_is_refused_by_the_other_within_a_second(two
     while "is banned until" in refusal_text(a, "127.0.0.2"):
         assert time.monotonic() - t0 < 1.0, "node A still refuses a second after the unban"
         time.sleep(0.05)
+
+
+def test_events_of_both_nodes_in_one_trail(two_nodes: list[DaemonFactory], pg_dsn: str, alice_key,
+                                           token_hash: str):
+    nodes = []
+    for name, factory in zip(("node-a", "node-b"), two_nodes):
+        write_script(factory, "count.py", COUNT)
+        nodes.append(factory.start(admin_toml(token_hash, bindings=binding("post-mkdir", "count.py", allow=["store"]))
+                                   + cluster_toml(name, pg_dsn)))
+    sftp_batch(nodes[0], "mkdir /made-on-a\n", alice_key, check=True)
+    sftp_batch(nodes[1], "mkdir /made-on-b\n", alice_key, check=True)
+    b = nodes[1]
+    cfg = b.config.with_name("cli.toml")  # the CLI reaches the port node B bound
+    cfg.write_text(b.config.read_text().replace('listen = "127.0.0.1:0"\ntoken_hash',
+                                                f'listen = "127.0.0.1:{b.ports["admin"]}"\ntoken_hash'))
+    env = {**os.environ, "SCRIPTSFTP_ADMIN_TOKEN": TOKEN}
+    deadline = time.monotonic() + 10
+    while True:  # node A's writer commits its batch on its own time
+        proc = subprocess.run([str(BIN), "events", "--event", "post-mkdir", "-c", str(cfg)], capture_output=True,
+                              text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        if "/made-on-a" in proc.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    lines = [x for x in proc.stdout.splitlines() if " post-mkdir user=" in x]
+    assert any("/made-on-a done" in x and x.endswith("node=node-a") for x in lines), proc.stdout
+    assert any("/made-on-b done" in x and x.endswith("node=node-b") for x in lines), proc.stdout
+    for factory in two_nodes:  # the trail is the shared one
+        assert not (factory.root / "state" / "audit.sqlite3").exists()
 
 
 def test_a_node_whose_database_cannot_be_reached_does_not_start(two_nodes: list[DaemonFactory]):

@@ -310,3 +310,61 @@ def _works(store: ScriptStore) -> bool:
     except StoreUnavailable:
         time.sleep(0.2)
         return False
+
+
+# --- the audit trail --------------------------------------------------------------------------
+
+
+def _record(trail, i: int, **kw) -> None:
+    from scriptsftp.server.ops.audit import new_event_id
+
+    data = {"name": "post-mkdir", "time": time.time(), "session_id": f"s{i}", "protocol": "sftp",
+            "remote_ip": "192.0.2.1", "user": "alice", "path": f"/in/{i}.csv", "target": "", "size": i}
+    data.update(kw)
+    trail.record_event(new_event_id(), data, "done")
+
+
+def test_audit_from_two_nodes_is_one_trail_with_the_node_named(nodes):
+    from scriptsftp.server.ops.audit import AuditTrail
+
+    a, b = AuditTrail(nodes("node-a")), AuditTrail(nodes("node-b"))
+    try:
+        for i in range(3):
+            _record(a, i)
+            _record(b, 10 + i, user="bob", path=f"/out/[{i}].txt")
+        assert a.flush(10) and b.flush(10)
+        rows = b.query(limit=100)
+        if nodes.engine == "postgresql":  # one trail: each node reads the other's
+            assert sorted((r["node"], r["path"]) for r in rows) == sorted(
+                [("node-a", f"/in/{i}.csv") for i in range(3)] + [("node-b", f"/out/[{i}].txt") for i in range(3)])
+        else:  # one state_dir: one file, each row with the node that wrote it
+            assert {r["node"] for r in rows} == {"node-a", "node-b"}
+        assert [r["path"] for r in a.query(user="bob", limit=2)] == ["/out/[2].txt", "/out/[1].txt"]  # newest first
+        # globs as SQLite's GLOB takes them, on both engines
+        assert sorted(r["path"] for r in a.query(path="/in/*.csv")) == ["/in/0.csv", "/in/1.csv", "/in/2.csv"]
+        assert [r["path"] for r in a.query(path="/in/[^01].csv")] == ["/in/2.csv"]
+        assert [r["path"] for r in a.query(path="/out/[[]1].txt")] == ["/out/[1].txt"]
+        assert [r["path"] for r in a.query(path="/in/?.cs?")] and not a.query(path="/in/*.CSV")
+        assert a.query(path="/in/1.csv")[0]["size"] == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_audit_waits_out_a_postgresql_outage(own_pg, tmp_path: Path):
+    """Records made while the shared database is away are written once it is back."""
+    from scriptsftp.server.ops.audit import AuditTrail
+
+    trail = AuditTrail(StateStores(tmp_path, database=own_pg.dsn, node="a"))
+    try:
+        _record(trail, 1)
+        assert trail.flush(10)
+        own_pg.stop_server()
+        _record(trail, 2)
+        assert not trail.flush(2)  # waiting in the queue
+        own_pg.start_server()
+        assert trail.flush(30)
+        assert sorted(r["path"] for r in trail.query()) == ["/in/1.csv", "/in/2.csv"]
+        assert trail.dropped == 0
+    finally:
+        trail.close()

@@ -94,8 +94,9 @@ def format_events(rows: list[dict[str, Any]]) -> list[str]:
     for e in rows:
         target = f" -> {e['target']}" if e.get("target") else ""
         reason = f": {e['reason']}" if e.get("reason") else ""
+        node = f" node={e['node']}" if e.get("node") else ""
         out.append(f"{_when(e['time'])} {e['name']} user={e['user'] or '-'} {e['path']}{target} "
-                   f"{e['decision']}{reason} [{e['id']}]")
+                   f"{e['decision']}{reason} [{e['id']}]{node}")
         for r in e.get("runs", []):
             line = f" line {r['error_line']}" if r.get("error_line") else ""
             why = f": {r['reason']}" if r.get("reason") else ""

@@ -142,6 +142,8 @@ class AuditEvent(_Reply):
     decision: str
     reason: str
     decided_by: str
+    node: str = Field(description="The node that recorded the event ([cluster] node, else its host name); "
+                                  "empty for events recorded before nodes were named.")
     runs: list[ScriptRun]
 
 

@@ -17,7 +17,14 @@ SQLite transaction each. When the queue is full the row is dropped and
 counted (``dropped``, and the ``scriptsftp_audit_dropped_total`` metric).
 The store is append-only: rows are never updated; retention deletes whole
 rows older than ``[server] audit_retention_days`` and the oldest rows when the
-file grows past ``[server] audit_max_mb``.
+store grows past ``[server] audit_max_mb``.
+
+Where: SQLite in ``state_dir`` (``audit.sqlite3``) on one node; with ``[cluster]
+database`` the PostgreSQL database every node shares (docs/cluster.md), so any
+node's ``/api/events`` and ``scriptsftp events`` show every node's events, each
+with the ``node`` that recorded it. While that database cannot be reached the
+writer keeps its batch and tries again every second; what arrives meanwhile waits
+in the bounded queue (full: dropped and counted, as always).
 """
 
 from __future__ import annotations
@@ -25,13 +32,12 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from typing import Any
 
 from scriptsftp.server.contract.scripting import new_event_id
-from scriptsftp.server.contract.state import StateStoreFactory
+from scriptsftp.server.contract.state import Cursor, SqlDatabase, StateStoreFactory
 from scriptsftp.server.support import metrics
 
 log = logging.getLogger("scriptsftp.audit")
@@ -40,42 +46,83 @@ MAX_LOG_LINES = 50          # per handler call: api.log lines kept in the trail
 MAX_TEXT = 2000             # characters per stored text (reason, log line)
 RETENTION_EVERY = 300.0     # seconds between retention passes
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    id         TEXT PRIMARY KEY,
-    time       REAL NOT NULL,
-    name       TEXT NOT NULL,
-    session_id TEXT NOT NULL DEFAULT '',
-    protocol   TEXT NOT NULL DEFAULT '',
-    remote_ip  TEXT NOT NULL DEFAULT '',
-    user       TEXT NOT NULL DEFAULT '',
-    path       TEXT NOT NULL DEFAULT '',
-    target     TEXT NOT NULL DEFAULT '',
-    size       INTEGER,
-    decision   TEXT NOT NULL,
-    reason     TEXT NOT NULL DEFAULT '',
-    decided_by TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS events_time ON events(time);
-CREATE INDEX IF NOT EXISTS events_user ON events(user, time);
-CREATE INDEX IF NOT EXISTS events_path ON events(path, time);
-CREATE TABLE IF NOT EXISTS runs (
-    event_id   TEXT NOT NULL,
-    time       REAL NOT NULL,
-    script     TEXT NOT NULL,
-    function   TEXT NOT NULL,
-    mode       TEXT NOT NULL,
-    verdict    TEXT NOT NULL,
-    reason     TEXT NOT NULL DEFAULT '',
-    duration   REAL NOT NULL,
-    error_kind TEXT,
-    error_line INTEGER,
-    logs       TEXT NOT NULL DEFAULT '[]',
-    queued     REAL NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS runs_event ON runs(event_id);
-CREATE INDEX IF NOT EXISTS runs_time ON runs(time);
-"""
+#: the audit database's schema (stores/state.py applies it); append only. Version 1 is what
+#: the SQLite files held before they were versioned (IF NOT EXISTS; seq_column: PostgreSQL's
+#: order of insertion, which SQLite's rowid gives).
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, [
+        """CREATE TABLE IF NOT EXISTS events (
+            id         TEXT PRIMARY KEY,
+            time       DOUBLE PRECISION NOT NULL,
+            name       TEXT NOT NULL,
+            session_id TEXT NOT NULL DEFAULT '',
+            protocol   TEXT NOT NULL DEFAULT '',
+            remote_ip  TEXT NOT NULL DEFAULT '',
+            "user"     TEXT NOT NULL DEFAULT '',
+            path       TEXT NOT NULL DEFAULT '',
+            target     TEXT NOT NULL DEFAULT '',
+            size       BIGINT,
+            decision   TEXT NOT NULL,
+            reason     TEXT NOT NULL DEFAULT '',
+            decided_by TEXT NOT NULL DEFAULT ''{seq_column})""",
+        "CREATE INDEX IF NOT EXISTS events_time ON events(time)",
+        'CREATE INDEX IF NOT EXISTS events_user ON events("user", time)',
+        "CREATE INDEX IF NOT EXISTS events_path ON events(path, time)",
+        """CREATE TABLE IF NOT EXISTS runs (
+            event_id   TEXT NOT NULL,
+            time       DOUBLE PRECISION NOT NULL,
+            script     TEXT NOT NULL,
+            function   TEXT NOT NULL,
+            mode       TEXT NOT NULL,
+            verdict    TEXT NOT NULL,
+            reason     TEXT NOT NULL DEFAULT '',
+            duration   DOUBLE PRECISION NOT NULL,
+            error_kind TEXT,
+            error_line INTEGER,
+            logs       TEXT NOT NULL DEFAULT '[]',
+            queued     DOUBLE PRECISION NOT NULL DEFAULT 0{seq_column})""",
+        "CREATE INDEX IF NOT EXISTS runs_event ON runs(event_id)",
+        "CREATE INDEX IF NOT EXISTS runs_time ON runs(time)",
+    ]),
+    # the node that recorded the event ([cluster] node, else the host name); '' before
+    (2, ["ALTER TABLE events ADD COLUMN node TEXT NOT NULL DEFAULT ''"]),
+]
+
+EVENT_COLUMNS = ("id", "time", "name", "session_id", "protocol", "remote_ip", "user", "path", "target", "size",
+                 "decision", "reason", "decided_by", "node")
+RUN_COLUMNS = ("event_id", "time", "script", "function", "mode", "verdict", "reason", "duration", "error_kind",
+               "error_line", "logs", "queued")
+
+
+def _columns(names: tuple[str, ...]) -> str:
+    return ", ".join(f'"{n}"' if n == "user" else n for n in names)
+
+
+def glob_regex(pattern: str) -> str:
+    """A path glob (``*``, ``?``, ``[..]``, ``[^..]``: what SQLite's GLOB takes, with its
+    meaning) as a regular expression for PostgreSQL's ``~``, anchored at both ends."""
+    out = ["^"]
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            j = pattern.find("]", i + 2)
+            if j < 0:
+                out.append("\\[")
+            else:
+                body = pattern[i + 1:j]
+                out.append("[" + body.replace("\\", "\\\\") + "]")
+                i = j
+        else:
+            out.append("\\" + c if not c.isalnum() else c)
+        i += 1
+    out.append("$")
+    return "".join(out)
+
 
 DECISIONS = ("allow", "veto", "error", "done", "denied")  # denied: refused by the server itself, no script
 
@@ -86,12 +133,16 @@ def _clip(value: Any) -> str:
 
 
 class AuditTrail:
-    """Append-only SQLite store of events and script runs, written from a queue."""
+    """Append-only store of events and script runs, written from a queue."""
+
+    #: seconds between two tries of a batch the database refused (shared database away)
+    RETRY_EVERY = 1.0
 
     def __init__(self, stores: StateStoreFactory, *, retention_days: float = 90, max_mb: float = 256,
                  queue_size: int = 10000) -> None:
         self.retention_days = retention_days
         self.max_bytes = int(max_mb * 1024 * 1024)
+        self.node = stores.node
         self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue(queue_size)
         self._cond = threading.Condition()
         self._enqueued = 0
@@ -99,18 +150,22 @@ class AuditTrail:
         self.dropped = 0
         self._closed = False
         self._db = self._open(stores)
-        self._read_lock = threading.Lock()
-        self._reader = self._open(stores)
+        try:
+            self._reader = self._open(stores)  # a read does not wait for the writer's batch
+        except BaseException:
+            self._db.close()
+            raise
+        self._shared = self._db.dialect.name == "postgresql"
         self._thread = threading.Thread(target=self._writer, name="scriptsftp-audit", daemon=True)
         self._thread.start()
 
     @staticmethod
-    def _open(stores: StateStoreFactory) -> sqlite3.Connection:
-        db = stores.connect("audit")  # auto_vacuum=INCREMENTAL on a new file: lets retention shrink it
-        db.executescript(_SCHEMA)
-        if "queued" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
-            db.execute("ALTER TABLE runs ADD COLUMN queued REAL NOT NULL DEFAULT 0")  # a state_dir of 0.1
-        db.row_factory = sqlite3.Row
+    def _open(stores: StateStoreFactory) -> SqlDatabase:
+        db = stores.database("audit", MIGRATIONS)  # SQLite: auto_vacuum=INCREMENTAL lets retention shrink it
+        if db.dialect.name == "sqlite":
+            with db.transaction() as cur:
+                if "queued" not in {row[1] for row in cur.execute("PRAGMA table_info(runs)").fetchall()}:
+                    cur.execute("ALTER TABLE runs ADD COLUMN queued REAL NOT NULL DEFAULT 0")  # a state_dir of 0.1
         return db
 
     # --- writing (any thread, never blocks) ------------------------------------------------
@@ -136,7 +191,7 @@ class AuditTrail:
             event_id, float(data.get("time") or time.time()), str(data.get("name", "")),
             str(data.get("session_id") or ""), str(data.get("protocol") or ""), str(data.get("remote_ip") or ""),
             str(data.get("user") or ""), str(data.get("path") or ""), str(data.get("target") or ""),
-            size if isinstance(size, int) else None, decision, _clip(reason), decided_by,
+            size if isinstance(size, int) else None, decision, _clip(reason), decided_by, self.node,
         ))
 
     def record_run(self, event_id: str, script: str, function: str, mode: str, result: Any) -> None:
@@ -151,9 +206,9 @@ class AuditTrail:
     # --- the writer thread --------------------------------------------------------------------
 
     _INSERT = {
-        "events": "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        "runs": "INSERT INTO runs (event_id, time, script, function, mode, verdict, reason, duration,"
-                " error_kind, error_line, logs, queued) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        "events": f"INSERT INTO events ({_columns(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))})"
+                  " ON CONFLICT (id) DO NOTHING",
+        "runs": f"INSERT INTO runs ({_columns(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
     }
 
     def _writer(self) -> None:
@@ -184,23 +239,31 @@ class AuditTrail:
                 last_retention = time.monotonic()
                 try:
                     self.apply_retention()
-                except sqlite3.Error as exc:
+                except self._db.errors as exc:
                     log.error("audit retention failed: %s", exc)
             if stop:
                 return
 
     def _write(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
-        try:
-            self._db.execute("BEGIN")
-            for table, row in batch:
-                self._db.execute(self._INSERT[table], row)
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            log.error("audit: %d record(s) not written: %s", len(batch), exc)
+        """One transaction. A shared database that fails is tried again every second (the
+        queue holds what comes meanwhile) until it takes the batch or the trail closes; a
+        SQLite file that fails drops the batch, logged, as a full disk would."""
+        warned = False
+        while True:
             try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+                with self._db.transaction() as cur:
+                    for table, row in batch:
+                        cur.execute(self._INSERT[table], row)
+                break
+            except self._db.errors as exc:
+                if not self._shared or self._closed:  # closing: what cannot be written now is lost, logged
+                    log.error("audit: %d record(s) not written: %s", len(batch), exc)
+                    break
+                if not warned:
+                    warned = True
+                    log.error("audit: the shared database cannot be reached (%s); records wait in the "
+                              "queue (%d at most) and are written when it can", exc, self._queue.maxsize)
+                time.sleep(self.RETRY_EVERY)
         with self._cond:
             self._written += len(batch)
             self._cond.notify_all()
@@ -208,30 +271,38 @@ class AuditTrail:
     def apply_retention(self) -> int:
         """Delete rows past the age limit, then the oldest tenth until under the size limit."""
         removed = 0
-        db = self._db
-        if self.retention_days > 0:
-            cutoff = time.time() - self.retention_days * 86400
-            removed += db.execute("DELETE FROM runs WHERE time < ?", (cutoff,)).rowcount
-            removed += db.execute("DELETE FROM events WHERE time < ?", (cutoff,)).rowcount
-        for _ in range(20):
-            if self._used_bytes() <= self.max_bytes:
-                break
-            row = db.execute("SELECT time FROM events ORDER BY time LIMIT 1 OFFSET "
-                             "(SELECT COUNT(*) / 10 FROM events)").fetchone()
-            if row is None:
-                break
-            removed += db.execute("DELETE FROM runs WHERE time <= ?", (row[0],)).rowcount
-            removed += db.execute("DELETE FROM events WHERE time <= ?", (row[0],)).rowcount
+        with self._db.transaction() as cur:
+            if self.retention_days > 0:
+                cutoff = time.time() - self.retention_days * 86400
+                removed += cur.execute("DELETE FROM runs WHERE time < ?", (cutoff,)).rowcount
+                removed += cur.execute("DELETE FROM events WHERE time < ?", (cutoff,)).rowcount
+            for _ in range(20):
+                if self._used_bytes(cur) <= self.max_bytes:
+                    break
+                row = cur.execute("SELECT time FROM events ORDER BY time LIMIT 1 OFFSET "
+                                  "(SELECT COUNT(*) / 10 FROM events)").fetchone()
+                if row is None:
+                    break
+                removed += cur.execute("DELETE FROM runs WHERE time <= ?", (row[0],)).rowcount
+                removed += cur.execute("DELETE FROM events WHERE time <= ?", (row[0],)).rowcount
         if removed:
-            db.execute("PRAGMA incremental_vacuum")
+            if not self._shared:
+                with self._db.read() as cur:
+                    cur.execute("PRAGMA incremental_vacuum")
             log.info("audit retention: removed %d old record(s)", removed)
         return removed
 
-    def _used_bytes(self) -> int:
-        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
-        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
-        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
-        return (pages - free) * page_size
+    def _used_bytes(self, cur: Cursor | None = None) -> int:
+        if cur is None:
+            with self._db.read() as cur:
+                return self._used_bytes(cur)
+        if self._shared:  # what the tables and their indexes hold (the space a DELETE frees is reused)
+            row = cur.execute("SELECT pg_total_relation_size('events') + pg_total_relation_size('runs')").fetchone()
+            return int(row[0]) if row else 0
+        page_size = (cur.execute("PRAGMA page_size").fetchone() or (0,))[0]
+        pages = (cur.execute("PRAGMA page_count").fetchone() or (0,))[0]
+        free = (cur.execute("PRAGMA freelist_count").fetchone() or (0,))[0]
+        return int((pages - free) * page_size)
 
     def flush(self, timeout: float = 2.0) -> bool:
         """Wait until everything recorded so far is written (the API reads its own writes)."""
@@ -260,8 +331,7 @@ class AuditTrail:
             pass
         self._thread.join(timeout=10)
         self._db.close()
-        with self._read_lock:
-            self._reader.close()
+        self._reader.close()
 
     # --- reading --------------------------------------------------------------------------
 
@@ -269,6 +339,7 @@ class AuditTrail:
               path: str | None = None, decision: str | None = None, name: str | None = None,
               event_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Events, newest first, each with its ``runs``. ``path`` may be a glob (``*``, ``?``, ``[..]``)."""
+        words = self._reader.dialect.words
         where: list[str] = []
         args: list[Any] = []
         if event_id:
@@ -281,32 +352,36 @@ class AuditTrail:
             where.append("time <= ?")
             args.append(until)
         if user:
-            where.append("user = ?")
+            where.append('"user" = ?')
             args.append(user)
         if path:
             if any(c in path for c in "*?["):
-                where.append("(path GLOB ? OR target GLOB ?)")
+                where.append(f"(path {words['glob']} ? OR target {words['glob']} ?)")
+                pattern = glob_regex(path) if self._shared else path
+                args += [pattern, pattern]
             else:
                 where.append("(path = ? OR target = ?)")
-            args += [path, path]
+                args += [path, path]
         if decision:
             where.append("decision = ?")
             args.append(decision)
         if name:
             where.append("name = ?")
             args.append(name)
-        sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY time DESC, rowid DESC LIMIT ?"
+        order = words["insert_order"]
+        sql = f"SELECT {_columns(EVENT_COLUMNS)} FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += f" ORDER BY time DESC, {order} DESC LIMIT ?"
         args.append(max(1, min(int(limit), 1000)))
-        with self._read_lock:
-            events = [dict(r) for r in self._reader.execute(sql, args)]
+        with self._reader.read() as cur:
+            events = [dict(zip(EVENT_COLUMNS, r)) for r in cur.execute(sql, args).fetchall()]
             ids = [e["id"] for e in events]
             runs: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
-                q = f"SELECT * FROM runs WHERE event_id IN ({','.join('?' * len(chunk))}) ORDER BY rowid"
-                for r in self._reader.execute(q, chunk):
-                    run = dict(r)
+                q = (f"SELECT {_columns(RUN_COLUMNS)} FROM runs WHERE event_id IN ({','.join('?' * len(chunk))})"
+                     f" ORDER BY {order}")
+                for r in cur.execute(q, chunk).fetchall():
+                    run = dict(zip(RUN_COLUMNS, r))
                     run["logs"] = json.loads(run["logs"] or "[]")
                     runs[run.pop("event_id")].append(run)
         for e in events:

@@ -33,6 +33,9 @@ SQLITE = Dialect("sqlite", {
     "bytewise": "COLLATE BINARY",
     "without_rowid": "WITHOUT ROWID",
     "for_update": "",
+    "seq_column": "",
+    "insert_order": "rowid",
+    "glob": "GLOB",
 })
 POSTGRESQL = Dialect("postgresql", {
     "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
@@ -40,6 +43,11 @@ POSTGRESQL = Dialect("postgresql", {
     "bytewise": 'COLLATE "C"',
     "without_rowid": "",
     "for_update": "FOR UPDATE",
+    # what SQLite's rowid gives (the order rows were inserted in): a column of its own
+    "seq_column": ", seq BIGINT GENERATED ALWAYS AS IDENTITY",
+    "insert_order": "seq",
+    # SQLite's GLOB on PostgreSQL: the pattern is turned into a regular expression by the caller
+    "glob": "~",
 })
 
 #: a password in a PostgreSQL URL, hidden in messages and logs
