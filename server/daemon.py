@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from scriptsftp.server import __version__
 
 from scriptsftp.server.support import memory
+from scriptsftp.server.support.proxy_protocol import TrustedProxies
 from scriptsftp.server.support.worker_accounts import WORKER_ACCOUNT, Account, script_worker_account, worker_account
 from scriptsftp.server.ops.audit import AuditTrail, RefusalRecorder, ScriptAuditRecorder
 from scriptsftp.server.support.config import AdminSection, ConfigError, LoadedConfig, load_config
@@ -230,7 +231,7 @@ class Daemon:
         module, m = _front_end(name), self.cfg.model
         if name == "admin":
             return module.make_listener(AdminView(self), m.admin, self.cfg)
-        return module.make_listener(self.core, getattr(m, name), m.server, self.cfg)
+        return module.make_listener(self.core, getattr(m, name), m.server, self.cfg, proxies=self._proxies())
 
     @property
     def engine(self) -> ScriptEngineLifecycle:
@@ -301,7 +302,7 @@ class Daemon:
                                  allow_root=m.server.allow_root_workers)
         return SSHWorkerPool(listen_addresses(m.sftp.listen), self._host_key_paths(), self._ssh_limits(),
                              processes, m.server.log_format, m.server.log_level, account=account,
-                             state_dir=self.state_dir)
+                             state_dir=self.state_dir, proxies=self._proxies())
 
     def _ssh_listener(self) -> Listener:
         keys = [load_host_key(p) for p in self._host_key_paths()]
@@ -313,7 +314,12 @@ class Daemon:
         from scriptsftp.server.frontends.ssh.scp import run_scp
 
         return SSHListener(listen_addresses(self.cfg.model.sftp.listen), keys, self.core, self._ssh_limits(),
-                           scp_runner=run_scp)
+                           scp_runner=run_scp, proxies=self._proxies())
+
+    def _proxies(self) -> TrustedProxies:
+        """``[cluster] trusted_proxies``: whose PROXY headers (and, on HTTP, X-Forwarded-For)
+        the listeners believe (a restart key: read once, at start)."""
+        return TrustedProxies(self.cfg.model.cluster.trusted_proxies)
 
     # --- running ------------------------------------------------------------
 

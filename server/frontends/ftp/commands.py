@@ -49,6 +49,7 @@ from scriptsftp.server.contract.ports import (
 from scriptsftp.server.frontends.ftp.data import Download, Upload
 from scriptsftp.server.frontends.ftp.pyftpdlib_ext import ControlChannel, FileProducer, FTPHandler
 from scriptsftp.server.frontends.ftp.replies import reply_of, reply_text
+from scriptsftp.server.support.proxy_protocol import ProxyError, TrustedProxies, read_header
 
 log = logging.getLogger("scriptsftp.ftp")
 
@@ -176,6 +177,7 @@ class SessionCommands(ControlChannel):
     active_mode = False
     implicit_tls = False
     stall_timeout = 120.0  # [server] stall_timeout, read by the data channel (data.py)
+    proxies = TrustedProxies()  # [cluster] trusted_proxies: whose PROXY headers are believed
 
     # pyftpdlib settings
     authorizer = _NoAuthorizer()
@@ -215,6 +217,9 @@ class SessionCommands(ControlChannel):
     def _greet(self) -> None:
         self.listener.track(self)
         sock = self.socket
+        if self.proxies.trusts(self.remote_ip) and not self._read_proxy_header(sock):
+            self.close()
+            return
         self.conn, decision = self.core.connect("ftp", self.remote_ip, sock.getsockname()[1])
         self.conn.on_kick = self.kick
         if not decision.allowed:
@@ -226,6 +231,40 @@ class SessionCommands(ControlChannel):
             self.secure_connection(self.ssl_context)
             return  # the 220 follows the handshake
         self.respond(f"220 {self.banner}")
+
+    def _read_proxy_header(self, sock: Any) -> bool:
+        """A connection from a trusted proxy starts with a PROXY header naming the client (FTP
+        clients wait for the greeting: nothing else can come first). Read here, in this
+        connection's own thread, within the pre-authentication time; the client's address
+        replaces the proxy's. False (logged) when it is missing or bad."""
+        proxy = self.remote_ip
+        try:
+            header = read_header(sock, time.monotonic() + self.core.preauth_timeout)
+        except ProxyError as exc:
+            log.info("connection from trusted proxy %s closed: %s", proxy, exc, extra={"ip": proxy})
+            return False
+        finally:
+            sock.setblocking(False)  # pyftpdlib's I/O loop
+        if header.client is not None:
+            self.remote_ip, self.remote_port = header.client
+        return True
+
+    def _untrusted_proxy_header(self) -> None:
+        """A PROXY header (a version 1 line, or the NUL line of version 2's signature) as a
+        command: a balancer this server does not trust. Refused and scored by the defender."""
+        reason = "PROXY protocol header from an address not in [cluster] trusted_proxies"
+        log.info("FTP connection closed: %s", reason,
+                 extra={"sid": self.conn.id if self.conn else "", "ip": self.remote_ip})
+        if self.conn is not None:
+            self.core.protocol_error(self.conn, reason)
+        self.respond("421 " + reply_text(reason))
+        self.close_when_done()
+
+    def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
+        if not self.authenticated and (cmd == "PROXY" or line == "\x00"):
+            self._untrusted_proxy_header()
+            return
+        super().pre_process_command(line, cmd, arg)
 
     def _preauth_expired(self) -> None:
         """``[server] preauth_timeout``: a control connection that has not logged in by now is

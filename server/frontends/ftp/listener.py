@@ -29,11 +29,14 @@ from scriptsftp.server.frontends.ftp.pyftpdlib_ext import (
 )
 from scriptsftp.server.support.config import ConfigError, FtpSection, ServerSection
 from scriptsftp.server.support.listen import ConfigFiles, listen_addresses
+from scriptsftp.server.support.proxy_protocol import ProxyError, TrustedProxies, read_header
 
 if TYPE_CHECKING:
     from scriptsftp.server.contract.ports import LocalCorePort
 
 log = logging.getLogger("scriptsftp.ftp")
+
+DATA_PROXY_TIMEOUT = 10.0  # seconds a data connection from a trusted proxy has for its PROXY header
 
 
 class PassiveDataListener(PassiveDTP):
@@ -49,6 +52,25 @@ class PassiveDataListener(PassiveDTP):
 
     socket: Any  # None between two binds
     cmd_channel: SessionCommands
+
+    def handle_accepted(self, sock: socket.socket, addr: tuple) -> None:
+        """A data connection from a trusted proxy (a balancer fronting the passive ports with
+        ``send-proxy``) is the client's named in its PROXY header: pyftpdlib's check that a
+        data connection comes from the control connection's client then compares real
+        addresses. One without a valid header is refused with a 425, the port kept open."""
+        cmd = self.cmd_channel
+        if cmd.proxies.trusts(addr[0]):
+            try:
+                header = read_header(sock, time.monotonic() + DATA_PROXY_TIMEOUT)
+            except ProxyError as exc:
+                log.info("data connection from trusted proxy %s refused: %s", addr[0], exc,
+                         extra={"sid": cmd.conn.id if cmd.conn else "", "ip": cmd.remote_ip})
+                sock.close()
+                cmd.respond("425 Data connection through a proxy without a valid PROXY header.")
+                return
+            sock.setblocking(False)
+            addr = header.client or addr
+        super().handle_accepted(sock, addr)
 
     def listen(self, num: int) -> None:
         taken = self.socket.getsockname()[1]
@@ -202,9 +224,11 @@ def tls_context(certificate: str, private_key: str) -> SSL.Context:
 
 
 def make_listener(core: LocalCorePort[Any, Any], m: FtpSection, server: ServerSection,
-                  files: ConfigFiles) -> FTPListener:
+                  files: ConfigFiles, *, proxies: TrustedProxies | None = None) -> FTPListener:
     """The listener of ``[ftp]`` (``m``) on ``core``, ``[server]`` giving the stall timeout;
-    UnsupportedPyftpdlib (a ValueError) if pyftpdlib is not 2.2.*."""
+    UnsupportedPyftpdlib (a ValueError) if pyftpdlib is not 2.2.*. ``proxies``: ``[cluster]
+    trusted_proxies``, whose PROXY headers name the client (control and passive data
+    connections)."""
     pyftpdlib_ext.install()
     attrs: dict[str, Any] = {
         "core": core,
@@ -212,6 +236,7 @@ def make_listener(core: LocalCorePort[Any, Any], m: FtpSection, server: ServerSe
         "masquerade_address": m.masquerade_address or None,
         "active_mode": m.active_mode,
         "stall_timeout": server.stall_timeout,
+        "proxies": proxies or TrustedProxies(),
     }
     base: type[SessionCommands] = _PlainHandler
     if m.tls != "off":

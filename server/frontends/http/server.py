@@ -59,6 +59,9 @@ from scriptsftp.server.frontends.http.util import (
 )
 from scriptsftp.server.support.config import HttpSection, ServerSection
 from scriptsftp.server.support.listen import ConfigFiles, listen_addresses
+from scriptsftp.server.support.proxy_protocol import (
+    ProxyError, TrustedProxies, forwarded_for, looks_like_header, read_header_async,
+)
 
 if TYPE_CHECKING:
     from scriptsftp.server.contract.ports import (
@@ -84,7 +87,8 @@ class _ConnState:
     """One TCP connection: its LoginCore connection and, once logged in, its Session."""
 
     handler: RequestHandler
-    connected: "asyncio.Future[tuple[LocalConnectionView, Any]]"
+    #: None until the first request of a connection whose client X-Forwarded-For names
+    connected: "asyncio.Future[tuple[LocalConnectionView, Any]] | None"
     session: HttpSession | None = None
     auth_digest: bytes = b""
     busy: int = 0
@@ -92,6 +96,34 @@ class _ConnState:
     finished: bool = False
     preauth_timer: asyncio.TimerHandle | None = None
     ip: str = ""
+    local_port: int = 0
+    forwarded: bool = False  # from a trusted proxy without a PROXY header: X-Forwarded-For decides
+
+
+UNTRUSTED_HEADER = "PROXY protocol header from an address not in [cluster] trusted_proxies"
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, looking at the first bytes of a connection from an
+    untrusted address: a PROXY protocol header there is refused, not answered as a bad
+    request (the defender scores it). ``data_received`` is aiohttp's protocol callback."""
+
+    listener: "HttpListener"
+    proxied: tuple[str, int] | None = None  # the client a trusted proxy's header named
+    forwarded = False
+    sniff = True
+    sniffed = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.sniff:
+            self.sniffed += data[:6]
+            if not looks_like_header(self.sniffed):
+                self.sniff = False
+            elif len(self.sniffed) >= 6:
+                self.sniff = False
+                self.listener._refuse_proxy_header(self)
+                return
+        super().data_received(data)
 
 
 class _Server(web.Server):
@@ -101,6 +133,13 @@ class _Server(web.Server):
                  **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._listener = listener
+
+    def __call__(self) -> RequestHandler:
+        # aiohttp's Server.__call__ with our handler class (its _loop and _kwargs: what it
+        # passes to RequestHandler)
+        handler = _Handler(self, loop=self._loop, **self._kwargs)
+        handler.listener = self._listener
+        return handler
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
@@ -123,8 +162,11 @@ class HttpListener:
     name = "http"
 
     def __init__(self, addresses: list[tuple[str, int]], core: "LocalCorePort[Any, Any]", *,
-                 tls: ssl.SSLContext | None = None, max_upload_size: int = 0, stall_timeout: float = 120.0) -> None:
+                 tls: ssl.SSLContext | None = None, max_upload_size: int = 0, stall_timeout: float = 120.0,
+                 proxies: TrustedProxies | None = None) -> None:
         self.core = core
+        self.proxies = proxies or TrustedProxies()
+        self._accepting: list[asyncio.Task[None]] = []
         self.tls = tls
         self.max_upload_size = max_upload_size
         self.stall_timeout = stall_timeout
@@ -192,7 +234,94 @@ class HttpListener:
                          read_bufsize=CHUNK, auto_decompress=False, lingering_time=5.0)
         loop = asyncio.get_running_loop()
         for s in self.sockets:
-            self._servers.append(await loop.create_server(server, sock=s, ssl=self.tls, backlog=128))
+            if self.proxies:  # each connection looked at before aiohttp gets it (_admit)
+                self._accepting.append(loop.create_task(self._accept(s, server)))
+            else:
+                self._servers.append(await loop.create_server(server, sock=s, ssl=self.tls, backlog=128))
+
+    # --- behind a load balancer ------------------------------------------------------------
+
+    async def _accept(self, listening: socket.socket, server: _Server) -> None:
+        """The accept loop when ``[cluster] trusted_proxies`` is set: a connection from a
+        trusted proxy is read for a PROXY header first (:meth:`_admit`)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listening)
+            except OSError:
+                await asyncio.sleep(0.05)  # e.g. EMFILE: do not spin
+                continue
+            if self.proxies.trusts(addr[0]):
+                task = loop.create_task(self._admit(sock, addr, server))
+            else:  # (a task: a TLS handshake must not hold up the accepting)
+                task = loop.create_task(self._hand_to_aiohttp(sock, server, None, forwarded=False, sniff=True))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _hand_to_aiohttp(self, sock: socket.socket, server: _Server, proxied: tuple[str, int] | None, *,
+                               forwarded: bool, sniff: bool) -> None:
+        def make() -> RequestHandler:
+            handler = server()
+            assert isinstance(handler, _Handler)
+            handler.proxied, handler.forwarded, handler.sniff = proxied, forwarded, sniff
+            return handler
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(make, sock, ssl=self.tls)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("HTTP connection failed before it started: %s", exc)
+            sock.close()
+
+    async def _admit(self, sock: socket.socket, addr: tuple, server: _Server) -> None:
+        """A connection from a trusted proxy: a PROXY header, if its first bytes start one,
+        names the client (read within the pre-authentication time); else the proxy speaks
+        HTTP itself and each request's X-Forwarded-For names the client (a balancer in HTTP
+        mode, docs/cluster.md)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.core.preauth_timeout
+        try:
+            first = await _peek(sock, deadline)
+            if looks_like_header(first):
+                header = await read_header_async(sock, max(0.0, deadline - loop.time()))
+                await self._hand_to_aiohttp(sock, server, header.client, forwarded=False, sniff=False)
+            else:
+                await self._hand_to_aiohttp(sock, server, None, forwarded=True, sniff=False)
+        except ProxyError as exc:
+            log.info("connection from trusted proxy %s closed: %s", addr[0], exc, extra={"ip": addr[0]})
+            sock.close()
+
+    def _refuse_proxy_header(self, handler: RequestHandler) -> None:
+        """A PROXY header from an untrusted address: closed, logged once, scored."""
+        state = self._states.get(handler)
+        handler.force_close()
+        if state is None or state.connected is None:
+            return
+        log.info("HTTP connection closed: %s", UNTRUSTED_HEADER, extra={"ip": state.ip})
+        connected = state.connected
+
+        async def score() -> None:
+            conn, _ = await connected
+            await asyncio.get_running_loop().run_in_executor(self.pools.ops, self.core.protocol_error, conn,
+                                                             UNTRUSTED_HEADER)
+        task = asyncio.get_running_loop().create_task(score())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forwarded(self, request: web.BaseRequest, state: _ConnState) -> None:
+        """A request from a trusted proxy speaking HTTP: its X-Forwarded-For names the
+        client. The connection is the core's as that client's from its first request; a
+        later request naming another client (a balancer reuses connections) ends that
+        login and connects afresh, as a change of user does."""
+        peer = request.transport.get_extra_info("peername")[0] if request.transport else state.ip
+        ip = forwarded_for(request.headers.getall("X-Forwarded-For", []), peer, self.proxies)
+        if state.connected is not None and ip == state.ip:
+            return
+        loop = asyncio.get_running_loop()
+        if state.connected is not None:
+            conn, _ = await state.connected
+            await loop.run_in_executor(self.pools.ops, self.core.disconnect, conn)
+            state.session, state.auth_digest = None, b""
+        state.ip = ip
+        state.connected = loop.run_in_executor(self.pools.ops, self._connect, state.handler, ip, state.local_port)
 
     def _call(self, fn: Callable[[], Any]) -> None:
         if self.loop is not None and not self.loop.is_closed():
@@ -202,6 +331,13 @@ class HttpListener:
         def stop() -> None:
             for srv in self._servers:
                 srv.close()
+            for task in self._accepting:
+                task.cancel()
+            for s in self.sockets if self._accepting else ():
+                try:
+                    s.shutdown(socket.SHUT_RDWR)  # the kernel completes no more handshakes
+                except OSError:
+                    pass
         self._call(stop)
 
     def active(self) -> int:
@@ -220,9 +356,13 @@ class HttpListener:
     def _opened(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
+        if isinstance(handler, _Handler) and handler.proxied is not None:
+            peer = handler.proxied  # the client a trusted proxy's PROXY header named
+        forwarded = isinstance(handler, _Handler) and handler.forwarded
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.pools.ops, self._connect, handler, peer[0], local[1])
-        state = self._states[handler] = _ConnState(handler, fut, ip=peer[0])
+        fut = None if forwarded else loop.run_in_executor(self.pools.ops, self._connect, handler, peer[0], local[1])
+        state = self._states[handler] = _ConnState(handler, fut, ip=peer[0], local_port=local[1],
+                                                   forwarded=forwarded)
         state.preauth_timer = loop.call_later(self.core.preauth_timeout, self._preauth_expired, state)
 
     def _preauth_expired(self, state: _ConnState) -> None:
@@ -272,6 +412,8 @@ class HttpListener:
 
     async def _disconnect(self, state: _ConnState) -> None:
         try:
+            if state.connected is None:  # no request came: the core never heard of it
+                return
             conn, _ = await state.connected
             await asyncio.get_running_loop().run_in_executor(self.pools.ops, self.core.disconnect, conn)
         except Exception:  # noqa: BLE001 - a connection's end must never kill the loop
@@ -303,6 +445,9 @@ class HttpListener:
                 self._finish(state)
 
     async def _dispatch(self, request: web.BaseRequest, state: _ConnState) -> web.StreamResponse:
+        if state.forwarded:
+            await self._forwarded(request, state)
+        assert state.connected is not None
         conn, decision = await state.connected
         if not decision.allowed:
             raise HttpError(403, decision.reason or "connection refused by a server script", close=True)
@@ -645,7 +790,7 @@ def _range(request: web.BaseRequest, size: int, etag: str, mtime: float) -> tupl
 
 
 def make_listener(core: "LocalCorePort[Any, Any]", m: HttpSection, server: ServerSection,
-                  files: ConfigFiles) -> HttpListener:
+                  files: ConfigFiles, *, proxies: TrustedProxies | None = None) -> HttpListener:
     """The HTTP/WebDAV listener of ``[http]`` (``m``), on ``core``; ``[server]`` gives the stall timeout."""
     tls = None
     if bool(m.certificate) != bool(m.private_key):
@@ -653,4 +798,33 @@ def make_listener(core: "LocalCorePort[Any, Any]", m: HttpSection, server: Serve
     if m.certificate:
         tls = tls_context(str(files.resolve(m.certificate)), str(files.resolve(m.private_key)))
     return HttpListener(listen_addresses(m.listen), core, tls=tls, max_upload_size=m.max_upload_size,
-                        stall_timeout=server.stall_timeout)
+                        stall_timeout=server.stall_timeout, proxies=proxies)
+
+
+async def _peek(sock: socket.socket, deadline: float) -> bytes:
+    """The first bytes a connection sent (up to 6, enough for :func:`looks_like_header`),
+    left in the socket for whoever reads next; ProxyError if none came by ``deadline``."""
+    loop = asyncio.get_running_loop()
+    while True:
+        ready: asyncio.Future[None] = loop.create_future()
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+        loop.add_reader(sock.fileno(), wake)
+        try:
+            await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise ProxyError("nothing received in time") from None
+        finally:
+            loop.remove_reader(sock.fileno())
+        try:
+            data = sock.recv(6, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise ProxyError(f"connection failed: {exc}") from None
+        if not data:
+            raise ProxyError("connection closed before it sent anything")
+        if len(data) >= 6 or not looks_like_header(data):
+            return data
+        await asyncio.sleep(0.01)  # the start of a header, and the rest not there yet

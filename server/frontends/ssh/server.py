@@ -38,6 +38,7 @@ import paramiko
 from paramiko.common import AUTH_FAILED, AUTH_SUCCESSFUL, OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED, OPEN_SUCCEEDED
 
 from scriptsftp.server.support import memory
+from scriptsftp.server.support.proxy_protocol import ProxyError, TrustedProxies, read_header
 from scriptsftp.server.contract.dispatch import Decision
 from scriptsftp.server.contract.errors import FsError
 from scriptsftp.server.contract.ports import ConnectionView, CorePort, SessionPort
@@ -186,6 +187,22 @@ class SSHServer(paramiko.ServerInterface):
         return (None, None)
 
 
+def proxied_address(client: socket.socket, addr: tuple, proxies: TrustedProxies,
+                    deadline: float) -> tuple | None:
+    """The client's address: ``addr``, or for a connection from a trusted proxy the one its
+    PROXY header names (read by ``deadline``, the login grace's end); None when that header
+    is missing or bad (logged; the caller closes the connection). A header's LOCAL command (a
+    health check) leaves ``addr``."""
+    if not proxies.trusts(addr[0]):
+        return addr
+    try:
+        header = read_header(client, deadline)
+    except ProxyError as exc:
+        log.info("connection from trusted proxy %s closed: %s", addr[0], exc, extra={"ip": addr[0]})
+        return None
+    return header.client or addr
+
+
 def bind_sockets(addresses: list[tuple[str, int]]) -> list[socket.socket]:
     sockets = []
     for host, port in addresses:
@@ -245,10 +262,12 @@ class SSHConnections:
         host_keys: list[paramiko.PKey],
         limits: SSHLimits,
         scp_runner: ScpRunner | None = None,
+        proxies: TrustedProxies | None = None,
     ) -> None:
         self.host_keys = host_keys
         self.limits = limits
         self.scp_runner = scp_runner
+        self.proxies = proxies or TrustedProxies()  # (an SSH worker's: the core read the header)
         self.pacing = ReplyPacing()  # shared by this process's SFTP channels
         self.stopping = threading.Event()
         self._transports: set[paramiko.Transport] = set()
@@ -259,6 +278,11 @@ class SSHConnections:
         # allows 15 s each) are part of it, or an idle socket would outlive it
         deadline = time.monotonic() + self.limits.login_grace
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        proxied = proxied_address(client, addr, self.proxies, deadline)
+        if proxied is None:
+            client.close()
+            return
+        addr = proxied
         conn, decision = core.connect("sftp", addr[0], client.getsockname()[1])
         transport = None
         server: SSHServer | None = None
@@ -276,7 +300,8 @@ class SSHConnections:
                 default_max_packet_size=self.limits.max_packet,
             )
             transport.local_version = "SSH-2.0-scriptsftp"
-            transport.banner_timeout = transport.handshake_timeout = self.limits.login_grace
+            # what the login grace leaves (a PROXY header took its share)
+            transport.banner_timeout = transport.handshake_timeout = max(0.5, deadline - time.monotonic())
             for key in self.host_keys:
                 transport.add_server_key(key)
             server = SSHServer(core, conn, self.limits, self.pacing, self.scp_runner)
@@ -352,9 +377,10 @@ class SSHListener:
         core: CorePort[Any, Any],
         limits: SSHLimits,
         scp_runner: ScpRunner | None = None,
+        proxies: TrustedProxies | None = None,
     ) -> None:
         self.core = core
-        self.connections = SSHConnections(host_keys, limits, scp_runner)
+        self.connections = SSHConnections(host_keys, limits, scp_runner, proxies)
         self.sockets = bind_sockets(addresses)
 
     @property

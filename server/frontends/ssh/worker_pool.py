@@ -34,7 +34,10 @@ from scriptsftp.server.contract.ports import CorePort
 from scriptsftp.server.support.worker_accounts import Account
 from scriptsftp.server.frontends.ssh.core_link import CoreLink
 from scriptsftp.server.support.keys import read_host_key
-from scriptsftp.server.frontends.ssh.server import SSHLimits, accept_forever, bind_sockets, bound_names, close_listening
+from scriptsftp.server.frontends.ssh.server import (
+    SSHLimits, accept_forever, bind_sockets, bound_names, close_listening, proxied_address,
+)
+from scriptsftp.server.support.proxy_protocol import TrustedProxies
 
 log = logging.getLogger("scriptsftp.ssh")
 
@@ -148,7 +151,7 @@ class SSHWorkerPool:
 
     def __init__(self, addresses: list[tuple[str, int]], host_keys: list[Path], limits: SSHLimits,
                  processes: int, log_format: str, log_level: str, *, account: Account | None = None,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, proxies: TrustedProxies | None = None) -> None:
         """Binds and forks the workers at once: build it before anything starts a thread.
         Connections are accepted from :meth:`start` on, once :attr:`core` is set.
 
@@ -157,6 +160,8 @@ class SSHWorkerPool:
         and handed over in the setup message; ``state_dir`` is kept out of their jail."""
         self.core: CorePort[Any, Any] | None = None
         self.account = account
+        self.proxies = proxies or TrustedProxies()
+        self.limits = limits
         self.sockets = bind_sockets(addresses)
         self._setup = {"kind": "setup", "host_keys": [read_host_key(p) for p in host_keys],
                        "limits": asdict(limits), "log_format": log_format, "log_level": log_level,
@@ -214,6 +219,23 @@ class SSHWorkerPool:
         self._start_worker(worker.index, delay)
 
     def _accepted(self, client: socket.socket, addr: tuple) -> None:
+        if self.proxies.trusts(addr[0]):
+            # its PROXY header is read here (the client's address is the core's to know), in a
+            # thread of its own: a slow proxy must not hold up the accepting thread
+            threading.Thread(target=self._proxied, args=(client, addr), name=f"ssh-proxy-{addr[0]}",
+                             daemon=True).start()
+            return
+        self._accept_from(client, addr)
+
+    def _proxied(self, client: socket.socket, addr: tuple) -> None:
+        # the header's share of the login grace is not given back: the worker's grace starts anew
+        proxied = proxied_address(client, addr, self.proxies, time.monotonic() + self.limits.login_grace)
+        if proxied is None:
+            client.close()
+            return
+        self._accept_from(client, proxied)
+
+    def _accept_from(self, client: socket.socket, addr: tuple) -> None:
         try:
             self._hand_over(client, addr)
         except OSError as exc:

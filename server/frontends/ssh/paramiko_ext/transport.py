@@ -14,6 +14,8 @@ lives beside the other patches and is checked against the installed version by
 * ``_parse_newkeys`` installs an ``AuthHandler`` whose ``_send_auth_result`` runs the
   login decision after the credentials are proven (:class:`LoginHooks`).
 * ``_log``: protocol errors of clients that never logged in are one info line.
+* ``_check_banner`` (reading ``packetizer.readline``): a PROXY protocol header where the
+  client's version line belongs is refused (:meth:`ServerTransport._check_banner`).
 * ``_active_check_timeout``, ``_preferred_ciphers``/``_preferred_macs``, ``_channels``
   and ``_send_message`` (:func:`send_disconnect`).
 
@@ -170,6 +172,31 @@ class ServerTransport(paramiko.Transport):
         pump = self._pumps.get(chan)
         if pump is not None:
             pump()
+
+    def _check_banner(self) -> None:
+        """paramiko skips any lines a client sends before its version line; a PROXY protocol
+        header there (version 1's ``PROXY …`` line, or the first lines of version 2's
+        signature: two empty ones, then a NUL) came from a balancer this server does not trust
+        (a trusted one's header is read before paramiko sees the socket): refused, so the
+        connection fails as a protocol error instead of being served as the balancer's."""
+        packetizer = self.packetizer
+        readline = packetizer.readline
+        seen: list[str] = []
+
+        def checked(timeout: float) -> str:
+            line: str = readline(timeout)
+            if len(seen) < 3:
+                seen.append(line)
+                if seen[0].startswith("PROXY ") or seen == ["", "", "\x00"]:
+                    raise paramiko.SSHException(": PROXY protocol header from an address not in "
+                                                "[cluster] trusted_proxies")
+            return line
+
+        packetizer.readline = checked  # type: ignore[method-assign]
+        try:
+            super()._check_banner()  # type: ignore[misc]
+        finally:
+            del packetizer.readline
 
     def open_channel_count(self) -> int:
         """Channels of this connection not yet closed (paramiko forgets a channel once closed)."""
