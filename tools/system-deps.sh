@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the system tools the test suite drives as real clients (and the real
-# peers it tests against: clamd, Chromium, a PostgreSQL server), if missing. Only `make test` needs
+# peers it tests against: clamd, Chromium, a PostgreSQL server, HAProxy), if missing. Only `make test` needs
 # them; the daemon itself (`make run`) needs nothing but Python.
 # Uses apt-get when run as root (CI, fresh machines); otherwise says what is missing.
 set -euo pipefail
@@ -22,6 +22,9 @@ command -v systemd-analyze >/dev/null || need+=(systemd)   # tests verify conf/s
 # the server binaries, which Debian keeps off PATH in /usr/lib/postgresql/VERSION/bin
 pg_installed() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null; }
 pg_installed || need+=(postgresql)
+# HAProxy: the load-balancer tests start their own throwaway instance (tests/haproxykit.py); it
+# lives in /usr/sbin, which a normal user's PATH may not have
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   echo "installing system packages: ${need[*]}"
@@ -38,6 +41,11 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     if command -v pg_lsclusters >/dev/null; then
       pg_lsclusters -h 2>/dev/null | while read -r ver name _; do pg_ctlcluster "$ver" "$name" stop >/dev/null 2>&1 || true; done
     fi
+  fi
+  # haproxy's package starts a system instance the tests never use: the same, only if just installed
+  if [[ " ${need[*]} " == *" haproxy "* ]]; then
+    if command -v systemctl >/dev/null; then systemctl disable --now haproxy >/dev/null 2>&1 || true; fi
+    if [ -x /etc/init.d/haproxy ]; then /etc/init.d/haproxy stop >/dev/null 2>&1 || true; fi
   fi
 else
   echo "missing system packages: ${need[*]} (install them, e.g. sudo apt-get install ${need[*]})" >&2
