@@ -228,3 +228,19 @@ def test_trusted_proxy_without_header_is_closed(balanced):
     assert not data.startswith(b"SSH-"), data
     assert time.monotonic() - started < 10
     d.wait_log(r"connection from trusted proxy 127\.0\.0\.1 closed: no PROXY header")
+
+
+def test_sftp_through_haproxy_in_a_single_process(daemons: DaemonFactory, haproxy_path: str, alice_key, tmp_path):
+    """``[sftp] processes = 1``: the header is read by the connection's own thread in the daemon
+    (the worker pool reads it in the core before handing the connection over)."""
+    d = daemons.start('[cluster]\ntrusted_proxies = ["127.0.0.1/32"]\n', users=users(daemons),
+                      sftp_extra="processes = 1")
+    port = free_port(PROXY_BIND)
+    h = HAProxy.start([Route("ssh", PROXY_BIND, port, ("127.0.0.1", d.port), proxy="v2")])
+    try:
+        proc = sftp_via(port, CLIENT, alice_key, "ls\n")
+        assert proc.returncode == 0, proc.stderr + d.log_text()[-3000:]
+        d.wait_log(rf"user=alice proto=sftp ip={CLIENT}\] login ok \(publickey\)")
+        assert sftp_via(port, "127.0.0.6", alice_key, "ls\n").returncode != 0
+    finally:
+        h.stop()

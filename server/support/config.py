@@ -589,9 +589,10 @@ class ClusterSection(_Model):
     database: str = ""
     """The PostgreSQL database the nodes share ("postgresql://user@host/db"); empty: none."""
     trusted_proxies: list[str] = []
-    """Networks whose connections may carry a PROXY protocol header (SSH, FTP, HTTP) or an
-    ``X-Forwarded-For`` header (HTTP) naming the real client; from anywhere else such a
-    header is refused."""
+    """Networks of the load balancers whose connections carry a PROXY protocol header
+    (required on SSH and FTP; on HTTP, a header or else ``X-Forwarded-For``) naming the real
+    client; from anywhere else a PROXY header is refused and ``X-Forwarded-For`` ignored
+    (server/support/proxy_protocol.py, docs/cluster.md)."""
 
     @field_validator("node")
     @classmethod
