@@ -182,6 +182,31 @@ def test_proxy_header_from_untrusted_address_is_refused_and_scored(balanced):
         s.close()
         assert b"200 OK" not in got and b"230" not in got
     d.wait_log(rf"banned {UNTRUSTED} .*PROXY protocol header from an address not in", timeout=20)
+    text = d.log_text()  # each front end refused it, once
+    for rx in (r"ssh handshake failed: .*PROXY protocol header", r"HTTP connection closed: PROXY protocol header",
+               r"FTP connection closed: PROXY protocol header"):
+        assert len(re.findall(rf"ip={UNTRUSTED}\] {rx}", text)) == 1, (rx, text[-3000:])
+    assert "203.0.113.9" not in d.log_text()
+
+
+def test_proxy_v2_header_from_untrusted_address_on_ssh_and_ftp(balanced):
+    d, h, ports = balanced
+    v2 = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + socket.inet_aton("203.0.113.9")
+          + socket.inet_aton("127.0.0.1") + struct.pack("!HH", 5555, 22))
+    for port in (d.ports["sftp"], d.ports["ftp"]):
+        s = socket.socket()
+        s.settimeout(15)
+        s.bind(("127.0.0.7", 0))
+        s.connect(("127.0.0.1", port))
+        s.sendall(v2 + b"SSH-2.0-x\r\n")
+        try:
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+        s.close()
+    d.wait_log(r"ip=127\.0\.0\.7\] ssh handshake failed: .*PROXY protocol header")
+    d.wait_log(r"ip=127\.0\.0\.7\] FTP connection closed: PROXY protocol header")
     assert "203.0.113.9" not in d.log_text()
 
 
