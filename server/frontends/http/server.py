@@ -338,6 +338,7 @@ class HttpListener:
                     s.shutdown(socket.SHUT_RDWR)  # the kernel completes no more handshakes
                 except OSError:
                     pass
+                s.close()  # (as an asyncio server's close() closes its sockets)
         self._call(stop)
 
     def active(self) -> int:
