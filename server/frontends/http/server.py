@@ -178,6 +178,7 @@ class HttpListener:
         )
         self._secret = secrets.token_bytes(32)
         self._states: dict[RequestHandler, _ConnState] = {}
+        self._stopping = False  # no new connections; kept-alive ones close after their request
         self._tasks: set[asyncio.Task[Any]] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -202,6 +203,8 @@ class HttpListener:
     def bound(self) -> list[str]:
         out = []
         for s in self.sockets:
+            if s.fileno() == -1:  # closed: the listener stopped accepting
+                continue
             host, port = s.getsockname()[:2]
             out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         return out
@@ -328,7 +331,11 @@ class HttpListener:
             self.loop.call_soon_threadsafe(fn)
 
     def stop_accepting(self) -> None:
+        """Close the listening sockets. A kept-alive connection is not a new one: a request
+        on it is still served, but answered with ``Connection: close``, and an idle one is
+        closed now, so clients open their next connection elsewhere (a balancer's other node)."""
         def stop() -> None:
+            self._stopping = True
             for srv in self._servers:
                 srv.close()
             for task in self._accepting:
@@ -339,6 +346,9 @@ class HttpListener:
                 except OSError:
                     pass
                 s.close()  # (as an asyncio server's close() closes its sockets)
+            for state in list(self._states.values()):
+                if state.busy == 0:  # between requests: closed as its keep-alive timeout would
+                    state.handler.force_close()
         self._call(stop)
 
     def active(self) -> int:
@@ -430,11 +440,11 @@ class HttpListener:
             return web.Response(status=503, text="connection not registered\n")
         state.busy += 1
         try:
-            return await self._dispatch(request, state)
+            resp = await self._dispatch(request, state)
         except HttpError as exc:
-            return exc.response()
+            resp = exc.response()
         except FsError as exc:
-            return HttpError.from_fs(exc).response()
+            resp = HttpError.from_fs(exc).response()
         except ConnectionResetError:
             # the client left in the middle of its request body (aiohttp: "Connection lost");
             # the handler already discarded what it had (an upload is aborted). Nobody is left
@@ -444,6 +454,11 @@ class HttpListener:
             state.busy -= 1
             if state.lost and state.busy == 0:
                 self._finish(state)
+        if self._stopping:  # the client's next request goes elsewhere
+            if not resp.prepared:
+                resp.force_close()  # says Connection: close
+            state.handler.close()   # and closes once this response is sent (a streamed one too)
+        return resp
 
     async def _dispatch(self, request: web.BaseRequest, state: _ConnState) -> web.StreamResponse:
         if state.forwarded:

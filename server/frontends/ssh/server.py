@@ -216,8 +216,11 @@ def bind_sockets(addresses: list[tuple[str, int]]) -> list[socket.socket]:
 
 
 def bound_names(sockets: list[socket.socket]) -> list[str]:
+    """``host:port`` of each socket still open (none once the listener stopped accepting)."""
     out = []
     for s in sockets:
+        if s.fileno() == -1:
+            continue
         host, port = s.getsockname()[:2]
         out.append(f"{host}:{port}")
     return out
