@@ -303,6 +303,47 @@ def _defender(cfg: LoadedConfig) -> "Defender":
 
 
 @main.command()
+@click.option("--timeout", type=click.FloatRange(0, 604800), default=None,
+              help="seconds open sessions get to end before those left are ended (default: [server] drain_timeout)")
+@click.option("--no-wait", is_flag=True, help="start the drain and return at once (its state as JSON with --json)")
+@click.option("--json", "as_json", is_flag=True, help="print the outcome as JSON")
+@_admin_options
+def drain(timeout: float | None, no_wait: bool, as_json: bool, config_path: str | None,
+          token_file: Path | None) -> None:
+    """Take the running daemon out of service: stop accepting on every listener (/healthz answers
+    503 "draining"), let open sessions end, then the daemon exits 0; those still open at the timeout
+    are ended, their unfinished uploads discarded. Waits until the daemon has exited; exit 1 if the
+    drain cannot start or the daemon does not stop."""
+    import time as _time
+
+    from scriptsftp.server.ops import admin_client
+    from scriptsftp.server.ops.reload_plan import read_running
+
+    if no_wait:
+        result = _admin(config_path, token_file, "POST", "/api/drain", {"timeout": timeout})
+        click.echo(json.dumps(result, indent=2) if as_json else
+                   f"draining: {result['sessions']} session(s) open; the daemon stops by "
+                   f"{_time.strftime('%H:%M:%S', _time.localtime(result['deadline']))}")
+        return
+    cfg = _load(config_path)
+    if not cfg.model.admin.enabled:
+        click.echo(f"scriptsftp: [admin] is not enabled in {cfg.path} (send SIGUSR2 to drain)", err=True)
+        sys.exit(2)
+    running = read_running(cfg.resolve(cfg.model.server.state_dir))
+    pid = int(running["pid"]) if running else None
+    client = admin_client.AdminClient(admin_client.base_url(cfg.model.admin.listen), None, timeout=10.0)
+    say = (lambda line: None) if as_json else click.echo
+    try:
+        client.token = admin_client.read_token(token_file)
+        result = admin_client.drain(client, timeout, pid, say)
+    except admin_client.AdminError as exc:
+        click.echo(f"scriptsftp: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+
+
+@main.command()
 @click.option("-c", "--config", "config_path", help=CONFIG_HELP)
 def bans(config_path: str | None) -> None:
     """List addresses the defender has banned (read from state_dir; the daemon may run)."""

@@ -2,7 +2,12 @@
 
 Signals: SIGTERM/SIGINT stop accepting, give running transfers
 ``[server] grace_period`` seconds, then close what is left; SIGHUP reloads
-the config without dropping sessions. A reload applies every changed key that
+the config without dropping sessions; SIGUSR2 drains (as ``scriptsftp drain``
+does through the admin API): stop accepting, answer ``/healthz`` "draining",
+let open sessions end by themselves for ``[server] drain_timeout`` seconds,
+end those left (their unfinished uploads discarded), stop, exit status 0.
+
+A reload applies every changed key that
 can change live and logs, per key, those that need a restart (reload_plan.py);
 a config that fails validation, or a reload any step of which fails (a bound
 script that does not compile, say), is refused as a whole and the running
@@ -15,9 +20,11 @@ import logging
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -46,7 +53,7 @@ from scriptsftp.server.frontends.ssh.server import SSHLimits, SSHListener
 from scriptsftp.server.frontends.ssh.worker_pool import SSHWorkerPool, worker_count
 from scriptsftp.server.core.publish import Publisher
 from scriptsftp.server.core.quota import QuotaHolder, Quotas
-from scriptsftp.server.ops.reload_plan import ReloadPlan, key_label, plan_reload, write_running
+from scriptsftp.server.ops.reload_plan import ReloadPlan, config_hash, key_label, plan_reload, write_running
 from scriptsftp.server.core.staging import CHECKING, StagingRecords, discard_leftovers
 from scriptsftp.server.core.storage import LocalStorage, StorageOpener
 from scriptsftp.server.stores import StateStores
@@ -112,6 +119,17 @@ def _password_announcer(state_dir: Path) -> Callable[[str, str, Path], None]:
 
 #: seconds between two chances for the main loop to return freed heap to the system
 TRIM_INTERVAL = 10.0
+#: seconds between two "draining:" progress lines while nothing changes
+DRAIN_REPORT_INTERVAL = 10.0
+
+
+@dataclass
+class DrainState:
+    """A drain under way: since when, and when what is left gets ended."""
+
+    started: float      # Unix time
+    deadline: float     # Unix time
+    sessions_at_start: int
 
 
 class Daemon:
@@ -129,6 +147,9 @@ class Daemon:
         # holds inside Event.wait() at times, and a signal handler runs on that thread, so a
         # SIGHUP landing there deadlocked the loop for good. SimpleQueue.put is reentrant.
         self._reload_requested: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._drain_signalled: queue.SimpleQueue[bool] = queue.SimpleQueue()  # SIGUSR2, the same way
+        self._drain_lock = threading.Lock()
+        self.draining: DrainState | None = None
 
         if m.sftp.enabled:
             # paramiko's process-wide patches, after checking its version (a clear error, not a
@@ -330,6 +351,7 @@ class Daemon:
             signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
             signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
             signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.put(True))
+            signal.signal(signal.SIGUSR2, lambda *_: self._drain_signalled.put(True))
         self.engine.start()
         self.account_watch.start()
         write_running(self.state_dir, self.cfg, self.pending_restart)
@@ -343,18 +365,97 @@ class Daemon:
         log.info("scriptsftp %s ready", __version__)
 
     def serve_forever(self) -> None:
-        """Block until SIGTERM/SIGINT (call :meth:`start` first, which installs the handlers); SIGHUP reloads."""
+        """Block until SIGTERM/SIGINT or the end of a drain (call :meth:`start` first, which
+        installs the handlers); SIGHUP reloads."""
+        while not self.stopping.is_set() and self.draining is None:
+            self._tick(0.5)
+        if self.draining is not None and not self.stopping.is_set():
+            self._wait_drained()
+        if self.stopping.is_set():  # SIGTERM, also in the middle of a drain: the usual grace
+            self.shutdown()
+        else:
+            self.shutdown(grace=0.0, reason="server drained: connect again")
+
+    def _tick(self, wait: float) -> None:
+        """One turn of the main loop: trim, end expired accounts, a drain or a reload asked for by signal."""
+        self._trim_tick()
+        self.core.end_expired()  # an account that expires while connected is ended within 0.5 s
+        if not self._drain_signalled.empty():
+            while not self._drain_signalled.empty():
+                self._drain_signalled.get_nowait()
+            self.drain(None, by="SIGUSR2")
+        try:
+            self._reload_requested.get(timeout=wait)
+        except queue.Empty:
+            return
+        while not self._reload_requested.empty():  # several SIGHUPs meanwhile: one reload
+            self._reload_requested.get_nowait()
+        self.reload()
+
+    # --- draining -------------------------------------------------------------
+
+    def drain(self, timeout: float | None, by: str = "admin API") -> DrainState:
+        """Start draining (from any thread): every client listener stops accepting at once,
+        ``/healthz`` answers "draining", and :meth:`serve_forever` waits for the open sessions
+        to end, for ``timeout`` seconds at most (None: ``[server] drain_timeout``). Asked
+        again while draining, a shorter timeout brings the deadline closer; nothing else changes."""
+        if timeout is None:
+            timeout = self.cfg.model.server.drain_timeout
+        with self._drain_lock:
+            now = time.time()
+            current = self.draining
+            if current is not None:
+                if now + timeout < current.deadline:
+                    current.deadline = now + timeout
+                    log.info("drain: deadline brought forward to %.0fs from now (%s)", timeout, by)
+                return current
+            for listener in self._client_listeners():
+                listener.stop_accepting()
+            n = self._client_sessions()
+            state = self.draining = DrainState(started=now, deadline=now + timeout, sessions_at_start=n)
+        # logged once it is true: from here no listener accepts (the admin API stays up)
+        log.info("draining (%s): no new connections; %d session(s) open, waiting up to %.0fs for them to end",
+                 by, n, timeout)
+        return state
+
+    def drain_info(self) -> dict[str, Any] | None:
+        """The drain under way for the admin API (``/healthz``, ``/api/status``), or None."""
+        d = self.draining
+        if d is None:
+            return None
+        return {"started": d.started, "deadline": d.deadline, "sessions_at_start": d.sessions_at_start,
+                "sessions": self._client_sessions(), "checks": self.publisher.busy_count()}
+
+    def _wait_drained(self) -> None:
+        """The drain's wait: until no client connection is open and no upload check runs, or
+        the deadline, or SIGTERM. Progress is logged when it changes, else every 10 s."""
+        d = self.draining
+        assert d is not None
+        reported: tuple[int, int] | None = None
+        report_at = 0.0
         while not self.stopping.is_set():
-            self._trim_tick()
-            self.core.end_expired()  # an account that expires while connected is ended within 0.5 s
-            try:
-                self._reload_requested.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            while not self._reload_requested.empty():  # several SIGHUPs meanwhile: one reload
-                self._reload_requested.get_nowait()
-            self.reload()
-        self.shutdown()
+            sessions, checks = self._client_sessions(), self.publisher.busy_count()
+            now = time.time()
+            if sessions == 0 and checks == 0:
+                log.info("drained: every session ended after %.1fs; stopping", now - d.started)
+                return
+            if now >= d.deadline:
+                log.warning("drain timeout: ending %d session(s) still open after %.1fs; their unfinished "
+                            "uploads are discarded%s", sessions, now - d.started,
+                            f", {checks} upload check(s) left are done again at the next start" if checks else "")
+                return
+            if (sessions, checks) != reported or time.monotonic() >= report_at:
+                log.info("draining: %d session(s) open, %d upload check(s) running, %.0fs left",
+                         sessions, checks, d.deadline - now)
+                reported, report_at = (sessions, checks), time.monotonic() + DRAIN_REPORT_INTERVAL
+            self._tick(0.2)
+
+    def _client_listeners(self) -> list[Listener]:
+        """Every listener but the admin API's, which stays up while draining (to be watched)."""
+        return [lst for lst in self.listeners if lst.name != "admin"]
+
+    def _client_sessions(self) -> int:
+        return sum(listener.active() for listener in self._client_listeners())
 
     _trim_at = 0.0
     _trim_peak = 0
@@ -494,17 +595,21 @@ class Daemon:
         self.core.kick_on_disable = a.kick_on_disable
         self.core.homes = HomePolicy.of(a, fenced=(self.state_dir,))
 
-    def shutdown(self) -> None:
-        grace = self.cfg.model.server.grace_period
+    def shutdown(self, grace: float | None = None, reason: str = "server shutting down") -> None:
+        """Stop accepting, give running transfers ``grace`` seconds (None: ``[server]
+        grace_period``), close what is left, stop."""
+        if grace is None:
+            grace = self.cfg.model.server.grace_period
         for listener in self.listeners:
-            listener.stop_accepting()
+            if self.draining is None or listener.name == "admin":  # a drain stopped the others already
+                listener.stop_accepting()
         # logged once it is true: tests (and operators) take this line as "the ports are closed"
         log.info("stopping: no new connections; %d open, waiting up to %.0fs", self._active(), grace)
         deadline = time.monotonic() + grace
         while self._busy() and time.monotonic() < deadline:
             time.sleep(0.1)
         for listener in self.listeners:
-            listener.close_all("server shutting down")
+            listener.close_all(reason)
         # give transports a moment to run their cleanup (aborting unfinished uploads)
         deadline = time.monotonic() + 5
         while self._active() and time.monotonic() < deadline:
@@ -620,6 +725,24 @@ class AdminView:
 
     def reload(self) -> bool:
         return self._daemon.reload()
+
+    def drain(self, timeout: float | None) -> dict[str, Any]:
+        self._daemon.drain(timeout)
+        info = self._daemon.drain_info()
+        assert info is not None
+        return info
+
+    @property
+    def draining(self) -> dict[str, Any] | None:
+        return self._daemon.drain_info()
+
+    @property
+    def node(self) -> str:
+        return self._daemon.cfg.model.cluster.node or socket.gethostname()
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self._daemon.cfg.model)
 
 
 class AccountsOfDaemon:

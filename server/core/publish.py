@@ -443,6 +443,11 @@ class Publisher:
         with self._idle:
             return self._running > 0
 
+    def busy_count(self) -> int:
+        """Background (async) upload checks running now."""
+        with self._idle:
+            return self._running
+
     def close(self, timeout: float) -> None:
         """Wait up to ``timeout`` for background checks; unfinished ones are rechecked next start."""
         with self._idle:

@@ -17,7 +17,7 @@ login form or by a one-time link from ``POST /api/login-link``.
 
 The API sees the running server only through :class:`AdminPort`, which the
 daemon provides: what it shows (uptime, listeners, connections, engine, audit,
-bans) and the two things it may do (reload; kick, through a connection's
+bans) and the three things it may do (reload; drain; kick, through a connection's
 ``on_kick``), and the account database whose users, groups and folders
 admin_accounts.py serves. Every read is live, since a reload swaps the config and engine.
 """
@@ -124,6 +124,19 @@ class AdminPort(Protocol):
 
     def reload(self) -> bool:
         """Re-read the config and apply it all, or nothing; False if refused."""
+
+    def drain(self, timeout: float | None) -> dict[str, Any]:
+        """Start draining (or bring the deadline of the drain under way closer); what
+        :attr:`draining` then answers. ``timeout`` None: ``[server] drain_timeout``."""
+
+    @property
+    def draining(self) -> dict[str, Any] | None: ...  # the drain under way (api_models.Drain), or None
+
+    @property
+    def node(self) -> str: ...  # [cluster] node, else the host name
+
+    @property
+    def config_hash(self) -> str: ...  # SHA-256 of the running configuration (reload_plan.config_hash)
 
 
 # --- the caller ---------------------------------------------------------------------------
@@ -354,6 +367,7 @@ class AdminListener:
         r.add_delete("/api/sessions/{id}", self.kick)
         r.add_get("/api/scripts", self.scripts)
         r.add_post("/api/reload", self.reload)
+        r.add_post("/api/drain", self.drain)
         r.add_get("/api/events", self.events)
         r.add_get("/api/bans", self.bans)
         r.add_delete("/api/bans/{ip}", self.unban)
@@ -417,6 +431,10 @@ class AdminListener:
     # --- endpoints ---
 
     async def healthz(self, request: web.Request) -> web.Response:
+        drain = self.server.draining
+        if drain is not None:  # first: a balancer must stop sending here, whatever else holds
+            return web.json_response({"status": "draining", "reason": "draining: no new connections",
+                                      "since": drain["started"], "sessions": drain["sessions"]}, status=503)
         health = self.server.engine.worker_health()
         if health is not None and (health.get("closed") or health.get("alive", 0) == 0):
             return web.json_response({"status": "degraded", "reason": "no script workers alive"}, status=503)
@@ -436,6 +454,7 @@ class AdminListener:
     def _status(self) -> dict[str, Any]:
         d = self.server
         audit = d.audit
+        scripts = d.engine.scripts_info()
         return {
             "version": __version__,
             "started": d.started,
@@ -446,7 +465,12 @@ class AdminListener:
             "listeners": [{"name": lst.name, "bound": lst.bound, "active": lst.active()} for lst in d.listeners],
             "sessions": len(d.core.connections()),
             "workers": d.engine.worker_health(),
-            "scripts": sum(s["status"] != "missing" for s in d.engine.scripts_info()),
+            "scripts": sum(s["status"] != "missing" for s in scripts),
+            # what this node runs, comparable with the other nodes' (docs/cluster.md)
+            "node": d.node,
+            "config_hash": d.config_hash,
+            "script_hashes": {s["name"]: s["sha256"] for s in scripts if s["sha256"]},
+            "draining": d.draining,
             "audit": audit.stats() if audit is not None else None,
             # api.notify's durable outbox: pending / failed / delivered (scripting/outbox.py)
             "outbox": d.engine.outbox_stats(),
@@ -490,6 +514,21 @@ class AdminListener:
         log.info("reload requested through the admin API")
         result = await self._blocking(self._reload)
         return web.json_response(result, status=200 if result["ok"] else 422)
+
+    async def drain(self, request: web.Request) -> web.Response:
+        raw = request.query.get("timeout")
+        timeout: float | None = None
+        if raw is not None:
+            try:
+                timeout = float(raw)
+            except ValueError:
+                timeout = -1.0
+            if not 0 <= timeout <= 7 * 86400:
+                return _error(400, "timeout: seconds, from 0 to 604800")
+        grant = request.get(GRANT)
+        log.info("drain requested through the admin API%s", f" (token {grant.name!r})" if grant else "")
+        info = await self._blocking(self.server.drain, timeout)
+        return web.json_response(info, status=202)
 
     def _query_events(self, q: dict[str, Any]) -> list[dict[str, Any]]:
         audit = self.server.audit

@@ -1,4 +1,4 @@
-"""The CLI's side of the admin API: `scriptsftp sessions`, `reload`, `kick`, `events --user ...`.
+"""The CLI's side of the admin API: `scriptsftp sessions`, `reload`, `kick`, `drain`, `events --user ...`.
 
 Stdlib only (urllib), so the commands start fast. The address comes from
 ``[admin] listen`` in the config (a wildcard address is reached through
@@ -22,6 +22,10 @@ TOKEN_ENV = "SCRIPTSFTP_ADMIN_TOKEN"
 
 class AdminError(Exception):
     """A message for the user (no traceback): cannot connect, 401, 4xx/5xx with the server's reason."""
+
+
+class AdminGone(AdminError):
+    """Nothing listens on the admin address (connection refused): no daemon, or it stopped."""
 
 
 def base_url(listen: str) -> str:
@@ -70,8 +74,13 @@ class AdminClient:
                 raise AdminError("\n".join(body["errors"]) or f"HTTP {exc.code}") from None
             raise AdminError(f"admin API: HTTP {exc.code}: {body.get('error', exc.reason)}") from None
         except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ConnectionRefusedError):
+                raise AdminGone(f"cannot reach the admin API at {self.base}: {exc.reason} "
+                                "(is [admin] enabled and the daemon running?)") from None
             raise AdminError(f"cannot reach the admin API at {self.base}: {exc.reason} "
                              "(is [admin] enabled and the daemon running?)") from None
+        except ConnectionRefusedError as exc:
+            raise AdminGone(f"cannot reach the admin API at {self.base}: {exc}") from None
         except (TimeoutError, ConnectionError) as exc:
             raise AdminError(f"cannot reach the admin API at {self.base}: {exc}") from None
 
@@ -111,3 +120,74 @@ def _queued(run: dict) -> str:
     """The part of a run's duration spent waiting for a script worker, when it matters."""
     q = float(run.get("queued") or 0.0)
     return f", {q * 1000:.1f} ms of it waiting for a worker" if q >= 0.001 else ""
+
+
+# --- scriptsftp drain ---------------------------------------------------------------------------
+
+#: how long `drain` waits past the deadline for the daemon to end what is left and exit
+DRAIN_EXIT_MARGIN = 60.0
+
+
+def _process_gone(pid: int | None) -> bool:
+    """Whether the daemon's process has exited (a zombie not yet reaped counts as exited)."""
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, under another user
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def drain(client: AdminClient, timeout: float | None, pid: int | None, say: Any, poll: float = 0.5) -> dict[str, Any]:
+    """Start a drain and follow it to the daemon's exit; ``say`` gets each progress line.
+    ``pid``: the daemon's process (from state_dir/running.json) when known, awaited too.
+    Returns what `drain --json` prints; AdminError when the drain cannot start or the
+    daemon is still up :data:`DRAIN_EXIT_MARGIN` seconds past the deadline."""
+    before = client.call("GET", "/api/status")
+    info = client.call("POST", "/api/drain", {"timeout": timeout})
+    node, started_at = before.get("node"), before.get("started")
+    t0 = time.monotonic()
+    say(f"draining {node}: no new connections; {info['sessions']} session(s) open, "
+        f"waiting up to {max(0.0, info['deadline'] - time.time()):.0f}s for them to end")
+    shown = (info["sessions"], info["checks"])
+    deadline = info["deadline"]
+    while True:
+        time.sleep(poll)
+        try:
+            status = client.call("GET", "/api/status")
+        except AdminGone:
+            break
+        except AdminError:
+            if time.time() > deadline + DRAIN_EXIT_MARGIN:
+                raise
+            continue  # a busy moment; the next poll tells
+        if status.get("started") != started_at:  # a new daemon (a supervisor restarted it)
+            break
+        d = status.get("draining") or {}
+        deadline = d.get("deadline", deadline)
+        now = (d.get("sessions", 0), d.get("checks", 0))
+        if now != shown:
+            say(f"{now[0]} session(s) open, {now[1]} upload check(s) running, "
+                f"{max(0.0, deadline - time.time()):.0f}s left")
+            shown = now
+        if time.time() > deadline + DRAIN_EXIT_MARGIN:
+            raise AdminError(f"the daemon still answers {DRAIN_EXIT_MARGIN:.0f}s after the drain's deadline")
+    end = time.monotonic() + DRAIN_EXIT_MARGIN
+    while not _process_gone(pid) and time.monotonic() < end:
+        time.sleep(0.1)
+    if not _process_gone(pid):
+        raise AdminError(f"the admin API closed but process {pid} has not exited")
+    # the sessions open at the last look, if the daemon stopped at the deadline (its log's "drain
+    # timeout: ending N session(s)" line has the exact count)
+    ended = shown[0] if time.time() >= deadline else 0
+    say(f"drained {node}: the daemon stopped after {time.monotonic() - t0:.1f}s"
+        + (f"; {ended} session(s) were ended at the deadline" if ended else ""))
+    return {"node": node, "stopped": True, "seconds": round(time.monotonic() - t0, 1),
+            "sessions_at_start": info["sessions_at_start"], "ended_at_deadline": ended}

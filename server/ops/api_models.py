@@ -32,8 +32,20 @@ class ErrorReply(_Reply):
 
 
 class Health(_Reply):
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "degraded", "draining"]
     reason: str = ""
+    since: float | None = Field(None, description="draining: Unix time the drain started.")
+    sessions: int | None = Field(None, description="draining: client connections still open.")
+
+
+class Drain(_Reply):
+    """A drain under way: no listener accepts; open sessions end by themselves until the deadline."""
+
+    started: float = Field(description="Unix time the drain started.")
+    deadline: float = Field(description="Unix time the sessions left are ended and the daemon stops.")
+    sessions_at_start: int
+    sessions: int = Field(description="Client connections (SFTP, SCP, FTP, HTTP) still open.")
+    checks: int = Field(description="Background (async) pre-publish checks still running.")
 
 
 class ListenerInfo(_Reply):
@@ -54,6 +66,12 @@ class Status(_Reply):
     scripts: int
     audit: dict[str, int] | None
     outbox: dict[str, int] | None
+    node: str = Field(description="[cluster] node, else the host name.")
+    config_hash: str = Field(description="SHA-256 of the running configuration's values, [cluster] node and "
+                                         "ftp masquerade_address left out: equal on nodes that run the same "
+                                         "settings, whatever the comments and layout of their files.")
+    script_hashes: dict[str, str] = Field(description="SHA-256 of each bound script's running version, by name.")
+    draining: Drain | None = Field(description="The drain under way, or null.")
 
 
 class Transfer(_Reply):
@@ -213,6 +231,6 @@ class KeyInfo(_Reply):
 
 #: every model the document's components hold, by the name it has there
 REPLY_MODELS: tuple[type[BaseModel], ...] = (
-    ErrorReply, Health, Status, SessionInfo, Kicked, ScriptInfo, ReloadResult, AuditEvent, Ban, Unbanned,
+    ErrorReply, Health, Drain, Status, SessionInfo, Kicked, ScriptInfo, ReloadResult, AuditEvent, Ban, Unbanned,
     LoginLink, UserStamps, Stamps, PasswordBody, DisableBody, KeyBody, KeyInfo,
 )

@@ -111,13 +111,23 @@ def _crud(kind: str, plural: str, tag: str, what: str) -> list[Operation]:
 SINCE = Param("since", "Unix seconds, ISO 8601, or an age: 90s, 30m, 12h, 7d")
 
 SERVER_OPERATIONS: tuple[Operation, ...] = (
-    Operation("GET", "/healthz", "Liveness: 503 when no script worker is alive", "server", 200, _ref("Health"),
-              refusals=(503,), secured=False),
+    Operation("GET", "/healthz", "Liveness: 503 when no script worker is alive or while draining", "server",
+              200, _ref("Health"), refusals=(503,), secured=False,
+              description='503 with status "draining" from the moment a drain starts (a load balancer\'s health '
+                          'check takes the node out), "degraded" when no script worker is alive.'),
     Operation("GET", "/metrics", "Prometheus metrics (text exposition format)", "server", 200,
               {"type": "string"}, media="text/plain"),
     Operation("GET", "/api/openapi.json", "This document", "server", 200, {"type": "object"}),
-    Operation("GET", "/api/status", "Version, uptime, listeners, workers, pending restarts", "server", 200,
+    Operation("GET", "/api/status", "Version, node, config and script hashes, listeners, workers, drain", "server", 200,
               _ref("Status")),
+    Operation("POST", "/api/drain", "Stop accepting, let open sessions end, then stop the daemon", "server",
+              202, _ref("Drain"), refusals=(400,), query=(
+                  Param("timeout", "seconds open sessions get before those left are ended (default [server] "
+                                   "drain_timeout)", {"type": "number", "minimum": 0, "maximum": 604800}),),
+              description="Answers at once, the listeners already closed; asked again while draining, the "
+                          "drain under way (a shorter timeout brings its deadline closer). The daemon exits with status 0 once "
+                          "every client connection has ended, or at the deadline after ending those left "
+                          "(their unfinished uploads discarded, never published)."),
     Operation("POST", "/api/reload", "Re-read the configuration and scripts; apply all or nothing", "server",
               200, _ref("ReloadResult"), refusals=(422,),
               description="422 (with the same body) when the file or a script is refused; nothing changes then."),

@@ -36,7 +36,8 @@ RUNNING_FILE = "running.json"
 
 #: Keys (dotted paths; a collection is one key) that a reload applies at once.
 LIVE = frozenset({
-    "server.log_format", "server.log_level", "server.grace_period", "server.login_failure_delay",
+    "server.log_format", "server.log_level", "server.grace_period", "server.drain_timeout",
+    "server.login_failure_delay",
     "server.password_cache", "server.audit_retention_days", "server.audit_max_mb", "server.preauth_timeout",
     "server.max_handles_per_user",
     "http.max_upload_size", "admin.token_hash", "admin.tokens",
@@ -144,6 +145,19 @@ def fingerprints(model: Config) -> dict[str, str]:
     """Key -> SHA-256 of its value: comparable across processes, and reveals no secret."""
     return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()
             for k, v in values(model).items()}
+
+
+#: Keys that differ from node to node on purpose: left out of :func:`config_hash`, so that
+#: nodes deployed with the same file and their own names compare equal.
+NODE_LOCAL_KEYS = frozenset({"cluster.node", "ftp.masquerade_address"})
+
+
+def config_hash(model: Config) -> str:
+    """SHA-256 of the configuration as the daemon runs it (``/api/status`` ``config_hash``):
+    every key's value but :data:`NODE_LOCAL_KEYS`, so comments, layout and key order do not
+    count, and two nodes that run the same settings show the same hash."""
+    keys = {k: v for k, v in fingerprints(model).items() if k not in NODE_LOCAL_KEYS}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
 def _with_value(model: BaseModel, key: str, value: Any) -> BaseModel:

@@ -77,6 +77,9 @@ class ServerSection(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     grace_period: Annotated[float, Field(ge=0)] = 10.0
     """Seconds running transfers get to finish after SIGTERM before sessions are closed."""
+    drain_timeout: Annotated[float, Field(ge=0)] = 300.0
+    """Seconds a drain (SIGUSR2, or `scriptsftp drain` without --timeout) lets open sessions
+    finish before it ends those left, discarding their unfinished uploads, and stops."""
     allow_root: bool = False
     """`run` refuses to start as root unless this is true."""
     allow_root_workers: bool = False
