@@ -94,6 +94,7 @@ def test_drain_lets_an_sftp_upload_finish_refuses_new_connections_and_exits_0(da
         status, body, _ = call(d, "GET", "/healthz", token=None)  # checked against the OpenAPI document
         assert status == 503 and body["status"] == "draining" and body["sessions"] >= 1, body
         assert get(d, "/api/status")["draining"]["sessions_at_start"] >= 1
+        assert "scriptsftp_draining 1.0" in get(d, "/metrics")
         for proto in ("sftp", "http"):
             assert _refused(d.ports[proto]), f"{proto} still accepts while draining"
         out, err = sftp.communicate(timeout=60)
@@ -173,7 +174,8 @@ def test_drain_timeout_ends_a_stalled_upload_and_keeps_the_previous_version(daem
 
 def test_sigusr2_drain_waits_for_a_running_pre_publish_check(daemons, token_hash, tmp_path):
     write_script(daemons, "check.py", SCRIPT.format(hold=3))
-    d = _start(daemons, token_hash, bindings=binding("pre-publish", "check.py", allow='["read"]'))
+    d = _start(daemons, token_hash, bindings=binding("pre-publish", "check.py", allow='["read"]',
+                                                                timeout="30.0", cpu_time="20.0"))
     home = d.home("alice")
     home.mkdir(parents=True, exist_ok=True)
     local = tmp_path / "report.csv"
@@ -230,6 +232,10 @@ def test_status_publishes_node_config_hash_and_script_hashes(daemons, token_hash
     assert status["draining"] is None
     digest = hashlib.sha256((daemons.root / "scripts" / "check.py").read_bytes()).hexdigest()
     assert status["script_hashes"] == {"check.py": digest}
+    status_, metrics, _ = call(d, "GET", "/metrics")
+    assert status_ == 200
+    assert f'scriptsftp_script_info{{node="{status["node"]}",script="check.py",sha256="{digest}"}} 1.0' in metrics
+    assert f'config_hash="{status["config_hash"]}"' in metrics and "scriptsftp_draining 0.0" in metrics
     first = status["config_hash"]
     assert len(first) == 64
     # comments and the node's own name do not change the hash; a setting does

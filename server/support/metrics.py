@@ -139,6 +139,20 @@ class DaemonCollector(Collector):
 
         yield GaugeMetricFamily("scriptsftp_start_time_seconds", "When the daemon started (Unix time).",
                                 value=d.started)
+        yield GaugeMetricFamily("scriptsftp_draining", "1 while the daemon drains (no new connections), else 0.",
+                                value=1 if getattr(d, "draining", None) else 0)
+        node = getattr(d, "node", None)
+        if node is not None:  # what runs here, to compare across nodes: 1 per node and hash
+            info = GaugeMetricFamily("scriptsftp_config_info", "The running configuration's hash (always 1).",
+                                     labels=["node", "config_hash"])
+            info.add_metric([node, d.config_hash], 1)
+            yield info
+            scripts = GaugeMetricFamily("scriptsftp_script_info", "Each bound script's running version "
+                                        "(always 1).", labels=["node", "script", "sha256"])
+            for s in d.engine.scripts_info():
+                if s.get("sha256"):
+                    scripts.add_metric([node, s["name"], s["sha256"]], 1)
+            yield scripts
 
         health = d.engine.worker_health() or {}
         if health:
