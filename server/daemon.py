@@ -664,7 +664,7 @@ def _open_shared(cfg: LoadedConfig, stores: StateStores, name: StateName, open_s
 
 class AdminView:
     """The admin API's port onto the daemon (ops/admin.py AdminPort): what it may read, read
-    live (a reload swaps the config and the engine), and the reload it may ask for."""
+    live (a reload swaps the config and the engine), and the reload and the drain it may ask for."""
 
     def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
