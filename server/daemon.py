@@ -201,6 +201,7 @@ class Daemon:
             uploads=self._upload_policy(cfg),
             max_handles=m.sftp.max_handles,
             max_handles_per_user=m.server.max_handles_per_user,
+            max_sessions_per_user=m.server.max_sessions_per_user,
             failure_delay=m.server.login_failure_delay,
             password_cache=m.server.password_cache,
             preauth_timeout=m.server.preauth_timeout,
@@ -581,6 +582,7 @@ class Daemon:
         self.core.failure_delay = m.server.login_failure_delay
         self.core.preauth_timeout = m.server.preauth_timeout  # FTP, HTTP: new connections on
         self.core.max_handles_per_user = m.server.max_handles_per_user
+        self.core.max_sessions_per_user = m.server.max_sessions_per_user  # the next login or channel
         self._apply_account_policy(cfg)
         self.quotas.thresholds = tuple(sorted(set(m.accounts.quota_thresholds)))
         self.audit.retention_days = m.server.audit_retention_days

@@ -89,7 +89,7 @@ def base_config(daemons: DaemonFactory) -> dict[str, Any]:
 #: Values for keys whose type has no obvious "other value" (strings, lists, bounded numbers).
 CHANGES: dict[str, Any] = {
     "server.state_dir": "state2", "server.log_format": "json", "server.log_level": "debug",
-    "server.allow_root": False, "server.login_failure_delay": 0.1,
+    "server.allow_root": False, "server.login_failure_delay": 0.1, "server.max_sessions_per_user": 50,
     "sftp.listen": "127.0.0.1:1", "sftp.host_keys": ["hk"], "sftp.max_packet": 65536, "sftp.banner": "hi",
     "sftp.processes": 2, "sftp.login_grace": 20.0, "sftp.worker_user": "nobody", "scripts.user": "nobody",
     "ftp.listen": "127.0.0.1:1", "ftp.passive_ports": "61000-61010", "ftp.masquerade_address": "10.0.0.1",

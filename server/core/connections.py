@@ -63,7 +63,8 @@ def kick_soon(conn: Connection, reason: str, thread_name: str) -> None:
 class ConnectionRegistry:
     """The connections registered and not ended yet, which of them still wait for their
     login (bounded: ``[defender] max_preauth_connections``), and how many sessions each
-    user holds (bounded per account: ``max_sessions``).
+    user holds (bounded per user: the account's ``max_sessions``, else ``[server]
+    max_sessions_per_user``; the caller says which limit applies).
 
     One lock for the three, because a login moves a connection from waiting to counted
     in one step, and a kick or a reload reads them from other threads."""
@@ -118,11 +119,10 @@ class ConnectionRegistry:
             conn.preauth = False
         return True
 
-    def count_session(self, conn: Connection, delta: int) -> None:
+    def count_session(self, conn: Connection, delta: int, limit: int = 0) -> None:
         """A session of ``conn`` opens (+1) or ends (-1). The user's count holds each of their
-        connections as max(1, its open sessions); the login already counted the 1. Refused:
-        :class:`LimitExceeded`."""
-        limit = conn.account.max_sessions if conn.account is not None else 0
+        connections as max(1, its open sessions); the login already counted the 1. An opening
+        that passes ``limit`` (0: none) is refused: :class:`LimitExceeded`."""
         with self._lock:
             before = max(1, conn.open_sessions)
             after = max(1, conn.open_sessions + delta)

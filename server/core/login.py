@@ -16,7 +16,8 @@ steps, in this order, for every protocol:
 3. decide: banned address, the account's state (disabled with its reason, expired,
    a password past its max age for a password login: :mod:`.account_policy`), protocol
    and allowed networks, the ``pre-login`` scripts, the home (made or checked:
-   :mod:`.homes`), ``max_sessions``: :class:`LoginRefused` with the reason;
+   :mod:`.homes`), ``max_sessions`` (the account's, else ``[server]
+   max_sessions_per_user``): :class:`LoginRefused` with the reason;
 4. the Session is opened;
 5. announce: the ``login ok`` line, the metric and ``post-login``, none of which
    can refuse the login any more.
@@ -50,7 +51,7 @@ from scriptsftp.server.contract.credentials import Credentials
 from scriptsftp.server.contract.dispatch import ALLOW, Decision, Dispatcher
 from scriptsftp.server.contract.ports import PublicKey
 from scriptsftp.server.contract.errors import (
-    BadCredentials, FsError, LoginRefused, PermissionDenied, TlsRequired,
+    BadCredentials, FsError, LimitExceeded, LoginRefused, PermissionDenied, TlsRequired,
 )
 from scriptsftp.server.support import metrics
 from scriptsftp.server.support.config import DefenderSection
@@ -63,7 +64,7 @@ from scriptsftp.server.core.homes import HomeFenced, HomeMissing, HomePolicy, en
 from scriptsftp.server.core.limits import Mount
 from scriptsftp.server.core.passwords import PasswordCache, PasswordVerifier
 from scriptsftp.server.core.publish import Publisher, UploadPolicy
-from scriptsftp.server.core.session import HandleBudget, RefusalSink, Session
+from scriptsftp.server.core.session import Account, HandleBudget, RefusalSink, Session
 from scriptsftp.server.core.staging import StagingRecords
 from scriptsftp.server.core.storage import LocalStorage, StorageOpener
 from scriptsftp.server.core.mounts import open_account_storage
@@ -135,6 +136,7 @@ class LoginCore:
         uploads: UploadPolicy,
         max_handles: int = 256,
         max_handles_per_user: int = 1024,
+        max_sessions_per_user: int = 0,
         failure_delay: float = 1.0,
         password_cache: float = 0.0,
         max_parallel_hashes: int | None = None,
@@ -159,6 +161,9 @@ class LoginCore:
         self.uploads = uploads
         self.max_handles = max_handles
         self.max_handles_per_user = max_handles_per_user  # [server] max_handles_per_user (reload applies it)
+        #: [server] max_sessions_per_user: the sessions of a user whose account sets no
+        #: ``max_sessions`` (0: unlimited); read at each login and channel, so a reload applies it
+        self.max_sessions_per_user = max_sessions_per_user
         self._budgets: dict[str, HandleBudget] = {}
         #: each user's bandwidth buckets, shared by all their sessions (``bandwidth_up``/``_down``)
         self.bandwidth = BandwidthLimits()
@@ -495,8 +500,9 @@ class LoginCore:
                 refusal = account_policy.login_refusal(rec, method, self.clock()) or self._home_refusal(conn, rec)
         if refusal is None:
             assert rec is not None
-            if not self.registry.count_login(conn, name, rec.account.max_sessions):
-                refusal = f"too many sessions for this user (limit {rec.account.max_sessions})"
+            limit = self.session_limit(rec.account)
+            if not self.registry.count_login(conn, name, limit):
+                refusal = f"too many sessions for this user (limit {limit})"
         if refusal is not None:
             self._login_failed(conn, name, method, refusal, scored=False, audited=not vetoed)
             return refusal
@@ -542,12 +548,21 @@ class LoginCore:
         ``max_sessions`` counts sessions, as SFTPGo counts each SFTP channel as a connection:
         a logged-in connection is one, and every SSH channel beyond its first running one is
         one more. So a user limited to 2 runs two connections, or two channels on one, but
-        not 50 SFTP channels on one connection. Refused: ``LimitExceeded``."""
+        not 50 SFTP channels on one connection. The limit is the account's own, else the
+        server's (:meth:`session_limit`), so a user with many connections from several
+        addresses cannot hold ``max_connections`` × ``max_channels_per_connection`` sessions.
+        Refused: ``LimitExceeded``, logged, counted and audited as ``session`` / ``limit``."""
         assert conn.account is not None, "open_session before login"
         protocol = protocol or conn.protocol
         if protocol not in conn.account.protocols:
             raise PermissionDenied(f"protocol {protocol} not allowed for this user")
-        self.registry.count_session(conn, +1)
+        try:
+            self.registry.count_session(conn, +1, self.session_limit(conn.account))
+        except LimitExceeded as exc:
+            log.info("session refused: %s", exc.message, extra=conn.log_context(
+                user=conn.user, op="session", result="denied", kind="limit", reason=exc.message))
+            self._record_refusal(conn, "session", conn.user, exc.message, "limit")
+            raise
         session = Session(
             session_id=conn.id, account=conn.account, protocol=protocol, remote_ip=conn.remote_ip,
             dispatcher=self.dispatcher, staging=self.staging, uploads=self.uploads, max_handles=self.max_handles,
@@ -558,6 +573,11 @@ class LoginCore:
         session.refusals = self.refusals
         conn.sessions.append(session)
         return session
+
+    def session_limit(self, account: Account) -> int:
+        """How many sessions ``account``'s user may hold at once (0: no limit): its own
+        ``max_sessions``, else the server's ``max_sessions_per_user``."""
+        return account.max_sessions or self.max_sessions_per_user
 
     def _budget(self, user: str) -> HandleBudget:
         """The user's handle budget, shared by all their sessions (created on first use)."""

@@ -81,7 +81,7 @@ USER_FIELDS: tuple[Field, ...] = (
     Field("--group", "groups", "list", "a group the user belongs to; repeatable", "GROUP"),
     Field("--key", "public_keys", "list", 'an SSH public key line ("ssh-ed25519 AAAA... comment"); repeatable',
           "KEYLINE"),
-    Field("--max-sessions", "max_sessions", "value", "open sessions at once; 0: no limit", "N"),
+    Field("--max-sessions", "max_sessions", "value", "open sessions at once; 0: [server] max_sessions_per_user", "N"),
     Field("--expires", "expires", "date", "no logins from this date (UTC) or ISO time on; never: no expiry",
           "DATE"),
     Field("--require-tls", "require_tls", "flag", "FTP and HTTP only over TLS"),

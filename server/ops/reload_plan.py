@@ -39,7 +39,7 @@ LIVE = frozenset({
     "server.log_format", "server.log_level", "server.grace_period", "server.drain_timeout",
     "server.login_failure_delay",
     "server.password_cache", "server.audit_retention_days", "server.audit_max_mb", "server.preauth_timeout",
-    "server.max_handles_per_user",
+    "server.max_handles_per_user", "server.max_sessions_per_user",
     "http.max_upload_size", "admin.token_hash", "admin.tokens",
     "defender.enabled", "defender.threshold", "defender.observation_window", "defender.ban_time",
     "defender.ban_time_multiplier", "defender.max_ban_time", "defender.score_login_failed",

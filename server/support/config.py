@@ -102,6 +102,9 @@ class ServerSection(_Model):
     max_handles_per_user: Annotated[int, Field(ge=1, le=1 << 20)] = 1024
     """Files and directory listings one user may hold open at once, over all their connections
     and protocols: each holds a descriptor, and the daemon has one descriptor table."""
+    max_sessions_per_user: Annotated[int, Field(ge=0, le=1 << 20)] = 100
+    """Sessions one user may hold at once (a logged-in connection, and each SSH channel beyond
+    a connection's first) when their account sets no max_sessions; 0 = unlimited."""
 
 
 class SftpSection(_Model):
@@ -468,7 +471,7 @@ class User(_Access):
     home: str
     groups: list[str] = []
     max_sessions: Count = 0
-    """0 = unlimited."""
+    """Sessions at once; 0 = [server] max_sessions_per_user applies."""
     disabled: bool = False
     disabled_reason: str = ""
     """Shown to the client where the protocol carries it (FTP 530, HTTP 403) and in the log."""
