@@ -1,7 +1,8 @@
 """Hostile SSH clients against per-client bounds (docs/architecture.md rules 11 and 12), through a real daemon.
 
 One connection may open at most ``[sftp] max_channels_per_connection`` channels; each SSH
-channel beyond a connection's first counts in the user's ``max_sessions``; one user holds at
+channel beyond a connection's first counts in the user's ``max_sessions`` (an account without
+one is bound by ``[server] max_sessions_per_user``, over all its connections); one user holds at
 most ``[server] max_handles_per_user`` files and listings over all their connections; an
 OPENDIR reads its directory in batches instead of keeping the whole stat'ed listing per
 handle; an SFTP channel whose client sends requests and reads no replies is closed once
@@ -10,6 +11,7 @@ handle; an SFTP channel whose client sends requests and reads no replies is clos
 
 from __future__ import annotations
 
+import ftplib
 import os
 import struct
 import threading
@@ -23,7 +25,11 @@ from paramiko.sftp import (
     SFTP_EOF, SFTP_FAILURE, SFTP_FLAG_CREATE, SFTP_FLAG_READ, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE, int64,
 )
 
-from conftest import close_client, paramiko_client, user_toml
+from adminkit import admin_toml, get, token_hash  # noqa: F401  (fixture)
+from conftest import ALICE_PASSWORD, close_client, paramiko_client, user_toml
+from httpkit import HTTP_EXTRA, request
+from test_defender import sock_from
+from test_reload import reload
 from test_sftp_paramiko import RawSFTP, _status, _take_string
 
 PROCESSES = [pytest.param("", id="workers"), pytest.param("processes = 1", id="in-process")]
@@ -131,6 +137,106 @@ def test_max_sessions_counts_ssh_channels(daemons, alice_key, bob_key, password_
         t2.close()
     finally:
         t.close()
+
+
+# --- sessions per user without max_sessions: the server's cap ----------------------------------
+
+FTP_EXTRA = '[ftp]\nenabled = true\nlisten = "127.0.0.1:0"\npassive_ports = ""\n'
+
+
+def _transport_from(d, source: str, user: str, key) -> paramiko.Transport:
+    t = paramiko.Transport(sock_from(d, source))
+    t.start_client(timeout=10)
+    t.auth_publickey(user, paramiko.PKey.from_path(str(key.private)))
+    return t
+
+
+def _channel_refused(t: paramiko.Transport) -> None:
+    """The next SFTP channel on ``t`` is closed at once (its session refused)."""
+    with pytest.raises((paramiko.SSHException, EOFError)):
+        paramiko.SFTPClient.from_transport(t)
+
+
+def test_sessions_per_user_capped_by_the_server_over_connections_and_addresses(daemons, token_hash, alice_key,
+                                                                                bob_key):  # noqa: F811
+    """alice sets no max_sessions: her channels over connections from several addresses stop
+    at [server] max_sessions_per_user, each refusal with its reason on every protocol, logged,
+    audited and counted; bob, under the same cap, is not charged for alice's sessions."""
+    d = daemons.start(FTP_EXTRA + HTTP_EXTRA + admin_toml(token_hash), server_extra="max_sessions_per_user = 4",
+                      sftp_extra="max_channels_per_connection = 3")
+    _homes(d)
+    held = [_transport_from(d, "127.0.0.2", "alice", alice_key), _transport_from(d, "127.0.0.3", "alice", alice_key)]
+    try:
+        first = [paramiko.SFTPClient.from_transport(held[0]) for _ in range(3)]  # 3 sessions, 3 channels
+        second = paramiko.SFTPClient.from_transport(held[1])  # the 4th session: at the cap
+        assert all(c.listdir("/") == [] for c in [*first, second])
+        _channel_refused(held[1])  # a 5th, though this connection has room for two more channels
+        d.wait_log(r"sftp refused: too many sessions for this user \(limit 4\)")
+        d.wait_log(r"user=alice .*\] session refused: too many sessions for this user \(limit 4\)")
+        with pytest.raises(paramiko.AuthenticationException):  # nor a new connection, from anywhere
+            _transport_from(d, "127.0.0.4", "alice", alice_key)
+        ftp = ftplib.FTP()
+        ftp.connect("127.0.0.1", d.ports["ftp"], timeout=20)
+        try:
+            with pytest.raises(ftplib.error_perm) as refused:
+                ftp.login("alice", ALICE_PASSWORD)
+            assert str(refused.value) == "530 too many sessions for this user (limit 4)"
+        finally:
+            ftp.close()
+        r = request(d, "GET", "/")
+        assert r.status == 403 and b"too many sessions for this user (limit 4)" in r.body
+        _bob_works(d, bob_key)  # bob's own sessions are his
+        bob = [_transport(d, "bob", bob_key) for _ in range(2)]
+        try:
+            assert all(paramiko.SFTPClient.from_transport(t).listdir("/") for t in bob)
+        finally:
+            for t in bob:
+                t.close()
+        rows = get(d, "/api/events?user=alice&decision=denied")
+        got = {(r["name"], r["protocol"], r["decided_by"]) for r in rows}
+        assert {("session", "sftp", "limit"), ("login", "sftp", "policy"), ("login", "ftp", "policy"),
+                ("login", "http", "policy")} <= got, got
+        assert all(r["reason"] == "too many sessions for this user (limit 4)" for r in rows), rows
+        assert 'scriptsftp_refusals_total{kind="limit",operation="session",protocol="sftp"} 1.0' in get(d, "/metrics")
+        first.pop().close()  # a closed channel gives its place back, on any of her connections
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                extra = paramiko.SFTPClient.from_transport(held[1])
+                break
+            except (paramiko.SSHException, EOFError):
+                assert time.monotonic() < deadline, "a closed channel was not given back"
+                time.sleep(0.1)
+        assert extra.listdir("/") == []
+    finally:
+        for t in held:
+            t.close()
+
+
+def test_an_accounts_max_sessions_overrides_the_servers_cap(daemons, alice_key, bob_key):
+    """alice's own max_sessions (5) lets her past the server's cap (2), bob without one stops at
+    it; a reload applies a new cap to the next channel."""
+    users = user_toml("alice", keys=[alice_key], max_sessions="5") + user_toml("bob", keys=[bob_key])
+    d = daemons.start(users=users, server_extra="max_sessions_per_user = 2")
+    _homes(d)
+    a, b = _transport(d, "alice", alice_key), _transport(d, "bob", bob_key)
+    try:
+        alice = [paramiko.SFTPClient.from_transport(a) for _ in range(5)]
+        assert all(c.listdir("/") == [] for c in alice)
+        _channel_refused(a)
+        d.wait_log(r"user=alice .*\] session refused: too many sessions for this user \(limit 5\)")
+        bob = [paramiko.SFTPClient.from_transport(b) for _ in range(2)]
+        assert all(c.listdir("/") == ["inbox"] for c in bob)
+        _channel_refused(b)
+        d.wait_log(r"user=bob .*\] session refused: too many sessions for this user \(limit 2\)")
+        daemons.write_config(users=users, server_extra="max_sessions_per_user = 3")
+        reload(d, r"\[server\] max_sessions_per_user changed: applied")
+        assert paramiko.SFTPClient.from_transport(b).listdir("/") == ["inbox"]  # the new cap, no restart
+        _channel_refused(b)
+        d.wait_log(r"user=bob .*\] session refused: too many sessions for this user \(limit 3\)")
+    finally:
+        a.close()
+        b.close()
 
 
 # --- handles per user, across connections --------------------------------------------------
