@@ -24,7 +24,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Generator, Iterable
 
 __all__ = [
     "ProxyError", "ProxiedAddress", "TrustedProxies", "V1_MAX", "V2_SIGNATURE", "V2_MAX_LENGTH",
@@ -178,28 +178,41 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     return out
 
 
+def _header_steps() -> Generator[int, bytes, ProxiedAddress]:
+    """The framing of a PROXY header (either version) without I/O: yields how many bytes it
+    needs next and is sent exactly those, so the blocking and the asyncio readers share it and
+    neither reads a byte past the header."""
+    first = yield _PREFIX_LEN
+    if first == _V1_PREFIX:
+        line = first
+        while not line.endswith(b"\r\n"):
+            if len(line) >= V1_MAX:
+                raise ProxyError(f"version 1 header longer than {V1_MAX} bytes")
+            line += yield 1
+        return parse_v1(line)
+    if first == V2_SIGNATURE[:_PREFIX_LEN]:
+        fixed = first + (yield 16 - _PREFIX_LEN)
+        if fixed[:12] != V2_SIGNATURE:
+            raise ProxyError("malformed version 2 header")
+        length = struct.unpack("!H", fixed[14:16])[0]
+        if length > V2_MAX_LENGTH:
+            raise ProxyError(f"version 2 header of {length} bytes (at most {V2_MAX_LENGTH})")
+        return parse_v2(fixed + (yield length))
+    raise ProxyError("no PROXY header")
+
+
 def read_header(sock: socket.socket, deadline: float) -> ProxiedAddress:
     """Read one PROXY header (either version) off a connected socket by ``deadline``
     (``time.monotonic()``), consuming nothing after it. The socket is left blocking, with no
     timeout; ProxyError if there is no valid header in time."""
+    steps = _header_steps()
     try:
-        first = _recv_exact(sock, _PREFIX_LEN, deadline)
-        if first == _V1_PREFIX:
-            line = first
-            while not line.endswith(b"\r\n"):
-                if len(line) >= V1_MAX:
-                    raise ProxyError(f"version 1 header longer than {V1_MAX} bytes")
-                line += _recv_exact(sock, 1, deadline)
-            return parse_v1(line)
-        if first == V2_SIGNATURE[:_PREFIX_LEN]:
-            fixed = first + _recv_exact(sock, 16 - _PREFIX_LEN, deadline)
-            if fixed[:12] != V2_SIGNATURE:
-                raise ProxyError("malformed version 2 header")
-            length = struct.unpack("!H", fixed[14:16])[0]
-            if length > V2_MAX_LENGTH:
-                raise ProxyError(f"version 2 header of {length} bytes (at most {V2_MAX_LENGTH})")
-            return parse_v2(fixed + _recv_exact(sock, length, deadline))
-        raise ProxyError("no PROXY header")
+        need = next(steps)
+        while True:
+            need = steps.send(_recv_exact(sock, need, deadline))
+    except StopIteration as done:
+        header: ProxiedAddress = done.value
+        return header
     finally:
         try:
             sock.settimeout(None)
@@ -230,23 +243,14 @@ async def read_header_async(sock: socket.socket, timeout: float) -> ProxiedAddre
             out += chunk
         return out
 
-    first = await exact(_PREFIX_LEN)
-    if first == _V1_PREFIX:
-        line = first
-        while not line.endswith(b"\r\n"):
-            if len(line) >= V1_MAX:
-                raise ProxyError(f"version 1 header longer than {V1_MAX} bytes")
-            line += await exact(1)
-        return parse_v1(line)
-    if first == V2_SIGNATURE[:_PREFIX_LEN]:
-        fixed = first + await exact(16 - _PREFIX_LEN)
-        if fixed[:12] != V2_SIGNATURE:
-            raise ProxyError("malformed version 2 header")
-        length = struct.unpack("!H", fixed[14:16])[0]
-        if length > V2_MAX_LENGTH:
-            raise ProxyError(f"version 2 header of {length} bytes (at most {V2_MAX_LENGTH})")
-        return parse_v2(fixed + await exact(length))
-    raise ProxyError("no PROXY header")
+    steps = _header_steps()
+    try:
+        need = next(steps)
+        while True:
+            need = steps.send(await exact(need))
+    except StopIteration as done:
+        header: ProxiedAddress = done.value
+        return header
 
 
 # --- X-Forwarded-For ---------------------------------------------------------------------------
