@@ -1,12 +1,20 @@
 """``api.notify``: email and webhooks, delivered from a durable outbox.
 
 A script's ``api.notify.email()`` / ``api.notify.webhook()`` only *queues* a
-message: one row in an SQLite database under ``state_dir`` (docs/architecture.md rule
-10: behind the small :class:`Outbox` interface, so it can move to PostgreSQL).
+message: one row in the outbox's database, this node's SQLite file under
+``state_dir``, or with ``[cluster] database`` the PostgreSQL table every node shares
+(docs/architecture.md rule 10; docs/cluster.md, "Notifications").
 The call returns at once; a :class:`Notifier` thread delivers, retrying with
 exponential backoff (``[notify] retry_delay`` doubling up to an hour, at most
 ``[notify] max_attempts`` tries). A message queued before a daemon restart is
-delivered after it: on start every pending message is due at once.
+delivered after it: on start every pending message this node had is due at once.
+
+Each message is delivered once as far as a sender can make it: a node claims it for
+``[notify] lease`` seconds (the database's clock) and only that claim records its
+outcome. A node killed between sending and recording makes a second delivery (by
+another node, after the lease) unavoidable; every webhook carries the message's id in
+``X-Scriptsftp-Delivery`` and every email a Message-ID made from it, the same on each
+attempt, so the receiver can drop the duplicate.
 
 No server-side request forgery: a webhook is addressed by *name*; the URL,
 timeout and headers come from ``[notify.webhooks.NAME]`` in the config, never
@@ -23,18 +31,17 @@ import json
 import logging
 import re
 import smtplib
-import sqlite3
 import ssl
 import threading
 import time
 import urllib.error
 import urllib.request
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any, Callable
 
-from scriptsftp.server.contract.state import StateStoreFactory
+from scriptsftp.server.contract.state import Cursor, SqlDatabase, StateStoreFactory
 
 from .capabilities import CapabilityCall, CapabilityError
 
@@ -47,116 +54,197 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 MAX_PENDING = 10_000
 MAX_PER_CALL = 100          # notifications one handler call may queue
 MAX_BACKOFF = 3600.0
-#: Seconds a claimed message stays invisible to other deliverers (another process, later).
-LEASE = 300.0
+#: messages one claim takes (a node delivers them one after the other)
+CLAIM_BATCH = 10
+#: seconds between tries while the outbox's database fails (doubling up to the second)
+DB_RETRY = (1.0, 30.0)
 KEEP_DELIVERED = 7 * 86400
 
 _ADDRESS = re.compile(r"^[^@\s<>,;:\"()\[\]\\]+@[A-Za-z0-9.\-\[\]:]+$")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind       TEXT NOT NULL,          -- 'email' | 'webhook'
-    target     TEXT NOT NULL,          -- recipients (email) or webhook name
-    body       TEXT NOT NULL,          -- JSON
-    script     TEXT NOT NULL,
-    created    REAL NOT NULL,
-    status     TEXT NOT NULL,          -- 'pending' | 'delivered' | 'failed'
-    attempts   INTEGER NOT NULL DEFAULT 0,
-    next_at    REAL NOT NULL,
-    last_error TEXT NOT NULL DEFAULT '',
-    done_at    REAL
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_at);
-"""
+#: the outbox's schema (stores/state.py applies it); append only. 1 is the table as it was
+#: before the stores had versions (an existing SQLite outbox keeps its rows); 2 adds the
+#: claim: which node delivers a message, until when (the database's clock), and a count of
+#: claims that tells one claim of a message from the next.
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, ["""CREATE TABLE IF NOT EXISTS outbox (
+        id         {id},
+        kind       TEXT NOT NULL,
+        target     TEXT NOT NULL,
+        body       TEXT NOT NULL,
+        script     TEXT NOT NULL,
+        created    DOUBLE PRECISION NOT NULL,
+        status     TEXT NOT NULL,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        next_at    DOUBLE PRECISION NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '',
+        done_at    DOUBLE PRECISION
+    )""",
+         "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_at)"]),
+    (2, ["ALTER TABLE outbox ADD COLUMN claimed_by TEXT NOT NULL DEFAULT ''",
+         "ALTER TABLE outbox ADD COLUMN lease_until DOUBLE PRECISION NOT NULL DEFAULT 0",
+         "ALTER TABLE outbox ADD COLUMN claims INTEGER NOT NULL DEFAULT 0"]),
+]
+
+#: the outbox's own dialect words: the database's clock in Unix seconds (leases and due times
+#: are compared on one clock, never a node's), and the row lock that lets nodes claim at once
+_WORDS = {
+    "sqlite": {"now": "((julianday('now') - 2440587.5) * 86400.0)", "skip_locked": ""},
+    "postgresql": {"now": "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)",
+                   "skip_locked": "FOR UPDATE SKIP LOCKED"},
+}
+
+
+class OutboxUnavailable(RuntimeError):
+    """The outbox's database failed (unreachable, full): the call did nothing."""
 
 
 class Outbox:
-    """The durable queue of notifications. Thread-safe; several processes may
-    share the file (claims are leases taken in ``BEGIN IMMEDIATE``)."""
+    """The durable queue of notifications. Thread-safe.
+
+    Its database comes from the state-store factory: this node's SQLite file, or with
+    ``[cluster] database`` the PostgreSQL table every node shares. A deliverer *claims*
+    due messages (:meth:`claim`): on PostgreSQL ``SELECT … FOR UPDATE SKIP LOCKED``, so
+    nodes claiming at once take different messages; on SQLite the claim is one
+    ``BEGIN IMMEDIATE`` transaction (several processes may share the file). A claim is a
+    lease on the database's clock: a message whose lease ran out (its node died in the
+    middle) is claimed again by any node. The outcome is recorded only by the latest
+    claim (``claimed_by`` and ``claims`` unchanged since), so a node that comes back late
+    cannot overwrite what another node recorded."""
 
     def __init__(self, stores: StateStoreFactory) -> None:
-        self._lock = threading.Lock()
-        self._db = stores.connect("outbox")
-        self._db.executescript(_SCHEMA)
+        self.node = stores.node
+        self._db: SqlDatabase = stores.database("outbox", MIGRATIONS)
+        self.shared = self._db.dialect.name == "postgresql"
+        self.errors = self._db.errors
+        words = {**self._db.dialect.words, **_WORDS[self._db.dialect.name]}
+        self._sql: Callable[[str], str] = lambda sql: sql.format(**words)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
+
+    def _run(self, write: bool, fn: Callable[[Cursor], Any]) -> Any:
+        db = self._db
+        with (db.transaction() if write else db.read()) as cur:
+            return fn(cur)
 
     def add(self, kind: str, target: str, body: dict[str, Any], script: str) -> int:
-        now = time.time()
-        with self._lock:
-            (pending,) = self._db.execute("SELECT COUNT(*) FROM outbox WHERE status = 'pending'").fetchone()
+        """Queue one message, due now; :class:`OverflowError` past :data:`MAX_PENDING`."""
+        text = json.dumps(body, ensure_ascii=False)
+
+        def add(cur: Cursor) -> int:
+            (pending,) = cur.execute("SELECT COUNT(*) FROM outbox WHERE status = 'pending'").fetchone() or (0,)
             if pending >= MAX_PENDING:
                 raise OverflowError(f"the notification outbox is full ({MAX_PENDING} pending messages)")
-            cur = self._db.execute(
+            row = cur.execute(self._sql(
                 "INSERT INTO outbox (kind, target, body, script, created, status, next_at) "
-                "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-                (kind, target, json.dumps(body, ensure_ascii=False), script, now, now))
-            return int(cur.lastrowid or 0)  # an INSERT always sets it
+                "VALUES (?, ?, ?, ?, {now}, 'pending', {now}) RETURNING id"),
+                (kind, target, text, script, )).fetchone()
+            assert row is not None  # an INSERT … RETURNING returns its row
+            return int(row[0])
+
+        return int(self._run(True, add))
 
     def make_all_due(self) -> int:
-        """At start: every pending message (also ones claimed by a run that died) is due now."""
-        with self._lock:
-            cur = self._db.execute("UPDATE outbox SET next_at = ? WHERE status = 'pending'", (time.time(),))
-            self._db.execute("DELETE FROM outbox WHERE status = 'delivered' AND done_at < ?",
-                             (time.time() - KEEP_DELIVERED,))
-            return cur.rowcount
+        """At start: what this node had claimed when it stopped or died is due now, and on one
+        node (SQLite) every pending message is (a retry's wait is not kept over a restart).
+        In a cluster the other nodes' messages keep their times: they are theirs, or
+        waiting for a retry."""
+        def due(cur: Cursor) -> int:
+            sql = "UPDATE outbox SET next_at = {now}, lease_until = 0 WHERE status = 'pending'"
+            if self.shared:
+                n = cur.execute(self._sql(sql + " AND claimed_by = ?"), (self.node,)).rowcount
+            else:
+                n = cur.execute(self._sql(sql)).rowcount
+            cur.execute(self._sql("DELETE FROM outbox WHERE status = 'delivered' AND done_at < {now} - ?"),
+                        (KEEP_DELIVERED,))
+            return n
+
+        return int(self._run(True, due))
 
     def next_due(self) -> float | None:
-        with self._lock:
-            (t,) = self._db.execute("SELECT MIN(next_at) FROM outbox WHERE status = 'pending'").fetchone()
-        return t
+        """Seconds until the next pending message may be claimed (<= 0: now), or None."""
+        def wait(cur: Cursor) -> float | None:
+            row = cur.execute(self._sql("SELECT MIN({greatest}(next_at, lease_until)) - {now} FROM outbox "
+                                        "WHERE status = 'pending'")).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
 
-    def claim(self, limit: int = 20) -> list[dict[str, Any]]:
-        """Take up to *limit* due messages (leased for :data:`LEASE` seconds)."""
-        now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = self._db.execute(
-                    "SELECT id, kind, target, body, script, attempts FROM outbox "
-                    "WHERE status = 'pending' AND next_at <= ? ORDER BY next_at, id LIMIT ?",
-                    (now, limit)).fetchall()
-                self._db.executemany("UPDATE outbox SET next_at = ? WHERE id = ?",
-                                     [(now + LEASE, r[0]) for r in rows])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return [{"id": r[0], "kind": r[1], "target": r[2], "body": json.loads(r[3]), "script": r[4],
-                 "attempts": r[5]} for r in rows]
+        result: float | None = self._run(False, wait)
+        return result
 
-    def delivered(self, msg_id: int) -> None:
-        with self._lock:
-            self._db.execute("UPDATE outbox SET status = 'delivered', attempts = attempts + 1, last_error = '', "
-                             "done_at = ? WHERE id = ?", (time.time(), msg_id))
+    def claim(self, lease: float, limit: int = 20) -> list[dict[str, Any]]:
+        """Take up to *limit* due messages for *lease* seconds of the database's clock; each
+        dict's ``claim`` (with this node's name) is what :meth:`delivered`, :meth:`retry`
+        and :meth:`failed` must show to record an outcome."""
+        def take(cur: Cursor) -> list[tuple[Any, ...]]:
+            rows = cur.execute(self._sql(
+                "SELECT id, kind, target, body, script, attempts, created, claims FROM outbox "
+                "WHERE status = 'pending' AND next_at <= {now} AND lease_until <= {now} "
+                "ORDER BY next_at, id LIMIT ? {skip_locked}"), (limit,)).fetchall()
+            for r in rows:
+                cur.execute(self._sql("UPDATE outbox SET claimed_by = ?, lease_until = {now} + ?, "
+                                      "claims = claims + 1 WHERE id = ?"), (self.node, lease, r[0]))
+            return rows
 
-    def retry(self, msg_id: int, error: str, at: float) -> None:
-        with self._lock:
-            self._db.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_at = ? WHERE id = ?",
-                             (error[:1000], at, msg_id))
+        rows: list[tuple[Any, ...]] = self._run(True, take)
+        return [{"id": int(r[0]), "kind": r[1], "target": r[2], "body": json.loads(r[3]), "script": r[4],
+                 "attempts": int(r[5]), "created": float(r[6]), "claim": int(r[7]) + 1} for r in rows]
 
-    def failed(self, msg_id: int, error: str) -> None:
-        with self._lock:
-            self._db.execute("UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ?, "
-                             "done_at = ? WHERE id = ?", (error[:1000], time.time(), msg_id))
+    def _record(self, msg: dict[str, Any], assignments: str, params: tuple[Any, ...]) -> bool:
+        """One outcome, written only if *msg*'s claim is still the latest: True if it was."""
+        sql = self._sql(f"UPDATE outbox SET {assignments}, attempts = attempts + 1, lease_until = 0 "
+                        "WHERE id = ? AND status = 'pending' AND claimed_by = ? AND claims = ?")
+        n = self._run(True, lambda cur: cur.execute(sql, (*params, msg["id"], self.node, msg["claim"])).rowcount)
+        return bool(n)
+
+    def delivered(self, msg: dict[str, Any]) -> bool:
+        return self._record(msg, "status = 'delivered', last_error = '', done_at = {now}", ())
+
+    def retry(self, msg: dict[str, Any], error: str, delay: float) -> bool:
+        """Due again *delay* seconds from now (the database's clock)."""
+        return self._record(msg, "last_error = ?, next_at = {now} + ?", (error[:1000], delay))
+
+    def failed(self, msg: dict[str, Any], error: str) -> bool:
+        return self._record(msg, "status = 'failed', last_error = ?, done_at = {now}", (error[:1000],))
+
+    def release(self, msgs: list[dict[str, Any]]) -> None:
+        """Give back claims not started (stopping, or the lease too short for the next
+        delivery): any node may take them at once instead of after the lease."""
+        def give(cur: Cursor) -> None:
+            for m in msgs:
+                cur.execute("UPDATE outbox SET lease_until = 0 WHERE id = ? AND status = 'pending' "
+                            "AND claimed_by = ? AND claims = ?", (m["id"], self.node, m["claim"]))
+
+        if msgs:
+            self._run(True, give)
 
     def stats(self) -> dict[str, int]:
-        """Counts by status: ``pending``, ``failed``, ``delivered`` (for the admin API)."""
+        """Counts by status: ``pending``, ``failed``, ``delivered`` (for the admin API); in a
+        cluster, the whole cluster's."""
         out = {"pending": 0, "failed": 0, "delivered": 0}
-        with self._lock:
-            for status, n in self._db.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status"):
-                out[status] = n
+        rows = self._run(False, lambda cur: cur.execute("SELECT status, COUNT(*) FROM outbox "
+                                                        "GROUP BY status").fetchall())
+        for status, n in rows:
+            out[status] = int(n)
         return out
 
     def recent_failures(self, limit: int = 20) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, kind, target, script, attempts, last_error, done_at FROM outbox "
-                "WHERE status = 'failed' ORDER BY done_at DESC LIMIT ?", (limit,)).fetchall()
+        rows = self._run(False, lambda cur: cur.execute(
+            "SELECT id, kind, target, script, attempts, last_error, done_at FROM outbox "
+            "WHERE status = 'failed' ORDER BY done_at DESC LIMIT ?", (limit,)).fetchall())
         return [dict(zip(("id", "kind", "target", "script", "attempts", "error", "time"), r)) for r in rows]
+
+
+#: the header every webhook POST carries: the message's id, the same on every attempt and node
+DELIVERY_HEADER = "X-Scriptsftp-Delivery"
+
+
+def message_id(mid: int, created: float, sender: str) -> str:
+    """An email's Message-ID, the same on every attempt and from every node, so that a
+    receiver (or its MTA) can drop a duplicate: from the message's id and queueing time
+    (ids start again in a new outbox database) and the sender's domain."""
+    domain = sender.rpartition("@")[2] if "@" in sender else "localhost"
+    return f"<scriptsftp-outbox.{mid}.{int(created * 1000)}@{domain}>"
 
 
 class DeliveryError(Exception):
@@ -172,7 +260,14 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 class Notifier:
     """Delivers the outbox from one thread. ``notify_cfg`` returns the current
-    ``[notify]`` section (a reload applies to the next attempt)."""
+    ``[notify]`` section (a reload applies to the next attempt).
+
+    It claims :data:`CLAIM_BATCH` messages at a time for ``[notify] lease`` seconds and
+    delivers them one after the other; one whose delivery could outlast what is left of
+    the lease (its timeout) is given back with the rest, not started. An outcome that
+    cannot be written (the database is away) is kept and written once it is back, before
+    anything new is claimed: a delivered message is not delivered again for want of its
+    record, unless its lease runs out first and another node takes it."""
 
     def __init__(self, outbox: Outbox, notify_cfg: Callable[[], Any], resolve: Callable[[str], Path]) -> None:
         self.outbox = outbox
@@ -182,6 +277,9 @@ class Notifier:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._opener = urllib.request.build_opener(_NoRedirect)
+        #: outcomes not written yet: (what, message, arguments)
+        self._unrecorded: list[tuple[str, dict[str, Any], tuple[Any, ...]]] = []
+        self._db_failures = 0
 
     def start(self) -> None:
         n = self.outbox.make_all_due()
@@ -201,31 +299,83 @@ class Notifier:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            started = time.monotonic()  # before the claim: the lease is at least this long from here
             try:
-                batch = self.outbox.claim()
-            except sqlite3.Error as exc:
-                log.error("outbox: cannot read the queue: %s", exc)
-                batch = []
-            for msg in batch:
-                if self._stop.is_set():
-                    return  # its lease ends; the next start makes it due again
-                self._deliver(msg)
+                self._record_unrecorded()
+                batch = self.outbox.claim(self.cfg().lease, CLAIM_BATCH)
+            except self.outbox.errors as exc:
+                self._database_failed("cannot read the queue", exc)
+                continue
+            self._db_failures = 0
             if batch:
+                self._deliver_batch(batch, started)
                 continue
             try:
                 due = self.outbox.next_due()
-            except sqlite3.Error:
+            except self.outbox.errors:
                 due = None
-            wait = 60.0 if due is None else min(60.0, max(0.0, due - time.time()))
-            self._wake.wait(wait)
+            # in a cluster, poll more often: a message queued by a node that died before claiming it
+            poll = 10.0 if self.outbox.shared else 60.0
+            self._wake.wait(poll if due is None else min(poll, max(0.0, due)))
             self._wake.clear()
 
-    def _deliver(self, msg: dict[str, Any]) -> None:
-        cfg = self.cfg()
+    def _database_failed(self, what: str, exc: BaseException) -> None:
+        """Logged at the first failure, then every tenth; waits 1 s, doubling up to 30 s."""
+        self._db_failures += 1
+        if self._db_failures % 10 == 1:
+            log.error("outbox: %s: %s (trying again)", what, exc)
+        first, most = DB_RETRY
+        self._stop.wait(min(most, first * 2 ** (self._db_failures - 1)))
+
+    def _deliver_batch(self, batch: list[dict[str, Any]], started: float) -> None:
+        for i, msg in enumerate(batch):
+            cfg = self.cfg()
+            if self._stop.is_set() or time.monotonic() - started + self._timeout(cfg, msg) >= cfg.lease:
+                try:
+                    self.outbox.release(batch[i:])
+                except self.outbox.errors as exc:  # their leases run out instead
+                    log.warning("outbox: cannot give back %d claimed message(s): %s", len(batch) - i, exc)
+                return
+            self._deliver(cfg, msg)
+
+    @staticmethod
+    def _timeout(cfg: Any, msg: dict[str, Any]) -> float:
+        """The longest a delivery of *msg* should take (its connection's timeout)."""
+        if msg["kind"] == "webhook":
+            hook = cfg.webhooks.get(msg["target"])
+            return float(hook.timeout) if hook is not None else 0.0
+        return float(cfg.smtp.timeout)
+
+    def _record(self, what: str, msg: dict[str, Any], *args: Any) -> None:
+        """Write an outcome; kept for later if the database fails."""
+        try:
+            self._write(what, msg, args)
+        except self.outbox.errors as exc:
+            log.warning("outbox: the outcome of %s %d is not written yet: %s", msg["kind"], msg["id"], exc)
+            self._unrecorded.append((what, msg, args))
+
+    def _record_unrecorded(self) -> None:
+        while self._unrecorded:
+            what, msg, args = self._unrecorded[0]
+            self._write(what, msg, args)
+            self._unrecorded.pop(0)
+
+    def _write(self, what: str, msg: dict[str, Any], args: tuple[Any, ...]) -> None:
+        if what == "delivered":
+            done = self.outbox.delivered(msg)
+        elif what == "retry":
+            done = self.outbox.retry(msg, *args)
+        else:
+            done = self.outbox.failed(msg, *args)
+        if not done:
+            log.warning("outbox: %s %d: its lease ran out and another node claimed it; this node's outcome "
+                        "(%s) is not recorded", msg["kind"], msg["id"], what)
+
+    def _deliver(self, cfg: Any, msg: dict[str, Any]) -> None:
         mid, kind, target = msg["id"], msg["kind"], msg["target"]
         try:
             if kind == "email":
-                self._send_email(cfg, msg["body"], mid)
+                self._send_email(cfg, msg["body"], msg)
             elif kind == "webhook":
                 self._post_webhook(cfg, target, msg["body"], msg["script"], mid)
             else:
@@ -236,7 +386,7 @@ class Notifier:
         except Exception as exc:  # noqa: BLE001 - any delivery problem is a failed attempt
             self._failure(cfg, msg, f"{type(exc).__name__}: {exc}", False)
             return
-        self.outbox.delivered(mid)
+        self._record("delivered", msg)
         log.info("%s %d to %s delivered (attempt %d)", kind, mid, target, msg["attempts"] + 1,
                  extra={"script": msg["script"]})
 
@@ -244,23 +394,23 @@ class Notifier:
         attempts = msg["attempts"] + 1
         what = f"{msg['kind']} {msg['id']} to {msg['target']}"
         if permanent or attempts >= cfg.max_attempts:
-            self.outbox.failed(msg["id"], error)
+            self._record("failed", msg, error)
             log.error("%s failed for good after %d attempt(s): %s", what, attempts, error,
                       extra={"script": msg["script"]})
             return
         delay = min(MAX_BACKOFF, cfg.retry_delay * 2 ** (attempts - 1))
-        self.outbox.retry(msg["id"], error, time.time() + delay)
+        self._record("retry", msg, error, delay)
         log.warning("%s attempt %d failed, retrying in %.0fs: %s", what, attempts, delay, error,
                     extra={"script": msg["script"]})
 
-    def _send_email(self, cfg: Any, body: dict[str, Any], mid: int) -> None:
+    def _send_email(self, cfg: Any, body: dict[str, Any], msg: dict[str, Any]) -> None:
         smtp = cfg.smtp
         m = EmailMessage()
         m["From"] = smtp.sender
         m["To"] = ", ".join(body["to"])
         m["Subject"] = body["subject"]
         m["Date"] = formatdate(localtime=True)
-        m["Message-ID"] = make_msgid(idstring=f"outbox{mid}")
+        m["Message-ID"] = message_id(msg["id"], msg["created"], smtp.sender)
         m["X-Scriptsftp-Script"] = body.get("script", "")
         m.set_content(body["body"])
         context = None
@@ -280,9 +430,9 @@ class Notifier:
         if hook is None:
             raise DeliveryError(f"webhook {name!r} is no longer configured", permanent=True)
         data = json.dumps(body["payload"], ensure_ascii=False).encode("utf-8")
-        headers = {"Content-Type": "application/json", "User-Agent": "scriptsftp",
-                   "X-Scriptsftp-Script": script, "X-Scriptsftp-Delivery": str(mid)}
+        headers = {"Content-Type": "application/json", "User-Agent": "scriptsftp", "X-Scriptsftp-Script": script}
         headers.update(hook.headers)
+        headers[DELIVERY_HEADER] = str(mid)  # the receiver's key to drop a duplicate: never the config's
         req = urllib.request.Request(hook.url, data=data, headers=headers, method="POST")
         try:
             with self._opener.open(req, timeout=hook.timeout) as resp:
@@ -322,6 +472,11 @@ class NotifyCapability:
         except OverflowError as exc:
             log.error("%s from %s refused: %s", kind, call.script, exc)
             raise CapabilityError(str(exc), "OverflowError") from None
+        except self.outbox.errors as exc:
+            log.error("%s from %s not queued: the outbox's database failed: %s", kind, call.script, exc,
+                      extra={"script": call.script})
+            raise CapabilityError("the notification outbox is unavailable: its database cannot be reached "
+                                  "or failed; nothing was queued", "RuntimeError") from None
         self.notifier.wake()
         log.info("%s %d to %s queued", kind, mid, target, extra={"script": call.script})
         return mid

@@ -179,6 +179,19 @@ class NotifySection(StrictModel):
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 10
     retry_delay: PositiveFloat = 30.0
     """Seconds before the first retry; doubles after each failure (at most an hour)."""
+    lease: Annotated[float, Field(ge=1, le=86400)] = 300.0
+    """Seconds a node's claim on a message it delivers lasts (the database's clock): a
+    message claimed by a node that died is delivered by another one after it. Longer than
+    any delivery (each webhook's timeout, the SMTP timeout), or a slow delivery would be
+    made twice."""
+
+    @model_validator(mode="after")
+    def _lease_outlasts_deliveries(self) -> "NotifySection":
+        slowest = max([self.smtp.timeout, *(h.timeout for h in self.webhooks.values())])
+        if self.lease <= slowest:
+            raise ValueError(f"lease ({self.lease:g}s) must be longer than the slowest delivery's timeout "
+                             f"({slowest:g}s): a delivery outlasting its lease is made again by another node")
+        return self
 
 
 class CommandSection(StrictModel):

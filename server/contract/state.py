@@ -11,13 +11,13 @@ scripting/ too, which may import only this contract from server/.
 
 A store gets its database one of two ways:
 
-- :meth:`StateStoreFactory.database` (``audit``, ``bans``, ``script-store``): an
+- :meth:`StateStoreFactory.database` (``audit``, ``bans``, ``script-store``, ``outbox``): an
   :class:`SqlDatabase`, SQLite in ``state_dir`` on one node or the PostgreSQL
   database of ``[cluster] database`` that every node shares. The store's statements
   are one set for both engines (``?`` placeholders, the few words that differ in
   braces, filled by its :class:`Dialect`), and its schema is a list of numbered
   migrations the factory applies before handing the database over.
-- :meth:`StateStoreFactory.connect` (``staging``, ``outbox``, not shared yet): this
+- :meth:`StateStoreFactory.connect` (``staging``, not shared yet): this
   node's SQLite file, a ``sqlite3.Connection``.
 """
 

@@ -51,7 +51,7 @@ LIVE = frozenset({
     "scripts.timeout", "scripts.cpu_time", "scripts.fs_admin_root", "scripts.schedule_tick",
     "notify.smtp.host", "notify.smtp.port", "notify.smtp.starttls", "notify.smtp.username",
     "notify.smtp.password", "notify.smtp.sender", "notify.smtp.ca_file", "notify.smtp.timeout",
-    "notify.webhooks", "notify.max_attempts", "notify.retry_delay",
+    "notify.webhooks", "notify.max_attempts", "notify.retry_delay", "notify.lease",
     "commands", "groups", "users", "bindings", "folders",
     "accounts.watch_interval", "accounts.kick_on_disable", "accounts.password_max_age",
     "accounts.quota_thresholds", "accounts.create_homes", "accounts.home_mode", "accounts.home_owner",
