@@ -205,37 +205,53 @@ def test_message_id_is_stable_and_from_the_senders_domain():
 
 
 class CountingReceiver:
-    """An aiohttp server in its own thread counting webhook POSTs by delivery id;
-    ``before_answer(id)`` (blocking, run off the loop) is called before each answer."""
+    """An aiohttp server in its own thread recording each webhook POST as (delivery id, the
+    sending node's ``X-Node`` header, arrival time). ``before_answer(id)`` (blocking, run off
+    the loop) is called before each answer; a POST from a node in ``hold`` is never answered
+    (until :meth:`stop`): a delivery in flight."""
 
-    def __init__(self, before_answer: Callable[[str], None] | None = None) -> None:
+    def __init__(self, before_answer: Callable[[str], None] | None = None, hold: frozenset[str] = frozenset()) -> None:
         self.port = free_port()
         self.before_answer = before_answer
-        self.ids: list[str] = []
+        self.hold = hold
+        self.got: list[tuple[str, str, float]] = []
+        self.held: list[str] = []
         self._lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.runner: Any = None
+        self._release: asyncio.Event | None = None
 
     async def _handle(self, request: Any) -> Any:
         from aiohttp import web
 
         await request.read()
-        mid = request.headers[DELIVERY_HEADER]
+        mid, node = request.headers[DELIVERY_HEADER], request.headers.get("X-Node", "")
         with self._lock:
-            self.ids.append(mid)
+            self.got.append((mid, node, time.time()))
+            if node in self.hold:
+                self.held.append(mid)
+        if node in self.hold:
+            assert self._release is not None
+            await self._release.wait()
         if self.before_answer is not None:
             await self.loop.run_in_executor(None, self.before_answer, mid)
         return web.Response(text="ok")
 
+    @property
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [g[0] for g in self.got]
+
     def count(self) -> int:
         with self._lock:
-            return len(self.ids)
+            return len(self.got)
 
     def start(self) -> "CountingReceiver":
         from aiohttp import web
 
         async def start() -> None:
+            self._release = asyncio.Event()
             app = web.Application()
             app.router.add_post("/{tail:.*}", self._handle)
             self.runner = web.AppRunner(app)
@@ -247,7 +263,9 @@ class CountingReceiver:
         return self
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        assert self._release is not None
+        self.loop.call_soon_threadsafe(self._release.set)
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
