@@ -168,8 +168,16 @@ class ScriptEngine:
         return self.pool.health()
 
     def outbox_stats(self) -> dict[str, int] | None:
+        """None also while the outbox's database cannot be reached (a shared outbox): the
+        status page must answer through a PostgreSQL outage."""
         outbox = self.services.outbox
-        return outbox.stats() if outbox is not None else None
+        if outbox is None:
+            return None
+        try:
+            return outbox.stats()
+        except outbox.errors as exc:
+            log.warning("outbox: cannot count the messages: %s", exc)
+            return None
 
     def dropped_calls(self) -> int:
         return self.dropped

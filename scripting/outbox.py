@@ -95,10 +95,6 @@ _WORDS = {
 }
 
 
-class OutboxUnavailable(RuntimeError):
-    """The outbox's database failed (unreachable, full): the call did nothing."""
-
-
 class Outbox:
     """The durable queue of notifications. Thread-safe.
 

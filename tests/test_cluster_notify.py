@@ -16,8 +16,10 @@ from pathlib import Path
 
 import psycopg
 
+from adminkit import admin_toml, get, token_hash  # noqa: F401 (a fixture)
 from conftest import DaemonFactory, sftp_batch, toml_str
 from test_cluster import cluster_toml, two_nodes  # noqa: F401 (a fixture)
+from test_cluster_state import own_pg  # noqa: F401 (a fixture)
 from test_cluster_outbox import CountingReceiver, wait_for
 from test_scripting import binding, write_script
 
@@ -133,5 +135,47 @@ def test_a_node_killed_mid_delivery_duplicates_only_what_it_had_in_flight(two_no
             assert by_b[str(mid)] >= lease_until - 0.5, (mid, by_b[str(mid)], lease_until)
         assert (rows(pg_dsn, "SELECT COUNT(*) FROM outbox WHERE claimed_by = 'a'")[0][0] == 0)
         b.wait_log(r"webhook \d+ to hook delivered \(attempt 1\)")
+    finally:
+        hook.stop()
+
+
+def test_a_node_through_a_postgresql_outage_sends_nothing_twice(daemons: DaemonFactory, own_pg,  # noqa: F811
+                                                                alice_key, token_hash: str):  # noqa: F811
+    down = threading.Event()
+
+    def first_stops_postgresql(mid: str) -> None:
+        if not down.is_set():
+            down.set()
+            own_pg.stop_server()
+
+    hook = CountingReceiver(first_stops_postgresql).start()
+    try:
+        write_script(daemons, "notify.py", NOTIFY)
+        d = daemons.start(admin_toml(token_hash, bindings=binding("post-mkdir", "notify.py", allow=["notify"]))
+                          + notify_toml("a", hook.port, timeout=10, lease=60) + cluster_toml("a", own_pg.dsn))
+        sftp_batch(d, "mkdir /before\n", alice_key, check=True)
+        wait_for(down.is_set, 60, "the first delivery")
+        d.wait_log(r"outbox: the outcome of webhook \d+ is not written yet", timeout=60)
+        assert get(d, "/api/status")["outbox"] is None  # answers through the outage
+        sftp_batch(d, "mkdir /during\n", alice_key, check=True)  # the mkdir is done; its script's notify fails
+        d.wait_log(r"webhook from notify\.py not queued: the outbox's database failed", timeout=60)
+        d.wait_log(r"RuntimeError: the notification outbox is unavailable", timeout=30)
+        own_pg.start_server()
+        wait_for(lambda: get(d, "/api/status")["outbox"] == {"pending": 0, "failed": 0, "delivered": 1}, 90,
+                 "the outcome written after the outage")
+        n = 0
+
+        def queued_after() -> bool:  # the first calls may still meet the pool reconnecting
+            nonlocal n
+            n += 1
+            sftp_batch(d, f"mkdir /after{n}\n", alice_key, check=True)
+            return any(r[0] == "pending" or r[0] == "delivered" for r in
+                       rows(own_pg.dsn, "SELECT status FROM outbox WHERE body LIKE '%/after%'"))
+
+        wait_for(queued_after, 60, "a message queued after the outage")
+        wait_for(lambda: hook.count() == 2, 60, "the message queued after the outage delivered")
+        counts = Counter(hook.ids)
+        assert sorted(counts.values()) == [1, 1], counts  # the one answered during the outage: once
+        assert rows(own_pg.dsn, "SELECT COUNT(*) FROM outbox")[0][0] == 2  # none from the outage
     finally:
         hook.stop()

@@ -2,8 +2,8 @@
 claims, leases and outcomes on both engines, and the outbox surviving a PostgreSQL outage.
 
 Two ``Outbox`` on one database stand for two nodes (on SQLite, two processes of one server on
-one state_dir); two real daemons delivering 200 webhooks, one of them killed mid-delivery, are
-in tests/test_cluster_notify.py."""
+one state_dir); two real daemons delivering 200 webhooks, one of them killed mid-delivery, and a
+daemon through a PostgreSQL outage are in tests/test_cluster_notify.py."""
 
 from __future__ import annotations
 
