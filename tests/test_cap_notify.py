@@ -9,6 +9,7 @@ import email
 import ipaddress
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -198,12 +199,15 @@ def test_email_and_webhook_are_delivered_and_ssrf_is_refused(daemons: DaemonFact
         assert mail["to"] == ["admin@example.com"] and mail["from"] == "scriptsftp@example.com"
         assert mail["msg"]["Subject"] == "upload /inbox/r.csv"
         assert mail["msg"].get_payload().strip() == "user alice size 8"
+        # the ids a receiver drops duplicates by (docs/cluster.md, "Notifications")
+        assert re.fullmatch(r"<scriptsftp-outbox\.\d+\.\d+@example\.com>", mail["msg"]["Message-ID"])
         post = hook.inbox.wait(1)[0]
         assert post["path"] == "/hooks/ops"
         assert json.loads(post["body"]) == {"user": "alice", "path": "/inbox/r.csv", "size": 8}
         assert post["headers"]["Authorization"] == "Bearer hook-token"
         assert post["headers"]["Content-Type"] == "application/json"
         assert post["headers"]["X-Scriptsftp-Script"] == "notify.py"
+        assert post["headers"]["X-Scriptsftp-Delivery"].isdigit()
         m = d.wait_log(r"notify\.py: ssrf refused error=.*")
         assert "no webhook named 'http://169.254.169.254" in m.group(0) and "cannot give a URL" in m.group(0)
         d.wait_log(r"notify\.py: header injection refused")

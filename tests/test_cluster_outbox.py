@@ -201,6 +201,44 @@ def test_message_id_is_stable_and_from_the_senders_domain():
     assert message_id(42, 1700000000.1234, "x") == "<scriptsftp-outbox.42.1700000000123@localhost>"
 
 
+class FlakySmtp:
+    """An SMTP server (aiosmtpd) that refuses the first message with a temporary error."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.messages: list[tuple[int, Any]] = []  # (the answer's code, the message)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        import email
+
+        code = 451 if not self.messages else 250
+        self.messages.append((code, email.message_from_bytes(envelope.original_content or envelope.content)))
+        return "451 try again later" if code == 451 else "250 OK"
+
+
+def test_every_attempt_of_an_email_carries_the_same_message_id(nodes):
+    from aiosmtpd.controller import Controller
+
+    sink = FlakySmtp()
+    controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
+    controller.start()
+    box = Outbox(nodes("a"))
+    cfg = NotifySection(retry_delay=0.2, smtp={"port": sink.port, "sender": "ops@example.com", "timeout": 10})
+    notifier = Notifier(box, lambda: cfg, Path)
+    try:
+        mid = box.add("email", "x@example.com", {"to": ["x@example.com"], "subject": "s", "body": "b",
+                                                 "script": "s.py"}, "s.py")
+        notifier.start()
+        wait_for(lambda: box.stats()["delivered"] == 1, 60, "the email, on its second attempt")
+        assert [code for code, _ in sink.messages] == [451, 250]
+        first, second = (m["Message-ID"] for _, m in sink.messages)
+        assert first == second and first.startswith(f"<scriptsftp-outbox.{mid}.") and first.endswith("@example.com>")
+    finally:
+        notifier.stop()
+        box.close()
+        controller.stop()
+
+
 # --- PostgreSQL down ---------------------------------------------------------------------------
 
 
