@@ -278,7 +278,11 @@ class Notifier:
         self._db_failures = 0
 
     def start(self) -> None:
-        n = self.outbox.make_all_due()
+        try:
+            n = self.outbox.make_all_due()
+        except self.outbox.errors as exc:  # this node's old claims end with their lease instead
+            log.warning("outbox: cannot make pending notifications due: %s", exc)
+            n = 0
         if n:
             log.info("outbox: %d notification(s) pending from an earlier run", n)
         self._thread = threading.Thread(target=self._loop, name="notify-outbox", daemon=True)
