@@ -32,8 +32,20 @@ StateName = Literal["staging", "audit", "bans", "script-store", "outbox"]
 
 Row = tuple[Any, ...]
 
-#: a store's schema: (version, statements), append only; a released one is never edited
-Migrations = Sequence[tuple[int, Sequence[str]]]
+@dataclass(frozen=True)
+class Migration:
+    """One step of a store's schema. ``compatible``: the previous release (which knows
+    every step up to ``version - 1``) still runs correctly against the schema this step
+    makes, so a cluster can be upgraded one node at a time (docs/cluster.md, "Rolling
+    upgrade"). A plain ``(version, statements)`` tuple is a step that is not."""
+
+    version: int
+    statements: Sequence[str]
+    compatible: bool = False
+
+
+#: a store's schema, append only; a released step is never edited
+Migrations = Sequence[Migration | tuple[int, Sequence[str]]]
 
 
 class Cursor(Protocol):

@@ -33,6 +33,8 @@ from pydantic import BaseModel, ValidationError
 
 from scriptsftp.server.support.config import Folder, Group, LoadedConfig, User
 from scriptsftp.server.core.accounts import UserRecord, build_record
+from scriptsftp.server.contract.state import Migration
+from scriptsftp.server.stores import migrations
 from scriptsftp.server.stores.sql import Cursor, SqlDatabase, open_database
 
 log = logging.getLogger("scriptsftp.accounts")
@@ -64,7 +66,7 @@ class AccountInvalid(AccountError):
     """The definition fails validation or names an unknown group or folder."""
 
 
-class SchemaTooNew(AccountError):
+class SchemaTooNew(AccountError, migrations.SchemaTooNew):
     """The database was upgraded by a newer scriptsftp than this one."""
 
 
@@ -129,9 +131,10 @@ class Change:
 
 # --- the schema --------------------------------------------------------------------------------
 
-#: (version, statements). Append only; a released migration is never edited. Each new
-#: version must keep the previous release working on the same database (rolling upgrades).
-MIGRATIONS: list[tuple[int, list[str]]] = [
+#: (version, statements), or a Migration marked compatible. Append only; a released migration is
+#: never edited. A step the previous release can run against is marked compatible, so that a
+#: cluster can be upgraded one node at a time (docs/cluster.md, "Rolling upgrade").
+MIGRATIONS: list[Migration | tuple[int, list[str]]] = [
     (1, [
         """CREATE TABLE account_users (
             name TEXT PRIMARY KEY,
@@ -183,7 +186,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             detail TEXT NOT NULL)""",
     ]),
 ]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+SCHEMA_VERSION = migrations.latest(MIGRATIONS)
 #: PostgreSQL advisory lock keys (per database): one migration at a time, one account write at a time
 UPGRADE_LOCK = 7318849
 ACCOUNT_WRITES_LOCK = 7318850
@@ -208,6 +211,21 @@ def _validated(cls: type[M], data: Mapping[str, Any], what: str) -> M:
             f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg'].removeprefix('Value error, ')}"
             for e in exc.errors())
         raise AccountInvalid(f"{what}: {problems}") from None
+
+
+class _AccountBook:
+    """The account database's version book: its own ``schema_version`` table (one row per
+    step applied), as every account database has had it since the first release."""
+
+    name = "accounts"
+
+    def read(self, cur: Cursor) -> int:
+        cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = cur.execute("SELECT max(version) FROM schema_version").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def record(self, cur: Cursor, version: int) -> None:
+        cur.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
 
 class AccountDb:
@@ -260,18 +278,12 @@ class AccountDb:
 
     def schema_version(self) -> int:
         with self.db.transaction() as cur:
-            return self._version(cur)
-
-    def _version(self, cur: Cursor) -> int:
-        cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = cur.execute("SELECT max(version) FROM schema_version").fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+            return _AccountBook().read(cur)
 
     def check_schema(self) -> None:
-        version = self.schema_version()
-        if version > SCHEMA_VERSION:
-            raise SchemaTooNew(f"{self.db.where}: the account database has schema {version}, newer than this "
-                               f"scriptsftp's {SCHEMA_VERSION}: upgrade scriptsftp")
+        """Refuse a schema this code cannot use: older than its own (``db upgrade`` first), or
+        newer unless the newer steps let this release run (a rolling upgrade)."""
+        version = migrations.check(self.db, _AccountBook(), MIGRATIONS, "the account database", SchemaTooNew)
         if version < SCHEMA_VERSION:
             raise AccountError(f"{self.db.where}: the account database has schema {version}, this scriptsftp "
                                f"needs {SCHEMA_VERSION}: run `scriptsftp db upgrade`")
@@ -279,22 +291,8 @@ class AccountDb:
     def upgrade(self) -> list[int]:
         """Apply the missing migrations, each in its own transaction; concurrent upgraders
         (two nodes starting at once) wait for each other and apply each step once."""
-        applied: list[int] = []
-        for version, statements in MIGRATIONS:
-            with self.db.transaction() as cur:
-                if self.db.dialect.name == "postgresql":
-                    cur.execute("SELECT pg_advisory_xact_lock(?)", (UPGRADE_LOCK,))  # one upgrader at a time
-                current = self._version(cur)
-                if current > SCHEMA_VERSION:
-                    raise SchemaTooNew(f"{self.db.where}: the account database has schema {current}, newer "
-                                       f"than this scriptsftp's {SCHEMA_VERSION}: upgrade scriptsftp")
-                if current >= version:
-                    continue
-                for sql in statements:
-                    cur.execute(self.db.dialect.render(sql))
-                cur.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-                applied.append(version)
-        return applied
+        return migrations.migrate(self.db, _AccountBook(), MIGRATIONS, what="the account database",
+                                  lock=UPGRADE_LOCK, too_new=SchemaTooNew)
 
     # --- users ----------------------------------------------------------------------------------
 

@@ -10,9 +10,10 @@ database uses; the others stay in this node's ``state_dir`` until they are share
 too (docs/cluster.md, "What is shared").
 
 Each shared store's schema is a list of numbered migrations (the store's own),
-applied by :func:`migrate` in one transaction each and recorded per store in
-``state_schema``; on PostgreSQL an advisory lock makes nodes that start together
-apply each step once.
+applied by :func:`migrate` (the one runner, :mod:`.migrations`) in one transaction
+each and recorded per store in ``state_schema``; on PostgreSQL an advisory lock makes
+nodes that start together apply each step once, and a schema one compatible step
+newer than the code is used as it is (rolling upgrades).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import sqlite3
 from pathlib import Path
 
 from scriptsftp.server.contract.state import Migrations, SqlDatabase, StateName
+from scriptsftp.server.stores.migrations import SchemaTooNew, StateBook
+from scriptsftp.server.stores.migrations import migrate as run_migrations
 from scriptsftp.server.stores.sql import PostgresDatabase, SqliteStateDatabase
 from scriptsftp.server.stores.sqlite import DATABASES, open_sqlite
 from scriptsftp.server.support.config import LoadedConfig
@@ -39,7 +42,7 @@ STATE_POOL_SIZE = 8
 STATE_TIMEOUT = 3.0
 
 
-class StateSchemaTooNew(RuntimeError):
+class StateSchemaTooNew(SchemaTooNew):
     """The database was migrated by a newer scriptsftp."""
 
 
@@ -85,27 +88,10 @@ class StateStores:
 
 
 def migrate(db: SqlDatabase, store: str, migrations: Migrations) -> list[int]:
-    """Apply the missing ``migrations`` of ``store``, each in its own transaction."""
-    applied: list[int] = []
-    latest = migrations[-1][0] if migrations else 0
-    for version, statements in migrations:
-        with db.transaction() as cur:
-            if db.dialect.name == "postgresql":
-                cur.execute("SELECT pg_advisory_xact_lock(?)", (STATE_UPGRADE_LOCK,))
-            cur.execute("CREATE TABLE IF NOT EXISTS state_schema (store TEXT PRIMARY KEY, version INTEGER NOT NULL)")
-            row = cur.execute("SELECT version FROM state_schema WHERE store = ?", (store,)).fetchone()
-            current = int(row[0]) if row else 0
-            if current > latest:
-                raise StateSchemaTooNew(f"{db.where}: the {store} store has schema {current}, newer than "
-                                        f"this scriptsftp's {latest}: upgrade scriptsftp")
-            if current >= version:
-                continue
-            for sql in statements:
-                cur.execute(db.dialect.render(sql))
-            cur.execute("INSERT INTO state_schema (store, version) VALUES (?, ?) ON CONFLICT (store) "
-                        "DO UPDATE SET version = excluded.version", (store, version))
-            applied.append(version)
-    return applied
+    """Apply the missing ``migrations`` of ``store``, each in its own transaction (the one
+    runner, :mod:`.migrations`, with the store's row of ``state_schema`` as its book)."""
+    return run_migrations(db, StateBook(store), migrations, what=f"the {store} store",
+                          lock=STATE_UPGRADE_LOCK, too_new=StateSchemaTooNew)
 
 
 __all__ = ["SHARED", "StateSchemaTooNew", "StateStores", "migrate"]
