@@ -472,4 +472,8 @@ from scriptsftp.server.ops.quota_cli import quota  # noqa: E402  (its own module
 
 main.add_command(quota)
 
+from scriptsftp.server.ops.cluster_cli import cluster  # noqa: E402  (its own module: `scriptsftp cluster ...`)
+
+main.add_command(cluster)
+
 __all__ = ["main"]

@@ -53,6 +53,7 @@ from scriptsftp.server.frontends.ssh.server import SSHLimits, SSHListener
 from scriptsftp.server.frontends.ssh.worker_pool import SSHWorkerPool, worker_count
 from scriptsftp.server.core.publish import Publisher
 from scriptsftp.server.core.quota import QuotaHolder, Quotas
+from scriptsftp.server.ops.node_registry import Heartbeat, NodeRegistry, NodeReport, cluster_view
 from scriptsftp.server.ops.reload_plan import ReloadPlan, config_hash, key_label, plan_reload, write_running
 from scriptsftp.server.core.staging import CHECKING, StagingRecords, discard_leftovers
 from scriptsftp.server.core.storage import LocalStorage, StorageOpener
@@ -187,6 +188,9 @@ class Daemon:
             self.stores, retention_days=m.server.audit_retention_days, max_mb=m.server.audit_max_mb))
         # bans, scores, connection caps: shared by every front end through the login core
         self.defender = _open_shared(cfg, self.stores, "bans", lambda: Defender(self.stores, m.defender))
+        # with [cluster] database: this node's row in the node registry, beating once started
+        self.registry = _open_registry(cfg) if m.cluster.database else None
+        self.heartbeat: Heartbeat | None = None
         # usage and daily transfers, counted at publish and delete against [accounts] quotas
         # (the account database keeps them, so the CLI's quota scan and other nodes share them)
         self.quotas = Quotas(self.account_db, m.accounts.quota_thresholds)
@@ -363,7 +367,19 @@ class Daemon:
             listener.start()
             for addr in listener.bound:
                 log.info("listening %s on %s", listener.name, addr)
+        if self.registry is not None:
+            self.heartbeat = Heartbeat(self.registry, self.node_report)
+            self.heartbeat.start()
         log.info("scriptsftp %s ready", __version__)
+
+    def node_report(self) -> NodeReport:
+        """What this node publishes in the node registry (its heartbeat), read live."""
+        m = self.cfg.model
+        return NodeReport(
+            name=m.cluster.node or socket.gethostname(), version=__version__, config_hash=config_hash(m),
+            script_hashes={s["name"]: s["sha256"] for s in self.engine.scripts_info() if s["sha256"]},
+            started_at=self.started, draining=self.draining is not None,
+            listeners=[{"name": lst.name, "bound": lst.bound} for lst in self.listeners])
 
     def serve_forever(self) -> None:
         """Block until SIGTERM/SIGINT or the end of a drain (call :meth:`start` first, which
@@ -627,6 +643,10 @@ class Daemon:
         self.staging.close()
         self.audit.close()
         self.defender.close()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        if self.registry is not None:
+            self.registry.close()
         log.info("stopped")
 
     def _active(self) -> int:
@@ -647,6 +667,15 @@ def _open_account_db(cfg: LoadedConfig) -> AccountDb:
     except Exception as exc:  # sqlite3.Error, psycopg's OperationalError, a pool timeout
         where = cfg.model.accounts.database and redact_url(cfg.model.accounts.database) or "state_dir"
         raise ConfigError([f"{cfg.path}:1: [accounts] database: cannot open {where}: {exc}"]) from None
+
+
+def _open_registry(cfg: LoadedConfig) -> NodeRegistry:
+    """The node registry in ``[cluster] database``; one line when it cannot be opened."""
+    try:
+        return NodeRegistry(cfg.model.cluster.database)
+    except Exception as exc:  # psycopg's OperationalError, a pool timeout, a schema too new
+        raise ConfigError([f"{cfg.path}:1: [cluster] database: cannot open {redact_url(cfg.model.cluster.database)}: "
+                           f"{redact_url(' '.join(str(exc).split()))}"]) from None
 
 
 T = TypeVar("T")
@@ -745,6 +774,16 @@ class AdminView:
     @property
     def config_hash(self) -> str:
         return config_hash(self._daemon.cfg.model)
+
+    @property
+    def cluster(self) -> dict[str, Any] | None:
+        registry = self._daemon.registry
+        if registry is None:
+            return None
+        try:
+            return cluster_view(registry.nodes())
+        except registry.db.errors as exc:
+            return {"error": f"the node registry cannot be read: {' '.join(str(exc).split())}"}
 
 
 class AccountsOfDaemon:

@@ -138,6 +138,9 @@ class AdminPort(Protocol):
     @property
     def config_hash(self) -> str: ...  # SHA-256 of the running configuration (reload_plan.config_hash)
 
+    @property
+    def cluster(self) -> dict[str, Any] | None: ...  # every node and the drift (node_registry.cluster_view), or None
+
 
 # --- the caller ---------------------------------------------------------------------------
 
@@ -471,6 +474,8 @@ class AdminListener:
             "config_hash": d.config_hash,
             "script_hashes": {s["name"]: s["sha256"] for s in scripts if s["sha256"]},
             "draining": d.draining,
+            # with [cluster] database: every node from the node registry, alive or not, and the drift
+            "cluster": d.cluster,
             "audit": audit.stats() if audit is not None else None,
             # api.notify's durable outbox: pending / failed / delivered (scripting/outbox.py)
             "outbox": d.engine.outbox_stats(),

@@ -54,6 +54,38 @@ class ListenerInfo(_Reply):
     active: int
 
 
+class ClusterNode(_Reply):
+    """One node's row in the node registry (docs/cluster.md, "Which nodes run what")."""
+
+    node: str
+    version: str
+    config_hash: str
+    script_hashes: dict[str, str]
+    started_at: float
+    heartbeat_age: float = Field(description="Seconds since the node's last heartbeat, by the database's clock.")
+    alive: bool = Field(description="heartbeat_age is at most down_after.")
+    draining: bool
+    listeners: list[dict[str, Any]] = Field(description="[{name, bound: [host:port]}] as the node bound them.")
+
+
+class ClusterDrift(_Reply):
+    """Where the alive nodes differ; each part empty when they agree."""
+
+    versions: dict[str, list[str]] = Field(description="scriptsftp version -> nodes, when more than one.")
+    config_hashes: dict[str, list[str]] = Field(description="config_hash -> nodes, when more than one.")
+    scripts: dict[str, dict[str, str | None]] = Field(
+        description="Script name -> node -> its SHA-256 (null: not run there), for each script that differs.")
+
+
+class Cluster(_Reply):
+    nodes: list[ClusterNode] = Field(default_factory=list)
+    down: list[str] = Field(default_factory=list, description="Nodes whose heartbeat is older than down_after.")
+    down_after: float | None = None
+    drift: ClusterDrift | None = None
+    ok: bool | None = Field(None, description="Every node alive and no drift.")
+    error: str | None = Field(None, description="Only this, when the registry cannot be read (database away).")
+
+
 class Status(_Reply):
     version: str
     started: float
@@ -72,6 +104,8 @@ class Status(_Reply):
                                          "settings, whatever the comments and layout of their files.")
     script_hashes: dict[str, str] = Field(description="SHA-256 of each bound script's running version, by name.")
     draining: Drain | None = Field(description="The drain under way, or null.")
+    cluster: Cluster | None = Field(None, description="With [cluster] database: every node of the node "
+                                                      "registry and the drift between them; else null.")
 
 
 class Transfer(_Reply):
