@@ -115,3 +115,27 @@ def test_cluster_status_without_a_cluster_or_its_database(two_nodes: list[Daemon
     (line,) = proc.stderr.splitlines()
     assert line.startswith("scriptsftp: [cluster] database: cannot read postgresql://scriptsftp:***@127.0.0.1:1/x: ")
     assert "s3cret" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def row(node: str, *, version: str = "1.0", config: str = "c" * 64, scripts: dict | None = None,
+        age: float = 1.0) -> dict:
+    return {"node": node, "version": version, "config_hash": config, "script_hashes": scripts or {},
+            "started_at": 0.0, "heartbeat_age": age, "draining": False, "listeners": []}
+
+
+def test_the_view_names_config_and_version_drift_among_the_nodes_up_only():
+    from scriptsftp.server.ops.cluster_cli import format_view
+    from scriptsftp.server.ops.node_registry import cluster_view
+
+    view = cluster_view([row("a"), row("b", config="d" * 64, version="1.1", scripts={"x.py": "e" * 64}),
+                         row("c", config="f" * 64, version="0.9", age=DOWN_AFTER + 0.1)])
+    assert view["down"] == ["c"] and not view["ok"]
+    assert view["drift"] == {"versions": {"1.0": ["a"], "1.1": ["b"]},
+                             "config_hashes": {"c" * 64: ["a"], "d" * 64: ["b"]},
+                             "scripts": {"x.py": {"a": None, "b": "e" * 64}}}
+    lines = format_view(view)
+    assert "drift: version 1.0 on a" in lines and "drift: version 1.1 on b" in lines
+    assert f"drift: config {'d' * 12} on b" in lines
+    assert f"drift: script x.py: a (not run), b {'e' * 12}" in lines
+    assert any(x.startswith("down: c: no heartbeat for 10.1s") for x in lines)
+    assert cluster_view([row("a"), row("b")])["ok"] is True
