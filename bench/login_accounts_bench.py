@@ -4,6 +4,12 @@
     .venv/bin/python bench/login_accounts_bench.py [--logins 400] [--users 10,10000]
                                                    [--engines sqlite,postgresql] [--lookups 2000]
 
+``--engines`` also takes ``cluster``: the accounts *and* the state stores ``[cluster]
+database`` shares (the defender, the audit trail, the script store, the node registry) in one
+PostgreSQL database, as a node of a cluster runs: ``--engines sqlite,cluster`` is issue 19's
+login latency with PostgreSQL vs SQLite state. The report then adds each engine's p50 and p99
+over SQLite's, measured in the same run.
+
 Issue 18's bar: p99 login time with 10,000 users within 10% of 10 users (an account lookup
 is one primary-key read, never a scan). For every engine x population it fills a fresh
 account database (``AccountDb.import_``: one transaction) and starts a real `scriptsftp run`
@@ -102,7 +108,11 @@ processes = {args.sftp_processes}
 
 [accounts]
 database = {json.dumps(self.dsn)}
-""")
+""" + (f"""
+[cluster]
+node = "bench"
+database = {json.dumps(self.dsn)}
+""" if self.engine == "cluster" else ""))
         return cfg
 
     def start(self, cfg: Path) -> None:
@@ -227,9 +237,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     password_hash = hash_password(PASSWORD)
     populations = sorted(int(n) for n in args.users.split(","))
     engines = args.engines.split(",")
-    if "postgresql" in engines:
+    on_postgresql = "postgresql" in engines or "cluster" in engines
+    if on_postgresql:
         sweep_leftovers()  # clusters of killed runs (this bench's or the tests')
-    cluster = PgCluster.start() if "postgresql" in engines else None
+    cluster = PgCluster.start() if on_postgresql else None
     columns: list[Column] = []
     with tempfile.TemporaryDirectory(prefix="login-accounts-") as tmp:
         try:
@@ -237,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for n in populations:
                     col = Column(engine, n, Path(tmp) / f"{engine}-{n}")
                     col.root.mkdir()
-                    if engine == "postgresql":
+                    if engine in ("postgresql", "cluster"):
                         assert cluster is not None
                         col.dsn = cluster.new_database("bench")
                     populate(col, args, password_hash)
@@ -301,14 +312,25 @@ def report(columns: list[Column], populations: list[int]) -> dict[str, Any]:
     print(f"\np99 with {large} users / p99 with {small} users (issue 18's bar: <= 1.10)")
     for what, ratio in ratios.items():
         print(f"  {what:<22}{ratio:>7}  {'ok' if ratio <= 1.10 else 'OVER'}")
-    return {"rows": rows, "p99_ratio": ratios}
+    over_sqlite: dict[str, dict[str, float]] = {}
+    if "sqlite" in {c.engine for c in columns}:
+        print(f"\neach engine over SQLite, {small} users (same run)")
+        for engine in dict.fromkeys(c.engine for c in columns if c.engine != "sqlite"):
+            for kind in ("key", "password"):
+                base = next(r for r in rows if r["engine"] == "sqlite" and r["users"] == small and r["auth"] == kind)
+                this = next(r for r in rows if r["engine"] == engine and r["users"] == small and r["auth"] == kind)
+                over_sqlite[f"{engine} {kind}"] = {q: round(this[q] / base[q], 3) for q in ("p50_ms", "p99_ms")}
+                print(f"  {engine + ' ' + kind:<22}p50 x{over_sqlite[f'{engine} {kind}']['p50_ms']:<7}"
+                      f"p99 x{over_sqlite[f'{engine} {kind}']['p99_ms']}")
+    return {"rows": rows, "p99_ratio": ratios, "over_sqlite": over_sqlite}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--logins", type=int, default=400, help="timed logins per column and auth kind")
     ap.add_argument("--users", default="10,10000", help="populations to compare, comma-separated")
-    ap.add_argument("--engines", default="sqlite,postgresql")
+    ap.add_argument("--engines", default="sqlite,postgresql",
+                    help="sqlite, postgresql (accounts only), cluster (accounts and [cluster] database)")
     ap.add_argument("--sample", type=int, default=10, help="distinct users logged in as, per column")
     ap.add_argument("--lookups", type=int, default=2000, help="in-process AccountDb.get_user calls timed per column")
     ap.add_argument("--sftp-processes", type=int, default=1,
