@@ -58,6 +58,7 @@ from scriptsftp.server.ops.reload_plan import ReloadPlan, config_hash, key_label
 from scriptsftp.server.core.staging import CHECKING, StagingRecords, discard_leftovers
 from scriptsftp.server.core.storage import LocalStorage, StorageOpener
 from scriptsftp.server.stores import StateStores
+from scriptsftp.server.stores.migrations import SchemaTooNew
 from scriptsftp.server.stores.accounts_db import (
     AccountDb, AccountError, StoredUser, DatabaseAccountSource, MergedAccountSource, file_names_of, name_conflicts,
 )
@@ -686,6 +687,9 @@ def _open_shared(cfg: LoadedConfig, stores: StateStores, name: StateName, open_s
     start with one line (the URL's password hidden)."""
     try:
         return open_store()
+    except SchemaTooNew as exc:  # migrated by a newer scriptsftp whose steps this one cannot run against
+        key = "[cluster] database" if stores.shared(name) else "[server] state_dir"
+        raise ConfigError([f"{cfg.path}:1: {key}: {' '.join(str(exc).split())}"]) from None
     except Exception as exc:  # psycopg's OperationalError, a pool timeout, sqlite3.Error
         if not stores.shared(name):
             raise

@@ -119,3 +119,54 @@ def test_this_release_refuses_the_next_releases_breaking_account_schema(db):
         assert str(refused.value).endswith(
             f"the account database has schema {SCHEMA_VERSION + 1} (usable from {SCHEMA_VERSION + 1} on), "
             f"newer than this scriptsftp's {SCHEMA_VERSION}: upgrade scriptsftp")
+
+
+# --- a real daemon of this release on a state store one release newer --------------------------
+
+
+def _newer_audit_schema(daemons, database: str, step) -> None:
+    """The audit store as the next release would leave it: every step of this release, then ``step``."""
+    from scriptsftp.server.ops.audit import MIGRATIONS as AUDIT_MIGRATIONS
+    from scriptsftp.server.stores import StateStores
+
+    stores = StateStores(daemons.root / "state", database=database, node="newer")
+    stores.state_dir.mkdir(parents=True, exist_ok=True)
+    stores.database("audit", [*AUDIT_MIGRATIONS, step]).close()
+
+
+def _cluster(database: str) -> str:
+    from test_cluster import cluster_toml
+
+    return cluster_toml("node-a", database) if database else ""
+
+
+def test_a_daemon_runs_on_a_state_store_one_compatible_step_newer(daemons, accounts_database: str, alice_key):
+    from conftest import sftp_batch
+    from scriptsftp.server.ops.audit import MIGRATIONS as AUDIT_MIGRATIONS
+
+    nxt = migrations.latest(AUDIT_MIGRATIONS) + 1
+    _newer_audit_schema(daemons, accounts_database,
+                        Migration(nxt, ["CREATE TABLE audit_next (x INTEGER)"], compatible=True))
+    d = daemons.start(_cluster(accounts_database))
+    sftp_batch(d, "mkdir /still-served\n", alice_key, check=True)
+    assert "upgrade scriptsftp" not in d.log_text()
+
+
+def test_a_daemon_refuses_a_state_store_one_breaking_step_newer_in_one_line(daemons, accounts_database: str):
+    import subprocess
+
+    from conftest import BIN
+    from scriptsftp.server.ops.audit import MIGRATIONS as AUDIT_MIGRATIONS
+
+    nxt = migrations.latest(AUDIT_MIGRATIONS) + 1
+    _newer_audit_schema(daemons, accounts_database, (nxt, ["CREATE TABLE audit_next (x INTEGER)"]))
+    path = daemons.write_config(_cluster(accounts_database))
+    proc = subprocess.run([str(BIN), "run", "-c", str(path)], capture_output=True, text=True, timeout=120,
+                          cwd=daemons.root)
+    assert proc.returncode == 2, proc
+    (line,) = [x for x in proc.stderr.splitlines() if "upgrade scriptsftp" in x]
+    key = "[cluster] database" if accounts_database else "[server] state_dir"
+    assert line.startswith(f"{path}:1: {key}: "), line
+    assert line.endswith(f"the audit store has schema {nxt} (usable from {nxt} on), newer than this scriptsftp's "
+                         f"{nxt - 1}: upgrade scriptsftp"), line
+    assert "Traceback" not in proc.stderr
