@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 from adminkit import admin_toml, get, token_hash, wait_for  # noqa: F401 (a fixture)
-from conftest import BIN, DaemonFactory
+from conftest import BIN, DaemonFactory, paramiko_client
 from test_cluster import cluster_toml, two_nodes  # noqa: F401 (a fixture)
 from test_scripting import binding, write_script
 
@@ -96,13 +97,24 @@ def test_cluster_status_names_the_drift_and_a_killed_node(two_nodes: list[Daemon
     assert proc.returncode == 1 and "node-a" in proc.stdout and "down: node-b" in proc.stdout, proc
 
 
-def test_cluster_status_all_alike_exits_0(two_nodes: list[DaemonFactory], pg_dsn: str):
-    for name, factory in zip(("node-a", "node-b"), two_nodes):
-        factory.start(cluster_toml(name, pg_dsn))
-    proc = cluster_status(two_nodes[0].root / "scriptsftp.toml")
+def test_cluster_status_all_alike_exits_0_and_shows_a_drain(two_nodes: list[DaemonFactory], pg_dsn: str):
+    nodes = [factory.start(cluster_toml(name, pg_dsn)) for name, factory in zip(("node-a", "node-b"), two_nodes)]
+    config = two_nodes[0].root / "scriptsftp.toml"
+    proc = cluster_status(config)
     assert proc.returncode == 0, proc
     assert proc.stdout.rstrip().endswith("ok: 2 node(s) up, same version, config and scripts")
     assert "drift" not in proc.stdout
+    # node-b drains (SIGUSR2) while a session holds it open: its next heartbeat says so
+    client = paramiko_client(nodes[1], key=two_nodes[1].alice_key)
+    try:
+        nodes[1].proc.send_signal(signal.SIGUSR2)
+        nodes[1].wait_log("draining", timeout=30)
+        _, view = wait_for(lambda: (lambda r: r if r[1]["nodes"][1]["draining"] else None)(as_json(config)),
+                           timeout=HEARTBEAT + 30, what="node-b shown as draining")
+        assert [n["draining"] for n in view["nodes"]] == [False, True]
+        assert "up,draining" in cluster_status(config).stdout
+    finally:
+        client.get_channel().get_transport().close()
 
 
 def test_cluster_status_without_a_cluster_or_its_database(two_nodes: list[DaemonFactory]):
