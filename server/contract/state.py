@@ -1,17 +1,18 @@
 """Where state that outlives a request is kept: the seam every state store opens its
 database through.
 
-Five stores keep state between requests and restarts: the staging records
+Six stores keep state between requests and restarts: the staging records
 (``staging``), the audit trail (``audit``), the defender's bans and scores
-(``bans``), the scripts' key/value store (``script-store``) and the notification
-outbox (``outbox``). None of them opens a file itself: each is handed a
+(``bans``), the scripts' key/value store (``script-store``), the notification
+outbox (``outbox``) and the schedule's claims on cron minutes (``schedule``). None of them opens a file itself: each is handed a
 :class:`StateStoreFactory` and asks it for its database by name. The daemon makes
 the one factory (``scriptsftp.server.stores.StateStores``) and hands it down, to
 scripting/ too, which may import only this contract from server/.
 
 A store gets its database one of two ways:
 
-- :meth:`StateStoreFactory.database` (``audit``, ``bans``, ``script-store``, ``outbox``): an
+- :meth:`StateStoreFactory.database` (``audit``, ``bans``, ``script-store``, ``outbox``,
+  ``schedule``): an
   :class:`SqlDatabase`, SQLite in ``state_dir`` on one node or the PostgreSQL
   database of ``[cluster] database`` that every node shares. The store's statements
   are one set for both engines (``?`` placeholders, the few words that differ in
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Sequence
 
 #: the databases a factory knows, by the name a store asks for
-StateName = Literal["staging", "audit", "bans", "script-store", "outbox"]
+StateName = Literal["staging", "audit", "bans", "script-store", "outbox", "schedule"]
 
 Row = tuple[Any, ...]
 

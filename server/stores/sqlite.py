@@ -59,6 +59,8 @@ DATABASES: dict[StateName, SQLiteDatabase] = {
     "bans": SQLiteDatabase("defender.db"),
     "script-store": SQLiteDatabase("script-store.sqlite3", busy_timeout=10.0, private=True),
     "outbox": SQLiteDatabase("outbox.sqlite3", busy_timeout=10.0, private=True),
+    # one claim per cron minute a binding fired (scripting/schedule_claims.py)
+    "schedule": SQLiteDatabase("schedule.sqlite3", busy_timeout=10.0),
 }
 
 
