@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from scriptsftp.server.contract import events as ev
 from scriptsftp.server.contract.dispatch import ALLOW, Decision, FileOpener
@@ -44,6 +44,9 @@ _ERROR_LINE = re.compile(r":(\d+):")  # "script.py:12: ..." in a compile error
 script_log = logging.getLogger("scriptsftp.script")
 
 ERROR_DENIAL = "server-side check failed"
+
+#: one async call in the queue: binding, script, event data, pinned fd, called when it ended
+_Queued = tuple[ActiveBinding, LoadedScript, dict[str, Any], int | None, Callable[[], None] | None]
 
 
 class ScriptEngine:
@@ -68,8 +71,7 @@ class ScriptEngine:
         self.pool = pool
         self._registry = Registry.from_config(cfg, {})
         self._swap = threading.Lock()
-        self._queue: queue.Queue[tuple[ActiveBinding, LoadedScript, dict[str, Any], int | None] | None] = \
-            queue.Queue(sc.async_queue)
+        self._queue: queue.Queue[_Queued | None] = queue.Queue(sc.async_queue)
         self._async_threads: list[threading.Thread] = []
         self.watcher: Any = None
         self.last_errors: dict[str, str] = {}
@@ -118,6 +120,7 @@ class ScriptEngine:
                 break
         for t in self._async_threads:
             t.join(timeout=5)
+        self.services.close_claims()
         self.pool.close()
 
     @property
@@ -399,10 +402,12 @@ class ScriptEngine:
                           extra=_ctx(data))
         trace.decided(None)
 
-    def _enqueue(self, binding: ActiveBinding, script: LoadedScript, data: dict[str, Any], fd: int | None) -> bool:
-        """Queue one async handler call; False (and counted in ``dropped``) when the queue is full."""
+    def _enqueue(self, binding: ActiveBinding, script: LoadedScript, data: dict[str, Any], fd: int | None,
+                 done: Callable[[], None] | None = None) -> bool:
+        """Queue one async handler call; False (and counted in ``dropped``) when the queue is full.
+        ``done()`` is called once the call ended (a scheduled minute is then marked done)."""
         try:
-            self._queue.put_nowait((binding, script, data, fd))
+            self._queue.put_nowait((binding, script, data, fd, done))
         except queue.Full:
             self.dropped += 1
             return False
@@ -413,7 +418,7 @@ class ScriptEngine:
             item = self._queue.get()
             if item is None:
                 return
-            binding, script, data, fd = item
+            binding, script, data, fd, done = item
             try:
                 opener = (lambda fd=fd: os.dup(fd)) if fd is not None else None
                 self._call(binding, script, data, opener)
@@ -422,6 +427,11 @@ class ScriptEngine:
             finally:
                 if fd is not None:
                     os.close(fd)
+                if done is not None:
+                    try:
+                        done()
+                    except Exception:
+                        log.exception("async handler %s: its completion failed", binding.script)
 
     def _call(self, binding: ActiveBinding, script: LoadedScript, data: dict[str, Any],
               file: FileOpener | None) -> CallResult:

@@ -16,10 +16,11 @@ itself: the engine builds the services, the services know nothing of it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from scriptsftp.server.contract import events as ev
 from scriptsftp.server.contract.script_settings import ScriptConfig
@@ -31,11 +32,16 @@ from .commands import CallInfo, RunCapability
 from .fs_cap import FsCapability
 from .outbox import NotifyCapability, Notifier, Outbox
 from .registry import ActiveBinding, LoadedScript, Registry
-from .schedule import Scheduler, schedule_users
+from .schedule import CATCH_UP_SECONDS, Scheduler, lease_seconds, schedule_users
+from .schedule_claims import ScheduleClaims
 
-#: Queues one async handler call (binding, script, event data, pinned fd); False when the
-#: queue is full (the call is dropped and counted by the engine).
-Enqueue = Callable[[ActiveBinding, LoadedScript, dict[str, Any], "int | None"], bool]
+class Enqueue(Protocol):
+    """Queues one async handler call (binding, script, event data, pinned fd); False when the
+    queue is full (the call is dropped and counted by the engine). ``done`` is called once
+    the call ended, whatever its result (the scheduler marks its minute done)."""
+
+    def __call__(self, binding: ActiveBinding, script: LoadedScript, data: dict[str, Any], fd: int | None,
+                 done: Callable[[], None] | None = None) -> bool: ...
 
 log = logging.getLogger("scriptsftp.scripting")
 
@@ -68,6 +74,7 @@ class EngineServices:
         self.outbox: Outbox | None = None
         self.notifier: Notifier | None = None
         self.scheduler: Scheduler | None = None
+        self.claims: ScheduleClaims | None = None
         self._notify = _LazyNotify()
         for name, handler in (
             ("fs", FsCapability(lambda: self.files, self._admin_root)),
@@ -87,8 +94,9 @@ class EngineServices:
                                  lambda p: self.config().resolve(p))
         self._notify.handler = NotifyCapability(self.outbox, self.notifier, lambda: self.config().model.notify)
         self.notifier.start()
-        self.scheduler = Scheduler(self._schedule_bindings, self._fire,
-                                   lambda: self.config().model.scripts.schedule_tick)
+        tick = lambda: self.config().model.scripts.schedule_tick  # noqa: E731
+        self.claims = ScheduleClaims(self.stores, lease=lease_seconds(tick()), catch_up=CATCH_UP_SECONDS)
+        self.scheduler = Scheduler(self._schedule_bindings, self._fire, tick, self.claims)
         self.scheduler.start()
 
     def close(self) -> None:
@@ -99,6 +107,13 @@ class EngineServices:
         self._notify.handler = None
         if self.outbox is not None:
             self.outbox.close()
+
+    def close_claims(self) -> None:
+        """After the async calls ended: their firings are marked done before the store closes
+        (an unmarked one would run again on another node once its lease expired)."""
+        if self.claims is not None:
+            self.claims.close()
+            self.claims = None
 
     # --- per call ---------------------------------------------------------------------
 
@@ -116,15 +131,40 @@ class EngineServices:
     def _schedule_bindings(self) -> list[ActiveBinding]:
         return list(self.registry().by_event.get("schedule", ()))
 
-    def _fire(self, binding: ActiveBinding, when: datetime) -> None:
+    def _fire(self, binding: ActiveBinding, when: datetime, finished: Callable[[], None]) -> bool:
+        """Queue one run per user of ``binding`` for minute ``when``; ``finished()`` once every
+        queued run ended. False when none could be queued (the scheduler gives the minute back)."""
         script = self.registry().scripts.get(binding.script)
         if script is None:
-            return
+            return False
         users = schedule_users(list(binding.spec.users), (u.name for u in self.config().model.users))
+        queued = 0
+        # when every run ended; not when none could be queued (the minute is given back)
+        left = _Countdown(len(users), lambda: finished() if queued else None)
         for user in users:
             event = ev.Schedule(user=user, cron=binding.spec.cron, scheduled=when.timestamp())
             data = event.to_dict()
             log.info("schedule: %s fires (%s)%s", binding.script, binding.spec.cron,
                      f" for {user}" if user else "", extra={"user": user})
-            if not self.enqueue(binding, script, data, None):
+            if self.enqueue(binding, script, data, None, left.one_done):
+                queued += 1
+            else:
                 log.error("async queue full: schedule %s not run", binding.script)
+                left.one_done()
+        return queued > 0
+
+
+class _Countdown:
+    """Calls ``then()`` once ``n`` runs have each called :meth:`one_done` (from any thread)."""
+
+    def __init__(self, n: int, then: Callable[[], None]) -> None:
+        self._left = n
+        self._then = then
+        self._lock = threading.Lock()
+
+    def one_done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._then()

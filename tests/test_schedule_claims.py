@@ -7,9 +7,11 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from scriptsftp.scripting.schedule import VIRTUAL_EPOCH, binding_keys, virtual_now
 from scriptsftp.scripting.schedule_claims import Claim, ScheduleClaims
 from scriptsftp.server.stores import StateStores
 
@@ -126,3 +128,24 @@ def test_a_released_claim_is_taken_over_at_once_and_old_rows_are_pruned(two_clai
     assert b.take_over([key]) == [Claim(key, "2000-01-01T00:03")]
     assert a.prune() == 0  # a fresh row is kept
     assert b.state(key, "2000-01-01T00:03") == ("b", "claimed")
+
+
+def test_every_process_computes_the_same_virtual_minute_and_stable_binding_keys():
+    # two processes reading the same wall time agree, whenever each started
+    assert virtual_now(0.25, 1_800_000_000.0) == virtual_now(0.25, 1_800_000_000.0)
+    assert virtual_now(0.25, 1_800_000_000.25) - virtual_now(0.25, 1_800_000_000.0) == (
+        virtual_now(0.25, 1.25) - virtual_now(0.25, 1.0))
+    now = virtual_now(0.05)
+    assert VIRTUAL_EPOCH <= now < VIRTUAL_EPOCH.replace(year=2400)
+
+    def b(script: str, cron: str, users: list[str], function: str = "") -> SimpleNamespace:
+        return SimpleNamespace(spec=SimpleNamespace(script=script, handler=function or "on_schedule", cron=cron,
+                                                    users=users))
+
+    one = [b("a.py", "* * * * *", ["*"]), b("a.py", "*/5 * * * *", ["*"]), b("a.py", "* * * * *", ["*"])]
+    other_order = [b("z.py", "0 * * * *", ["bob"]), one[1], one[0], one[2]]
+    keys = binding_keys(one)
+    assert list(keys) == ["a.py:on_schedule [* * * * *] users=*", "a.py:on_schedule [*/5 * * * *] users=*",
+                          "a.py:on_schedule [* * * * *] users=*#2"]
+    # a node with another binding first, or the list in another order, names them alike
+    assert set(keys) <= set(binding_keys(other_order))
