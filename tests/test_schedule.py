@@ -109,3 +109,52 @@ def test_reload_changes_schedule_bindings(daemons: DaemonFactory):
     after = len(d.lines)
     d.wait_log(r"b\.py: b fired", timeout=30, start=after)  # a later run of b
     assert "a fired" not in "\n".join(d.lines[after:])
+
+
+def test_a_minute_cut_short_by_sigkill_runs_once_after_restart_on_one_node(daemons: DaemonFactory):
+    """SQLite, one node: the minutes claimed but unfinished when the daemon was killed run once
+    after it restarts (the lease expired); the minutes that came due while it was down do not."""
+    import sqlite3
+    import time
+    from datetime import datetime
+
+    write_script(daemons, "tick.py", """
+        def on_schedule(event, api):
+            api.run("hang")
+    """)
+    hang = '\n[commands.hang]\nargv = ["sleep", "90"]\ntimeout = 90\n'
+    d = daemons.start(TICK + binding("schedule", "tick.py", cron="* * * * *", allow=["run"], timeout=600) + hang)
+    deadline = time.monotonic() + 60
+    while d.log_text().count("schedule: tick.py fires") < 2:
+        assert time.monotonic() < deadline, "no minute fired"
+        time.sleep(0.1)
+    d.kill()
+    claims = daemons.root / "state" / "schedule.sqlite3"
+    with sqlite3.connect(claims) as db:
+        hung = [m for (m,) in db.execute("SELECT minute FROM schedule_claims WHERE state = 'claimed'")]
+    assert len(hung) >= 2
+
+    write_script(daemons, "tick.py", """
+        def on_schedule(event, api):
+            api.store.incr("m" + str(int(event.scheduled)))
+    """)
+    d = daemons.start(TICK + binding("schedule", "tick.py", cron="* * * * *", allow=["store"]))
+    expected = {"m" + str(int(datetime.strptime(m, "%Y-%m-%dT%H:%M").timestamp())) for m in hung}
+    store = daemons.root / "state" / "script-store.sqlite3"
+    deadline = time.monotonic() + 90
+    while True:
+        with sqlite3.connect(store) as db:
+            counts = {k: int(v) for k, v in db.execute("SELECT key, value FROM script_kv WHERE ns = 'tick.py'")}
+        if expected <= set(counts) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert expected <= set(counts), f"cut-short minutes {sorted(expected)} not run again: {sorted(counts)}"
+    d.stop()
+    with sqlite3.connect(store) as db:
+        counts = {k: int(v) for k, v in db.execute("SELECT key, value FROM script_kv WHERE ns = 'tick.py'")}
+    assert set(counts.values()) == {1}, counts  # none twice
+    # the minutes between the kill and the restart were never claimed, so never run
+    ran = sorted(int(k[1:]) for k in counts)
+    after = [m for m in ran if m > max(int(k[1:]) for k in expected)]
+    assert after and after[0] - max(int(k[1:]) for k in expected) > 60, ran
+    assert d.log_text().count("was claimed by a node that did not finish it") >= len(hung)
