@@ -35,6 +35,7 @@ from .registry import ActiveBinding, LoadedScript, Registry
 from .schedule import CATCH_UP_SECONDS, Scheduler, lease_seconds, schedule_users
 from .schedule_claims import ScheduleClaims
 
+
 class Enqueue(Protocol):
     """Queues one async handler call (binding, script, event data, pinned fd); False when the
     queue is full (the call is dropped and counted by the engine). ``done`` is called once
@@ -42,6 +43,7 @@ class Enqueue(Protocol):
 
     def __call__(self, binding: ActiveBinding, script: LoadedScript, data: dict[str, Any], fd: int | None,
                  done: Callable[[], None] | None = None) -> bool: ...
+
 
 log = logging.getLogger("scriptsftp.scripting")
 
