@@ -49,8 +49,9 @@ from scriptsftp.server.core.publish import (
     Outcome, PendingUpload, Publisher, StagedUpload, UploadPolicy, pending_stat,
 )
 from scriptsftp.server.core.storage import (
-    Entry, LocalStorage, Resolved, Storage, allocated_bytes, copy_fd, read_opener,
+    Entry, LocalStorage, Resolved, Storage, allocated_bytes, read_opener,
 )
+from scriptsftp.server.core.copier import copy_large
 from scriptsftp.server.core.bandwidth import UserBandwidth
 from scriptsftp.server.core.limits import Mount, Quota, Rates
 from scriptsftp.server.core.mounts import boundary_refusal, find_mount, folder_name, mounts_under
@@ -545,7 +546,7 @@ class Session:
             src = self.storage.open_file(r, os.O_RDONLY)
         try:
             self.uploads.check_free_space(self.storage.locate(real)[0].statvfs(), path, need=allocated_bytes(src))
-            copy_fd(src, fd)
+            copy_large(src, fd)  # on the copier's threads when large (server/core/copier.py)
         finally:
             os.close(src)
 
@@ -982,7 +983,7 @@ class WriteHandle(FileHandle, FdWriter):
             self._within(self.limit, os.fstat(src).st_size, 0)  # bytes the network never carries
         s.uploads.check_free_space(s.storage.locate(self.real)[0].statvfs(), self.path, need=allocated_bytes(src))
         try:
-            copy_fd(src, self.fd, deadline=deadline)
+            copy_large(src, self.fd, deadline=deadline)  # on the copier's threads when large
         except OSError as exc:
             if isinstance(exc, TimeoutError):
                 raise

@@ -425,16 +425,18 @@ def read_opener(storage: Storage, parts: tuple[str, ...]) -> FileOpener:
     return open_ro
 
 
-COPY_STEP = 64 << 20  # bytes per copy_file_range call: a deadline is checked between two
+COPY_STEP = 16 << 20  # bytes per copy_file_range call: a deadline or a stop is checked between two
 
 
-def copy_fd(src: int, dst: int, *, deadline: float | None = None) -> None:
+def copy_fd(src: int, dst: int, *, deadline: float | None = None,
+            stop: threading.Event | None = None) -> None:
     """Copy a whole file between fds in the kernel (reflink where the fs can), holes kept.
 
     Only the data segments are copied (``SEEK_DATA``/``SEEK_HOLE``), then the size is set:
     1 byte written at offset 2^40 is a 4 KiB file, and its copy (a resume, an ``r+``
     open, a WebDAV COPY) must not become a terabyte of zeros. ``deadline``
-    (``time.monotonic()``): past it, TimeoutError and the copy stops."""
+    (``time.monotonic()``): past it, TimeoutError and the copy stops; so does ``stop``
+    once set (the copier's waiter gave up, server/core/copier.py)."""
     size = os.fstat(src).st_size
     offset = 0
     while offset < size:
@@ -448,14 +450,15 @@ def copy_fd(src: int, dst: int, *, deadline: float | None = None) -> None:
             end = min(os.lseek(src, start, os.SEEK_HOLE), size)
         except OSError:
             end = size
-        _copy_range(src, dst, start, end, deadline)
+        _copy_range(src, dst, start, end, deadline, stop)
         offset = end
     os.ftruncate(dst, size)
 
 
-def _copy_range(src: int, dst: int, offset: int, end: int, deadline: float | None) -> None:
+def _copy_range(src: int, dst: int, offset: int, end: int, deadline: float | None,
+                stop: threading.Event | None) -> None:
     while offset < end:
-        if deadline is not None and time.monotonic() > deadline:
+        if (deadline is not None and time.monotonic() > deadline) or (stop is not None and stop.is_set()):
             raise TimeoutError("copy did not finish in time")
         step = min(COPY_STEP, end - offset)
         try:
