@@ -64,7 +64,6 @@ COOKIE = "scriptsftp_admin"
 WEB_SESSION_TTL = 8 * 3600.0
 LINK_TTL = 120.0
 MAX_WEB_SESSIONS = 256
-ADMIN_IDLE_SECONDS = 60.0     # a kept-alive admin connection with no new request is closed after this
 
 
 # --- the port ------------------------------------------------------------------------------
@@ -293,7 +292,7 @@ class AdminListener:
             asyncio.set_event_loop(loop)
             try:
                 self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
-                                             keepalive_timeout=ADMIN_IDLE_SECONDS)
+                                             keepalive_timeout=self.server.admin.idle_timeout)
                 loop.run_until_complete(self._runner.setup())
                 self._bound_first_request(self._runner.server)
                 loop.run_until_complete(web.SockSite(self._runner, sock).start())

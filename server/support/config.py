@@ -146,6 +146,9 @@ class FtpSection(_Model):
     tls: Literal["off", "explicit", "implicit"] = "off"
     certificate: str = ""
     private_key: str = ""
+    idle_timeout: PositiveFloat = 300.0
+    """Seconds a control connection may send no command before it is closed (421); a
+    running transfer is [server] stall_timeout's."""
 
     _listen = field_validator("listen")(_listen_validator)
 
@@ -183,6 +186,8 @@ class HttpSection(_Model):
     private_key: str = ""
     max_upload_size: Annotated[int, Field(ge=0)] = 0
     """Largest PUT body in bytes (413 beyond it); 0: no limit."""
+    idle_timeout: PositiveFloat = 120.0
+    """Seconds a kept-alive connection may wait for its next request before it is closed."""
 
     _listen = field_validator("listen")(_listen_validator)
 
@@ -226,6 +231,8 @@ class AdminSection(_Model):
     """The hash of a write token named "admin" (kept from before named tokens; ``tokens`` may sit beside it)."""
     tokens: list[AdminToken] = []
     """Named tokens with a scope; any of them makes the API require a token."""
+    idle_timeout: PositiveFloat = 60.0
+    """Seconds a kept-alive admin connection may wait for its next request before it is closed."""
 
     _listen = field_validator("listen")(_listen_validator)
 

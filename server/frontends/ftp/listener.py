@@ -225,7 +225,7 @@ def tls_context(certificate: str, private_key: str) -> SSL.Context:
 
 def make_listener(core: LocalCorePort[Any, Any], m: FtpSection, server: ServerSection,
                   files: ConfigFiles, *, proxies: TrustedProxies | None = None) -> FTPListener:
-    """The listener of ``[ftp]`` (``m``) on ``core``, ``[server]`` giving the stall timeout;
+    """The listener of ``[ftp]`` (``m``: its idle timeout too) on ``core``, ``[server]`` giving the stall timeout;
     UnsupportedPyftpdlib (a ValueError) if pyftpdlib is not 2.2.*. ``proxies``: ``[cluster]
     trusted_proxies``, whose PROXY headers name the client (control and passive data
     connections)."""
@@ -236,6 +236,7 @@ def make_listener(core: LocalCorePort[Any, Any], m: FtpSection, server: ServerSe
         "masquerade_address": m.masquerade_address or None,
         "active_mode": m.active_mode,
         "stall_timeout": server.stall_timeout,
+        "timeout": m.idle_timeout,  # pyftpdlib's silence timer: 421 and closed
         "proxies": proxies or TrustedProxies(),
     }
     base: type[SessionCommands] = _PlainHandler

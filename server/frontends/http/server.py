@@ -74,7 +74,6 @@ REALM = 'Basic realm="scriptsftp", charset="UTF-8"'
 METHODS = ("OPTIONS", "GET", "HEAD", "PUT", "DELETE", "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE",
            "LOCK", "UNLOCK")
 ALLOW = ", ".join(METHODS)
-KEEPALIVE_SECONDS = 120.0
 #: bytes of a PUT body gathered before one write call goes to the pool
 PUT_BATCH = 2 * CHUNK
 
@@ -163,13 +162,14 @@ class HttpListener:
 
     def __init__(self, addresses: list[tuple[str, int]], core: "LocalCorePort[Any, Any]", *,
                  tls: ssl.SSLContext | None = None, max_upload_size: int = 0, stall_timeout: float = 120.0,
-                 proxies: TrustedProxies | None = None) -> None:
+                 idle_timeout: float = 120.0, proxies: TrustedProxies | None = None) -> None:
         self.core = core
         self.proxies = proxies or TrustedProxies()
         self._accepting: list[asyncio.Task[None]] = []
         self.tls = tls
         self.max_upload_size = max_upload_size
         self.stall_timeout = stall_timeout
+        self.idle_timeout = idle_timeout  # [http] idle_timeout: aiohttp's keep-alive timeout
         self.locks = webdav.LockManager()
         self.pools = Pools(
             auth=ThreadPoolExecutor(8, thread_name_prefix="http-auth"),
@@ -233,7 +233,7 @@ class HttpListener:
             raise errors[0]
 
     async def _serve(self) -> None:
-        server = _Server(self, self._handle, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS,
+        server = _Server(self, self._handle, access_log=None, keepalive_timeout=self.idle_timeout,
                          read_bufsize=CHUNK, auto_decompress=False, lingering_time=5.0)
         loop = asyncio.get_running_loop()
         for s in self.sockets:
@@ -814,7 +814,7 @@ def make_listener(core: "LocalCorePort[Any, Any]", m: HttpSection, server: Serve
     if m.certificate:
         tls = tls_context(str(files.resolve(m.certificate)), str(files.resolve(m.private_key)))
     return HttpListener(listen_addresses(m.listen), core, tls=tls, max_upload_size=m.max_upload_size,
-                        stall_timeout=server.stall_timeout, proxies=proxies)
+                        stall_timeout=server.stall_timeout, idle_timeout=m.idle_timeout, proxies=proxies)
 
 
 async def _peek(sock: socket.socket, deadline: float) -> bytes:
