@@ -15,13 +15,21 @@ the hostile ones, bound to 127.0.1.x .. 127.0.4.x, may be). Then:
             the attacks: idle TCP connections to every port; bad-password SSH logins from
             rotating source addresses; the SFTP SETSTAT with an extended-attribute count of
             2^32-1; many channels on one connection; OPENDIR floods; uploads that stall
-            mid-way; malformed and slow HTTP requests; FTP connections that never log in.
+            mid-way; malformed and slow HTTP requests; FTP connections that never log in;
+            chmod/utime raced against a rename that swaps a planted link to a file outside
+            the home in and out; uploads that trigger a CPU-bound pre-publish script; a
+            sparse 64 GiB file reopened r+; `auth none` user probes; READ on a write-only
+            handle; upload names that a post-upload script hands to api.run as an option.
   recovery  the attackers stop; the daemon's RSS and fds are sampled until they are back
             near the baseline (fds within +20, RSS within +50 MB), for at most --recovery s.
 
+Every honest login also runs a `pre-login` script (a no-op), so it needs a script worker
+while the attacker's slow pre-publish checks hold them ([scripts] login_reserve).
+
 Reports: honest throughput during the attack / baseline, honest login p50/p99 (baseline and
 attack), the daemon's RSS and fd count (its main process, and the whole process tree) at
-baseline, peak and --recovery s after the attackers stopped, and what the attackers did.
+baseline, peak and --recovery s after the attackers stopped, what the attackers did, and
+whether the file outside the home that the chmod race aims at kept its mode and mtime.
 Every loop is bounded in count and time, and every target is on 127.0.0.0/8. Appends one
 JSON line to bench/out/soak.jsonl. Never run as a test.
 """
@@ -78,10 +86,17 @@ def loopback(host: str) -> str:
 def write_config(tmp: Path) -> Path:
     from scriptsftp.server.core.passwords import hash_password
 
-    for d in ("honest", "mallory/many", "scripts"):
+    for d in ("honest", "mallory/many", "mallory/slow", "mallory/run", "mallory/race", "scripts"):
         (tmp / d).mkdir(parents=True, exist_ok=True)
     for i in range(2000):  # a directory worth listing for the OPENDIR flood
         (tmp / "mallory" / "many" / f"f{i:05d}").write_bytes(b"x")
+    outside = tmp / "outside.txt"  # what the chmod race aims at: its mode and mtime must stay
+    outside.write_bytes(b"not mallory's\n")
+    os.chmod(outside, 0o600)
+    os.utime(outside, (1_000_000_000, 1_000_000_000))
+    for n in range(64):  # one planted link per attacker (a link an admin or a restore left there)
+        os.symlink(outside, tmp / "mallory" / "race" / f"link{n}")
+    (tmp / "scripts" / "soak.py").write_text(SOAK_SCRIPT)
     allow_root = "allow_root = true" if os.geteuid() == 0 else ""
     cfg = tmp / "scriptsftp.toml"
     cfg.write_text(f"""
@@ -108,6 +123,28 @@ allow_list = ["127.0.0.1/32"]
 [scripts]
 dir = "scripts"
 
+[commands.count]
+argv = ["/bin/echo", "{{0}}"]
+timeout = 5
+
+[[bindings]]
+event = "pre-login"
+script = "soak.py"
+
+[[bindings]]
+event = "pre-publish"
+script = "soak.py"
+users = ["mallory"]
+paths = ["/slow/*"]
+cpu_time = 1.0
+
+[[bindings]]
+event = "post-upload"
+script = "soak.py"
+users = ["mallory"]
+paths = ["/run/*"]
+allow = ["run"]
+
 [[users]]
 name = "honest"
 password_hash = "{hash_password(HONEST_PASSWORD)}"
@@ -121,6 +158,33 @@ home = "mallory"
 permissions = {{ "/" = ["*"] }}
 """)
     return cfg
+
+
+SOAK_SCRIPT = """
+def on_pre_login(event, api):
+    return None  # every login, honest ones too, needs a script worker
+
+
+def on_pre_publish(event, api):
+    # the attacker's slow check: CPU-bound until its cpu_time (1 s) stops it
+    n = 0
+    while True:
+        n += 1
+
+
+def on_post_upload(event, api):
+    # the upload's name as an argument: "--file=..." must be refused, never passed
+    name = event.path.split("/")[-1]
+    try:
+        api.run("count", name)
+    except ValueError as e:
+        api.log("run refused", error=str(e)[:80])
+"""
+
+
+def outside_state(tmp: Path) -> dict:
+    st = os.stat(tmp / "outside.txt")
+    return {"mode": oct(st.st_mode & 0o7777), "mtime": st.st_mtime}
 
 
 class Daemon:
@@ -145,7 +209,8 @@ class Daemon:
                     self.ports.setdefault(m[1], int(m[2]))
                 if "Traceback" in line:
                     self.tracebacks += 1
-                for key in ("banned", "login failed", "refused", "evict", "too many"):
+                for key in ("banned", "login failed", "refused", "evict", "too many", "run refused",
+                            "CPU limit", "vetoed"):
                     if key in line:
                         self.counts[key] += 1
                 if " ready" in line:
@@ -262,7 +327,8 @@ class Hostile:
     """One attacker thread: cycles through the attacks until stopped. Every socket it opens
     has a timeout, every hold is at most HOLD s, and it opens at most ``budget`` sockets."""
 
-    ATTACKS = ("idle", "badpass", "hugeattrs", "channels", "opendir", "stall", "http", "ftp_nologin")
+    ATTACKS = ("idle", "badpass", "hugeattrs", "channels", "opendir", "stall", "http", "ftp_nologin",
+               "chmod_race", "slow_script", "sparse", "auth_none", "read_write_only", "run_inject")
 
     def __init__(self, n: int, ports: dict[str, int], stop: threading.Event, deadline: float) -> None:
         self.n, self.ports, self.stop, self.deadline = n, ports, stop, deadline
@@ -434,6 +500,127 @@ class Hostile:
         finally:
             s.close()
 
+    def sftp(self, kind: str) -> tuple[paramiko.Transport, paramiko.SFTPClient]:
+        t = self.mallory(kind)
+        try:
+            sftp = paramiko.SFTPClient.from_transport(t)
+            sftp.get_channel().settimeout(OP_TIMEOUT)
+        except BaseException:
+            t.close()
+            raise
+        return t, sftp
+
+    def a_chmod_race(self) -> None:
+        """(item 2) One channel swaps the planted link to outside.txt with a file of its own
+        by renames while another chmods and touches the name: outside.txt must not change."""
+        t, sftp = self.sftp("chmod_race")
+        other = paramiko.SFTPClient.from_transport(t)
+        other.get_channel().settimeout(OP_TIMEOUT)
+        link, mine, slot = f"/race/link{self.n}", f"/race/mine{self.n}", f"/race/slot{self.n}"
+        stop = threading.Event()
+
+        def swapper() -> None:
+            while not stop.is_set():
+                for a in (link, mine):
+                    try:
+                        sftp.posix_rename(a, slot)
+                        sftp.posix_rename(slot, a)
+                    except OSError:
+                        pass
+
+        try:
+            with sftp.open(mine, "w") as f:
+                f.write(b"mine")
+            th = threading.Thread(target=swapper, daemon=True)
+            th.start()
+            for _ in range(100):
+                if self.over():
+                    break
+                for target in (slot, link):
+                    try:
+                        other.chmod(target, 0o777)
+                        other.utime(target, (0, 0))
+                    except OSError:
+                        self.counts["chmod_race refused"] += 1
+            stop.set()
+            th.join(OP_TIMEOUT)
+        finally:
+            stop.set()
+            t.close()
+
+    def a_slow_script(self) -> None:
+        """(item 4) Uploads that each cost a script worker a second of CPU (pre-publish)."""
+        t, sftp = self.sftp("slow_script")
+        try:
+            for i in range(3):
+                if self.over():
+                    break
+                try:
+                    with sftp.open(f"/slow/s{self.n}-{i}.bin", "w") as f:
+                        f.write(b"x" * 1024)
+                except OSError:
+                    self.counts["slow_script vetoed"] += 1  # the script's error denies the upload
+        finally:
+            t.close()
+
+    def a_sparse(self) -> None:
+        """(item 5) One byte at 64 GiB, published, then reopened r+ (a copy of the file)."""
+        t, sftp = self.sftp("sparse")
+        name = f"/sparse{self.n}.bin"
+        try:
+            with sftp.open(name, "w") as f:
+                f.seek(64 << 30)
+                f.write(b"x")
+            with sftp.open(name, "r+") as f:
+                f.seek(0)
+                f.write(b"y")
+            sftp.remove(name)
+        finally:
+            t.close()
+
+    def a_auth_none(self) -> None:
+        """(item 7) `auth none` probes for user names, then leave."""
+        for name in ("root", "honest", "admin", f"user{self.rng.randint(0, 999)}"):
+            if self.over():
+                return
+            t = paramiko.Transport(self.connect("auth_none", "sftp"))
+            try:
+                t.start_client(timeout=OP_TIMEOUT)
+                t.auth_none(name)
+            except paramiko.BadAuthenticationType:
+                pass
+            except (paramiko.SSHException, OSError, EOFError):
+                pass
+            finally:
+                t.close()
+
+    def a_read_write_only(self) -> None:
+        """(item 8) READ requests on a write-only upload handle: refused, no traceback."""
+        t, sftp = self.sftp("read_write_only")
+        try:
+            f = sftp.open(f"/wo{self.n}.bin", "w")
+            f.write(b"written")
+            f.flush()
+            for _ in range(20):
+                try:
+                    sftp._request(paramiko.sftp.CMD_READ, f.handle, paramiko.sftp.int64(0), 4096)
+                    self.counts["read_write_only ANSWERED"] += 1  # must never happen
+                except OSError:
+                    pass
+            f.close()
+        finally:
+            t.close()
+
+    def a_run_inject(self) -> None:
+        """(item 10) Upload names a post-upload script hands to api.run: options refused."""
+        t, sftp = self.sftp("run_inject")
+        try:
+            for name in ("--file=outside.txt", "-n", "--help", "plain"):
+                with sftp.open(f"/run/{name}", "w") as f:
+                    f.write(b"x")
+        finally:
+            t.close()
+
     def a_ftp_nologin(self) -> None:
         socks = []
         try:
@@ -488,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     d = Daemon(write_config(tmp))
+    outside_before = outside_state(tmp)
     samples: list[tuple[str, dict]] = []
     phase = ["baseline"]
     mon_stop = threading.Event()
@@ -577,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
         "attacker_stragglers": stragglers,
         "attacks": dict(sorted(attacks.items())),
         "daemon_log_counts": dict(d.counts), "daemon_tracebacks": d.tracebacks,
+        "outside_file_unchanged": outside_state(tmp) == outside_before,
+        "run_refused_in_log": d.counts["run refused"],
     }
     OUT.mkdir(exist_ok=True)
     with open(OUT / "soak.jsonl", "a") as f:
