@@ -20,7 +20,7 @@ from httpkit import HTTP_EXTRA, request
 
 MiB = 1 << 20
 SIZE = 24 * MiB
-ANSWER_WITHIN = 5.0  # seconds, on a loaded shared machine; a request stuck behind a copy has no bound
+ANSWER_WITHIN = 10.0  # seconds, on a shared machine at load 20+; a request stuck behind a copy has no bound
 
 
 @pytest.fixture
