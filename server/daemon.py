@@ -56,6 +56,7 @@ from scriptsftp.server.core.quota import QuotaHolder, Quotas
 from scriptsftp.server.ops.node_registry import Heartbeat, NodeRegistry, NodeReport, cluster_view
 from scriptsftp.server.ops.reload_plan import ReloadPlan, config_hash, key_label, plan_reload, write_running
 from scriptsftp.server.core.staging import CHECKING, StagingRecords, discard_leftovers
+from scriptsftp.server.core.staging_lease import LeaseKeeper
 from scriptsftp.server.core.storage import LocalStorage, StorageOpener
 from scriptsftp.server.stores import StateStores
 from scriptsftp.server.stores.migrations import SchemaTooNew
@@ -167,7 +168,9 @@ class Daemon:
         # accounts beyond the file's [[users]]: SQLite in state_dir, or PostgreSQL (after the
         # SSH workers forked: a PostgreSQL pool runs threads)
         self.account_db = _open_account_db(cfg)
-        self.staging = StagingRecords(self.stores)
+        # with [cluster] database in the shared database, each record leased to this node
+        self.staging = _open_shared(cfg, self.stores, "staging",
+                                    lambda: StagingRecords(self.stores, lease=m.cluster.staging_lease))
         # what a home is made of: a local directory (the one Storage there is); the core, the
         # publisher and the restart's cleanup all open homes through this one opener
         self.open_storage: StorageOpener = LocalStorage
@@ -197,6 +200,9 @@ class Daemon:
         self.quotas = Quotas(self.account_db, m.accounts.quota_thresholds)
         self.publisher = Publisher(self.dispatch, self.staging, self._upload_policy(cfg), workers=m.scripts.workers,
                                    open_storage=self.open_storage, quotas=self.quotas)
+        # a cluster node renews its staging leases and settles those of dead nodes (start())
+        self.leases = (LeaseKeeper(self.staging, self.publisher, self.open_storage,
+                                   recheck=m.uploads.on_restart == "recheck") if self.staging.shared else None)
         self.core = LoginCore(
             self._account_source(cfg),
             self.dispatch,
@@ -364,6 +370,8 @@ class Daemon:
         rechecking = self.publisher.recheck([r for r in self.staging.leftovers() if r.state == CHECKING])
         if rechecking:
             log.warning("checking again %d upload(s) an interrupted run left unchecked", rechecking)
+        if self.leases is not None:
+            self.leases.start()
         for listener in self.listeners:
             listener.start()
             for addr in listener.bound:
@@ -641,6 +649,8 @@ class Daemon:
         self.account_watch.stop()
         self.account_db.close()
         self.engine.close()
+        if self.leases is not None:  # after the checks: their records stay leased until they end
+            self.leases.stop()
         self.staging.close()
         self.audit.close()
         self.defender.close()

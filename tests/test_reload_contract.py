@@ -111,7 +111,7 @@ CHANGES: dict[str, Any] = {
     "accounts.home_base": "homes2",
     "accounts.quota_thresholds": [50],
     "cluster.node": "node-b", "cluster.database": "postgresql://scriptsftp@127.0.0.1:1/none",
-    "cluster.trusted_proxies": ["10.0.0.0/8"],
+    "cluster.trusted_proxies": ["10.0.0.0/8"], "cluster.staging_lease": 30.0,
 }
 
 #: One change per field of each kind of entry (users, groups, folders, bindings, commands, webhooks, admin tokens).

@@ -4,22 +4,19 @@ database through.
 Six stores keep state between requests and restarts: the staging records
 (``staging``), the audit trail (``audit``), the defender's bans and scores
 (``bans``), the scripts' key/value store (``script-store``), the notification
-outbox (``outbox``) and the schedule's claims on cron minutes (``schedule``). None of them opens a file itself: each is handed a
+outbox (``outbox``) and the schedule's claims on cron minutes (``schedule``). None of
+them opens a file itself: each is handed a
 :class:`StateStoreFactory` and asks it for its database by name. The daemon makes
 the one factory (``scriptsftp.server.stores.StateStores``) and hands it down, to
 scripting/ too, which may import only this contract from server/.
 
-A store gets its database one of two ways:
-
-- :meth:`StateStoreFactory.database` (``audit``, ``bans``, ``script-store``, ``outbox``,
-  ``schedule``): an
-  :class:`SqlDatabase`, SQLite in ``state_dir`` on one node or the PostgreSQL
-  database of ``[cluster] database`` that every node shares. The store's statements
-  are one set for both engines (``?`` placeholders, the few words that differ in
-  braces, filled by its :class:`Dialect`), and its schema is a list of numbered
-  migrations the factory applies before handing the database over.
-- :meth:`StateStoreFactory.connect` (``staging``, not shared yet): this
-  node's SQLite file, a ``sqlite3.Connection``.
+Every store gets its database from :meth:`StateStoreFactory.database`: an
+:class:`SqlDatabase`, SQLite in ``state_dir`` on one node or the PostgreSQL database of
+``[cluster] database`` that every node shares. The store's statements are one set for both
+engines (``?`` placeholders, the few words that differ in braces, filled by its
+:class:`Dialect`), and its schema is a list of numbered migrations the factory applies
+before handing the database over. :meth:`StateStoreFactory.connect` (this node's SQLite
+file, a ``sqlite3.Connection``) is what ``database`` builds on for SQLite.
 """
 
 from __future__ import annotations

@@ -404,8 +404,9 @@ class Publisher:
 
     # --- after a crash ---------------------------------------------------------------------
 
-    def recheck(self, records: "list[StagedRecord]") -> int:
-        """Check again, in the background, uploads a crash caught mid-check; return how many.
+    def recheck(self, records: "list[StagedRecord]", *, why: str = "after restart") -> int:
+        """Check again, in the background, uploads a crash caught mid-check (this node's at
+        its start, or a dead node's it took over); return how many.
 
         Every pre-publish binding runs (sync and async alike: no client waits any
         more); the file is published if all pass, else deleted or quarantined."""
@@ -433,7 +434,7 @@ class Publisher:
                 self._forget(rec.id)
                 continue
             self.pending.add(storage.home, final, PendingUpload(st.st_size, st.st_mtime, st.st_mode, rec.id))
-            self._submit(self._check_later, up, data, time.monotonic(), None, "on recheck after restart")
+            self._submit(self._check_later, up, data, time.monotonic(), None, f"on recheck {why}")
             started += 1
         return started
 

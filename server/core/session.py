@@ -514,6 +514,8 @@ class Session:
         existed: bool,
     ) -> "WriteHandle":
         staging_name = self.storage.new_staging_name()
+        if self.staging is not None:  # the node's name in it: whose upload it is, in a shared home
+            staging_name = self.staging.staging_name(staging_name)
         directory = real[:-1]
         record_id = None
         if self.staging is not None:  # recorded where it is published: a folder's root for a path in one

@@ -72,6 +72,7 @@ RESTART = frozenset({
     "scripts.dir", "scripts.user", "scripts.workers", "scripts.login_reserve", "scripts.memory_mb",
     "scripts.reload", "scripts.async_queue",
     "accounts.database", "cluster.node", "cluster.database", "cluster.trusted_proxies",
+    "cluster.staging_lease",
 })
 
 def _ssh_reads_preauth_timeout(running: Config) -> bool:

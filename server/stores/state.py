@@ -4,7 +4,7 @@
 On one node every state database is a SQLite file in ``state_dir``
 (:mod:`.sqlite`). With ``[cluster] database`` the stores in :data:`SHARED` (the
 defender's bans and scores, the script store, the audit trail, the notification outbox, the
-schedule's claims) are the PostgreSQL database every
+schedule's claims, the staging records) are the PostgreSQL database every
 node shares instead, through the same :class:`~.sql.PostgresDatabase` the account
 database uses; the others stay in this node's ``state_dir`` until they are shared
 too (docs/cluster.md, "What is shared").
@@ -30,7 +30,7 @@ from scriptsftp.server.stores.sqlite import DATABASES, open_sqlite
 from scriptsftp.server.support.config import LoadedConfig
 
 #: the stores the nodes of a cluster share through PostgreSQL
-SHARED: frozenset[StateName] = frozenset({"audit", "bans", "script-store", "outbox", "schedule"})
+SHARED: frozenset[StateName] = frozenset({"audit", "bans", "script-store", "outbox", "schedule", "staging"})
 
 #: PostgreSQL advisory lock key (per database): one state-store migration at a time
 STATE_UPGRADE_LOCK = 7318851

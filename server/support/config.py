@@ -601,6 +601,10 @@ class ClusterSection(_Model):
     """This node's name in logs, the audit trail and ``cluster status``; empty: the host name."""
     database: str = ""
     """The PostgreSQL database the nodes share ("postgresql://user@host/db"); empty: none."""
+    staging_lease: Annotated[float, Field(ge=1, le=3600)] = 15.0
+    """Seconds an upload in progress stays this node's without the node renewing it (it
+    renews every third of that); after it, a surviving node discards or rechecks the upload
+    (docs/cluster.md, "Staging on shared storage")."""
     trusted_proxies: list[str] = []
     """Networks of the load balancers whose connections carry a PROXY protocol header
     (required on SSH and FTP; on HTTP, a header or else ``X-Forwarded-For``) naming the real
