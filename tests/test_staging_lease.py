@@ -217,3 +217,24 @@ def test_discard_leftovers_removes_only_this_nodes_files(nodes, tmp_path: Path):
     nodes("node-b").add("alice", str(home), "/", STAGING_PREFIX + "node-b-1", "g")
     assert discard_leftovers(nodes("node-a")) == 1
     assert [p.name for p in home.iterdir()] == [f"{STAGING_PREFIX}node-b-1"]
+
+
+def test_with_on_restart_discard_a_survivor_discards_a_check_too(nodes, tmp_path: Path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "chk.txt").write_bytes(b"old\n")
+    (home / f"{STAGING_PREFIX}node-a-2").write_bytes(b"new\n")
+    a = nodes("node-a", lease=1.0)
+    a.checking(a.add("alice", str(home), "/", STAGING_PREFIX + "node-a-2", "chk.txt"), event("/chk.txt"))
+    b = nodes("node-b", lease=5.0)
+    publisher = Publisher(NullDispatcher(), b, UploadPolicy())
+    keeper = LeaseKeeper(b, publisher, LocalStorage, recheck=False)
+    try:
+        settled: list = []
+        wait_for(lambda: settled.append(keeper.tick()) or settled[-1] != (0, 0))
+        assert settled[-1] == (1, 0)  # discarded, not rechecked
+        assert sorted(p.name for p in home.iterdir()) == ["chk.txt"]
+        assert (home / "chk.txt").read_bytes() == b"old\n"
+        assert b.all() == []
+    finally:
+        publisher.close(1)
