@@ -10,11 +10,13 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+from typing import Any
 
 import pytest
 
 from scriptsftp.server.contract.dispatch import ALLOW
 from scriptsftp.server.contract.errors import Failure, FsError, NoSpace
+from scriptsftp.server.contract.state import SqlDatabase
 from scriptsftp.server.core.storage import LocalStorage as Storage
 
 from .conftest import OLD, Core, fail_with
@@ -117,17 +119,24 @@ def test_fsync_off_publishes_without_flushing(core: Core, monkeypatch: pytest.Mo
 
 
 class _FullDatabase:
-    """Stands in for the staging database of a full state_dir: every statement fails as SQLite does."""
+    """Stands in for the staging database of a full state_dir: every transaction fails as
+    SQLite does, with the real database's dialect and error types."""
 
-    def execute(self, *args: object) -> None:
+    def __init__(self, real: SqlDatabase) -> None:
+        self.dialect = real.dialect
+        self.errors = real.errors
+
+    def transaction(self) -> Any:
         raise sqlite3.OperationalError("database or disk is full")
+
+    read = transaction
 
 
 def test_a_full_state_dir_at_publish_discards_and_frees(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
     h = core.session.open_write("/over.bin")
     h.write(0, NEW)
     real = core.staging._db
-    monkeypatch.setattr(core.staging, "_db", _FullDatabase())
+    monkeypatch.setattr(core.staging, "_db", _FullDatabase(core.staging._db))
     with pytest.raises(NoSpace, match="state storage is full"):
         h.close()  # before the fix: sqlite3.OperationalError, the staged file kept the disk full
     assert core.part_files() == []  # the bytes are freed at once, record or not
@@ -140,7 +149,7 @@ def test_a_full_state_dir_at_publish_discards_and_frees(core: Core, monkeypatch:
 
 
 def test_a_full_state_dir_at_open_is_no_space_not_a_crash(core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core.staging, "_db", _FullDatabase())
+    monkeypatch.setattr(core.staging, "_db", _FullDatabase(core.staging._db))
     with pytest.raises(NoSpace):
         core.session.open_write("/over.bin")
     monkeypatch.undo()
