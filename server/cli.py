@@ -269,7 +269,12 @@ def sessions(as_json: bool, config_path: str | None, token_file: Path | None) ->
 def kick(session_id: str, config_path: str | None, token_file: Path | None) -> None:
     """Close one session of the running daemon (its id from `scriptsftp sessions`)."""
     result = _admin(config_path, token_file, "DELETE", f"/api/sessions/{session_id}")
-    click.echo(f"closed session {result['kicked']} of {result.get('user') or '-'}")
+    where = f" on {result['node']}" if result.get("node") else ""
+    if result.get("pending"):  # another node's session, not seen gone yet
+        click.echo(f"asked {result['node']} to close session {result['kicked']} of {result.get('user') or '-'}; "
+                   "not closed yet")
+        return
+    click.echo(f"closed session {result['kicked']} of {result.get('user') or '-'}{where}")
 
 
 @main.command()

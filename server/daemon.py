@@ -59,6 +59,7 @@ from scriptsftp.server.core.staging import CHECKING, StagingRecords, discard_lef
 from scriptsftp.server.core.staging_lease import LeaseKeeper
 from scriptsftp.server.core.storage import LocalStorage, StorageOpener
 from scriptsftp.server.stores import StateStores
+from scriptsftp.server.stores.cluster_sessions import ClusterSessions
 from scriptsftp.server.stores.migrations import SchemaTooNew
 from scriptsftp.server.stores.accounts_db import (
     AccountDb, AccountError, StoredUser, DatabaseAccountSource, MergedAccountSource, file_names_of, name_conflicts,
@@ -219,6 +220,10 @@ class Daemon:
             defender=self.defender,
         )
         self.core.refusals = RefusalRecorder(self.audit)  # every refusal: an audit record
+        # with [cluster] database: every node's sessions in one table, which the session list,
+        # kicks and max_sessions use (docs/cluster.md "Sessions and per-user limits")
+        self.cluster_sessions = _open_cluster_sessions(cfg, self.stores, self.core)
+        self.core.shared_sessions = self.cluster_sessions
         # changes made by the CLI, the API or another node reach open sessions within a tick
         self.account_watch = AccountWatcher(
             self.account_db, interval=lambda: self.cfg.model.accounts.watch_interval,
@@ -366,6 +371,8 @@ class Daemon:
             signal.signal(signal.SIGUSR2, lambda *_: self._drain_signalled.put(True))
         self.engine.start()
         self.account_watch.start()
+        if self.cluster_sessions is not None:
+            self.cluster_sessions.start()
         write_running(self.state_dir, self.cfg, self.pending_restart)
         rechecking = self.publisher.recheck([r for r in self.staging.leftovers() if r.state == CHECKING])
         if rechecking:
@@ -658,6 +665,8 @@ class Daemon:
             self.heartbeat.stop()
         if self.registry is not None:
             self.registry.close()
+        if self.cluster_sessions is not None:
+            self.cluster_sessions.close()
         log.info("stopped")
 
     def _active(self) -> int:
@@ -703,6 +712,18 @@ def _open_shared(cfg: LoadedConfig, stores: StateStores, name: StateName, open_s
     except Exception as exc:  # psycopg's OperationalError, a pool timeout, sqlite3.Error
         if not stores.shared(name):
             raise
+        raise ConfigError([f"{cfg.path}:1: [cluster] database: cannot open {redact_url(stores.url)}: "
+                           f"{redact_url(' '.join(str(exc).split()))}"]) from None
+
+
+def _open_cluster_sessions(cfg: LoadedConfig, stores: StateStores, core: LoginCore) -> ClusterSessions | None:
+    """The cluster's session table (None without ``[cluster] database``); one that cannot be
+    opened stops the start with one line, as the other shared stores do."""
+    if not stores.url:
+        return None
+    try:
+        return ClusterSessions(stores.url, stores.node, core.connections)
+    except Exception as exc:  # psycopg's OperationalError, a pool timeout
         raise ConfigError([f"{cfg.path}:1: [cluster] database: cannot open {redact_url(stores.url)}: "
                            f"{redact_url(' '.join(str(exc).split()))}"]) from None
 
@@ -798,6 +819,9 @@ class AdminView:
             return cluster_view(registry.nodes())
         except registry.db.errors as exc:
             return {"error": f"the node registry cannot be read: {' '.join(str(exc).split())}"}
+
+    def cluster_sessions(self) -> ClusterSessions | None:
+        return self._daemon.cluster_sessions
 
 
 class AccountsOfDaemon:

@@ -68,7 +68,9 @@ def test_status_sessions_and_kick_ends_a_live_sftp_session(daemons, token_hash, 
 
         assert call(d, "DELETE", "/api/sessions/nosuchsession")[0] == 404
         status_code, body, _ = call(d, "DELETE", f"/api/sessions/{s['id']}")
-        assert status_code == 200 and body == {"kicked": s["id"], "user": "alice"}
+        node = get(d, "/api/status")["node"]  # no [cluster]: the host name, on the session too
+        assert s["node"] == node
+        assert status_code == 200 and body == {"kicked": s["id"], "user": "alice", "node": node, "pending": False}
         wait_for(lambda: not transport.is_active(), what="the client to see the connection drop")
         with pytest.raises((OSError, EOFError, paramiko.SSHException)):
             client.listdir("/")

@@ -124,6 +124,21 @@ class DefenderPort(Protocol):
     def record_user_failure(self, user: str, ip: str) -> float: ...
 
 
+class SharedSessionsPort(Protocol):
+    """Where the sessions of every node of a cluster are counted (``[cluster] database``:
+    ``server/stores/cluster_sessions.py``). ``claim`` and ``grow`` answer True (counted),
+    False (over the limit on the cluster) or None (the shared count cannot be reached: the
+    local registry applies the limit instead)."""
+
+    def claim(self, conn: Connection, user: str, limit: int) -> bool | None: ...
+
+    def grow(self, conn: Connection, weight: int, limit: int) -> bool | None: ...
+
+    def shrink(self, conn: Connection) -> None: ...
+
+    def release(self, conn: Connection) -> None: ...
+
+
 class LoginCore:
     """The one login core of the process (the ``CorePort`` the front ends are handed)."""
 
@@ -171,6 +186,8 @@ class LoginCore:
         self.passwords = PasswordVerifier(password_cache, max_parallel_hashes)
         self._budgets_lock = threading.Lock()
         self.registry = ConnectionRegistry()
+        #: with [cluster] database: the sessions of every node, which max_sessions counts
+        self.shared_sessions: SharedSessionsPort | None = None
         #: seconds a connection may take to log in; front ends close it after that
         self.preauth_timeout = preauth_timeout
         #: [accounts] kick_on_disable: an account removed, disabled or expired ends its sessions
@@ -277,6 +294,8 @@ class LoginCore:
             s.close()
         if self.registry.give_back_admission(conn) and self.defender is not None:
             self.defender.release(conn.remote_ip)
+        if self.shared_sessions is not None:
+            self.shared_sessions.release(conn)
         if not self.registry.remove(conn):
             return
         bytes_in = sum(s.bytes_in for s in conn.sessions)
@@ -501,8 +520,12 @@ class LoginCore:
         if refusal is None:
             assert rec is not None
             limit = self.session_limit(rec.account)
-            if not self.registry.count_login(conn, name, limit):
+            # on a cluster the shared count decides (it holds this node's sessions too)
+            counted = self.shared_sessions.claim(conn, name, limit) if self.shared_sessions is not None else None
+            if counted is False or not self.registry.count_login(conn, name, 0 if counted else limit):
                 refusal = f"too many sessions for this user (limit {limit})"
+                if counted is None and self.shared_sessions is not None:
+                    self.shared_sessions.release(conn)  # refused on this node's count: no row to write
         if refusal is not None:
             self._login_failed(conn, name, method, refusal, scored=False, audited=not vetoed)
             return refusal
@@ -557,7 +580,13 @@ class LoginCore:
         if protocol not in conn.account.protocols:
             raise PermissionDenied(f"protocol {protocol} not allowed for this user")
         try:
-            self.registry.count_session(conn, +1, self.session_limit(conn.account))
+            limit = self.session_limit(conn.account)
+            if self.shared_sessions is not None and conn.open_sessions >= 1:  # a channel beyond the first
+                grown = self.shared_sessions.grow(conn, conn.open_sessions + 1, limit)
+                if grown is False:
+                    raise LimitExceeded(f"too many sessions for this user (limit {limit})")
+                limit = 0 if grown else limit
+            self.registry.count_session(conn, +1, limit)
         except LimitExceeded as exc:
             log.info("session refused: %s", exc.message, extra=conn.log_context(
                 user=conn.user, op="session", result="denied", kind="limit", reason=exc.message))
@@ -567,12 +596,18 @@ class LoginCore:
             session_id=conn.id, account=conn.account, protocol=protocol, remote_ip=conn.remote_ip,
             dispatcher=self.dispatcher, staging=self.staging, uploads=self.uploads, max_handles=self.max_handles,
             publisher=self.publisher, tls=conn.tls, budget=self._budget(conn.user),
-            on_close=lambda _session: self.registry.count_session(conn, -1),
+            on_close=lambda _session: self._session_closed(conn),
             storage=open_account_storage(self.open_storage, conn.account), bandwidth=self.bandwidth.of(conn.user),
         )
         session.refusals = self.refusals
         conn.sessions.append(session)
         return session
+
+    def _session_closed(self, conn: Connection) -> None:
+        shrinks = conn.open_sessions > 1
+        self.registry.count_session(conn, -1)
+        if shrinks and self.shared_sessions is not None:
+            self.shared_sessions.shrink(conn)
 
     def session_limit(self, account: Account) -> int:
         """How many sessions ``account``'s user may hold at once (0: no limit): its own

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from scriptsftp.server.ops.audit import AuditTrail
     from scriptsftp.server.ops.defender import Defender
     from scriptsftp.server.stores.accounts_db import AccountDb
+    from scriptsftp.server.stores.cluster_sessions import ClusterSessions
 
 log = logging.getLogger("scriptsftp.admin")
 
@@ -139,6 +140,7 @@ class AdminPort(Protocol):
 
     @property
     def cluster(self) -> dict[str, Any] | None: ...  # every node and the drift (node_registry.cluster_view), or None
+    def cluster_sessions(self) -> ClusterSessions | None: ...  # every node's sessions ([cluster] database)
 
 
 # --- the caller ---------------------------------------------------------------------------
@@ -484,20 +486,51 @@ class AdminListener:
         return web.json_response(await self._blocking(self._status))
 
     async def sessions(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._all_sessions())
+
+    async def _all_sessions(self) -> list[dict[str, Any]]:
+        """This node's connections, then (on a cluster) the other live nodes' sessions, each
+        with its node. The others are left out, and the log says why, if their table cannot
+        be read: the list of this node's must not depend on the database."""
+        node = self.server.node
         conns = sorted(self.server.core.connections(), key=lambda c: c.started)
-        return web.json_response([connection_info(c) for c in conns])
+        rows = [{**connection_info(c), "node": node} for c in conns]
+        shared = self.server.cluster_sessions
+        if shared is not None:
+            try:
+                rows += await self._blocking(shared.others)
+            except shared.db.errors as exc:
+                log.warning("the other nodes' sessions cannot be listed: %s", " ".join(str(exc).split())[:200])
+        return rows
 
     async def kick(self, request: web.Request) -> web.Response:
         sid = request.match_info["id"]
         conn = next((c for c in self.server.core.connections() if c.id == sid), None)
         if conn is None:
-            return _error(404, f"no session {sid!r}")
+            return await self._kick_elsewhere(sid)
         if conn.on_kick is None:
             return _error(409, f"session {sid} cannot be closed by this front end")
         log.info("session closed by an administrator", extra={"sid": conn.id, "user": conn.user,
                                                                "proto": conn.protocol, "ip": conn.remote_ip})
         await self._blocking(conn.on_kick, "closed by an administrator")
-        return web.json_response({"kicked": sid, "user": conn.user})
+        return web.json_response({"kicked": sid, "user": conn.user, "node": self.server.node, "pending": False})
+
+    async def _kick_elsewhere(self, sid: str) -> web.Response:
+        """A session of another node (cluster): that node ends it within a poll
+        (cluster_sessions.KICK_POLL); ``pending`` true if it was not gone within
+        KICK_WAIT (the kick stays asked for while that node lives)."""
+        shared = self.server.cluster_sessions
+        if shared is None:
+            return _error(404, f"no session {sid!r}")
+        try:
+            found = await self._blocking(shared.kick, sid, "closed by an administrator")
+        except shared.db.errors as exc:
+            return _error(503, f"the cluster's session table cannot be reached: {' '.join(str(exc).split())[:200]}")
+        if found is None:
+            return _error(404, f"no session {sid!r}")
+        node, user, gone = found
+        log.info("session on node %s closed by an administrator", node, extra={"sid": sid, "user": user})
+        return web.json_response({"kicked": sid, "user": user, "node": node, "pending": not gone})
 
     async def scripts(self, request: web.Request) -> web.Response:
         return web.json_response(self.server.engine.scripts_info())
@@ -672,10 +705,9 @@ class AdminListener:
             error, q = str(exc), {"limit": 100}
         q["limit"] = min(q.get("limit", 100), 200)
         events = await self._blocking(self._query_events, q)
-        conns = sorted(self.server.core.connections(), key=lambda c: c.started)
         page = render_dashboard(
             status=await self._blocking(self._status),
-            sessions=[connection_info(c) for c in conns],
+            sessions=await self._all_sessions(),
             scripts=self.server.engine.scripts_info(),
             events=events,
             filters={k: request.query.get(k, "") for k in ("user", "path", "decision", "since")},

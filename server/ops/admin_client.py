@@ -90,10 +90,11 @@ def _when(ts: float | None) -> str:
 
 
 def format_sessions(rows: list[dict[str, Any]]) -> list[str]:
-    out = [f"{'ID':<14} {'USER':<16} {'PROTO':<6} {'ADDRESS':<16} {'SINCE':<19} {'IN':>10} {'OUT':>10}  TRANSFERS"]
+    out = [f"{'ID':<14} {'NODE':<12} {'USER':<16} {'PROTO':<6} {'ADDRESS':<16} {'SINCE':<19} {'IN':>10} {'OUT':>10}"
+           "  TRANSFERS"]
     for s in rows:
         transfers = ", ".join(f"{t['direction']} {t['path']}" for t in s.get("transfers", []))
-        out.append(f"{s['id']:<14} {s['user'] or '-':<16} {s['protocol']:<6} {s['remote_ip']:<16} "
+        out.append(f"{s['id']:<14} {s.get('node') or '-':<12} {s['user'] or '-':<16} {s['protocol']:<6} {s['remote_ip']:<16} "
                    f"{_when(s['started']):<19} {s['bytes_in']:>10} {s['bytes_out']:>10}  {transfers}")
     return out
 

@@ -126,11 +126,17 @@ class SessionInfo(_Reply):
     bytes_in: int
     bytes_out: int
     transfers: list[Transfer]
+    node: str = Field(description="The node that holds it ([cluster] node, else the host name).")
+    last_activity: float | None = Field(None, description="Another node's session: Unix time its bytes last "
+                                                          "moved (as of that node's last sync, every 5 s).")
 
 
 class Kicked(_Reply):
     kicked: str
     user: str | None
+    node: str = Field(description="The node that held the session.")
+    pending: bool = Field(description="Another node's session that was not seen gone within 3 s; that node "
+                                      "ends it when it next looks, if it is alive.")
 
 
 class ScriptBinding(_Reply):

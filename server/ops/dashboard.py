@@ -85,10 +85,11 @@ def render_dashboard(*, status: dict[str, Any], sessions: list[dict[str, Any]], 
                                 for t in s.get("transfers", []))
         rows.append(f'<tr class="session" data-id="{_e(s["id"])}"><td><code>{_e(s["id"])}</code></td>'
                     f'<td>{_e(s["user"]) or "<span class=muted>(not logged in)</span>"}</td>'
-                    f'<td>{_e(s["protocol"])}</td><td>{_e(s["remote_ip"])}</td><td>{_e(_when(s["started"]))}</td>'
+                    f'<td>{_e(s.get("node", ""))}</td><td>{_e(s["protocol"])}</td><td>{_e(s["remote_ip"])}</td>'
+                    f'<td>{_e(_when(s["started"]))}</td>'
                     f'<td>{_e(_size(s["bytes_in"]))}</td><td>{_e(_size(s["bytes_out"]))}</td><td>{transfers}</td></tr>')
     parts.append(f"<h2>Sessions ({len(sessions)})</h2>")
-    parts.append(_table(["id", "user", "protocol", "address", "since", "in", "out", "transfers"], rows,
+    parts.append(_table(["id", "user", "node", "protocol", "address", "since", "in", "out", "transfers"], rows,
                         "no open sessions"))
 
     rows = []

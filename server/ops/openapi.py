@@ -132,9 +132,15 @@ SERVER_OPERATIONS: tuple[Operation, ...] = (
               200, _ref("ReloadResult"), refusals=(422,),
               description="422 (with the same body) when the file or a script is refused; nothing changes then."),
     Operation("GET", "/api/sessions", "Open client connections and their transfers", "sessions", 200,
-              _array("SessionInfo")),
+              _array("SessionInfo"),
+              description="With [cluster] database: this node's connections, then every other live node's "
+                          "logged-in sessions (no transfers or channels for those; bytes and last_activity as "
+                          "of that node's last sync, every 5 s)."),
     Operation("DELETE", "/api/sessions/{id}", "Close a client connection", "sessions", 200, _ref("Kicked"),
-              refusals=(404, 409)),
+              refusals=(404, 409, 503),
+              description="A session of another node (cluster): that node ends it within 0.25 s plus a query; "
+                          "the answer waits up to 3 s to see it gone, else says pending. 503: the cluster's "
+                          "session table cannot be reached."),
     Operation("GET", "/api/scripts", "Bound scripts: version, bindings, last error", "scripts", 200,
               _array("ScriptInfo")),
     Operation("GET", "/api/events", "The audit trail: events, decisions and script runs, newest first",
