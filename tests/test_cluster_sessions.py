@@ -8,6 +8,7 @@ per-user limits"): two real daemons sharing one real PostgreSQL database.
 - Two nodes racing for a user's last slot admit exactly one login, round after round.
 - A node killed with SIGKILL holds its users' slots only until its heartbeat expires.
 - A quota counted in the shared account database holds across nodes.
+- While PostgreSQL is down a node counts its logins alone; its rows follow once it is back.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 from adminkit import TOKEN, admin_toml, call, get, token_hash, wait_for  # noqa: F401 (a fixture)
 from conftest import BIN, Daemon, DaemonFactory, accounts_toml
 from test_cluster import cluster_toml, two_nodes  # noqa: F401 (a fixture)
+from test_cluster_state import own_pg  # noqa: F401 (a fixture)
 
 from scriptsftp.server.stores.cluster_sessions import EXPIRY
 
@@ -107,10 +109,17 @@ def test_both_nodes_sessions_in_one_list_and_a_kick_from_a_ends_a_session_on_b(
             sftp_b.listdir("/")
         b.wait_log(r"session closed by an administrator on another node")
         assert on_a.is_active()  # the other session is left alone
+        assert [r["node"] for r in get(a, "/api/sessions") if r["user"] == "alice"] == ["node-a"]
         wait_for(lambda: all(r["user"] != "bob" for r in get(a, "/api/sessions")), what="bob gone from A's list")
-        # an unknown id is still a 404, on a cluster too
-        status, body, _ = call(a, "DELETE", "/api/sessions/0123456789ab")
-        assert status == 404, body
+        # an unknown id is still a 404, on a cluster too, whatever it holds
+        for sid in ("0123456789ab", "x'%3B%20DROP%20TABLE%20cluster_sessions%3B--", "%25", "a" * 300):
+            status, body, _ = call(a, "DELETE", f"/api/sessions/{sid}")
+            assert status == 404, (sid, body)
+        # the CLI on B kicks alice's session on A
+        (alice,) = [r for r in get(b, "/api/sessions") if r["user"] == "alice"]
+        proc = _cli(b, "kick", alice["id"])
+        assert proc.returncode == 0 and proc.stdout.strip() == f"closed session {alice['id']} of alice on node-a", proc
+        wait_for(lambda: not on_a.is_active(), what="node A to close alice's session")
     finally:
         on_a.close()
         on_b.close()
@@ -229,3 +238,43 @@ def test_a_quota_holds_across_nodes(two_nodes: list[DaemonFactory], pg_dsn: str,
     finally:
         ta.close()
         tb.close()
+
+
+def test_while_postgresql_is_down_logins_are_counted_on_the_node_and_written_when_it_is_back(own_pg):
+    """The node's side alone, against a PostgreSQL of the test's own that it stops: a login
+    during the outage is not refused for it (None: the caller's local count decides) nor held
+    for long; once the server is back the node's rows are as its connections are, and another
+    node counts them."""
+    from scriptsftp.server.core.connections import Connection
+    from scriptsftp.server.stores.cluster_sessions import BEAT, ClusterSessions
+
+    def conn(sid: str) -> Connection:
+        return Connection(sid, "sftp", "127.0.0.1")
+
+    a = ClusterSessions(own_pg.dsn, "a", lambda: [])
+    b = ClusterSessions(own_pg.dsn, "b", lambda: [])
+    a.start()
+    b.start()
+    try:
+        first, second = conn("a-first"), conn("a-second")
+        assert a.claim(first, "alice", 1) is True
+        assert b.claim(conn("b-one"), "alice", 1) is False  # a's session counts on b
+        own_pg.stop_server()
+        try:
+            t0 = time.monotonic()
+            while a.claim(second, "bob", 1) is not None:  # until a notices
+                assert time.monotonic() - t0 < 30, "the outage was never noticed"
+                a.release(second)
+            assert a.down
+            a.release(first)  # alice's session ends while the database is away
+            t1 = time.monotonic()
+            assert a.claim(conn("a-third"), "carol", 1) is None and time.monotonic() - t1 < 0.5  # no wait now
+        finally:
+            own_pg.start_server()
+        wait_for(lambda: not a.down, timeout=30 + BEAT, what="node a to see the database back")
+        # bob's login during the outage now counts on b; alice's ended one no longer does
+        wait_for(lambda: b.claim(conn("b-bob"), "bob", 1) is False, timeout=30, what="bob's row written")
+        assert b.claim(conn("b-alice"), "alice", 1) is True
+    finally:
+        b.close()
+        a.close()
