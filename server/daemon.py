@@ -820,6 +820,7 @@ class AdminView:
         except registry.db.errors as exc:
             return {"error": f"the node registry cannot be read: {' '.join(str(exc).split())}"}
 
+    @property
     def cluster_sessions(self) -> ClusterSessions | None:
         return self._daemon.cluster_sessions
 

@@ -140,6 +140,8 @@ class AdminPort(Protocol):
 
     @property
     def cluster(self) -> dict[str, Any] | None: ...  # every node and the drift (node_registry.cluster_view), or None
+
+    @property
     def cluster_sessions(self) -> ClusterSessions | None: ...  # every node's sessions ([cluster] database)
 
 
