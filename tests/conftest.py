@@ -125,8 +125,10 @@ class Daemon:
         with self._cond:
             return "\n".join(self.lines)
 
-    def wait_log(self, pattern: str, timeout: float = 10.0, start: int = 0) -> re.Match[str]:
-        """Block until a log line matches ``pattern`` (an event, not a sleep)."""
+    def wait_log(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
+        """Block until a log line matches ``pattern`` (an event, not a sleep). The deadline is
+        generous: it only bounds a failure, and a loaded machine (parallel workers, other
+        users) can take many seconds for what takes milliseconds on an idle one."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -244,7 +246,7 @@ dir = "scripts"
         threading.Thread(target=d._read, daemon=True).start()
         self.daemons.append(d)
         if wait:
-            d.wait_log(r"scriptsftp \S+ ready", timeout=30)
+            d.wait_log(r"scriptsftp \S+ ready", timeout=120)  # a start takes ~1 s idle, far more loaded
             # every front end logs "listening <proto> on host:port" before "ready"
             for proto, port in re.findall(r"listening (\w+) on \S+:(\d+)", d.log_text()):
                 d.ports.setdefault(proto, int(port))
