@@ -1,5 +1,5 @@
 """Host key loading: each key text is checked once per process (the checks of an RSA key
-cost ~160 ms of CPU and a start used to pay them seven times), and a key that fails them
+cost ~160 ms of CPU and a start used to pay them ten times), and a key that fails them
 is still refused, however often it is loaded."""
 
 from __future__ import annotations
