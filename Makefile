@@ -50,6 +50,9 @@ typecheck: install
 	$(VENV)/bin/mypy -p scriptsftp.server -p scriptsftp.scripting 2>&1 \
 	  | sed -E 's#^[^:]*site-packages/scriptsftp/##'
 
+# three pytest-xdist workers, a test file each at a time (a module's shared daemon stays in one
+# worker); `make test PYTEST_ARGS=` runs one test at a time, `PYTEST_ARGS="-n 4 --dist loadfile"` more
+PYTEST_ARGS ?= -n 3 --dist loadfile
 test: install typecheck
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
