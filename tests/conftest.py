@@ -295,10 +295,11 @@ def pg():
 
 @pytest.fixture
 def pg_dsn(pg) -> str:
-    """A new empty database in the session's cluster, for one test (dropped after it)."""
+    """A new empty database in the session's cluster, for one test (dropped once the test's
+    daemons have stopped: pgkit's retire_database)."""
     dsn = pg.new_database()
     yield dsn
-    pg.drop_database(dsn)
+    pg.retire_database(dsn)
 
 
 ACCOUNT_ENGINES = ["sqlite", "postgresql"]
@@ -314,7 +315,7 @@ def accounts_database(request: pytest.FixtureRequest) -> str:
         return ""
     cluster = request.getfixturevalue("pg")
     dsn = cluster.new_database()
-    request.addfinalizer(lambda: cluster.drop_database(dsn))
+    request.addfinalizer(lambda: cluster.retire_database(dsn))
     return dsn
 
 

@@ -24,7 +24,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -100,6 +100,7 @@ class PgCluster:
     password: str
     owner: pwd.struct_passwd | None
     _admin: Any = None
+    _retired: list[str] = field(default_factory=list)  # dropped at the next new_database
 
     @property
     def datadir(self) -> Path:
@@ -183,6 +184,9 @@ class PgCluster:
         a statement that leaves order to the collation shows it; without ICU, the cluster's."""
         import psycopg
 
+        for retired in self._retired:
+            self.drop_database(retired)
+        self._retired.clear()
         name = f"{prefix}_{secrets.token_hex(6)}"
         try:
             self.psql(f'CREATE DATABASE "{name}" OWNER {ROLE} TEMPLATE template0 '
@@ -190,6 +194,14 @@ class PgCluster:
         except psycopg.errors.FeatureNotSupported:  # a server built without ICU
             self.psql(f'CREATE DATABASE "{name}" OWNER {ROLE} TEMPLATE template0')
         return self.dsn_for(name)
+
+    def retire_database(self, dsn: str) -> None:
+        """Drop ``dsn`` at the next :meth:`new_database`, not now. A test's fixtures are torn
+        down in reverse order of setup, so a database fixture set up after the daemons' fixture
+        would be dropped under daemons still running: each would then stop only after its
+        pools' connection timeouts (seconds per node). By the next test every daemon of this
+        one has stopped."""
+        self._retired.append(dsn)
 
     def drop_database(self, dsn: str) -> None:
         """Drop a database made by new_database, whoever is still connected to it."""
