@@ -689,13 +689,18 @@ def _open_account_db(cfg: LoadedConfig) -> AccountDb:
         raise ConfigError([f"{cfg.path}:1: [accounts] database: cannot open {where}: {exc}"]) from None
 
 
+def _cluster_unreachable(cfg: LoadedConfig, exc: BaseException) -> ConfigError:
+    """The one line a node that cannot open ``[cluster] database`` stops with (password hidden)."""
+    return ConfigError([f"{cfg.path}:1: [cluster] database: cannot open {redact_url(cfg.model.cluster.database)}: "
+                        f"{redact_url(' '.join(str(exc).split()))}"])
+
+
 def _open_registry(cfg: LoadedConfig) -> NodeRegistry:
     """The node registry in ``[cluster] database``; one line when it cannot be opened."""
     try:
         return NodeRegistry(cfg.model.cluster.database)
     except Exception as exc:  # psycopg's OperationalError, a pool timeout, a schema too new
-        raise ConfigError([f"{cfg.path}:1: [cluster] database: cannot open {redact_url(cfg.model.cluster.database)}: "
-                           f"{redact_url(' '.join(str(exc).split()))}"]) from None
+        raise _cluster_unreachable(cfg, exc) from None
 
 
 T = TypeVar("T")
@@ -712,8 +717,7 @@ def _open_shared(cfg: LoadedConfig, stores: StateStores, name: StateName, open_s
     except Exception as exc:  # psycopg's OperationalError, a pool timeout, sqlite3.Error
         if not stores.shared(name):
             raise
-        raise ConfigError([f"{cfg.path}:1: [cluster] database: cannot open {redact_url(stores.url)}: "
-                           f"{redact_url(' '.join(str(exc).split()))}"]) from None
+        raise _cluster_unreachable(cfg, exc) from None
 
 
 def _open_cluster_sessions(cfg: LoadedConfig, stores: StateStores, core: LoginCore) -> ClusterSessions | None:
@@ -724,8 +728,7 @@ def _open_cluster_sessions(cfg: LoadedConfig, stores: StateStores, core: LoginCo
     try:
         return ClusterSessions(stores.url, stores.node, core.connections)
     except Exception as exc:  # psycopg's OperationalError, a pool timeout
-        raise ConfigError([f"{cfg.path}:1: [cluster] database: cannot open {redact_url(stores.url)}: "
-                           f"{redact_url(' '.join(str(exc).split()))}"]) from None
+        raise _cluster_unreachable(cfg, exc) from None
 
 
 class AdminView:
