@@ -27,13 +27,11 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -42,8 +40,8 @@ VENV_PY = ROOT / ".venv" / "bin" / "python"
 if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve() and VENV_PY.exists():
     os.execv(str(VENV_PY), [str(VENV_PY), *sys.argv])  # scriptsftp lives in the venv
 
-BIN = Path(sys.executable).with_name("scriptsftp")
 sys.path.insert(0, str(ROOT / "tests"))
+from daemon_proc import start_daemon, stop_daemon  # noqa: E402  (bench/daemon_proc.py)
 from pgkit import PgCluster, sweep_leftovers  # noqa: E402
 
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
@@ -62,35 +60,10 @@ class Node:
     def start(self, config: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "scriptsftp.toml").write_text(config)
-        self.proc = subprocess.Popen([str(BIN), "run", "-c", str(self.root / "scriptsftp.toml")],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     cwd=self.root)
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.proc is not None and self.proc.stderr is not None
-            for raw in self.proc.stderr:
-                line = raw.decode("utf-8", "replace")
-                self.lines.append(line)
-                m = re.search(r"listening sftp on \S+:(\d+)", line)
-                if m and not self.port:
-                    self.port = int(m[1])
-                if re.search(r"scriptsftp \S+ ready", line):
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(120) or not self.port:
-            raise SystemExit(f"{self.name}: scriptsftp did not start:\n" + "".join(self.lines[-30:]))
+        self.proc, self.port = start_daemon(self.root / "scriptsftp.toml", self.root, self.name, self.lines)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_daemon(self.proc)
 
 
 def config(node: str, dsn: str, homes: Path, users: list[tuple[str, str]], processes: int) -> str:

@@ -41,12 +41,10 @@ import datetime as dt
 import json
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,10 +57,10 @@ if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve() and VENV_PY.exists()
 
 import paramiko  # noqa: E402
 
-BIN = Path(sys.executable).with_name("scriptsftp")
 PASSWORD = "bench-Secret-1"
 sys.path.insert(0, str(ROOT / "tests"))
 from pgkit import PgCluster, sweep_leftovers  # noqa: E402  (the tests' throwaway cluster: a temp dir, a free port)
+from daemon_proc import start_daemon, stop_daemon  # noqa: E402  (bench/daemon_proc.py)
 
 
 @dataclass
@@ -116,34 +114,10 @@ database = {json.dumps(self.dsn)}
         return cfg
 
     def start(self, cfg: Path) -> None:
-        self.proc = subprocess.Popen([str(BIN), "run", "-c", str(cfg)], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.root)
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.proc is not None and self.proc.stderr is not None
-            for raw in self.proc.stderr:
-                line = raw.decode("utf-8", "replace")
-                self.lines.append(line)
-                m = re.search(r"listening sftp on \S+:(\d+)", line)
-                if m:
-                    self.port = int(m[1])
-                if re.search(r"scriptsftp \S+ ready", line):
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(120) or not self.port:
-            raise SystemExit(f"{self.label}: scriptsftp did not start:\n" + "".join(self.lines[-30:]))
+        self.proc, self.port = start_daemon(cfg, self.root, self.label, self.lines)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_daemon(self.proc)
 
 
 def sample_indices(n: int, k: int) -> list[int]:
