@@ -238,7 +238,7 @@ class Daemon:
 
     def sample(self) -> dict:
         main = self.proc.pid
-        rss_tree = fds_tree = 0
+        rss_tree = fds_tree = pss_tree = procs = 0
         cpu = 0.0
         rss_main = fds_main = 0
         for p in self.pids():
@@ -251,11 +251,14 @@ class Daemon:
             f = stat[stat.rindex(b")") + 2:].split()
             cpu += (int(f[11]) + int(f[12])) / CLK_TCK
             rss_tree += rss
+            pss_tree += _pss_kb(p)
             fds_tree += fds
+            procs += 1
             if p == main:
                 rss_main, fds_main = rss, fds
         return {"t": time.monotonic(), "rss_main_mb": rss_main / 1024, "rss_tree_mb": rss_tree / 1024,
-                "fds_main": fds_main, "fds_tree": fds_tree, "cpu": cpu}
+                "pss_tree_mb": pss_tree / 1024, "fds_main": fds_main, "fds_tree": fds_tree,
+                "processes": procs, "cpu": cpu}
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -265,6 +268,18 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages split among their sharers, so the tree's sum is
+    what it really holds (the sum of RSS counts the daemon's code once per worker)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def _rss_kb(pid: int) -> int:
@@ -710,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
             s = d.sample()
             print(f"  attack t+{time.monotonic() - t_att0:.0f}s: honest "
                   f"{sum(h.mbps(time.monotonic() - 30, time.monotonic()) for h in honest):.1f} MB/s, "
-                  f"rss {s['rss_main_mb']:.0f}/{s['rss_tree_mb']:.0f} MB, fds {s['fds_main']}/{s['fds_tree']}",
+                  f"rss {s['rss_main_mb']:.0f}/{s['rss_tree_mb']:.0f} MB, pss tree {s['pss_tree_mb']:.0f} MB, "
+                  f"fds {s['fds_main']}/{s['fds_tree']}, {s['processes']} processes",
                   flush=True)
         att_stop.set()
         t_att1 = time.monotonic()
@@ -744,7 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     base_mbps = sum(h.mbps(t_base0, t_base1) for h in honest)
     att_mbps = sum(h.mbps(t_att0, t_att1) for h in honest)
     att_samples = [s for (p, s) in samples if p == "attack"]
-    peak = {k: max((s[k] for s in att_samples), default=0) for k in ("rss_main_mb", "rss_tree_mb", "fds_main", "fds_tree")}
+    peak = {k: max((s[k] for s in att_samples), default=0)
+            for k in ("rss_main_mb", "rss_tree_mb", "pss_tree_mb", "fds_main", "fds_tree", "processes")}
     attacks = attack_counts
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

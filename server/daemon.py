@@ -340,7 +340,8 @@ class Daemon:
                                  allow_root=m.server.allow_root_workers)
         return SSHWorkerPool(listen_addresses(m.sftp.listen), self._host_key_paths(), self._ssh_limits(),
                              processes, m.server.log_format, m.server.log_level, account=account,
-                             state_dir=self.state_dir, proxies=self._proxies())
+                             state_dir=self.state_dir, proxies=self._proxies(),
+                             max_growth=int(m.sftp.worker_max_growth))
 
     def _ssh_listener(self) -> Listener:
         keys = [load_host_key(p) for p in self._host_key_paths()]
