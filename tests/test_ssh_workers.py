@@ -7,6 +7,7 @@ that dies under its workers, and the core's end of a link fed by a hostile worke
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -148,7 +149,7 @@ def test_workers_follow_the_daemon_not_signals(daemons, alice_key):
 
 
 @pytest.fixture
-def link(tmp_path, password_hashes):
+def link(tmp_path, password_hashes, alice_key):
     from scriptsftp.server.support.config import load_config
     from scriptsftp.server.frontends.ssh.core_link import CoreLink
     from scriptsftp.server.contract.dispatch import NullDispatcher
@@ -157,19 +158,27 @@ def link(tmp_path, password_hashes):
     from scriptsftp.server.core.session import UploadPolicy
 
     cfg = tmp_path / "scriptsftp.toml"
-    cfg.write_text(user_toml("alice", password_hash=password_hashes["alice"]))
+    cfg.write_text(user_toml("alice", password_hash=password_hashes["alice"], keys=[alice_key]))
     (tmp_path / "homes" / "alice").mkdir(parents=True)
     core = LoginCore(TomlAccountSource.from_config(load_config(cfg)), NullDispatcher(), staging=None,
                      uploads=UploadPolicy(atomic=False), failure_delay=0)
-    ours, theirs = socket.socketpair()
-    kicked: list[str] = []
-    cl = CoreLink(core, ours, ("192.0.2.7", 5555), 22, kick=kicked.append)
-    t = threading.Thread(target=cl.serve, daemon=True)
-    t.start()
-    yield core, theirs, t
-    theirs.close()
-    t.join(5)
-    ours.close()
+    links = []
+
+    def open_link() -> tuple[socket.socket, threading.Thread]:
+        ours, theirs = socket.socketpair()
+        cl = CoreLink(core, ours, ("192.0.2.7", 5555), 22, kick=lambda reason: None)
+        t = threading.Thread(target=cl.serve, daemon=True)
+        t.start()
+        links.append((ours, theirs, t))
+        return theirs, t
+
+    sock, t = open_link()
+    core.open_link = open_link  # a second worker connection to the same core
+    yield core, sock, t
+    for ours, theirs, t in links:
+        theirs.close()
+        t.join(5)
+        ours.close()
 
 
 def answer(sock: socket.socket) -> dict:
@@ -209,3 +218,150 @@ def test_core_link_answers_only_what_a_worker_may_ask(link):
     thread.join(5)
     assert not thread.is_alive()
     assert core.connections() == []  # and the connection with it
+
+
+# --- the worker template and recycling ------------------------------------------------------
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def own_memory_kb(pid: int) -> int:
+    """Private (unshared) memory: what the process costs beyond what it shares with others."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    return total
+
+
+def template_pid(d) -> int:
+    return int(d.wait_log(r"ssh worker template started \(pid (\d+)\)")[1])
+
+
+def replace_by_killing(d, pid: int) -> int:
+    """Kill a worker; the pid of the one started in its place."""
+    mark = len(d.lines)
+    os.kill(pid, signal.SIGKILL)
+    d.wait_log(rf"ssh worker \d \(pid {pid}\) exited", start=mark)
+    return int(d.wait_log(r"ssh worker \d started \(pid (\d+)\)", start=mark)[1])
+
+
+def test_replacements_are_forked_from_the_template_and_share_its_memory(daemons, alice_key):
+    d = daemons.start(sftp_extra="processes = 2")
+    pids = worker_pids(d)
+    template = template_pid(d)
+    assert parent_of(template) == d.proc.pid
+    assert listening_socket(d.port) not in open_files(template)  # accepting stays the core's
+    replacement = replace_by_killing(d, pids[0])
+    assert parent_of(replacement) == template
+    c = paramiko_client(d, key=alice_key)
+    c.listdir(".")
+    c2 = paramiko_client(d, key=alice_key)  # the fewest connections: one of them is the replacement's
+    c2.listdir(".")
+    # a new program imports everything itself (~40 MB of its own); a forked one shares it
+    assert own_memory_kb(replacement) < 25_000, own_memory_kb(replacement)
+    close_client(c)
+    close_client(c2)
+
+    # the template gone: later workers start as new programs, and serve
+    os.kill(template, signal.SIGKILL)
+    d.wait_log(rf"ssh worker template \(pid {template}\) exited")
+    program = replace_by_killing(d, pids[1])
+    with open(f"/proc/{program}/cmdline", "rb") as f:
+        assert b"scriptsftp.server.frontends.ssh.worker_process" in f.read()
+    fresh = [paramiko_client(d, key=alice_key) for _ in range(2)]
+    for f2 in fresh:
+        assert f2.listdir(".") == []
+        close_client(f2)
+
+
+def test_a_worker_that_grew_is_retired_once_its_connections_end(daemons, alice_key):
+    d = daemons.start(sftp_extra="processes = 2\nworker_max_growth = 1048576")
+    pids = worker_pids(d)
+    home = d.home()
+    old = paramiko_client(d, key=alice_key)
+    with old.open("big.bin", "w") as f:  # grows its worker by more than 1 MiB (measured: ~2 MB)
+        f.write(os.urandom(4 << 20))
+    with old.open("up.bin", "w") as f:
+        f.write(b"x")
+        f.flush()
+        staged = [n for n in os.listdir(home) if n.startswith(STAGING)]
+        grown = holder_of(pids, staged[0])
+    m = d.wait_log(rf"ssh worker \d \(pid {grown}\) grew by \d+ MB .*retiring it once its 1 connection\(s\) end")
+    assert m is not None
+    assert not gone(grown)
+    # new connections go elsewhere; the old one is served on as before
+    new = paramiko_client(d, key=alice_key)
+    with new.open("new.bin", "w") as g:
+        g.write(b"y")
+        g.flush()
+        staged = [n for n in os.listdir(home) if n.startswith(STAGING)]
+        assert len(staged) == 1
+        assert grown not in [p for p in os.listdir("/proc") if p.isdigit() and any(
+            staged[0] in name for name in open_files(int(p)))]
+    with old.open("after.bin", "w") as h:
+        h.write(b"still served")
+    assert (home / "after.bin").read_bytes() == b"still served"
+    close_client(old)
+    d.wait_log(rf"ssh worker \d \(pid {grown}\) retired: its last connection ended")
+    wait_until(lambda: gone(grown), what="the retired worker to exit")
+    assert f"(pid {grown}) exited with code" not in d.log_text()  # no error, no restart of it
+    assert new.listdir(".")
+    close_client(new)
+
+
+def signed_request(key: paramiko.PKey, name: str, session_id: bytes) -> list:
+    """What a client signs to log in by key (RFC 4252 section 7), as a worker forwards it."""
+    from paramiko.common import cMSG_USERAUTH_REQUEST
+    from paramiko.message import Message
+
+    m = Message()
+    m.add_string(session_id)
+    m.add_byte(cMSG_USERAUTH_REQUEST)
+    m.add_string(name)
+    m.add_string("ssh-connection")
+    m.add_string("publickey")
+    m.add_boolean(True)
+    m.add_string(key.get_name())
+    m.add_string(key.asbytes())
+    sig = key.sign_ssh_data(m.asbytes())
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return [b64(session_id), "ssh-connection", key.get_name(), b64(sig.asbytes())]
+
+
+def test_a_key_login_is_taken_only_with_a_signature_the_core_verified(link, alice_key):
+    """A worker taken over knows users' public keys (they are not secret): that alone must
+    not log it in. The core checks the client's signature itself, and a signature is good
+    on one connection only."""
+    core, sock, _ = link
+    answer(sock)
+    key = paramiko.Ed25519Key.from_private_key_file(str(alice_key.private))
+    blob = base64.b64encode(key.asbytes()).decode()
+    finish = {"op": "finish_login", "args": ["alice", "publickey"]}
+    # the client asks whether its key would do (no signature yet): yes, but no login from it
+    assert ask(sock, {"op": "key_allowed", "args": ["alice", key.get_name(), blob]}) == {"ok": True}
+    assert ask(sock, finish)["error"][0] == "Failure"
+    # a forged or mangled signature, a signature for another user, junk in place of a proof
+    session_id = os.urandom(32)
+    good = signed_request(key, "alice", session_id)
+    forged = good[:3] + [base64.b64encode(os.urandom(83)).decode()]
+    for bad in (forged, signed_request(key, "bob", session_id), ["x", "y"], [good[0], 1, 2, 3],
+                good[:2] + ["rsa-sha2-256"] + good[3:]):
+        assert ask(sock, {"op": "key_allowed", "args": ["alice", key.get_name(), blob, bad]}) == {"ok": False}, bad
+        assert ask(sock, finish)["error"][0] == "Failure"
+    assert not core.connections()[0].user
+    # the client's real signature logs in
+    assert ask(sock, {"op": "key_allowed", "args": ["alice", key.get_name(), blob, good]}) == {"ok": True}
+    assert ask(sock, finish)["ok"][0] is True
+    # the same signature replayed by a worker on another connection is refused
+    other, _ = core.open_link()
+    answer(other)
+    assert ask(other, {"op": "key_allowed", "args": ["alice", key.get_name(), blob, good]}) == {"ok": False}
+    assert ask(other, finish)["error"][0] == "Failure"
+    fresh = signed_request(key, "alice", os.urandom(32))  # a new connection's own signature is fine
+    assert ask(other, {"op": "key_allowed", "args": ["alice", key.get_name(), blob, fresh]}) == {"ok": True}
+    assert ask(other, finish)["ok"][0] is True

@@ -102,6 +102,23 @@ class PublicKey(Protocol):
     def asbytes(self) -> bytes: ...
 
 
+@dataclass(frozen=True)
+class KeyProof:
+    """A client's signature of its public-key login request (RFC 4252 section 7), as the
+    SSH worker received it, with the session id it signed.
+
+    Why: an SSH worker is a privilege boundary. If the core took a worker's word that a
+    client's signature was good, a worker taken over by an attacker could log in as anyone
+    whose public key it knows. With the proof the core verifies the signature itself, and
+    refuses a session id it has already seen on another connection, so such a worker can
+    act only for the clients that really log in through it."""
+
+    session_id: bytes
+    service: str
+    algorithm: str
+    signature: bytes
+
+
 class ConnectionView(Protocol):
     """What a front end reads of the connection the core registered for its client.
 
@@ -406,7 +423,7 @@ class CorePort(Protocol[C, S]):
 
     def check_password(self, conn: C, name: str, password: str) -> bool: ...
 
-    def key_allowed(self, name: str, key: PublicKey) -> bool: ...
+    def key_allowed(self, name: str, key: PublicKey, proof: KeyProof | None = None) -> bool: ...
 
     def finish_login(self, conn: C, name: str, method: str, *, announce: bool = True) -> Decision: ...
 
@@ -456,7 +473,7 @@ def keyword_options(signature: inspect.Signature) -> frozenset[str]:
 __all__ = [
     "AccessView", "AccountView", "BandwidthPort", "ConnectionView", "CopyingWriteHandle", "CorePort",
     "DirHandlePort", "Entry", "HandlePort", "keyword_options", "LocalConnectionView", "LocalCorePort",
-    "LocalSessionPort", "LocalWriteHandle", "port_methods", "PublicKey", "ReadHandlePort", "SessionPort",
+    "KeyProof", "LocalSessionPort", "LocalWriteHandle", "port_methods", "PublicKey", "ReadHandlePort", "SessionPort",
     "throttle_chunk", "THROTTLE_CHUNK_MAX", "THROTTLE_CHUNK_MIN", "ThrottlePort", "UNLIMITED",
     "WriteHandlePort",
 ]

@@ -49,7 +49,7 @@ from typing import Callable, Protocol
 from scriptsftp.server.contract import events as ev
 from scriptsftp.server.contract.credentials import Credentials
 from scriptsftp.server.contract.dispatch import ALLOW, Decision, Dispatcher
-from scriptsftp.server.contract.ports import PublicKey
+from scriptsftp.server.contract.ports import KeyProof, PublicKey
 from scriptsftp.server.contract.errors import (
     BadCredentials, FsError, LimitExceeded, LoginRefused, PermissionDenied, TlsRequired,
 )
@@ -424,10 +424,11 @@ class LoginCore:
         """argon2 verifications run since start (what the cache and single flight save)."""
         return self.passwords.verifications
 
-    def key_allowed(self, name: str, key: PublicKey) -> bool:
+    def key_allowed(self, name: str, key: PublicKey, proof: KeyProof | None = None) -> bool:
         """Whether the key (its type name and canonical blob, as the SSH library re-encodes
-        a parsed key) is one of the user's. Only the key: its signature is the SSH front
-        end's to verify."""
+        a parsed key) is one of the user's. Only the key: in this process the SSH library
+        verifies the signature; an SSH worker's ``proof`` is checked by its link
+        (frontends/ssh/core_link.py) before it asks this."""
         rec = self.accounts.get(name)
         if rec is None:
             return False

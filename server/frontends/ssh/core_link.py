@@ -36,6 +36,7 @@ from typing import Any, Callable
 import paramiko
 
 from scriptsftp.server.contract import framing
+from scriptsftp.server.frontends.ssh import key_proof
 from scriptsftp.server.contract.errors import FsError
 from scriptsftp.server.contract.ports import (
     BandwidthPort, ConnectionView, CorePort, DirHandlePort, Entry, HandlePort, ReadHandlePort, SessionPort,
@@ -137,6 +138,7 @@ class CoreLink:
         # (user, method) pairs whose credentials the core has accepted on this link: the
         # worker's word that a client logged in is taken only for those
         self._proven: set[tuple[str, str]] = set()
+        self._link_id = next(key_proof.LINK_IDS)  # never reused, unlike id(self)
 
     def serve(self) -> None:
         """The connect decision first, unasked (the worker's first question would be for
@@ -219,15 +221,29 @@ class CoreLink:
             self._proven.add((name, "password"))
         return ok
 
-    def _key_allowed(self, name: str, key_type: str, blob: str) -> bool:
+    def _key_allowed(self, name: str, key_type: str, blob: str, wire_proof: object = None) -> bool:
+        """Whether the key may log in as ``name``. Without a proof (the client asks before
+        it signs) that is all; a login by key is taken from the worker only after a proof
+        the core verified itself (key_proof.py)."""
+        if not isinstance(name, str):
+            return False
         try:
             key = paramiko.PKey.from_type_string(key_type, base64.b64decode(blob))
         except Exception:
             return False
-        ok = self.core.key_allowed(name, key)
-        if ok:  # the worker has checked (or will check) the client's signature with it
-            self._proven.add((name, "publickey"))
-        return ok
+        if not self.core.key_allowed(name, key):
+            return False
+        if wire_proof is None:
+            return True
+        proof = key_proof.from_wire(wire_proof)
+        if proof is None or not key_proof.signature_holds(name, key, proof):
+            return False  # as paramiko answers a bad signature: the client may try another key
+        if not key_proof.SESSION_IDS.claim(proof.session_id, self._link_id):
+            log.warning("ssh worker sent a key signature already used on another connection: refused",
+                        extra={"sid": self.conn.id if self.conn else ""})
+            return False
+        self._proven.add((name, "publickey"))
+        return True
 
     def _finish_login(self, name: str, method: str) -> list:
         """On success, the ``login ok`` line, the metric and ``post-login`` follow the

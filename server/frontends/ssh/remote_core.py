@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from scriptsftp.server.contract import errors, framing
 from scriptsftp.server.contract.dispatch import ALLOW, Decision
 from scriptsftp.server.contract.errors import FsError
-from scriptsftp.server.contract.ports import Entry, PublicKey, TransferLimit, throttle_chunk
+from scriptsftp.server.contract.ports import Entry, KeyProof, PublicKey, TransferLimit, throttle_chunk
 from scriptsftp.server.frontends.ssh.core_link import OPENDIR_PREFETCH, decode_entry
 from scriptsftp.server.support.fd_files import FdReader, FdWriter
 
@@ -133,8 +133,11 @@ class RemoteCore:
     def check_password(self, conn: RemoteConnection, name: str, password: str) -> bool:
         return bool(self.value("check_password", name, password))
 
-    def key_allowed(self, name: str, key: PublicKey) -> bool:
-        return bool(self.value("key_allowed", name, key.get_name(), base64.b64encode(key.asbytes()).decode()))
+    def key_allowed(self, name: str, key: PublicKey, proof: KeyProof | None = None) -> bool:
+        b64 = base64.b64encode
+        wire = None if proof is None else [b64(proof.session_id).decode(), proof.service, proof.algorithm,
+                                           b64(proof.signature).decode()]
+        return bool(self.value("key_allowed", name, key.get_name(), b64(key.asbytes()).decode(), wire))
 
     def finish_login(self, conn: RemoteConnection, name: str, method: str, *, announce: bool = True) -> Decision:
         allowed, reason = self.value("finish_login", name, method)

@@ -41,7 +41,7 @@ from scriptsftp.server.support import memory
 from scriptsftp.server.support.proxy_protocol import ProxyError, TrustedProxies, read_header
 from scriptsftp.server.contract.dispatch import Decision
 from scriptsftp.server.contract.errors import FsError
-from scriptsftp.server.contract.ports import ConnectionView, CorePort, SessionPort
+from scriptsftp.server.contract.ports import ConnectionView, CorePort, KeyProof, SessionPort
 from scriptsftp.server.frontends.ssh.paramiko_ext.transport import ServerTransport, send_disconnect
 from scriptsftp.server.frontends.ssh.channels import ChannelHost, ReplyPacing, SSHLimits
 from scriptsftp.server.frontends.ssh.refuse import refuse
@@ -72,6 +72,7 @@ class SSHServer(paramiko.ServerInterface):
         # what the SFTP handler and the SCP runner get of this connection
         self.channels = ChannelHost(conn.id, limits, pacing, self.open_session, self._end_connection)
         self._key_failures = 0
+        self.key_proof: KeyProof | None = None  # set by the auth handler around a key request
         self._asked_none = self._tried_login = False
         self._refused_execs = 0
         self.settled = threading.Event()  # logged in, or the connection ended
@@ -100,8 +101,9 @@ class SSHServer(paramiko.ServerInterface):
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
         self._tried_login = True
-        # Called before the signature is verified: only say whether the key is acceptable.
-        return AUTH_SUCCESSFUL if self.core.key_allowed(username, key) else AUTH_FAILED
+        # Called before paramiko verifies the signature; with a signed request the proof goes
+        # to the core too, which verifies it itself when this runs in an SSH worker.
+        return AUTH_SUCCESSFUL if self.core.key_allowed(username, key, self.key_proof) else AUTH_FAILED
 
     def key_rejected(self, username: str) -> None:
         self._key_failures += 1

@@ -41,6 +41,7 @@ from paramiko.message import Message
 
 from scriptsftp.server.contract.dispatch import Decision
 from scriptsftp.server.contract.errors import CoreGone
+from scriptsftp.server.contract.ports import KeyProof
 from scriptsftp.server.frontends.ssh.paramiko_ext.recv import BufferedPacketizer
 from scriptsftp.server.support import logs
 
@@ -53,6 +54,8 @@ _core_gone_log = logs.BoundedLog(logging.WARNING)
 
 class LoginHooks(Protocol):
     """What the auth handler asks of the transport's ``server_object`` (server.SSHServer)."""
+
+    key_proof: KeyProof | None  # the signed public-key request being handled, for the core
 
     def finish_login(self, username: str, method: str) -> Decision: ...
 
@@ -321,6 +324,16 @@ class LoginAuthHandler(AuthHandler):
     line, the metric, ``post-login``) comes right after, while the client reads the
     answer. This thread handles the client's next message only once that is done."""
 
+    def _parse_userauth_request(self, m: Message) -> None:
+        """Keep a signed public-key request's proof for the login hooks (:class:`KeyProof`),
+        then let paramiko handle the request as usual."""
+        server = cast(LoginHooks, self.transport.server_object)
+        server.key_proof = _key_proof(m, self.transport.session_id)
+        try:
+            super()._parse_userauth_request(m)  # type: ignore[misc]
+        finally:
+            server.key_proof = None
+
     def _send_auth_result(self, username: str, method: str, result: int) -> None:
         server = cast(LoginHooks, self.transport.server_object)
         if result == AUTH_SUCCESSFUL:
@@ -336,6 +349,26 @@ class LoginAuthHandler(AuthHandler):
         if method == "publickey":
             server.key_rejected(username)
         super()._send_auth_result(username, method, result)  # type: ignore[misc]
+
+
+def _key_proof(m: Message, session_id: bytes | None) -> KeyProof | None:
+    """The proof in a USERAUTH_REQUEST if it is a signed public-key one, read without
+    moving the message's position (paramiko reads it next)."""
+    if not session_id:
+        return None
+    at = m.packet.tell()
+    try:
+        m.get_text()  # user name: the core takes it from the request it is asked about
+        service, method = m.get_text(), m.get_text()
+        if method != "publickey" or not m.get_boolean():
+            return None
+        algorithm = m.get_text()
+        m.get_binary()  # the key: the core takes it from the request it is asked about
+        return KeyProof(bytes(session_id), service, algorithm, m.get_binary())
+    except Exception:  # malformed: paramiko's own parsing answers it
+        return None
+    finally:
+        m.packet.seek(at)
 
 
 def send_disconnect(transport: paramiko.Transport, reason: str, code: int = DISCONNECT_BY_APPLICATION) -> None:
