@@ -272,27 +272,34 @@ def test_replacements_are_forked_from_the_template_and_share_its_memory(daemons,
     d.wait_log(rf"ssh worker template \(pid {template}\) exited")
     program = replace_by_killing(d, pids[1])
     with open(f"/proc/{program}/cmdline", "rb") as f:
-        assert b"scriptsftp.server.frontends.ssh.worker_process" in f.read()
+        cmdline = f.read()
+    assert b"scriptsftp.server.frontends.ssh.worker_process" in cmdline, (cmdline, d.lines[-15:])
     fresh = [paramiko_client(d, key=alice_key) for _ in range(2)]
     for f2 in fresh:
         assert f2.listdir(".") == []
         close_client(f2)
 
 
+def settled(d, pids: list[int]) -> None:
+    """Wait until the pool has taken each worker's size after its start (what growth counts from)."""
+    for pid in pids:
+        d.wait_log(rf"ssh worker \d \(pid {pid}\) settled at")
+
+
 def test_a_worker_that_grew_is_retired_once_its_connections_end(daemons, alice_key):
-    d = daemons.start(sftp_extra="processes = 2\nworker_max_growth = 1048576")
+    d = daemons.start(sftp_extra="processes = 2\nworker_max_growth = 65536")
     pids = worker_pids(d)
+    settled(d, pids)
     home = d.home()
     old = paramiko_client(d, key=alice_key)
-    with old.open("big.bin", "w") as f:  # grows its worker by more than 1 MiB (measured: ~2 MB)
-        f.write(os.urandom(4 << 20))
+    with old.open("big.bin", "w") as f:  # grows its worker's heap by more than 64 KiB (measured: ~0.2 MB)
+        f.write(os.urandom(8 << 20))
     with old.open("up.bin", "w") as f:
         f.write(b"x")
         f.flush()
         staged = [n for n in os.listdir(home) if n.startswith(STAGING)]
         grown = holder_of(pids, staged[0])
-    m = d.wait_log(rf"ssh worker \d \(pid {grown}\) grew by \d+ MB .*retiring it once its 1 connection\(s\) end")
-    assert m is not None
+    d.wait_log(rf"ssh worker \d \(pid {grown}\) grew by [\d.]+ MB .*retiring it once its 1 connection\(s\) end")
     assert not gone(grown)
     # new connections go elsewhere; the old one is served on as before
     new = paramiko_client(d, key=alice_key)
@@ -301,8 +308,8 @@ def test_a_worker_that_grew_is_retired_once_its_connections_end(daemons, alice_k
         g.flush()
         staged = [n for n in os.listdir(home) if n.startswith(STAGING)]
         assert len(staged) == 1
-        assert grown not in [p for p in os.listdir("/proc") if p.isdigit() and any(
-            staged[0] in name for name in open_files(int(p)))]
+        serving = holder_of([p for p in worker_pids(d) if not gone(p)], staged[0])
+        assert serving != grown
     with old.open("after.bin", "w") as h:
         h.write(b"still served")
     assert (home / "after.bin").read_bytes() == b"still served"
@@ -365,3 +372,44 @@ def test_a_key_login_is_taken_only_with_a_signature_the_core_verified(link, alic
     fresh = signed_request(key, "alice", os.urandom(32))  # a new connection's own signature is fine
     assert ask(other, {"op": "key_allowed", "args": ["alice", key.get_name(), blob, fresh]}) == {"ok": True}
     assert ask(other, finish)["ok"][0] is True
+
+
+def test_an_idle_worker_that_grew_a_little_is_retired_at_once(daemons, alice_key):
+    """A pause in the traffic gives back what a burst left: with no connection there is
+    nothing to drain, so a quarter of the growth is enough."""
+    d = daemons.start(sftp_extra=f"processes = 2\nworker_max_growth = {4 << 20}")
+    pids = worker_pids(d)
+    settled(d, pids)
+    idle_retired = re.compile(r"ssh worker \d \(pid (\d+)\) grew by [\d.]+ MB .*and has no connection\): "
+                              r"retiring it once its 0 connection\(s\) end")
+
+    def upload(i: int) -> None:
+        c = paramiko_client(d, key=alice_key)
+        with c.open(f"p{i}.bin", "w") as f:
+            f.write(os.urandom(4 << 20))
+        close_client(c)
+
+    # bursts of eight at once add ~0.3-1 MB of heap to each worker (measured), until one
+    # idle worker is past 1 MiB (a quarter of 4 MiB), short of 4 MiB
+    m = None
+    for _ in range(12):
+        burst = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
+        for t in burst:
+            t.start()
+        for t in burst:
+            t.join(120)
+        deadline = time.monotonic() + 4.5  # the pool checks every 2 s
+        while m is None and time.monotonic() < deadline:
+            m = idle_retired.search(d.log_text())
+            time.sleep(0.1)
+        if m is not None:
+            break
+    assert m is not None, "no idle worker was retired"
+    retired = int(m[1])
+    assert retired in pids
+    d.wait_log(rf"ssh worker \d \(pid {retired}\) retired: its last connection ended")
+    wait_until(lambda: gone(retired), what="the idle worker to exit")
+    assert "1 connection(s) end" not in d.log_text()  # no worker was past 2 MiB while it served
+    again = paramiko_client(d, key=alice_key)
+    assert len(again.listdir(".")) == 8
+    close_client(again)

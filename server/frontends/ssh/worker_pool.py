@@ -43,8 +43,10 @@ from scriptsftp.server.frontends.ssh.zygote import TemplateChild, Zygote
 log = logging.getLogger("scriptsftp.ssh")
 
 RESTART_DELAY = (0.5, 30.0)  # first and longest wait before replacing a worker that died young
-RECYCLE_CHECK_SECONDS = 2.0  # how often the workers' RSS is read (one small /proc file each)
-RECYCLE_MIN_INTERVAL = 60.0  # a slot retires its worker at most this often
+RECYCLE_CHECK_SECONDS = 2.0  # how often the workers' heap size is read (one small /proc file each)
+RECYCLE_MIN_INTERVAL = 60.0  # a slot retires its worker at most this often (unless it is idle)
+RECYCLE_IDLE_AGE = 10.0  # an idle worker is retired at a quarter of the growth once this old
+RECYCLE_SETTLE = 3.0  # a new worker's size is taken this long after its start (its own start-up grows it)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -99,7 +101,7 @@ class SSHWorkerProcess:
         self.control = ours
         self.started = time.monotonic()
         self.process: _Forked | TemplateChild | subprocess.Popen
-        self.base_rss: int | None = None  # bytes, its first sample once it runs (recycling)
+        self.base_heap: int | None = None  # its heap size once settled after its start (recycling)
         self.retiring = False  # told to stop once its connections are over; takes no new ones
         program = False
         try:
@@ -109,6 +111,11 @@ class SSHWorkerProcess:
                 spawned: TemplateChild | subprocess.Popen | None = _from_template(template, setup, theirs)
                 if spawned is None:
                     program = True
+                    if template is not None:  # it may have the old pair's end: a new pair, so it reads EOF
+                        ours.close()
+                        theirs.close()
+                        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                        self.control = ours
                     spawned = subprocess.Popen(
                         [sys.executable, "-m", "scriptsftp.server.frontends.ssh.worker_process",
                          str(theirs.fileno())],
@@ -121,8 +128,6 @@ class SSHWorkerProcess:
         self.links = 0  # connections handed to it and not ended yet
         if program:
             self.send(setup)
-        else:  # a forked child starts with its parent's pages mapped: its size now is its size at start
-            self.base_rss = _rss_bytes(self.process.pid)
 
     def send(self, message: dict, fds: list[int] | tuple[int, ...] = ()) -> None:
         with self._send_lock:
@@ -183,7 +188,7 @@ class SSHWorkerPool:
         """Binds and forks the workers at once: build it before anything starts a thread.
         Connections are accepted from :meth:`start` on, once :attr:`core` is set.
 
-        ``max_growth``: bytes of RSS a worker may gain over its first sample before it is
+        ``max_growth``: bytes of heap a worker may gain over its size once settled before it is
         retired (:meth:`_recycle`); 0: never.
         ``account``: the unprivileged account the workers run as (None: this process's).
         They cannot read the host key files (0600, the daemon's): the key text is read here
@@ -247,7 +252,7 @@ class SSHWorkerPool:
                 log.exception("ssh worker memory check failed")
 
     def _recycle(self) -> None:
-        """Retire each worker whose RSS grew by more than ``max_growth`` since it started.
+        """Retire each worker whose heap grew by more than ``max_growth`` since it settled.
 
         Why: what a worker's heap has grown to stays with it (glibc and Python keep
         freed memory, fragmented, for reuse): measured after a 10-minute attack, each
@@ -255,7 +260,11 @@ class SSHWorkerPool:
         no new connection and exits once its last one ends, so no client notices; its
         replacement is forked from the template and starts small. At most one worker per
         slot drains at a time, and a slot retires at most once per RECYCLE_MIN_INTERVAL,
-        so a load under which every worker grows fast costs a fork a minute, not a storm."""
+        so a load under which every worker grows fast costs a fork a minute, not a storm.
+
+        A worker with no connection has nothing to drain: one that grew by a quarter of
+        ``max_growth`` and is RECYCLE_IDLE_AGE old is retired then, so a pause in the
+        traffic gives back what a burst (an attack) left behind."""
         if self.template is None or not self.template.alive:
             return  # a replacement would be a new program: 40 MB of its own for a few MB saved
         now = time.monotonic()
@@ -265,27 +274,32 @@ class SSHWorkerPool:
         for w in workers:
             if w.retiring or w.process.poll() is not None:
                 continue
-            rss = _rss_bytes(w.process.pid)
-            if rss is None:
+            heap = _heap_bytes(w.process.pid)
+            if heap is None:
                 continue
-            if w.base_rss is None:
-                w.base_rss = rss
+            if w.base_heap is None:
+                if now - w.started >= RECYCLE_SETTLE:
+                    w.base_heap = heap
+                    log.info("ssh worker %d (pid %d) settled at %.1f MB of anonymous memory: retired past +%.1f MB",
+                             w.index, w.process.pid, heap / 2**20, self.max_growth / 2**20)
                 continue
-            grown = rss - w.base_rss
-            if (grown <= self.max_growth or w.index in draining
-                    or now - self._retired_at.get(w.index, -RECYCLE_MIN_INTERVAL) < RECYCLE_MIN_INTERVAL):
-                continue
-            self._retire(w, grown)
+            grown = heap - w.base_heap
+            if w.links == 0 and grown > self.max_growth // 4 and now - w.started >= RECYCLE_IDLE_AGE:
+                self._retire(w, grown, idle=True)
+            elif (grown > self.max_growth and w.index not in draining
+                    and now - self._retired_at.get(w.index, -RECYCLE_MIN_INTERVAL) >= RECYCLE_MIN_INTERVAL):
+                self._retire(w, grown)
 
-    def _retire(self, worker: SSHWorkerProcess, grown: int) -> None:
+    def _retire(self, worker: SSHWorkerProcess, grown: int, idle: bool = False) -> None:
         with self._lock:
-            if self._stopping.is_set() or worker not in self._workers:
-                return
+            if self._stopping.is_set() or worker not in self._workers or idle and worker.links:
+                return  # (a connection came to the idle one meanwhile: it is not idle)
             worker.retiring = True
             self._retired_at[worker.index] = time.monotonic()
-        log.info("ssh worker %d (pid %d) grew by %d MB since it started ([sftp] worker_max_growth): "
-                 "retiring it once its %d connection(s) end; starting another",
-                 worker.index, worker.process.pid, grown >> 20, worker.links)
+            links = worker.links
+        log.info("ssh worker %d (pid %d) grew by %.1f MB since it settled ([sftp] worker_max_growth%s): "
+                 "retiring it once its %d connection(s) end; starting another", worker.index,
+                 worker.process.pid, grown / 2**20, ", and has no connection" if idle else "", links)
         self._start_worker(worker.index, 0.0)
         try:
             worker.send({"kind": "stop"})
@@ -428,13 +442,16 @@ class SSHWorkerPool:
             self.template.stop()
 
 
-def _rss_bytes(pid: int) -> int | None:
-    """Resident set size from /proc/PID/statm (readable whatever account the worker runs as)."""
+def _heap_bytes(pid: int) -> int | None:
+    """Anonymous resident memory (RSS less file-backed pages) from /proc/PID/statm, readable
+    whatever account the worker runs as. The file-backed part is code and libraries, shared
+    with the daemon, which a fresh fork faults in as it runs (~7 MB in its first seconds,
+    with no client): counting it would retire workers that only warmed up."""
     try:
         fields = Path(f"/proc/{pid}/statm").read_text().split()
     except OSError:
         return None
-    return int(fields[1]) * PAGE_SIZE
+    return (int(fields[1]) - int(fields[2])) * PAGE_SIZE
 
 
 def worker_count(setting: int | str) -> int:

@@ -91,6 +91,8 @@ class Zygote:
                 while not self._spawned and self._alive:
                     left = deadline - time.monotonic()
                     if left <= 0:
+                        self._alive = False  # a template that hangs is not asked again
+                        self.stop()
                         raise OSError("the ssh worker template did not answer")
                     self._cond.wait(left)
                 if not self._spawned:
@@ -143,7 +145,7 @@ class Zygote:
 
     def stop(self) -> None:
         """The template exits (the workers it started go on until they are told to stop)."""
-        with self._cond:
+        with self._cond:  # reentrant: spawn() calls this holding it
             self._stopped = True
         try:
             self.control.shutdown(socket.SHUT_RDWR)
