@@ -300,7 +300,13 @@ class SSHWorkerPool:
         log.info("ssh worker %d (pid %d) grew by %.1f MB since it settled ([sftp] worker_max_growth%s): "
                  "retiring it once its %d connection(s) end; starting another", worker.index,
                  worker.process.pid, grown / 2**20, ", and has no connection" if idle else "", links)
-        self._start_worker(worker.index, 0.0)
+        try:
+            self._start_worker(worker.index, 0.0)
+        except Exception:
+            log.exception("could not start a worker in place of ssh worker %d; it serves on", worker.index)
+            with self._lock:
+                worker.retiring = False
+            return
         try:
             worker.send({"kind": "stop"})
         except OSError:
@@ -358,7 +364,9 @@ class SSHWorkerPool:
 
     def _hand_over(self, client: socket.socket, addr: tuple) -> None:
         with self._lock:
-            workers = [w for w in self._workers if not w.retiring and w.process.poll() is None]
+            alive = [w for w in self._workers if w.process.poll() is None]
+            # a retiring worker still serves if it is all there is (its replacement is starting)
+            workers = [w for w in alive if not w.retiring] or alive
             if not workers:
                 raise OSError("no ssh worker is running")
             worker = min(workers, key=lambda w: w.links)

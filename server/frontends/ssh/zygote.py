@@ -42,7 +42,8 @@ class Zygote:
         """Fork the template now: the caller must have no other thread. ``close``: the
         daemon's sockets the template must not hold (listening sockets, workers' ends)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        from scriptsftp.server.frontends.ssh import worker_process  # noqa: F401  (imported before the fork)
+        # imported before the fork, as for the first workers: its children share these pages
+        from scriptsftp.server.frontends.ssh import remote_core, scp, sftp, worker_process  # noqa: F401
 
         gc.freeze()
         pid = os.fork()
