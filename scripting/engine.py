@@ -67,7 +67,7 @@ class ScriptEngine:
         self.scripts_dir = cfg.resolve(sc.dir)
         if pool is None:
             pool = WorkerPool(sc.workers, memory_mb=sc.memory_mb, state_dir=state_dir, stores=stores,
-                              login_reserve=sc.login_reserve, user=user, group=group)
+                              login_reserve=sc.login_reserve, nice=sc.nice, user=user, group=group)
         self.pool = pool
         self._registry = Registry.from_config(cfg, {})
         self._swap = threading.Lock()
@@ -330,6 +330,7 @@ class ScriptEngine:
         self._registry = registry
         self.cfg = cfg
         self._keep_login_reserve()
+        self.pool.set_nice(cfg.model.scripts.nice)   # workers started from now on
         if self.watcher is not None:
             self.watcher.resync()  # newly bound names are watched from their current content
 

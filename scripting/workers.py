@@ -64,6 +64,8 @@ ERROR_KINDS = frozenset({"exception", "timeout", "cpu", "memory", "crash", "garb
                          "missing-function", "compile"})
 _WORKER_REPORTED_KINDS = frozenset({"exception", "memory", "missing-function", "compile"})
 
+#: CPU priority steps below the daemon the workers run at unless told ([scripts] nice).
+DEFAULT_NICE = 10
 MAX_VETO_REASON = 1000
 MAX_ERROR_CHARS = 4000
 MAX_LOG_LINES = 100
@@ -237,7 +239,9 @@ class WorkerPool:
     ``memory_mb`` is the address space each worker may add to its baseline
     (about 25 MiB of interpreter and libraries) before allocations fail with
     MemoryError. ``stores`` opens the script store behind ``api.store`` (without it,
-    ``api.store`` is not available); workers are denied ``state_dir``.
+    ``api.store`` is not available); workers are denied ``state_dir``. ``nice``: how many
+    CPU priority steps below this process the workers run (0-19; 0: the same), so that when
+    CPU is short a CPU-bound script yields it to the daemon's transfers and logins.
     """
 
     def __init__(self, workers: int, *, memory_mb: int, state_dir: Path, stores: StateStoreFactory | None = None,
@@ -245,7 +249,8 @@ class WorkerPool:
                  capabilities: CapabilityRegistry | None = None,
                  user: str | int | None = None, group: str | int | None = None,
                  start_timeout: float = 30.0, max_rpc_per_call: int = 10_000,
-                 worker_stderr: int | None = subprocess.DEVNULL, login_reserve: int = 1) -> None:
+                 worker_stderr: int | None = subprocess.DEVNULL, login_reserve: int = 1,
+                 nice: int = DEFAULT_NICE) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         if memory_mb < 16:
@@ -255,6 +260,8 @@ class WorkerPool:
         # then never make a login wait (one worker can serve nothing but logins)
         self.login_reserve = max(0, min(int(login_reserve), workers - 1))
         self.memory_mb = int(memory_mb)
+        # CPU priority steps below this process each new worker takes (set_nice)
+        self.nice = _check_nice(nice)
         self.state_dir = Path(state_dir)
         self.stores = stores
         self.max_calls_per_worker = max(1, int(max_calls_per_worker))
@@ -405,7 +412,8 @@ class WorkerPool:
                   "no_file_writes": self._stderr == subprocess.DEVNULL,
                   # never readable from the jail, even if it sits under sys.path
                   "deny_under": [str(self.state_dir.resolve())],
-                  "account": list(self._account) if self._account else None}
+                  "account": list(self._account) if self._account else None,
+                  "nice": self.nice}
         return [sys.executable, "-I", "-c", proto.BOOTSTRAP, str(fd),
                 json.dumps(extra_paths), json.dumps(config)]
 
@@ -433,7 +441,7 @@ class WorkerPool:
                 raise WorkerStartError(f"worker failed to start: {str(hello.get('error'))[:500]}")
             if hello.get("t") != "hello":
                 raise WorkerStartError("worker sent an unexpected greeting")
-            w.info = {k: v for k, v in hello.items() if k in ("baseline_kb", "limit_bytes", "jail")}
+            w.info = {k: v for k, v in hello.items() if k in ("baseline_kb", "limit_bytes", "jail", "priority")}
             self._log_jail(w)
         except BaseException as e:
             w.kill()
@@ -578,6 +586,12 @@ class WorkerPool:
         with self._cond:
             self.login_reserve = max(0, min(int(workers), self.size - 1))
             self._cond.notify_all()
+
+    def set_nice(self, nice: int) -> None:
+        """Workers started from now on (replacements, recycled workers) run *nice* steps below
+        this process; running workers keep theirs: a process that is not root may lower a
+        priority but never raise it back."""
+        self.nice = _check_nice(nice)
 
     def _next_waiter(self) -> _Waiter | None:
         """(lock held) Who gets the next free worker."""
@@ -845,6 +859,12 @@ def _resolve_account(user: str | int | None, group: str | int | None) -> tuple[i
     else:
         gid = grp.getgrnam(group).gr_gid
     return uid, gid
+
+
+def _check_nice(nice: int) -> int:
+    if type(nice) is not int or not 0 <= nice <= 19:
+        raise ValueError("nice must be an int from 0 to 19")
+    return nice
 
 
 def _error(t0: float, kind: str, reason: str) -> CallResult:

@@ -113,6 +113,11 @@ class ScriptsSection(StrictModel):
     login_reserve: Annotated[int, Field(ge=0, le=63)] = 1
     """Workers that only connect and pre-login handlers may take (at most workers - 1), so
     no binding another user triggers can make a login wait."""
+    nice: Annotated[int, Field(ge=0, le=19)] = 10
+    """How many steps below the daemon's CPU priority the script workers run (0: the same).
+    When CPU is short the kernel then gives it to transfers and logins first, and a
+    CPU-bound script takes only what they leave; on an idle machine scripts run at full
+    speed all the same. Workers started after a reload get a new value."""
     timeout: PositiveFloat = 5.0
     cpu_time: PositiveFloat = 2.0
     memory_mb: Annotated[int, Field(ge=32, le=65536)] = 256

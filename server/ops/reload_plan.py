@@ -49,6 +49,7 @@ LIVE = frozenset({
     "defender.max_preauth_connections", "defender.ipv6_prefix", "defender.user_max_failures",
     "defender.user_lock_time",
     "scripts.timeout", "scripts.cpu_time", "scripts.fs_admin_root", "scripts.schedule_tick",
+    "scripts.nice",
     "notify.smtp.host", "notify.smtp.port", "notify.smtp.starttls", "notify.smtp.username",
     "notify.smtp.password", "notify.smtp.sender", "notify.smtp.ca_file", "notify.smtp.timeout",
     "notify.webhooks", "notify.max_attempts", "notify.retry_delay", "notify.lease",

@@ -180,6 +180,9 @@ class TablePool:
     def set_login_reserve(self, n: int) -> None:
         pass
 
+    def set_nice(self, n: int) -> None:
+        pass
+
     def compile(self, source: ScriptSource) -> CompileResult:
         return CompileResult(True, [], [f"on_{e}" for e in ("pre_upload", "pre_publish", "post_upload", "pre_delete")])
 

@@ -1,0 +1,148 @@
+"""``[scripts] nice``: script workers run below the daemon's CPU priority (real workers).
+
+The kernel, not our code, decides who gets a contended CPU, so the tests look at what it
+sees: the workers' nice values (and their autogroups', where the kernel has them), and the
+CPU a spinning script gets against a busy process of the test's own priority when both are
+pinned to one CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from scriptsftp.scripting.capabilities import CapabilityCall
+from scriptsftp.scripting.workers import CallRequest, CallResult, ScriptSource, WorkerPool
+from scriptsftp.server.contract.events import PreUpload
+from scriptsftp.server.stores import StateStores
+
+SPIN = """
+def on_pre_upload(event, api):
+    api.store.get('started')
+    while True:
+        pass
+"""
+
+
+def request(text: str, *, timeout: float = 5.0, cpu_time: float = 2.0,
+            caps: frozenset[str] = frozenset()) -> CallRequest:
+    event = PreUpload(path="/a.txt", size=3, user="alice", protocol="sftp", remote_ip="10.0.0.1",
+                      session_id="s1").to_dict()
+    return CallRequest(ScriptSource("nice.py", text, hashlib.sha256(text.encode()).hexdigest()),
+                       "on_pre_upload", event, caps, timeout, cpu_time)
+
+
+def niceness(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
+def autogroup_nice(pid: int) -> int | None:
+    """The nice value of the process's autogroup; None without autogroup support."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split("nice")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process (fields 14 and 15 of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def make_pool(tmp_path: Path, nice: int, workers: int = 2) -> WorkerPool:
+    state = tmp_path / f"state-{nice}"
+    return WorkerPool(workers, memory_mb=64, state_dir=state, stores=StateStores(state), nice=nice)
+
+
+def started_signal(p: WorkerPool) -> threading.Event:
+    """Set when a script calls api.store.get('started'): the script is running."""
+    started = threading.Event()
+    original = p.capabilities.handler("store")
+
+    def hook(call: CapabilityCall, op: str, args: list):
+        if op == "get" and args == ["started"]:
+            started.set()
+        return original(call, op, args)
+
+    p.capabilities.register("store", hook)
+    return started
+
+
+def test_workers_run_the_configured_steps_below_the_daemon(tmp_path: Path) -> None:
+    own, own_group = niceness(0), autogroup_nice(os.getpid())
+    with make_pool(tmp_path, 7) as p:
+        pids = p.worker_pids()
+        assert len(pids) == 2
+        for pid in pids:
+            assert niceness(pid) == min(19, own + 7)
+            if own_group is not None:   # a session of its own: its autogroup gets the steps too
+                assert autogroup_nice(pid) == 7
+        # a reload's new value reaches the workers started from then on, not the running ones
+        p.set_nice(3)
+        result = p.call(request("def on_pre_upload(event, api):\n    while True:\n        pass\n",
+                                timeout=60, cpu_time=0.2))
+        assert result.error_kind == "cpu"   # that worker is killed and replaced
+        deadline = time.monotonic() + 60
+        while len(set(p.worker_pids()) - set(pids)) < 1 or len(p.worker_pids()) < 2:
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            time.sleep(0.05)
+        (new,) = set(p.worker_pids()) - set(pids)
+        (kept,) = set(p.worker_pids()) & set(pids)
+        assert niceness(new) == min(19, own + 3)
+        assert niceness(kept) == min(19, own + 7)
+        with pytest.raises(ValueError):
+            p.set_nice(20)
+        with pytest.raises(ValueError):
+            p.set_nice(-1)
+
+
+def test_nice_0_leaves_workers_at_the_daemons_priority(tmp_path: Path) -> None:
+    own, own_group = niceness(0), autogroup_nice(os.getpid())
+    with make_pool(tmp_path, 0) as p:
+        for pid in p.worker_pids():
+            assert niceness(pid) == own
+            if own_group is not None:
+                assert autogroup_nice(pid) == 0   # a new session's autogroup, left as the kernel made it
+
+
+def _share(tmp_path: Path, nice: int) -> float:
+    """CPU a spinning script gets per CPU a busy process of the test's own priority gets,
+    both pinned to one CPU, over about two seconds."""
+    cpu = min(os.sched_getaffinity(0))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(busy.pid, {cpu})
+        with make_pool(tmp_path, nice, workers=1) as p:
+            started = started_signal(p)
+            worker = p.worker_pids()[0]
+            os.sched_setaffinity(worker, {cpu})
+            results: list[CallResult] = []
+            caller = threading.Thread(target=lambda: results.append(
+                p.call(request(SPIN, timeout=60, cpu_time=30, caps=frozenset({"store"})))))
+            caller.start()
+            assert started.wait(30), "the spinning script never started"
+            w0, b0 = cpu_ticks(worker), cpu_ticks(busy.pid)
+            time.sleep(2.0)   # the measuring window, not a wait for anything
+            w1, b1 = cpu_ticks(worker), cpu_ticks(busy.pid)
+            p.close()   # kills the spinning worker; the call ends as a crash
+            caller.join(30)
+        return (w1 - w0) / max(1, b1 - b0)
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_a_spinning_script_yields_the_cpu_to_a_busy_daemon_process(tmp_path: Path) -> None:
+    niced = _share(tmp_path, 10)
+    same = _share(tmp_path, 0)
+    # weights 110 : 1024 at nice 10 (about 0.11), 1 : 1 at nice 0
+    assert niced < 0.35, f"a nice-10 script got {niced:.2f} CPU per CPU of a nice-0 process"
+    assert same > 0.6, f"a nice-0 script got only {same:.2f} (the measurement is off)"
