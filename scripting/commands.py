@@ -7,6 +7,8 @@ runs:
 * from an argv list (``shell=False`` always; ``;``, ``$(...)``, quotes and
   globs in arguments are plain characters),
 * in a new process group that is killed (SIGKILL) on timeout,
+* ``[scripts] nice`` steps below the daemon's CPU priority, like the script
+  workers (set the moment it has started: see :func:`lower_priority`),
 * with a clean environment (``PATH`` only) and stdin from /dev/null (or the
   event's open file, ``stdin = "file"``), in ``/``,
 * with stdout and stderr each capped at ``max_output`` bytes (the rest is
@@ -97,8 +99,9 @@ class RunCapability:
     """Parent-side handler of ``api.run``. ``commands`` returns the current
     ``[commands]`` table (so a reload applies to the next call)."""
 
-    def __init__(self, commands: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(self, commands: Callable[[], Mapping[str, Any]], nice: Callable[[], int] = lambda: 0) -> None:
         self.commands = commands
+        self.nice = nice   # [scripts] nice, read at each call (a reload applies to the next one)
 
     def __call__(self, call: CapabilityCall, op: str, args: list) -> Any:
         if op != "run" or not args:
@@ -161,23 +164,27 @@ class RunCapability:
                 raise CapabilityError(f"no time left to run {name!r} within the handler's timeout",
                                       "TimeoutError")
             return run_command(name, argv, timeout=timeout, max_output=spec.max_output, script=call.script,
-                               pass_fds=tuple(fds), stdin=stdin_fd)
+                               pass_fds=tuple(fds), stdin=stdin_fd, nice=self.nice())
         finally:
             for fd in fds:
                 os.close(fd)
 
 
 def run_command(name: str, argv: list[str], *, timeout: float, max_output: int, script: str = "",
-                pass_fds: tuple[int, ...] = (), stdin: int | None = None) -> dict[str, Any]:
-    """Run argv; return code/stdout/stderr/truncated, or raise CapabilityError on timeout."""
+                pass_fds: tuple[int, ...] = (), stdin: int | None = None, nice: int = 0) -> dict[str, Any]:
+    """Run argv; return code/stdout/stderr/truncated, or raise CapabilityError on timeout.
+    ``nice``: CPU priority steps below this thread's the command runs at."""
     t0 = time.monotonic()
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={"PATH": CLEAN_PATH}, cwd="/", close_fds=True, pass_fds=pass_fds, start_new_session=True,
+            # its own process group (killed as one), in the daemon's session: with the kernel's
+            # autogroups a session of its own would be ranked apart and its nice value ignored
+            env={"PATH": CLEAN_PATH}, cwd="/", close_fds=True, pass_fds=pass_fds, process_group=0,
             shell=False,
         )
+        lower_priority(proc.pid, nice)
     except OSError as exc:
         log.error("script %s: command %s could not start: %s", script, name, exc.strerror or exc)
         raise CapabilityError(f"command {name!r} could not start: {exc.strerror or exc}", "OSError") from None
@@ -230,6 +237,21 @@ def run_command(name: str, argv: list[str], *, timeout: float, max_output: int, 
     return {"code": proc.returncode, "stdout": out[proc.stdout].decode("utf-8", "replace"),
             "stderr": out[proc.stderr].decode("utf-8", "replace"), "truncated": truncated,
             "duration": round(secs, 3)}
+
+
+def lower_priority(pid: int, steps: int) -> None:
+    """Set *pid* *steps* nice levels below the calling thread, just after it started.
+
+    The command has begun by then (Popen returns after its exec), so its first instant runs
+    at the daemon's priority, and a child it forks within that instant keeps it; what it
+    forks later inherits the lower one. Raising a nice value needs no privilege; the
+    command may already have exited (nothing to do)."""
+    if steps <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + steps))
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -81,7 +81,8 @@ class EngineServices:
         for name, handler in (
             ("fs", FsCapability(lambda: self.files, self._admin_root)),
             ("notify", self._notify),
-            ("run", RunCapability(lambda: self.config().model.commands)),
+            ("run", RunCapability(lambda: self.config().model.commands,
+                                  lambda: self.config().model.scripts.nice)),
         ):
             if capabilities.handler(name) is None:
                 capabilities.register(name, handler)

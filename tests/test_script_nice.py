@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from scriptsftp.scripting.capabilities import CapabilityCall
+from scriptsftp.scripting.commands import run_command
 from scriptsftp.scripting.workers import CallRequest, CallResult, ScriptSource, WorkerPool
 from scriptsftp.server.contract.events import PreUpload
 from scriptsftp.server.stores import StateStores
@@ -146,3 +147,25 @@ def test_a_spinning_script_yields_the_cpu_to_a_busy_daemon_process(tmp_path: Pat
     # weights 110 : 1024 at nice 10 (about 0.11), 1 : 1 at nice 0
     assert niced < 0.35, f"a nice-10 script got {niced:.2f} CPU per CPU of a nice-0 process"
     assert same > 0.6, f"a nice-0 script got only {same:.2f} (the measurement is off)"
+
+
+# --- api.run: commands are started by the daemon, and lowered like the workers ---------------
+
+#: Waits (spinning, bounded by the command's timeout) until its nice value differs from the
+#: daemon's ($0), then prints it: the parent lowers it just after the start.
+PRIO = ["sh", "-c", 'while [ "$(cut -d" " -f19 /proc/$$/stat)" = "$0" ]; do :; done; '
+        'cut -d" " -f19 /proc/$$/stat']
+
+
+def test_a_command_runs_the_configured_steps_below_its_starter() -> None:
+    own = niceness(0)
+    result = run_command("prio", PRIO + [str(own)], timeout=20, max_output=100, nice=4)
+    assert result["code"] == 0 and int(result["stdout"]) == min(19, own + 4)
+
+
+def test_with_nice_0_a_command_keeps_its_starters_priority() -> None:
+    own = niceness(0)
+    result = run_command("prio", ["sh", "-c", 'cut -d" " -f19 /proc/$$/stat'], timeout=20,
+                         max_output=100, nice=0)
+    assert result["code"] == 0 and int(result["stdout"]) == own
+
