@@ -120,45 +120,13 @@ class _Limits:
         self.signal.setitimer(self.signal.ITIMER_PROF, max(cpu_seconds, 0.001))
 
 
-#: Seconds a worker keeps retrying the write of its autogroup's nice value (the kernel
-#: accepts one such write per 100 ms on the whole machine from unprivileged processes).
-AUTOGROUP_RETRY_SECONDS = 2.0
-
-
 def lower_priority(steps: Any) -> dict[str, Any]:
-    """Run *steps* (0-19) nice levels below the process that started us: both as this
-    process's nice value and as its autogroup's.
-
-    Why both: with ``sched_autogroup`` (the default on most distributions) the kernel
-    first shares CPU between sessions, and only then between the processes of a session
-    by their nice values. The pool starts every worker in a session of its own, so the
-    worker's nice value alone would rank it against nothing; its autogroup (one per
-    session, this process only) is what competes with the daemon's, so it gets the same
-    steps. Raising either needs no privilege. Returns what was applied, for the hello."""
-    import errno
-    import time
+    """Run *steps* (0-19) nice levels below the process that started us (raising one's own
+    nice value needs no privilege). The pool keeps workers in the daemon's session, so with
+    the kernel's autogroups they share the daemon's group, where the nice value ranks them
+    below its threads and its SSH workers. Returns what was applied, for the hello."""
     n = steps if type(steps) is int and 0 < steps <= 19 else 0
-    report: dict[str, Any] = {"nice": os.nice(n) if n else os.nice(0), "autogroup_nice": None}
-    if not n:
-        return report
-    deadline = time.monotonic() + AUTOGROUP_RETRY_SECONDS
-    try:
-        with open("/proc/self/autogroup", "r+b", buffering=0) as f:
-            current = int(f.read().split(b"nice")[1])   # "/autogroup-123 nice 0"
-            wanted = min(19, current + n)
-            while True:
-                try:
-                    f.seek(0)
-                    f.write(str(wanted).encode())
-                    report["autogroup_nice"] = wanted
-                    break
-                except OSError as e:
-                    if e.errno != errno.EAGAIN or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-    except (OSError, ValueError, IndexError):
-        pass   # no autogroup support (or no /proc): the nice value alone is what counts
-    return report
+    return {"nice": os.nice(n)}
 
 
 def _setup(config: dict[str, Any]) -> dict[str, Any]:

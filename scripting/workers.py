@@ -423,7 +423,10 @@ class WorkerPool:
             proc = subprocess.Popen(
                 self._worker_command(child.fileno()), pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
-                env=self._env, cwd="/", close_fds=True, start_new_session=True)
+                # a process group of its own (the terminal's Ctrl-C does not reach it) in the
+                # daemon's session: with the kernel's autogroups, a session of its own would
+                # share CPU with the daemon and its SSH workers as an equal, whatever its nice
+                env=self._env, cwd="/", close_fds=True, process_group=0)
         except BaseException:
             parent.close()
             raise
