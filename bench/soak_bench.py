@@ -83,7 +83,7 @@ def loopback(host: str) -> str:
 # --------------------------------------------------------------------------- the daemon
 
 
-def write_config(tmp: Path) -> Path:
+def write_config(tmp: Path, scripts_nice: int | None = None) -> Path:
     from scriptsftp.server.core.passwords import hash_password
 
     for d in ("honest", "mallory/many", "mallory/slow", "mallory/run", "mallory/race", "scripts"):
@@ -98,6 +98,7 @@ def write_config(tmp: Path) -> Path:
         os.symlink(outside, tmp / "mallory" / "race" / f"link{n}")
     (tmp / "scripts" / "soak.py").write_text(SOAK_SCRIPT)
     allow_root = "allow_root = true" if os.geteuid() == 0 else ""
+    nice_line = "" if scripts_nice is None else f"nice = {scripts_nice}"
     cfg = tmp / "scriptsftp.toml"
     cfg.write_text(f"""
 [server]
@@ -122,6 +123,7 @@ allow_list = ["127.0.0.1/32"]
 
 [scripts]
 dir = "scripts"
+{nice_line}
 
 [commands.count]
 argv = ["/bin/echo", "{{0}}"]
@@ -686,10 +688,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hostile", type=int, default=20)
     ap.add_argument("--size-mb", type=int, default=8)
     ap.add_argument("--recovery", type=float, default=30)
+    ap.add_argument("--scripts-nice", type=int, default=None, help="[scripts] nice (default: the config's, 10)")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
-    d = Daemon(write_config(tmp))
+    d = Daemon(write_config(tmp, args.scripts_nice))
     outside_before = outside_state(tmp)
     samples: list[tuple[str, dict]] = []
     phase = ["baseline"]
