@@ -90,6 +90,7 @@ class ScriptEngine:
 
     def start(self) -> None:
         """Start workers and load every bound script; raise ConfigError listing every problem."""
+        self._keep_login_reserve()   # before the workers start: it decides how many get full priority
         self.pool.start()
         scripts, problems = self._load(self.cfg, {})
         if problems:

@@ -168,7 +168,7 @@ class WorkerProcess:
     """The pool's handle on one worker process: its process, its end of the socketpair, the
     scripts it has compiled, how many calls it served and for whom it works now."""
 
-    __slots__ = ("proc", "sock", "pid", "frames", "calls", "known", "killed", "info", "holder")
+    __slots__ = ("proc", "sock", "pid", "frames", "calls", "known", "killed", "info", "holder", "nice")
 
     def __init__(self, proc: subprocess.Popen, sock: socket.socket) -> None:
         self.proc = proc
@@ -180,6 +180,7 @@ class WorkerProcess:
         self.killed = False
         self.info: dict[str, Any] = {}
         self.holder: tuple[str, bool, str] = ("", False, "")  # (user, login, binding) of the call it serves
+        self.nice = 0   # the [scripts] nice it was started with (0: a login worker, or nice = 0)
 
     def send(self, obj: dict[str, Any], deadline: float, fd: int | None = None) -> None:
         data = framing.encode(obj, strict=True)
@@ -260,8 +261,13 @@ class WorkerPool:
         # then never make a login wait (one worker can serve nothing but logins)
         self.login_reserve = max(0, min(int(login_reserve), workers - 1))
         self.memory_mb = int(memory_mb)
-        # CPU priority steps below this process each new worker takes (set_nice)
+        # CPU priority steps below this process each new worker takes (set_nice), except the
+        # login_reserve workers: they keep full priority, so logins never wait for CPU behind
+        # the scripts they are kept apart from (_nice_for_replacement, _take)
         self.nice = _check_nice(nice)
+        self._spawn_lock = threading.Lock()
+        self._spawn_nice = self.nice    # what _worker_command passes (under _spawn_lock)
+        self._full_pending = 0          # full-priority replacements being started
         self.state_dir = Path(state_dir)
         self.stores = stores
         self.max_calls_per_worker = max(1, int(max_calls_per_worker))
@@ -318,9 +324,9 @@ class WorkerPool:
         workers: list[WorkerProcess] = []
         lock = threading.Lock()
 
-        def one() -> None:
+        def one(nice: int) -> None:
             try:
-                w = self._spawn()
+                w = self._spawn(nice)
             except BaseException as e:  # noqa: BLE001
                 with lock:
                     errors.append(e)
@@ -328,7 +334,9 @@ class WorkerPool:
                 with lock:
                     workers.append(w)
 
-        threads = [threading.Thread(target=one, daemon=True) for _ in range(self.size)]
+        full = self.login_reserve if self.nice else 0
+        threads = [threading.Thread(target=one, args=(0 if i < full else self.nice,), daemon=True)
+                   for i in range(self.size)]
         for t in threads:
             t.start()
         for t in threads:
@@ -413,20 +421,23 @@ class WorkerPool:
                   # never readable from the jail, even if it sits under sys.path
                   "deny_under": [str(self.state_dir.resolve())],
                   "account": list(self._account) if self._account else None,
-                  "nice": self.nice}
+                  "nice": self._spawn_nice}
         return [sys.executable, "-I", "-c", proto.BOOTSTRAP, str(fd),
                 json.dumps(extra_paths), json.dumps(config)]
 
-    def _spawn(self) -> WorkerProcess:
+    def _spawn(self, nice: int) -> WorkerProcess:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = subprocess.Popen(
-                self._worker_command(child.fileno()), pass_fds=(child.fileno(),),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
-                # a process group of its own (the terminal's Ctrl-C does not reach it) in the
-                # daemon's session: with the kernel's autogroups, a session of its own would
-                # share CPU with the daemon and its SSH workers as an equal, whatever its nice
-                env=self._env, cwd="/", close_fds=True, process_group=0)
+            with self._spawn_lock:   # _worker_command reads the nice from here
+                self._spawn_nice = nice
+                proc = subprocess.Popen(
+                    self._worker_command(child.fileno()), pass_fds=(child.fileno(),),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
+                    # a process group of its own (the terminal's Ctrl-C does not reach it) in
+                    # the daemon's session: with the kernel's autogroups, a session of its own
+                    # would share CPU with the daemon and its SSH workers as an equal, whatever
+                    # its nice value
+                    env=self._env, cwd="/", close_fds=True, process_group=0)
         except BaseException:
             parent.close()
             raise
@@ -436,6 +447,7 @@ class WorkerPool:
             self._starting[proc.pid] = proc
             closed = self._closed
         w = WorkerProcess(proc, parent)
+        w.nice = nice
         try:
             if closed:
                 raise WorkerStartError("pool closed")
@@ -516,7 +528,24 @@ class WorkerPool:
             with self._cond:
                 self._threads.discard(threading.current_thread())
 
+    def _nice_for_replacement(self) -> int:
+        """(lock held) Full priority while fewer than ``login_reserve`` workers have it."""
+        if not self.nice:
+            return 0
+        full = sum(1 for w in self._all if w.nice == 0) + self._full_pending
+        return 0 if full < self.login_reserve else self.nice
+
     def _spawn_into_pool(self) -> None:
+        with self._cond:
+            nice = self._nice_for_replacement()
+            self._full_pending += 0 if nice else 1
+        try:
+            self._spawn_into_pool_as(nice)
+        finally:
+            with self._cond:
+                self._full_pending -= 0 if nice else 1
+
+    def _spawn_into_pool_as(self, nice: int) -> None:
         delay = 0.05
         while True:
             with self._cond:
@@ -524,7 +553,7 @@ class WorkerPool:
                     self._pending -= 1
                     return
             try:
-                w = self._spawn()
+                w = self._spawn(nice)
             except Exception as e:  # noqa: BLE001 - keep trying, with backoff
                 with self._cond:
                     closed = self._closed
@@ -569,8 +598,8 @@ class WorkerPool:
                 while True:
                     if self._closed:
                         return None
-                    if self._idle and self._next_waiter() is me:
-                        w = self._idle.pop()
+                    w = self._take(login) if self._idle and self._next_waiter() is me else None
+                    if w is not None:
                         w.holder = (user, login, binding)
                         self._held_by_user[user] = self._held_by_user.get(user, 0) + 1
                         self._held_by_binding[binding] = self._held_by_binding.get(binding, 0) + 1
@@ -583,6 +612,25 @@ class WorkerPool:
             finally:
                 self._waiters.remove(me)
                 self._cond.notify_all()  # the next in line may go now
+
+    def _take(self, login: bool) -> WorkerProcess | None:
+        """(lock held) The idle worker a call gets: a login takes a full-priority one if one is
+        idle, else any; another call takes a lowered one, or a full-priority one only if more
+        of those exist than ``login_reserve`` (after a reload lowered it), so no script another
+        user triggers gets a login's priority."""
+        full = [w for w in self._idle if w.nice == 0]
+        if not self.nice or len(full) == len(self._idle):
+            if login or not self.nice:
+                return self._idle.pop()
+        wanted = full if login else [w for w in self._idle if w.nice != 0]
+        if not wanted and not login:
+            surplus = sum(1 for w in self._all if w.nice == 0) - self.login_reserve
+            wanted = full if surplus > 0 else []
+        if not wanted:
+            return self._idle.pop() if login else None
+        w = wanted[-1]
+        self._idle.remove(w)
+        return w
 
     def set_login_reserve(self, workers: int) -> None:
         """The engine keeps a reserve only while connect/pre-login bindings exist."""

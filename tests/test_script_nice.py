@@ -66,7 +66,8 @@ def cpu_ticks(pid: int) -> int:
 
 def make_pool(tmp_path: Path, nice: int, workers: int = 2) -> WorkerPool:
     state = tmp_path / f"state-{nice}"
-    return WorkerPool(workers, memory_mb=64, state_dir=state, stores=StateStores(state), nice=nice)
+    return WorkerPool(workers, memory_mb=64, state_dir=state, stores=StateStores(state), nice=nice,
+                      login_reserve=0)   # no login bindings: no full-priority worker
 
 
 def started_signal(p: WorkerPool) -> threading.Event:
@@ -306,3 +307,62 @@ def test_an_honest_upload_keeps_its_pace_while_scripts_spin_on_its_cpu(
     # with nice = 0 the four spinning scripts take most of that CPU (measured 4.8x and 5.5x:
     # this assertion fails); at nice 10 they weigh 4 x 110 against the upload's 1024 (1.3x)
     assert loaded < 2.5 * quiet + 0.5, f"{loaded:.2f} s under attack vs {quiet:.2f} s without"
+
+
+# --- the login_reserve workers keep full priority --------------------------------------------
+
+def login_request(text: str, **kw: Any) -> CallRequest:
+    req = request(text, **kw)
+    return CallRequest(req.script, "on_pre_upload", {**req.event, "name": "pre-login"},
+                       req.capabilities, req.timeout, req.cpu_time)
+
+
+def _spinning(pid: int, ticks: int = 5) -> bool:
+    """Whether *pid* uses CPU: waits (bounded) until it has used *ticks* more."""
+    start, deadline = cpu_ticks(pid), time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if cpu_ticks(pid) - start >= ticks:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_logins_run_on_full_priority_workers_and_other_calls_never_do(tmp_path: Path) -> None:
+    own = niceness(0)
+    state = tmp_path / "state"
+    with WorkerPool(3, memory_mb=64, state_dir=state, stores=StateStores(state), nice=10,
+                    login_reserve=1) as p:
+        def classes() -> tuple[list[int], list[int]]:
+            pids = p.worker_pids()
+            return ([pid for pid in pids if niceness(pid) == own],
+                    [pid for pid in pids if niceness(pid) == min(19, own + 10)])
+
+        full, lowered = classes()
+        assert len(full) == 1 and len(lowered) == 2
+        started = started_signal(p)
+        spin = frozenset({"store"})
+        # two spinning uploads take the two lowered workers, never the login worker...
+        threads = [threading.Thread(target=p.call, args=(request(SPIN, timeout=60, cpu_time=60, caps=spin),))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        assert started.wait(30)
+        assert all(_spinning(pid) for pid in lowered)
+        # ...and a third waits rather than take it, while a login gets it at once
+        waiting = p.call(request("def on_pre_upload(event, api):\n    pass\n", timeout=0.5))
+        assert waiting.error_kind == "timeout", waiting
+        login = p.call(login_request("def on_pre_upload(event, api):\n    pass\n", timeout=30))
+        assert login.verdict == "allow", login
+        # a login killed at its CPU limit is replaced by a full-priority worker again
+        killed = p.call(login_request("def on_pre_upload(event, api):\n    while True:\n        pass\n",
+                                      timeout=60, cpu_time=0.2))
+        assert killed.error_kind == "cpu", killed
+        deadline = time.monotonic() + 60
+        while full[0] in p.worker_pids() or len(p.worker_pids()) < 3:
+            assert time.monotonic() < deadline, "the login worker was not replaced"
+            time.sleep(0.05)
+        new_full, new_lowered = classes()
+        assert len(new_full) == 1 and new_full != full and sorted(new_lowered) == sorted(lowered)
+        p.close()   # ends the spinning calls
+        for t in threads:
+            t.join(30)
