@@ -304,9 +304,9 @@ def test_an_honest_upload_keeps_its_pace_while_scripts_spin_on_its_cpu(
     loaded, quiet = _attack_ratio(daemons, alice_key, bob_key, nice)
     print(f"nice={nice}: honest {HONEST_BYTES >> 20} MiB upload {loaded:.2f} s under attack, "
           f"{quiet:.2f} s without ({loaded / quiet:.1f}x)")
-    # with nice = 0 the four spinning scripts take most of that CPU (measured 4.8x and 5.5x:
-    # this assertion fails); at nice 10 they weigh 4 x 110 against the upload's 1024 (1.3x)
-    assert loaded < 2.5 * quiet + 0.5, f"{loaded:.2f} s under attack vs {quiet:.2f} s without"
+    # with nice = 0 the four spinning scripts take most of that CPU (measured 2.8x to 3.5x:
+    # this assertion fails); at nice 10 they weigh 4 x 110 against the upload's 1024 (1.1-1.3x)
+    assert loaded < 1.8 * quiet + 0.25, f"{loaded:.2f} s under attack vs {quiet:.2f} s without"
 
 
 # --- the login_reserve workers keep full priority --------------------------------------------
