@@ -262,6 +262,27 @@ class Daemon:
                 "pss_tree_mb": pss_tree / 1024, "fds_main": fds_main, "fds_tree": fds_tree,
                 "processes": procs, "cpu": cpu}
 
+    def breakdown(self) -> list[dict]:
+        """Each process of the tree: what it is, its RSS and PSS (where memory stays)."""
+        rows = []
+        for p in self.pids():
+            try:
+                cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+                stat = Path(f"/proc/{p}/stat").read_bytes()
+                rss, pss = _rss_kb(p), _pss_kb(p)
+            except OSError:
+                continue
+            rows.append({"pid": p, "ppid": int(stat[stat.rindex(b")") + 2:].split()[1]), "cmd": cmd,
+                         "rss_mb": round(rss / 1024, 1), "pss_mb": round(pss / 1024, 1)})
+        parents = {r["ppid"] for r in rows}
+        for r in rows:
+            cmd = r.pop("cmd")
+            r["kind"] = ("daemon" if r["pid"] == self.proc.pid else "script worker" if b"worker_main" in cmd
+                         else "ssh worker (a new program)" if b"worker_process" in cmd
+                         else "ssh worker template" if r["pid"] in parents
+                         else "ssh worker (forked)")
+        return rows
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -714,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.baseline_seconds)
         t_base1 = time.monotonic()
         base_sample = d.sample()
+        base_breakdown = d.breakdown()
         print(f"baseline done: {sum(h.mbps(t_base0, t_base1) for h in honest):.1f} MB/s", flush=True)
 
         phase[0] = "attack"
@@ -751,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
                 recovered_after = time.monotonic() - t_att1
             time.sleep(1.0)
         rec_sample = d.sample()
+        rec_breakdown = d.breakdown()
         honest_stop.set()
         for th in hthreads:
             th.join(120)
@@ -781,6 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": {k: round(v, 1) for k, v in base_sample.items() if k not in ("t", "cpu")},
         "peak": {k: round(v, 1) for k, v in peak.items()},
         "after_recovery": {k: round(v, 1) for k, v in rec_sample.items() if k not in ("t", "cpu")},
+        "processes_baseline": base_breakdown, "processes_after_recovery": rec_breakdown,
         "recovered_within_s": None if recovered_after is None else round(recovered_after, 1),
         "attacker_stragglers": stragglers,
         "attacks": dict(sorted(attacks.items())),

@@ -413,3 +413,38 @@ def test_an_idle_worker_that_grew_a_little_is_retired_at_once(daemons, alice_key
     again = paramiko_client(d, key=alice_key)
     assert len(again.listdir(".")) == 8
     close_client(again)
+
+
+def test_a_template_child_is_watched_past_descriptor_1024():
+    """Under attack the daemon holds 2,000+ descriptors, so a worker's pidfd is numbered past
+    1024, where select() raises ValueError: a pool that polled with it could no longer hand
+    connections to workers (seen in the soak bench: honest clients stalled)."""
+    from scriptsftp.server.frontends.ssh.zygote import TemplateChild
+
+    class Template:  # what TemplateChild asks of the template: nothing reported yet
+        def exit_code(self, pid):
+            return None
+
+        def wait_exit_code(self, pid, timeout):
+            return None
+
+        def forget(self, pid):
+            pass
+
+    held = []
+    try:
+        while not held or held[-1] <= 1100:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+        child = subprocess.Popen(["sleep", "30"])
+        watched = TemplateChild(child.pid, Template())
+        assert watched._pidfd is not None and watched._pidfd > 1024
+        assert watched.poll() is None
+        with pytest.raises(subprocess.TimeoutExpired):
+            watched.wait(0.05)
+        child.kill()
+        child.wait()  # reaped by its parent, as the template reaps its children
+        assert watched.wait(5) == -1  # ended; its code was not reported
+        assert watched.poll() == -1
+    finally:
+        for fd in held:
+            os.close(fd)

@@ -129,7 +129,7 @@ class SftpSection(_Model):
     worker_user: str = ""
     """Account the SSH worker processes run as when the daemon runs as root; empty:
     "scriptsftp-worker". Ignored when the daemon is not root (it cannot switch)."""
-    worker_max_growth: Annotated[ByteSize, Field(ge=0, le=2**40)] = ByteSize(16 * 2**20)
+    worker_max_growth: Annotated[ByteSize, Field(ge=0, le=2**40)] = ByteSize(8 * 2**20)
     """Heap (anonymous resident memory) an SSH worker may gain over its size 3 s after its
     start before it is replaced: it takes no new connection and exits once its last one
     ends; an idle worker goes at a quarter of it; 0 = never."""

@@ -38,6 +38,7 @@ import paramiko
 from paramiko.common import AUTH_FAILED, AUTH_SUCCESSFUL, OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED, OPEN_SUCCEEDED
 
 from scriptsftp.server.support import memory
+from scriptsftp.server.support.logs import BoundedLog
 from scriptsftp.server.support.proxy_protocol import ProxyError, TrustedProxies, read_header
 from scriptsftp.server.contract.dispatch import Decision
 from scriptsftp.server.contract.errors import FsError
@@ -239,7 +240,14 @@ def accept_forever(sock: socket.socket, stopping: threading.Event,
                 return
             time.sleep(0.05)  # e.g. EMFILE: do not spin
             continue
-        accepted(client, addr)
+        try:
+            accepted(client, addr)
+        except Exception:  # one connection's failure must never end accepting for everyone
+            _ACCEPT_FAILED.log(log, "could not hand over a connection from %s", addr[0], exc_info=True)
+            client.close()
+
+
+_ACCEPT_FAILED = BoundedLog(logging.ERROR)
 
 
 def close_listening(sockets: list[socket.socket]) -> None:

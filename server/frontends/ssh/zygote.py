@@ -179,9 +179,7 @@ class TemplateChild:
             return self.returncode
 
     def _exited(self) -> bool:
-        if self._pidfd is None:
-            return True
-        return bool(select.select([self._pidfd], [], [], 0)[0])
+        return self._pidfd is None or _readable(self._pidfd, 0.0)
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -191,10 +189,7 @@ class TemplateChild:
                 raise subprocess.TimeoutExpired(f"ssh worker {self.pid}", timeout or 0)
             pidfd = self._pidfd
             if pidfd is not None:
-                try:
-                    select.select([pidfd], [], [], left)
-                except (OSError, ValueError):
-                    pass  # another waiter closed it: it has ended, poll() says so
+                _readable(pidfd, left)  # (closed by another waiter meanwhile: poll() says it ended)
         with self._lock:
             if self.returncode == -1:
                 code = self._template.wait_exit_code(self.pid, 1.0)
@@ -215,6 +210,18 @@ class TemplateChild:
                 pass
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` (a pidfd: readable once the process ended) is readable within ``timeout``
+    s. poll(2), not select(2): the daemon's descriptors run past 1024 under load (2,000 in
+    the soak bench), and select() refuses those."""
+    poller = select.poll()
+    try:
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+    except (OSError, ValueError):
+        return True  # closed under us: only once it has ended
+
+
 def _serve(control: socket.socket) -> int:
     """The template's loop: fork a worker per request, report each worker's end."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -224,11 +231,11 @@ def _serve(control: socket.socket) -> int:
     os.set_blocking(wake_w, False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
+    poller = select.poll()
+    poller.register(control.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     while True:
-        try:
-            readable: list[int] = select.select([control.fileno(), wake_r], [], [], 5.0)[0]
-        except InterruptedError:
-            readable = []
+        readable = [fd for fd, _ in poller.poll(5000)]
         if wake_r in readable:
             try:
                 while os.read(wake_r, 512):
