@@ -448,3 +448,36 @@ def test_a_template_child_is_watched_past_descriptor_1024():
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_a_hand_over_that_fails_does_not_end_accepting():
+    """Any failure handing one connection over (it once was a ValueError) must leave the
+    listener accepting the next: the accept thread is the only one."""
+    from scriptsftp.server.frontends.ssh.server import accept_forever
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stopping = threading.Event()
+    served: list[tuple] = []
+    second = threading.Event()
+
+    def accepted(client: socket.socket, addr: tuple) -> None:
+        if not served:
+            served.append(addr)
+            raise ValueError("a bug in the hand-over")
+        served.append(addr)
+        client.close()
+        second.set()
+
+    t = threading.Thread(target=accept_forever, args=(listener, stopping, accepted), daemon=True)
+    t.start()
+    try:
+        first = socket.create_connection(listener.getsockname())
+        assert first.recv(1) == b""  # closed by the listener after the failure, not left hanging
+        socket.create_connection(listener.getsockname()).close()
+        assert second.wait(10) and len(served) == 2
+        assert t.is_alive()
+    finally:
+        stopping.set()
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        t.join(5)
