@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/soak_bench.py [--seconds 600] [--baseline-seconds 60] [--honest 5]
                                          [--hostile 20] [--size-mb 8] [--recovery 30]
+                                         [--scripts-nice N]
 
 Starts one `scriptsftp run` (SFTP, FTP, HTTP on 127.0.0.1; `[defender] allow_list =
 ["127.0.0.1/32"]`, so the honest clients on 127.0.0.1 are never banned or rate limited while
@@ -28,7 +29,9 @@ while the attacker's slow pre-publish checks hold them ([scripts] login_reserve)
 
 Reports: honest throughput during the attack / baseline, honest login p50/p99 (baseline and
 attack), the daemon's RSS and fd count (its main process, and the whole process tree) at
-baseline, peak and --recovery s after the attackers stopped, what the attackers did, and
+baseline, peak and --recovery s after the attackers stopped, with the tree's PSS (shared
+pages split among their sharers: what the tree really holds) and each process's RSS and
+PSS at baseline and after recovery, what the attackers did, and
 whether the file outside the home that the chmod race aims at kept its mode and mtime.
 Every loop is bounded in count and time, and every target is on 127.0.0.0/8. Appends one
 JSON line to bench/out/soak.jsonl. Never run as a test.
