@@ -64,7 +64,7 @@ RESTART = frozenset({
     "server.state_dir", "server.allow_root", "server.allow_root_workers", "server.stall_timeout",
     "sftp.enabled", "sftp.listen", "sftp.host_keys", "sftp.max_handles", "sftp.max_packet",
     "sftp.window_size", "sftp.idle_timeout", "sftp.login_grace", "sftp.banner", "sftp.processes",
-    "sftp.max_channels_per_connection", "sftp.max_queued_bytes", "sftp.worker_user",
+    "sftp.max_channels_per_connection", "sftp.max_queued_bytes", "sftp.worker_user", "sftp.worker_max_growth",
     "ftp.enabled", "ftp.listen", "ftp.passive_ports", "ftp.masquerade_address", "ftp.active_mode",
     "ftp.tls", "ftp.certificate", "ftp.private_key", "ftp.idle_timeout",
     "http.enabled", "http.listen", "http.certificate", "http.private_key", "http.idle_timeout",
