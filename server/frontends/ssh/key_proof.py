@@ -45,9 +45,10 @@ def from_wire(value: object) -> KeyProof | None:
         session_id, signature = base64.b64decode(value[0], validate=True), base64.b64decode(value[3], validate=True)
     except ValueError:
         return None
-    if not session_id or not signature or len(session_id) > 64 or len(signature) > 4096:
+    if not session_id or not signature or len(session_id) > 64 or len(signature) > 4096 \
+            or len(value[1]) > 64 or len(value[2]) > 64:
         return None
-    return KeyProof(session_id, value[1][:64], value[2][:64], signature)
+    return KeyProof(session_id, value[1], value[2], signature)
 
 
 def signature_holds(name: str, key: paramiko.PKey, proof: KeyProof) -> bool:
