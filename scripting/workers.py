@@ -265,8 +265,6 @@ class WorkerPool:
         # login_reserve workers: they keep full priority, so logins never wait for CPU behind
         # the scripts they are kept apart from (_nice_for_replacement, _take)
         self.nice = _check_nice(nice)
-        self._spawn_lock = threading.Lock()
-        self._spawn_nice = self.nice    # what _worker_command passes (under _spawn_lock)
         self._full_pending = 0          # full-priority replacements being started
         self.state_dir = Path(state_dir)
         self.stores = stores
@@ -413,7 +411,7 @@ class WorkerPool:
 
     # --- spawning -----------------------------------------------------------------------
 
-    def _worker_command(self, fd: int) -> list[str]:
+    def _worker_command(self, fd: int, nice: int) -> list[str]:
         """argv of a worker process whose channel is *fd* (tests override this)."""
         extra_paths = [p for p in sys.path if p and os.path.isdir(p)]
         config = {"memory_mb": self.memory_mb,
@@ -421,23 +419,21 @@ class WorkerPool:
                   # never readable from the jail, even if it sits under sys.path
                   "deny_under": [str(self.state_dir.resolve())],
                   "account": list(self._account) if self._account else None,
-                  "nice": self._spawn_nice}
+                  "nice": nice}
         return [sys.executable, "-I", "-c", proto.BOOTSTRAP, str(fd),
                 json.dumps(extra_paths), json.dumps(config)]
 
     def _spawn(self, nice: int) -> WorkerProcess:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with self._spawn_lock:   # _worker_command reads the nice from here
-                self._spawn_nice = nice
-                proc = subprocess.Popen(
-                    self._worker_command(child.fileno()), pass_fds=(child.fileno(),),
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
-                    # a process group of its own (the terminal's Ctrl-C does not reach it) in
-                    # the daemon's session: with the kernel's autogroups, a session of its own
-                    # would share CPU with the daemon and its SSH workers as an equal, whatever
-                    # its nice value
-                    env=self._env, cwd="/", close_fds=True, process_group=0)
+            proc = subprocess.Popen(
+                self._worker_command(child.fileno(), nice), pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
+                # a process group of its own (the terminal's Ctrl-C does not reach it) in
+                # the daemon's session: with the kernel's autogroups, a session of its own
+                # would share CPU with the daemon and its SSH workers as an equal, whatever
+                # its nice value
+                env=self._env, cwd="/", close_fds=True, process_group=0)
         except BaseException:
             parent.close()
             raise
@@ -618,17 +614,18 @@ class WorkerPool:
         idle, else any; another call takes a lowered one, or a full-priority one only if more
         of those exist than ``login_reserve`` (after a reload lowered it), so no script another
         user triggers gets a login's priority."""
+        if not self.nice:
+            return self._idle.pop()
         full = [w for w in self._idle if w.nice == 0]
-        if not self.nice or len(full) == len(self._idle):
-            if login or not self.nice:
-                return self._idle.pop()
-        wanted = full if login else [w for w in self._idle if w.nice != 0]
-        if not wanted and not login:
-            surplus = sum(1 for w in self._all if w.nice == 0) - self.login_reserve
-            wanted = full if surplus > 0 else []
-        if not wanted:
-            return self._idle.pop() if login else None
-        w = wanted[-1]
+        lowered = [w for w in self._idle if w.nice != 0]
+        if login:
+            w = (full or lowered)[-1]
+        elif lowered:
+            w = lowered[-1]
+        elif full and sum(1 for other in self._all if other.nice == 0) > self.login_reserve:
+            w = full[-1]
+        else:
+            return None
         self._idle.remove(w)
         return w
 

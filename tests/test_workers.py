@@ -716,7 +716,7 @@ class FakeWorkerPool(WorkerPool):
         self.mode, self.marker = mode, marker
         super().__init__(1, memory_mb=128, **kw)
 
-    def _worker_command(self, fd: int) -> list[str]:
+    def _worker_command(self, fd: int, nice: int) -> list[str]:
         return [sys.executable, "-c", FAKE_WORKER, str(fd), self.mode, str(self.marker)]
 
 
@@ -815,7 +815,7 @@ def test_worker_limits_and_isolation(solo: WorkerPool) -> None:
 
 def test_start_failure_is_reported(tmp_path: Path) -> None:
     class Broken(WorkerPool):
-        def _worker_command(self, fd: int) -> list[str]:
+        def _worker_command(self, fd: int, nice: int) -> list[str]:
             return [sys.executable, "-c", "import sys; sys.exit(3)"]
 
     with pytest.raises(WorkerStartError, match="exited with status 3"):
